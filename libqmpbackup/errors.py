@@ -1,0 +1,108 @@
+"""The one exception hierarchy of qmpbackup and qmprestore.
+
+Every error a user can cause or meet carries its exit code on the class, so
+the command-line entry points map exceptions to exit codes in exactly one
+place (:func:`libqmpbackup.cli.run`).  The table in the README is generated
+from the same numbers; keep them stable, scripts depend on them.
+"""
+
+from __future__ import annotations
+
+
+class QmpBackupError(Exception):
+    """Base class: a failure that is reported in one line, without traceback."""
+
+    exit_code = 1
+    summary = "error"
+
+
+class UsageError(QmpBackupError):
+    """The command line is inconsistent (wrong combination, unsafe value)."""
+
+    exit_code = 2
+    summary = "usage error"
+
+
+class ConnectError(QmpBackupError):
+    """The QMP (or guest agent) socket is missing, not QMP, refused or busy."""
+
+    exit_code = 3
+    summary = "cannot connect"
+
+
+class LockBusyError(QmpBackupError):
+    """Another qmpbackup run holds the lock of this VM or backup chain."""
+
+    exit_code = 4
+    summary = "another backup is running"
+
+
+class TargetError(QmpBackupError):
+    """The backup target cannot be used (not empty, not a directory, unwritable, leftovers)."""
+
+    exit_code = 5
+    summary = "target error"
+
+
+class ChainError(QmpBackupError):
+    """Chain metadata, backup files or dirty bitmaps do not agree or are unusable."""
+
+    exit_code = 6
+    summary = "chain error"
+
+
+class JobError(QmpBackupError):
+    """QEMU rejected the backup transaction or a block job failed or was cancelled."""
+
+    exit_code = 7
+    summary = "backup failed"
+
+
+class VMGoneError(QmpBackupError):
+    """The VM quit or the QMP connection broke while the tool was working."""
+
+    exit_code = 8
+    summary = "VM disappeared"
+
+
+class QemuImgError(QmpBackupError):
+    """qemu-img is missing or one of its commands failed."""
+
+    exit_code = 9
+    summary = "qemu-img failed"
+
+
+class AgentError(QmpBackupError):
+    """The QEMU guest agent did not answer or refused a command."""
+
+    exit_code = 10
+    summary = "guest agent error"
+
+
+class Interrupted(QmpBackupError):
+    """SIGINT or SIGTERM arrived; raised in the main task so cleanup runs."""
+
+    exit_code = 130
+    summary = "interrupted"
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or f"interrupted by signal {signum}")
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "success"),
+    (1, "unexpected internal error (run with --debug for the traceback)"),
+    (UsageError.exit_code, UsageError.__doc__ or ""),
+    (ConnectError.exit_code, ConnectError.__doc__ or ""),
+    (LockBusyError.exit_code, LockBusyError.__doc__ or ""),
+    (TargetError.exit_code, TargetError.__doc__ or ""),
+    (ChainError.exit_code, ChainError.__doc__ or ""),
+    (JobError.exit_code, JobError.__doc__ or ""),
+    (VMGoneError.exit_code, VMGoneError.__doc__ or ""),
+    (QemuImgError.exit_code, QemuImgError.__doc__ or ""),
+    (AgentError.exit_code, AgentError.__doc__ or ""),
+    (130, "interrupted by SIGINT"),
+    (143, "interrupted by SIGTERM"),
+)
