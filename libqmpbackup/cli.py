@@ -1,0 +1,100 @@
+"""What both command-line programs share: running a command and ending it.
+
+Exceptions become exit codes here and nowhere else, each as one line on
+stderr (the traceback only with --debug).  SIGINT and SIGTERM are turned into
+cancellation of the running command, so its ``finally`` blocks and exit
+stacks clean up QEMU and the target before the process exits with 130/143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import signal
+import sys
+import traceback
+from typing import Any, Awaitable, Callable, Optional, Sequence, Union
+
+from .errors import Interrupted, QmpBackupError
+from .logsetup import configure
+
+log = logging.getLogger(__name__)
+
+Command = Callable[[argparse.Namespace], Union[int, None, Awaitable[Optional[int]]]]
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def add_logging_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument("--debug", "--verbose", dest="debug", action="store_true",
+                       help="log debug messages, including every QMP command and reply")
+    group.add_argument("--logfile", metavar="FILE", help="also append log messages to FILE")
+    group.add_argument("--syslog", action="store_true", help="also log to syslog (/dev/log)")
+    group.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+
+
+async def _run_cancellable(coro: Awaitable[Optional[int]]) -> Optional[int]:
+    """Run CORO; the first SIGINT/SIGTERM cancels it, later ones are ignored while it cleans up."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(coro)
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if received:
+            log.warning("signal %d ignored: already cleaning up", signum)
+            return
+        received.append(signum)
+        log.warning("received %s: cancelling the backup and cleaning up",
+                    signal.Signals(signum).name)
+        task.cancel()
+
+    for signum in HANDLED_SIGNALS:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if received:
+            raise Interrupted(received[0]) from None
+        raise
+    finally:
+        for signum in HANDLED_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _dispatch(command: Command, args: argparse.Namespace) -> Optional[int]:
+    previous = {s: signal.signal(s, _raise_interrupted) for s in HANDLED_SIGNALS}
+    try:
+        result = command(args)
+        if inspect.isawaitable(result):
+            return asyncio.run(_run_cancellable(result))
+        return result
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run(parser: argparse.ArgumentParser, command_of: Callable[[argparse.Namespace], Command],
+        argv: Optional[Sequence[str]], name: str) -> int:
+    """Parse ARGV, run the chosen command, and map its outcome to an exit code."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        configure(debug=args.debug, quiet=args.quiet, logfile=args.logfile,
+                  syslog=args.syslog, name=name)
+        return _dispatch(command_of(args), args) or 0
+    except QmpBackupError as err:
+        log.error("%s", err)
+        log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
+        return err.exit_code
+    except Exception as err:  # the last line of defence: never a traceback by default
+        log.error("unexpected %s: %s (run with --debug for details)", type(err).__name__, err)
+        log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
+        return 1

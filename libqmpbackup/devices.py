@@ -1,0 +1,134 @@
+"""Which disks a VM has, under names that survive a restart.
+
+QEMU names the same disk differently depending on how it was attached
+(``-drive`` gets a device name, ``-blockdev`` gets none, auto node names
+change at every start).  The disk id used for folders and metadata is the
+most stable name available: the device name, else the ``-device id=``, else
+the node name.  Dirty bitmaps are read per node from
+``query-named-block-nodes`` because during a backup the top node seen by
+``query-block`` is QEMU's copy-before-write filter.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .qmp import QmpSession
+
+log = logging.getLogger(__name__)
+
+_PERIPHERAL_RE = re.compile(r"^/machine/peripheral/([^/]+)(?:/virtio-backend)?$")
+
+
+@dataclass(frozen=True)
+class DirtyBitmap:
+    name: str
+    node: str
+    recording: bool
+    persistent: bool
+    busy: bool
+    inconsistent: bool
+    dirty_bytes: int
+    granularity: int
+
+
+@dataclass
+class BlockDevice:
+    """A disk as the backup code needs it."""
+
+    disk_id: str
+    device: str
+    qdev: str
+    node: str
+    driver: str
+    filename: str
+    virtual_size: int
+    read_only: bool
+    removable: bool
+    qcow2_compat: Optional[str] = None
+    bitmaps: list[DirtyBitmap] = field(default_factory=list)
+
+    @property
+    def is_pflash(self) -> bool:
+        return self.device.startswith("pflash") or "system.flash" in self.qdev
+
+    @property
+    def supports_persistent_bitmaps(self) -> bool:
+        """Only qcow2 v3 (compat 1.1) images can store persistent dirty bitmaps."""
+        return self.driver == "qcow2" and self.qcow2_compat != "0.10"
+
+    def bitmap(self, name: str) -> Optional[DirtyBitmap]:
+        return next((b for b in self.bitmaps if b.name == name), None)
+
+    def names(self) -> set[str]:
+        """Every name a user may give in --include/--exclude for this disk."""
+        return {n for n in (self.disk_id, self.device, self.node,
+                            qdev_id(self.qdev)) if n}
+
+
+def qdev_id(qdev: str) -> str:
+    """The user-given ``-device id=`` from a qdev path, or '' for anonymous devices."""
+    match = _PERIPHERAL_RE.match(qdev)
+    if match:
+        return match.group(1)
+    return qdev if qdev and "/" not in qdev else ""
+
+
+def disk_id_for(device: str, qdev: str, node: str) -> str:
+    return device or qdev_id(qdev) or node
+
+
+def _bitmaps_from_node(node: dict[str, Any]) -> list[DirtyBitmap]:
+    result = []
+    for raw in node.get("dirty-bitmaps", []):
+        if "name" not in raw:  # QEMU's own anonymous bitmaps during a backup job
+            continue
+        result.append(DirtyBitmap(
+            name=raw["name"], node=node["node-name"],
+            recording=raw.get("recording", False),
+            persistent=raw.get("persistent", False),
+            busy=raw.get("busy", False),
+            inconsistent=raw.get("inconsistent", False),
+            dirty_bytes=raw.get("count", 0),
+            granularity=raw.get("granularity", 0)))
+    return result
+
+
+async def named_nodes(session: QmpSession) -> list[dict[str, Any]]:
+    nodes: list[dict[str, Any]] = await session.execute(
+        "query-named-block-nodes", {"flat": True})
+    return nodes
+
+
+async def discover(session: QmpSession) -> list[BlockDevice]:
+    """All block devices that have a medium, with their bitmaps."""
+    blocks = await session.execute("query-block")
+    nodes = {n["node-name"]: n for n in await named_nodes(session)}
+    devices = []
+    for block in blocks:
+        inserted = block.get("inserted")
+        if not inserted:
+            log.debug("skipping %s: no medium", block.get("device") or block.get("qdev"))
+            continue
+        node_name = inserted["node-name"]
+        image = inserted.get("image", {})
+        specific = image.get("format-specific", {}).get("data", {})
+        device = block.get("device", "")
+        qdev = block.get("qdev", "")
+        devices.append(BlockDevice(
+            disk_id=disk_id_for(device, qdev, node_name),
+            device=device,
+            qdev=qdev,
+            node=node_name,
+            driver=inserted.get("drv", ""),
+            filename=image.get("filename", inserted.get("file", "")),
+            virtual_size=image.get("virtual-size", 0),
+            read_only=inserted.get("ro", False),
+            removable=block.get("removable", False),
+            qcow2_compat=specific.get("compat"),
+            bitmaps=_bitmaps_from_node(nodes.get(node_name, {})),
+        ))
+    return devices

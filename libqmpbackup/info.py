@@ -1,0 +1,23 @@
+"""The ``info`` tables: what an admin checks before trusting a VM to cron."""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from .devices import BlockDevice
+
+
+def blockdev_table(disks: list[BlockDevice]) -> str:
+    rows = [(d.disk_id, d.node, d.driver, d.virtual_size, d.filename,
+             "pflash" if d.is_pflash else ("yes" if d.supports_persistent_bitmaps else "no"))
+            for d in disks]
+    return tabulate(rows, headers=("disk", "node", "format", "virtual size", "image file",
+                                   "bitmaps possible"))
+
+
+def bitmaps_table(disks: list[BlockDevice]) -> str:
+    rows = [(b.name, d.disk_id, b.node, b.recording, b.persistent, b.inconsistent, b.busy,
+             b.dirty_bytes)
+            for d in disks for b in d.bitmaps]
+    return tabulate(rows, headers=("bitmap", "disk", "node", "recording", "persistent",
+                                   "inconsistent", "busy", "dirty bytes"))

@@ -1,0 +1,197 @@
+"""Running backup jobs: one QMP transaction, one asyncio task per disk.
+
+All disks of a run start in one ``transaction`` with ``completion-mode:
+grouped``: QEMU then finishes (and advances the dirty bitmaps of) either all
+jobs or none, so one failing disk can never leave another disk's bitmap
+cleared.  Each job is watched by its own task until QEMU reports its final
+state; a separate watcher notices when QEMU itself disappears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+from .chain import safe_component
+from .devices import BlockDevice
+from .errors import JobError, VMGoneError
+from .qmp import QmpCommandError, QmpSession
+
+log = logging.getLogger(__name__)
+
+TOOL_PREFIX = "qmpbackup-"
+JOB_EVENTS = ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR",
+              "JOB_STATUS_CHANGE"]
+CANCEL_TIMEOUT = 30.0
+
+ProgressHook = Callable[[list["BackupJob"]], Awaitable[None]]
+
+
+@dataclass
+class BackupJob:
+    """One disk's part of a run: the source, where it goes and how."""
+
+    disk: BlockDevice
+    level: str                      # recorded level: full, inc or copy
+    sync: str                       # blockdev-backup sync mode
+    partial_path: Path
+    final_path: Path
+    backing: Optional[str] = None   # relative name of the previous backup
+    bitmap: Optional[str] = None
+    bitmap_mode: Optional[str] = None
+    job_id: str = ""
+    target_node: str = ""
+    result: Optional[str] = None    # None while running, "" on success, else error
+
+    def assign_names(self, index: int, run_tag: str) -> None:
+        """Recognisable names, so leftovers of a killed run can be found and removed."""
+        self.job_id = f"{TOOL_PREFIX}{safe_component(self.disk.disk_id)}-{run_tag}"
+        self.target_node = f"{TOOL_PREFIX}t{index}-{run_tag}"
+
+
+def new_run_tag() -> str:
+    return secrets.token_hex(3)
+
+
+def backup_action(job: BackupJob, *, speed: int = 0, compress: bool = False) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "job-id": job.job_id,
+        "device": job.disk.node,
+        "target": job.target_node,
+        "sync": job.sync,
+        "auto-finalize": True,
+        "auto-dismiss": True,
+    }
+    if job.bitmap:
+        args["bitmap"] = job.bitmap
+    if job.bitmap_mode:
+        args["bitmap-mode"] = job.bitmap_mode
+    if speed:
+        args["speed"] = speed
+    if compress:
+        args["compress"] = True
+    return {"type": "blockdev-backup", "data": args}
+
+
+async def add_target_node(session: QmpSession, job: BackupJob) -> None:
+    """Open the target in QEMU without its backing file: the job writes only new clusters."""
+    await session.execute("blockdev-add", {
+        "driver": "qcow2",
+        "node-name": job.target_node,
+        "file": {"driver": "file", "filename": str(job.partial_path)},
+        "backing": None,
+    })
+
+
+async def remove_node(session: QmpSession, node: str) -> None:
+    try:
+        await session.execute("blockdev-del", {"node-name": node})
+    except QmpCommandError as err:
+        log.warning("could not remove block node %s: %s", node, err.desc)
+
+
+async def _watch_job(session: QmpSession, job: BackupJob) -> None:
+    """Wait until QEMU reports the job gone, recording how it ended."""
+    listener = session.listener(JOB_EVENTS, job.job_id)
+    session.client.register_listener(listener)
+    try:
+        async for event in listener:
+            name = event["event"]
+            data = event.get("data", {})
+            if name == "BLOCK_JOB_COMPLETED":
+                job.result = data.get("error", "")
+            elif name == "BLOCK_JOB_CANCELLED":
+                job.result = job.result or "cancelled"
+            elif name == "BLOCK_JOB_ERROR":
+                log.debug("job %s: I/O error on %s", job.job_id, data.get("operation"))
+            elif name == "JOB_STATUS_CHANGE" and data.get("status") == "null":
+                if job.result is None:
+                    job.result = "job vanished without a completion event"
+                return
+    finally:
+        session.client.remove_listener(listener)
+
+
+async def _wait_for_jobs(session: QmpSession, jobs: list[BackupJob]) -> None:
+    watchers = [asyncio.ensure_future(_watch_job(session, job)) for job in jobs]
+    gone = asyncio.ensure_future(session.wait_disconnected())
+    try:
+        pending = set(watchers)
+        while pending:
+            done, pending = await asyncio.wait(pending | {gone},
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if gone in done:
+                raise VMGoneError(
+                    f"QEMU went away during the backup (QMP socket {session.spec} closed)")
+            pending.discard(gone)
+            for task in done:
+                task.result()
+    finally:
+        for task in [*watchers, gone]:
+            task.cancel()
+        await asyncio.gather(*watchers, gone, return_exceptions=True)
+
+
+async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
+                          speed: int = 0, compress: bool = False,
+                          progress: Optional[ProgressHook] = None) -> None:
+    """Start all jobs atomically with grouped completion and wait for them."""
+    actions = [backup_action(j, speed=speed, compress=compress) for j in jobs]
+    waiter = asyncio.ensure_future(_wait_for_jobs(session, jobs))
+    await asyncio.sleep(0)  # let the watchers register before any event can arrive
+    try:
+        await session.execute("transaction", {
+            "actions": actions,
+            "properties": {"completion-mode": "grouped"},
+        })
+    except BaseException:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        raise
+    reporter = asyncio.ensure_future(progress(jobs)) if progress else None
+    try:
+        await waiter
+    finally:
+        if reporter:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+    failed = [j for j in jobs if j.result]
+    if failed:
+        real = [j for j in failed if j.result != "cancelled"] or failed
+        detail = "; ".join(f"{j.disk.disk_id}: {j.result}" for j in real)
+        raise JobError(f"backup job failed ({detail}); no bitmap was advanced")
+
+
+async def cancel_jobs(session: QmpSession, job_ids: list[str]) -> None:
+    """Cancel the given jobs (only ours) and wait until QEMU has dropped them."""
+    running = {j["id"] for j in await session.execute("query-jobs")} & set(job_ids)
+    if not running:
+        return
+    listeners = {}
+    for job_id in running:
+        listeners[job_id] = session.listener(["JOB_STATUS_CHANGE"], job_id)
+        session.client.register_listener(listeners[job_id])
+    try:
+        for job_id in running:
+            log.info("cancelling block job %s", job_id)
+            try:
+                await session.execute("block-job-cancel", {"device": job_id, "force": True})
+            except QmpCommandError as err:
+                log.debug("cancel %s: %s", job_id, err.desc)
+
+        async def gone(job_id: str) -> None:
+            async for event in listeners[job_id]:
+                if event["data"].get("status") == "null":
+                    return
+        await asyncio.wait_for(asyncio.gather(*(gone(j) for j in running)),
+                               timeout=CANCEL_TIMEOUT)
+    except asyncio.TimeoutError:
+        log.warning("block jobs %s did not end within %.0f s", sorted(running), CANCEL_TIMEOUT)
+    finally:
+        for listener in listeners.values():
+            session.client.remove_listener(listener)
+

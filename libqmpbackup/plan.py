@@ -1,0 +1,192 @@
+"""Deciding what a backup run does, before anything is touched.
+
+Planning is pure (VM disks + chain metadata + options in, a plan out) so
+every rule about levels, bitmaps and disk selection is unit-testable without
+QEMU, and a run that would fail for a reason known up front fails before it
+has created a single file or bitmap.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .chain import (PARTIAL_SUFFIX, Chain, ChainStore, backup_file_name, bitmap_name,
+                    month_folder, new_chain_id, safe_component)
+from .devices import BlockDevice
+from .errors import ChainError, TargetError, UsageError
+from .jobs import BackupJob
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("full", "inc", "auto", "copy")
+
+
+@dataclass
+class BackupOptions:
+    """Everything the user chose for one backup run."""
+
+    level: str
+    target: Path
+    uuid: Optional[str] = None
+    monthly: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    include_raw: bool = False
+    compress: bool = False
+    speed_limit: int = 0
+    progress: bool = True
+
+
+@dataclass
+class RunPlan:
+    level: str                        # the effective level: full, inc or copy
+    timestamp: int
+    root: Path
+    chain: Optional[Chain]            # None for copy
+    new_chain: bool
+    jobs: list[BackupJob]
+    bitmaps_to_add: list[BlockDevice] = field(default_factory=list)
+    retire_bitmap: Optional[str] = None   # an older chain's bitmap that can no longer serve
+    reason: str = ""
+
+
+def select_disks(disks: list[BlockDevice], opts: BackupOptions) -> list[BlockDevice]:
+    """Apply --include/--exclude/--include-raw; pflash is always part of the VM."""
+    known = set().union(*(d.names() for d in disks)) if disks else set()
+    for name in (*opts.include, *opts.exclude):
+        if name not in known:
+            raise UsageError(f"no disk named {name!r} in this VM (known: {', '.join(sorted(known))})")
+    selected = []
+    for disk in disks:
+        if opts.include and not disk.names() & set(opts.include):
+            log.info("skipping %s: not in --include", disk.disk_id)
+            continue
+        if disk.names() & set(opts.exclude):
+            log.info("skipping %s: excluded", disk.disk_id)
+            continue
+        if disk.removable and disk.read_only:
+            log.info("skipping %s: read-only removable medium (%s)", disk.disk_id, disk.filename)
+            continue
+        if not disk.supports_persistent_bitmaps and not disk.is_pflash and not opts.include_raw \
+                and opts.level != "copy":
+            log.warning("skipping %s: %s image cannot hold persistent bitmaps "
+                        "(use --include-raw to copy it in full every time)",
+                        disk.disk_id, disk.driver)
+            continue
+        selected.append(disk)
+    if not selected:
+        raise UsageError("no disk left to back up")
+    ids = [d.disk_id for d in selected]
+    dup = {safe_component(i) for i in ids if [safe_component(x) for x in ids].count(safe_component(i)) > 1}
+    if dup:
+        raise UsageError(f"disk ids collide as folder names: {', '.join(sorted(dup))}")
+    return selected
+
+
+def chain_root(opts: BackupOptions) -> Path:
+    return month_folder(opts.target) if opts.monthly else opts.target
+
+
+def _job(disk: BlockDevice, root: Path, level: str, timestamp: int, *,
+         sync: str = "full", backing: Optional[str] = None,
+         bitmap: Optional[str] = None, bitmap_mode: Optional[str] = None) -> BackupJob:
+    name = backup_file_name(level, timestamp, disk.filename)
+    folder = root / safe_component(disk.disk_id)
+    return BackupJob(disk=disk, level=level, sync=sync,
+                     partial_path=folder / (name + PARTIAL_SUFFIX), final_path=folder / name,
+                     backing=backing, bitmap=bitmap, bitmap_mode=bitmap_mode)
+
+
+def _chain_jobs(disks: list[BlockDevice], root: Path, chain: Chain,
+                timestamp: int) -> tuple[list[BackupJob], list[BlockDevice]]:
+    """Jobs for a chain run: incremental where possible, full where a disk is new.
+
+    A disk that cannot hold bitmaps (raw, pflash) is copied in full every time.
+    A bitmap-capable disk without a full in the chain gets its full now,
+    with the chain bitmap added beforehand and re-based on success.
+    """
+    jobs, add = [], []
+    for disk in disks:
+        if not disk.supports_persistent_bitmaps:
+            jobs.append(_job(disk, root, "full", timestamp))
+            continue
+        history = chain.disks.get(disk.disk_id)
+        if history and chain.has_full(disk.disk_id):
+            previous = history.backups[-1].file
+            jobs.append(_job(disk, root, "inc", timestamp, sync="incremental",
+                             backing=previous, bitmap=chain.bitmap))
+            continue
+        if disk.bitmap(chain.bitmap) is None:
+            add.append(disk)
+        jobs.append(_job(disk, root, "full", timestamp, bitmap=chain.bitmap,
+                         bitmap_mode="on-success"))
+    return jobs, add
+
+
+def _bitmap_problems(disks: list[BlockDevice], chain: Chain) -> list[tuple[BlockDevice, str]]:
+    """Disks of the chain whose bitmap can no longer describe the changes since the last backup."""
+    problems = []
+    for disk in disks:
+        if not disk.supports_persistent_bitmaps or not chain.has_full(disk.disk_id):
+            continue
+        bitmap = disk.bitmap(chain.bitmap)
+        if bitmap is None:
+            others = [b.name for b in disk.bitmaps if b.name.startswith("qmpbackup-")]
+            hint = f" (it has {', '.join(others)} from another chain)" if others else ""
+            problems.append((disk, f"disk {disk.disk_id} has no bitmap {chain.bitmap}{hint}"))
+        elif bitmap.inconsistent:
+            problems.append((disk, f"bitmap {chain.bitmap} on {disk.disk_id} is inconsistent "
+                                   "(QEMU did not shut down cleanly)"))
+    return problems
+
+
+def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions,
+                timestamp: int, root_is_empty: bool) -> RunPlan:
+    root = store.root
+    level = opts.level
+    if level == "copy":
+        if store.chains:
+            raise TargetError(f"target {root} holds a backup chain: write copies to another folder")
+        return RunPlan("copy", timestamp, root, None, False,
+                       [_job(d, root, "copy", timestamp) for d in disks], reason="--level copy")
+
+    chain = store.current
+    if chain and opts.uuid and chain.uuid != opts.uuid:
+        raise ChainError(f"target {root} holds chain {chain.uuid}, not --uuid {opts.uuid}")
+    reason = "--level " + level
+    unusable: list[tuple[BlockDevice, str]] = []
+    if level == "auto":
+        if chain is None:
+            level, reason = "full", "auto: the target holds no chain yet"
+        else:
+            unusable = _bitmap_problems(disks, chain)
+            if unusable:
+                level = "full"
+                reason = f"auto: {unusable[0][1]}; starting a new chain"
+                for _, problem in unusable:
+                    log.warning("%s", problem)
+            else:
+                level, reason = "inc", f"auto: continuing chain {chain.uuid}"
+
+    if level == "full":
+        if not root_is_empty and not unusable:
+            raise TargetError(
+                f"target {root} is not empty: a new chain needs an empty folder "
+                "(use --level inc or auto to continue the chain there, or --monthly)")
+        chain_id = opts.uuid if opts.uuid and not unusable else new_chain_id()
+        new = Chain(uuid=chain_id, bitmap=bitmap_name(chain_id), created=timestamp)
+        jobs, add = _chain_jobs(disks, root, new, timestamp)
+        retire = chain.bitmap if unusable and chain else None
+        return RunPlan("full", timestamp, root, new, True, jobs, add, retire, reason)
+
+    if chain is None:
+        raise ChainError(f"target {root} holds no backup chain: run a full backup first")
+    problems = _bitmap_problems(disks, chain)
+    if problems:
+        raise ChainError(f"{problems[0][1]}: an incremental backup is impossible; "
+                         "run --level auto (starts a new chain) or a full backup into a new folder")
+    jobs, add = _chain_jobs(disks, root, chain, timestamp)
+    return RunPlan("inc", timestamp, root, chain, False, jobs, add, None, reason)

@@ -1,0 +1,134 @@
+"""A QMP session with the guarantees the backup code relies on.
+
+qemu.qmp does the protocol; this module adds what an unattended tool needs:
+a connect timeout (a QMP socket serves one client, a second one would wait
+for the greeting forever), one-line errors instead of library exceptions,
+and a way to notice that QEMU went away while we wait for job events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from typing import Any, Optional, Union
+
+from qemu.qmp import ConnectError as QmpConnectError
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp import QMPError, Runstate, StateError
+
+from .errors import ConnectError, JobError, VMGoneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+Address = Union[str, tuple[str, int]]
+
+
+def parse_address(spec: str) -> Address:
+    """Unix socket path, or ``tcp:HOST:PORT``."""
+    if spec.startswith("tcp:"):
+        host, sep, port = spec[4:].rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConnectError(f"invalid QMP address {spec!r}: expected tcp:HOST:PORT")
+        return (host, int(port))
+    return spec
+
+
+def check_unix_socket(path: str, what: str = "QMP socket") -> None:
+    """Turn the common mistakes into messages a user understands."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        raise ConnectError(f"{what} {path} does not exist") from err
+    except OSError as err:
+        raise ConnectError(f"cannot access {what} {path}: {err.strerror}") from err
+    if not stat.S_ISSOCK(mode):
+        raise ConnectError(f"{path} is not a socket (expected the VM's {what})")
+
+
+class QmpCommandError(JobError):
+    """QEMU answered a command with an error."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QEMU refused {command}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QmpSession:
+    """One connection to a VM's QMP monitor."""
+
+    def __init__(self, address: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
+        self.spec = address
+        self.address = parse_address(address)
+        self.connect_timeout = connect_timeout
+        self.client = QMPClient("qmpbackup")
+
+    async def __aenter__(self) -> "QmpSession":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        if isinstance(self.address, str):
+            check_unix_socket(self.address)
+        try:
+            await asyncio.wait_for(self.client.connect(self.address),
+                                   timeout=self.connect_timeout)
+        except asyncio.TimeoutError as err:
+            await self.close()
+            raise ConnectError(
+                f"QMP socket {self.spec} did not greet within {self.connect_timeout:g} s: "
+                "another client (another qmpbackup run, libvirt, a monitor) may hold it") from err
+        except QmpConnectError as err:
+            await self.close()
+            cause = err.exc
+            if isinstance(cause, (ConnectionRefusedError, FileNotFoundError)):
+                reason = "connection refused (is the VM running?)"
+            elif isinstance(cause, OSError):
+                reason = cause.strerror or str(cause)
+            else:
+                reason = "the peer does not speak QMP"
+            raise ConnectError(f"cannot connect to QMP socket {self.spec}: {reason}") from err
+        if self.client.greeting is not None:
+            version = self.client.greeting.QMP.version.get("qemu", {})
+            log.debug("connected to QEMU %s.%s.%s", version.get("major"), version.get("minor"),
+                      version.get("micro"))
+
+    async def close(self) -> None:
+        try:
+            await self.client.disconnect()
+        except (QMPError, OSError, EOFError) as err:
+            # The session is over either way; the cause was already reported.
+            log.debug("ignoring error on disconnect: %s", err)
+
+    @property
+    def connected(self) -> bool:
+        return self.client.runstate == Runstate.RUNNING
+
+    async def execute(self, command: str, arguments: Optional[dict[str, Any]] = None) -> Any:
+        try:
+            return await self.client.execute(command, arguments)
+        except ExecuteError as err:
+            raise QmpCommandError(command, err.error_class, str(err)) from err
+        except (ExecInterruptedError, StateError, EOFError, ConnectionError) as err:
+            raise VMGoneError(
+                f"lost the QMP connection to {self.spec} during {command}: "
+                "QEMU quit or was killed") from err
+
+    async def wait_disconnected(self) -> None:
+        """Return once the connection is gone (QEMU quit, crashed or closed the socket)."""
+        while self.client.runstate == Runstate.RUNNING:
+            await self.client.runstate_changed()
+
+    def listener(self, names: list[str], job_id: Optional[str] = None) -> EventListener:
+        """An event listener, optionally for the events of one block job only."""
+        def belongs_to_job(event: Any) -> bool:
+            data = event.get("data", {})
+            return job_id is None or job_id in (data.get("device"), data.get("id"))
+        return EventListener(names, event_filter=belongs_to_job)

@@ -1,0 +1,1 @@
+"""The ``qmpbackup`` command: back up a running QEMU VM over QMP."""

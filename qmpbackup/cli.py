@@ -1,0 +1,163 @@
+"""Command line of ``qmpbackup``: argparse and dispatch into libqmpbackup."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from libqmpbackup import __version__
+from libqmpbackup.backup import run_backup
+from libqmpbackup.chain import validate_uuid
+from libqmpbackup.cleanup import remove_bitmaps
+from libqmpbackup.cli import Command, add_logging_options, run
+from libqmpbackup.devices import discover
+from libqmpbackup.info import bitmaps_table, blockdev_table
+from libqmpbackup.plan import LEVELS, BackupOptions
+from libqmpbackup.qmp import QmpSession
+from libqmpbackup.units import parse_size
+
+log = logging.getLogger("qmpbackup")
+
+EXAMPLES = """\
+examples:
+  qmpbackup --socket /run/vm1.qmp backup --level full --target /backup/vm1
+  qmpbackup --socket /run/vm1.qmp backup --level inc --target /backup/vm1
+  qmpbackup --socket /run/vm1.qmp backup --level auto --monthly --target /backup/vm1
+  qmpbackup --socket /run/vm1.qmp info --show bitmaps
+  qmpbackup --socket /run/vm1.qmp cleanup --remove-bitmaps
+"""
+
+BACKUP_EXAMPLES = """\
+examples:
+  # start a chain in an empty folder, then add incrementals
+  qmpbackup --socket /run/vm1.qmp backup --level full --target /backup/vm1
+  qmpbackup --socket /run/vm1.qmp backup --level inc --target /backup/vm1
+  # from cron: full on first run (and each month), incremental otherwise
+  qmpbackup --socket /run/vm1.qmp --quiet backup --level auto --monthly --target /backup/vm1
+  # only the system disk, at most 50 MiB/s per disk
+  qmpbackup --socket /run/vm1.qmp backup --level copy --include virtio0 \\
+      --speed-limit 50M --target /backup/vm1-copy
+"""
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of disk names")
+    return names
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qmpbackup", description="Full and incremental backups of running QEMU VMs over QMP.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--socket", required=True, metavar="PATH",
+                        help="the VM's QMP socket: a unix socket path or tcp:HOST:PORT")
+    parser.add_argument("--agent-socket", metavar="PATH",
+                        help="the VM's guest agent socket (used for filesystem quiesce)")
+    add_logging_options(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    backup = commands.add_parser(
+        "backup", help="back up the VM's disks", epilog=BACKUP_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    backup.add_argument("--level", required=True, choices=LEVELS,
+                        help="full: new chain in an empty folder; inc: changes since the last "
+                             "backup of the chain; auto: full when needed, else inc; "
+                             "copy: standalone full copy, no bitmap")
+    backup.add_argument("--target", required=True, type=Path, metavar="DIR",
+                        help="backup folder (holds one chain, or one per month with --monthly)")
+    backup.add_argument("--uuid", metavar="ID",
+                        help="chain id for a new chain (bitmap qmpbackup-ID); "
+                             "for inc/auto the chain in the target must have this id")
+    backup.add_argument("--monthly", action="store_true",
+                        help="keep chains in DIR/YYYY-MM/, so auto starts a new chain each month")
+    select = backup.add_mutually_exclusive_group()
+    select.add_argument("--include", type=_names, default=(), metavar="A,B",
+                        help="back up only these disks (disk id, device or node names)")
+    select.add_argument("--exclude", type=_names, default=(), metavar="A,B",
+                        help="skip these disks")
+    backup.add_argument("--include-raw", action="store_true",
+                        help="also back up disks that cannot hold persistent bitmaps "
+                             "(raw, ...): copied in full at every level")
+    backup.add_argument("--compress", action="store_true",
+                        help="write compressed qcow2 clusters (much slower, smaller)")
+    backup.add_argument("--speed-limit", type=_rate, default=0, metavar="BYTES_PER_SECOND",
+                        help="limit each disk's job to this rate (suffixes k, M, G allowed)")
+    backup.add_argument("--no-progress", action="store_true",
+                        help="no progress output while jobs run")
+
+    info = commands.add_parser(
+        "info", help="show the VM's disks or bitmaps",
+        epilog="examples:\n  qmpbackup --socket /run/vm1.qmp info --show blockdev\n"
+               "  qmpbackup --socket /run/vm1.qmp info --show bitmaps\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    info.add_argument("--show", choices=("blockdev", "bitmaps"), default="blockdev")
+
+    cleanup = commands.add_parser(
+        "cleanup", help="remove qmpbackup's bitmaps from the VM",
+        epilog="examples:\n  qmpbackup --socket /run/vm1.qmp cleanup --remove-bitmaps\n"
+               "  qmpbackup --socket /run/vm1.qmp cleanup --remove-bitmaps --uuid ID\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cleanup.add_argument("--remove-bitmaps", "--remove-bitmap", dest="remove_bitmaps",
+                         action="store_true", required=True,
+                         help="remove every qmpbackup-* bitmap (or only the chain's with --uuid)")
+    cleanup.add_argument("--uuid", metavar="ID", help="only the bitmap of this chain")
+    return parser
+
+
+async def backup_command(args: argparse.Namespace) -> int:
+    opts = BackupOptions(
+        level=args.level, target=args.target,
+        uuid=validate_uuid(args.uuid) if args.uuid else None,
+        monthly=args.monthly, include=args.include, exclude=args.exclude,
+        include_raw=args.include_raw, compress=args.compress,
+        speed_limit=args.speed_limit, progress=not args.no_progress)
+    async with QmpSession(args.socket) as session:
+        result = await run_backup(session, opts)
+    log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
+             f" (chain {result.chain_id})" if result.chain_id else "")
+    return 0
+
+
+async def info_command(args: argparse.Namespace) -> int:
+    async with QmpSession(args.socket) as session:
+        disks = await discover(session)
+    print(blockdev_table(disks) if args.show == "blockdev" else bitmaps_table(disks))
+    return 0
+
+
+async def cleanup_command(args: argparse.Namespace) -> int:
+    chain_id = validate_uuid(args.uuid) if args.uuid else None
+    async with QmpSession(args.socket) as session:
+        removed = await remove_bitmaps(session, chain_id)
+    for name in removed:
+        print(f"removed {name}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "backup": backup_command,
+    "info": info_command,
+    "cleanup": cleanup_command,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; callable in-process as ``main([...])`` and returning the exit code."""
+    return run(build_parser(), lambda args: COMMANDS[args.command], argv, "qmpbackup")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
