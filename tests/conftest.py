@@ -1,0 +1,60 @@
+"""Shared fixtures: real QEMU VMs and the CLI run in-process."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from vm import TestVM, default_disks
+
+
+@dataclass
+class CliResult:
+    rc: int
+    out: str
+    err: str
+
+    def ok(self) -> "CliResult":
+        assert self.rc == 0, f"rc={self.rc}\nstdout:\n{self.out}\nstderr:\n{self.err}"
+        return self
+
+    def failed(self, rc: int, *fragments: str) -> "CliResult":
+        """A clean failure: the documented code, the message, one error line, no traceback."""
+        assert self.rc == rc, f"rc={self.rc} (want {rc})\nstderr:\n{self.err}"
+        assert "Traceback" not in self.err, self.err
+        errors = [line for line in self.err.splitlines() if ": error: " in line]
+        assert len(errors) == 1, self.err
+        for fragment in fragments:
+            assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+        return self
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "guest: needs the tiny Linux test guest (built on demand)")
+    if shutil.which("qemu-system-x86_64") is None:
+        raise pytest.UsageError("qemu-system-x86_64 is missing: run the tests with `make test`")
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """Run qmpbackup/qmprestore in-process: cli("qmpbackup", "--socket", ...)."""
+    import importlib
+
+    def run(program: str, *argv: object) -> CliResult:
+        main = importlib.import_module(f"{program}.cli").main
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return CliResult(rc, captured.out, captured.err)
+    return run
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> Iterator[TestVM]:
+    """A running VM with the default disk zoo (qcow2 virtio/ide/-blockdev, raw, pflash)."""
+    with TestVM(tmp_path / "vm-images", default_disks()) as machine:
+        yield machine

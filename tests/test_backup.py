@@ -1,0 +1,303 @@
+"""qmpbackup against real QEMU: every level and option, proven by content."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vm import MiB, Disk, TestVM, identical
+
+QCOW2_DISKS = ("virtio0", "ide0-hd0", "data1")
+
+
+def backups(root: Path, disk: str, prefix: str = "") -> list[Path]:
+    return sorted((root / disk).glob(f"{prefix}*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def metadata(root: Path) -> dict:
+    return json.loads((root / "qmpbackup.json").read_text())
+
+
+def assert_chain_top_matches(vm: TestVM, root: Path, refs: Path, disks=QCOW2_DISKS) -> None:
+    """The newest image of each disk (read through its backing chain) equals the disk now."""
+    for disk in disks:
+        ref = vm.reference(disk, refs / f"{disk}.raw")
+        top = backups(root, disk)[-1]
+        assert identical(top, ref), f"{disk}: {top.name} differs from the VM disk"
+
+
+def backup(cli, vm: TestVM, target: Path, level: str, *extra: object):
+    return cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", level,
+               "--target", target, "--no-progress", *extra)
+
+
+def test_full_then_incrementals_hold_each_point(cli, vm: TestVM, tmp_path: Path) -> None:
+    target, refs = tmp_path / "backup", tmp_path / "refs"
+    refs.mkdir()
+    vm.write("virtio0", 0x11, 0, 4 * MiB)
+    vm.write("ide0-hd0", 0x12, 1 * MiB, 64 * 1024)
+    vm.write("data1", 0x13, 0, 1 * MiB)
+    vm.write("pflash1", 0x14, 0, 4096)
+    backup(cli, vm, target, "full").ok()
+    assert_chain_top_matches(vm, target, refs, (*QCOW2_DISKS, "pflash0", "pflash1"))
+    assert not (target / "virtio1").exists(), "raw disk is skipped without --include-raw"
+
+    for round_, pattern in enumerate((0x21, 0x22, 0x23)):
+        vm.write("virtio0", pattern, (round_ + 5) * MiB, 128 * 1024)
+        vm.write("data1", pattern, round_ * 64 * 1024, 8192)
+        vm.write("pflash1", pattern, 8192, 4096)
+        backup(cli, vm, target, "inc").ok()
+        assert_chain_top_matches(vm, target, refs, (*QCOW2_DISKS, "pflash1"))
+
+    inc = backups(target, "virtio0", "INC")
+    assert len(inc) == 3
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(inc[-1])],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["backing-filename"] == inc[-2].name, "INC backs onto its predecessor by relative name"
+    assert info["virtual-size"] == 32 * MiB
+    # a small change makes a small incremental (64 KiB clusters)
+    assert inc[0].stat().st_size < 2 * MiB
+    # pflash (raw) is copied in full at every level, ide disk with no change stays tiny
+    assert len(backups(target, "pflash1", "FULL")) == 4
+    meta = metadata(target)
+    chain = meta["chains"][0]
+    assert [b["level"] for b in chain["disks"]["virtio0"]["backups"]] == ["full", "inc", "inc", "inc"]
+    assert [b["file"] for b in chain["disks"]["virtio0"]["backups"]] == [p.name for p in backups(target, "virtio0")]
+    # bitmap cleared by the last successful inc
+    node_bitmaps = vm.bitmaps()
+    named = [b for bl in node_bitmaps.values() for b in bl if b["name"] == chain["bitmap"]]
+    assert len(named) == 3 and all(b["count"] == 0 and b["persistent"] for b in named)
+    assert vm.tool_leftovers() == []
+    assert (target / "virtio0").stat().st_mode & 0o777 == 0o700
+    assert inc[0].stat().st_mode & 0o777 == 0o600
+
+
+def test_writes_during_a_rate_limited_job_go_to_the_next_incremental(
+        vm: TestVM, tmp_path: Path, cli) -> None:
+    target, refs = tmp_path / "backup", tmp_path / "refs"
+    refs.mkdir()
+    backup(cli, vm, target, "full", "--include", "virtio0").ok()
+    vm.write("virtio0", 0x31, 0, 24 * MiB)
+    at_start = vm.reference("virtio0", refs / "start.raw")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "inc",
+         "--include", "virtio0", "--target", str(target), "--speed-limit", "4M"],
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not vm.cmd("query-jobs"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.02)
+    vm.write("virtio0", 0x32, 2 * MiB, 1 * MiB)   # inside the region being copied
+    vm.write("virtio0", 0x33, 30 * MiB, 64 * 1024)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    inc1 = backups(target, "virtio0", "INC")[-1]
+    assert identical(inc1, at_start), "the backup is the disk at job start"
+    backup(cli, vm, target, "inc", "--include", "virtio0").ok()
+    assert identical(backups(target, "virtio0", "INC")[-1], vm.reference("virtio0", refs / "end.raw"))
+
+
+def test_auto_starts_a_chain_then_continues_it(cli, vm: TestVM, tmp_path: Path) -> None:
+    target, refs = tmp_path / "backup", tmp_path / "refs"
+    refs.mkdir()
+    first = backup(cli, vm, target, "auto").ok()
+    assert "auto: the target holds no chain yet" in first.err
+    vm.write("virtio0", 0x41, 3 * MiB, 64 * 1024)
+    second = backup(cli, vm, target, "auto").ok()
+    assert "auto: continuing chain" in second.err
+    assert [p.name.split("-")[0] for p in backups(target, "virtio0")] == ["FULL", "INC"]
+    assert_chain_top_matches(vm, target, refs)
+
+
+def test_copy_needs_no_bitmap_and_covers_raw_disks(cli, vm: TestVM, tmp_path: Path) -> None:
+    target, refs = tmp_path / "copy", tmp_path / "refs"
+    refs.mkdir()
+    vm.write("virtio1", 0x51, 0, 1 * MiB)
+    vm.write("virtio0", 0x52, 0, 1 * MiB)
+    backup(cli, vm, target, "copy").ok()
+    for disk in ("virtio0", "virtio1", "ide0-hd0", "data1", "pflash0", "pflash1"):
+        copies = backups(target, disk, "COPY")
+        assert len(copies) == 1, disk
+        assert identical(copies[0], vm.reference(disk, refs / f"{disk}.raw")), disk
+    assert not (target / "qmpbackup.json").exists()
+    assert all(not bl for bl in vm.bitmaps().values()), "copy adds no bitmap"
+
+
+def test_include_raw_copies_raw_disks_in_full_at_every_level(cli, vm: TestVM, tmp_path: Path) -> None:
+    target, refs = tmp_path / "backup", tmp_path / "refs"
+    refs.mkdir()
+    vm.write("virtio1", 0x61, 0, 512 * 1024)
+    backup(cli, vm, target, "full", "--include-raw").ok()
+    vm.write("virtio1", 0x62, 1 * MiB, 512 * 1024)
+    backup(cli, vm, target, "inc", "--include-raw").ok()
+    fulls = backups(target, "virtio1", "FULL")
+    assert len(fulls) == 2 and not backups(target, "virtio1", "INC")
+    assert identical(fulls[-1], vm.reference("virtio1", refs / "raw.raw"))
+
+
+def test_include_and_exclude_select_disks_by_any_name(cli, vm: TestVM, tmp_path: Path) -> None:
+    only = tmp_path / "only"
+    backup(cli, vm, only, "full", "--include", "virtio0,data1-fmt").ok()
+    assert sorted(p.name for p in only.iterdir() if p.is_dir()) == ["data1", "virtio0"]
+    without = tmp_path / "without"
+    backup(cli, vm, without, "copy", "--exclude", "ide0-hd0,pflash0").ok()
+    assert sorted(p.name for p in without.iterdir()) == ["data1", "pflash1", "virtio0", "virtio1"]
+    backup(cli, vm, tmp_path / "x", "full", "--include", "nosuchdisk").failed(2, "nosuchdisk")
+    both = backup(cli, vm, tmp_path / "y", "full", "--include", "a", "--exclude", "b")
+    assert both.rc == 2 and "not allowed with" in both.err
+
+
+def test_uuid_names_the_chain_and_its_bitmap(cli, vm: TestVM, tmp_path: Path) -> None:
+    target = tmp_path / "backup"
+    backup(cli, vm, target, "full", "--uuid", "nightly-1", "--include", "virtio0").ok()
+    assert metadata(target)["chains"][0]["uuid"] == "nightly-1"
+    names = [b["name"] for bl in vm.bitmaps().values() for b in bl]
+    assert names == ["qmpbackup-nightly-1"]
+    backup(cli, vm, target, "inc", "--uuid", "other", "--include", "virtio0").failed(6, "other")
+    backup(cli, vm, target, "inc", "--uuid", "nightly-1", "--include", "virtio0").ok()
+    backup(cli, vm, tmp_path / "bad", "full", "--uuid", "../etc").failed(2, "invalid --uuid")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_monthly_keeps_chains_in_month_folders(cli, vm: TestVM, tmp_path: Path) -> None:
+    target, refs = tmp_path / "backup", tmp_path / "refs"
+    refs.mkdir()
+    backup(cli, vm, target, "auto", "--monthly").ok()
+    vm.write("virtio0", 0x71, 0, 64 * 1024)
+    backup(cli, vm, target, "auto", "--monthly").ok()
+    month = time.strftime("%Y-%m")
+    assert [p.name for p in target.iterdir()] == [month]
+    assert_chain_top_matches(vm, target / month, refs)
+
+
+def test_compress_writes_compressed_clusters_with_same_content(cli, vm: TestVM, tmp_path: Path) -> None:
+    target, refs = tmp_path / "backup", tmp_path / "refs"
+    refs.mkdir()
+    vm.write("virtio0", 0x00, 0, 8 * MiB)
+    vm.write("virtio0", 0x5A, 8 * MiB, 8 * MiB)
+    backup(cli, vm, target, "full", "--compress", "--include", "virtio0").ok()
+    full = backups(target, "virtio0")[-1]
+    assert full.stat().st_size < 2 * MiB, "8 MiB of a repeated byte compresses well"
+    vm.write("virtio0", 0x5B, 20 * MiB, 1 * MiB)
+    backup(cli, vm, target, "inc", "--compress", "--include", "virtio0").ok()
+    assert_chain_top_matches(vm, target, refs, ("virtio0",))
+    assert metadata(target)["chains"][0]["disks"]["virtio0"]["backups"][0]["compressed"] is True
+
+
+def test_backup_works_in_prelaunch_and_paused(cli, tmp_path: Path) -> None:
+    disks = [Disk("virtio0", "virtio", "qcow2", 16 * MiB)]
+    with TestVM(tmp_path / "img", disks, prelaunch=True) as vm:
+        assert vm.cmd("query-status")["status"] == "prelaunch"
+        vm.write("virtio0", 0x81, 0, 1 * MiB)
+        target, refs = tmp_path / "backup", tmp_path / "refs"
+        refs.mkdir()
+        backup(cli, vm, target, "full").ok()
+        vm.write("virtio0", 0x82, 2 * MiB, 64 * 1024)
+        backup(cli, vm, target, "inc").ok()
+        assert_chain_top_matches(vm, target, refs, ("virtio0",))
+        vm.cmd("cont")
+        vm.cmd("stop")
+        assert vm.cmd("query-status")["status"] == "paused"
+        vm.write("virtio0", 0x83, 3 * MiB, 64 * 1024)
+        backup(cli, vm, target, "inc").ok()
+        assert_chain_top_matches(vm, target, refs, ("virtio0",))
+
+
+def test_info_tables(cli, vm: TestVM, tmp_path: Path) -> None:
+    disks = cli("qmpbackup", "--socket", vm.tool_socket, "info", "--show", "blockdev").ok().out
+    for name in ("virtio0", "ide0-hd0", "virtio1", "pflash0", "pflash1", "data1", "data1-fmt"):
+        assert name in disks
+    assert "33554432" in disks
+    backup(cli, vm, tmp_path / "b", "full", "--uuid", "tab", "--include", "virtio0").ok()
+    vm.write("virtio0", 0x91, 0, 128 * 1024)
+    table = cli("qmpbackup", "--socket", vm.tool_socket, "info", "--show", "bitmaps").ok().out
+    row = next(line for line in table.splitlines() if "qmpbackup-tab" in line)
+    assert "virtio0" in row and row.split()[-1] == str(128 * 1024)
+
+
+def test_cleanup_removes_tool_bitmaps(cli, vm: TestVM, tmp_path: Path) -> None:
+    backup(cli, vm, tmp_path / "a", "full", "--uuid", "one").ok()
+    backup(cli, vm, tmp_path / "b", "full", "--uuid", "two", "--include", "virtio0").ok()
+    vm.cmd("block-dirty-bitmap-add", node=vm_node(vm, "virtio0"), name="foreign")
+    out = cli("qmpbackup", "--socket", vm.tool_socket, "cleanup", "--remove-bitmap",
+              "--uuid", "two").ok().out
+    assert out.strip() == "removed virtio0:qmpbackup-two"
+    cli("qmpbackup", "--socket", vm.tool_socket, "cleanup", "--remove-bitmaps").ok()
+    names = sorted(b["name"] for bl in vm.bitmaps().values() for b in bl)
+    assert names == ["foreign"], "only qmpbackup's bitmaps are removed"
+
+
+def vm_node(vm: TestVM, device: str) -> str:
+    return next(b["inserted"]["node-name"] for b in vm.cmd("query-block") if b["device"] == device)
+
+
+# -- errors: one line, documented exit code, nothing created ---------------------------------
+
+def test_missing_socket_and_not_a_socket(cli, tmp_path: Path) -> None:
+    cli("qmpbackup", "--socket", tmp_path / "nope.sock", "info").failed(3, "does not exist")
+    (tmp_path / "file").write_text("x")
+    cli("qmpbackup", "--socket", tmp_path / "file", "info").failed(3, "not a socket")
+
+
+def test_busy_socket_times_out_with_a_clear_message(cli, vm: TestVM) -> None:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    holder = QEMUMonitorProtocol(vm.tool_socket)
+    holder.connect()
+    try:
+        started = time.monotonic()
+        cli("qmpbackup", "--socket", vm.tool_socket, "info").failed(3, "did not greet")
+        assert time.monotonic() - started < 15
+    finally:
+        holder.close()
+
+
+def test_full_refuses_a_non_empty_target(cli, vm: TestVM, tmp_path: Path) -> None:
+    target = tmp_path / "backup"
+    target.mkdir()
+    (target / "something").write_text("x")
+    backup(cli, vm, target, "full").failed(5, "not empty")
+    assert sorted(p.name for p in target.iterdir()) == ["something"]
+    assert all(not bl for bl in vm.bitmaps().values())
+
+
+def test_inc_without_chain_or_bitmap_fails_clearly(cli, vm: TestVM, tmp_path: Path) -> None:
+    target = tmp_path / "backup"
+    backup(cli, vm, target, "inc").failed(6, "no backup chain")
+    backup(cli, vm, target, "full", "--include", "virtio0").ok()
+    bitmap = metadata(target)["chains"][0]["bitmap"]
+    vm.cmd("block-dirty-bitmap-remove", node=vm_node(vm, "virtio0"), name=bitmap)
+    backup(cli, vm, target, "inc", "--include", "virtio0").failed(6, "has no bitmap")
+    assert len(backups(target, "virtio0")) == 1
+
+
+def test_stray_partial_is_refused(cli, vm: TestVM, tmp_path: Path) -> None:
+    target = tmp_path / "backup"
+    backup(cli, vm, target, "full", "--include", "virtio0").ok()
+    stray = target / "virtio0" / "INC-1-virtio0.qcow2.partial"
+    stray.write_text("")
+    backup(cli, vm, target, "inc", "--include", "virtio0").failed(5, ".partial")
+    assert stray.exists()
+
+
+def test_target_that_is_a_file(cli, vm: TestVM, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    backup(cli, vm, tmp_path / "file", "full").failed(5, "not a directory")
+
+
+def test_console_script_runs_a_backup(vm: TestVM, tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("qmpbackup")
+    if not script.exists():
+        pytest.skip("qmpbackup console script not installed in this environment")
+    help_text = subprocess.run([str(script), "backup", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "examples:" in help_text
+    proc = subprocess.run([str(script), "--socket", vm.tool_socket, "backup", "--level", "full",
+                           "--include", "virtio0", "--target", str(tmp_path / "b")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert backups(tmp_path / "b", "virtio0")

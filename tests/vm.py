@@ -1,0 +1,236 @@
+"""Real QEMU processes for the tests: no guest OS, real images, two QMP sockets.
+
+A QMP socket serves one client at a time, so every VM gets one socket for the
+tool under test and one for the test itself.  Guest data is changed with
+``human-monitor-command`` → ``qemu-io``, which goes through the block layer and
+so dirties bitmaps exactly like guest writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+QEMU = "qemu-system-x86_64"
+SEABIOS = "/usr/share/seabios/bios-256k.bin"
+MiB = 1 << 20
+
+
+@dataclass
+class Disk:
+    """One disk of a test VM.
+
+    attach: ``virtio`` / ``ide`` (``-drive``, device names virtioN / ideN-hd0),
+    ``blockdev`` (``-blockdev`` + ``-device virtio-blk-pci,id=NAME``: empty device
+    name) or ``pflash`` (unit 0 is firmware and read-only, unit 1 a vars store).
+    """
+
+    name: str
+    attach: str = "virtio"
+    fmt: str = "qcow2"
+    size: int = 32 * MiB
+    unit: int = 0
+    path: Optional[Path] = None
+    qemu_io_id: str = ""    # what qemu-io needs to address the disk
+
+    def create(self, folder: Path) -> None:
+        if self.path is None:
+            suffix = "fd" if self.attach == "pflash" else self.fmt
+            self.path = folder / f"{self.name}.{suffix}"
+        if self.path.exists():
+            return
+        if self.attach == "pflash" and self.unit == 0:
+            shutil.copyfile(SEABIOS, self.path)
+            return
+        run(["qemu-img", "create", "-q", "-f", self.fmt, str(self.path), str(self.size)])
+
+
+def default_disks() -> list[Disk]:
+    """The disk zoo of the issue: qcow2 on virtio and ide, a raw disk, pflash, -blockdev."""
+    return [
+        Disk("virtio0", "virtio", "qcow2", 32 * MiB),
+        Disk("ide0-hd0", "ide", "qcow2", 16 * MiB),
+        Disk("virtio1", "virtio", "raw", 8 * MiB),
+        Disk("pflash0", "pflash", "raw", unit=0),
+        Disk("pflash1", "pflash", "raw", 256 * 1024, unit=1),
+        Disk("data1", "blockdev", "qcow2", 8 * MiB),
+    ]
+
+
+def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
+
+
+def accel() -> str:
+    return "kvm:tcg" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+
+
+class TestVM:
+    """A throwaway VM; always use as a context manager (or call stop()) so QEMU dies."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, folder: Path, disks: Optional[list[Disk]] = None, *,
+                 prelaunch: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.disks = disks if disks is not None else default_disks()
+        self.prelaunch = prelaunch
+        self.extra_args = extra_args
+        self.sockdir = Path(tempfile.mkdtemp(prefix="qbt"))
+        self.tool_socket = str(self.sockdir / "tool.sock")
+        self.test_socket = str(self.sockdir / "test.sock")
+        self.proc: Optional[subprocess.Popen] = None
+        self.qmp: Optional[QEMUMonitorProtocol] = None
+
+    def disk(self, name: str) -> Disk:
+        return next(d for d in self.disks if d.name == name)
+
+    def command_line(self) -> list[str]:
+        argv = [QEMU, "-machine", f"q35,accel={accel()}", "-nodefaults", "-display", "none",
+                "-m", "64", "-no-user-config"]
+        ide_index = 0
+        for disk in self.disks:
+            disk.create(self.folder)
+            path = str(disk.path)
+            if disk.attach == "virtio":
+                argv += ["-drive", f"if=virtio,format={disk.fmt},file={path}"]
+                disk.qemu_io_id = disk.name
+            elif disk.attach == "ide":
+                argv += ["-drive", f"if=ide,index={ide_index},format={disk.fmt},file={path}"]
+                disk.qemu_io_id = f"ide{ide_index}-hd0"
+                ide_index += 1
+            elif disk.attach == "pflash":
+                ro = ",readonly=on" if disk.unit == 0 else ""
+                argv += ["-drive", f"if=pflash,unit={disk.unit},format={disk.fmt},file={path}{ro}"]
+                disk.qemu_io_id = f"pflash{disk.unit}"
+            elif disk.attach == "blockdev":
+                argv += ["-blockdev", f"driver=file,filename={path},node-name={disk.name}-file",
+                         "-blockdev", f"driver={disk.fmt},file={disk.name}-file,node-name={disk.name}-fmt",
+                         "-device", f"virtio-blk-pci,drive={disk.name}-fmt,id={disk.name}"]
+                disk.qemu_io_id = f"-d /machine/peripheral/{disk.name}/virtio-backend"
+            else:
+                raise ValueError(disk.attach)
+        for sock in (self.tool_socket, self.test_socket):
+            argv += ["-qmp", f"unix:{sock},server=on,wait=off"]
+        if self.prelaunch:
+            argv.append("-S")
+        return argv + list(self.extra_args)
+
+    def start(self) -> "TestVM":
+        self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(self.folder / "qemu.log", "ab"))
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(self.test_socket) and os.path.exists(self.tool_socket)):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited: {(self.folder / 'qemu.log').read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("QEMU did not create its QMP sockets")
+            time.sleep(0.02)
+        self.qmp = QEMUMonitorProtocol(self.test_socket)
+        self.qmp.connect()
+        return self
+
+    def __enter__(self) -> "TestVM":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.qmp is not None:
+            try:
+                self.qmp.close()
+            except Exception:  # noqa: BLE001 - teardown must go on
+                pass
+            self.qmp = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL QEMU: what a host crash looks like to the images."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.stop()
+
+    # -- QMP helpers --------------------------------------------------------
+    def cmd(self, command: str, **arguments: Any) -> Any:
+        assert self.qmp is not None
+        reply = self.qmp.cmd_obj({"execute": command, "arguments": arguments})
+        if "error" in reply:
+            raise RuntimeError(f"{command}: {reply['error']}")
+        return reply["return"]
+
+    def hmp(self, command_line: str) -> str:
+        return self.cmd("human-monitor-command", **{"command-line": command_line})
+
+    def write(self, disk: str, pattern: int, offset: int, length: int) -> None:
+        """Write through the block layer, as a guest would (dirties bitmaps)."""
+        target = self.disk(disk).qemu_io_id
+        reply = self.hmp(f'qemu-io {target} "write -P {pattern:#x} {offset} {length}"')
+        assert reply == "", reply
+
+    def running(self) -> bool:
+        return bool(self.cmd("query-status")["running"])
+
+    def reference(self, disk: str, out: Path) -> Path:
+        """A raw copy of what the guest disk holds now (VM paused while copying)."""
+        was_running = self.running()
+        if was_running:
+            self.cmd("stop")   # drains and flushes every disk
+        else:
+            # prelaunch/paused: writes may still sit in QEMU's cache
+            assert self.hmp(f'qemu-io {self.disk(disk).qemu_io_id} "flush"') == ""
+        try:
+            run(["qemu-img", "convert", "-U", "-O", "raw", str(self.disk(disk).path), str(out)])
+        finally:
+            if was_running:
+                self.cmd("cont")
+        return out
+
+    def bitmaps(self) -> dict[str, list[dict[str, Any]]]:
+        """node-name -> named dirty bitmaps."""
+        return {n["node-name"]: [b for b in n.get("dirty-bitmaps", []) if "name" in b]
+                for n in self.cmd("query-named-block-nodes", flat=True)}
+
+    def tool_leftovers(self) -> list[str]:
+        nodes = [n["node-name"] for n in self.cmd("query-named-block-nodes", flat=True)
+                 if n["node-name"].startswith("qmpbackup-")]
+        jobs = [j["id"] for j in self.cmd("query-jobs")]
+        return nodes + jobs
+
+
+def identical(a: Path, b: Path) -> bool:
+    """qemu-img compare: content equality regardless of format and allocation."""
+    proc = subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
+                          capture_output=True, text=True)
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(proc.stderr)
+    return proc.returncode == 0
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
