@@ -22,7 +22,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Optional, Type
+from typing import Any
 
 from .errors import AgentError, ConnectError
 
@@ -38,7 +38,7 @@ SYNC_DELIMITER = b"\xff"
 READ_LIMIT = 64 * 1024 * 1024
 
 
-def encode_command(command: str, args: Optional[dict[str, Any]] = None) -> bytes:
+def encode_command(command: str, args: dict[str, Any] | None = None) -> bytes:
     """Serialise one agent command as the single line the agent expects."""
     message: dict[str, Any] = {"execute": command}
     if args:
@@ -94,9 +94,9 @@ class GuestAgent:
 
     path: str
     timeout: float = 5.0
-    _reader: Optional[asyncio.StreamReader] = field(default=None, init=False, repr=False)
-    _writer: Optional[asyncio.StreamWriter] = field(default=None, init=False, repr=False)
-    _lock: Optional[asyncio.Lock] = field(default=None, init=False, repr=False)
+    _reader: asyncio.StreamReader | None = field(default=None, init=False, repr=False)
+    _writer: asyncio.StreamWriter | None = field(default=None, init=False, repr=False)
+    _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
     _need_sync: bool = field(default=True, init=False, repr=False)
 
     async def __aenter__(self) -> GuestAgent:
@@ -105,9 +105,9 @@ class GuestAgent:
 
     async def __aexit__(
         self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -149,7 +149,7 @@ class GuestAgent:
             # The peer (QEMU) may already be gone; closing is all we wanted.
             log.debug("closing guest agent socket %s: %s", self.path, err)
 
-    async def execute(self, command: str, args: Optional[dict[str, Any]] = None) -> Any:
+    async def execute(self, command: str, args: dict[str, Any] | None = None) -> Any:
         """Run *command* and return its ``return`` value.
 
         Raises :class:`AgentError` if the agent refuses, does not answer in
@@ -235,7 +235,8 @@ class GuestAgent:
         except asyncio.TimeoutError as err:
             raise AgentError(
                 f"guest agent did not answer guest-sync-delimited within "
-                f"{_format_seconds(self.timeout)} (is qemu-ga running in the guest, and no other client connected?)"
+                f"{_format_seconds(self.timeout)} "
+                "(is qemu-ga running in the guest, and no other client connected?)"
             ) from err
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as err:
             raise AgentError(f"guest agent connection failed during guest-sync-delimited: {err}") from err
@@ -259,7 +260,7 @@ class GuestAgent:
                 return
 
 
-def sync_reply_id(line: bytes) -> Optional[int]:
+def sync_reply_id(line: bytes) -> int | None:
     """Return the id a ``guest-sync-delimited`` reply line carries, or None.
 
     Anything else (an error reply, garbage, an unrelated reply) is None, so
