@@ -149,9 +149,13 @@ class GuestAgent:
             # The peer (QEMU) may already be gone; closing is all we wanted.
             log.debug("closing guest agent socket %s: %s", self.path, err)
 
-    async def execute(self, command: str, args: dict[str, Any] | None = None) -> Any:
+    async def execute(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
         """Run *command* and return its ``return`` value.
 
+        *timeout* overrides the connection's default for commands that may
+        legitimately take long (a freeze flushes every dirty page first).
         Raises :class:`AgentError` if the agent refuses, does not answer in
         time or the connection breaks.
         """
@@ -160,20 +164,29 @@ class GuestAgent:
         async with self._lock:
             if self._need_sync:
                 await self._sync()
-            line = await self._roundtrip(command, encode_command(command, args))
+            line = await self._roundtrip(
+                command, encode_command(command, args), self.timeout if timeout is None else timeout
+            )
         return decode_reply(command, line)
 
     async def ping(self) -> None:
         """Fail unless the agent inside the guest answers."""
         await self.execute("guest-ping")
 
-    async def fsfreeze_freeze(self) -> int:
-        """Freeze all guest filesystems; return how many were frozen."""
-        return self._expect_int("guest-fsfreeze-freeze", await self.execute("guest-fsfreeze-freeze"))
+    async def fsfreeze_freeze(self, timeout: float | None = None) -> int:
+        """Freeze all guest filesystems; return how many were frozen.
 
-    async def fsfreeze_thaw(self) -> int:
+        If this raises (timeout, broken connection), the guest may still have
+        frozen, or may freeze a moment later: callers must thaw in their
+        cleanup whatever this returned.
+        """
+        reply = await self.execute("guest-fsfreeze-freeze", timeout=timeout)
+        return self._expect_int("guest-fsfreeze-freeze", reply)
+
+    async def fsfreeze_thaw(self, timeout: float | None = None) -> int:
         """Thaw the guest filesystems; return how many were thawed (0 if none were frozen)."""
-        return self._expect_int("guest-fsfreeze-thaw", await self.execute("guest-fsfreeze-thaw"))
+        reply = await self.execute("guest-fsfreeze-thaw", timeout=timeout)
+        return self._expect_int("guest-fsfreeze-thaw", reply)
 
     async def fsfreeze_status(self) -> str:
         """Return ``"frozen"`` or ``"thawed"`` as the agent sees it."""
@@ -196,7 +209,7 @@ class GuestAgent:
             raise AgentError(f"guest agent sent an unexpected reply to {command}: {value!r}")
         return value
 
-    async def _roundtrip(self, command: str, data: bytes) -> bytes:
+    async def _roundtrip(self, command: str, data: bytes, timeout: float) -> bytes:
         """Send one command line and read one reply line, within the timeout."""
         assert self._reader is not None and self._writer is not None
         log.debug("agent <- %s", data.decode("utf-8", errors="replace").rstrip("\n"))
@@ -204,12 +217,14 @@ class GuestAgent:
         # channel: the next command must resynchronise first.
         self._need_sync = True
         try:
-            line = await asyncio.wait_for(self._send_and_readline(data), self.timeout)
+            line = await asyncio.wait_for(self._send_and_readline(data), timeout)
         except asyncio.TimeoutError as err:
             raise AgentError(
-                f"guest agent did not answer {command} within {_format_seconds(self.timeout)}"
+                f"guest agent did not answer {command} within {_format_seconds(timeout)}"
             ) from err
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as err:
+        except asyncio.IncompleteReadError as err:
+            raise AgentError(f"guest agent connection closed during {command} (QEMU gone?)") from err
+        except (OSError, asyncio.LimitOverrunError, ValueError) as err:
             raise AgentError(f"guest agent connection failed during {command}: {err}") from err
         log.debug("agent -> %s", line.decode("utf-8", errors="replace").rstrip("\n"))
         self._need_sync = False
@@ -238,7 +253,11 @@ class GuestAgent:
                 f"{_format_seconds(self.timeout)} "
                 "(is qemu-ga running in the guest, and no other client connected?)"
             ) from err
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as err:
+        except asyncio.IncompleteReadError as err:
+            raise AgentError(
+                "guest agent connection closed during guest-sync-delimited (QEMU gone?)"
+            ) from err
+        except (OSError, asyncio.LimitOverrunError, ValueError) as err:
             raise AgentError(f"guest agent connection failed during guest-sync-delimited: {err}") from err
         self._need_sync = False
 
