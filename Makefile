@@ -1,0 +1,61 @@
+# qmpbackup — two commands on a fresh Debian 12 machine:
+#   make demo   install what is missing, back up and restore a throwaway VM
+#   make test   install what is missing, run the whole test suite
+# Installing QEMU needs root (apt-get); everything else goes into .venv.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+VPY      := $(VENV)/bin/python
+APT_PKGS := qemu-system-x86 qemu-utils e2fsprogs
+JOBS     ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: all deps system-deps venv demo test unit bench clean
+
+all: test
+
+deps: system-deps venv
+
+# QEMU and qemu-img come from Debian; install them only when missing.
+system-deps:
+	@missing=""; \
+	for tool in qemu-system-x86_64 qemu-img qemu-io mkfs.ext4; do \
+	  command -v $$tool >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	done; \
+	[ -f /usr/share/seabios/bios-256k.bin ] || missing="$$missing seabios"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" -ne 0 ]; then \
+	    echo "missing:$$missing — run 'sudo apt-get install $(APT_PKGS)' or run make as root" >&2; exit 1; \
+	  fi; \
+	  echo "installing$$missing with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py requirements.txt tests/requirements.txt
+	@if ! [ -x $(VPY) ]; then \
+	  $(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	    rm -rf $(VENV); \
+	    if [ "$$(id -u)" -eq 0 ]; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
+	    fi; \
+	    $(PYTHON) -m venv $(VENV); }; \
+	fi
+	$(VPY) -m pip install -q --disable-pip-version-check -e . -r tests/requirements.txt
+	@touch $@
+
+test: deps
+	$(VPY) -m pytest -n $(JOBS) --timeout=600 -q tests $(PYTEST_ARGS)
+
+unit: venv
+	$(VPY) -m pytest -q tests/test_units.py
+
+demo: deps
+	$(VPY) tests/demo.py
+
+bench: deps
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-work .pytest_cache

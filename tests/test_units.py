@@ -1,0 +1,188 @@
+"""Fast tests of the pure helpers: naming, parsing, planning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from libqmpbackup import qemuimg
+from libqmpbackup.chain import (BackupRecord, Chain, ChainStore, DiskChain, backup_file_name,
+                                bitmap_name, month_folder, parse_backup_name, safe_component,
+                                validate_uuid)
+from libqmpbackup.devices import BlockDevice, DirtyBitmap, disk_id_for, qdev_id
+from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
+from libqmpbackup.plan import BackupOptions, plan_backup, select_disks
+from libqmpbackup.units import parse_size
+
+
+def test_backup_names_round_trip() -> None:
+    name = backup_file_name("inc", 1700000000, "/var/lib/vm/disk 1.img")
+    assert name == "INC-1700000000-disk_1.img.qcow2"
+    parsed = parse_backup_name(name)
+    assert parsed is not None and (parsed.level, parsed.timestamp) == ("inc", 1700000000)
+    assert backup_file_name("full", 5, "a.qcow2") == "FULL-5-a.qcow2"
+    assert parse_backup_name("image") is None
+    assert parse_backup_name("FULL-x-a.qcow2") is None
+
+
+@pytest.mark.parametrize("value", ["../x", "a/b", "", ".hidden", "x" * 65, "a b", "a..b"])
+def test_unsafe_uuids_are_refused(value: str) -> None:
+    with pytest.raises(UsageError):
+        validate_uuid(value)
+
+
+def test_safe_uuid_and_bitmap_name() -> None:
+    assert bitmap_name(validate_uuid("nightly-1")) == "qmpbackup-nightly-1"
+
+
+def test_safe_component() -> None:
+    assert safe_component("/machine/unattached/device[17]") == "_machine_unattached_device_17_"
+    assert safe_component("virtio0") == "virtio0"
+    assert safe_component("..") == "disk"
+
+
+def test_month_folder(tmp_path: Path) -> None:
+    assert month_folder(tmp_path, 0).parent == tmp_path
+    assert len(month_folder(tmp_path).name) == 7
+
+
+@pytest.mark.parametrize("text,value", [("123", 123), ("64k", 65536), ("50M", 50 << 20),
+                                        ("1GiB", 1 << 30), ("2g", 2 << 30)])
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+def test_parse_size_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        parse_size("fast")
+
+
+def test_disk_ids_prefer_stable_names() -> None:
+    assert qdev_id("/machine/peripheral/data1/virtio-backend") == "data1"
+    assert qdev_id("/machine/peripheral/ide7") == "ide7"
+    assert qdev_id("/machine/unattached/device[3]") == ""
+    assert qdev_id("scsi0-disk") == "scsi0-disk"
+    assert disk_id_for("virtio0", "/machine/peripheral-anon/device[0]/virtio-backend", "#b1") == "virtio0"
+    assert disk_id_for("", "/machine/peripheral/data1/virtio-backend", "fmt") == "data1"
+    assert disk_id_for("", "/machine/unattached/device[3]", "fmt") == "fmt"
+
+
+def test_chain_store_round_trip(tmp_path: Path) -> None:
+    store = ChainStore(tmp_path)
+    chain = Chain("u1", "qmpbackup-u1", 10)
+    chain.disk("virtio0").backups.append(BackupRecord("FULL-10-a.qcow2", "full", 10, 1024, "a.qcow2"))
+    store.chains.append(chain)
+    store.save()
+    loaded = ChainStore.load(tmp_path)
+    assert loaded.current == chain
+    assert [p.name for p in tmp_path.iterdir()] == ["qmpbackup.json"], "no temp file left"
+
+
+def test_chain_store_reports_malformed_metadata(tmp_path: Path) -> None:
+    (tmp_path / "qmpbackup.json").write_text("{not json")
+    with pytest.raises(ChainError, match="cannot read chain metadata"):
+        ChainStore.load(tmp_path)
+    (tmp_path / "qmpbackup.json").write_text("{}")
+    with pytest.raises(ChainError, match="malformed"):
+        ChainStore.load(tmp_path)
+
+
+def test_qemu_img_missing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(QemuImgError, match="not found on PATH"):
+        qemuimg.run(["--version"])
+
+
+def test_qemu_img_failure_names_the_command(tmp_path: Path) -> None:
+    with pytest.raises(QemuImgError) as err:
+        qemuimg.info(tmp_path / "missing file.qcow2")
+    assert "qemu-img info --output=json" in str(err.value)
+    assert "'" in str(err.value), "file names are quoted like a shell would"
+    assert "No such file" in str(err.value)
+
+
+# -- planning -----------------------------------------------------------------------------
+
+def disk(name: str, driver: str = "qcow2", bitmaps: tuple[DirtyBitmap, ...] = (),
+         device: str = "", **kwargs: object) -> BlockDevice:
+    return BlockDevice(disk_id=name, device=device or name, qdev="", node=f"#{name}",
+                       driver=driver, filename=f"/img/{name}.{driver}", virtual_size=1 << 20,
+                       read_only=False, removable=False, bitmaps=list(bitmaps), **kwargs)  # type: ignore[arg-type]
+
+
+def bitmap(name: str, inconsistent: bool = False) -> DirtyBitmap:
+    return DirtyBitmap(name, "#n", True, True, False, inconsistent, 0, 65536)
+
+
+def opts(level: str, **kwargs: object) -> BackupOptions:
+    return BackupOptions(level=level, target=Path("/b"), **kwargs)  # type: ignore[arg-type]
+
+
+def store_with_chain(*disk_ids: str) -> ChainStore:
+    chain = Chain("c1", "qmpbackup-c1", 1)
+    for disk_id in disk_ids:
+        chain.disks[disk_id] = DiskChain([BackupRecord(f"FULL-1-{disk_id}.qcow2", "full", 1, 1, "x")])
+    return ChainStore(Path("/b"), [chain])
+
+
+def test_select_skips_raw_unless_included_but_keeps_pflash() -> None:
+    disks = [disk("virtio0"), disk("virtio1", "raw"), disk("pflash0", "raw", device="pflash0")]
+    assert [d.disk_id for d in select_disks(disks, opts("full"))] == ["virtio0", "pflash0"]
+    assert len(select_disks(disks, opts("full", include_raw=True))) == 3
+    assert len(select_disks(disks, opts("copy"))) == 3
+    assert [d.disk_id for d in select_disks(disks, opts("full", exclude=("virtio0",)))] == ["pflash0"]
+    with pytest.raises(UsageError, match="no disk named"):
+        select_disks(disks, opts("full", include=("sda",)))
+
+
+def test_plan_full_creates_chain_and_bitmaps() -> None:
+    disks = [disk("virtio0"), disk("pflash0", "raw", device="pflash0")]
+    plan = plan_backup(disks, ChainStore(Path("/b")), opts("full", uuid="u"), 100, True)
+    assert plan.new_chain and plan.chain is not None and plan.chain.bitmap == "qmpbackup-u"
+    assert [d.disk_id for d in plan.bitmaps_to_add] == ["virtio0"]
+    job, flash = plan.jobs
+    assert (job.sync, job.bitmap, job.bitmap_mode) == ("full", "qmpbackup-u", "on-success")
+    assert (flash.sync, flash.bitmap) == ("full", None)
+    assert job.partial_path == Path("/b/virtio0/FULL-100-virtio0.qcow2.partial")
+
+
+def test_plan_full_refuses_non_empty_target() -> None:
+    with pytest.raises(TargetError, match="not empty"):
+        plan_backup([disk("virtio0")], ChainStore(Path("/b")), opts("full"), 100, False)
+
+
+def test_plan_inc_chains_onto_previous_and_gives_new_disks_a_full() -> None:
+    disks = [disk("virtio0", bitmaps=(bitmap("qmpbackup-c1"),)), disk("virtio1")]
+    plan = plan_backup(disks, store_with_chain("virtio0"), opts("inc"), 100, False)
+    inc, new = plan.jobs
+    assert (inc.level, inc.sync, inc.backing, inc.bitmap) == \
+        ("inc", "incremental", "FULL-1-virtio0.qcow2", "qmpbackup-c1")
+    assert (new.level, new.bitmap_mode) == ("full", "on-success")
+    assert plan.bitmaps_to_add == [disks[1]]
+
+
+@pytest.mark.parametrize("bitmaps,message", [((), "has no bitmap"),
+                                            ((bitmap("qmpbackup-c1", True),), "inconsistent"),
+                                            ((bitmap("qmpbackup-other"),), "another chain")])
+def test_plan_inc_refuses_unusable_bitmaps(bitmaps: tuple[DirtyBitmap, ...], message: str) -> None:
+    with pytest.raises(ChainError, match=message):
+        plan_backup([disk("virtio0", bitmaps=bitmaps)], store_with_chain("virtio0"),
+                    opts("inc"), 100, False)
+
+
+def test_plan_auto_decides() -> None:
+    healthy = [disk("virtio0", bitmaps=(bitmap("qmpbackup-c1"),))]
+    assert plan_backup(healthy, ChainStore(Path("/b")), opts("auto"), 100, True).level == "full"
+    assert plan_backup(healthy, store_with_chain("virtio0"), opts("auto"), 100, False).level == "inc"
+    broken = [disk("virtio0", bitmaps=(bitmap("qmpbackup-c1", True),))]
+    plan = plan_backup(broken, store_with_chain("virtio0"), opts("auto"), 100, False)
+    assert plan.level == "full" and plan.new_chain and plan.retire_bitmap == "qmpbackup-c1"
+    assert plan.chain is not None and plan.chain.uuid != "c1"
+
+
+def test_plan_refuses_foreign_uuid_and_copy_into_chain() -> None:
+    with pytest.raises(ChainError, match="not --uuid"):
+        plan_backup([disk("virtio0")], store_with_chain("virtio0"), opts("inc", uuid="x"), 100, False)
+    with pytest.raises(TargetError, match="holds a backup chain"):
+        plan_backup([disk("virtio0")], store_with_chain("virtio0"), opts("copy"), 100, False)
