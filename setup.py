@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -20,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     license="GPL-3.0-or-later",
     python_requires=">=3.9",
-    packages=["libqmpbackup", "qmpbackup", "qmprestore"],
+    packages=find_packages(include=["libqmpbackup", "qmpbackup", "qmprestore"]),
     install_requires=[line.strip() for line in (HERE / "requirements.txt").read_text().splitlines()
                       if line.strip() and not line.startswith("#")],
     entry_points={"console_scripts": [
