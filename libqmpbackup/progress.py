@@ -10,7 +10,7 @@ import asyncio
 import logging
 import sys
 import time
-from typing import TextIO
+from typing import Optional, TextIO
 
 from .jobs import BackupJob
 from .qmp import QmpSession
@@ -28,10 +28,10 @@ def _mib(value: float) -> str:
 class ProgressReporter:
     """Callable handed to :func:`jobs.run_transaction`; runs until cancelled."""
 
-    def __init__(self, session: QmpSession, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, session: QmpSession, stream: Optional[TextIO] = None) -> None:
         self.session = session
-        self.stream = stream
-        self.tty = stream.isatty()
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
 
     async def __call__(self, jobs: list[BackupJob]) -> None:
         interval = TTY_INTERVAL if self.tty else LOG_INTERVAL

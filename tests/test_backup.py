@@ -301,3 +301,39 @@ def test_console_script_runs_a_backup(vm: TestVM, tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert backups(tmp_path / "b", "virtio0")
+
+
+def test_tcp_socket_empty_cdrom_and_debug_traffic(cli, tmp_path: Path) -> None:
+    import socket as socketlib
+    with socketlib.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    disks = [Disk("virtio0", "virtio", "qcow2", 8 * MiB)]
+    extra = ("-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off",
+             "-drive", "if=ide,index=3,media=cdrom")
+    with TestVM(tmp_path / "img", disks, extra_args=extra):
+        result = cli("qmpbackup", "--socket", f"tcp:127.0.0.1:{port}", "--debug",
+                     "backup", "--level", "full", "--target", tmp_path / "b", "--no-progress").ok()
+        assert '"execute": "transaction"' in result.err, "--debug shows the QMP traffic"
+        assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["qmpbackup.json", "virtio0"]
+    cli("qmpbackup", "--socket", "tcp:nohost", "info").failed(3, "tcp:HOST:PORT")
+
+
+def test_quiet_and_logfile(cli, vm: TestVM, tmp_path: Path) -> None:
+    log = tmp_path / "backup.log"
+    result = cli("qmpbackup", "--socket", vm.tool_socket, "--quiet", "--logfile", log,
+                 "backup", "--level", "full", "--target", tmp_path / "b", "--include", "virtio0")
+    assert result.ok().err == ""
+    text = log.read_text()
+    assert "full backup done" in text and "INFO" in text
+
+
+def test_progress_is_logged_when_not_on_a_terminal(cli, vm: TestVM, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from libqmpbackup import progress
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.2)
+    vm.write("virtio0", 0x7A, 0, 24 * MiB)
+    result = cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "copy",
+                 "--include", "virtio0", "--speed-limit", "8M", "--target", tmp_path / "c").ok()
+    lines = [line for line in result.err.splitlines() if "progress: virtio0" in line]
+    assert lines and "%" in lines[0] and "MiB/s" in lines[0]
