@@ -29,11 +29,12 @@ from . import bitmaps, qemuimg
 from .chain import (BackupRecord, ChainStore, fsync_dir, is_empty_dir, partial_files,
                     prepare_root)
 from .devices import discover
-from .errors import TargetError
+from .errors import AgentError, TargetError
 from .jobs import BackupJob, add_target_node, cancel_jobs, new_run_tag, remove_node, run_transaction
 from .plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
 from .progress import ProgressReporter
 from .qmp import QmpSession
+from .quiesce import Quiescer
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,19 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
         for disk in disks:
             if disk.bitmap(plan.retire_bitmap):
                 await bitmaps.remove(session, disk, plan.retire_bitmap)
-    await _execute(session, plan, opts)
+    quiescer = (Quiescer(opts.agent_socket, required=opts.quiesce_required)
+                if opts.quiesce else None)
+    await _execute(session, plan, opts, quiescer)
     if plan.chain is not None:
-        _commit_metadata(store, plan, opts.compress)
+        _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
+    if quiescer and quiescer.thaw_error:
+        raise AgentError(quiescer.thaw_error)
     return BackupResult(plan.level, root, plan.chain.uuid if plan.chain else None,
                         [j.final_path for j in plan.jobs], plan.reason)
 
 
-async def _execute(session: QmpSession, plan: RunPlan, opts: BackupOptions) -> None:
+async def _execute(session: QmpSession, plan: RunPlan, opts: BackupOptions,
+                   quiescer: Optional[Quiescer]) -> None:
     tag = new_run_tag()
     async with contextlib.AsyncExitStack() as undo:
         committed = False
@@ -121,7 +127,8 @@ async def _execute(session: QmpSession, plan: RunPlan, opts: BackupOptions) -> N
         undo.push_async_callback(_cancel_if_running, session, plan.jobs)
         reporter = ProgressReporter(session) if opts.progress else None
         await run_transaction(session, plan.jobs, speed=opts.speed_limit,
-                              compress=opts.compress, progress=reporter)
+                              compress=opts.compress, progress=reporter,
+                              start_guard=quiescer)
         await close_targets()
         for job in plan.jobs:
             os.replace(job.partial_path, job.final_path)
@@ -144,7 +151,7 @@ def _create_target(job: BackupJob) -> None:
     qemuimg.create(job.partial_path, job.disk.virtual_size, backing=job.backing)
 
 
-def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool) -> None:
+def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesced: bool) -> None:
     chain = plan.chain
     assert chain is not None
     if plan.new_chain:
@@ -154,5 +161,5 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool) -> None
             file=job.final_path.name, level=job.level,
             time=plan.timestamp,
             virtual_size=job.disk.virtual_size, source_image=job.disk.filename,
-            source_format=job.disk.driver, compressed=compressed))
+            source_format=job.disk.driver, compressed=compressed, quiesced=quiesced))
     store.save()

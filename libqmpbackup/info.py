@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
+from .agent import GuestAgent
 from .devices import BlockDevice
 
 
@@ -21,3 +22,15 @@ def bitmaps_table(disks: list[BlockDevice]) -> str:
             for d in disks for b in d.bitmaps]
     return tabulate(rows, headers=("bitmap", "disk", "node", "recording", "persistent",
                                    "inconsistent", "busy", "dirty bytes"))
+
+
+async def agent_report(agent_socket: str) -> str:
+    """Whether the guest agent answers (raises if not), its freeze state and the filesystems it would freeze."""
+    async with GuestAgent(agent_socket) as agent:
+        await agent.ping()
+        status = await agent.fsfreeze_status()
+        filesystems = await agent.get_fsinfo()
+    rows = [(fs.get("mountpoint", ""), fs.get("type", ""), fs.get("name", ""))
+            for fs in filesystems]
+    table = tabulate(rows, headers=("mountpoint", "type", "device"))
+    return f"guest agent: answering, filesystems {status}\n{table}"

@@ -14,7 +14,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 
 from .chain import safe_component
 from .devices import BlockDevice
@@ -138,16 +138,26 @@ async def _wait_for_jobs(session: QmpSession, jobs: list[BackupJob]) -> None:
 
 async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
                           speed: int = 0, compress: bool = False,
-                          progress: Optional[ProgressHook] = None) -> None:
-    """Start all jobs atomically with grouped completion and wait for them."""
+                          progress: Optional[ProgressHook] = None,
+                          start_guard: Optional[AsyncContextManager[Any]] = None) -> None:
+    """Start all jobs atomically with grouped completion and wait for them.
+
+    START_GUARD is entered right before the transaction and left as soon as
+    QEMU accepted it: the point in time of every disk is fixed by then.
+    """
     actions = [backup_action(j, speed=speed, compress=compress) for j in jobs]
     waiter = asyncio.ensure_future(_wait_for_jobs(session, jobs))
     await asyncio.sleep(0)  # let the watchers register before any event can arrive
+    start = session.execute("transaction", {
+        "actions": actions,
+        "properties": {"completion-mode": "grouped"},
+    })
     try:
-        await session.execute("transaction", {
-            "actions": actions,
-            "properties": {"completion-mode": "grouped"},
-        })
+        if start_guard is None:
+            await start
+        else:
+            async with start_guard:   # e.g. guest filesystems frozen just for the start
+                await start
     except BaseException:
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)

@@ -38,6 +38,9 @@ class BackupOptions:
     compress: bool = False
     speed_limit: int = 0
     progress: bool = True
+    quiesce: bool = False
+    quiesce_required: bool = False
+    agent_socket: Optional[str] = None
 
 
 @dataclass

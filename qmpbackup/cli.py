@@ -14,7 +14,8 @@ from libqmpbackup.chain import validate_uuid
 from libqmpbackup.cleanup import remove_bitmaps
 from libqmpbackup.cli import Command, add_logging_options, run
 from libqmpbackup.devices import discover
-from libqmpbackup.info import bitmaps_table, blockdev_table
+from libqmpbackup.errors import UsageError
+from libqmpbackup.info import agent_report, bitmaps_table, blockdev_table
 from libqmpbackup.plan import LEVELS, BackupOptions
 from libqmpbackup.qmp import QmpSession
 from libqmpbackup.units import parse_size
@@ -97,13 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="limit each disk's job to this rate (suffixes k, M, G allowed)")
     backup.add_argument("--no-progress", action="store_true",
                         help="no progress output while jobs run")
+    backup.add_argument("--quiesce", "--quisce", dest="quiesce", action="store_true",
+                        help="freeze the guest filesystems (guest agent, --agent-socket) "
+                             "while the backup starts; without an answering agent: warn "
+                             "and back up unquiesced")
+    backup.add_argument("--quiesce-required", action="store_true",
+                        help="like --quiesce, but fail when the guest cannot be frozen")
 
     info = commands.add_parser(
         "info", help="show the VM's disks or bitmaps",
         epilog="examples:\n  qmpbackup --socket /run/vm1.qmp info --show blockdev\n"
-               "  qmpbackup --socket /run/vm1.qmp info --show bitmaps\n",
+               "  qmpbackup --socket /run/vm1.qmp info --show bitmaps\n"
+               "  qmpbackup --socket /run/vm1.qmp --agent-socket /run/vm1.qga info --show agent\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    info.add_argument("--show", choices=("blockdev", "bitmaps"), default="blockdev")
+    info.add_argument("--show", choices=("blockdev", "bitmaps", "agent"), default="blockdev",
+                      help="disks, dirty bitmaps, or the guest agent (needs --agent-socket)")
 
     cleanup = commands.add_parser(
         "cleanup", help="remove qmpbackup's bitmaps from the VM",
@@ -123,7 +132,9 @@ async def backup_command(args: argparse.Namespace) -> int:
         uuid=validate_uuid(args.uuid) if args.uuid else None,
         monthly=args.monthly, include=args.include, exclude=args.exclude,
         include_raw=args.include_raw, compress=args.compress,
-        speed_limit=args.speed_limit, progress=not args.no_progress)
+        speed_limit=args.speed_limit, progress=not args.no_progress,
+        quiesce=args.quiesce or args.quiesce_required, quiesce_required=args.quiesce_required,
+        agent_socket=args.agent_socket)
     async with QmpSession(args.socket) as session:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
@@ -132,6 +143,11 @@ async def backup_command(args: argparse.Namespace) -> int:
 
 
 async def info_command(args: argparse.Namespace) -> int:
+    if args.show == "agent":
+        if not args.agent_socket:
+            raise UsageError("info --show agent needs --agent-socket")
+        print(await agent_report(args.agent_socket))
+        return 0
     async with QmpSession(args.socket) as session:
         disks = await discover(session)
     print(blockdev_table(disks) if args.show == "blockdev" else bitmaps_table(disks))
