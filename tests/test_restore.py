@@ -20,21 +20,28 @@ from typing import Iterator
 import pytest
 
 from qmpbackup.cli import main as qmpbackup_main
-from vm import MiB, Disk, TestVM, file_digest, identical
+from vm import MiB, Disk, TestVM, default_disks, file_digest, identical
 
 QCOW2 = ("virtio0", "data1")
 RAW = ("virtio1", "pflash0", "pflash1")
 DISKS = QCOW2 + RAW
 
 
+WRITES = {   # guest writes before each backup run: (disk, pattern, offset, length)
+    0: [("virtio0", 0x11, 0, 4 * MiB), ("data1", 0x12, 0, 1 * MiB),
+        ("virtio1", 0x13, 0, 1 * MiB), ("pflash1", 0x14, 0, 4096)],
+    1: [("virtio0", 0x21, 2 * MiB, 128 * 1024), ("virtio0", 0x00, 3 * MiB, 64 * 1024),
+        ("data1", 0x22, 64 * 1024, 8192), ("virtio1", 0x23, 2 * MiB, 64 * 1024),
+        ("pflash1", 0x24, 8192, 4096)],
+    2: [("virtio0", 0x31, 4 * MiB, 8 * MiB), ("data1", 0x32, 2 * MiB, 2 * MiB)],
+    3: [("virtio0", 0x41, 6 * MiB, 64 * 1024), ("data1", 0x42, 0, 64 * 1024),
+        ("virtio1", 0x43, 3 * MiB, 1 * MiB)],
+}
+
+
 def vm_disks() -> list[Disk]:
-    return [
-        Disk("virtio0", "virtio", "qcow2", 16 * MiB),
-        Disk("data1", "blockdev", "qcow2", 8 * MiB),
-        Disk("virtio1", "virtio", "raw", 4 * MiB),
-        Disk("pflash0", "pflash", "raw", unit=0),
-        Disk("pflash1", "pflash", "raw", 256 * 1024, unit=1),
-    ]
+    """The default zoo without the ide disk: two qcow2 disks, a raw disk, two pflash."""
+    return [d for d in default_disks() if d.name != "ide0-hd0"]
 
 
 @dataclass
@@ -109,7 +116,7 @@ def rate_limited_backup_with_writes_during_the_job(vm: TestVM, target: Path) -> 
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.01)
     vm.write("virtio0", 0x3A, 1 * MiB, 64 * 1024)      # inside the region being copied
-    vm.write("virtio0", 0x3B, 15 * MiB, 64 * 1024)
+    vm.write("virtio0", 0x3B, 30 * MiB, 64 * 1024)
     vm.write("data1", 0x3C, 7 * MiB, 64 * 1024)
     vm.write("pflash1", 0x3D, 0, 4096)
     assert vm.cmd("query-jobs"), "the writes must land while the job runs"
@@ -128,40 +135,27 @@ def chains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chains]:
             for disk in DISKS:
                 built.refs[(disk, point)] = vm.reference(disk, refs_dir / f"{disk}-{point}.raw")
 
-        # point 0: full everywhere
-        vm.write("virtio0", 0x11, 0, 4 * MiB)
-        vm.write("data1", 0x12, 0, 1 * MiB)
-        vm.write("virtio1", 0x13, 0, 1 * MiB)
-        vm.write("pflash1", 0x14, 0, 4096)
-        reference(0)
-        run_backup(vm, built.main, "full", "--include-raw")
-        run_backup(vm, built.compressed, "full", "--compress", "--include", "virtio0")
-        run_backup(vm, built.monthly, "auto", "--monthly", "--include", "virtio0")
-        run_backup(vm, built.multi, "auto", "--include", "virtio0")
-        # point 1
-        vm.write("virtio0", 0x21, 2 * MiB, 128 * 1024)
-        vm.write("virtio0", 0x00, 3 * MiB, 64 * 1024)     # zeroes over data
-        vm.write("data1", 0x22, 64 * 1024, 8192)
-        vm.write("virtio1", 0x23, 2 * MiB, 64 * 1024)
-        vm.write("pflash1", 0x24, 8192, 4096)
-        reference(1)
-        run_backup(vm, built.main, "inc", "--include-raw")
-        run_backup(vm, built.compressed, "inc", "--compress", "--include", "virtio0")
-        run_backup(vm, built.monthly, "auto", "--monthly", "--include", "virtio0")
-        run_backup(vm, built.multi, "auto", "--include", "virtio0")
+        def write(point: int) -> None:
+            for disk, pattern, offset, length in WRITES[point]:
+                vm.write(disk, pattern, offset, length)
+
+        for point in (0, 1):
+            write(point)
+            reference(point)
+            level = "full" if point == 0 else "inc"
+            run_backup(vm, built.main, level, "--include-raw")
+            run_backup(vm, built.compressed, level, "--compress", "--include", "virtio0")
+            run_backup(vm, built.monthly, "auto", "--monthly", "--include", "virtio0")
+            run_backup(vm, built.multi, "auto", "--include", "virtio0")
         # the multi folder's chain loses its bitmap: auto starts a second chain there
         vm.cmd("block-dirty-bitmap-remove", node=node_of(vm, "virtio0"),
                name=metadata(built.multi)["chains"][0]["bitmap"])
-        # point 2: taken by a rate-limited job with guest writes while it runs
-        vm.write("virtio0", 0x31, 4 * MiB, 8 * MiB)
-        vm.write("data1", 0x32, 2 * MiB, 2 * MiB)
+        # point 2 is taken by a rate-limited job while the guest writes
+        write(2)
         reference(2)
         run_backup(vm, built.multi, "auto", "--include", "virtio0")
         rate_limited_backup_with_writes_during_the_job(vm, built.main)
-        # point 3
-        vm.write("virtio0", 0x41, 6 * MiB, 64 * 1024)
-        vm.write("data1", 0x42, 0, 64 * 1024)
-        vm.write("virtio1", 0x43, 3 * MiB, 1 * MiB)
+        write(3)
         reference(3)
         run_backup(vm, built.main, "inc", "--include-raw")
         run_backup(vm, built.multi, "auto", "--include", "virtio0")
@@ -193,7 +187,7 @@ def test_merge_restores_every_point_of_every_disk(cli, chains: Chains, tmp_path:
     newest = tmp_path / "newest.raw"
     cli("qmprestore", "merge", "--dir", chains.main / "virtio0", "--format", "raw",
         "--targetfile", newest, "--rate-limit", "64M").ok()
-    assert newest.stat().st_size == 16 * MiB and identical(newest, chains.ref("virtio0", 3))
+    assert newest.stat().st_size == 32 * MiB and identical(newest, chains.ref("virtio0", 3))
     assert digests(chains.main) == before, "merge changed the backup folder"
     assert not list(tmp_path.glob("*.partial"))
 
@@ -380,7 +374,7 @@ def test_list_shows_every_point(cli, chains: Chains) -> None:
             assert uuid in row and disk in row and prefix(name) in row
             assert str((chains.main / disk / name).stat().st_size) in row
     inc = next(line for line in out.splitlines() if f"{files(chains.main, 'virtio0')[1]}" in line)
-    assert " inc " in inc and str(16 * MiB) in inc
+    assert " inc " in inc and str(32 * MiB) in inc
     one = cli("qmprestore", "list", "--dir", chains.main / "data1").ok().out
     assert "data1" in one and "virtio0" not in one
 
