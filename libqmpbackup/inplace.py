@@ -1,0 +1,200 @@
+"""rebase, commit and snapshotrebase: restores that change the backup folder itself.
+
+How each stays safe when interrupted (and what re-running does):
+
+* rebase only rewrites backing-file names that differ from the metadata
+  (``qemu-img rebase -u``, a header update, no guest data) and then replaces
+  the ``image`` symlink atomically.  Every step is idempotent: run it again.
+* commit and snapshotrebase first write a journal (:mod:`journal`).  The
+  incrementals are copied into the FULL with ``qemu-img commit -d``, which
+  leaves them intact, so an interrupted copy is redone from the same data;
+  snapshotrebase goes one incremental at a time and records each finished
+  one.  Then the FULL is renamed to ``FULL-<point time>-…``, the metadata
+  rewritten, the applied incrementals deleted (their data is in the FULL
+  now, and older points read through the changed FULL would be wrong), the
+  next incremental re-based onto the FULL, and the journal removed.  While
+  the journal exists every command refuses the folder, except the same
+  operation, which finishes the work.  So the folder never offers a point
+  whose content silently differs from its backup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from . import fsops, qemuimg
+from .backupdir import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
+from .chain import ChainStore
+from .errors import ChainError, QmpBackupError, UsageError
+from .journal import Journal, unfinished_error
+from .restore import (BASE_SNAPSHOT, IMAGE_LINK, RestoreOptions, RestorePoint, consolidated_name,
+                      label, matches, needs_rebase)
+
+log = logging.getLogger(__name__)
+
+
+def _disk_point(backup: BackupDir, command: str, opts: RestoreOptions) -> RestorePoint:
+    backup.require_disk_folder(command)
+    point = backup.points(opts.until, opts.uuid)[0]
+    verify(point, backup.store, skip_check=opts.skip_check)
+    return point
+
+
+def _back_by_metadata(point: RestorePoint, dry_run: bool) -> None:
+    """Give each file up to the point its predecessor in the metadata, by relative name.
+
+    After the pre-check this only rewrites equivalent names (absolute, ``./``);
+    with --skip-check it also repairs wrong ones, so what is restored follows
+    the metadata, never a header that disagrees with it.
+    """
+    segment = point.segment()
+    for previous, record in zip(segment, segment[1:]):
+        path = point.folder / record.file
+        if needs_rebase(qemuimg.info(path, fmt="qcow2"), previous.file):
+            qemuimg.rebase_unsafe(path, previous.file, dry_run=dry_run)
+        else:
+            log.debug("%s is already backed by %s", record.file, previous.file)
+
+
+def rebase(opts: RestoreOptions) -> Path:
+    """Make the point's file a usable image through relative backing files; link ``image`` to it."""
+    qemuimg.binary()
+    backup = open_backup_dir(opts.dir)
+    point = _disk_point(backup, "rebase", opts)
+    _back_by_metadata(point, opts.dry_run)
+    fsops.link(point.folder / IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
+    log.info("%s: %s/%s -> %s (%s)", point.disk_id, point.folder, IMAGE_LINK,
+             point.record.file, "dry run" if opts.dry_run else "ready to use")
+    return point.path
+
+
+def commit(opts: RestoreOptions) -> Path:
+    """Copy the incrementals up to the point into the FULL, which then holds that point."""
+    return _consolidate(opts, "commit", snapshots=False)
+
+
+def snapshotrebase(opts: RestoreOptions) -> Path:
+    """Like commit, keeping every point as an internal snapshot of the FULL."""
+    return _consolidate(opts, "snapshotrebase", snapshots=True)
+
+
+def _ensure_snapshot(image: Path, tag: str, dry_run: bool) -> None:
+    """Create snapshot TAG unless it exists: qemu-img would add a duplicate on a re-run."""
+    if tag in qemuimg.snapshot_names(image):
+        log.debug("%s already has snapshot %s", image.name, tag)
+        return
+    qemuimg.snapshot_create(image, tag, dry_run=dry_run)
+
+
+def _consolidate(opts: RestoreOptions, operation: str, *, snapshots: bool) -> Path:
+    qemuimg.binary()
+    backup = open_backup_dir(opts.dir)
+    backup.require_disk_folder(operation)
+    folder = backup.folder
+    journal = Journal.load(folder)
+    if journal is not None:
+        if journal.operation != operation:
+            raise unfinished_error(folder, journal)
+        if opts.until and not matches(journal.point, opts.until):
+            raise UsageError(f"--until {opts.until}: the interrupted {operation} in {folder} "
+                             f"restores {journal.point}; re-run it without --until")
+        refuse_partial(folder, folder_entries(folder))
+        log.warning("%s: finishing the interrupted %s up to %s", folder, operation, journal.point)
+    else:
+        point = _disk_point(backup, operation, opts)
+        segment = point.segment()
+        base = folder / segment[0].file
+        if len(segment) == 1:
+            if snapshots:
+                _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
+            log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
+            fsops.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
+            return base
+        journal = Journal(operation=operation, chain=point.chain_id, disk=point.disk_id,
+                          base=segment[0].file, result=consolidated_name(segment[0], point.record),
+                          point=point.record.file, point_time=point.record.time,
+                          steps=[r.file for r in segment[1:]], snapshots=snapshots)
+        if (folder / journal.result).exists():
+            raise ChainError(f"{folder / journal.result} already exists: cannot rename "
+                             f"{journal.base} to it")
+        _back_by_metadata(point, opts.dry_run)
+        if not opts.dry_run:
+            journal.save(folder)
+    try:
+        _apply(journal, folder, opts)
+        _finish(journal, backup, opts.dry_run)
+    except QmpBackupError:
+        if not opts.dry_run:
+            log.warning("%s stopped before it finished; %s keeps the progress: fix the cause, "
+                        "then run `%s` (see docs/restore.md)", operation, folder,
+                        journal.rerun_command(folder))
+        raise
+    log.info("%s: %s %s %s", journal.disk, folder / journal.result,
+             "would hold" if opts.dry_run else "now holds", label(journal.point))
+    return folder / journal.result
+
+
+def _apply(journal: Journal, folder: Path, opts: RestoreOptions) -> None:
+    """Copy the incrementals into the FULL; safe to repeat from the last recorded step."""
+    base = folder / journal.base
+    if journal.applied:
+        return
+    if not journal.snapshots:
+        qemuimg.commit(folder / journal.steps[-1], base=base, rate_limit=opts.rate_limit,
+                       dry_run=opts.dry_run)
+        _advance(journal, folder, len(journal.steps), opts.dry_run)
+        return
+    _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
+    for index in range(journal.done, len(journal.steps)):
+        step = folder / journal.steps[index]
+        if index > 0:
+            # the FULL holds the previous point now, exactly what the
+            # previous INC reads as: back this one onto the FULL directly so
+            # each commit copies one incremental, not all of them again.
+            qemuimg.rebase_unsafe(step, journal.base, dry_run=opts.dry_run)
+        qemuimg.commit(step, rate_limit=opts.rate_limit, dry_run=opts.dry_run)
+        _ensure_snapshot(base, label(step.name), opts.dry_run)
+        _advance(journal, folder, index + 1, opts.dry_run)
+
+
+def _advance(journal: Journal, folder: Path, done: int, dry_run: bool) -> None:
+    journal.done = done
+    if not dry_run:
+        journal.save(folder)
+
+
+def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
+    """Turn the folder into a consistent chain again: FULL at the point, later INCs on top."""
+    folder = backup.folder
+    store = ChainStore.load(backup.root)
+    chain = store.find(journal.chain)
+    if chain is None or journal.disk not in chain.disks:
+        raise ChainError(f"chain {journal.chain} of disk {journal.disk} vanished from "
+                         f"{store.path}: cannot finish the {journal.operation}")
+    records = chain.disks[journal.disk].backups
+    files = [r.file for r in records]
+    anchor = journal.point if journal.point in files else journal.result
+    following = files.index(anchor) + 1 if anchor in files else len(files)
+    if following < len(records) and records[following].level == "inc":
+        later = folder / records[following].file
+        if needs_rebase(qemuimg.info(later, fmt="qcow2"), journal.result):
+            qemuimg.rebase_unsafe(later, journal.result, dry_run=dry_run)
+    if (folder / journal.base).exists():
+        fsops.rename(folder / journal.base, folder / journal.result, dry_run=dry_run)
+    if journal.base in files:
+        chain.disks[journal.disk].backups = [
+            dataclasses.replace(r, file=journal.result, time=journal.point_time)
+            if r.file == journal.base else r
+            for r in records if r.file not in journal.steps]
+        fsops.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
+                   f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
+        if not dry_run:
+            store.save()
+    for step in journal.steps:
+        fsops.remove(folder / step, dry_run=dry_run)
+    fsops.link(folder / IMAGE_LINK, journal.result, dry_run=dry_run)
+    if not dry_run:
+        Journal.remove(folder)
+

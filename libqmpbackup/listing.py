@@ -1,0 +1,72 @@
+"""The ``list`` table: which points exist, before choosing one to restore.
+
+Listing reads only metadata and file sizes, so it works without qemu-img
+and on a damaged folder; files the metadata names but the folder lacks are
+shown as missing, and leftovers (``.partial``, an unfinished in-place
+restore) are reported as warnings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+from .backupdir import BackupDir, open_for_listing
+from .chain import safe_component
+from .journal import JOURNAL_NAME
+from .restore import label, partial_leftovers
+
+log = logging.getLogger(__name__)
+
+HEADERS = ("chain", "disk", "restore point", "time", "level", "file", "size", "virtual size")
+
+
+def _when(timestamp: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _size(path: Path) -> str:
+    try:
+        return str(path.stat().st_size)
+    except OSError:
+        return "missing"
+
+
+def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
+    rows: list[tuple[object, ...]] = []
+    for chain in backup.store.chains:
+        for disk_id, disk in chain.disks.items():
+            folder_name = safe_component(disk_id)
+            if backup.disk_folder is not None and folder_name != backup.disk_folder:
+                continue
+            for record in disk.backups:
+                path = backup.root / folder_name / record.file
+                rows.append((prefix + chain.uuid, disk_id, label(record.file), _when(record.time),
+                             record.level, record.file, _size(path), record.virtual_size))
+    return rows
+
+
+def _warn_leftovers(backup: BackupDir) -> None:
+    folders = [backup.folder] if backup.disk_folder else sorted(
+        p for p in backup.root.iterdir() if p.is_dir())
+    for folder in folders:
+        entries = os.listdir(folder)
+        for name in partial_leftovers(entries):
+            log.warning("%s: unfinished backup file %s", folder, name)
+        if JOURNAL_NAME in entries:
+            log.warning("%s: an in-place restore was interrupted (%s)", folder, JOURNAL_NAME)
+
+
+def list_table(path: Path) -> str:
+    """Every chain, disk and restore point below PATH (chain folder, disk folder or --monthly base)."""
+    given = Path(os.path.abspath(path))
+    rows = []
+    for backup in open_for_listing(path):
+        _warn_leftovers(backup)
+        # below a --monthly base, chains are told apart by their month folder
+        rows += _rows(backup, "" if backup.folder == given else f"{backup.root.name}/")
+    return tabulate(rows, headers=HEADERS)

@@ -1,0 +1,115 @@
+"""merge: write a restore point as a new standalone image, leaving the backup untouched.
+
+``qemu-img convert`` opens the backup files read-only and reads the point
+through its backing chain, so not a byte (nor a timestamp) of the backup
+folder changes.  The image is written under ``<target>.partial`` and renamed
+when complete: an existing file is never overwritten, and an interrupted
+merge leaves nothing that looks like a finished restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import fsops, qemuimg
+from .backupdir import open_backup_dir, verify
+from .chain import PARTIAL_SUFFIX, safe_component
+from .errors import TargetError, UsageError
+from .restore import RestoreOptions, RestorePoint
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("qcow2", "raw", "source")
+"""``source``: the format the disk had in the VM (raw for pflash and raw disks)."""
+
+
+@dataclass
+class MergeTarget:
+    file: Optional[Path] = None         # --targetfile: one disk folder into one image
+    directory: Optional[Path] = None    # --targetdir: one image per disk, named by disk id
+    fmt: str = "qcow2"
+
+
+def output_format(point: RestorePoint, fmt: str) -> str:
+    if fmt != "source":
+        return fmt
+    source = point.record.source_format
+    if source in ("qcow2", "raw"):
+        return source
+    log.warning("%s: source format %s cannot be written by merge; writing qcow2",
+                point.disk_id, source)
+    return "qcow2"
+
+
+def _targets(points: list[RestorePoint], target: MergeTarget) -> list[tuple[RestorePoint, Path, str]]:
+    plan = []
+    for point in points:
+        fmt = output_format(point, target.fmt)
+        if target.file is not None:
+            path = Path(os.path.abspath(target.file))
+        else:
+            assert target.directory is not None
+            path = Path(os.path.abspath(target.directory)) / f"{safe_component(point.disk_id)}.{fmt}"
+        if path.exists() or path.is_symlink():
+            raise TargetError(f"{path} already exists: merge never overwrites, "
+                              "remove it or choose another target")
+        plan.append((point, path, fmt))
+    return plan
+
+
+def _prepare_directory(target: MergeTarget, dry_run: bool) -> None:
+    if target.file is not None:
+        parent = Path(os.path.abspath(target.file)).parent
+        if not parent.is_dir():
+            raise TargetError(f"folder {parent} for --targetfile does not exist")
+        return
+    assert target.directory is not None
+    if target.directory.exists() and not target.directory.is_dir():
+        raise TargetError(f"--targetdir {target.directory} is not a directory")
+    if not dry_run:
+        try:
+            target.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise TargetError(f"cannot create {target.directory}: {err.strerror}") from err
+
+
+def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
+    """Restore the chosen point of one disk (--targetfile) or of every disk (--targetdir)."""
+    if (target.file is None) == (target.directory is None):
+        raise UsageError("merge needs exactly one of --targetfile and --targetdir")
+    qemuimg.binary()
+    backup = open_backup_dir(opts.dir)
+    if backup.disk_folder is None and target.file is not None:
+        raise UsageError(f"{backup.root} is a whole backup: restore it with --targetdir OUT "
+                         f"(one image per disk), or one disk with --dir {backup.root}/DISK "
+                         f"--targetfile FILE (disks: {backup.disk_names()})")
+    points = backup.points(opts.until, opts.uuid)
+    for point in points:
+        verify(point, backup.store, skip_check=opts.skip_check)
+    plan = _targets(points, target)
+    _prepare_directory(target, opts.dry_run)
+    for point, path, fmt in plan:
+        _convert(point, path, fmt, opts)
+    return [path for _, path, _ in plan]
+
+
+def _convert(point: RestorePoint, path: Path, fmt: str, opts: RestoreOptions) -> None:
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    if partial.exists() and not opts.dry_run:
+        log.warning("replacing %s left by an interrupted merge", partial)
+    log.info("%s: restoring %s (%s) into %s", point.disk_id, point.label,
+             point.record.file, path)
+    try:
+        qemuimg.convert(point.path, partial, out_format=fmt, rate_limit=opts.rate_limit,
+                        dry_run=opts.dry_run)
+        if not opts.dry_run:
+            os.chmod(partial, 0o600)
+        fsops.rename(partial, path, dry_run=opts.dry_run)
+    except BaseException:  # also Interrupted: no half image may stay behind
+        if not opts.dry_run:
+            partial.unlink(missing_ok=True)
+        raise

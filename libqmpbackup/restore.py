@@ -1,0 +1,287 @@
+"""Restore points, and the rules a chain must satisfy before it is restored.
+
+This module is pure: chain metadata, folder listings and ``qemu-img info``
+answers go in, restore points and plain-language problems come out.  Every
+decision about *whether* and *from which files* a point may be restored is
+made here, so it is unit-tested without QEMU; :mod:`backupdir` feeds it from
+the disk and the operations only execute what it decided.
+
+The metadata is the truth about order.  File names and each file's backing
+file are only cross-checks: a disagreement means someone or something
+changed the folder behind the tool's back, and restoring anyway could
+silently produce a different disk than the one that was backed up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Collection, Optional, Sequence
+
+from .chain import (LEVEL_PREFIX, PARTIAL_SUFFIX, BackupRecord, Chain, ChainStore, parse_backup_name,
+                    safe_component)
+from .errors import ChainError, UsageError
+
+IMAGE_LINK = "image"
+"""Symlink in a disk folder to the image of the last restored point."""
+
+BASE_SNAPSHOT = "FULL-BACKUP"
+"""Internal snapshot snapshotrebase takes of the FULL before applying anything."""
+
+CHAIN_LEVELS = ("full", "inc")
+_SHOWN_POINTS = 8
+
+
+@dataclass
+class RestoreOptions:
+    """What the user chose for a restore command (shared by every operation)."""
+
+    dir: Path
+    until: Optional[str] = None
+    uuid: Optional[str] = None
+    skip_check: bool = False
+    dry_run: bool = False
+    rate_limit: int = 0
+
+
+@dataclass(frozen=True)
+class RestorePoint:
+    """One disk at one point of one chain: the record chosen and the whole disk chain."""
+
+    root: Path                          # the folder holding qmpbackup.json
+    chain_id: str
+    disk_id: str
+    records: tuple[BackupRecord, ...]   # this disk's backups in this chain, metadata order
+    index: int                          # the chosen point
+
+    @property
+    def folder(self) -> Path:
+        return self.root / safe_component(self.disk_id)
+
+    @property
+    def record(self) -> BackupRecord:
+        return self.records[self.index]
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.record.file
+
+    @property
+    def label(self) -> str:
+        return label(self.record.file)
+
+    def segment(self) -> list[BackupRecord]:
+        return segment(self.records, self.index)
+
+
+def label(file_name: str) -> str:
+    """``FULL-<time>`` / ``INC-<time>``: how a point (and its snapshot) is named to users."""
+    parsed = parse_backup_name(file_name)
+    if parsed is None:
+        return file_name
+    return f"{LEVEL_PREFIX[parsed.level]}-{parsed.timestamp}"
+
+
+def matches(file_name: str, name: str) -> bool:
+    """--until accepts the file name, the name without extension, or the FULL-/INC-<time> label."""
+    return name in (file_name, os.path.splitext(file_name)[0], label(file_name))
+
+
+def find_point(records: Sequence[BackupRecord], name: str) -> Optional[int]:
+    return next((i for i, r in enumerate(records) if matches(r.file, name)), None)
+
+
+def segment(records: Sequence[BackupRecord], index: int) -> list[BackupRecord]:
+    """The files a point is read from: the last FULL at or before it, then the INCs up to it.
+
+    Disks without bitmaps (raw, pflash) get a FULL at every run, so their
+    segment is one file; qcow2 disks have one FULL and a run of INCs.
+    """
+    for start in range(index, -1, -1):
+        if records[start].level == "full":
+            return list(records[start:index + 1])
+    raise ChainError(f"{records[index].file} has no FULL backup before it")
+
+
+def _unknown_point(name: str, where: str, labels: Sequence[str]) -> UsageError:
+    shown = ", ".join(labels[-_SHOWN_POINTS:])
+    more = "… (see qmprestore list), " if len(labels) > _SHOWN_POINTS else ""
+    return UsageError(f"--until {name!r}: no such restore point {where} "
+                      f"(points: {more}{shown})")
+
+
+def disk_ids_in_folder(store: ChainStore, folder_name: str) -> list[str]:
+    """Disk ids whose backups live in DIR/FOLDER_NAME, oldest chain first."""
+    ids: list[str] = []
+    for chain in store.chains:
+        for disk_id in chain.disks:
+            if safe_component(disk_id) == folder_name and disk_id not in ids:
+                ids.append(disk_id)
+    return ids
+
+
+def _chains_with(store: ChainStore, disk_id: Optional[str], uuid: Optional[str]) -> list[Chain]:
+    chains = [c for c in store.chains
+              if disk_id is None or (disk_id in c.disks and c.disks[disk_id].backups)]
+    if uuid is not None:
+        chains = [c for c in chains if c.uuid == uuid]
+        if not chains:
+            known = ", ".join(c.uuid for c in store.chains) or "none"
+            raise UsageError(f"--uuid {uuid}: no such chain in {store.root} (chains: {known})")
+    if not chains:
+        what = f" with backups of disk {disk_id}" if disk_id else ""
+        raise ChainError(f"the chain metadata in {store.root} lists no chain{what}")
+    return chains
+
+
+def select_disk_point(store: ChainStore, disk_id: str, until: Optional[str],
+                      uuid: Optional[str]) -> RestorePoint:
+    """The point to restore for one disk folder.
+
+    Without --until: the newest backup of the newest chain (or of --uuid).
+    With --until: the named backup in whichever chain holds it, newest first,
+    because a folder may hold several chains of the same disk.
+    """
+    chains = _chains_with(store, disk_id, uuid)
+    for chain in reversed(chains):
+        records = tuple(chain.disks[disk_id].backups)
+        index = len(records) - 1 if until is None else find_point(records, until)
+        if index is not None:
+            return RestorePoint(store.root, chain.uuid, disk_id, records, index)
+    assert until is not None
+    raise _unknown_point(until, f"for disk {disk_id}",
+                         [label(r.file) for r in chains[-1].disks[disk_id].backups])
+
+
+def select_root_points(store: ChainStore, until: Optional[str],
+                       uuid: Optional[str]) -> list[RestorePoint]:
+    """One point per disk of a chain, for restoring a whole VM.
+
+    --until names one backup run (its FULL-/INC-<time> label; a raw disk's
+    FULL and a qcow2 disk's INC of the same run share the time), so every
+    disk is restored to that same moment.  A disk without a backup in that
+    run is refused rather than silently taken from another moment.
+    Without --until each disk gets its newest backup.
+    """
+    chains = _chains_with(store, None, uuid)
+    if until is None:
+        chain = chains[-1]
+        return [RestorePoint(store.root, chain.uuid, disk_id, tuple(d.backups), len(d.backups) - 1)
+                for disk_id, d in chain.disks.items() if d.backups]
+    for chain in reversed(chains):
+        hits = [r for d in chain.disks.values() for r in d.backups if matches(r.file, until)]
+        if not hits:
+            continue
+        when = hits[0].time
+        points = []
+        for disk_id, disk in chain.disks.items():
+            index = next((i for i, r in enumerate(disk.backups) if r.time == when), None)
+            if index is None:
+                raise ChainError(f"disk {disk_id} of chain {chain.uuid} has no backup from the "
+                                 f"run of {label(hits[0].file)}: restore the other disks one by "
+                                 "one with --dir ROOT/<disk id>")
+            points.append(RestorePoint(store.root, chain.uuid, disk_id, tuple(disk.backups), index))
+        return points
+    runs = sorted({(r.time, label(r.file)) for c in chains for d in c.disks.values()
+                   for r in d.backups})
+    raise _unknown_point(until, f"in {store.root}", [name for _, name in runs])
+
+
+# -- consistency rules ------------------------------------------------------------------------
+
+def record_problems(records: Sequence[BackupRecord]) -> list[str]:
+    """Metadata against file names: each record named for its level and time, in time order."""
+    if not records:
+        return ["the chain metadata lists no backup of this disk"]
+    problems = []
+    previous: Optional[BackupRecord] = None
+    for record in records:
+        parsed = parse_backup_name(record.file)
+        if parsed is None or os.path.basename(record.file) != record.file:
+            problems.append(f"{record.file!r} in the metadata is not a backup file name")
+        elif record.level not in CHAIN_LEVELS:
+            problems.append(f"{record.file} has level {record.level!r}, which has no place in a chain")
+        elif parsed.level != record.level or parsed.timestamp != record.time:
+            problems.append(f"{record.file} does not match its metadata "
+                            f"(level {record.level}, time {record.time})")
+        if previous is not None and record.time <= previous.time:
+            problems.append(f"{record.file} is not newer than {previous.file} before it")
+        previous = record
+    if records[0].level != "full":
+        problems.append(f"{records[0].file} has no FULL backup before it")
+    return problems
+
+
+def partial_leftovers(entries: Collection[str]) -> list[str]:
+    return sorted(name for name in entries if name.endswith(PARTIAL_SUFFIX))
+
+
+def folder_problems(entries: Collection[str], chain_files: Sequence[str],
+                    known_files: Collection[str]) -> list[str]:
+    """Files the chain needs but the folder lacks, and backup files no metadata knows.
+
+    KNOWN_FILES are the files of every chain of the folder (several chains
+    may share a disk folder).  COPY files are standalone by design, and
+    anything not named like a backup (the ``image`` link, notes) is the
+    admin's business.
+    """
+    present = set(entries)
+    problems = [f"{name} is missing (listed in the chain metadata)"
+                for name in chain_files if name not in present]
+    for name in sorted(present - set(known_files)):
+        parsed = parse_backup_name(name)
+        if parsed and parsed.level in CHAIN_LEVELS and not name.endswith(PARTIAL_SUFFIX):
+            problems.append(f"{name} is not in the chain metadata")
+    return problems
+
+
+def backs_onto(folder: Path, backing: str, expected: str) -> bool:
+    """Does backing name BACKING (relative names start at FOLDER) reach file EXPECTED?"""
+    def resolved(name: str) -> str:
+        return os.path.normpath(os.path.join(folder, name))
+    return resolved(backing) == resolved(expected)
+
+
+def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info: dict[str, Any],
+                   folder: Path) -> list[str]:
+    """One file's qemu-img info against what the metadata says it must be."""
+    problems = []
+    name = record.file
+    if info.get("format") != "qcow2":
+        problems.append(f"{name} is {info.get('format')}, not qcow2")
+    size = info.get("virtual-size")
+    if record.virtual_size and size != record.virtual_size:
+        problems.append(f"{name} has virtual size {size}, the metadata says {record.virtual_size}")
+    if info.get("format-specific", {}).get("data", {}).get("corrupt"):
+        problems.append(f"{name} is marked corrupt")
+    backing = info.get("backing-filename")
+    if record.level == "full":
+        if backing:
+            problems.append(f"{name} is a FULL backup but has backing file {backing}")
+    elif previous is not None:
+        if not backing:
+            problems.append(f"{name} has no backing file (expected {previous.file})")
+        elif not backs_onto(folder, backing, previous.file):
+            problems.append(f"{name} is backed by {backing}, expected {previous.file}")
+        elif info.get("backing-filename-format", "qcow2") != "qcow2":
+            problems.append(f"{name} declares its backing file as "
+                            f"{info.get('backing-filename-format')}, not qcow2")
+    return problems
+
+
+def needs_rebase(info: dict[str, Any], expected: str) -> bool:
+    """True unless the header already names EXPECTED, relatively, as qcow2."""
+    return (info.get("backing-filename") != expected
+            or info.get("backing-filename-format") != "qcow2")
+
+
+def consolidated_name(base: BackupRecord, point: BackupRecord) -> str:
+    """The FULL's name once it holds POINT: FULL-<point time>-<image>.
+
+    commit renames the FULL so its name, the metadata and ``list`` keep
+    telling the truth about which moment the file holds.
+    """
+    parsed = parse_backup_name(base.file)
+    image = parsed.image if parsed else base.file
+    return f"{LEVEL_PREFIX['full']}-{point.time}-{image}"

@@ -1,0 +1,1 @@
+"""qmprestore: restore points of qmpbackup chains as usable disk images."""

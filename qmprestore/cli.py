@@ -1,0 +1,178 @@
+"""Command line of ``qmprestore``: argparse and dispatch into libqmpbackup."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from libqmpbackup import __version__
+from libqmpbackup.chain import validate_uuid
+from libqmpbackup.cli import Command, add_logging_options, run
+from libqmpbackup.inplace import commit, rebase, snapshotrebase
+from libqmpbackup.listing import list_table
+from libqmpbackup.merge import FORMATS, MergeTarget, merge
+from libqmpbackup.restore import RestoreOptions
+from libqmpbackup.units import parse_size
+
+EXAMPLES = """\
+examples:
+  qmprestore list --dir /backup/vm1
+  qmprestore merge --dir /backup/vm1/virtio0 --targetfile /restore/vm1-disk.qcow2
+  qmprestore merge --dir /backup/vm1 --targetdir /restore/vm1 --until INC-1717430400
+  qmprestore rebase --dir /backup/vm1/virtio0 --until INC-1717430400
+  qmprestore commit --dir /copy-of-backup/vm1/virtio0 --dry-run
+
+Points are named like the backup files: FULL-<time>-<image>.qcow2, or just FULL-<time> /
+INC-<time>.  rebase, commit and snapshotrebase change the folder: see docs/restore.md.
+"""
+
+COMMAND_EXAMPLES = {
+    "list": """\
+examples:
+  qmprestore list --dir /backup/vm1            # a chain folder
+  qmprestore list --dir /backup/vm1/virtio0    # one disk
+  qmprestore list --dir /backup/vm1-monthly    # every YYYY-MM chain folder
+""",
+    "merge": """\
+examples:
+  # newest point of one disk into a new qcow2 image (the backup is not changed)
+  qmprestore merge --dir /backup/vm1/virtio0 --targetfile /restore/virtio0.qcow2
+  # one point, as raw, at most 100 MiB/s
+  qmprestore merge --dir /backup/vm1/virtio0 --until INC-1717430400 --format raw \\
+      --rate-limit 100M --targetfile /restore/virtio0.raw
+  # every disk of the chain at one backup run, one image per disk id
+  qmprestore merge --dir /backup/vm1 --until INC-1717430400 --format source --targetdir /restore/vm1
+""",
+    "rebase": """\
+examples:
+  # in place: DIR/virtio0/image becomes a symlink to the point's file, a usable image
+  qmprestore rebase --dir /backup/vm1/virtio0
+  qmprestore rebase --dir /backup/vm1/virtio0 --until INC-1717430400
+""",
+    "commit": """\
+examples:
+  # in place: the FULL (renamed FULL-<point time>-...) holds the point, applied INCs are removed
+  qmprestore commit --dir /copy/vm1/virtio0 --until INC-1717430400
+  qmprestore commit --dir /copy/vm1/virtio0 --dry-run      # show the qemu-img steps
+  # after an interruption: run the same command again to finish
+""",
+    "snapshotrebase": """\
+examples:
+  # in place, like commit, but every point stays as an internal snapshot of the FULL
+  qmprestore snapshotrebase --dir /copy/vm1/virtio0
+  qemu-img snapshot -l /copy/vm1/virtio0/image
+  qemu-img convert -l snapshot.name=INC-1717430400 -O qcow2 /copy/vm1/virtio0/image old.qcow2
+""",
+}
+
+HELP = {
+    "list": "show chains, disks and restore points",
+    "merge": "write a restore point as a new image; the backup stays untouched",
+    "rebase": "in place: link DIR/image to the point's file, a usable backing chain",
+    "commit": "in place: commit the incrementals up to the point into the FULL",
+    "snapshotrebase": "in place: like commit, with an internal snapshot per point",
+}
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _add_command(commands: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=HELP[name], epilog=COMMAND_EXAMPLES[name],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
+                        help="the backup folder (holds qmpbackup.json) or one disk folder in it")
+    if name == "list":
+        return parser
+    parser.add_argument("--until", metavar="NAME",
+                        help="restore this point instead of the newest: a backup file name, "
+                             "with or without extension, or its FULL-<time> / INC-<time> prefix")
+    parser.add_argument("--uuid", metavar="ID",
+                        help="the chain to use when the folder holds several (default: newest)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the chain, print the qemu-img steps, change nothing")
+    parser.add_argument("--skip-check", action="store_true",
+                        help="do not compare files with the metadata nor run qemu-img check "
+                             "(leftover .partial files are refused anyway)")
+    if name in ("merge", "commit", "snapshotrebase"):
+        parser.add_argument("--rate-limit", type=_rate, default=0, metavar="BYTES_PER_SECOND",
+                            help="limit qemu-img's I/O rate (suffixes k, M, G allowed)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qmprestore", description="Restore points of qmpbackup chains as usable disk images.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_logging_options(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in ("list", "rebase", "commit", "merge", "snapshotrebase"):
+        sub = _add_command(commands, name)
+        if name == "merge":
+            target = sub.add_mutually_exclusive_group(required=True)
+            target.add_argument("--targetfile", type=Path, metavar="FILE",
+                                help="the new image (with --dir naming one disk folder)")
+            target.add_argument("--targetdir", type=Path, metavar="OUT",
+                                help="one new image per disk of the chain: OUT/<disk id>.<format>")
+            sub.add_argument("--format", dest="fmt", choices=FORMATS, default="qcow2",
+                             help="image format to write; source: the disk's format in the VM "
+                                  "(default: %(default)s)")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> RestoreOptions:
+    return RestoreOptions(dir=args.dir, until=args.until,
+                          uuid=validate_uuid(args.uuid) if args.uuid else None,
+                          skip_check=args.skip_check, dry_run=args.dry_run,
+                          rate_limit=getattr(args, "rate_limit", 0))
+
+
+def list_command(args: argparse.Namespace) -> int:
+    print(list_table(args.dir))
+    return 0
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    merge(_options(args), MergeTarget(file=args.targetfile, directory=args.targetdir,
+                                      fmt=args.fmt))
+    return 0
+
+
+def rebase_command(args: argparse.Namespace) -> int:
+    rebase(_options(args))
+    return 0
+
+
+def commit_command(args: argparse.Namespace) -> int:
+    commit(_options(args))
+    return 0
+
+
+def snapshotrebase_command(args: argparse.Namespace) -> int:
+    snapshotrebase(_options(args))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "list": list_command,
+    "merge": merge_command,
+    "rebase": rebase_command,
+    "commit": commit_command,
+    "snapshotrebase": snapshotrebase_command,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; callable in-process as ``main([...])`` and returning the exit code."""
+    return run(build_parser(), lambda args: COMMANDS[args.command], argv, "qmprestore")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
