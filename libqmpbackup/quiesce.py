@@ -81,15 +81,25 @@ class Quiescer:
                           "(left frozen; whoever froze them must thaw them)")
             return self
         # From here on the guest may be frozen whatever happens next, so the
-        # agent is kept for the thaw: __aexit__ does it, or the handler
+        # agent is kept for the thaw: __aexit__ does it, or the handlers
         # below when __aenter__ itself fails (then __aexit__ never runs).
         self._agent = agent
         try:
             count = await agent.fsfreeze_freeze(timeout=FREEZE_TIMEOUT)
         except AgentError as err:
             # The guest may freeze anyway (a slow freeze that timed out).
+            reason = str(err)
+        except BaseException:
+            # Cancelled (SIGINT/SIGTERM) while the freeze was in flight.
+            await self._thaw()
+            raise
+        else:
+            # The agent freezes only filesystems it can (not tmpfs, not raw
+            # block devices): nothing frozen means nothing was made consistent.
+            reason = "" if count else "the guest agent found no filesystem to freeze"
+        if reason:
             try:
-                self._give_up(str(err))
+                self._give_up(reason)
             except AgentError:
                 await self._thaw()
                 raise
