@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
+from . import agent as agent_module
 from .agent import GuestAgent
 from .devices import BlockDevice
 
@@ -26,7 +27,7 @@ def bitmaps_table(disks: list[BlockDevice]) -> str:
 
 async def agent_report(agent_socket: str) -> str:
     """Whether the guest agent answers (raises if not), its freeze state and the filesystems it would freeze."""
-    async with GuestAgent(agent_socket) as agent:
+    async with GuestAgent(agent_socket, timeout=agent_module.DEFAULT_TIMEOUT) as agent:
         await agent.ping()
         status = await agent.fsfreeze_status()
         filesystems = await agent.get_fsinfo()

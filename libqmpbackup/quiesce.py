@@ -14,6 +14,7 @@ import logging
 from types import TracebackType
 from typing import Optional
 
+from . import agent as agent_module
 from .agent import GuestAgent
 from .errors import AgentError, ConnectError, QmpBackupError, UsageError
 
@@ -41,11 +42,12 @@ class Quiescer:
     """
 
     def __init__(self, agent_socket: Optional[str], *, required: bool = False,
-                 timeout: float = 5.0) -> None:
+                 timeout: Optional[float] = None) -> None:
         check_quiesce_options(agent_socket, required)
         self.agent_socket = agent_socket
         self.required = required
-        self.timeout = timeout
+        # Read at run time, not bound as a default, so tests can shorten it.
+        self.timeout = agent_module.DEFAULT_TIMEOUT if timeout is None else timeout
         self.frozen = False
         self.thaw_error: Optional[str] = None
         self._agent: Optional[GuestAgent] = None
