@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import bitmaps, qemuimg
-from .chain import (BackupRecord, ChainStore, fsync_dir, is_empty_dir, partial_files,
-                    prepare_root)
+from .chain import (BackupRecord, ChainStore, fsync_dir, is_empty_dir, latest_backup_time,
+                    partial_files, prepare_root)
 from .devices import discover
 from .errors import AgentError, TargetError
 from .jobs import BackupJob, add_target_node, cancel_jobs, new_run_tag, remove_node, run_transaction
@@ -49,7 +49,7 @@ class BackupResult:
 
 
 def _timestamp_after(last: int) -> int:
-    """A unix time later than every backup of the chain, so file names stay ordered."""
+    """A unix time later than every backup in the folder, so names stay unique and ordered."""
     now = int(time.time())
     if now <= last:
         time.sleep(last + 1 - time.time())
@@ -67,8 +67,8 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
             f"unfinished backup file {leftovers[0]} in {root}: another run is active or one "
             "was killed; remove the .partial files once no backup is running")
     store = ChainStore.load(root)
-    last = store.current.last_time() if store.current else 0
-    plan = plan_backup(disks, store, opts, _timestamp_after(last), is_empty_dir(root))
+    timestamp = _timestamp_after(latest_backup_time(root))
+    plan = plan_backup(disks, store, opts, timestamp, is_empty_dir(root))
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
     if plan.retire_bitmap:
         for disk in disks:

@@ -33,7 +33,7 @@ async def remove(session: QmpSession, disk: BlockDevice, name: str) -> bool:
     except QmpCommandError as err:
         log.warning("could not remove bitmap %s from %s: %s", name, disk.disk_id, err.desc)
         return False
-    log.info("removed bitmap %s from %s", name, disk.disk_id)
+    log.debug("removed bitmap %s from %s", name, disk.disk_id)
     return True
 
 

@@ -113,10 +113,6 @@ class Chain:
     def disk(self, disk_id: str) -> DiskChain:
         return self.disks.setdefault(disk_id, DiskChain())
 
-    def last_time(self) -> int:
-        times = [b.time for d in self.disks.values() for b in d.backups]
-        return max(times, default=0)
-
     def has_full(self, disk_id: str) -> bool:
         chain = self.disks.get(disk_id)
         return bool(chain and any(b.level == "full" for b in chain.backups))
@@ -216,6 +212,13 @@ def is_empty_dir(root: Path) -> bool:
         return True
     except OSError as err:
         raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+
+
+def latest_backup_time(root: Path) -> int:
+    """The newest time in any backup file name below ROOT (chains and copies alike)."""
+    times = [parsed.timestamp for path in root.glob("*/*")
+             if (parsed := parse_backup_name(path.name.removesuffix(PARTIAL_SUFFIX)))]
+    return max(times, default=0)
 
 
 def partial_files(root: Path) -> list[Path]:

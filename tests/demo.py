@@ -67,6 +67,8 @@ def main() -> int:
         print("\n# what the guest disks hold now (VM paused while copying):")
         references = {d.name: vm.reference(d.name, work / f"{d.name}-now.raw") for d in disks}
         show(["find", str(backup_dir), "-type", "f"])
+        print("\n# the chain is done with: remove its bitmap from the VM")
+        show([qmpbackup, *socket, "cleanup", "--remove-bitmaps"])
 
     if importlib.util.find_spec("qmprestore") is not None:
         show([qmprestore, "list", "--dir", str(backup_dir)])

@@ -126,6 +126,8 @@ def test_copy_needs_no_bitmap_and_covers_raw_disks(cli, vm: TestVM, tmp_path: Pa
         assert identical(copies[0], vm.reference(disk, refs / f"{disk}.raw")), disk
     assert not (target / "qmpbackup.json").exists()
     assert all(not bl for bl in vm.bitmaps().values()), "copy adds no bitmap"
+    backup(cli, vm, target, "copy", "--include", "virtio0").ok()
+    assert len(backups(target, "virtio0", "COPY")) == 2, "a second copy never overwrites the first"
 
 
 def test_include_raw_copies_raw_disks_in_full_at_every_level(cli, vm: TestVM, tmp_path: Path) -> None:
