@@ -378,8 +378,9 @@ def test_transaction_refused_after_freeze_thaws_and_keeps_chain(guest: Guest, cl
         assert vm.exec("echo alive > /mnt/after-refused-backup", timeout=5).exitcode == 0
     assert len(recorded(target)) == 1
     assert not [p for p in files_in(target) if p.name.endswith(".partial")]
-    # Nothing of the chain was spent: the next incremental works.
-    backup(cli, vm, "inc", target, "--quiesce").ok()
+    # Nothing of the chain was spent: the next incremental works (and the
+    # old spelling --quisce still means --quiesce).
+    backup(cli, vm, "inc", target, "--quisce").ok()
     assert [r["quiesced"] for r in recorded(target)] == [False, True]
 
 
