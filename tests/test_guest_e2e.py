@@ -205,7 +205,7 @@ def churning(vm: GuestVM) -> Iterator[Callable[[], int]]:
 
 
 def known_content(point: int) -> str:
-    """~200 KiB that only this point holds, so a file from another point cannot pass for it."""
+    """About 200 kB that only this point holds, so a file from another point cannot pass for it."""
     line = f"point {point}: written before backup {point}\n"
     size = 200_000 + 4096 * point
     return (line * (size // len(line) + 1))[:size]
