@@ -37,6 +37,11 @@ SYNC_DELIMITER = b"\xff"
 #: StreamReader is far too small.
 READ_LIMIT = 64 * 1024 * 1024
 
+#: Seconds every call may take.  A live agent answers in milliseconds even in
+#: a busy guest; a socket without an agent behind it (qemu-ga not running)
+#: stays silent, and each run that meets one pays this wait once.
+DEFAULT_TIMEOUT = 5.0
+
 
 def encode_command(command: str, args: dict[str, Any] | None = None) -> bytes:
     """Serialise one agent command as the single line the agent expects."""
@@ -93,7 +98,7 @@ class GuestAgent:
     """
 
     path: str
-    timeout: float = 5.0
+    timeout: float = DEFAULT_TIMEOUT
     _reader: asyncio.StreamReader | None = field(default=None, init=False, repr=False)
     _writer: asyncio.StreamWriter | None = field(default=None, init=False, repr=False)
     _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)

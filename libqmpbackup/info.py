@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
+from . import agent as agent_module
 from .agent import GuestAgent
 from .devices import BlockDevice
 
@@ -25,11 +26,23 @@ def bitmaps_table(disks: list[BlockDevice]) -> str:
 
 
 async def agent_report(agent_socket: str) -> str:
-    """Whether the guest agent answers (raises if not), its freeze state and the filesystems it would freeze."""
-    async with GuestAgent(agent_socket) as agent:
+    """Whether the guest agent answers (raises if not), its freeze state and the filesystems it would freeze.
+
+    A frozen agent refuses everything but a few commands (guest-get-fsinfo
+    among the refused), and a frozen guest is exactly what an admin wants
+    to see here, so that state is reported instead of failing.
+    """
+    async with GuestAgent(agent_socket, timeout=agent_module.DEFAULT_TIMEOUT) as agent:
         await agent.ping()
         status = await agent.fsfreeze_status()
+        if status == "frozen":
+            return ("guest agent: answering, filesystems frozen\n"
+                    "a frozen agent lists no filesystems; unless a backup is starting right "
+                    "now, the guest was left frozen: guest-fsfreeze-thaw ends it")
         filesystems = await agent.get_fsinfo()
+    if not filesystems:
+        return (f"guest agent: answering, filesystems {status}\n"
+                "no filesystem the agent could freeze (--quiesce would back up unquiesced)")
     rows = [(fs.get("mountpoint", ""), fs.get("type", ""), fs.get("name", ""))
             for fs in filesystems]
     table = tabulate(rows, headers=("mountpoint", "type", "device"))

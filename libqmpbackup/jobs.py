@@ -148,16 +148,15 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
     actions = [backup_action(j, speed=speed, compress=compress) for j in jobs]
     waiter = asyncio.ensure_future(_wait_for_jobs(session, jobs))
     await asyncio.sleep(0)  # let the watchers register before any event can arrive
-    start = session.execute("transaction", {
-        "actions": actions,
-        "properties": {"completion-mode": "grouped"},
-    })
+    transaction = {"actions": actions, "properties": {"completion-mode": "grouped"}}
     try:
         if start_guard is None:
-            await start
+            await session.execute("transaction", transaction)
         else:
-            async with start_guard:   # e.g. guest filesystems frozen just for the start
-                await start
+            # e.g. guest filesystems frozen just for the start; the command is
+            # created inside, so a guard that refuses leaves no unawaited coroutine
+            async with start_guard:
+                await session.execute("transaction", transaction)
     except BaseException:
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)

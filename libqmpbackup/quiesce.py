@@ -14,8 +14,9 @@ import logging
 from types import TracebackType
 from typing import Optional
 
+from . import agent as agent_module
 from .agent import GuestAgent
-from .errors import AgentError, ConnectError, UsageError
+from .errors import AgentError, ConnectError, QmpBackupError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -23,48 +24,84 @@ FREEZE_TIMEOUT = 30.0
 THAW_ATTEMPTS = 3
 
 
+def check_quiesce_options(agent_socket: Optional[str], required: bool) -> None:
+    """Refuse ``--quiesce-required`` without an agent before anything is touched."""
+    if required and not agent_socket:
+        raise UsageError("--quiesce-required needs --agent-socket")
+
+
 class Quiescer:
     """``async with Quiescer(...)``: frozen inside the block when possible.
 
     Without ``required`` an agent that is missing, silent or already frozen
     costs a warning and the backup goes on unquiesced (``frozen`` stays
-    False, which the chain metadata records).
+    False, which the chain metadata records).  With ``required`` the same
+    cases raise: :class:`ConnectError` (exit 3) when the agent socket cannot
+    be opened, :class:`AgentError` (exit 10) when the agent does not answer,
+    refuses, or the guest is frozen already.
     """
 
     def __init__(self, agent_socket: Optional[str], *, required: bool = False,
-                 timeout: float = 5.0) -> None:
-        if required and not agent_socket:
-            raise UsageError("--quiesce-required needs --agent-socket")
+                 timeout: Optional[float] = None) -> None:
+        check_quiesce_options(agent_socket, required)
         self.agent_socket = agent_socket
         self.required = required
-        self.timeout = timeout
+        # Read at run time, not bound as a default, so tests can shorten it.
+        self.timeout = agent_module.DEFAULT_TIMEOUT if timeout is None else timeout
         self.frozen = False
         self.thaw_error: Optional[str] = None
         self._agent: Optional[GuestAgent] = None
-        self._freeze_attempted = False
 
-    def _give_up(self, reason: str) -> None:
+    def _give_up(self, reason: str, error: type[QmpBackupError] = AgentError) -> None:
         if self.required:
-            raise AgentError(f"cannot quiesce the guest: {reason}")
+            raise error(f"--quiesce-required: cannot freeze the guest filesystems: {reason}")
         log.warning("backing up without filesystem quiesce: %s", reason)
 
     async def __aenter__(self) -> "Quiescer":
         if not self.agent_socket:
             self._give_up("no --agent-socket given")
             return self
+        agent = GuestAgent(self.agent_socket, timeout=self.timeout)
         try:
-            self._agent = GuestAgent(self.agent_socket, timeout=self.timeout)
-            await self._agent.connect()
-            status = await self._agent.fsfreeze_status()
-            if status == "frozen":
-                # Someone else froze it; thawing would pull the rug from under them.
-                self._give_up("the guest filesystems are already frozen by someone else")
-                return self
-            self._freeze_attempted = True
-            count = await self._agent.fsfreeze_freeze(timeout=FREEZE_TIMEOUT)
-        except (AgentError, ConnectError) as err:
+            await agent.connect()
+            status = await agent.fsfreeze_status()
+        except ConnectError as err:
+            self._give_up(str(err), ConnectError)
+            return self
+        except AgentError as err:
+            await agent.close()
+            self._give_up(str(err))
+            return self
+        except BaseException:
+            await agent.close()
+            raise
+        if status == "frozen":
+            # Someone else froze it; thawing would pull the rug from under
+            # them, so it is left frozen and not touched at all.
+            await agent.close()
+            self._give_up("the guest filesystems are already frozen by someone else "
+                          "(left frozen; whoever froze them must thaw them)")
+            return self
+        # From here on the guest may be frozen whatever happens next, so the
+        # agent is kept for the thaw: __aexit__ does it, or the handlers
+        # below when __aenter__ itself fails (then __aexit__ never runs).
+        self._agent = agent
+        try:
+            count = await agent.fsfreeze_freeze(timeout=FREEZE_TIMEOUT)
+        except AgentError as err:
+            # The guest may freeze anyway (a slow freeze that timed out).
+            reason = str(err)
+        except BaseException:
+            # Cancelled (SIGINT/SIGTERM) while the freeze was in flight.
+            await self._thaw()
+            raise
+        else:
+            # The agent freezes only filesystems it can (not tmpfs, not raw
+            # block devices): nothing frozen means nothing was made consistent.
+            reason = "" if count else "the guest agent found no filesystem to freeze"
+        if reason:
             try:
-                self._give_up(str(err))
+                self._give_up(reason)
             except AgentError:
                 await self._thaw()
                 raise
@@ -78,12 +115,11 @@ class Quiescer:
         await self._thaw()
 
     async def _thaw(self) -> None:
+        """Thaw what we froze (or may have frozen), retrying; never raises an agent error."""
         agent, self._agent = self._agent, None
         if agent is None:
             return
         try:
-            if not self._freeze_attempted:
-                return
             last = ""
             for _ in range(THAW_ATTEMPTS):
                 try:

@@ -18,6 +18,7 @@ from libqmpbackup.errors import UsageError
 from libqmpbackup.info import agent_report, bitmaps_table, blockdev_table
 from libqmpbackup.plan import LEVELS, BackupOptions
 from libqmpbackup.qmp import QmpSession
+from libqmpbackup.quiesce import check_quiesce_options
 from libqmpbackup.units import parse_size
 
 log = logging.getLogger("qmpbackup")
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def backup_command(args: argparse.Namespace) -> int:
+    # Checked here, before planning creates folders or retires bitmaps.
+    check_quiesce_options(args.agent_socket, args.quiesce_required)
     opts = BackupOptions(
         level=args.level, target=args.target,
         uuid=validate_uuid(args.uuid) if args.uuid else None,

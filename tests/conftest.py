@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from guestvm import GuestImages, GuestUnavailable, ensure_guest
 from vm import TestVM, default_disks
 
 
@@ -51,6 +52,15 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
         captured = capsys.readouterr()
         return CliResult(rc, captured.out, captured.err)
     return run
+
+
+@pytest.fixture(scope="session")
+def guest_images() -> GuestImages:
+    """The tiny test guest, built once per machine; a skip only where it cannot be built."""
+    try:
+        return ensure_guest()
+    except GuestUnavailable as err:
+        pytest.skip(f"test guest unavailable: {err.reason}")
 
 
 @pytest.fixture

@@ -14,19 +14,11 @@ import pytest
 
 from libqmpbackup.agent import GuestAgent
 
-from guestvm import GuestImages, GuestUnavailable, GuestVM, ensure_guest, make_data_disk
+from guestvm import GuestImages, GuestVM, make_data_disk
 
 pytestmark = pytest.mark.guest
 
 CONTENT = "qmpbackup guest smoke 0123456789"
-
-
-@pytest.fixture(scope="session")
-def guest_images() -> GuestImages:
-    try:
-        return ensure_guest()
-    except GuestUnavailable as err:
-        pytest.skip(f"test guest unavailable: {err.reason}")
 
 
 def test_guest_boots_writes_and_freezes(guest_images: GuestImages, tmp_path: Path) -> None:
