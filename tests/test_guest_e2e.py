@@ -232,15 +232,11 @@ def run(*argv: object) -> subprocess.CompletedProcess[str]:
 
 
 def restore_point(backup_file: Path, out: Path) -> Path:
-    """The guest disk at BACKUP_FILE's point in time, as a raw image.
-
-    TODO(lead): restore with ``qmprestore merge --dir DIR/virtio0 --until NAME
-    --targetfile OUT`` once qmprestore (issue 3) is on main.  Until then
-    qemu-img reads the point directly: each INC/FULL file has the previous
-    backup as its backing file, so converting it yields the whole disk.
-    """
-    done = run("qemu-img", "convert", "-O", "raw", backup_file, out)
-    assert done.returncode == 0, done.stderr
+    """The guest disk at BACKUP_FILE's point in time, as a raw image, restored by qmprestore."""
+    from qmprestore.cli import main as qmprestore_main
+    rc = qmprestore_main(["--quiet", "merge", "--dir", str(backup_file.parent), "--until",
+                          backup_file.name, "--format", "raw", "--targetfile", str(out)])
+    assert rc == 0, f"qmprestore merge --until {backup_file.name} failed with {rc}"
     return out
 
 
