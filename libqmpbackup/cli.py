@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import inspect
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -90,6 +91,10 @@ def run(parser: argparse.ArgumentParser, command_of: Callable[[argparse.Namespac
         configure(debug=args.debug, quiet=args.quiet, logfile=args.logfile,
                   syslog=args.syslog, name=name)
         return _dispatch(command_of(args), args) or 0
+    except BrokenPipeError:
+        # `qmprestore list | head`: the reader left; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except QmpBackupError as err:
         log.error("%s", err)
         log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
