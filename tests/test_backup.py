@@ -339,3 +339,28 @@ def test_progress_is_logged_when_not_on_a_terminal(cli, vm: TestVM, tmp_path: Pa
                  "--include", "virtio0", "--speed-limit", "8M", "--target", tmp_path / "c").ok()
     lines = [line for line in result.err.splitlines() if "progress: virtio0" in line]
     assert lines and "%" in lines[0] and "MiB/s" in lines[0]
+
+
+def test_progress_on_a_terminal_is_a_live_line_per_disk(vm: TestVM, tmp_path: Path) -> None:
+    import os
+    import pty
+    vm.write("virtio0", 0x7B, 0, 24 * MiB)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qmpbackup", "--socket", vm.tool_socket, "backup", "--level",
+         "copy", "--include", "virtio0", "--speed-limit", "8M", "--target", str(tmp_path / "c")],
+        stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:   # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert proc.wait(30) == 0, output.decode(errors="replace")
+    text = output.decode(errors="replace")
+    assert "\rvirtio0 " in text and "%" in text and "MiB/s" in text
