@@ -8,6 +8,8 @@ from the same numbers; keep them stable, scripts depend on them.
 
 from __future__ import annotations
 
+import signal
+
 
 class QmpBackupError(Exception):
     """Base class: a failure that is reported in one line, without traceback."""
@@ -79,6 +81,13 @@ class AgentError(QmpBackupError):
     summary = "guest agent error"
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 class Interrupted(QmpBackupError):
     """SIGINT or SIGTERM arrived; raised in the main task so cleanup runs."""
 
@@ -86,7 +95,8 @@ class Interrupted(QmpBackupError):
     summary = "interrupted"
 
     def __init__(self, signum: int, message: str = "") -> None:
-        super().__init__(message or f"interrupted by signal {signum}")
+        super().__init__(message or f"interrupted by {_signal_name(signum)} (signal {signum}): "
+                                    "what this run had started was cancelled and removed")
         self.signum = signum
         self.exit_code = 128 + signum
 
