@@ -158,3 +158,9 @@ async def discover(session: QmpSession) -> list[BlockDevice]:
         ))
     return devices
 
+
+async def refresh_bitmaps(session: QmpSession, disks: list[BlockDevice]) -> None:
+    """Re-read the bitmaps of DISKS after the tool itself changed them."""
+    nodes = {n["node-name"]: n for n in await named_nodes(session)}
+    for disk in disks:
+        disk.bitmaps = _bitmaps_from_node(nodes.get(disk.node, {}))
