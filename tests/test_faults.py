@@ -13,6 +13,7 @@ slowed down with --speed-limit (48 MiB dirty at 16 MiB/s: about 3 s).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -22,10 +23,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 
+from guestvm import GuestUnavailable, GuestVM, ensure_guest, make_data_disk
 from vm import MiB, Disk, TestVM, identical
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +63,11 @@ def backup(cli, vm: TestVM, target: Path, level: str, *extra: object):
                "--target", target, "--no-progress", *extra)
 
 
-def start_backup(vm: TestVM, target: Path, level: str, *extra: str) -> subprocess.Popen:
-    """A rate-limited backup in its own process, returned once its jobs are copying."""
+def start_backup(vm: Any, target: Path, level: str, *extra: str) -> subprocess.Popen:
+    """A rate-limited backup in its own process, returned once its jobs are copying.
+
+    VM: anything with ``tool_socket`` and ``cmd(command, **arguments)``.
+    """
     proc = subprocess.Popen(
         [sys.executable, "-m", "qmpbackup", "--socket", vm.tool_socket, "backup",
          "--level", level, "--target", str(target), "--no-progress", "--speed-limit", SLOW,
@@ -332,6 +337,68 @@ def test_guest_shutdown_mid_job_with_no_shutdown_leaves_the_vm_paused(cli, tmp_p
         vm.cmd("system_reset")
         vm.cmd("cont")
         recovers(cli, vm, root, refs)
+
+
+def process_gone(pid: int, timeout: float = 10) -> bool:
+    """True once PID has exited (a zombie counts: its parent just did not reap it yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] in "ZX":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class GuestHarness:
+    """The GuestVM seen through the two things start_backup needs."""
+
+    def __init__(self, guest: GuestVM) -> None:
+        self.guest = guest
+        self.tool_socket = guest.tool_socket
+
+    def cmd(self, command: str, **arguments: Any) -> Any:
+        return self.guest.qmp.cmd(command, **arguments)
+
+
+@pytest.mark.guest
+def test_real_guest_powers_off_mid_job(cli, tmp_path: Path) -> None:
+    """A Linux guest's own poweroff: the backup completes, then QEMU quits; the image is sound."""
+    try:
+        images = ensure_guest()
+    except GuestUnavailable as err:
+        pytest.skip(f"test guest unavailable: {err.reason}")
+    root = tmp_path / "backup"
+    with GuestVM(images, make_data_disk(tmp_path / "data.qcow2", 96),
+                 log_dir=tmp_path / "logs") as guest:
+        backup(cli, GuestHarness(guest), root, "full").ok()
+        code, out, err = guest.exec("dd if=/dev/urandom of=/mnt/big bs=1M count=40 2>/dev/null"
+                                    " && md5sum /mnt/big > /mnt/big.md5 && sync", timeout=60)
+        assert code == 0, err
+        proc = start_backup(GuestHarness(guest), root, "inc")
+        guest.agent_call(lambda ga: ga.execute(
+            "guest-exec", {"path": "/bin/sh", "arg": ["-c", "poweroff -f"]}))
+        deadline = time.monotonic() + 20
+        while guest.qmp.cmd("query-status")["status"] != "shutdown":
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        assert guest.qmp.cmd("query-jobs"), "the guest is off, the jobs go on"
+        log = finished(proc, 0)
+        assert "the guest shut down during the backup" in log
+        assert process_gone(guest.pid), "then QEMU quits, as the guest asked"
+    assert_clean(None, root)
+    top = root / "virtio0" / listed(root)["virtio0"][-1]
+    raw = tmp_path / "restored.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(raw)], check=True)
+    fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
+    expected = subprocess.run(["debugfs", "-R", "cat /big.md5", str(raw)], capture_output=True,
+                              text=True, check=True).stdout.split()[0]
+    data = subprocess.run(["debugfs", "-R", "cat /big", str(raw)], capture_output=True,
+                          check=True).stdout
+    assert len(data) == 40 * MiB and hashlib.md5(data).hexdigest() == expected
 
 
 def test_shutdown_action_is_restored_after_a_backup(cli, fvm: TestVM, tmp_path: Path) -> None:
