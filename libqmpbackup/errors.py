@@ -33,14 +33,14 @@ class ConnectError(QmpBackupError):
 
 
 class LockBusyError(QmpBackupError):
-    """Another qmpbackup run holds the lock of this VM or backup chain."""
+    """Another qmpbackup run holds the lock of this VM or backup folder."""
 
     exit_code = 4
     summary = "another backup is running"
 
 
 class TargetError(QmpBackupError):
-    """The backup target cannot be used (not empty, not a directory, unwritable, leftovers)."""
+    """The backup target cannot be used (not empty for a new chain, not a directory, unwritable, full)."""
 
     exit_code = 5
     summary = "target error"
@@ -54,7 +54,7 @@ class ChainError(QmpBackupError):
 
 
 class JobError(QmpBackupError):
-    """QEMU rejected the backup transaction or a block job failed or was cancelled."""
+    """QEMU rejected a command, or a block job failed (not on its target) or was cancelled."""
 
     exit_code = 7
     summary = "backup failed"
