@@ -85,7 +85,7 @@ def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
     except ValueError:
-        return f"signal {signum}"
+        return "unknown"
 
 
 class Interrupted(QmpBackupError):
@@ -95,7 +95,7 @@ class Interrupted(QmpBackupError):
     summary = "interrupted"
 
     def __init__(self, signum: int, message: str = "") -> None:
-        super().__init__(message or f"interrupted by {_signal_name(signum)} (signal {signum}): "
+        super().__init__(message or f"interrupted by signal {signum} ({_signal_name(signum)}): "
                                     "what this run had started was cancelled and removed")
         self.signum = signum
         self.exit_code = 128 + signum

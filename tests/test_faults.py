@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from guestvm import GuestUnavailable, GuestVM, ensure_guest, make_data_disk
+from guestvm import GuestImages, GuestVM, make_data_disk
 from vm import MiB, Disk, TestVM, identical
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ def test_signal_mid_job_cancels_own_jobs_only(cli, fvm: TestVM, tmp_path: Path,
                                    "target": "foreign-target", "sync": "full", "speed": MiB})
     proc = start_backup(fvm, root, "inc")
     proc.send_signal(signum)
-    finished(proc, rc, f"interrupted by {signal.Signals(signum).name} (signal {int(signum)})",
+    finished(proc, rc, f"interrupted by signal {int(signum)} ({signal.Signals(signum).name})",
              "cancelled and removed")
     assert [j["id"] for j in fvm.cmd("query-jobs")] == ["foreign-job"], "foreign job untouched"
     fvm.cmd("block-job-cancel", device="foreign-job", force=True)
@@ -364,14 +364,10 @@ class GuestHarness:
 
 
 @pytest.mark.guest
-def test_real_guest_powers_off_mid_job(cli, tmp_path: Path) -> None:
+def test_real_guest_powers_off_mid_job(cli, guest_images: GuestImages, tmp_path: Path) -> None:
     """A Linux guest's own poweroff: the backup completes, then QEMU quits; the image is sound."""
-    try:
-        images = ensure_guest()
-    except GuestUnavailable as err:
-        pytest.skip(f"test guest unavailable: {err.reason}")
     root = tmp_path / "backup"
-    with GuestVM(images, make_data_disk(tmp_path / "data.qcow2", 96),
+    with GuestVM(guest_images, make_data_disk(tmp_path / "data.qcow2", 96),
                  log_dir=tmp_path / "logs") as guest:
         backup(cli, GuestHarness(guest), root, "full").ok()
         code, out, err = guest.exec("dd if=/dev/urandom of=/mnt/big bs=1M count=40 2>/dev/null"
