@@ -472,6 +472,28 @@ def test_immutable_target_fails_clearly(cli, fvm: TestVM, tmp_path: Path) -> Non
     assert not [n for n in tool_bitmaps(fvm) if "fresh" in n]
 
 
+def test_metadata_write_failure_after_the_jobs_keeps_every_change(cli, fvm: TestVM,
+                                                                   tmp_path: Path) -> None:
+    """The jobs succeed (QEMU clears the chain bitmap), the commit fails: nothing may be lost."""
+    root, refs = tmp_path / "backup", tmp_path / "refs"
+    backup(cli, fvm, root, "full").ok()
+    write_round(fvm, 0x58)
+    meta = root / "qmpbackup.json"
+    before = meta.read_text()
+    if subprocess.run(["chattr", "+i", str(meta)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        backup(cli, fvm, root, "inc").failed(5, f"cannot write chain metadata {meta}",
+                                             "the backup was discarded")
+    finally:
+        subprocess.run(["chattr", "-i", str(meta)], check=True)
+    assert meta.read_text() == before
+    assert_clean(fvm, root)
+    counts = [b["count"] for b in tool_bitmaps(fvm).values()]
+    assert min(counts) >= 64 * 1024, "+pending was merged back into the cleared bitmaps"
+    recovers(cli, fvm, root, refs)
+
+
 # -- bitmaps that cannot serve the chain --------------------------------------------------
 
 def test_bitmap_removed_by_hand(cli, fvm: TestVM, tmp_path: Path) -> None:
@@ -546,6 +568,7 @@ def test_second_run_is_refused_at_once(cli, fvm: TestVM, tmp_path: Path) -> None
     started = time.monotonic()
     backup(cli, fvm, tmp_path / "other", "full").failed(
         4, "another backup is running on VM socket", f"(pid {proc.pid})")
+    cli("qmpbackup", "--socket", fvm.tool_socket, "info").failed(4, "another backup is running")
     with TestVM(tmp_path / "img2", [Disk("virtio0", "virtio", "qcow2", 8 * MiB)]) as second:
         backup(cli, second, root, "inc").failed(4, f"another backup is running on target {root}")
     assert time.monotonic() - started < 5, "refused at once, not after a connect timeout"
