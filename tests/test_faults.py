@@ -50,10 +50,10 @@ def fvm(tmp_path: Path) -> Iterator[TestVM]:
         yield machine
 
 
-def restart(vm: TestVM, *extra: str) -> TestVM:
-    """The same images in a new QEMU process (the old one must be gone)."""
+def restart(vm: TestVM) -> TestVM:
+    """The same images in a new QEMU process (a still running old one is stopped cleanly)."""
     vm.stop()
-    return TestVM(vm.folder, vm.disks, extra_args=extra or vm.extra_args).start()
+    return TestVM(vm.folder, vm.disks, extra_args=vm.extra_args).start()
 
 
 # -- running the tool ---------------------------------------------------------------------
