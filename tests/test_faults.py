@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional
 import pytest
 
 from guestvm import GuestImages, GuestVM, make_data_disk
+from libqmpbackup.locks import LOCK_DIR_ENV
 from vm import MiB, Disk, TestVM, identical
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,22 @@ def fvm(tmp_path: Path) -> Iterator[TestVM]:
 def restart(vm: TestVM) -> TestVM:
     """The same images in a new QEMU process (a still running old one is stopped cleanly)."""
     vm.stop()
-    return TestVM(vm.folder, vm.disks, extra_args=vm.extra_args).start()
+    new = TestVM(vm.folder, vm.disks, extra_args=vm.extra_args)
+    try:
+        return new.start()
+    except BaseException:
+        new.stop()   # never leave a QEMU behind
+        raise
+
+
+@pytest.fixture(autouse=True)
+def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VM locks of these runs (in-process and subprocesses alike) in the test's folder.
+
+    Killed runs leave their lock files by design; they belong in tmp_path,
+    not in the host's /run/lock.
+    """
+    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
 
 
 # -- running the tool ---------------------------------------------------------------------
@@ -653,6 +669,6 @@ def test_bad_targets_create_nothing(cli, fvm: TestVM, tmp_path: Path) -> None:
     backup(cli, fvm, tmp_path / "nodisk", "full", "--include", "nosuchdisk").failed(2, "nosuchdisk")
     nested = tmp_path / "a" / "b" / "c"
     backup(cli, fvm, nested, "inc", "--monthly").failed(6, "no backup chain")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "img"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "img", "locks"]
     assert tool_bitmaps(fvm) == {}
     assert fvm.tool_leftovers() == []
