@@ -3,20 +3,24 @@
 The order of steps is what keeps data safe:
 
 1. plan (pure, may refuse before anything exists);
-2. create ``.partial`` targets and open them in QEMU;
-3. add missing chain bitmaps (separate transaction: QEMU cannot add bitmaps
-   in a grouped transaction);
-4. start every disk's job in one grouped transaction and wait;
-5. only after all jobs succeeded: rename targets and commit the metadata.
+2. under the VM lock (taken by the caller) and the chain lock: remove what an
+   interrupted run left (:mod:`recovery`);
+3. create ``.partial`` targets and open them in QEMU;
+4. in one transaction: add missing chain bitmaps and the auxiliary bitmaps
+   that keep the changes since the last commit (:class:`bitmaps.RunBitmaps`);
+5. start every disk's job in one grouped transaction and wait, with guest
+   shutdowns held back (:mod:`shutdown`);
+6. only after all jobs succeeded: close and rename targets, commit the
+   metadata, then drop the auxiliary bitmaps.
 
 Every step registers its undo; on any failure or signal the undo runs in
 reverse, so QEMU is left without our nodes and jobs, the folder without
-half-written files, and the bitmaps with all their bits.
+half-written files, and the bitmaps covering every change since the last
+committed backup.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -25,16 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import bitmaps, qemuimg
-from .chain import (BackupRecord, ChainStore, fsync_dir, is_empty_dir, latest_backup_time,
-                    partial_files, prepare_root)
-from .devices import discover
-from .errors import AgentError, TargetError
+from . import bitmaps, qemuimg, recovery
+from .chain import (BackupRecord, ChainStore, fsync_dir, is_empty_dir,
+                    latest_backup_time, prepare_root)
+from .devices import BlockDevice, discover, refresh_bitmaps
+from .errors import AgentError, JobError, TargetError, VMGoneError
 from .jobs import BackupJob, add_target_node, cancel_jobs, new_run_tag, remove_node, run_transaction
+from .locks import chain_lock
 from .plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
 from .progress import ProgressReporter
 from .qmp import QmpSession
 from .quiesce import Quiescer
+from .shutdown import ShutdownGuard
 
 log = logging.getLogger(__name__)
 
@@ -58,97 +64,159 @@ def _timestamp_after(last: int) -> int:
 
 
 async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
-    disks = select_disks(await discover(session), opts)
+    """Back up the VM behind SESSION; the caller holds the VM lock (see :mod:`locks`)."""
+    disks = await discover(session)
+    selected = select_disks(disks, opts)
     root = chain_root(opts)
-    prepare_root(root)
-    leftovers = partial_files(root)
-    if leftovers:
-        raise TargetError(
-            f"unfinished backup file {leftovers[0]} in {root}: another run is active or one "
-            "was killed; remove the .partial files once no backup is running")
+    created = prepare_root(root)
+    try:
+        with chain_lock(root):
+            return await _locked_run(session, opts, disks, selected, root)
+    except BaseException:
+        # a failed run leaves no folder it created (rmdir keeps any that is in use)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[BlockDevice],
+                      selected: list[BlockDevice], root: Path) -> BackupResult:
+    guard = ShutdownGuard(session)
+    if await recovery.clean_vm(session, disks, guard):
+        await refresh_bitmaps(session, selected)
+    recovery.clean_target(root)
     store = ChainStore.load(root)
     timestamp = _timestamp_after(latest_backup_time(root))
-    plan = plan_backup(disks, store, opts, timestamp, is_empty_dir(root))
+    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root))
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
     if plan.retire_bitmap:
-        for disk in disks:
+        for disk in selected:
             if disk.bitmap(plan.retire_bitmap):
                 await bitmaps.remove(session, disk, plan.retire_bitmap)
     quiescer = (Quiescer(opts.agent_socket, required=opts.quiesce_required)
                 if opts.quiesce else None)
-    await _execute(session, plan, opts, quiescer)
-    if plan.chain is not None:
-        _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
+    try:
+        await _execute(session, plan, store, opts, guard, quiescer)
+    finally:
+        await guard.finish()
     if quiescer and quiescer.thaw_error:
         raise AgentError(quiescer.thaw_error)
     return BackupResult(plan.level, root, plan.chain.uuid if plan.chain else None,
                         [j.final_path for j in plan.jobs], plan.reason)
 
 
-async def _execute(session: QmpSession, plan: RunPlan, opts: BackupOptions,
-                   quiescer: Optional[Quiescer]) -> None:
-    tag = new_run_tag()
-    async with contextlib.AsyncExitStack() as undo:
-        committed = False
+@dataclass
+class _TargetFiles:
+    """The backup files of one run: created as .partial, renamed when complete, else deleted."""
 
-        def forget_partials() -> None:
-            if committed:
-                return
-            for job in plan.jobs:
-                with contextlib.suppress(FileNotFoundError):
-                    job.partial_path.unlink()
-                    log.info("removed unfinished %s", job.partial_path)
+    jobs: list[BackupJob]
+    created_folders: list[Path] = field(default_factory=list)
+    renamed: list[Path] = field(default_factory=list)
 
-        undo.callback(forget_partials)
-        for index, job in enumerate(plan.jobs):
-            job.assign_names(index, tag)
-            _create_target(job)
-        open_nodes: list[str] = []
+    def create(self, job: BackupJob) -> None:
+        folder = job.partial_path.parent
+        try:
+            if not folder.is_dir():
+                folder.mkdir(mode=0o700)
+                self.created_folders.append(folder)
+            # 0600 from the first byte: the file will hold a whole disk
+            os.close(os.open(job.partial_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as err:
+            raise TargetError(f"cannot create backup file {job.partial_path}: "
+                              f"{err.strerror}") from err
+        qemuimg.create(job.partial_path, job.disk.virtual_size, backing=job.backing)
 
-        async def close_targets() -> None:
-            while open_nodes:
-                await remove_node(session, open_nodes.pop())
-
-        undo.push_async_callback(close_targets)
-        for job in plan.jobs:
-            await add_target_node(session, job)
-            open_nodes.append(job.target_node)
-        if plan.bitmaps_to_add:
-            assert plan.chain is not None
-            await bitmaps.add_persistent(session, plan.bitmaps_to_add, plan.chain.bitmap)
-            log.info("added bitmap %s to %s", plan.chain.bitmap,
-                     ", ".join(d.disk_id for d in plan.bitmaps_to_add))
-
-            async def drop_new_bitmaps() -> None:
-                if not committed:
-                    for disk in plan.bitmaps_to_add:
-                        await bitmaps.remove(session, disk, plan.chain.bitmap)  # type: ignore[union-attr]
-            undo.push_async_callback(drop_new_bitmaps)
-        undo.push_async_callback(_cancel_if_running, session, plan.jobs)
-        reporter = ProgressReporter(session) if opts.progress else None
-        await run_transaction(session, plan.jobs, speed=opts.speed_limit,
-                              compress=opts.compress, progress=reporter,
-                              start_guard=quiescer)
-        await close_targets()
-        for job in plan.jobs:
+    def finish(self) -> None:
+        for job in self.jobs:
             os.replace(job.partial_path, job.final_path)
+            self.renamed.append(job.final_path)
             fsync_dir(job.final_path.parent)
             log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
-        committed = True
+
+    def discard(self) -> None:
+        """Nothing of a failed run may look like a finished backup."""
+        for path in [*(j.partial_path for j in self.jobs), *self.renamed]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                log.info("removed unfinished %s", path)
+        for folder in self.created_folders:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+@dataclass
+class _TargetNodes:
+    """The target images as QEMU block nodes."""
+
+    session: QmpSession
+    names: list[str] = field(default_factory=list)
+
+    async def open(self, job: BackupJob) -> None:
+        await add_target_node(self.session, job)
+        self.names.append(job.target_node)
+
+    async def close(self) -> list[str]:
+        """Close every target (QEMU flushes an image as it closes it); return those left open."""
+        left_open = []
+        while self.names:
+            name = self.names.pop()
+            if not await remove_node(self.session, name):
+                left_open.append(name)
+        return left_open
+
+
+async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: BackupOptions,
+                   guard: ShutdownGuard, quiescer: Optional[Quiescer]) -> None:
+    tag = new_run_tag()
+    async with contextlib.AsyncExitStack() as undo:
+        files = _TargetFiles(plan.jobs)
+        undo.callback(files.discard)
+        for index, job in enumerate(plan.jobs):
+            job.assign_names(index, tag)
+            files.create(job)
+        nodes = _TargetNodes(session)
+        undo.push_async_callback(nodes.close)
+        for job in plan.jobs:
+            await nodes.open(job)
+        run_bitmaps = _run_bitmaps(plan)
+        if run_bitmaps:
+            await run_bitmaps.prepare(session)
+            undo.push_async_callback(run_bitmaps.undo, session)
+        undo.push_async_callback(_cancel_if_running, session, plan.jobs)
+        reporter = ProgressReporter(session) if opts.progress else None
+        async with guard.holding():
+            await run_transaction(session, plan.jobs, speed=opts.speed_limit,
+                                  compress=opts.compress, progress=reporter,
+                                  start_guard=quiescer)
+        left_open = await nodes.close()
+        if left_open:   # an image QEMU did not close may lack its last metadata writes
+            if not session.connected:
+                raise VMGoneError("QEMU went away before it closed the backup files; "
+                                  "they were discarded, nothing was recorded")
+            raise JobError(f"QEMU could not close backup node(s) {', '.join(left_open)}; "
+                           "the backup was discarded, nothing was recorded")
+        files.finish()
+        if run_bitmaps:
+            await run_bitmaps.before_commit(session)
+        if plan.chain is not None:
+            _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
+        undo.pop_all()  # committed: from here on nothing may be undone
+    if run_bitmaps:
+        await run_bitmaps.after_commit(session)
+
+
+def _run_bitmaps(plan: RunPlan) -> Optional[bitmaps.RunBitmaps]:
+    if plan.chain is None:
+        return None
+    added = plan.bitmaps_to_add
+    kept = [j.disk for j in plan.jobs if j.bitmap and j.disk not in added]
+    return bitmaps.RunBitmaps(plan.chain.bitmap, kept=kept, added=list(added))
 
 
 async def _cancel_if_running(session: QmpSession, jobs: list[BackupJob]) -> None:
-    if session.connected:
+    with contextlib.suppress(VMGoneError):  # QEMU gone: its jobs are gone too
         await cancel_jobs(session, [j.job_id for j in jobs])
-
-
-def _create_target(job: BackupJob) -> None:
-    folder = job.partial_path.parent
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-    except OSError as err:
-        raise TargetError(f"cannot create {folder}: {err.strerror}") from err
-    qemuimg.create(job.partial_path, job.disk.virtual_size, backing=job.backing)
 
 
 def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesced: bool) -> None:
@@ -162,4 +230,8 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesce
             time=plan.timestamp,
             virtual_size=job.disk.virtual_size, source_image=job.disk.filename,
             source_format=job.disk.driver, compressed=compressed, quiesced=quiesced))
-    store.save()
+    try:
+        store.save()
+    except OSError as err:
+        raise TargetError(f"cannot write chain metadata {store.path}: {err.strerror}; "
+                          "the backup was discarded") from err

@@ -4,41 +4,249 @@ A chain's bitmap is named ``qmpbackup-<chain id>`` on every disk of the
 chain.  Only this module creates or removes bitmaps, so the rules (persistent,
 created atomically for all disks, never cleared except by a successful
 grouped job) live in one place.
+
+QEMU advances a chain bitmap the moment a grouped job succeeds, but the
+backup only counts once its metadata is committed.  A run that dies in
+between (SIGKILL, host crash) would make the next incremental miss those
+changes, so each run brackets its jobs with two kinds of auxiliary bitmaps
+(``+`` cannot occur in a chain id):
+
+``qmpbackup-<id>+pending``
+    for a disk whose chain bitmap already exists: a persistent, recording
+    copy of it, made just before the jobs start.  It holds "everything since
+    the last committed backup" and is removed only after the commit.  A run
+    that finds one merges it back into the chain bitmap.
+``qmpbackup-<id>+new``
+    for a disk that gets its chain bitmap in this run: an empty, disabled
+    marker saying "this chain bitmap has no committed backup yet".  A run
+    that finds one removes the chain bitmap with it.
+
+Both are persistent so they survive a clean QEMU restart together with the
+chain bitmap they describe.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
 
 from .chain import BITMAP_PREFIX
-from .devices import BlockDevice
+from .devices import BlockDevice, DirtyBitmap
+from .errors import VMGoneError
 from .qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
 
+PENDING_SUFFIX = "+pending"
+NEW_SUFFIX = "+new"
+AUXILIARY_SUFFIXES = (PENDING_SUFFIX, NEW_SUFFIX)
 
-async def add_persistent(session: QmpSession, disks: Iterable[BlockDevice], name: str) -> None:
-    """Create NAME on all DISKS in one transaction: all get it or none does."""
-    actions = [{"type": "block-dirty-bitmap-add",
-                "data": {"node": d.node, "name": name, "persistent": True}}
-               for d in disks]
+Action = dict[str, Any]
+
+
+def split_auxiliary(name: str) -> Optional[tuple[str, str]]:
+    """(chain bitmap, suffix) for an auxiliary bitmap name, else None."""
+    if not name.startswith(BITMAP_PREFIX):
+        return None
+    for suffix in AUXILIARY_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(BITMAP_PREFIX) + len(suffix):
+            return name[:-len(suffix)], suffix
+    return None
+
+
+def add_action(disk: BlockDevice, name: str, *, disabled: bool = False,
+               granularity: int = 0) -> Action:
+    data: dict[str, Any] = {"node": disk.node, "name": name, "persistent": True}
+    if disabled:
+        data["disabled"] = True
+    if granularity:
+        data["granularity"] = granularity
+    return {"type": "block-dirty-bitmap-add", "data": data}
+
+
+def merge_action(disk: BlockDevice, target: str, source: str) -> Action:
+    return {"type": "block-dirty-bitmap-merge",
+            "data": {"node": disk.node, "target": target, "bitmaps": [source]}}
+
+
+def remove_action(disk: BlockDevice, name: str) -> Action:
+    return {"type": "block-dirty-bitmap-remove", "data": {"node": disk.node, "name": name}}
+
+
+async def transaction(session: QmpSession, actions: list[Action]) -> None:
+    """Run bitmap ACTIONS atomically: all happen or none does."""
     if actions:
         await session.execute("transaction", {"actions": actions})
 
 
-async def remove(session: QmpSession, disk: BlockDevice, name: str) -> bool:
+async def try_transaction(session: QmpSession, actions: list[Action], what: str) -> bool:
+    """Like :func:`transaction` on an exit path: a refusal is logged, not raised.
+
+    Whatever stays behind is found and settled by the next run (see
+    :func:`recovery_steps`), so an exit path must go on cleaning up.
+    """
+    if not session.connected:
+        log.debug("cannot %s: QEMU is gone", what)
+        return False
     try:
-        await session.execute("block-dirty-bitmap-remove", {"node": disk.node, "name": name})
+        await transaction(session, actions)
     except QmpCommandError as err:
-        log.warning("could not remove bitmap %s from %s: %s", name, disk.disk_id, err.desc)
+        log.warning("could not %s: %s", what, err.desc)
+        return False
+    except VMGoneError as err:
+        log.warning("could not %s: %s", what, err)
+        return False
+    return True
+
+
+async def remove(session: QmpSession, disk: BlockDevice, name: str) -> bool:
+    if not await try_transaction(session, [remove_action(disk, name)],
+                                 f"remove bitmap {name} from {disk.disk_id}"):
         return False
     log.debug("removed bitmap %s from %s", name, disk.disk_id)
     return True
 
 
 def tool_bitmaps(disk: BlockDevice, chain_id: Optional[str] = None) -> list[str]:
-    """Bitmaps qmpbackup made on DISK (of one chain when CHAIN_ID is given)."""
-    wanted = f"{BITMAP_PREFIX}{chain_id}" if chain_id else None
-    return [b.name for b in disk.bitmaps
-            if b.name.startswith(BITMAP_PREFIX) and (wanted is None or b.name == wanted)]
+    """Bitmaps qmpbackup made on DISK (of one chain, auxiliaries included, when CHAIN_ID is given)."""
+    names = [b.name for b in disk.bitmaps if b.name.startswith(BITMAP_PREFIX)]
+    if chain_id is None:
+        return names
+    return [n for n in names if chain_bitmap_of(n) == f"{BITMAP_PREFIX}{chain_id}"]
+
+
+def chain_bitmap_of(name: str) -> str:
+    """The chain bitmap an auxiliary bitmap belongs to (a chain bitmap is its own)."""
+    parts = split_auxiliary(name)
+    return parts[0] if parts else name
+
+
+@dataclass
+class RunBitmaps:
+    """The auxiliary bitmaps of one chain run and how each way out of the run settles them.
+
+    kept: disks whose chain bitmap exists and is used (they get ``+pending``);
+    added: disks that get the chain bitmap in this run (they get ``+new``).
+    """
+
+    chain_bitmap: str
+    kept: list[BlockDevice] = field(default_factory=list)
+    added: list[BlockDevice] = field(default_factory=list)
+    markers_removed: bool = False
+
+    @property
+    def pending(self) -> str:
+        return self.chain_bitmap + PENDING_SUFFIX
+
+    @property
+    def marker(self) -> str:
+        return self.chain_bitmap + NEW_SUFFIX
+
+    def prepare_actions(self) -> list[Action]:
+        actions = []
+        for disk in self.kept:
+            current = disk.bitmap(self.chain_bitmap)
+            actions += [add_action(disk, self.pending,
+                                   granularity=current.granularity if current else 0),
+                        merge_action(disk, self.pending, self.chain_bitmap)]
+        for disk in self.added:
+            actions += [add_action(disk, self.chain_bitmap),
+                        add_action(disk, self.marker, disabled=True)]
+        return actions
+
+    async def prepare(self, session: QmpSession) -> None:
+        """Create every auxiliary bitmap (and new chain bitmaps) in one transaction."""
+        await transaction(session, self.prepare_actions())
+        if self.added:
+            log.info("added bitmap %s to %s", self.chain_bitmap,
+                     ", ".join(d.disk_id for d in self.added))
+
+    async def before_commit(self, session: QmpSession) -> None:
+        """The new chain bitmaps are about to be backed by metadata: drop their markers.
+
+        Done before, not after, the commit: if the run dies in between, an
+        orphan chain bitmap (harmless, removable) is better than a marker
+        that makes the next run delete a committed chain's bitmap.
+        """
+        await self._each(session, self.added, lambda d: [remove_action(d, self.marker)],
+                         "remove marker")
+        self.markers_removed = True
+
+    async def after_commit(self, session: QmpSession) -> None:
+        """The backup is recorded: the chain bitmap alone now says what changed since."""
+        await self._each(session, self.kept, lambda d: [remove_action(d, self.pending)],
+                         "remove bitmap")
+
+    async def undo(self, session: QmpSession) -> None:
+        """The run failed: the chain bitmaps must again cover everything since the last commit.
+
+        Merging ``+pending`` back is always right: after a failed job it only
+        repeats bits the chain bitmap kept; after a job that succeeded but was
+        not committed it restores the bits QEMU cleared.
+        """
+        await self._each(session, self.kept, lambda d: [merge_action(d, self.chain_bitmap,
+                                                                     self.pending),
+                                                        remove_action(d, self.pending)],
+                         "restore bitmap")
+        await self._each(session, self.added, lambda d: [
+            remove_action(d, self.chain_bitmap),
+            *([] if self.markers_removed else [remove_action(d, self.marker)])],
+            "remove new bitmap")
+
+    async def _each(self, session: QmpSession, disks: Iterable[BlockDevice],
+                    actions_for: Callable[[BlockDevice], list[Action]], what: str) -> None:
+        """One transaction per disk, so one refusal does not keep the others unsettled."""
+        for disk in disks:
+            await try_transaction(session, actions_for(disk),
+                                  f"{what} on {disk.disk_id} ({self.chain_bitmap})")
+
+
+@dataclass(frozen=True)
+class RecoveryStep:
+    disk: BlockDevice
+    actions: list[Action]
+    message: str
+
+
+def recovery_steps(disks: Iterable[BlockDevice]) -> list[RecoveryStep]:
+    """How to settle the auxiliary bitmaps an interrupted run left (pure, for unit tests)."""
+    steps = []
+    for disk in disks:
+        for bitmap in disk.bitmaps:
+            parts = split_auxiliary(bitmap.name)
+            if parts is None:
+                continue
+            chain_name, suffix = parts
+            chain = disk.bitmap(chain_name)
+            if suffix == NEW_SUFFIX:
+                steps.append(_drop_uncommitted(disk, bitmap, chain))
+            else:
+                steps.append(_merge_back(disk, bitmap, chain))
+    return steps
+
+
+def _drop_uncommitted(disk: BlockDevice, marker: DirtyBitmap,
+                      chain: Optional[DirtyBitmap]) -> RecoveryStep:
+    actions = [remove_action(disk, marker.name)]
+    if chain is None:
+        return RecoveryStep(disk, actions, f"removed marker {marker.name} from {disk.disk_id}")
+    return RecoveryStep(
+        disk, [remove_action(disk, chain.name), *actions],
+        f"removed bitmap {chain.name} from {disk.disk_id}: an interrupted run created it "
+        "and never recorded its full backup")
+
+
+def _merge_back(disk: BlockDevice, pending: DirtyBitmap,
+                chain: Optional[DirtyBitmap]) -> RecoveryStep:
+    remove = remove_action(disk, pending.name)
+    unusable = ("its chain bitmap is missing" if chain is None
+                else "its chain bitmap is inconsistent" if chain.inconsistent
+                else "it is inconsistent" if pending.inconsistent else "")
+    if unusable:
+        return RecoveryStep(disk, [remove], f"removed {pending.name} from {disk.disk_id}: "
+                                            f"{unusable}")
+    return RecoveryStep(
+        disk, [merge_action(disk, chain.name, pending.name), remove],
+        f"merged {pending.name} back into {chain.name} on {disk.disk_id}: the next "
+        "incremental also holds the changes of an interrupted run")

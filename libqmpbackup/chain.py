@@ -10,6 +10,7 @@ crash leaves either the old or the new version, never half of one.
 Layout::
 
     DIR/qmpbackup.json
+    DIR/.qmpbackup.lock      (while a run holds it, or left by a killed run; not data)
     DIR/<disk id>/FULL-<unix time>-<image name>
     DIR/<disk id>/INC-<unix time>-<image name>     (backing file: the previous backup)
     DIR/<disk id>/COPY-<unix time>-<image name>    (level copy, no chain)
@@ -30,6 +31,7 @@ from typing import Any, Optional
 from .errors import ChainError, TargetError, UsageError
 
 METADATA_NAME = "qmpbackup.json"
+LOCK_NAME = ".qmpbackup.lock"
 METADATA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 BITMAP_PREFIX = "qmpbackup-"
@@ -162,9 +164,12 @@ def _chain_from_dict(raw: dict[str, Any]) -> Chain:
     return Chain(raw["uuid"], raw["bitmap"], raw["created"], disks)
 
 
+_TEMP_SUFFIX = ".tmp"
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Replace PATH with TEXT so that readers see the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
@@ -193,21 +198,28 @@ def month_folder(base: Path, now: Optional[float] = None) -> Path:
     return base / time.strftime("%Y-%m", time.localtime(now))
 
 
-def prepare_root(root: Path) -> None:
-    """Create the target folder (0700: it will hold whole disks) or fail clearly."""
+def prepare_root(root: Path) -> list[Path]:
+    """Create the target folder (0700: it will hold whole disks) or fail clearly.
+
+    Returns the folders it created, outermost first, so a run that fails
+    before writing a backup can remove them again.
+    """
     if root.exists() and not root.is_dir():
         raise TargetError(f"target {root} exists and is not a directory")
+    missing = [p for p in (root, *root.parents) if not p.exists()][::-1]
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as err:
         raise TargetError(f"cannot create target {root}: {err.strerror}") from err
     if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
         raise TargetError(f"target {root} is not readable and writable")
+    return missing
 
 
 def is_empty_dir(root: Path) -> bool:
+    """True when ROOT holds nothing but (maybe) its lock file."""
     try:
-        return not any(root.iterdir())
+        return not any(p.name != LOCK_NAME for p in root.iterdir())
     except FileNotFoundError:
         return True
     except OSError as err:
@@ -223,7 +235,16 @@ def latest_backup_time(root: Path) -> int:
 
 def partial_files(root: Path) -> list[Path]:
     """Leftover .partial files below ROOT (one level of disk folders)."""
+    return _glob(root, f"*/*{PARTIAL_SUFFIX}")
+
+
+def stale_temp_files(root: Path) -> list[Path]:
+    """Half-written metadata files of a run killed inside :func:`write_atomically`."""
+    return _glob(root, f".{METADATA_NAME}.*{_TEMP_SUFFIX}")
+
+
+def _glob(root: Path, pattern: str) -> list[Path]:
     try:
-        return sorted(p for p in root.glob(f"*/*{PARTIAL_SUFFIX}"))
+        return sorted(root.glob(pattern))
     except OSError as err:
         raise TargetError(f"cannot read target {root}: {err.strerror}") from err

@@ -20,6 +20,8 @@ from .qmp import QmpSession
 
 log = logging.getLogger(__name__)
 
+FILTER_DRIVERS = frozenset({"copy-before-write", "copy-on-read", "throttle", "preallocate",
+                            "compress"})
 _PERIPHERAL_RE = re.compile(r"^/machine/peripheral/([^/]+)(?:/virtio-backend)?$")
 
 
@@ -103,6 +105,30 @@ async def named_nodes(session: QmpSession) -> list[dict[str, Any]]:
     return nodes
 
 
+def below_filters(inserted: dict[str, Any],
+                  nodes: dict[str, dict[str, Any]]) -> tuple[str, str, dict[str, Any]]:
+    """(node, driver, image info) of a disk's image, under any filter QEMU stacked on it.
+
+    A running backup job (another tool's, or one of a killed qmpbackup run)
+    puts a copy-before-write filter on top of the disk; the image, its bitmaps
+    and new jobs are on the node below.  query-block names no child node, so
+    the node below is the one with the filter's inner image format and file.
+    """
+    node, driver = inserted["node-name"], inserted.get("drv", "")
+    image: dict[str, Any] = inserted.get("image", {})
+    while driver in FILTER_DRIVERS and "backing-image" in image:
+        inner = image["backing-image"]
+        below = [n for n in nodes.values() if n["node-name"] != node
+                 and n.get("drv") == inner.get("format")
+                 and n.get("image", {}).get("filename") == inner.get("filename")]
+        if len(below) != 1:
+            log.debug("cannot tell which node is below filter %s", node)
+            break
+        node, driver = below[0]["node-name"], below[0]["drv"]
+        image = below[0].get("image", inner)
+    return node, driver, image
+
+
 async def discover(session: QmpSession) -> list[BlockDevice]:
     """All block devices that have a medium, with their bitmaps."""
     blocks = await session.execute("query-block")
@@ -113,8 +139,7 @@ async def discover(session: QmpSession) -> list[BlockDevice]:
         if not inserted:
             log.debug("skipping %s: no medium", block.get("device") or block.get("qdev"))
             continue
-        node_name = inserted["node-name"]
-        image = inserted.get("image", {})
+        node_name, driver, image = below_filters(inserted, nodes)
         specific = image.get("format-specific", {}).get("data", {})
         device = block.get("device", "")
         qdev = block.get("qdev", "")
@@ -123,7 +148,7 @@ async def discover(session: QmpSession) -> list[BlockDevice]:
             device=device,
             qdev=qdev,
             node=node_name,
-            driver=inserted.get("drv", ""),
+            driver=driver,
             filename=image.get("filename", inserted.get("file", "")),
             virtual_size=image.get("virtual-size", 0),
             read_only=inserted.get("ro", False),
@@ -132,3 +157,10 @@ async def discover(session: QmpSession) -> list[BlockDevice]:
             bitmaps=_bitmaps_from_node(nodes.get(node_name, {})),
         ))
     return devices
+
+
+async def refresh_bitmaps(session: QmpSession, disks: list[BlockDevice]) -> None:
+    """Re-read the bitmaps of DISKS after the tool itself changed them."""
+    nodes = {n["node-name"]: n for n in await named_nodes(session)}
+    for disk in disks:
+        disk.bitmaps = _bitmaps_from_node(nodes.get(disk.node, {}))

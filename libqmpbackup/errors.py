@@ -8,6 +8,8 @@ from the same numbers; keep them stable, scripts depend on them.
 
 from __future__ import annotations
 
+import signal
+
 
 class QmpBackupError(Exception):
     """Base class: a failure that is reported in one line, without traceback."""
@@ -31,14 +33,14 @@ class ConnectError(QmpBackupError):
 
 
 class LockBusyError(QmpBackupError):
-    """Another qmpbackup run holds the lock of this VM or backup chain."""
+    """Another qmpbackup run holds the lock of this VM or backup folder."""
 
     exit_code = 4
     summary = "another backup is running"
 
 
 class TargetError(QmpBackupError):
-    """The backup target cannot be used (not empty, not a directory, unwritable, leftovers)."""
+    """The backup target cannot be used (not empty for a new chain, not a directory, unwritable, full)."""
 
     exit_code = 5
     summary = "target error"
@@ -52,7 +54,7 @@ class ChainError(QmpBackupError):
 
 
 class JobError(QmpBackupError):
-    """QEMU rejected the backup transaction or a block job failed or was cancelled."""
+    """QEMU rejected a command, or a block job failed (not on its target) or was cancelled."""
 
     exit_code = 7
     summary = "backup failed"
@@ -79,6 +81,13 @@ class AgentError(QmpBackupError):
     summary = "guest agent error"
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "unknown"
+
+
 class Interrupted(QmpBackupError):
     """SIGINT or SIGTERM arrived; raised in the main task so cleanup runs."""
 
@@ -86,7 +95,8 @@ class Interrupted(QmpBackupError):
     summary = "interrupted"
 
     def __init__(self, signum: int, message: str = "") -> None:
-        super().__init__(message or f"interrupted by signal {signum}")
+        super().__init__(message or f"interrupted by signal {signum} ({_signal_name(signum)}): "
+                                    "what this run had started was cancelled and removed")
         self.signum = signum
         self.exit_code = 128 + signum
 

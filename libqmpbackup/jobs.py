@@ -18,7 +18,7 @@ from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 
 from .chain import safe_component
 from .devices import BlockDevice
-from .errors import JobError, VMGoneError
+from .errors import JobError, TargetError, VMGoneError
 from .qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ TOOL_PREFIX = "qmpbackup-"
 JOB_EVENTS = ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR",
               "JOB_STATUS_CHANGE"]
 CANCEL_TIMEOUT = 30.0
+QUIT_GRACE = 1.0
 
 ProgressHook = Callable[[list["BackupJob"]], Awaitable[None]]
 
@@ -46,6 +47,7 @@ class BackupJob:
     job_id: str = ""
     target_node: str = ""
     result: Optional[str] = None    # None while running, "" on success, else error
+    target_failed: bool = False     # the error was writing the target (full, unwritable)
 
     def assign_names(self, index: int, run_tag: str) -> None:
         """Recognisable names, so leftovers of a killed run can be found and removed."""
@@ -87,11 +89,18 @@ async def add_target_node(session: QmpSession, job: BackupJob) -> None:
     })
 
 
-async def remove_node(session: QmpSession, node: str) -> None:
+async def remove_node(session: QmpSession, node: str) -> bool:
+    """Close NODE; False if it stays (QEMU refused, or is gone and took it along)."""
+    if not session.connected:
+        return False
     try:
         await session.execute("blockdev-del", {"node-name": node})
     except QmpCommandError as err:
         log.warning("could not remove block node %s: %s", node, err.desc)
+        return False
+    except VMGoneError:
+        return False
+    return True
 
 
 async def _watch_job(session: QmpSession, job: BackupJob) -> None:
@@ -108,6 +117,8 @@ async def _watch_job(session: QmpSession, job: BackupJob) -> None:
                 job.result = job.result or "cancelled"
             elif name == "BLOCK_JOB_ERROR":
                 log.debug("job %s: I/O error on %s", job.job_id, data.get("operation"))
+                # a backup job reads only its source and writes only its target
+                job.target_failed = job.target_failed or data.get("operation") == "write"
             elif name == "JOB_STATUS_CHANGE" and data.get("status") == "null":
                 if job.result is None:
                     job.result = "job vanished without a completion event"
@@ -116,9 +127,28 @@ async def _watch_job(session: QmpSession, job: BackupJob) -> None:
         session.client.remove_listener(listener)
 
 
+async def _host_shutdown(session: QmpSession) -> str:
+    """Return the reason once QEMU itself starts to quit (QMP quit, SIGTERM, ...).
+
+    QEMU then cancels every job before it closes the socket; without this the
+    run would report "cancelled" instead of "the VM went away".  A guest
+    shutdown (``guest: true``) is not one: the tool keeps QEMU alive for that.
+    """
+    listener = session.listener(["SHUTDOWN"])
+    session.client.register_listener(listener)
+    try:
+        async for event in listener:
+            if not event.get("data", {}).get("guest", False):
+                return str(event["data"].get("reason", "quit"))
+        return "quit"
+    finally:
+        session.client.remove_listener(listener)
+
+
 async def _wait_for_jobs(session: QmpSession, jobs: list[BackupJob]) -> None:
     watchers = [asyncio.ensure_future(_watch_job(session, job)) for job in jobs]
     gone = asyncio.ensure_future(session.wait_disconnected())
+    quitting = asyncio.ensure_future(_host_shutdown(session))
     try:
         pending = set(watchers)
         while pending:
@@ -126,14 +156,22 @@ async def _wait_for_jobs(session: QmpSession, jobs: list[BackupJob]) -> None:
                                                return_when=asyncio.FIRST_COMPLETED)
             if gone in done:
                 raise VMGoneError(
-                    f"QEMU went away during the backup (QMP socket {session.spec} closed)")
+                    f"QEMU went away during the backup (QMP socket {session.spec} closed); "
+                    "nothing was recorded")
             pending.discard(gone)
             for task in done:
                 task.result()
+        if any(j.result == "cancelled" for j in jobs):
+            # a quitting QEMU cancels the jobs itself: tell that apart from another client
+            await asyncio.wait({quitting, gone}, timeout=QUIT_GRACE)
+        if quitting.done() or gone.done():
+            reason = quitting.result() if quitting.done() else "socket closed"
+            raise VMGoneError(f"QEMU shut down during the backup ({reason}); "
+                              "nothing was recorded")
     finally:
-        for task in [*watchers, gone]:
+        for task in [*watchers, gone, quitting]:
             task.cancel()
-        await asyncio.gather(*watchers, gone, return_exceptions=True)
+        await asyncio.gather(*watchers, gone, quitting, return_exceptions=True)
 
 
 async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
@@ -171,8 +209,11 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
     failed = [j for j in jobs if j.result]
     if failed:
         real = [j for j in failed if j.result != "cancelled"] or failed
+        if all(j.target_failed for j in real):
+            detail = "; ".join(f"cannot write {j.partial_path}: {j.result}" for j in real)
+            raise TargetError(f"backup failed: {detail}; nothing recorded, no bitmap advanced")
         detail = "; ".join(f"{j.disk.disk_id}: {j.result}" for j in real)
-        raise JobError(f"backup job failed ({detail}); no bitmap was advanced")
+        raise JobError(f"backup job failed ({detail}); nothing recorded, no bitmap advanced")
 
 
 async def cancel_jobs(session: QmpSession, job_ids: list[str]) -> None:

@@ -181,6 +181,13 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
                 "(use --level inc or auto to continue the chain there, or --monthly)")
         chain_id = opts.uuid if opts.uuid and not unusable else new_chain_id()
         new = Chain(uuid=chain_id, bitmap=bitmap_name(chain_id), created=timestamp)
+        taken = [d.disk_id for d in disks if d.bitmap(new.bitmap)]
+        if taken:
+            # re-basing it would silently break the chain in the other folder
+            raise ChainError(
+                f"disk {taken[0]} already has bitmap {new.bitmap}: chain {chain_id} belongs "
+                f"to another backup folder; choose another --uuid, or remove that chain's "
+                f"bitmaps with: qmpbackup cleanup --remove-bitmaps --uuid {chain_id}")
         jobs, add = _chain_jobs(disks, root, new, timestamp)
         retire = chain.bitmap if unusable and chain else None
         return RunPlan("full", timestamp, root, new, True, jobs, add, retire, reason)

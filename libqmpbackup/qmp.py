@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import stat
+import struct
 from typing import Any, Optional, Union
 
 from qemu.qmp import ConnectError as QmpConnectError
@@ -48,6 +50,28 @@ def check_unix_socket(path: str, what: str = "QMP socket") -> None:
         raise ConnectError(f"{path} is not a socket (expected the VM's {what})")
 
 
+def peer_pid(sock: socket.socket) -> Optional[int]:
+    """The pid of the process that created the listening socket, if the OS tells."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option,
+                                                               struct.calcsize("3i")))
+    except OSError:
+        return None
+    return pid or None
+
+
+def _refusal(cause: Optional[BaseException]) -> str:
+    """Why a connection attempt failed, in the words an admin needs."""
+    if isinstance(cause, (ConnectionRefusedError, FileNotFoundError)):
+        return "connection refused (is the VM running?)"
+    if isinstance(cause, OSError):
+        return cause.strerror or str(cause)
+    return "the peer does not speak QMP"
+
+
 class QmpCommandError(JobError):
     """QEMU answered a command with an error."""
 
@@ -66,6 +90,7 @@ class QmpSession:
         self.address = parse_address(address)
         self.connect_timeout = connect_timeout
         self.client = QMPClient("qmpbackup")
+        self.peer_pid: Optional[int] = None   # QEMU's pid when known (unix socket on Linux)
 
     async def __aenter__(self) -> "QmpSession":
         await self.connect()
@@ -75,30 +100,44 @@ class QmpSession:
         await self.close()
 
     async def connect(self) -> None:
-        if isinstance(self.address, str):
-            check_unix_socket(self.address)
         try:
-            await asyncio.wait_for(self.client.connect(self.address),
-                                   timeout=self.connect_timeout)
+            await asyncio.wait_for(self._open(), timeout=self.connect_timeout)
         except asyncio.TimeoutError as err:
             await self.close()
             raise ConnectError(
                 f"QMP socket {self.spec} did not greet within {self.connect_timeout:g} s: "
-                "another client (another qmpbackup run, libvirt, a monitor) may hold it") from err
+                "another client (libvirt, a monitor, another tool) holds it, "
+                "or it is not a QMP socket") from err
+        except OSError as err:
+            raise ConnectError(f"cannot connect to QMP socket {self.spec}: "
+                               f"{_refusal(err)}") from err
         except QmpConnectError as err:
             await self.close()
-            cause = err.exc
-            if isinstance(cause, (ConnectionRefusedError, FileNotFoundError)):
-                reason = "connection refused (is the VM running?)"
-            elif isinstance(cause, OSError):
-                reason = cause.strerror or str(cause)
-            else:
-                reason = "the peer does not speak QMP"
-            raise ConnectError(f"cannot connect to QMP socket {self.spec}: {reason}") from err
+            raise ConnectError(f"cannot connect to QMP socket {self.spec}: "
+                               f"{_refusal(err.exc)}") from err
         if self.client.greeting is not None:
             version = self.client.greeting.QMP.version.get("qemu", {})
-            log.debug("connected to QEMU %s.%s.%s", version.get("major"), version.get("minor"),
-                      version.get("micro"))
+            log.debug("connected to QEMU %s.%s.%s (pid %s)", version.get("major"),
+                      version.get("minor"), version.get("micro"), self.peer_pid)
+
+    async def _open(self) -> None:
+        if isinstance(self.address, str):
+            check_unix_socket(self.address)
+            await self.client.connect(await self._unix_connection(self.address))
+        else:
+            await self.client.connect(self.address)
+
+    async def _unix_connection(self, path: str) -> socket.socket:
+        """Connect by hand to learn the peer's pid (SO_PEERCRED), which qemu.qmp hides."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        self.peer_pid = peer_pid(sock)
+        return sock
 
     async def close(self) -> None:
         try:

@@ -16,8 +16,8 @@ from libqmpbackup.cli import Command, add_logging_options, run
 from libqmpbackup.devices import discover
 from libqmpbackup.errors import UsageError
 from libqmpbackup.info import agent_report, bitmaps_table, blockdev_table
+from libqmpbackup.locks import locked_session
 from libqmpbackup.plan import LEVELS, BackupOptions
-from libqmpbackup.qmp import QmpSession
 from libqmpbackup.quiesce import check_quiesce_options
 from libqmpbackup.units import parse_size
 
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 async def backup_command(args: argparse.Namespace) -> int:
     # Checked here, before planning creates folders or retires bitmaps.
     check_quiesce_options(args.agent_socket, args.quiesce_required)
+    if args.uuid and args.level == "copy":
+        raise UsageError("--uuid names a chain, and --level copy makes none: drop one of them")
     opts = BackupOptions(
         level=args.level, target=args.target,
         uuid=validate_uuid(args.uuid) if args.uuid else None,
@@ -138,7 +140,7 @@ async def backup_command(args: argparse.Namespace) -> int:
         speed_limit=args.speed_limit, progress=not args.no_progress,
         quiesce=args.quiesce or args.quiesce_required, quiesce_required=args.quiesce_required,
         agent_socket=args.agent_socket)
-    async with QmpSession(args.socket) as session:
+    async with locked_session(args.socket) as session:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
              f" (chain {result.chain_id})" if result.chain_id else "")
@@ -151,7 +153,7 @@ async def info_command(args: argparse.Namespace) -> int:
             raise UsageError("info --show agent needs --agent-socket")
         print(await agent_report(args.agent_socket))
         return 0
-    async with QmpSession(args.socket) as session:
+    async with locked_session(args.socket) as session:
         disks = await discover(session)
     print(blockdev_table(disks) if args.show == "blockdev" else bitmaps_table(disks))
     return 0
@@ -159,7 +161,7 @@ async def info_command(args: argparse.Namespace) -> int:
 
 async def cleanup_command(args: argparse.Namespace) -> int:
     chain_id = validate_uuid(args.uuid) if args.uuid else None
-    async with QmpSession(args.socket) as session:
+    async with locked_session(args.socket) as session:
         removed = await remove_bitmaps(session, chain_id)
     for name in removed:
         print(f"removed {name}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 QEMU = "qemu-system-x86_64"
@@ -138,9 +139,16 @@ class TestVM:
             if time.monotonic() > deadline:
                 raise RuntimeError("QEMU did not create its QMP sockets")
             time.sleep(0.02)
-        self.qmp = QEMUMonitorProtocol(self.test_socket)
-        self.qmp.connect()
-        return self
+        while True:
+            self.qmp = QEMUMonitorProtocol(self.test_socket)
+            try:
+                self.qmp.connect()
+                return self
+            except ConnectError:
+                # the socket file exists from bind() on, but accepts only after listen()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def __enter__(self) -> "TestVM":
         return self.start()

@@ -1,0 +1,190 @@
+"""Mutual exclusion between qmpbackup runs: one lock per VM, one per chain folder.
+
+QEMU happily runs two backups of the same disk at once and a QMP socket
+silently queues a second client, so without locks a second cron run would
+either race the first (two writers of one chain, one bitmap cleared twice) or
+hang.  Both locks are ``flock`` locks taken without waiting: the kernel drops
+them when the process dies, so a lock file left by a killed run is harmless.
+A run deletes its lock file before releasing it, and a run that acquires a
+lock checks that the file it locked is still the one the path names, so
+deleting never lets two runs in.
+
+Where the VM lock lives (one file per QMP socket, named by a hash of the
+socket's real path, so every path to the same socket shares one lock):
+
+1. ``$QMPBACKUP_LOCK_DIR`` when set;
+2. ``/run/lock/qmpbackup`` for root, ``/run/lock/qmpbackup-<uid>`` for others
+   (a tmpfs that exists at 3 a.m. without a login session);
+3. ``<tmp>/qmpbackup-<uid>`` when /run/lock is missing.
+
+The chain lock is ``.qmpbackup.lock`` inside the chain folder, so it follows
+the folder to whatever host mounts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import AsyncIterator, Iterator, Optional
+
+from .chain import LOCK_NAME
+from .errors import LockBusyError, TargetError, UsageError
+from .qmp import QmpSession, check_unix_socket
+
+log = logging.getLogger(__name__)
+
+LOCK_DIR_ENV = "QMPBACKUP_LOCK_DIR"
+RUN_LOCK = Path("/run/lock")
+LOCK_ATTEMPTS = 5
+
+
+def _usable_private_dir(path: Path) -> bool:
+    """Create PATH 0700 if needed; True only if it is our own directory nobody else can write.
+
+    A lock directory another user controls could hold symlinks or files that
+    block our locks forever, so anything else is rejected.
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def lock_dir() -> Path:
+    """The directory of VM locks (see the module docstring for the order)."""
+    explicit = os.environ.get(LOCK_DIR_ENV)
+    if explicit:
+        try:
+            if _usable_private_dir(Path(explicit)):
+                return Path(explicit)
+        except OSError as err:
+            raise UsageError(f"{LOCK_DIR_ENV}={explicit}: {err.strerror}") from err
+        raise UsageError(f"{LOCK_DIR_ENV}={explicit} is not a directory owned by this user "
+                         "and writable only by it")
+    uid = os.geteuid()
+    candidates = [RUN_LOCK / ("qmpbackup" if uid == 0 else f"qmpbackup-{uid}"),
+                  Path(tempfile.gettempdir()) / f"qmpbackup-{uid}"]
+    for candidate in candidates:
+        try:
+            if _usable_private_dir(candidate):
+                return candidate
+        except OSError as err:
+            log.debug("lock directory %s unusable: %s", candidate, err.strerror)
+            continue
+        log.warning("ignoring lock directory %s: not owned by this user or writable by others",
+                    candidate)
+    raise UsageError(f"no usable lock directory (tried {', '.join(map(str, candidates))}); "
+                     f"set {LOCK_DIR_ENV}")
+
+
+def vm_lock_key(address: str) -> str:
+    """What identifies a VM: the real path of its unix socket, or the tcp address as given."""
+    return address if address.startswith("tcp:") else os.path.realpath(address)
+
+
+def vm_lock_path(address: str, directory: Optional[Path] = None) -> Path:
+    digest = hashlib.sha256(vm_lock_key(address).encode()).hexdigest()[:16]
+    return (directory or lock_dir()) / f"vm-{digest}.lock"
+
+
+def _holder(path: Path) -> str:
+    """The pid the holder wrote into the lock file, for the error message."""
+    try:
+        pid = path.read_text().split()[0]
+    except (OSError, IndexError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _try_lock(path: Path, what: str) -> Optional[int]:
+    """A descriptor holding the lock on the file PATH names now, or None to try again.
+
+    A holder that releases unlinks the file, so the file we opened may be
+    gone by the time our flock succeeds; only a lock on the file PATH still
+    names counts.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise TargetError(f"cannot open lock file {path}: {err.strerror}") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        opened, named = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        os.close(fd)
+        return None
+    except OSError as err:
+        holder = _holder(path)
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise TargetError(f"cannot lock {path}: {err.strerror}") from err
+        raise LockBusyError(f"another backup is running on {what}{holder}; "
+                            f"lock {path}") from err
+    if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def hold(path: Path, what: str, owner: str) -> Iterator[None]:
+    """Hold an exclusive lock on PATH or fail at once with LockBusyError.
+
+    The file exists only while held (or after a killed holder, harmlessly).
+    WHAT names the locked thing in messages; OWNER is written into the file
+    after the pid, for admins.
+    """
+    for _ in range(LOCK_ATTEMPTS):
+        fd = _try_lock(path, what)
+        if fd is not None:
+            break
+    else:
+        raise LockBusyError(f"another backup is running on {what}: lock {path} keeps changing")
+    try:
+        with contextlib.suppress(OSError):  # the pid is a courtesy: a full disk must not block
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {owner}\n".encode())
+        log.debug("locked %s", path)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()   # while still held: see _try_lock
+        os.close(fd)        # releases the flock
+
+
+@contextlib.contextmanager
+def vm_lock(address: str) -> Iterator[None]:
+    """Exclusive use of one VM's QMP socket by this qmpbackup run."""
+    with hold(vm_lock_path(address), f"VM socket {address}", vm_lock_key(address)):
+        yield
+
+
+@contextlib.contextmanager
+def chain_lock(root: Path) -> Iterator[None]:
+    """Exclusive use of one chain folder (whatever VM writes to it)."""
+    with hold(root / LOCK_NAME, f"target {root}", str(root)):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def locked_session(address: str) -> AsyncIterator[QmpSession]:
+    """A QMP session to the VM at ADDRESS, held by this run alone.
+
+    The lock comes before the connection: a second run must say "another
+    backup is running" at once instead of waiting for a greeting the busy
+    socket never sends.  Bad addresses are refused before any lock file exists.
+    """
+    session = QmpSession(address)
+    if isinstance(session.address, str):
+        check_unix_socket(session.address)
+    with vm_lock(address):
+        async with session:
+            yield session

@@ -1,0 +1,89 @@
+"""Leftovers of a killed run, removed by the next run before it plans anything.
+
+A run killed with SIGKILL (or by a host power loss) cannot undo its steps.
+What it leaves is recognisable by name: block jobs and nodes ``qmpbackup-*``
+in QEMU, auxiliary bitmaps ``qmpbackup-<id>+pending`` / ``+new`` (see
+:mod:`bitmaps`), ``*.partial`` backup files and half-written metadata temp
+files in the chain folder.  The caller holds the VM lock and the chain lock,
+so no other qmpbackup run can own any of them: each is removed and logged,
+and the run goes on — no manual step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import bitmaps
+from .chain import partial_files, stale_temp_files
+from .devices import BlockDevice, named_nodes
+from .errors import TargetError
+from .jobs import TOOL_PREFIX, cancel_jobs, remove_node
+from .qmp import QmpCommandError, QmpSession
+from .shutdown import ShutdownGuard
+
+log = logging.getLogger(__name__)
+
+
+async def clean_vm(session: QmpSession, disks: list[BlockDevice],
+                   guard: ShutdownGuard) -> bool:
+    """Remove an interrupted run's jobs, nodes and auxiliary bitmaps; True if bitmaps changed.
+
+    Jobs go first (a running job keeps its target node and chain bitmap
+    busy), then nodes, then bitmaps.  A killed run may also have left the
+    shutdown action at ``pause``, so it is set back when anything was found.
+    """
+    jobs = await _clean_jobs(session)
+    nodes = await _clean_nodes(session)
+    steps = bitmaps.recovery_steps(disks)
+    for step in steps:
+        if await bitmaps.try_transaction(session, step.actions, f"settle bitmaps of an "
+                                         f"interrupted run on {step.disk.disk_id}"):
+            log.warning("%s", step.message)
+    if jobs or nodes or steps:
+        await guard.restore()
+        status = (await session.execute("query-status")).get("status")
+        if status == "shutdown":
+            log.warning("the guest shut down while an interrupted backup held it back; "
+                        "the VM stays paused in state 'shutdown' (quit or reset it)")
+    return bool(steps)
+
+
+async def _clean_jobs(session: QmpSession) -> list[str]:
+    ours = [j for j in await session.execute("query-jobs") if j["id"].startswith(TOOL_PREFIX)]
+    running = []
+    for job in ours:
+        if job.get("status") == "concluded":
+            try:
+                await session.execute("job-dismiss", {"id": job["id"]})
+            except QmpCommandError as err:
+                log.debug("dismiss %s: %s", job["id"], err.desc)
+            log.warning("dismissed block job %s of an interrupted run", job["id"])
+        else:
+            log.warning("cancelling block job %s of an interrupted run (%s)", job["id"],
+                        job.get("status"))
+            running.append(job["id"])
+    await cancel_jobs(session, running)
+    return [j["id"] for j in ours]
+
+
+async def _clean_nodes(session: QmpSession) -> list[str]:
+    nodes = [n["node-name"] for n in await named_nodes(session)
+             if n["node-name"].startswith(TOOL_PREFIX)]
+    for node in nodes:
+        if await remove_node(session, node):
+            log.warning("removed block node %s of an interrupted run", node)
+    return nodes
+
+
+def clean_target(root: Path) -> None:
+    """Delete unfinished backup files and metadata temp files an interrupted run left in ROOT."""
+    for path in [*partial_files(root), *stale_temp_files(root)]:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise TargetError(f"cannot remove {path} left by an interrupted run: "
+                              f"{err.strerror}") from err
+        log.warning("removed %s, left by an interrupted run", path)

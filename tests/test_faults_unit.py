@@ -1,0 +1,226 @@
+"""Fast tests of the failure-handling helpers: locks, auxiliary bitmaps, shutdown action, leftovers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from libqmpbackup import locks
+from libqmpbackup.bitmaps import (RunBitmaps, chain_bitmap_of, recovery_steps, split_auxiliary,
+                                  tool_bitmaps)
+from libqmpbackup.chain import (LOCK_NAME, is_empty_dir, partial_files, prepare_root,
+                                stale_temp_files, write_atomically)
+from libqmpbackup.devices import BlockDevice, DirtyBitmap, below_filters
+from libqmpbackup.errors import LockBusyError, UsageError
+from libqmpbackup.recovery import clean_target
+from libqmpbackup.shutdown import configured_shutdown_action
+
+CHAIN = "qmpbackup-c1"
+
+
+def bitmap(name: str, *, inconsistent: bool = False, granularity: int = 65536) -> DirtyBitmap:
+    return DirtyBitmap(name=name, node="n0", recording=True, persistent=True, busy=False,
+                       inconsistent=inconsistent, dirty_bytes=0, granularity=granularity)
+
+
+def disk(*bitmaps: DirtyBitmap, disk_id: str = "virtio0") -> BlockDevice:
+    return BlockDevice(disk_id=disk_id, device=disk_id, qdev="", node="n0", driver="qcow2",
+                       filename="/img/a.qcow2", virtual_size=1 << 20, read_only=False,
+                       removable=False, qcow2_compat="1.1", bitmaps=list(bitmaps))
+
+
+# -- auxiliary bitmaps --------------------------------------------------------------------
+
+def test_auxiliary_names() -> None:
+    assert split_auxiliary(f"{CHAIN}+pending") == (CHAIN, "+pending")
+    assert split_auxiliary(f"{CHAIN}+new") == (CHAIN, "+new")
+    assert split_auxiliary(CHAIN) is None
+    assert split_auxiliary("foreign+pending") is None, "only qmpbackup's own"
+    assert split_auxiliary("qmpbackup-+pending") is None, "no chain id, no chain"
+    assert chain_bitmap_of(f"{CHAIN}+pending") == CHAIN == chain_bitmap_of(CHAIN)
+
+
+def test_tool_bitmaps_of_one_chain_include_its_auxiliaries() -> None:
+    d = disk(bitmap(CHAIN), bitmap(f"{CHAIN}+pending"), bitmap("qmpbackup-c2"),
+             bitmap("qmpbackup-c2+new"), bitmap("foreign"))
+    assert tool_bitmaps(d, "c1") == [CHAIN, f"{CHAIN}+pending"]
+    assert len(tool_bitmaps(d)) == 4
+
+
+def actions(kind: str, steps: list) -> list:
+    return [a["data"] for step in steps for a in step.actions if a["type"] == kind]
+
+
+def test_pending_is_merged_back_into_a_usable_chain_bitmap() -> None:
+    steps = recovery_steps([disk(bitmap(CHAIN), bitmap(f"{CHAIN}+pending"))])
+    assert actions("block-dirty-bitmap-merge", steps) == [
+        {"node": "n0", "target": CHAIN, "bitmaps": [f"{CHAIN}+pending"]}]
+    assert actions("block-dirty-bitmap-remove", steps) == [{"node": "n0", "name": f"{CHAIN}+pending"}]
+    assert "merged" in steps[0].message
+
+
+@pytest.mark.parametrize("bitmaps, why", [
+    ((bitmap(f"{CHAIN}+pending"),), "missing"),
+    ((bitmap(CHAIN, inconsistent=True), bitmap(f"{CHAIN}+pending", inconsistent=True)),
+     "its chain bitmap is inconsistent"),
+    ((bitmap(CHAIN), bitmap(f"{CHAIN}+pending", inconsistent=True)), "it is inconsistent"),
+])
+def test_pending_without_a_usable_chain_bitmap_is_just_removed(bitmaps, why: str) -> None:
+    steps = recovery_steps([disk(*bitmaps)])
+    assert not actions("block-dirty-bitmap-merge", steps)
+    assert actions("block-dirty-bitmap-remove", steps) == [{"node": "n0", "name": f"{CHAIN}+pending"}]
+    assert why in steps[0].message
+
+
+def test_new_marker_removes_the_uncommitted_chain_bitmap() -> None:
+    steps = recovery_steps([disk(bitmap(CHAIN), bitmap(f"{CHAIN}+new"), bitmap("qmpbackup-c2"))])
+    assert actions("block-dirty-bitmap-remove", steps) == [
+        {"node": "n0", "name": CHAIN}, {"node": "n0", "name": f"{CHAIN}+new"}]
+    assert recovery_steps([disk(bitmap(CHAIN), bitmap("qmpbackup-c2"))]) == []
+
+
+def test_run_bitmaps_prepare_in_one_transaction() -> None:
+    kept = disk(bitmap(CHAIN, granularity=131072))
+    added = disk(disk_id="hot1")
+    run = RunBitmaps(CHAIN, kept=[kept], added=[added])
+    assert [(a["type"], a["data"].get("name", a["data"].get("target"))) for a in
+            run.prepare_actions()] == [
+        ("block-dirty-bitmap-add", f"{CHAIN}+pending"),
+        ("block-dirty-bitmap-merge", f"{CHAIN}+pending"),
+        ("block-dirty-bitmap-add", CHAIN),
+        ("block-dirty-bitmap-add", f"{CHAIN}+new")]
+    pending, _, chain, marker = (a["data"] for a in run.prepare_actions())
+    assert pending["granularity"] == 131072 and pending["persistent"]
+    assert "disabled" not in pending, "+pending keeps recording guest writes"
+    assert marker["disabled"] and marker["persistent"] and chain["persistent"]
+
+
+# -- shutdown action ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, action", [
+    (["qemu"], "poweroff"),
+    (["qemu", "-no-shutdown"], "pause"),
+    (["qemu", "--no-shutdown"], "pause"),
+    (["qemu", "-action", "reboot=shutdown,shutdown=pause"], "pause"),
+    (["qemu", "-no-shutdown", "-action", "shutdown=poweroff"], "poweroff"),
+    (["qemu", "-action", "panic=pause"], "poweroff"),
+    (["qemu", "-action"], "poweroff"),
+])
+def test_configured_shutdown_action(argv: list[str], action: str) -> None:
+    assert configured_shutdown_action(argv) == action
+
+
+# -- locks --------------------------------------------------------------------------------
+
+def test_second_holder_is_refused_and_lock_file_goes_with_the_holder(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    with locks.hold(path, "thing", "owner"):
+        assert path.read_text() == f"{os.getpid()} owner\n"
+        with pytest.raises(LockBusyError, match=rf"another backup is running on thing \(pid {os.getpid()}\)"):
+            with locks.hold(path, "thing", "owner"):
+                pass
+    assert not path.exists()
+    with locks.hold(path, "thing", "owner"):
+        pass
+
+
+def test_lock_of_a_dead_process_does_not_block(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'999999 old'); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    assert path.exists(), "a killed holder leaves its file"
+    with locks.hold(path, "thing", "owner"):
+        assert path.read_text().startswith(f"{os.getpid()} ")
+
+
+def test_vm_lock_is_keyed_by_the_real_socket_path(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(locks.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    (tmp_path / "locks").mkdir(mode=0o700)
+    real = tmp_path / "vm.sock"
+    real.touch()
+    (tmp_path / "alias.sock").symlink_to(real)
+    assert locks.vm_lock_path(str(real)) == locks.vm_lock_path(str(tmp_path / "alias.sock"))
+    assert locks.vm_lock_path(str(real)).parent == tmp_path / "locks"
+    with locks.vm_lock(str(real)):
+        with pytest.raises(LockBusyError, match="another backup is running on VM socket"):
+            with locks.vm_lock(str(tmp_path / "alias.sock")):
+                pass
+    assert locks.vm_lock_key("tcp:host:4444") == "tcp:host:4444"
+
+
+def test_lock_dir_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv(locks.LOCK_DIR_ENV, str(shared))
+    with pytest.raises(UsageError, match="writable only by it"):
+        locks.lock_dir()
+    monkeypatch.setenv(locks.LOCK_DIR_ENV, str(tmp_path / "new"))
+    assert locks.lock_dir() == tmp_path / "new"
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+
+
+def test_default_lock_dir_is_the_same_with_or_without_a_session(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """cron at 3 a.m. has no XDG_RUNTIME_DIR: the lock must not depend on it."""
+    monkeypatch.delenv(locks.LOCK_DIR_ENV, raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    without = locks.lock_dir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/nonexistent")
+    assert locks.lock_dir() == without
+
+
+# -- target folder ------------------------------------------------------------------------
+
+def test_prepare_root_reports_what_it_created(tmp_path: Path) -> None:
+    root = tmp_path / "a" / "b"
+    assert prepare_root(root) == [tmp_path / "a", root]
+    assert prepare_root(root) == []
+    assert root.stat().st_mode & 0o777 == 0o700
+
+
+def test_lock_file_does_not_make_a_folder_non_empty(tmp_path: Path) -> None:
+    (tmp_path / LOCK_NAME).write_text("1 x\n")
+    assert is_empty_dir(tmp_path)
+    (tmp_path / "other").write_text("")
+    assert not is_empty_dir(tmp_path)
+
+
+def test_clean_target_removes_partials_and_metadata_temp_files(tmp_path: Path) -> None:
+    (tmp_path / "virtio0").mkdir()
+    partial = tmp_path / "virtio0" / "INC-2-a.qcow2.partial"
+    partial.write_text("")
+    kept = tmp_path / "virtio0" / "FULL-1-a.qcow2"
+    kept.write_text("")
+    temp = tmp_path / ".qmpbackup.json.abc123.tmp"
+    temp.write_text("{")
+    write_atomically(tmp_path / "qmpbackup.json", "{}\n")
+    assert partial_files(tmp_path) == [partial] and stale_temp_files(tmp_path) == [temp]
+    clean_target(tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["FULL-1-a.qcow2", "qmpbackup.json",
+                                                           "virtio0"]
+
+
+# -- discovery under a running job's filter -----------------------------------------------
+
+def test_disk_under_a_copy_before_write_filter() -> None:
+    inner = {"filename": "/img/a.qcow2", "format": "qcow2", "virtual-size": 1 << 20}
+    inserted = {"node-name": "#block9", "drv": "copy-before-write",
+                "image": {"filename": "/img/a.qcow2", "format": "copy-before-write",
+                          "backing-image": inner}}
+    nodes = {n["node-name"]: n for n in [
+        {"node-name": "#block9", "drv": "copy-before-write", "image": inserted["image"]},
+        {"node-name": "#block1", "drv": "qcow2", "image": {**inner, "format-specific": {}}},
+        {"node-name": "#block0", "drv": "file", "image": {"filename": "/img/a.qcow2",
+                                                         "format": "file"}},
+    ]}
+    node, driver, image = below_filters(inserted, nodes)
+    assert (node, driver) == ("#block1", "qcow2") and "format-specific" in image
+    plain = {"node-name": "#block1", "drv": "qcow2", "image": inner}
+    assert below_filters(plain, nodes)[:2] == ("#block1", "qcow2")
