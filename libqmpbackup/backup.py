@@ -35,6 +35,7 @@ from .chain import (BackupRecord, ChainStore, fsync_dir, is_empty_dir,
 from .devices import BlockDevice, discover, refresh_bitmaps
 from .errors import AgentError, JobError, TargetError, VMGoneError
 from .jobs import BackupJob, add_target_node, cancel_jobs, new_run_tag, remove_node, run_transaction
+from .journal import refuse_unfinished_restores
 from .locks import chain_lock
 from .plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
 from .progress import ProgressReporter
@@ -86,6 +87,7 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     if await recovery.clean_vm(session, disks, guard):
         await refresh_bitmaps(session, selected)
     recovery.clean_target(root)
+    refuse_unfinished_restores(root)
     store = ChainStore.load(root)
     timestamp = _timestamp_after(latest_backup_time(root))
     plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root))

@@ -20,15 +20,18 @@ How each stays safe when interrupted (and what re-running does):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Iterator
 
 from . import fsops, qemuimg
 from .backupdir import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
 from .chain import ChainStore
 from .errors import ChainError, QmpBackupError, UsageError
 from .journal import Journal, unfinished_error
+from .locks import chain_lock
 from .restore import (BASE_SNAPSHOT, IMAGE_LINK, RestoreOptions, RestorePoint, consolidated_name,
                       label, matches, needs_rebase)
 
@@ -58,10 +61,28 @@ def _back_by_metadata(point: RestorePoint, dry_run: bool) -> None:
             log.debug("%s is already backed by %s", record.file, previous.file)
 
 
+@contextlib.contextmanager
+def _exclusive(backup: BackupDir, dry_run: bool) -> Iterator[None]:
+    """In-place restores change files a backup run would extend: never both at once.
+
+    A dry run changes nothing, not even the lock file, so it takes no lock.
+    """
+    if dry_run:
+        yield
+        return
+    with chain_lock(backup.root):
+        yield
+
+
 def rebase(opts: RestoreOptions) -> Path:
     """Make the point's file a usable image through relative backing files; link ``image`` to it."""
     qemuimg.binary()
     backup = open_backup_dir(opts.dir)
+    with _exclusive(backup, opts.dry_run):
+        return _rebase(backup, opts)
+
+
+def _rebase(backup: BackupDir, opts: RestoreOptions) -> Path:
     point = _disk_point(backup, "rebase", opts)
     _back_by_metadata(point, opts.dry_run)
     fsops.link(point.folder / IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
@@ -91,6 +112,12 @@ def _ensure_snapshot(image: Path, tag: str, dry_run: bool) -> None:
 def _consolidate(opts: RestoreOptions, operation: str, *, snapshots: bool) -> Path:
     qemuimg.binary()
     backup = open_backup_dir(opts.dir)
+    with _exclusive(backup, opts.dry_run):
+        return _consolidate_locked(backup, opts, operation, snapshots)
+
+
+def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
+                        snapshots: bool) -> Path:
     backup.require_disk_folder(operation)
     folder = backup.folder
     journal = Journal.load(folder)

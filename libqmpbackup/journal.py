@@ -66,3 +66,11 @@ def unfinished_error(folder: Path, journal: Journal) -> ChainError:
     return ChainError(
         f"{folder} holds an unfinished qmprestore {journal.operation} (up to {journal.point}, "
         f"see {JOURNAL_NAME}): run `{journal.rerun_command(folder)}` to finish it first")
+
+
+def refuse_unfinished_restores(root: Path) -> None:
+    """A backup must not extend a chain whose files an in-place restore is rewriting."""
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        journal = Journal.load(folder)
+        if journal is not None:
+            raise unfinished_error(folder, journal)

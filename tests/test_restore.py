@@ -547,3 +547,24 @@ def test_help_of_every_command_shows_examples(cli) -> None:
     for command in ("list", "merge", "rebase", "commit", "snapshotrebase"):
         result = cli("qmprestore", command, "--help")
         assert result.rc == 0 and "examples:" in result.out and "qmprestore " + command in result.out
+
+
+def test_backup_and_in_place_restore_exclude_each_other(cli, chains: Chains, tmp_path: Path) -> None:
+    """A backup never extends a chain an in-place restore is rewriting, and vice versa."""
+    from libqmpbackup.journal import Journal
+    from libqmpbackup.locks import chain_lock
+    folder = copy_disk(chains.main, "virtio0", tmp_path / "copy")
+    before = digests(folder)
+    with chain_lock(folder.parent):   # what a running backup holds
+        cli("qmprestore", "commit", "--dir", folder).failed(4, "another backup is running")
+        cli("qmprestore", "rebase", "--dir", folder).failed(4, "another backup is running")
+    assert digests(folder) == before
+    names = files(folder.parent, "virtio0")
+    Journal(operation="commit", chain=metadata(folder.parent)["chains"][0]["uuid"],
+            disk="virtio0", base=names[0], result=names[0], point=names[1], point_time=1,
+            steps=names[1:2]).save(folder)
+    with TestVM(tmp_path / "img", [Disk("virtio0", "virtio", "qcow2", 32 * MiB)]) as vm:
+        cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "auto",
+            "--include", "virtio0", "--target", folder.parent).failed(
+                6, "unfinished qmprestore commit", "qmprestore commit --dir")
+        assert vm.tool_leftovers() == []
