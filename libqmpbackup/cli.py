@@ -20,11 +20,20 @@ from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 
 from .errors import Interrupted, QmpBackupError
 from .logsetup import configure
+from .units import parse_size
 
 log = logging.getLogger(__name__)
 
 Command = Callable[[argparse.Namespace], Union[int, None, Awaitable[Optional[int]]]]
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def byte_rate(text: str) -> int:
+    """argparse type for sizes and rates such as ``50M``: bad input is a usage error."""
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def add_logging_options(parser: argparse.ArgumentParser) -> None:

@@ -12,14 +12,13 @@ from libqmpbackup import __version__
 from libqmpbackup.backup import run_backup
 from libqmpbackup.chain import validate_uuid
 from libqmpbackup.cleanup import remove_bitmaps
-from libqmpbackup.cli import Command, add_logging_options, run
+from libqmpbackup.cli import Command, add_logging_options, byte_rate, run
 from libqmpbackup.devices import discover
 from libqmpbackup.errors import UsageError
 from libqmpbackup.info import agent_report, bitmaps_table, blockdev_table
 from libqmpbackup.locks import locked_session
 from libqmpbackup.plan import LEVELS, BackupOptions
 from libqmpbackup.quiesce import check_quiesce_options
-from libqmpbackup.units import parse_size
 
 log = logging.getLogger("qmpbackup")
 
@@ -51,12 +50,6 @@ def _names(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError("expected a comma-separated list of disk names")
     return names
 
-
-def _rate(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(raw, ...): copied in full at every level")
     backup.add_argument("--compress", action="store_true",
                         help="write compressed qcow2 clusters (much slower, smaller)")
-    backup.add_argument("--speed-limit", type=_rate, default=0, metavar="BYTES_PER_SECOND",
+    backup.add_argument("--speed-limit", type=byte_rate, default=0,
+                        metavar="BYTES_PER_SECOND",
                         help="limit each disk's job to this rate (suffixes k, M, G allowed)")
     backup.add_argument("--no-progress", action="store_true",
                         help="no progress output while jobs run")

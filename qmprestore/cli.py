@@ -9,12 +9,11 @@ from typing import Optional, Sequence
 
 from libqmpbackup import __version__
 from libqmpbackup.chain import validate_uuid
-from libqmpbackup.cli import Command, add_logging_options, run
+from libqmpbackup.cli import Command, add_logging_options, byte_rate, run
 from libqmpbackup.inplace import commit, rebase, snapshotrebase
 from libqmpbackup.listing import list_table
 from libqmpbackup.merge import FORMATS, MergeTarget, merge
 from libqmpbackup.restore import RestoreOptions
-from libqmpbackup.units import parse_size
 
 EXAMPLES = """\
 examples:
@@ -76,12 +75,6 @@ HELP = {
 }
 
 
-def _rate(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
 
 def _add_command(commands: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=HELP[name], epilog=COMMAND_EXAMPLES[name],
@@ -101,7 +94,7 @@ def _add_command(commands: argparse._SubParsersAction, name: str) -> argparse.Ar
                         help="do not compare files with the metadata nor run qemu-img check "
                              "(leftover .partial files are refused anyway)")
     if name in ("merge", "commit", "snapshotrebase"):
-        parser.add_argument("--rate-limit", type=_rate, default=0, metavar="BYTES_PER_SECOND",
+        parser.add_argument("--rate-limit", type=byte_rate, default=0, metavar="BYTES_PER_SECOND",
                             help="limit qemu-img's I/O rate (suffixes k, M, G allowed)")
     return parser
 
