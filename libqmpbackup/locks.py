@@ -181,10 +181,18 @@ async def locked_session(address: str) -> AsyncIterator[QmpSession]:
     The lock comes before the connection: a second run must say "another
     backup is running" at once instead of waiting for a greeting the busy
     socket never sends.  Bad addresses are refused before any lock file exists.
+    Once connected, a second lock on QEMU's pid covers VMs with several sockets.
     """
     session = QmpSession(address)
     if isinstance(session.address, str):
         check_unix_socket(session.address)
     with vm_lock(address):
         async with session:
-            yield session
+            if session.peer_pid is None:
+                yield session
+                return
+            # a VM with several QMP sockets is still one VM: leftovers of
+            # "another run" must never be a live run on the other socket
+            with hold(lock_dir() / f"qemu-{session.peer_pid}.lock",
+                      f"QEMU process {session.peer_pid}", address):
+                yield session

@@ -369,3 +369,28 @@ def test_progress_on_a_terminal_is_a_live_line_per_disk(vm: TestVM, tmp_path: Pa
     assert proc.wait(30) == 0, output.decode(errors="replace")
     text = output.decode(errors="replace")
     assert "\rvirtio0 " in text and "%" in text and "MiB/s" in text
+
+
+def test_two_runs_on_two_sockets_of_one_vm_exclude_each_other(cli, tmp_path: Path) -> None:
+    """A run must never take a live run on another QMP socket of the same VM for leftovers."""
+    third = str(tmp_path / "third.sock")
+    disks = [Disk("virtio0", "virtio", "qcow2", 64 * MiB)]
+    with TestVM(tmp_path / "img", disks,
+                extra_args=("-qmp", f"unix:{third},server=on,wait=off")) as vm:
+        cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "full",
+            "--target", tmp_path / "a", "--no-progress").ok()
+        vm.write("virtio0", 0x5C, 0, 32 * MiB)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qmpbackup", "--socket", vm.tool_socket, "backup", "--level",
+             "inc", "--speed-limit", "4M", "--target", str(tmp_path / "a")],
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while not vm.cmd("query-jobs"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        cli("qmpbackup", "--socket", third, "backup", "--level", "copy", "--target",
+            tmp_path / "b", "--no-progress").failed(4, "another backup is running", "QEMU process")
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert identical(backups(tmp_path / "a", "virtio0")[-1],
+                         vm.reference("virtio0", tmp_path / "ref.raw"))
