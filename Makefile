@@ -46,7 +46,7 @@ $(VENV)/.installed: setup.py requirements.txt tests/requirements.txt
 	@touch $@
 
 test: deps
-	$(VPY) -m pytest -n $(JOBS) --timeout=600 -q tests $(PYTEST_ARGS)
+	$(VPY) -m pytest -n $(JOBS) --timeout=600 -q -rfE tests $(PYTEST_ARGS)
 
 unit: venv
 	$(VPY) -m pytest -q tests/test_units.py

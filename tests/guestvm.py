@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple, TypeVar
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from libqmpbackup.agent import GuestAgent
+from vm import harness_qmp
 from libqmpbackup.errors import AgentError, ConnectError
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ class GuestVM:
                 )
             self._wait_for_ready_line()
             booted = time.monotonic()
-            self._qmp = QEMUMonitorProtocol(self.test_socket)
+            self._qmp = harness_qmp(self.test_socket)
             self._qmp.connect()
             self._qmp.settimeout(30.0)
             self._wait_for_agent()

@@ -8,6 +8,7 @@ so dirties bitmaps exactly like guest writes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -66,6 +68,23 @@ def default_disks() -> list[Disk]:
         Disk("pflash1", "pflash", "raw", 256 * 1024, unit=1),
         Disk("data1", "blockdev", "qcow2", 8 * MiB),
     ]
+
+
+def harness_qmp(path: str) -> QEMUMonitorProtocol:
+    """The test's own synchronous QMP client.
+
+    On Python 3.9 an asyncio.Queue binds to the current event loop when it is
+    made, and the tool's in-process ``asyncio.run`` leaves none behind.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            usable = not asyncio.get_event_loop().is_closed()
+        except RuntimeError:
+            usable = False
+    if not usable:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+    return QEMUMonitorProtocol(path)
 
 
 def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
@@ -140,7 +159,7 @@ class TestVM:
                 raise RuntimeError("QEMU did not create its QMP sockets")
             time.sleep(0.02)
         while True:
-            self.qmp = QEMUMonitorProtocol(self.test_socket)
+            self.qmp = harness_qmp(self.test_socket)
             try:
                 self.qmp.connect()
                 return self
