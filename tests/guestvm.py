@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ctypes
 import functools
 import logging
 import os
@@ -37,7 +36,7 @@ from typing import Any, Callable, NamedTuple, TypeVar
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from libqmpbackup.agent import GuestAgent
-from vm import harness_qmp
+from vm import die_with_parent, harness_qmp
 from libqmpbackup.errors import AgentError, ConnectError
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ FAILED_LINE = "QMPBACKUP-GUEST-FAILED"
 #: build-guest.sh exit status for "cannot be built on this machine".
 EXIT_UNAVAILABLE = 77
 #: From <linux/prctl.h>.
-PR_SET_PDEATHSIG = 1
 
 T = TypeVar("T")
 
@@ -259,7 +257,7 @@ class GuestVM:
                     stdin=subprocess.DEVNULL,
                     stdout=qemu_log,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             self._wait_for_ready_line()
             booted = time.monotonic()
@@ -433,19 +431,6 @@ class GuestVM:
                 parts.append(f"--- {title} ({path}), last lines:\n" + "\n".join(tail))
         return "\n".join(parts)
 
-
-def _die_with_parent() -> None:
-    """Have the kernel SIGKILL QEMU if the test process dies without teardown.
-
-    Teardown kills QEMU in every normal path; this covers a SIGKILLed or
-    crashed pytest, which would otherwise leave a TCG guest burning a core.
-    Runs in the child between fork and exec; best effort, Linux only.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 def _b64(data: str | None) -> str:

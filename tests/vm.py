@@ -9,6 +9,7 @@ so dirties bitmaps exactly like guest writes.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import os
 import shutil
@@ -68,6 +69,23 @@ def default_disks() -> list[Disk]:
         Disk("pflash1", "pflash", "raw", 256 * 1024, unit=1),
         Disk("data1", "blockdev", "qcow2", 8 * MiB),
     ]
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL QEMU if the test process dies without teardown.
+
+    Teardown kills QEMU in every normal path; this covers a SIGKILLed or
+    crashed pytest worker, which would otherwise leave VMs behind. Runs in
+    the child between fork and exec; best effort, Linux only.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def harness_qmp(path: str) -> QEMUMonitorProtocol:
@@ -148,9 +166,18 @@ class TestVM:
         return argv + list(self.extra_args)
 
     def start(self) -> "TestVM":
-        self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=open(self.folder / "qemu.log", "ab"))
+        with open(self.folder / "qemu.log", "ab") as log:
+            self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=log,
+                                         preexec_fn=die_with_parent)
+        try:
+            return self._connect()
+        except BaseException:
+            self.stop()   # a VM whose start failed must not outlive the test
+            raise
+
+    def _connect(self) -> "TestVM":
+        assert self.proc is not None
         deadline = time.monotonic() + 30
         while not (os.path.exists(self.test_socket) and os.path.exists(self.tool_socket)):
             if self.proc.poll() is not None:
