@@ -31,7 +31,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from .chain import BITMAP_PREFIX
+from .chain import BITMAP_PREFIX, bitmap_name
 from .devices import BlockDevice, DirtyBitmap
 from .errors import VMGoneError
 from .qmp import QmpCommandError, QmpSession
@@ -113,7 +113,7 @@ def tool_bitmaps(disk: BlockDevice, chain_id: Optional[str] = None) -> list[str]
     names = [b.name for b in disk.bitmaps if b.name.startswith(BITMAP_PREFIX)]
     if chain_id is None:
         return names
-    return [n for n in names if chain_bitmap_of(n) == f"{BITMAP_PREFIX}{chain_id}"]
+    return [n for n in names if chain_bitmap_of(n) == bitmap_name(chain_id)]
 
 
 def chain_bitmap_of(name: str) -> str:

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 
-from .chain import safe_component
+from .chain import TOOL_PREFIX, safe_component
 from .devices import BlockDevice
 from .errors import JobError, TargetError, VMGoneError
 from .qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
 
-TOOL_PREFIX = "qmpbackup-"
 JOB_EVENTS = ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR",
               "JOB_STATUS_CHANGE"]
 CANCEL_TIMEOUT = 30.0

@@ -15,6 +15,7 @@ from typing import Optional
 
 from .chain import (PARTIAL_SUFFIX, Chain, ChainStore, backup_file_name, bitmap_name,
                     month_folder, new_chain_id, safe_component)
+from .bitmaps import tool_bitmaps
 from .devices import BlockDevice
 from .errors import ChainError, TargetError, UsageError
 from .jobs import BackupJob
@@ -137,7 +138,7 @@ def _bitmap_problems(disks: list[BlockDevice], chain: Chain) -> list[tuple[Block
             continue
         bitmap = disk.bitmap(chain.bitmap)
         if bitmap is None:
-            others = [b.name for b in disk.bitmaps if b.name.startswith("qmpbackup-")]
+            others = tool_bitmaps(disk)
             hint = f" (it has {', '.join(others)} from another chain)" if others else ""
             problems.append((disk, f"disk {disk.disk_id} has no bitmap {chain.bitmap}{hint}"))
         elif bitmap.inconsistent:
