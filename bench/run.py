@@ -52,8 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))            # libqmpbackup (size parsing)
 sys.path.insert(0, str(ROOT / "tests"))  # the real-QEMU VM helper
 
-from libqmpbackup.units import parse_size  # noqa: E402
 from vm import Disk, TestVM  # noqa: E402
+
+from libqmpbackup.units import parse_size  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -198,7 +199,7 @@ class ForeignLoad:
         while not self._stop.wait(self.INTERVAL):
             self.sample()
 
-    def __enter__(self) -> "ForeignLoad":
+    def __enter__(self) -> ForeignLoad:
         self.sample()
         self._thread.start()
         return self

@@ -2,7 +2,7 @@
 
 Every error a user can cause or meet carries its exit code on the class, so
 the command-line entry points map exceptions to exit codes in exactly one
-place (:func:`libqmpbackup.cli.run`).  The table in the README is generated
+place (:func:`libqmpbackup.runner.run`).  The table in the README is generated
 from the same numbers; keep them stable, scripts depend on them.
 """
 

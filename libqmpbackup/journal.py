@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .chain import write_atomically
-from .errors import ChainError
+from libqmpbackup.errors import ChainError
+from libqmpbackup.fsutil import write_atomically
 
 JOURNAL_NAME = "qmprestore-journal.json"
 
@@ -47,7 +47,7 @@ class Journal:
         write_atomically(folder / JOURNAL_NAME, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: Path) -> Optional["Journal"]:
+    def load(cls, folder: Path) -> Optional[Journal]:
         path = folder / JOURNAL_NAME
         try:
             return cls(**json.loads(path.read_text()))

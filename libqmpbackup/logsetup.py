@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Optional
 
-from .errors import UsageError
+from libqmpbackup.errors import UsageError
 
 SYSLOG_SOCKET = "/dev/log"
 
@@ -46,18 +46,19 @@ def configure(*, debug: bool = False, quiet: bool = False, logfile: Optional[str
 
     if logfile:
         try:
-            handler: logging.Handler = logging.FileHandler(logfile)
+            file_handler = logging.FileHandler(logfile)
         except OSError as err:
             raise UsageError(f"cannot open log file {logfile}: {err.strerror}") from err
-        handler.setFormatter(logging.Formatter(
+        file_handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
+        root.addHandler(file_handler)
     if syslog:
         if not os.path.exists(SYSLOG_SOCKET):
             raise UsageError(f"--syslog: {SYSLOG_SOCKET} does not exist (no syslog daemon)")
-        handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
-        handler.setFormatter(logging.Formatter(f"{name}[%(process)d]: %(levelname)s %(message)s"))
-        root.addHandler(handler)
+        syslog_handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+        syslog_handler.setFormatter(
+            logging.Formatter(f"{name}[%(process)d]: %(levelname)s %(message)s"))
+        root.addHandler(syslog_handler)
 
     qmp_logger = logging.getLogger("qemu.qmp")
     qmp_logger.setLevel(logging.DEBUG if debug else logging.CRITICAL + 1)

@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from libqmpbackup import __version__
-from libqmpbackup.backup import run_backup
-from libqmpbackup.chain import validate_uuid
-from libqmpbackup.cleanup import remove_bitmaps
-from libqmpbackup.cli import Command, add_logging_options, byte_rate, run
-from libqmpbackup.devices import discover
+from libqmpbackup.backup.bitmap_removal import remove_bitmaps
+from libqmpbackup.backup.plan import LEVELS, BackupOptions
+from libqmpbackup.backup.quiesce import check_quiesce_options
+from libqmpbackup.backup.run import run_backup
+from libqmpbackup.backup.session import locked_session
+from libqmpbackup.backup.vm_info import agent_report, bitmaps_table, blockdev_table
 from libqmpbackup.errors import UsageError
-from libqmpbackup.info import agent_report, bitmaps_table, blockdev_table
-from libqmpbackup.locks import locked_session
-from libqmpbackup.plan import LEVELS, BackupOptions
-from libqmpbackup.quiesce import check_quiesce_options
+from libqmpbackup.names import validate_uuid
+from libqmpbackup.qemu.devices import discover
+from libqmpbackup.runner import Command, add_logging_options, byte_rate, run
 
 log = logging.getLogger("qmpbackup")
 

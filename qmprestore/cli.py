@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from libqmpbackup import __version__
-from libqmpbackup.chain import validate_uuid
-from libqmpbackup.cli import Command, add_logging_options, byte_rate, run
-from libqmpbackup.inplace import commit, rebase, snapshotrebase
-from libqmpbackup.listing import list_table
-from libqmpbackup.merge import FORMATS, MergeTarget, merge
-from libqmpbackup.restore import RestoreOptions
+from libqmpbackup.names import validate_uuid
+from libqmpbackup.restore.inplace import commit, rebase, snapshotrebase
+from libqmpbackup.restore.listing import list_table
+from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge
+from libqmpbackup.restore.rules import RestoreOptions
+from libqmpbackup.runner import Command, add_logging_options, byte_rate, run
 
 EXAMPLES = """\
 examples:
@@ -76,7 +76,8 @@ HELP = {
 
 
 
-def _add_command(commands: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+                 name: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=HELP[name], epilog=COMMAND_EXAMPLES[name],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-
 from guestvm import GuestImages, GuestUnavailable, ensure_guest
 from vm import TestVM, default_disks
 
@@ -19,11 +18,11 @@ class CliResult:
     out: str
     err: str
 
-    def ok(self) -> "CliResult":
+    def ok(self) -> CliResult:
         assert self.rc == 0, f"rc={self.rc}\nstdout:\n{self.out}\nstderr:\n{self.err}"
         return self
 
-    def failed(self, rc: int, *fragments: str) -> "CliResult":
+    def failed(self, rc: int, *fragments: str) -> CliResult:
         """A clean failure: the documented code, the message, one error line, no traceback."""
         assert self.rc == rc, f"rc={self.rc} (want {rc})\nstderr:\n{self.err}"
         assert "Traceback" not in self.err, self.err

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from guestvm import GuestUnavailable, GuestVM, ensure_guest, make_data_disk  # noqa: E402
-from vm import MiB, Disk, TestVM  # noqa: E402
+from guestvm import GuestUnavailable, GuestVM, ensure_guest, make_data_disk
+from vm import Disk, MiB, TestVM
 
 BIN = Path(sys.executable).parent
 

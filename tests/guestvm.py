@@ -23,7 +23,6 @@ import functools
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -34,10 +33,10 @@ from types import TracebackType
 from typing import Any, Callable, NamedTuple, TypeVar
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
-
-from libqmpbackup.agent import GuestAgent
 from vm import die_with_parent, harness_qmp
+
 from libqmpbackup.errors import AgentError, ConnectError
+from libqmpbackup.qemu.agent import GuestAgent
 
 log = logging.getLogger(__name__)
 
@@ -325,11 +324,11 @@ class GuestVM:
                 if self._alive():
                     try:
                         self._qmp.cmd("quit")
-                    except Exception as err:  # noqa: BLE001 - QEMU closing the socket is expected
+                    except Exception as err:
                         log.debug("quit: %r", err)
                 try:
                     self._qmp.close()
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     log.debug("closing QMP: %r", err)
                 self._qmp = None
             self._reap()

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from libqmpbackup.agent import decode_reply, encode_command, sync_reply_id
 from libqmpbackup.errors import AgentError, QmpBackupError
+from libqmpbackup.qemu.agent import decode_reply, encode_command, sync_reply_id
 
 
 def test_encode_command_is_one_compact_line() -> None:
@@ -66,7 +66,7 @@ def test_decode_reply_error_names_command_class_and_description() -> None:
     [b"not json\n", b"[1, 2]\n", b'{"event": "x"}\n', b"\xfe\xff\n"],
 )
 def test_decode_reply_rejects_non_replies(line: bytes) -> None:
-    with pytest.raises(AgentError, match="unexpected reply to guest-ping|unreadable reply to guest-ping"):
+    with pytest.raises(AgentError, match=r"unexpected reply to guest-ping|unreadable reply to guest-ping"):
         decode_reply("guest-ping", line)
 
 

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from vm import MiB, Disk, TestVM, identical
+from vm import Disk, MiB, TestVM, identical
 
 QCOW2_DISKS = ("virtio0", "ide0-hd0", "data1")
 
@@ -67,7 +66,8 @@ def test_full_then_incrementals_hold_each_point(cli, vm: TestVM, tmp_path: Path)
     meta = metadata(target)
     chain = meta["chains"][0]
     assert [b["level"] for b in chain["disks"]["virtio0"]["backups"]] == ["full", "inc", "inc", "inc"]
-    assert [b["file"] for b in chain["disks"]["virtio0"]["backups"]] == [p.name for p in backups(target, "virtio0")]
+    recorded = [b["file"] for b in chain["disks"]["virtio0"]["backups"]]
+    assert recorded == [p.name for p in backups(target, "virtio0")]
     # bitmap cleared by the last successful inc
     node_bitmaps = vm.bitmaps()
     named = [b for bl in node_bitmaps.values() for b in bl if b["name"] == chain["bitmap"]]
@@ -337,7 +337,7 @@ def test_quiet_and_logfile(cli, vm: TestVM, tmp_path: Path) -> None:
 
 def test_progress_is_logged_when_not_on_a_terminal(cli, vm: TestVM, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from libqmpbackup import progress
+    from libqmpbackup.backup import progress
     monkeypatch.setattr(progress, "LOG_INTERVAL", 0.2)
     vm.write("virtio0", 0x7A, 0, 24 * MiB)
     result = cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "copy",

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
-
 from guestvm import GuestImages, GuestVM, make_data_disk
+from vm import Disk, MiB, TestVM, identical
+
 from libqmpbackup.locks import LOCK_DIR_ENV
-from vm import MiB, Disk, TestVM, identical
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW = "16M"
@@ -386,7 +386,7 @@ def test_real_guest_powers_off_mid_job(cli, guest_images: GuestImages, tmp_path:
     with GuestVM(guest_images, make_data_disk(tmp_path / "data.qcow2", 96),
                  log_dir=tmp_path / "logs") as guest:
         backup(cli, GuestHarness(guest), root, "full").ok()
-        code, out, err = guest.exec("dd if=/dev/urandom of=/mnt/big bs=1M count=40 2>/dev/null"
+        code, _, err = guest.exec("dd if=/dev/urandom of=/mnt/big bs=1M count=40 2>/dev/null"
                                     " && md5sum /mnt/big > /mnt/big.md5 && sync", timeout=60)
         assert code == 0, err
         proc = start_backup(GuestHarness(guest), root, "inc")

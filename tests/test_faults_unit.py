@@ -10,14 +10,20 @@ from pathlib import Path
 import pytest
 
 from libqmpbackup import locks
-from libqmpbackup.bitmaps import (RunBitmaps, chain_bitmap_of, recovery_steps, split_auxiliary,
-                                  tool_bitmaps)
-from libqmpbackup.chain import (LOCK_NAME, is_empty_dir, partial_files, prepare_root,
-                                stale_temp_files, write_atomically)
-from libqmpbackup.devices import BlockDevice, DirtyBitmap, below_filters
+from libqmpbackup.backup.bitmaps import (
+    RunBitmaps,
+    chain_bitmap_of,
+    recovery_steps,
+    split_auxiliary,
+    tool_bitmaps,
+)
+from libqmpbackup.backup.leftovers import clean_target
+from libqmpbackup.backup.shutdown_guard import configured_shutdown_action
 from libqmpbackup.errors import LockBusyError, UsageError
-from libqmpbackup.recovery import clean_target
-from libqmpbackup.shutdown import configured_shutdown_action
+from libqmpbackup.fsutil import write_atomically
+from libqmpbackup.layout import is_empty_dir, partial_files, prepare_root, stale_temp_files
+from libqmpbackup.names import LOCK_NAME
+from libqmpbackup.qemu.devices import BlockDevice, DirtyBitmap, below_filters
 
 CHAIN = "qmpbackup-c1"
 

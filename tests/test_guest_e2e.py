@@ -46,12 +46,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
-
-from libqmpbackup import agent as agent_module
-from libqmpbackup.agent import GuestAgent
-
 from conftest import CliResult
 from guestvm import GuestImages, GuestVM, GuestVMError, make_data_disk
+
+from libqmpbackup.qemu import agent as agent_module
+from libqmpbackup.qemu.agent import GuestAgent
 
 pytestmark = pytest.mark.guest
 
@@ -149,18 +148,18 @@ def log_records(err: str) -> list[tuple[str, str, str]]:
 def quiesce_events(err: str) -> list[str]:
     """Freeze, thaw and the backup transaction, in the order the tool sent and got them.
 
-    Agent traffic is logged by ``libqmpbackup.agent`` ("agent <- command",
+    Agent traffic is logged by ``libqmpbackup.qemu.agent`` ("agent <- command",
     "agent -> reply"), QMP traffic by qemu.qmp ("--> request", "<-- reply").
     """
     events: list[str] = []
     pending = ""
     transaction_id = None
     for _level, logger, msg in log_records(err):
-        if logger == "libqmpbackup.agent" and msg.startswith("agent <- {"):
+        if logger == "libqmpbackup.qemu.agent" and msg.startswith("agent <- {"):
             pending = _AGENT_EVENTS.get(json.loads(msg[len("agent <- "):])["execute"], "")
             if pending:
                 events.append(pending)
-        elif logger == "libqmpbackup.agent" and msg.startswith("agent -> {") and pending:
+        elif logger == "libqmpbackup.qemu.agent" and msg.startswith("agent -> {") and pending:
             events.append(f"{pending}: {json.loads(msg[len('agent -> '):]).get('return')}")
             pending = ""
         elif logger.startswith("qemu.qmp") and msg.startswith("--> "):
@@ -323,7 +322,7 @@ def test_live_backup_points_restore_consistent(guest: Guest, cli: Cli, tmp_path:
                 assert freeze_status(vm) == "thawed"
             else:
                 assert events == ["transaction", "transaction: accepted"]
-                assert "libqmpbackup.agent" not in result.err
+                assert "libqmpbackup.qemu.agent" not in result.err
         assert iterations() > start, "the guest stopped writing during the backups"
     records = recorded(target)
     assert [r["quiesced"] for r in records] == list(quiesce)
@@ -447,7 +446,7 @@ def test_quiesce_without_agent_socket(guest: Guest, cli: Cli, tmp_path: Path) ->
 
 
 def test_guest_frozen_by_someone_else_stays_frozen(guest: Guest, cli: Cli, tmp_path: Path) -> None:
-    """We neither freeze nor thaw a guest someone else froze: warn (or fail when required), leave it frozen."""
+    """We neither freeze nor thaw a guest someone else froze: warn (or fail if required), leave it frozen."""
     vm = guest.vm
     assert vm.agent_call(lambda ga: ga.fsfreeze_freeze()) == 1
     try:

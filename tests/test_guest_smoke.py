@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from libqmpbackup.agent import GuestAgent
-
 from guestvm import GuestImages, GuestVM, make_data_disk
+
+from libqmpbackup.qemu.agent import GuestAgent
 
 pytestmark = pytest.mark.guest
 

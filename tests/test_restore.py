@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from vm import Disk, MiB, TestVM, default_disks, file_digest, identical
 
 from qmpbackup.cli import main as qmpbackup_main
-from vm import MiB, Disk, TestVM, default_disks, file_digest, identical
 
 QCOW2 = ("virtio0", "data1")
 RAW = ("virtio1", "pflash0", "pflash1")
@@ -399,8 +399,8 @@ def test_dry_run_prints_steps_and_changes_nothing(cli, chains: Chains, tmp_path:
 
 def test_interrupted_snapshotrebase_refuses_other_commands_then_finishes(
         cli, chains: Chains, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from libqmpbackup import qemuimg
     from libqmpbackup.errors import Interrupted
+    from libqmpbackup.qemu import qemuimg
     folder = copy_disk(chains.main, "virtio0", tmp_path / "c")
     names = files(folder.parent, "virtio0")
     real_commit = qemuimg.commit

@@ -6,15 +6,26 @@ from pathlib import Path
 
 import pytest
 
-from libqmpbackup import fsops
-from libqmpbackup.chain import BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.errors import ChainError, TargetError, UsageError
 from libqmpbackup.journal import Journal
-from libqmpbackup.merge import output_format
-from libqmpbackup.restore import (backs_onto, consolidated_name, disk_ids_in_folder,
-                                  find_point, folder_problems, image_problems, label, matches,
-                                  needs_rebase, record_problems, segment, select_disk_point,
-                                  select_root_points)
+from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.restore import file_steps
+from libqmpbackup.restore.merge import output_format
+from libqmpbackup.restore.rules import (
+    backs_onto,
+    consolidated_name,
+    disk_ids_in_folder,
+    find_point,
+    folder_problems,
+    image_problems,
+    label,
+    matches,
+    needs_rebase,
+    record_problems,
+    segment,
+    select_disk_point,
+    select_root_points,
+)
 
 SIZE = 1 << 20
 
@@ -72,7 +83,7 @@ def test_segment_starts_at_the_last_full_before_the_point() -> None:
 
 
 def test_segment_without_full_is_a_chain_error() -> None:
-    with pytest.raises(ChainError, match="INC-30-disk.qcow2 has no FULL backup before it"):
+    with pytest.raises(ChainError, match=r"INC-30-disk\.qcow2 has no FULL backup before it"):
         segment(QCOW[1:], 1)
 
 
@@ -234,20 +245,20 @@ def test_journal_round_trip_and_damage(tmp_path: Path) -> None:
 
 
 def test_link_replaces_symlinks_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    fsops.link(tmp_path / "image", "A")
-    fsops.link(tmp_path / "image", "B")
+    file_steps.link(tmp_path / "image", "A")
+    file_steps.link(tmp_path / "image", "B")
     assert (tmp_path / "image").readlink() == Path("B")
-    fsops.link(tmp_path / "image", "C", dry_run=True)
+    file_steps.link(tmp_path / "image", "C", dry_run=True)
     assert capsys.readouterr().out == f"# link {tmp_path / 'image'} -> C\n"
     assert (tmp_path / "image").readlink() == Path("B")
     (tmp_path / "image").unlink()
     (tmp_path / "image").write_text("user data")
     with pytest.raises(TargetError, match="not a symlink"):
-        fsops.link(tmp_path / "image", "A")
+        file_steps.link(tmp_path / "image", "A")
 
 
 def test_source_format_falls_back_to_qcow2() -> None:
-    from libqmpbackup.restore import RestorePoint
+    from libqmpbackup.restore.rules import RestorePoint
 
     def point(fmt: str) -> RestorePoint:
         return RestorePoint(Path("/b"), "a", "d", (rec("full", 1, source_format=fmt),), 0)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from libqmpbackup import qemuimg
-from libqmpbackup.chain import (BackupRecord, Chain, ChainStore, DiskChain, backup_file_name,
-                                bitmap_name, month_folder, parse_backup_name, safe_component,
-                                validate_uuid)
-from libqmpbackup.devices import BlockDevice, DirtyBitmap, disk_id_for, qdev_id
+from libqmpbackup.backup.plan import BackupOptions, plan_backup, select_disks
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
-from libqmpbackup.plan import BackupOptions, plan_backup, select_disks
+from libqmpbackup.layout import month_folder
+from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.names import backup_file_name, bitmap_name, parse_backup_name, safe_component, validate_uuid
+from libqmpbackup.qemu import qemuimg
+from libqmpbackup.qemu.devices import BlockDevice, DirtyBitmap, disk_id_for, qdev_id
 from libqmpbackup.units import parse_size
 
 

@@ -165,7 +165,7 @@ class TestVM:
             argv.append("-S")
         return argv + list(self.extra_args)
 
-    def start(self) -> "TestVM":
+    def start(self) -> TestVM:
         with open(self.folder / "qemu.log", "ab") as log:
             self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log,
@@ -176,7 +176,7 @@ class TestVM:
             self.stop()   # a VM whose start failed must not outlive the test
             raise
 
-    def _connect(self) -> "TestVM":
+    def _connect(self) -> TestVM:
         assert self.proc is not None
         deadline = time.monotonic() + 30
         while not (os.path.exists(self.test_socket) and os.path.exists(self.tool_socket)):
@@ -196,7 +196,7 @@ class TestVM:
                     raise
                 time.sleep(0.02)
 
-    def __enter__(self) -> "TestVM":
+    def __enter__(self) -> TestVM:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -206,7 +206,7 @@ class TestVM:
         if self.qmp is not None:
             try:
                 self.qmp.close()
-            except Exception:  # noqa: BLE001 - teardown must go on
+            except Exception:
                 pass
             self.qmp = None
         if self.proc is not None and self.proc.poll() is None:

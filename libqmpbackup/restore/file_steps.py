@@ -12,8 +12,8 @@ import logging
 import os
 from pathlib import Path
 
-from .chain import fsync_dir
-from .errors import TargetError
+from libqmpbackup.errors import TargetError
+from libqmpbackup.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 

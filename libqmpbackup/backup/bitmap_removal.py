@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from . import bitmaps
-from .devices import discover
-from .qmp import QmpSession
+from libqmpbackup.backup import bitmaps
+from libqmpbackup.qemu.devices import discover
+from libqmpbackup.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 

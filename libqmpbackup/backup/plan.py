@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .chain import (PARTIAL_SUFFIX, Chain, ChainStore, backup_file_name, bitmap_name,
-                    month_folder, new_chain_id, safe_component)
-from .bitmaps import tool_bitmaps
-from .devices import BlockDevice
-from .errors import ChainError, TargetError, UsageError
-from .jobs import BackupJob
+from libqmpbackup.backup.bitmaps import tool_bitmaps
+from libqmpbackup.backup.jobs import BackupJob
+from libqmpbackup.errors import ChainError, TargetError, UsageError
+from libqmpbackup.layout import month_folder
+from libqmpbackup.metadata import Chain, ChainStore
+from libqmpbackup.names import PARTIAL_SUFFIX, backup_file_name, bitmap_name, new_chain_id, safe_component
+from libqmpbackup.qemu.devices import BlockDevice
 
 log = logging.getLogger(__name__)
 

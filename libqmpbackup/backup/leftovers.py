@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import bitmaps
-from .chain import partial_files, stale_temp_files
-from .devices import BlockDevice, named_nodes
-from .errors import TargetError
-from .jobs import TOOL_PREFIX, cancel_jobs, remove_node
-from .qmp import QmpCommandError, QmpSession
-from .shutdown import ShutdownGuard
+from libqmpbackup.backup import bitmaps
+from libqmpbackup.backup.jobs import cancel_jobs, remove_node
+from libqmpbackup.backup.shutdown_guard import ShutdownGuard
+from libqmpbackup.errors import TargetError
+from libqmpbackup.layout import partial_files, stale_temp_files
+from libqmpbackup.names import TOOL_PREFIX
+from libqmpbackup.qemu.devices import BlockDevice, named_nodes
+from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
 

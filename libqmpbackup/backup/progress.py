@@ -12,8 +12,8 @@ import sys
 import time
 from typing import Optional, TextIO
 
-from .jobs import BackupJob
-from .qmp import QmpSession
+from libqmpbackup.backup.jobs import BackupJob
+from libqmpbackup.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import logging
 from types import TracebackType
 from typing import Optional
 
-from . import agent as agent_module
-from .agent import GuestAgent
-from .errors import AgentError, ConnectError, QmpBackupError, UsageError
+from libqmpbackup.errors import AgentError, ConnectError, QmpBackupError, UsageError
+from libqmpbackup.qemu import agent as agent_module
+from libqmpbackup.qemu.agent import GuestAgent
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Quiescer:
             raise error(f"--quiesce-required: cannot freeze the guest filesystems: {reason}")
         log.warning("backing up without filesystem quiesce: %s", reason)
 
-    async def __aenter__(self) -> "Quiescer":
+    async def __aenter__(self) -> Quiescer:
         if not self.agent_socket:
             self._give_up("no --agent-socket given")
             return self

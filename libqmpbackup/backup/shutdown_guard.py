@@ -24,8 +24,8 @@ import logging
 from pathlib import Path
 from typing import AsyncIterator, Optional, Sequence
 
-from .errors import VMGoneError
-from .qmp import QmpCommandError, QmpSession
+from libqmpbackup.errors import VMGoneError
+from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,15 @@ class ShutdownGuard:
         if self.configured == HOLD_ACTION:
             yield
             return
-        listener = self.session.listener(["SHUTDOWN"])
-        self.session.client.register_listener(listener)
-        try:
-            await self._set(HOLD_ACTION)
-            yield
-        finally:
-            events = listener.clear()   # before remove_listener, which discards them
-            self.session.client.remove_listener(listener)
-            with contextlib.suppress(VMGoneError):  # nothing left to restore
-                await self._set(self.configured)
-            self.guest_shut_down = any(e.get("data", {}).get("guest", False) for e in events)
+        with self.session.events(["SHUTDOWN"]) as shutdowns:
+            try:
+                await self._set(HOLD_ACTION)
+                yield
+            finally:
+                events = shutdowns.drain()
+                with contextlib.suppress(VMGoneError):  # nothing left to restore
+                    await self._set(self.configured)
+                self.guest_shut_down = any(e.data.get("guest", False) for e in events)
 
     async def finish(self) -> None:
         """If the guest shut down while held back, do what its configured action says."""

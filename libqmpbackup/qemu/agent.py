@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from .errors import AgentError, ConnectError
+from libqmpbackup.errors import AgentError, ConnectError
 
 log = logging.getLogger(__name__)
 

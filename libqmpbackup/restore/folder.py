@@ -15,12 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import qemuimg
-from .chain import METADATA_NAME, ChainStore, safe_component
-from .errors import ChainError, QemuImgError, TargetError, UsageError
-from .journal import JOURNAL_NAME, Journal, unfinished_error
-from .restore import (RestorePoint, disk_ids_in_folder, folder_problems, image_problems,
-                      partial_leftovers, record_problems, select_disk_point, select_root_points)
+from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
+from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
+from libqmpbackup.metadata import ChainStore
+from libqmpbackup.names import METADATA_NAME, safe_component
+from libqmpbackup.qemu import qemuimg
+from libqmpbackup.restore.rules import (
+    RestorePoint,
+    disk_ids_in_folder,
+    folder_problems,
+    image_problems,
+    partial_leftovers,
+    record_problems,
+    select_disk_point,
+    select_root_points,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .backupdir import BackupDir, open_for_listing
-from .chain import safe_component
-from .journal import JOURNAL_NAME
-from .restore import label, partial_leftovers
+from libqmpbackup.journal import JOURNAL_NAME
+from libqmpbackup.names import safe_component
+from libqmpbackup.restore.folder import BackupDir, open_for_listing
+from libqmpbackup.restore.rules import label, partial_leftovers
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import sys
 import traceback
 from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 
-from .errors import Interrupted, QmpBackupError
-from .logsetup import configure
-from .units import parse_size
+from libqmpbackup.errors import Interrupted, QmpBackupError
+from libqmpbackup.logsetup import configure
+from libqmpbackup.units import parse_size
 
 log = logging.getLogger(__name__)
 
-Command = Callable[[argparse.Namespace], Union[int, None, Awaitable[Optional[int]]]]
+Command = Callable[[argparse.Namespace], Union[int, Awaitable[Optional[int]], None]]
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

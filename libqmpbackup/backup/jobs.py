@@ -10,16 +10,17 @@ state; a separate watcher notices when QEMU itself disappears.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 
-from .chain import TOOL_PREFIX, safe_component
-from .devices import BlockDevice
-from .errors import JobError, TargetError, VMGoneError
-from .qmp import QmpCommandError, QmpSession
+from libqmpbackup.errors import JobError, TargetError, VMGoneError
+from libqmpbackup.names import TOOL_PREFIX, safe_component
+from libqmpbackup.qemu.devices import BlockDevice
+from libqmpbackup.qemu.qmp import EventStream, QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,9 @@ async def remove_node(session: QmpSession, node: str) -> bool:
 
 async def _watch_job(session: QmpSession, job: BackupJob) -> None:
     """Wait until QEMU reports the job gone, recording how it ended."""
-    listener = session.listener(JOB_EVENTS, job.job_id)
-    session.client.register_listener(listener)
-    try:
-        async for event in listener:
-            name = event["event"]
-            data = event.get("data", {})
+    with session.events(JOB_EVENTS, job.job_id) as events:
+        async for event in events:
+            name, data = event.name, event.data
             if name == "BLOCK_JOB_COMPLETED":
                 job.result = data.get("error", "")
             elif name == "BLOCK_JOB_CANCELLED":
@@ -122,8 +120,6 @@ async def _watch_job(session: QmpSession, job: BackupJob) -> None:
                 if job.result is None:
                     job.result = "job vanished without a completion event"
                 return
-    finally:
-        session.client.remove_listener(listener)
 
 
 async def _host_shutdown(session: QmpSession) -> str:
@@ -133,15 +129,11 @@ async def _host_shutdown(session: QmpSession) -> str:
     run would report "cancelled" instead of "the VM went away".  A guest
     shutdown (``guest: true``) is not one: the tool keeps QEMU alive for that.
     """
-    listener = session.listener(["SHUTDOWN"])
-    session.client.register_listener(listener)
-    try:
-        async for event in listener:
-            if not event.get("data", {}).get("guest", False):
-                return str(event["data"].get("reason", "quit"))
-        return "quit"
-    finally:
-        session.client.remove_listener(listener)
+    with session.events(["SHUTDOWN"]) as events:
+        async for event in events:
+            if not event.data.get("guest", False):
+                return str(event.data.get("reason", "quit"))
+    return "quit"
 
 
 async def _wait_for_jobs(session: QmpSession, jobs: list[BackupJob]) -> None:
@@ -168,8 +160,9 @@ async def _wait_for_jobs(session: QmpSession, jobs: list[BackupJob]) -> None:
             raise VMGoneError(f"QEMU shut down during the backup ({reason}); "
                               "nothing was recorded")
     finally:
-        for task in [*watchers, gone, quitting]:
-            task.cancel()
+        tasks: list[asyncio.Future[Any]] = [*watchers, gone, quitting]
+        for future in tasks:
+            future.cancel()
         await asyncio.gather(*watchers, gone, quitting, return_exceptions=True)
 
 
@@ -220,27 +213,27 @@ async def cancel_jobs(session: QmpSession, job_ids: list[str]) -> None:
     running = {j["id"] for j in await session.execute("query-jobs")} & set(job_ids)
     if not running:
         return
-    listeners = {}
-    for job_id in running:
-        listeners[job_id] = session.listener(["JOB_STATUS_CHANGE"], job_id)
-        session.client.register_listener(listeners[job_id])
+    with contextlib.ExitStack() as stack:
+        streams = {job_id: stack.enter_context(session.events(["JOB_STATUS_CHANGE"], job_id))
+                   for job_id in running}
+        await _cancel_and_wait(session, streams)
+
+
+async def _cancel_and_wait(session: QmpSession, streams: dict[str, EventStream]) -> None:
     try:
-        for job_id in running:
+        for job_id in streams:
             log.info("cancelling block job %s", job_id)
             try:
                 await session.execute("block-job-cancel", {"device": job_id, "force": True})
             except QmpCommandError as err:
                 log.debug("cancel %s: %s", job_id, err.desc)
 
-        async def gone(job_id: str) -> None:
-            async for event in listeners[job_id]:
-                if event["data"].get("status") == "null":
+        async def gone(events: EventStream) -> None:
+            async for event in events:
+                if event.data.get("status") == "null":
                     return
-        await asyncio.wait_for(asyncio.gather(*(gone(j) for j in running)),
+        await asyncio.wait_for(asyncio.gather(*(gone(s) for s in streams.values())),
                                timeout=CANCEL_TIMEOUT)
     except asyncio.TimeoutError:
-        log.warning("block jobs %s did not end within %.0f s", sorted(running), CANCEL_TIMEOUT)
-    finally:
-        for listener in listeners.values():
-            session.client.remove_listener(listener)
+        log.warning("block jobs %s did not end within %.0f s", sorted(streams), CANCEL_TIMEOUT)
 

@@ -9,18 +9,28 @@ and a way to notice that QEMU went away while we wait for job events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import stat
 import struct
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator, Optional, Sequence, Union
 
 from qemu.qmp import ConnectError as QmpConnectError
-from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
-from qemu.qmp import QMPError, Runstate, StateError
+from qemu.qmp import (
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    Message,
+    QMPClient,
+    QMPError,
+    Runstate,
+    StateError,
+)
 
-from .errors import ConnectError, JobError, VMGoneError
+from libqmpbackup.errors import ConnectError, JobError, VMGoneError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +82,37 @@ def _refusal(cause: Optional[BaseException]) -> str:
     return "the peer does not speak QMP"
 
 
+@dataclass(frozen=True)
+class QmpEvent:
+    """One QMP event, its data as a plain dict (qemu.qmp types message fields as ``object``)."""
+
+    name: str
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, message: Message) -> QmpEvent:
+        data = message.get("data")
+        return cls(str(message.get("event", "")), data if isinstance(data, dict) else {})
+
+
+class EventStream:
+    """The events one :meth:`QmpSession.events` block receives, as :class:`QmpEvent`."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self._listener = listener
+
+    def __aiter__(self) -> AsyncIterator[QmpEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[QmpEvent]:
+        async for message in self._listener:
+            yield QmpEvent.of(message)
+
+    def drain(self) -> list[QmpEvent]:
+        """The events received and not yet iterated, without waiting."""
+        return [QmpEvent.of(m) for m in self._listener.clear()]
+
+
 class QmpCommandError(JobError):
     """QEMU answered a command with an error."""
 
@@ -92,7 +133,7 @@ class QmpSession:
         self.client = QMPClient("qmpbackup")
         self.peer_pid: Optional[int] = None   # QEMU's pid when known (unix socket on Linux)
 
-    async def __aenter__(self) -> "QmpSession":
+    async def __aenter__(self) -> QmpSession:
         await self.connect()
         return self
 
@@ -116,9 +157,8 @@ class QmpSession:
             raise ConnectError(f"cannot connect to QMP socket {self.spec}: "
                                f"{_refusal(err.exc)}") from err
         if self.client.greeting is not None:
-            version = self.client.greeting.QMP.version.get("qemu", {})
-            log.debug("connected to QEMU %s.%s.%s (pid %s)", version.get("major"),
-                      version.get("minor"), version.get("micro"), self.peer_pid)
+            version = self.client.greeting.QMP.version
+            log.debug("connected to QEMU %s (pid %s)", version, self.peer_pid)
 
     async def _open(self) -> None:
         if isinstance(self.address, str):
@@ -165,9 +205,16 @@ class QmpSession:
         while self.client.runstate == Runstate.RUNNING:
             await self.client.runstate_changed()
 
-    def listener(self, names: list[str], job_id: Optional[str] = None) -> EventListener:
-        """An event listener, optionally for the events of one block job only."""
-        def belongs_to_job(event: Any) -> bool:
-            data = event.get("data", {})
+    @contextlib.contextmanager
+    def events(self, names: Sequence[str], job_id: Optional[str] = None) -> Iterator[EventStream]:
+        """Receive NAMES events (of one block job only, with JOB_ID) while the block runs.
+
+        Events are queued from the moment the block is entered, so a caller
+        that enters before issuing a command cannot miss what the command causes.
+        """
+        def belongs_to_job(message: Message) -> bool:
+            data = QmpEvent.of(message).data
             return job_id is None or job_id in (data.get("device"), data.get("id"))
-        return EventListener(names, event_filter=belongs_to_job)
+        listener = EventListener(list(names), event_filter=belongs_to_job)
+        with self.client.listen(listener):
+            yield EventStream(listener)

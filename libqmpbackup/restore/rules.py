@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Optional, Sequence
 
-from .chain import (LEVEL_PREFIX, PARTIAL_SUFFIX, BackupRecord, Chain, ChainStore, parse_backup_name,
-                    safe_component)
-from .errors import ChainError, UsageError
+from libqmpbackup.errors import ChainError, UsageError
+from libqmpbackup.metadata import BackupRecord, Chain, ChainStore
+from libqmpbackup.names import LEVEL_PREFIX, PARTIAL_SUFFIX, parse_backup_name, safe_component
 
 IMAGE_LINK = "image"
 """Symlink in a disk folder to the image of the last restored point."""

@@ -31,10 +31,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from .chain import BITMAP_PREFIX, bitmap_name
-from .devices import BlockDevice, DirtyBitmap
-from .errors import VMGoneError
-from .qmp import QmpCommandError, QmpSession
+from libqmpbackup.errors import VMGoneError
+from libqmpbackup.names import BITMAP_PREFIX, bitmap_name
+from libqmpbackup.qemu.devices import BlockDevice, DirtyBitmap
+from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def _merge_back(disk: BlockDevice, pending: DirtyBitmap,
     unusable = ("its chain bitmap is missing" if chain is None
                 else "its chain bitmap is inconsistent" if chain.inconsistent
                 else "it is inconsistent" if pending.inconsistent else "")
-    if unusable:
+    if chain is None or unusable:
         return RecoveryStep(disk, [remove], f"removed {pending.name} from {disk.disk_id}: "
                                             f"{unusable}")
     return RecoveryStep(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from . import agent as agent_module
-from .agent import GuestAgent
-from .devices import BlockDevice
+from libqmpbackup.qemu import agent as agent_module
+from libqmpbackup.qemu.agent import GuestAgent
+from libqmpbackup.qemu.devices import BlockDevice
 
 
 def blockdev_table(disks: list[BlockDevice]) -> str:

@@ -26,14 +26,23 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from . import fsops, qemuimg
-from .backupdir import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
-from .chain import ChainStore
-from .errors import ChainError, QmpBackupError, UsageError
-from .journal import Journal, unfinished_error
-from .locks import chain_lock
-from .restore import (BASE_SNAPSHOT, IMAGE_LINK, RestoreOptions, RestorePoint, consolidated_name,
-                      label, matches, needs_rebase)
+from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
+from libqmpbackup.journal import Journal, unfinished_error
+from libqmpbackup.locks import chain_lock
+from libqmpbackup.metadata import ChainStore
+from libqmpbackup.qemu import qemuimg
+from libqmpbackup.restore import file_steps
+from libqmpbackup.restore.folder import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
+from libqmpbackup.restore.rules import (
+    BASE_SNAPSHOT,
+    IMAGE_LINK,
+    RestoreOptions,
+    RestorePoint,
+    consolidated_name,
+    label,
+    matches,
+    needs_rebase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +94,7 @@ def rebase(opts: RestoreOptions) -> Path:
 def _rebase(backup: BackupDir, opts: RestoreOptions) -> Path:
     point = _disk_point(backup, "rebase", opts)
     _back_by_metadata(point, opts.dry_run)
-    fsops.link(point.folder / IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
+    file_steps.link(point.folder / IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
     log.info("%s: %s/%s -> %s (%s)", point.disk_id, point.folder, IMAGE_LINK,
              point.record.file, "dry run" if opts.dry_run else "ready to use")
     return point.path
@@ -137,7 +146,7 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
             if snapshots:
                 _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
-            fsops.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
+            file_steps.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
         journal = Journal(operation=operation, chain=point.chain_id, disk=point.disk_id,
                           base=segment[0].file, result=consolidated_name(segment[0], point.record),
@@ -209,19 +218,19 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         if needs_rebase(qemuimg.info(later, fmt="qcow2"), journal.result):
             qemuimg.rebase_unsafe(later, journal.result, dry_run=dry_run)
     if (folder / journal.base).exists():
-        fsops.rename(folder / journal.base, folder / journal.result, dry_run=dry_run)
+        file_steps.rename(folder / journal.base, folder / journal.result, dry_run=dry_run)
     if journal.base in files:
         chain.disks[journal.disk].backups = [
             dataclasses.replace(r, file=journal.result, time=journal.point_time)
             if r.file == journal.base else r
             for r in records if r.file not in journal.steps]
-        fsops.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
+        file_steps.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
                    f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
             store.save()
     for step in journal.steps:
-        fsops.remove(folder / step, dry_run=dry_run)
-    fsops.link(folder / IMAGE_LINK, journal.result, dry_run=dry_run)
+        file_steps.remove(folder / step, dry_run=dry_run)
+    file_steps.link(folder / IMAGE_LINK, journal.result, dry_run=dry_run)
     if not dry_run:
         Journal.remove(folder)
 

@@ -4,7 +4,7 @@ The order of steps is what keeps data safe:
 
 1. plan (pure, may refuse before anything exists);
 2. under the VM lock (taken by the caller) and the chain lock: remove what an
-   interrupted run left (:mod:`recovery`);
+   interrupted run left (:mod:`leftovers`);
 3. create ``.partial`` targets and open them in QEMU;
 4. in one transaction: add missing chain bitmaps and the auxiliary bitmaps
    that keep the changes since the last commit (:class:`bitmaps.RunBitmaps`);
@@ -29,19 +29,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import bitmaps, qemuimg, recovery
-from .chain import (BackupRecord, ChainStore, fsync_dir, is_empty_dir,
-                    latest_backup_time, prepare_root)
-from .devices import BlockDevice, discover, refresh_bitmaps
-from .errors import AgentError, JobError, TargetError, VMGoneError
-from .jobs import BackupJob, add_target_node, cancel_jobs, new_run_tag, remove_node, run_transaction
-from .journal import refuse_unfinished_restores
-from .locks import chain_lock
-from .plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
-from .progress import ProgressReporter
-from .qmp import QmpSession
-from .quiesce import Quiescer
-from .shutdown import ShutdownGuard
+from libqmpbackup.backup import bitmaps, leftovers
+from libqmpbackup.backup.jobs import (
+    BackupJob,
+    add_target_node,
+    cancel_jobs,
+    new_run_tag,
+    remove_node,
+    run_transaction,
+)
+from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
+from libqmpbackup.backup.progress import ProgressReporter
+from libqmpbackup.backup.quiesce import Quiescer
+from libqmpbackup.backup.shutdown_guard import ShutdownGuard
+from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
+from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.journal import refuse_unfinished_restores
+from libqmpbackup.layout import is_empty_dir, latest_backup_time, prepare_root
+from libqmpbackup.locks import chain_lock
+from libqmpbackup.metadata import BackupRecord, ChainStore
+from libqmpbackup.qemu import qemuimg
+from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
+from libqmpbackup.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +93,9 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
 async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[BlockDevice],
                       selected: list[BlockDevice], root: Path) -> BackupResult:
     guard = ShutdownGuard(session)
-    if await recovery.clean_vm(session, disks, guard):
+    if await leftovers.clean_vm(session, disks, guard):
         await refresh_bitmaps(session, selected)
-    recovery.clean_target(root)
+    leftovers.clean_target(root)
     refuse_unfinished_restores(root)
     store = ChainStore.load(root)
     timestamp = _timestamp_after(latest_backup_time(root))

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .qmp import QmpSession
+from libqmpbackup.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 

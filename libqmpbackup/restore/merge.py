@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import fsops, qemuimg
-from .backupdir import open_backup_dir, verify
-from .chain import PARTIAL_SUFFIX, safe_component
-from .errors import TargetError, UsageError
-from .restore import RestoreOptions, RestorePoint
+from libqmpbackup.errors import TargetError, UsageError
+from libqmpbackup.names import PARTIAL_SUFFIX, safe_component
+from libqmpbackup.qemu import qemuimg
+from libqmpbackup.restore import file_steps
+from libqmpbackup.restore.folder import open_backup_dir, verify
+from libqmpbackup.restore.rules import RestoreOptions, RestorePoint
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def _convert(point: RestorePoint, path: Path, fmt: str, opts: RestoreOptions) ->
                         dry_run=opts.dry_run)
         if not opts.dry_run:
             os.chmod(partial, 0o600)
-        fsops.rename(partial, path, dry_run=opts.dry_run)
+        file_steps.rename(partial, path, dry_run=opts.dry_run)
     except BaseException:  # also Interrupted: no half image may stay behind
         if not opts.dry_run:
             partial.unlink(missing_ok=True)

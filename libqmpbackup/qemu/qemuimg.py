@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Optional, Sequence
 
-from .errors import QemuImgError
+from libqmpbackup.errors import QemuImgError
 
 log = logging.getLogger(__name__)
 

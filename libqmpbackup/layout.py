@@ -1,0 +1,69 @@
+"""The target folder on disk: creating it, and finding what runs left in it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from libqmpbackup.errors import TargetError
+from libqmpbackup.fsutil import TEMP_SUFFIX
+from libqmpbackup.names import LOCK_NAME, METADATA_NAME, PARTIAL_SUFFIX, parse_backup_name
+
+
+def month_folder(base: Path, now: Optional[float] = None) -> Path:
+    """The --monthly chain folder for the current local month (DIR/YYYY-MM)."""
+    return base / time.strftime("%Y-%m", time.localtime(now))
+
+
+def prepare_root(root: Path) -> list[Path]:
+    """Create the target folder (0700: it will hold whole disks) or fail clearly.
+
+    Returns the folders it created, outermost first, so a run that fails
+    before writing a backup can remove them again.
+    """
+    if root.exists() and not root.is_dir():
+        raise TargetError(f"target {root} exists and is not a directory")
+    missing = [p for p in (root, *root.parents) if not p.exists()][::-1]
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise TargetError(f"cannot create target {root}: {err.strerror}") from err
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        raise TargetError(f"target {root} is not readable and writable")
+    return missing
+
+
+def is_empty_dir(root: Path) -> bool:
+    """True when ROOT holds nothing but (maybe) its lock file."""
+    try:
+        return not any(p.name != LOCK_NAME for p in root.iterdir())
+    except FileNotFoundError:
+        return True
+    except OSError as err:
+        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+
+
+def latest_backup_time(root: Path) -> int:
+    """The newest time in any backup file name below ROOT (chains and copies alike)."""
+    times = [parsed.timestamp for path in root.glob("*/*")
+             if (parsed := parse_backup_name(path.name.removesuffix(PARTIAL_SUFFIX)))]
+    return max(times, default=0)
+
+
+def partial_files(root: Path) -> list[Path]:
+    """Leftover .partial files below ROOT (one level of disk folders)."""
+    return _glob(root, f"*/*{PARTIAL_SUFFIX}")
+
+
+def stale_temp_files(root: Path) -> list[Path]:
+    """Half-written metadata files of a run killed inside :func:`write_atomically`."""
+    return _glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}")
+
+
+def _glob(root: Path, pattern: str) -> list[Path]:
+    try:
+        return sorted(root.glob(pattern))
+    except OSError as err:
+        raise TargetError(f"cannot read target {root}: {err.strerror}") from err

@@ -1,0 +1,79 @@
+"""Every name the tool reserves or writes: files, folders, bitmaps, nodes, jobs.
+
+One place for the file-name grammar (``FULL-<unix time>-<image>`` and its
+siblings) and the ``qmpbackup-`` prefix, so that what a run writes and what
+the next run, a restore or a cleanup recognises can never drift apart.
+
+Layout of a chain folder::
+
+    DIR/qmpbackup.json
+    DIR/.qmpbackup.lock      (while a run holds it, or left by a killed run; not data)
+    DIR/<disk id>/FULL-<unix time>-<image name>
+    DIR/<disk id>/INC-<unix time>-<image name>     (backing file: the previous backup)
+    DIR/<disk id>/COPY-<unix time>-<image name>    (level copy, no chain)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid as uuidlib
+from dataclasses import dataclass
+from typing import Optional
+
+from libqmpbackup.errors import UsageError
+
+METADATA_NAME = "qmpbackup.json"
+LOCK_NAME = ".qmpbackup.lock"
+PARTIAL_SUFFIX = ".partial"
+TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of the tool
+BITMAP_PREFIX = TOOL_PREFIX
+LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "copy": "COPY"}
+PREFIX_LEVEL = {prefix: level for level, prefix in LEVEL_PREFIX.items()}
+BACKUP_NAME_RE = re.compile(r"^(FULL|INC|COPY)-(\d+)-(.+)$")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def validate_uuid(value: str) -> str:
+    """Reject chain ids that could escape a folder or break a bitmap name."""
+    if not _UUID_RE.match(value) or ".." in value:
+        raise UsageError(
+            f"invalid --uuid {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def new_chain_id() -> str:
+    return str(uuidlib.uuid4())
+
+
+def bitmap_name(chain_id: str) -> str:
+    return f"{BITMAP_PREFIX}{chain_id}"
+
+
+def safe_component(name: str) -> str:
+    """Turn a disk id into one safe path component (qdev ids may hold '/' or '[')."""
+    cleaned = _UNSAFE_CHARS.sub("_", name).strip(".")
+    return cleaned or "disk"
+
+
+def backup_file_name(level: str, timestamp: int, source_image: str) -> str:
+    """FULL-<time>-<image>, always ending in .qcow2 because every target is qcow2."""
+    base = safe_component(os.path.basename(source_image) or "disk")
+    if not base.endswith(".qcow2"):
+        base += ".qcow2"
+    return f"{LEVEL_PREFIX[level]}-{timestamp}-{base}"
+
+
+@dataclass(frozen=True)
+class ParsedName:
+    level: str
+    timestamp: int
+    image: str
+
+
+def parse_backup_name(name: str) -> Optional[ParsedName]:
+    match = BACKUP_NAME_RE.match(name)
+    if not match:
+        return None
+    return ParsedName(PREFIX_LEVEL[match.group(1)], int(match.group(2)), match.group(3))
