@@ -10,7 +10,7 @@ APT_PKGS := qemu-system-x86 qemu-utils e2fsprogs
 JOBS     ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: all deps system-deps venv demo test unit bench clean
+.PHONY: all deps system-deps venv demo test unit lint bench clean
 
 all: test
 
@@ -33,7 +33,7 @@ system-deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py requirements.txt tests/requirements.txt
+$(VENV)/.installed: setup.py pyproject.toml requirements.txt tests/requirements.txt
 	@if ! [ -x $(VPY) ]; then \
 	  $(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 	    rm -rf $(VENV); \
@@ -45,17 +45,23 @@ $(VENV)/.installed: setup.py requirements.txt tests/requirements.txt
 	$(VPY) -m pip install -q --disable-pip-version-check -e . -r tests/requirements.txt
 	@touch $@
 
-test: deps
+# Static checks first: a type error fails in seconds, not after the VMs.
+lint: venv
+	$(VPY) -m ruff check .
+	$(VPY) -m mypy
+
+test: deps lint
 	$(VPY) -m pytest -n $(JOBS) --timeout=600 -q -rfE tests $(PYTEST_ARGS)
 
+# The pure unit tests (naming, parsing, planning, chain rules, docs): no QEMU needed.
 unit: venv
-	$(VPY) -m pytest -q tests/test_units.py
+	$(VPY) -m pytest -q tests/unit
 
 demo: deps
-	$(VPY) tests/demo.py
+	$(VPY) -m tests.demo
 
 bench: deps
-	$(VPY) bench/run.py
+	$(VPY) -m bench.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-work .pytest_cache

@@ -48,13 +48,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from libqmpbackup.runner import byte_rate
+from tests.vm import Disk, TestVM
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))            # libqmpbackup (size parsing)
-sys.path.insert(0, str(ROOT / "tests"))  # the real-QEMU VM helper
-
-from vm import Disk, TestVM  # noqa: E402
-
-from libqmpbackup.units import parse_size  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -529,10 +526,7 @@ class Bench:
 
 # --------------------------------------------------------------------------- CLI
 def size_arg(text: str) -> int:
-    try:
-        value = parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
+    value = byte_rate(text)
     if value < 64 * MiB or value % CLUSTER:
         raise argparse.ArgumentTypeError("size must be at least 64M and a multiple of 64k")
     return value

@@ -16,10 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from guestvm import GuestUnavailable, GuestVM, ensure_guest, make_data_disk
-from vm import Disk, MiB, TestVM
+from tests.guestvm import GuestUnavailable, GuestVM, ensure_guest, make_data_disk
+from tests.vm import Disk, MiB, TestVM
 
 BIN = Path(sys.executable).parent
 

@@ -33,10 +33,10 @@ from types import TracebackType
 from typing import Any, Callable, NamedTuple, TypeVar
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
-from vm import die_with_parent, harness_qmp
 
 from libqmpbackup.errors import AgentError, ConnectError
 from libqmpbackup.qemu.agent import GuestAgent
+from tests.vm import die_with_parent, harness_qmp
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from vm import Disk, MiB, TestVM, identical
+
+from tests.vm import Disk, MiB, TestVM, identical
 
 QCOW2_DISKS = ("virtio0", "ide0-hd0", "data1")
 
@@ -247,7 +248,7 @@ def test_missing_socket_and_not_a_socket(cli, tmp_path: Path) -> None:
 
 
 def test_busy_socket_times_out_with_a_clear_message(cli, vm: TestVM) -> None:
-    from vm import harness_qmp
+    from tests.vm import harness_qmp
     holder = harness_qmp(vm.tool_socket)
     holder.connect()
     try:

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
-from guestvm import GuestImages, GuestVM, make_data_disk
-from vm import Disk, MiB, TestVM, identical
 
 from libqmpbackup.locks import LOCK_DIR_ENV
+from tests.guestvm import GuestImages, GuestVM, make_data_disk
+from tests.vm import Disk, MiB, TestVM, identical
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW = "16M"

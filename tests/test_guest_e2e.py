@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
-from conftest import CliResult
-from guestvm import GuestImages, GuestVM, GuestVMError, make_data_disk
 
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
+from tests.conftest import CliResult
+from tests.guestvm import GuestImages, GuestVM, GuestVMError, make_data_disk
 
 pytestmark = pytest.mark.guest
 

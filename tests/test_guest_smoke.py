@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guestvm import GuestImages, GuestVM, make_data_disk
 
 from libqmpbackup.qemu.agent import GuestAgent
+from tests.guestvm import GuestImages, GuestVM, make_data_disk
 
 pytestmark = pytest.mark.guest
 

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from vm import Disk, MiB, TestVM, default_disks, file_digest, identical
 
+from libqmpbackup.errors import QemuImgError
+from libqmpbackup.qemu import qemuimg
 from qmpbackup.cli import main as qmpbackup_main
+from tests.vm import Disk, MiB, TestVM, default_disks, file_digest, identical
 
 QCOW2 = ("virtio0", "data1")
 RAW = ("virtio1", "pflash0", "pflash1")
@@ -400,7 +402,6 @@ def test_dry_run_prints_steps_and_changes_nothing(cli, chains: Chains, tmp_path:
 def test_interrupted_snapshotrebase_refuses_other_commands_then_finishes(
         cli, chains: Chains, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from libqmpbackup.errors import Interrupted
-    from libqmpbackup.qemu import qemuimg
     folder = copy_disk(chains.main, "virtio0", tmp_path / "c")
     names = files(folder.parent, "virtio0")
     real_commit = qemuimg.commit
@@ -568,3 +569,11 @@ def test_backup_and_in_place_restore_exclude_each_other(cli, chains: Chains, tmp
             "--include", "virtio0", "--target", folder.parent).failed(
                 6, "unfinished qmprestore commit", "qmprestore commit --dir")
         assert vm.tool_leftovers() == []
+
+
+def test_qemu_img_failure_names_the_command(tmp_path: Path) -> None:
+    with pytest.raises(QemuImgError) as err:
+        qemuimg.info(tmp_path / "missing file.qcow2")
+    assert "qemu-img info --output=json" in str(err.value)
+    assert "'" in str(err.value), "file names are quoted like a shell would"
+    assert "No such file" in str(err.value)

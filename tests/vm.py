@@ -166,6 +166,8 @@ class TestVM:
         return argv + list(self.extra_args)
 
     def start(self) -> TestVM:
+        if shutil.which(QEMU) is None:   # the pure unit tests run without QEMU; these cannot
+            raise RuntimeError(f"{QEMU} is missing: run the tests with `make test`")
         with open(self.folder / "qemu.log", "ab") as log:
             self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log,

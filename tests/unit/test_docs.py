@@ -10,7 +10,7 @@ from libqmpbackup.errors import EXIT_CODES
 from qmpbackup.cli import build_parser as backup_parser
 from qmprestore.cli import build_parser as restore_parser
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 # options of other programs that the README quotes
 FOREIGN = {"--output", "--backing-chain", "--dist"}
 
