@@ -30,6 +30,7 @@ from libqmpbackup.restore.rules import (
     select_disk_point,
     select_root_points,
 )
+from libqmpbackup.retention import pruning_entry
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +151,12 @@ def refuse_unfinished(folder: Path, entries: list[str]) -> None:
 
 
 def _known_files(point: RestorePoint, store: ChainStore) -> set[str]:
-    """Every file any chain of the store keeps in this disk folder."""
+    """Every file any chain of the store keeps in this disk folder, or a prune is deleting."""
     folder_name = point.folder.name
-    return {r.file for c in store.chains for d_id, d in c.disks.items()
-            if safe_component(d_id) == folder_name for r in d.backups}
+    pruned = {parts[1] for parts in map(pruning_entry, store.pruning)
+              if parts and parts[0] == folder_name}
+    return pruned | {r.file for c in store.chains for d_id, d in c.disks.items()
+                     if safe_component(d_id) == folder_name for r in d.backups}
 
 
 def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) -> None:
