@@ -138,7 +138,7 @@ def _remove_empty_dir(path: Path) -> None:
     try:
         path.rmdir()
     except OSError as err:
-        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR):
             log.warning("cannot remove empty folder %s: %s", path, err.strerror)
         return
     log.info("removed empty folder %s", path)
