@@ -22,7 +22,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Iterator, Optional
 from libqmpbackup.errors import ChainError, TargetError
 from libqmpbackup.fsutil import fsync_dir
 from libqmpbackup.journal import refuse_unfinished_restores
+from libqmpbackup.layout import MONTH_FOLDER_RE, existing_backup_folder
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import METADATA_NAME
@@ -45,8 +45,6 @@ from libqmpbackup.retention import (
 )
 
 log = logging.getLogger(__name__)
-
-MONTH_FOLDER_RE = re.compile(r"^\d{4}-\d{2}$")
 
 
 @dataclass
@@ -182,12 +180,12 @@ def finish_pruning(store: ChainStore) -> list[Path]:
     return deleted
 
 
-def finish_interrupted_prune(root: Path) -> None:
-    """Complete a prune killed in ROOT after its metadata commit (the caller holds the lock)."""
-    store = ChainStore.load(root)
-    if store.pruning:
-        log.warning("finishing a prune that was interrupted in %s", root)
-        finish_pruning(store)
+def finish_interrupted_prune(store: ChainStore) -> list[Path]:
+    """Complete a prune killed after its metadata commit (the caller holds the folder's lock)."""
+    if not store.pruning:
+        return []
+    log.warning("finishing a prune that was interrupted in %s", store.root)
+    return finish_pruning(store)
 
 
 def chain_folders(base: Path) -> list[Path]:
@@ -206,15 +204,6 @@ def chain_folders(base: Path) -> list[Path]:
     return folders
 
 
-def _existing_dir(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    if not path.exists():
-        raise TargetError(f"backup folder {path} does not exist")
-    if not path.is_dir():
-        raise TargetError(f"{path} is not a directory")
-    return path
-
-
 def _commit(change: FolderChange) -> None:
     """Drop the pruned chains from the metadata and name their files, before deleting any."""
     store = change.store
@@ -227,10 +216,28 @@ def _commit(change: FolderChange) -> None:
                           f"nothing was deleted in {store.root}") from err
 
 
+def _leftovers(stores: list[ChainStore], sizes: dict[Path, int], dry_run: bool) -> list[Path]:
+    """Files of interrupted prunes: deleted now (listed, in a dry run); their sizes into SIZES."""
+    found = []
+    for store in stores:
+        sizes.update(_sizes(store.root, store.pruning))
+        found += ([store.root / e for e in store.pruning if store.root / e in sizes] if dry_run
+                  else finish_interrupted_prune(store))
+    return found
+
+
+def _apply(result: PruneResult) -> None:
+    """Every folder's metadata first, then the files: a kill in between loses no kept point."""
+    for change in result.plan.changes:
+        _commit(change)
+    for change in result.plan.changes:
+        result.removed_files += finish_pruning(change.store)
+
+
 def prune(target: Path, keep: int, *, dry_run: bool = False) -> PruneResult:
     """Keep the KEEP chains below TARGET with the newest backups whole, delete the others whole."""
     check_keep(keep)
-    base = _existing_dir(target)
+    base = existing_backup_folder(target)
     folders = chain_folders(base)
     if not folders:
         raise ChainError(f"{base} holds no backup chain (no {METADATA_NAME} in it or in its "
@@ -243,15 +250,7 @@ def prune(target: Path, keep: int, *, dry_run: bool = False) -> PruneResult:
             refuse_unfinished_restores(folder)
         stores = [ChainStore.load(folder) for folder in folders]
         sizes: dict[Path, int] = {}
-        leftovers: list[Path] = []
-        for store in stores:
-            found = _sizes(store.root, store.pruning)
-            sizes.update(found)
-            if dry_run:
-                leftovers += found
-            elif store.pruning:
-                log.warning("finishing a prune that was interrupted in %s", store.root)
-                leftovers += finish_pruning(store)
+        leftovers = _leftovers(stores, sizes, dry_run)
         plan = plan_retention(stores, keep)
         for summary in plan.chains:
             sizes.update(_sizes(summary.root, list(summary.files)))
@@ -261,11 +260,8 @@ def prune(target: Path, keep: int, *, dry_run: bool = False) -> PruneResult:
             result.removed_files = [root / f for root, f in plan.delete_entries()
                                     if root / f in sizes]
             return result
-        for change in plan.changes:
-            _commit(change)
-        for change in plan.changes:
-            result.removed_files += finish_pruning(change.store)
+        _apply(result)
     for store in stores:
         if store.root != base and not store.chains:
-            _remove_empty_dir(store.root)   # after its lock file is gone
+            _remove_empty_dir(store.root)   # once its lock file is gone
     return result

@@ -98,7 +98,7 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     if await leftovers.clean_vm(session, disks, guard):
         await refresh_bitmaps(session, selected)
     leftovers.clean_target(root)
-    finish_interrupted_prune(root)
+    finish_interrupted_prune(ChainStore.load(root))
     refuse_unfinished_restores(root)
     store = ChainStore.load(root)
     timestamp = _timestamp_after(latest_backup_time(root))

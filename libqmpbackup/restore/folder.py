@@ -17,6 +17,7 @@ from typing import Optional
 
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
+from libqmpbackup.layout import existing_backup_folder
 from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import METADATA_NAME, safe_component
 from libqmpbackup.qemu import qemuimg
@@ -73,15 +74,6 @@ class BackupDir:
         return select_root_points(self.store, until, uuid)
 
 
-def _existing_dir(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    if not path.exists():
-        raise TargetError(f"backup folder {path} does not exist")
-    if not path.is_dir():
-        raise TargetError(f"{path} is not a directory")
-    return path
-
-
 def _load(root: Path) -> ChainStore:
     store = ChainStore.load(root)
     if not store.chains:
@@ -99,7 +91,7 @@ def month_folders(path: Path) -> list[Path]:
 
 def open_backup_dir(path: Path) -> BackupDir:
     """The chain (and disk folder) --dir names; a --monthly base is refused as ambiguous."""
-    path = _existing_dir(path)
+    path = existing_backup_folder(path)
     if (path / METADATA_NAME).is_file():
         return BackupDir(_load(path))
     if (path.parent / METADATA_NAME).is_file():
@@ -114,7 +106,7 @@ def open_backup_dir(path: Path) -> BackupDir:
 
 def open_for_listing(path: Path) -> list[BackupDir]:
     """Like open_backup_dir, but a --monthly base lists all its months."""
-    path = _existing_dir(path)
+    path = existing_backup_folder(path)
     if (path / METADATA_NAME).is_file() or (path.parent / METADATA_NAME).is_file():
         return [open_backup_dir(path)]
     months = month_folders(path)
