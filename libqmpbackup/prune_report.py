@@ -32,10 +32,14 @@ def _point(label: str, timestamp: int) -> str:
 
 
 def prune_table(result: PruneResult) -> str:
+    def status(summary: ChainSummary) -> str:
+        text = _status(result, summary)
+        return "would be removed" if result.dry_run and text == "removed" else text
+
     rows = [(_chain_name(result, s),
              _point(s.first_point, s.first.time) if s.first else "",
              _point(s.last_point, s.last.time) if s.last else "",
-             len(s.files), result.chain_size(s), _status(result, s))
+             len(s.files), result.chain_size(s), status(s))
             for s in result.plan.chains]
     lines = [tabulate(rows, headers=HEADERS)]
     verb = "would remove" if result.dry_run else "removed"

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--socket", metavar="PATH",
                         help="the VM's QMP socket: a unix socket path or tcp:HOST:PORT "
-                             "(every command but prune needs it)")
+                             "(needed by every command except prune and info --show agent)")
     parser.add_argument("--agent-socket", metavar="PATH",
                         help="the VM's guest agent socket (used for filesystem quiesce)")
     add_logging_options(parser)
