@@ -98,7 +98,7 @@ class ChainStore:
         pruning = raw.get("pruning", [])
         if not isinstance(pruning, list) or not all(isinstance(p, str) for p in pruning):
             raise ChainError(f"chain metadata {path} is malformed: 'pruning' is not a list of names")
-        return cls(root, chains, pruning)
+        return cls(root=root, chains=chains, pruning=pruning)
 
     def save(self) -> None:
         data: dict[str, Any] = {"version": METADATA_VERSION,
