@@ -48,6 +48,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class PruneOptions:
+    """What the user chose for one prune."""
+
+    target: Path
+    keep: int
+    dry_run: bool = False
+
+
+@dataclass
 class PruneResult:
     """What a prune kept and removed (or, in a dry run, would remove)."""
 
@@ -234,10 +243,11 @@ def _apply(result: PruneResult) -> None:
         result.removed_files += finish_pruning(change.store)
 
 
-def prune(target: Path, keep: int, *, dry_run: bool = False) -> PruneResult:
-    """Keep the KEEP chains below TARGET with the newest backups whole, delete the others whole."""
-    check_keep(keep)
-    base = existing_backup_folder(target)
+def prune(opts: PruneOptions) -> PruneResult:
+    """Keep the ``keep`` chains below the target with the newest backups whole, delete the others whole."""
+    dry_run = opts.dry_run
+    check_keep(opts.keep)
+    base = existing_backup_folder(opts.target)
     folders = chain_folders(base)
     if not folders:
         raise ChainError(f"{base} holds no backup chain (no {METADATA_NAME} in it or in its "
@@ -251,10 +261,10 @@ def prune(target: Path, keep: int, *, dry_run: bool = False) -> PruneResult:
         stores = [ChainStore.load(folder) for folder in folders]
         sizes: dict[Path, int] = {}
         leftovers = _leftovers(stores, sizes, dry_run)
-        plan = plan_retention(stores, keep)
+        plan = plan_retention(stores, opts.keep)
         for summary in plan.chains:
             sizes.update(_sizes(summary.root, list(summary.files)))
-        result = PruneResult(target=base, keep=keep, dry_run=dry_run, plan=plan, sizes=sizes,
+        result = PruneResult(target=base, keep=opts.keep, dry_run=dry_run, plan=plan, sizes=sizes,
                              leftover_files=leftovers)
         if dry_run:
             result.removed_files = [root / f for root, f in plan.delete_entries()

@@ -18,7 +18,7 @@ from libqmpbackup.backup.session import locked_session
 from libqmpbackup.backup.vm_info import agent_report, bitmaps_table, blockdev_table
 from libqmpbackup.errors import UsageError
 from libqmpbackup.names import bitmap_name, validate_uuid
-from libqmpbackup.prune import PruneResult, prune
+from libqmpbackup.prune import PruneOptions, PruneResult, prune
 from libqmpbackup.prune_report import prune_document, prune_table
 from libqmpbackup.qemu.devices import discover
 from libqmpbackup.runner import Command, add_logging_options, byte_rate, run
@@ -206,9 +206,13 @@ def _print_prune(result: PruneResult, as_json: bool) -> None:
         print(prune_table(result))
 
 
+def _prune_options(args: argparse.Namespace) -> PruneOptions:
+    return PruneOptions(target=args.target, keep=args.keep, dry_run=args.dry_run)
+
+
 async def _prune_with_bitmaps(args: argparse.Namespace) -> int:
     async with locked_session(_socket(args)) as session:
-        result = prune(args.target, args.keep, dry_run=args.dry_run)
+        result = prune(_prune_options(args))
         spared = {name for s in result.plan.kept for name in (s.chain.bitmap, bitmap_name(s.chain.uuid))}
         result.bitmaps = await remove_chain_bitmaps(
             session, [s.chain.uuid for s in result.plan.removed], spared, dry_run=args.dry_run)
@@ -220,7 +224,7 @@ def prune_command(args: argparse.Namespace) -> Union[int, Awaitable[int]]:
     """Without --socket the folder alone decides, and no VM (nor event loop) is involved."""
     if args.socket:
         return _prune_with_bitmaps(args)
-    result = prune(args.target, args.keep, dry_run=args.dry_run)
+    result = prune(_prune_options(args))
     if result.plan.removed:
         log.info("the VM may still hold the removed chains' bitmaps: prune with --socket, or "
                  "qmpbackup cleanup --remove-bitmaps --uuid ID")
