@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from libqmpbackup.errors import ChainError, UsageError
 from libqmpbackup.metadata import BackupRecord, Chain, ChainStore
-from libqmpbackup.names import is_backup_file_name, point_label, safe_component
+from libqmpbackup.names import bitmap_name, is_backup_file_name, point_label, safe_component
 
 
 def check_keep(keep: int) -> None:
@@ -111,6 +111,13 @@ class RetentionPlan:
 
     def is_kept(self, summary: ChainSummary) -> bool:
         return any(k is summary for k in self.kept)
+
+    def removed_chain_ids(self) -> list[str]:
+        return list(dict.fromkeys(s.chain.uuid for s in self.removed))
+
+    def kept_bitmaps(self) -> set[str]:
+        """Bitmaps a kept chain may use: a removed chain claiming one (a reused id) must not take it."""
+        return {name for s in self.kept for name in (s.chain.bitmap, bitmap_name(s.chain.uuid))}
 
     def delete_entries(self) -> list[tuple[Path, str]]:
         return [(c.store.root, f) for c in self.changes for f in c.delete]

@@ -17,7 +17,7 @@ from libqmpbackup.backup.run import run_backup
 from libqmpbackup.backup.session import locked_session
 from libqmpbackup.backup.vm_info import agent_report, bitmaps_table, blockdev_table
 from libqmpbackup.errors import UsageError
-from libqmpbackup.names import bitmap_name, validate_uuid
+from libqmpbackup.names import validate_uuid
 from libqmpbackup.prune import PruneOptions, PruneResult, prune
 from libqmpbackup.prune_report import prune_document, prune_table
 from libqmpbackup.qemu.devices import discover
@@ -213,9 +213,9 @@ def _prune_options(args: argparse.Namespace) -> PruneOptions:
 async def _prune_with_bitmaps(args: argparse.Namespace) -> int:
     async with locked_session(_socket(args)) as session:
         result = prune(_prune_options(args))
-        spared = {name for s in result.plan.kept for name in (s.chain.bitmap, bitmap_name(s.chain.uuid))}
         result.bitmaps = await remove_chain_bitmaps(
-            session, [s.chain.uuid for s in result.plan.removed], spared, dry_run=args.dry_run)
+            session, result.plan.removed_chain_ids(), result.plan.kept_bitmaps(),
+            dry_run=args.dry_run)
     _print_prune(result, args.json)
     return 0
 

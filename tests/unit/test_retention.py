@@ -119,3 +119,12 @@ def test_metadata_round_trips_the_pruning_list(tmp_path: Path) -> None:
     store.pruning = []
     store.save()
     assert "pruning" not in (tmp_path / "qmpbackup.json").read_text(), "old readers see no change"
+
+
+def test_a_removed_chain_never_takes_a_kept_chains_bitmap() -> None:
+    """The same id in two folders (copied by hand): its bitmap serves the kept one."""
+    old = ChainStore(ROOT / "2026-09", [chain("x", [10]), chain("y", [11])])
+    new = ChainStore(ROOT / "2026-10", [chain("x", [30])])
+    plan = plan_retention([old, new], keep=1)
+    assert plan.removed_chain_ids() == ["x", "y"]
+    assert plan.kept_bitmaps() == {"qmpbackup-x"}
