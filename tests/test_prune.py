@@ -374,7 +374,13 @@ def test_month_folders_and_the_vm_bitmaps_of_pruned_chains(cli, recorder: Record
     bitmaps = {b["name"] for bl in vm.bitmaps().values() for b in bl}
     assert {f"qmpbackup-{c}" for c in chain_ids} <= bitmaps
 
+    before = tree(base)
+    dry = json.loads(prune(cli, base, 2, "--json", "--dry-run", socket=vm.tool_socket).ok().out)
+    assert tree(base) == before
+    assert {b["name"] for bl in vm.bitmaps().values() for b in bl} == bitmaps
     document = json.loads(prune(cli, base, 2, "--json", socket=vm.tool_socket).ok().out)
+    assert dry["removed_bitmaps"] == document["removed_bitmaps"]
+    assert dry["removed_files"] == document["removed_files"] and dry["dry_run"] is True
     status = {c["id"]: c["status"] for c in document["chains"]}
     assert status == {old_in_base: "removed", chain_ids[0]: "removed", chain_ids[1]: "kept",
                       chain_ids[2]: "kept"}
