@@ -1,7 +1,7 @@
 """What ``qmpbackup prune`` prints: a table for admins, or one JSON document for scripts.
 
-Both come from the same rows, so ``--json`` never says something the table
-does not.  The keys are documented in docs/json.md; keep them stable.
+Both are read from the same :class:`PruneResult`, so ``--json`` never says
+something the table does not.  The keys are documented in docs/json.md; keep them stable.
 """
 
 from __future__ import annotations

@@ -208,7 +208,9 @@ def test_a_killed_prune_leaves_only_listed_files_and_the_next_prune_removes_them
     assert [c.uuid for c in stores[0].chains] == ["b", "c"], "the metadata went first"
     assert stores[1].chains == [] and len(stores[1].pruning) == 2
     assert len(stores[0].pruning) == 4
-    listing = cli("qmprestore", "list", "--dir", folders).ok().out
+    listed = cli("qmprestore", "list", "--dir", folders).ok()
+    assert "4 file(s) of pruned chains are not deleted yet" in listed.err
+    listing = listed.out
     assert "FULL-100" not in listing and not any(
         line.split()[0] == "a" for line in listing.splitlines()[2:])
     left = {s.root / p for s in stores for p in s.pruning} & files_below(folders)

@@ -47,6 +47,10 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
 
 
 def _warn_leftovers(backup: BackupDir) -> None:
+    if backup.store.pruning:
+        log.warning("%s: %d file(s) of pruned chains are not deleted yet (an interrupted prune); "
+                    "the next prune or backup run removes them", backup.root,
+                    len(backup.store.pruning))
     folders = [backup.folder] if backup.disk_folder else sorted(
         p for p in backup.root.iterdir() if p.is_dir())
     for folder in folders:
