@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Optional, Sequence, Union
 
 from libqmpbackup import __version__
+from libqmpbackup.backup import offload
 from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
 from libqmpbackup.backup.plan import LEVELS, BackupOptions
 from libqmpbackup.backup.quiesce import check_quiesce_options
@@ -105,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--speed-limit", type=byte_rate, default=0,
                         metavar="BYTES_PER_SECOND",
                         help="limit each disk's job to this rate (suffixes k, M, G allowed)")
+    backup.add_argument("--copy-offload", choices=offload.MODES, default="auto",
+                        help="copy with copy_file_range (QEMU's x-perf use-copy-range): "
+                             "auto uses it for full copies where QEMU offers it and falls "
+                             "back if QEMU refuses it; on insists; off never "
+                             "(default auto; never with --compress)")
     backup.add_argument("--no-progress", action="store_true",
                         help="no progress output while jobs run")
     backup.add_argument("--quiesce", "--quisce", dest="quiesce", action="store_true",
@@ -156,6 +162,7 @@ def _socket(args: argparse.Namespace) -> str:
 async def backup_command(args: argparse.Namespace) -> int:
     # Checked here, before planning creates folders or retires bitmaps.
     check_quiesce_options(args.agent_socket, args.quiesce_required)
+    offload.check_options(args.copy_offload, args.compress)
     if args.uuid and args.level == "copy":
         raise UsageError("--uuid names a chain, and --level copy makes none: drop one of them")
     opts = BackupOptions(
@@ -165,7 +172,7 @@ async def backup_command(args: argparse.Namespace) -> int:
         include_raw=args.include_raw, compress=args.compress,
         speed_limit=args.speed_limit, progress=not args.no_progress,
         quiesce=args.quiesce or args.quiesce_required, quiesce_required=args.quiesce_required,
-        agent_socket=args.agent_socket)
+        agent_socket=args.agent_socket, copy_offload=args.copy_offload)
     async with locked_session(_socket(args)) as session:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 
+from libqmpbackup.backup.offload import OffloadChoice
 from libqmpbackup.errors import JobError, TargetError, VMGoneError
 from libqmpbackup.names import TOOL_PREFIX, safe_component
 from libqmpbackup.qemu.devices import BlockDevice
@@ -59,7 +60,8 @@ def new_run_tag() -> str:
     return secrets.token_hex(3)
 
 
-def backup_action(job: BackupJob, *, speed: int = 0, compress: bool = False) -> dict[str, Any]:
+def backup_action(job: BackupJob, *, speed: int = 0, compress: bool = False,
+                  x_perf: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     args: dict[str, Any] = {
         "job-id": job.job_id,
         "device": job.disk.node,
@@ -76,6 +78,8 @@ def backup_action(job: BackupJob, *, speed: int = 0, compress: bool = False) -> 
         args["speed"] = speed
     if compress:
         args["compress"] = True
+    if x_perf:
+        args["x-perf"] = x_perf
     return {"type": "blockdev-backup", "data": args}
 
 
@@ -168,6 +172,7 @@ async def _wait_for_jobs(session: QmpSession, jobs: list[BackupJob]) -> None:
 
 async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
                           speed: int = 0, compress: bool = False,
+                          offload: Optional[OffloadChoice] = None,
                           progress: Optional[ProgressHook] = None,
                           start_guard: Optional[AsyncContextManager[Any]] = None) -> None:
     """Start all jobs atomically with grouped completion and wait for them.
@@ -175,21 +180,20 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
     START_GUARD is entered right before the transaction and left as soon as
     QEMU accepted it: the point in time of every disk is fixed by then.
     """
-    actions = [backup_action(j, speed=speed, compress=compress) for j in jobs]
-    waiter = asyncio.ensure_future(_wait_for_jobs(session, jobs))
-    await asyncio.sleep(0)  # let the watchers register before any event can arrive
-    transaction = {"actions": actions, "properties": {"completion-mode": "grouped"}}
+    waiter: Optional[asyncio.Future[None]] = None
     try:
         if start_guard is None:
-            await session.execute("transaction", transaction)
+            waiter = await _start(session, jobs, speed=speed, compress=compress, offload=offload)
         else:
             # e.g. guest filesystems frozen just for the start; the command is
             # created inside, so a guard that refuses leaves no unawaited coroutine
             async with start_guard:
-                await session.execute("transaction", transaction)
+                waiter = await _start(session, jobs, speed=speed, compress=compress,
+                                      offload=offload)
     except BaseException:
-        waiter.cancel()
-        await asyncio.gather(waiter, return_exceptions=True)
+        if waiter is not None:
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
         raise
     reporter = asyncio.ensure_future(progress(jobs)) if progress else None
     try:
@@ -206,6 +210,42 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
             raise TargetError(f"backup failed: {detail}; nothing recorded, no bitmap advanced")
         detail = "; ".join(f"{j.disk.disk_id}: {j.result}" for j in real)
         raise JobError(f"backup job failed ({detail}); nothing recorded, no bitmap advanced")
+
+
+async def _start(session: QmpSession, jobs: list[BackupJob], *, speed: int, compress: bool,
+                 offload: Optional[OffloadChoice]) -> asyncio.Future[None]:
+    """Start the transaction, once more without x-perf if QEMU refuses it (unless required).
+
+    A refused transaction is atomic (no job, no bitmap change), so the retry
+    starts from the same state and still fixes one point in time for all disks.
+    """
+    x_perf = offload.x_perf if offload else None
+    try:
+        return await _start_once(session, jobs, speed=speed, compress=compress, x_perf=x_perf)
+    except QmpCommandError as err:
+        if x_perf is None or (offload is not None and offload.required):
+            raise
+        log.warning("QEMU refused copy offload (%s); backing up with its default copy path",
+                    err.desc)
+    for job in jobs:
+        job.result, job.target_failed = None, False
+    return await _start_once(session, jobs, speed=speed, compress=compress, x_perf=None)
+
+
+async def _start_once(session: QmpSession, jobs: list[BackupJob], *, speed: int,
+                      compress: bool, x_perf: Optional[dict[str, Any]]) -> asyncio.Future[None]:
+    """Send the transaction with every job's watcher already listening; return the waiter."""
+    actions = [backup_action(j, speed=speed, compress=compress, x_perf=x_perf) for j in jobs]
+    waiter = asyncio.ensure_future(_wait_for_jobs(session, jobs))
+    await asyncio.sleep(0)  # let the watchers register before any event can arrive
+    try:
+        await session.execute("transaction", {"actions": actions,
+                                              "properties": {"completion-mode": "grouped"}})
+    except BaseException:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        raise
+    return waiter
 
 
 async def cancel_jobs(session: QmpSession, job_ids: list[str]) -> None:

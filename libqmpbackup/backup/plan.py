@@ -43,6 +43,7 @@ class BackupOptions:
     quiesce: bool = False
     quiesce_required: bool = False
     agent_socket: Optional[str] = None
+    copy_offload: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,24 @@ def chain_root(opts: BackupOptions) -> Path:
     return month_folder(opts.target) if opts.monthly else opts.target
 
 
+def whole_disk_sync(disk: BlockDevice) -> str:
+    """The sync mode of a full copy: ``top`` skips what a disk without backing file never wrote.
+
+    Without a backing file an unallocated cluster reads as zeros in the disk,
+    and equally in the fresh backup file (opened without backing): skipping it
+    is exact, and a mostly empty disk is copied (and ``--speed-limit``
+    charged) by its data, not its virtual size.  With a backing file
+    unallocated means "as in the backing file", so everything is copied.
+    """
+    return "full" if disk.has_backing else "top"
+
+
 def _job(disk: BlockDevice, root: Path, level: str, timestamp: int, *,
-         sync: str = "full", backing: Optional[str] = None,
+         sync: Optional[str] = None, backing: Optional[str] = None,
          bitmap: Optional[str] = None, bitmap_mode: Optional[str] = None) -> BackupJob:
     name = backup_file_name(level, timestamp, disk.filename)
     folder = root / safe_component(disk.disk_id)
-    return BackupJob(disk=disk, level=level, sync=sync,
+    return BackupJob(disk=disk, level=level, sync=sync or whole_disk_sync(disk),
                      partial_path=folder / (name + PARTIAL_SUFFIX), final_path=folder / name,
                      backing=backing, bitmap=bitmap, bitmap_mode=bitmap_mode)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup.backup import bitmaps, leftovers
+from libqmpbackup.backup import bitmaps, leftovers, offload
 from libqmpbackup.backup.jobs import (
     BackupJob,
     add_target_node,
@@ -50,7 +50,7 @@ from libqmpbackup.layout import is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord, ChainStore
 from libqmpbackup.prune import finish_interrupted_prune
-from libqmpbackup.qemu import qemuimg
+from libqmpbackup.qemu import capabilities, qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpSession
 
@@ -199,10 +199,11 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
             undo.push_async_callback(run_bitmaps.undo, session)
         undo.push_async_callback(_cancel_if_running, session, plan.jobs)
         reporter = ProgressReporter(session) if opts.progress else None
+        copy_path = await _copy_path(session, plan, opts)
         async with guard.holding():
             await run_transaction(session, plan.jobs, speed=opts.speed_limit,
-                                  compress=opts.compress, progress=reporter,
-                                  start_guard=quiescer)
+                                  compress=opts.compress, offload=copy_path,
+                                  progress=reporter, start_guard=quiescer)
         left_open = await nodes.close()
         if left_open:   # an image QEMU did not close may lack its last metadata writes
             if not session.connected:
@@ -218,6 +219,17 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
         undo.pop_all()  # committed: from here on nothing may be undone
     if run_bitmaps:
         await run_bitmaps.after_commit(session)
+
+
+async def _copy_path(session: QmpSession, plan: RunPlan,
+                     opts: BackupOptions) -> offload.OffloadChoice:
+    whole = any(j.sync in ("full", "top") for j in plan.jobs)
+    offered = None
+    if offload.wants_probe(opts.copy_offload, opts.compress, whole):
+        offered = (await capabilities.probe(session)).copy_range
+    choice = offload.choose(opts.copy_offload, opts.compress, offered)
+    log.debug("copy path: %s", choice.reason)
+    return choice
 
 
 def _run_bitmaps(plan: RunPlan) -> Optional[bitmaps.RunBitmaps]:

@@ -52,6 +52,7 @@ class BlockDevice:
     removable: bool
     qcow2_compat: Optional[str] = None
     bitmaps: list[DirtyBitmap] = field(default_factory=list)
+    has_backing: bool = True     # unknown counts as backed: only a known-flat image is skipped sparsely
 
     @property
     def is_pflash(self) -> bool:
@@ -154,6 +155,7 @@ async def discover(session: QmpSession) -> list[BlockDevice]:
             read_only=inserted.get("ro", False),
             removable=block.get("removable", False),
             qcow2_compat=specific.get("compat"),
+            has_backing="backing-image" in image or bool(image.get("backing-filename")),
             bitmaps=_bitmaps_from_node(nodes.get(node_name, {})),
         ))
     return devices
