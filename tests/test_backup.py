@@ -31,19 +31,26 @@ def assert_chain_top_matches(vm: TestVM, root: Path, refs: Path, disks=QCOW2_DIS
         assert identical(top, ref), f"{disk}: {top.name} differs from the VM disk"
 
 
+# The content tests run with QEMU's copy offload forced on and off; every other
+# test runs with the default (auto: on for full copies where QEMU offers it).
+OFFLOAD = pytest.mark.parametrize("offload", [("--copy-offload", "on"), ("--copy-offload", "off")],
+                                  ids=["offload-on", "offload-off"])
+
+
 def backup(cli, vm: TestVM, target: Path, level: str, *extra: object):
     return cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", level,
                "--target", target, "--no-progress", *extra)
 
 
-def test_full_then_incrementals_hold_each_point(cli, vm: TestVM, tmp_path: Path) -> None:
+@OFFLOAD
+def test_full_then_incrementals_hold_each_point(cli, vm: TestVM, tmp_path: Path, offload: tuple[str, str]) -> None:
     target, refs = tmp_path / "backup", tmp_path / "refs"
     refs.mkdir()
     vm.write("virtio0", 0x11, 0, 4 * MiB)
     vm.write("ide0-hd0", 0x12, 1 * MiB, 64 * 1024)
     vm.write("data1", 0x13, 0, 1 * MiB)
     vm.write("pflash1", 0x14, 0, 4096)
-    backup(cli, vm, target, "full").ok()
+    backup(cli, vm, target, "full", *offload).ok()
     assert_chain_top_matches(vm, target, refs, (*QCOW2_DISKS, "pflash0", "pflash1"))
     assert not (target / "virtio1").exists(), "raw disk is skipped without --include-raw"
 
@@ -51,7 +58,7 @@ def test_full_then_incrementals_hold_each_point(cli, vm: TestVM, tmp_path: Path)
         vm.write("virtio0", pattern, (round_ + 5) * MiB, 128 * 1024)
         vm.write("data1", pattern, round_ * 64 * 1024, 8192)
         vm.write("pflash1", pattern, 8192, 4096)
-        backup(cli, vm, target, "inc").ok()
+        backup(cli, vm, target, "inc", *offload).ok()
         assert_chain_top_matches(vm, target, refs, (*QCOW2_DISKS, "pflash1"))
 
     inc = backups(target, "virtio0", "INC")
@@ -115,29 +122,31 @@ def test_auto_starts_a_chain_then_continues_it(cli, vm: TestVM, tmp_path: Path) 
     assert_chain_top_matches(vm, target, refs)
 
 
-def test_copy_needs_no_bitmap_and_covers_raw_disks(cli, vm: TestVM, tmp_path: Path) -> None:
+@OFFLOAD
+def test_copy_needs_no_bitmap_and_covers_raw_disks(cli, vm: TestVM, tmp_path: Path, offload: tuple[str, str]) -> None:
     target, refs = tmp_path / "copy", tmp_path / "refs"
     refs.mkdir()
     vm.write("virtio1", 0x51, 0, 1 * MiB)
     vm.write("virtio0", 0x52, 0, 1 * MiB)
-    backup(cli, vm, target, "copy").ok()
+    backup(cli, vm, target, "copy", *offload).ok()
     for disk in ("virtio0", "virtio1", "ide0-hd0", "data1", "pflash0", "pflash1"):
         copies = backups(target, disk, "COPY")
         assert len(copies) == 1, disk
         assert identical(copies[0], vm.reference(disk, refs / f"{disk}.raw")), disk
     assert not (target / "qmpbackup.json").exists()
     assert all(not bl for bl in vm.bitmaps().values()), "copy adds no bitmap"
-    backup(cli, vm, target, "copy", "--include", "virtio0").ok()
+    backup(cli, vm, target, "copy", *offload, "--include", "virtio0").ok()
     assert len(backups(target, "virtio0", "COPY")) == 2, "a second copy never overwrites the first"
 
 
-def test_include_raw_copies_raw_disks_in_full_at_every_level(cli, vm: TestVM, tmp_path: Path) -> None:
+@OFFLOAD
+def test_include_raw_copies_raw_disks_in_full_at_every_level(cli, vm: TestVM, tmp_path: Path, offload: tuple[str, str]) -> None:
     target, refs = tmp_path / "backup", tmp_path / "refs"
     refs.mkdir()
     vm.write("virtio1", 0x61, 0, 512 * 1024)
-    backup(cli, vm, target, "full", "--include-raw").ok()
+    backup(cli, vm, target, "full", *offload, "--include-raw").ok()
     vm.write("virtio1", 0x62, 1 * MiB, 512 * 1024)
-    backup(cli, vm, target, "inc", "--include-raw").ok()
+    backup(cli, vm, target, "inc", *offload, "--include-raw").ok()
     fulls = backups(target, "virtio1", "FULL")
     assert len(fulls) == 2 and not backups(target, "virtio1", "INC")
     assert identical(fulls[-1], vm.reference("virtio1", refs / "raw.raw"))
