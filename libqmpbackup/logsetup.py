@@ -8,7 +8,6 @@ logs connection failures at ERROR that the tool reports itself in one line.
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 from typing import Optional
@@ -55,7 +54,9 @@ def configure(*, debug: bool = False, quiet: bool = False, logfile: Optional[str
     if syslog:
         if not os.path.exists(SYSLOG_SOCKET):
             raise UsageError(f"--syslog: {SYSLOG_SOCKET} does not exist (no syslog daemon)")
-        syslog_handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+        from logging.handlers import SysLogHandler  # only here: it loads pickle and socket
+
+        syslog_handler = SysLogHandler(address=SYSLOG_SOCKET)
         syslog_handler.setFormatter(
             logging.Formatter(f"{name}[%(process)d]: %(levelname)s %(message)s"))
         root.addHandler(syslog_handler)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tabulate import tabulate
-
 from libqmpbackup.prune import PruneResult
 from libqmpbackup.retention import ChainSummary
+from libqmpbackup.tables import table
 from libqmpbackup.units import local_time
 
 HEADERS = ("chain", "first point", "last point", "files", "size", "status")
@@ -41,7 +40,7 @@ def prune_table(result: PruneResult) -> str:
              _point(s.last_point, s.last.time) if s.last else "",
              len(s.files), result.chain_size(s), status(s))
             for s in result.plan.chains]
-    lines = [tabulate(rows, headers=HEADERS)]
+    lines = [table(rows, headers=HEADERS)]
     verb = "would remove" if result.dry_run else "removed"
     if result.dry_run:
         lines += [f"{verb} {path}" for path in [*result.leftover_files, *result.removed_files]]

@@ -43,7 +43,8 @@ def backup(cli, vm: TestVM, target: Path, level: str, *extra: object):
 
 
 @OFFLOAD
-def test_full_then_incrementals_hold_each_point(cli, vm: TestVM, tmp_path: Path, offload: tuple[str, str]) -> None:
+def test_full_then_incrementals_hold_each_point(cli, vm: TestVM, tmp_path: Path,
+        offload: tuple[str, str]) -> None:
     target, refs = tmp_path / "backup", tmp_path / "refs"
     refs.mkdir()
     vm.write("virtio0", 0x11, 0, 4 * MiB)
@@ -123,7 +124,8 @@ def test_auto_starts_a_chain_then_continues_it(cli, vm: TestVM, tmp_path: Path) 
 
 
 @OFFLOAD
-def test_copy_needs_no_bitmap_and_covers_raw_disks(cli, vm: TestVM, tmp_path: Path, offload: tuple[str, str]) -> None:
+def test_copy_needs_no_bitmap_and_covers_raw_disks(cli, vm: TestVM, tmp_path: Path,
+        offload: tuple[str, str]) -> None:
     target, refs = tmp_path / "copy", tmp_path / "refs"
     refs.mkdir()
     vm.write("virtio1", 0x51, 0, 1 * MiB)
@@ -140,7 +142,8 @@ def test_copy_needs_no_bitmap_and_covers_raw_disks(cli, vm: TestVM, tmp_path: Pa
 
 
 @OFFLOAD
-def test_include_raw_copies_raw_disks_in_full_at_every_level(cli, vm: TestVM, tmp_path: Path, offload: tuple[str, str]) -> None:
+def test_include_raw_copies_raw_disks_in_full_at_every_level(cli, vm: TestVM, tmp_path: Path,
+        offload: tuple[str, str]) -> None:
     target, refs = tmp_path / "backup", tmp_path / "refs"
     refs.mkdir()
     vm.write("virtio1", 0x61, 0, 512 * 1024)

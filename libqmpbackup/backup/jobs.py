@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
@@ -57,7 +57,7 @@ class BackupJob:
 
 
 def new_run_tag() -> str:
-    return secrets.token_hex(3)
+    return os.urandom(3).hex()
 
 
 def backup_action(job: BackupJob, *, speed: int = 0, compress: bool = False,

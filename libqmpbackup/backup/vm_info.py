@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from tabulate import tabulate
-
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
 from libqmpbackup.qemu.devices import BlockDevice
+from libqmpbackup.tables import table
 
 
 def blockdev_table(disks: list[BlockDevice]) -> str:
     rows = [(d.disk_id, d.node, d.driver, d.virtual_size, d.filename,
              "pflash" if d.is_pflash else ("yes" if d.supports_persistent_bitmaps else "no"))
             for d in disks]
-    return tabulate(rows, headers=("disk", "node", "format", "virtual size", "image file",
+    return table(rows, headers=("disk", "node", "format", "virtual size", "image file",
                                    "bitmaps possible"))
 
 
@@ -21,7 +20,7 @@ def bitmaps_table(disks: list[BlockDevice]) -> str:
     rows = [(b.name, d.disk_id, b.node, b.recording, b.persistent, b.inconsistent, b.busy,
              b.dirty_bytes)
             for d in disks for b in d.bitmaps]
-    return tabulate(rows, headers=("bitmap", "disk", "node", "recording", "persistent",
+    return table(rows, headers=("bitmap", "disk", "node", "recording", "persistent",
                                    "inconsistent", "busy", "dirty bytes"))
 
 
@@ -45,5 +44,5 @@ async def agent_report(agent_socket: str) -> str:
                 "no filesystem the agent could freeze (--quiesce would back up unquiesced)")
     rows = [(fs.get("mountpoint", ""), fs.get("type", ""), fs.get("name", ""))
             for fs in filesystems]
-    table = tabulate(rows, headers=("mountpoint", "type", "device"))
-    return f"guest agent: answering, filesystems {status}\n{table}"
+    listing = table(rows, headers=("mountpoint", "type", "device"))
+    return f"guest agent: answering, filesystems {status}\n{listing}"

@@ -12,12 +12,11 @@ import logging
 import os
 from pathlib import Path
 
-from tabulate import tabulate
-
 from libqmpbackup.journal import JOURNAL_NAME
 from libqmpbackup.names import safe_component
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import label, partial_leftovers
+from libqmpbackup.tables import table
 from libqmpbackup.units import local_time
 
 log = logging.getLogger(__name__)
@@ -69,4 +68,4 @@ def list_table(path: Path) -> str:
         _warn_leftovers(backup)
         # below a --monthly base, chains are told apart by their month folder
         rows += _rows(backup, "" if backup.folder == given else f"{backup.root.name}/")
-    return tabulate(rows, headers=HEADERS)
+    return table(rows, headers=HEADERS)
