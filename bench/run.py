@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -62,6 +63,54 @@ DIRTY_FRACTION = 0.01
 CHUNK = 8 * MiB               # random-data generation chunk
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 JOB_TIMEOUT = 600.0
+SPARSE_EXTENT = 1 * MiB       # allocated pieces of the sparse disk
+SPARSE_LIMITED_ROUNDS = 3     # the rate-limited row takes seconds per round and varies little
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One way of running QEMU's backup job, timed as a row over the harness' QMP socket.
+
+    These rows measure options the tool could pass (x-perf, the target's
+    file-node options, its qcow2 creation options) without the tool around
+    them, in the same rotating rounds as ``qemu-img convert``.
+    """
+
+    name: str
+    description: str
+    x_perf: Optional[dict[str, Any]] = None
+    sync: str = "full"
+    cluster_size: int = CLUSTER
+    create_options: tuple[str, ...] = ()
+    file_options: dict[str, Any] = field(default_factory=dict)
+
+
+COPY_RANGE = {"use-copy-range": True}
+BASELINES = (
+    Lever("direct", "blockdev-backup sync=full over the harness QMP socket (no tool)"),
+    Lever("direct-x-perf", "same, x-perf {use-copy-range: true}", x_perf=COPY_RANGE),
+)
+# --levers: the target node's options, each on top of copy offload (what the tool uses)
+TARGET_LEVERS = (
+    Lever("xp+cache.direct", "direct-x-perf, target file opened O_DIRECT (cache.direct=on)",
+          x_perf=COPY_RANGE, file_options={"cache": {"direct": True}}),
+    Lever("xp+aio=io_uring", "direct-x-perf, target file aio=io_uring",
+          x_perf=COPY_RANGE, file_options={"aio": "io_uring"}),
+    Lever("xp+aio=native", "direct-x-perf, target aio=native + cache.direct=on",
+          x_perf=COPY_RANGE, file_options={"aio": "native", "cache": {"direct": True}}),
+    Lever("xp+cluster=2M", "direct-x-perf, FULL target with 2 MiB qcow2 clusters",
+          x_perf=COPY_RANGE, cluster_size=2 * MiB),
+    Lever("xp+prealloc=meta", "direct-x-perf, target created with preallocation=metadata",
+          x_perf=COPY_RANGE, create_options=("preallocation=metadata",)),
+    Lever("xp+workers=8", "direct-x-perf with max-workers 8 (default 64)",
+          x_perf={"use-copy-range": True, "max-workers": 8}),
+    Lever("plain+aio=io_uring", "direct (no x-perf), target file aio=io_uring",
+          file_options={"aio": "io_uring"}),
+    Lever("plain+cache.direct", "direct (no x-perf), target file cache.direct=on",
+          file_options={"cache": {"direct": True}}),
+)
+SPARSE_DIRECT = Lever("sparse-direct-full", "sparse disk: blockdev-backup sync=full, no x-perf "
+                      "(the tool's copy path before sync=top and offload)")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -79,6 +128,12 @@ def timed(func: Callable[[], Any]) -> float:
     start = time.perf_counter()
     func()
     return time.perf_counter() - start
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process' finished children: unlike wall time, not inflated by load."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def disk_usage(path: Path) -> int:
@@ -100,6 +155,25 @@ def make_random_image(path: Path, size: int, seed: int) -> None:
             n = min(CHUNK, left)
             handle.write(rng.randbytes(n))
             left -= n
+    try:
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)])
+    finally:
+        raw.unlink()
+
+
+def make_sparse_image(path: Path, size: int, extents: int, seed: int) -> None:
+    """A qcow2 image of SIZE where only EXTENTS random-data 1 MiB pieces, scattered, are allocated.
+
+    Like a real VM disk: mostly never written.  The raw file has holes where
+    nothing was written, and ``qemu-img convert`` leaves those unallocated.
+    """
+    raw = path.with_suffix(".raw")
+    rng = random.Random(seed)
+    with open(raw, "wb") as handle:
+        handle.truncate(size)
+        for index in sorted(rng.sample(range(size // SPARSE_EXTENT), extents)):
+            handle.seek(index * SPARSE_EXTENT)
+            handle.write(rng.randbytes(SPARSE_EXTENT))
     try:
         run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)])
     finally:
@@ -233,24 +307,27 @@ class BenchVM(TestVM):
             self.write("virtio0", pattern, index * CLUSTER, CLUSTER)
         return count * CLUSTER
 
-    def direct_backup(self, target: Path, x_perf: Optional[dict[str, Any]] = None) -> None:
-        """blockdev-backup sync=full straight over QMP: QEMU's job cost without the tool.
+    def direct_backup(self, target: Path, lever: Lever) -> None:
+        """blockdev-backup straight over QMP: QEMU's job cost without the tool.
 
-        Same target setup as the tool (qcow2, 64 KiB clusters, opened without
-        backing, closed with blockdev-del so the data is flushed).
+        Same target setup as the tool (qcow2, 64 KiB clusters unless LEVER
+        says otherwise, opened without backing, closed with blockdev-del so
+        the data is flushed); LEVER adds x-perf, file-node and image options.
         """
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}",
-             str(target), str(self.size)])
+        options = ",".join([f"cluster_size={lever.cluster_size}", *lever.create_options])
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(target),
+             str(self.size)])
         node, job = "bench-target", "bench-job"
         self.cmd("blockdev-add", driver="qcow2", **{"node-name": node},
-                 file={"driver": "file", "filename": str(target)}, backing=None)
+                 file={"driver": "file", "filename": str(target), **lever.file_options},
+                 backing=None)
         try:
             assert self.qmp is not None
             self.qmp.clear_events()
             args: dict[str, Any] = {"job-id": job, "device": "virtio0", "target": node,
-                                    "sync": "full"}
-            if x_perf:
-                args["x-perf"] = x_perf
+                                    "sync": lever.sync}
+            if lever.x_perf:
+                args["x-perf"] = lever.x_perf
             self.cmd("blockdev-backup", **args)
             result: Optional[dict[str, Any]] = None
             deadline = time.monotonic() + JOB_TIMEOUT
@@ -280,11 +357,20 @@ class BenchVM(TestVM):
 # --------------------------------------------------------------------------- results
 @dataclass
 class Series:
-    """Timings of one measurement, kept raw so --json consumers can do their own stats."""
+    """Timings of one measurement, kept raw so --json consumers can do their own stats.
+
+    BASELINE names the ``qemu-img convert`` row timed in the same rounds (the
+    ratio is taken per round, then the median); DATA is the bytes the row
+    copies, for MiB/s.
+    """
 
     name: str
+    description: str = ""
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)   # the qmpbackup process' own CPU
     bytes_on_disk: list[int] = field(default_factory=list)
+    baseline: Optional[str] = None
+    data: int = 0
 
     @property
     def median(self) -> float:
@@ -299,31 +385,56 @@ class Report:
     rounds: int
     drop_caches: bool
     machine: dict[str, str]
+    workdir: str = ""
     series: dict[str, Series] = field(default_factory=dict)
-    ratio_backup_convert: list[float] = field(default_factory=list)
     dirty_bytes: int = 0
+    sparse_size: int = 0
+    sparse_data: int = 0
+    sparse_speed: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)   # row -> why it could not run
     foreign_qemu: int = 0          # QEMU processes of others seen during the run
     foreign_cpu: float = 0.0       # CPU seconds they used meanwhile
     shared: bool = False           # foreign_cpu high enough to distort the timings
     load_max: float = 0.0          # highest 1-minute load average seen
 
-    def add(self, name: str) -> Series:
-        return self.series.setdefault(name, Series(name))
+    def add(self, name: str, description: str, *, baseline: Optional[str] = None,
+            data: int = 0) -> Series:
+        return self.series.setdefault(name, Series(name, description, baseline=baseline,
+                                                   data=data))
+
+    def ratios(self, name: str) -> list[float]:
+        """Per-round ratios of NAME to its baseline row (same rounds, same positions)."""
+        series = self.series[name]
+        if series.baseline is None:
+            return []
+        base = self.series[series.baseline].seconds
+        return [mine / theirs for mine, theirs in zip(series.seconds, base)]
+
+    def median_ratio(self, name: str) -> Optional[float]:
+        ratios = self.ratios(name)
+        return statistics.median(ratios) if ratios else None
+
+    @property
+    def ratio_backup_convert(self) -> list[float]:
+        return self.ratios("full")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "size": self.size, "rounds": self.rounds, "drop_caches": self.drop_caches,
-            "machine": self.machine, "dirty_bytes": self.dirty_bytes,
+            "workdir": self.workdir, "machine": self.machine, "dirty_bytes": self.dirty_bytes,
+            "sparse_size": self.sparse_size, "sparse_data": self.sparse_data,
+            "sparse_speed_limit": self.sparse_speed, "skipped": self.skipped,
             "foreign_qemu_processes": self.foreign_qemu,
             "foreign_qemu_cpu_seconds": self.foreign_cpu, "shared_machine": self.shared,
             "load_average_max": self.load_max,
-            "median_ratio_backup_convert": statistics.median(self.ratio_backup_convert),
+            "median_ratio_backup_convert": self.median_ratio("full"),
             "ratios_backup_convert": self.ratio_backup_convert,
             "series": {},
         }
         for name, series in self.series.items():
             entry = asdict(series)
             entry["median_seconds"] = series.median
+            entry["median_ratio"] = self.median_ratio(name)
             if series.bytes_on_disk:
                 entry["median_bytes_on_disk"] = statistics.median(series.bytes_on_disk)
             out["series"][name] = entry
@@ -332,31 +443,20 @@ class Report:
     def table(self) -> str:
         from tabulate import tabulate
 
-        convert = self.series["convert"].median
         rows = []
         for name, series in self.series.items():
-            data = self.size if name in ("convert", "full", "direct", "direct-x-perf") else None
+            ratio = self.median_ratio(name)
             rows.append([
                 name, len(series.seconds), f"{series.median:.3f}",
                 f"{min(series.seconds):.3f}", f"{max(series.seconds):.3f}",
-                f"{data / MiB / series.median:.0f}" if data else "",
-                f"{series.median / convert:.2f}x" if data == self.size else "",
+                f"{series.data / MiB / series.median:.0f}" if series.data else "",
+                f"{ratio:.2f}x" if ratio is not None else "",
+                f"{statistics.median(series.cpu_seconds):.3f}" if series.cpu_seconds else "",
                 f"{statistics.median(series.bytes_on_disk) / MiB:.2f}"
                 if series.bytes_on_disk else "",
             ])
         return tabulate(rows, headers=["measurement", "n", "median s", "min s", "max s",
-                                       "MiB/s", "vs convert", "MiB on disk"])
-
-
-DESCRIPTIONS = {
-    "convert": "qemu-img convert -U -O qcow2 of the running VM's image",
-    "full": "python -m qmpbackup backup --level full (subprocess, end to end)",
-    "direct": "blockdev-backup sync=full over the harness QMP socket (no tool)",
-    "direct-x-perf": "same, x-perf {use-copy-range: true}",
-    "inc": "python -m qmpbackup backup --level inc after 1 % dirtied",
-    "overhead-full": f"backup --level full of a {TINY_SIZE // MiB} MiB disk",
-    "python-startup": "python -m qmpbackup --version (interpreter + imports, cold cache)",
-}
+                                       "MiB/s", "ratio/round", "tool CPU s", "MiB on disk"])
 
 
 def machine_description() -> dict[str, str]:
@@ -372,6 +472,9 @@ def machine_description() -> dict[str, str]:
             "kernel": platform.release(), "python": platform.python_version(), "qemu": qemu}
 
 
+Step = tuple[str, Callable[[], float]]
+
+
 # --------------------------------------------------------------------------- the benchmark
 class Bench:
     """One benchmark run: owns the scratch folder's contents and the VMs it started."""
@@ -382,39 +485,51 @@ class Bench:
         self.workdir = workdir
         self.drop = CacheDropper(not args.no_drop_caches)
         self.rng = random.Random(args.seed)
-        self.report = Report(self.size, args.rounds, self.drop.enabled, machine_description())
+        self.report = Report(self.size, args.rounds, self.drop.enabled, machine_description(),
+                             workdir=str(workdir.parent))
         self.vms: list[BenchVM] = []
         self.counter = 0
+        self.last_cpu = 0.0
 
     def fresh(self, name: str) -> Path:
         """A path no earlier step used: a full backup needs an empty target folder."""
         self.counter += 1
         return self.workdir / "out" / f"{self.counter:03d}-{name}"
 
-    def start_vm(self, name: str, size: int) -> BenchVM:
+    def start_vm(self, name: str, size: int,
+                 make: Callable[[Path], None]) -> BenchVM:
         folder = self.workdir / name
         folder.mkdir()
         image = folder / f"{name}.qcow2"
-        log.info("creating %s: %d MiB of random data", image, size // MiB)
-        make_random_image(image, size, self.args.seed)
+        make(image)
         vm = BenchVM(folder, image, size)
         self.vms.append(vm)
         vm.start()
         return vm
 
+    def random_vm(self, name: str, size: int) -> BenchVM:
+        log.info("creating %s: %d MiB of random data", name, size // MiB)
+        return self.start_vm(name, size, lambda image: make_random_image(image, size,
+                                                                         self.args.seed))
+
     def qmpbackup(self, vm: BenchVM, *argv: str) -> subprocess.CompletedProcess:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        root = self.args.tool_root
+        env = dict(os.environ, PYTHONPATH=str(root))
         return run([sys.executable, "-m", "qmpbackup", "--socket", vm.tool_socket, *argv],
-                   cwd=ROOT, env=env)
+                   cwd=root, env=env)
 
-    def backup(self, vm: BenchVM, level: str, target: Path) -> float:
+    def backup(self, vm: BenchVM, level: str, target: Path, *extra: str) -> float:
+        """Wall seconds of one qmpbackup run; its CPU seconds go to self.last_cpu."""
         self.drop()
-        return timed(lambda: self.qmpbackup(vm, "backup", "--level", level,
-                                            "--target", str(target), "--no-progress"))
+        cpu = children_cpu()
+        seconds = timed(lambda: self.qmpbackup(vm, "backup", "--level", level,
+                                               "--target", str(target), "--no-progress", *extra))
+        self.last_cpu = children_cpu() - cpu
+        return seconds
 
-    # (a) + (b) [+ direct baselines], in rotating order
-    def full_vs_convert(self, vm: BenchVM) -> None:
-        def convert() -> float:
+    # -- the steps of a rotating round
+    def convert_step(self, vm: BenchVM) -> Callable[[], float]:
+        def measure() -> float:
             out = self.fresh("convert.qcow2")
             out.parent.mkdir(parents=True, exist_ok=True)
             self.drop()
@@ -422,50 +537,80 @@ class Bench:
                                          str(vm.image), str(out)]))
             out.unlink()
             return seconds
+        return measure
 
-        def full() -> float:
+    def full_step(self, vm: BenchVM, name: str, *extra: str) -> Callable[[], float]:
+        def measure() -> float:
             target = self.fresh("full")
-            seconds = self.backup(vm, "full", target)
+            seconds = self.backup(vm, "full", target, *extra)
+            self.report.series[name].cpu_seconds.append(self.last_cpu)
             shutil.rmtree(target)
             vm.remove_tool_bitmaps()
             return seconds
+        return measure
 
-        def direct(x_perf: Optional[dict[str, Any]]) -> Callable[[], float]:
-            def measure() -> float:
-                out = self.fresh("direct.qcow2")
-                out.parent.mkdir(parents=True, exist_ok=True)
-                self.drop()
-                seconds = timed(lambda: vm.direct_backup(out, x_perf))
-                out.unlink()
-                return seconds
-            return measure
+    def direct_step(self, vm: BenchVM, lever: Lever) -> Callable[[], float]:
+        def measure() -> float:
+            out = self.fresh("direct.qcow2")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.drop()
+            try:
+                return timed(lambda: vm.direct_backup(out, lever))
+            finally:
+                out.unlink(missing_ok=True)
+        return measure
 
-        steps: list[tuple[str, Callable[[], float]]] = [("convert", convert), ("full", full)]
-        if not self.args.no_baselines:
-            steps += [("direct", direct(None)),
-                      ("direct-x-perf", direct({"use-copy-range": True}))]
-        for name, _ in steps:
-            self.report.add(name)
-        for round_ in range(self.args.rounds):
-            # Rotate the order: every step takes every position equally often (with two
-            # steps this is ABAB/BABA), so neither drift nor "who ran right after a
-            # 1 GiB write" favours one of them.
+    def rotate(self, steps: list[Step], rounds: int, label: str) -> None:
+        """Run STEPS in rotating order ROUNDS times (every step takes every position).
+
+        A step that fails in the first round (e.g. O_DIRECT on tmpfs) is
+        dropped and reported as skipped; later failures abort the benchmark.
+        """
+        for round_ in range(rounds):
             shift = round_ % len(steps)
-            order = steps[shift:] + steps[:shift]
             times: dict[str, float] = {}
-            for name, measure in order:
-                times[name] = measure()
-                self.report.series[name].seconds.append(times[name])
-            self.report.ratio_backup_convert.append(times["full"] / times["convert"])
-            log.info("round %d/%d: %s", round_ + 1, self.args.rounds,
+            for name, measure in steps[shift:] + steps[:shift]:
+                try:
+                    times[name] = measure()
+                except RuntimeError as err:
+                    if round_:
+                        raise
+                    reason = str(err).strip().splitlines()[-1][:160]
+                    log.warning("%s: dropped, it does not run here: %s", name, reason)
+                    self.report.skipped[name] = reason
+                    self.report.series.pop(name, None)
+            steps[:] = [s for s in steps if s[0] in times]
+            for name, seconds in times.items():
+                self.report.series[name].seconds.append(seconds)
+            log.info("%s round %d/%d: %s", label, round_ + 1, rounds,
                      ", ".join(f"{n} {t:.2f}s" for n, t in times.items()))
+
+    # (a) + (b) [+ direct rows], in rotating order
+    def full_vs_convert(self, vm: BenchVM) -> None:
+        add = self.report.add
+        add("convert", "qemu-img convert -U -O qcow2 of the running VM's image", data=self.size)
+        steps: list[Step] = [("convert", self.convert_step(vm))]
+        add("full", "python -m qmpbackup backup --level full (subprocess, end to end; "
+            "default --copy-offload auto)", baseline="convert", data=self.size)
+        steps.append(("full", self.full_step(vm, "full")))
+        add("full-no-offload", "same with --copy-offload off", baseline="convert",
+            data=self.size)
+        steps.append(("full-no-offload", self.full_step(vm, "full-no-offload", "--copy-offload", "off")))
+        levers = [] if self.args.no_baselines else list(BASELINES)
+        if self.args.levers:
+            levers += TARGET_LEVERS
+        for lever in levers:
+            add(lever.name, lever.description, baseline="convert", data=self.size)
+            steps.append((lever.name, self.direct_step(vm, lever)))
+        self.rotate(steps, self.args.rounds, "full")
 
     # (c)
     def incremental(self, vm: BenchVM) -> None:
         chain = self.fresh("chain")
         log.info("full backup to start the incremental chain")
         self.qmpbackup(vm, "backup", "--level", "full", "--target", str(chain), "--no-progress")
-        series = self.report.add("inc")
+        series = self.report.add("inc", "python -m qmpbackup backup --level inc after 1 % "
+                                 "dirtied")
         for round_ in range(self.args.rounds):
             # The tool names files by unix second and waits for the next second when a
             # backup of the chain already has this one; real incrementals are hours apart,
@@ -474,6 +619,7 @@ class Bench:
             self.report.dirty_bytes = vm.dirty(self.rng, DIRTY_FRACTION, 0x40 + round_)
             before = set((chain / "virtio0").glob("INC-*"))
             series.seconds.append(self.backup(vm, "inc", chain))
+            series.cpu_seconds.append(self.last_cpu)
             new = set((chain / "virtio0").glob("INC-*")) - before
             if len(new) != 1:
                 raise RuntimeError(f"expected one new incremental file, found {sorted(new)}")
@@ -485,29 +631,68 @@ class Bench:
 
     # (d)
     def overhead(self) -> None:
-        tiny = self.start_vm("tiny", TINY_SIZE)
-        series = self.report.add("overhead-full")
-        startup = self.report.add("python-startup")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        tiny = self.random_vm("tiny", TINY_SIZE)
+        series = self.report.add("overhead-full", f"backup --level full of a "
+                                 f"{TINY_SIZE // MiB} MiB disk")
+        startup = self.report.add("python-startup", "python -m qmpbackup --version "
+                                  "(interpreter + imports, cold cache)")
+        env = dict(os.environ, PYTHONPATH=str(self.args.tool_root))
         for _ in range(self.args.rounds):
             target = self.fresh("tiny-full")
             series.seconds.append(self.backup(tiny, "full", target))
+            series.cpu_seconds.append(self.last_cpu)
             shutil.rmtree(target)
             tiny.remove_tool_bitmaps()
             self.drop()   # the backup above also started cold: compare like with like
+            cpu = children_cpu()
             startup.seconds.append(timed(lambda: run(
-                [sys.executable, "-m", "qmpbackup", "--version"], cwd=ROOT, env=env)))
+                [sys.executable, "-m", "qmpbackup", "--version"], cwd=self.args.tool_root,
+                env=env)))
+            startup.cpu_seconds.append(children_cpu() - cpu)
         log.info("overhead: full of %d MiB %.3f s, interpreter+imports %.3f s",
                  TINY_SIZE // MiB, series.median, startup.median)
 
+    # (e) a mostly empty disk, as real VM disks are
+    def sparse(self) -> None:
+        size, fraction = self.args.sparse_size, self.args.sparse_fraction
+        extents = max(1, round(size * fraction / SPARSE_EXTENT))
+        data = extents * SPARSE_EXTENT
+        self.report.sparse_size, self.report.sparse_data = size, data
+        log.info("creating sparse disk: %d MiB virtual, %d MiB in %d scattered extents",
+                 size // MiB, data // MiB, extents)
+        vm = self.start_vm("sparse", size, lambda image: make_sparse_image(
+            image, size, extents, self.args.seed))
+        add = self.report.add
+        add("sparse-convert", "sparse disk: qemu-img convert -U -O qcow2", data=data)
+        add("sparse-full", "sparse disk: backup --level full (default: sync=top, offload)",
+            baseline="sparse-convert", data=data)
+        add(SPARSE_DIRECT.name, SPARSE_DIRECT.description, baseline="sparse-convert", data=data)
+        steps: list[Step] = [("sparse-convert", self.convert_step(vm)),
+                             ("sparse-full", self.full_step(vm, "sparse-full")),
+                             (SPARSE_DIRECT.name, self.direct_step(vm, SPARSE_DIRECT))]
+        self.rotate(steps, self.args.rounds, "sparse")
+        speed = self.args.sparse_speed
+        if speed:
+            self.report.sparse_speed = speed
+            limited = add("sparse-full-limited", f"sparse disk: backup --level full "
+                          f"--speed-limit {speed // MiB}M (expect ≈ data / limit = "
+                          f"{data / speed:.1f} s; virtual size / limit = {size / speed:.1f} s)",
+                          data=data)
+            for _ in range(min(SPARSE_LIMITED_ROUNDS, self.args.rounds)):
+                limited.seconds.append(
+                    self.full_step(vm, limited.name, "--speed-limit", str(speed))())
+                log.info("sparse-full-limited: %.2f s", limited.seconds[-1])
+
     def run(self) -> Report:
-        vm = self.start_vm("main", self.size)
+        vm = self.random_vm("main", self.size)
         log.info("VM up (pid %s, tool socket %s); %d round(s)", vm.proc.pid if vm.proc else "?",
                  vm.tool_socket, self.args.rounds)
         with ForeignLoad() as foreign:
             self.full_vs_convert(vm)
             self.incremental(vm)
             self.overhead()
+            if not self.args.no_sparse:
+                self.sparse()
         self.report.foreign_qemu = len(foreign.first)
         self.report.foreign_cpu = foreign.cpu_seconds
         self.report.shared = foreign.busy
@@ -532,14 +717,22 @@ def size_arg(text: str) -> int:
     return value
 
 
+def fraction_arg(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError("fraction must be in (0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Benchmark qmpbackup (full, 1%% incremental, fixed overhead) against "
-                    "qemu-img convert on a live VM with a random-filled qcow2 disk.")
+        description="Benchmark qmpbackup (full, 1%% incremental, fixed overhead, sparse disk) "
+                    "against qemu-img convert on a live VM.")
     parser.add_argument("--size", type=size_arg, default=1 << 30, metavar="SIZE",
-                        help="virtual size of the benchmark disk (default 1G; k/M/G suffixes)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="rounds per measurement; medians are reported (default 5)")
+                        help="virtual size of the random-filled benchmark disk "
+                             "(default 1G; k/M/G suffixes)")
+    parser.add_argument("--rounds", type=int, default=12,
+                        help="rounds per measurement; medians are reported (default 12)")
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="create the scratch folder below DIR (default /var/tmp); "
                              "needs about 3x --size free")
@@ -550,6 +743,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "(automatic when not root)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the direct blockdev-backup baselines (faster)")
+    parser.add_argument("--levers", action="store_true",
+                        help="also time the target-node levers (cache, aio, cluster size, "
+                             "preallocation, max-workers) as direct rows")
+    parser.add_argument("--no-sparse", action="store_true", help="skip the sparse-disk rows")
+    parser.add_argument("--sparse-size", type=size_arg, default=4 << 30, metavar="SIZE",
+                        help="virtual size of the sparse disk (default 4G)")
+    parser.add_argument("--sparse-fraction", type=fraction_arg, default=0.10, metavar="F",
+                        help="part of the sparse disk holding data, in scattered 1 MiB "
+                             "extents (default 0.10)")
+    parser.add_argument("--sparse-speed", type=byte_rate, default=200 * MiB, metavar="RATE",
+                        help="--speed-limit of the sparse-full-limited row (default 200M; "
+                             "0 skips the row)")
+    parser.add_argument("--tool-root", type=Path, default=ROOT, metavar="DIR",
+                        help="run qmpbackup from this source tree (e.g. an export of an older "
+                             "commit, for before/after tables); rows using options it lacks "
+                             "are skipped")
     parser.add_argument("--seed", type=int, default=1, help="seed for data and dirty offsets")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -560,8 +769,9 @@ def print_report(report: Report) -> None:
 
     print("qmpbackup benchmark")
     print(tabulate(report.machine.items(), tablefmt="plain"))
-    print(f"disk {report.size // MiB} MiB random qcow2, {report.rounds} rounds, "
-          f"page cache {'dropped' if report.drop_caches else 'NOT dropped'} before each timing")
+    print(f"disk {report.size // MiB} MiB random qcow2, {report.rounds} rounds, scratch below "
+          f"{report.workdir}, page cache "
+          f"{'dropped' if report.drop_caches else 'NOT dropped'} before each timing")
     print(f"other QEMU processes during the run: {report.foreign_qemu} using "
           f"{report.foreign_cpu:.1f} CPU s; max 1-min load average {report.load_max:.2f}"
           + ("  <-- SHARED MACHINE, numbers not comparable" if report.shared else "") + "\n")
@@ -569,8 +779,7 @@ def print_report(report: Report) -> None:
     print()
     full = report.series["full"].median
     convert = report.series["convert"].median
-    print(f"median ratio backup/convert (per round): "
-          f"{statistics.median(report.ratio_backup_convert):.2f}x "
+    print(f"median ratio backup/convert (per round): {report.median_ratio('full'):.2f}x "
           f"(ratio of medians {full / convert:.2f}x)")
     inc = report.series["inc"]
     print(f"1 % incremental ({report.dirty_bytes / MiB:.2f} MiB dirtied in 64 KiB writes): "
@@ -579,9 +788,15 @@ def print_report(report: Report) -> None:
     print(f"fixed overhead (full of {TINY_SIZE // MiB} MiB disk): "
           f"median {report.series['overhead-full'].median:.3f} s, of which interpreter + imports "
           f"{report.series['python-startup'].median:.3f} s")
+    if "sparse-full" in report.series:
+        print(f"sparse disk ({report.sparse_size // MiB} MiB virtual, "
+              f"{report.sparse_data // MiB} MiB data): full/convert "
+              f"{report.median_ratio('sparse-full'):.2f}x per round")
     print()
-    for name in report.series:
-        print(f"  {name:15} {DESCRIPTIONS[name]}")
+    for name, series in report.series.items():
+        print(f"  {name:19} {series.description}")
+    for name, reason in report.skipped.items():
+        print(f"  {name:19} SKIPPED: {reason}")
 
 
 _signals: list[int] = []
@@ -611,9 +826,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = args.workdir or Path("/var/tmp")
     base.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(base).free
-    if free < 3 * args.size + 256 * MiB:
-        log.error("%s has %d MiB free, need about %d MiB", base, free // MiB,
-                  (3 * args.size + 256 * MiB) // MiB)
+    sparse = 0 if args.no_sparse else 3 * int(args.sparse_size * args.sparse_fraction)
+    need = 3 * args.size + sparse + 256 * MiB
+    if free < need:
+        log.error("%s has %d MiB free, need about %d MiB", base, free // MiB, need // MiB)
         return 1
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
