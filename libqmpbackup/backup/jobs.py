@@ -250,6 +250,8 @@ async def _start_once(session: QmpSession, jobs: list[BackupJob], *, speed: int,
 
 async def cancel_jobs(session: QmpSession, job_ids: list[str]) -> None:
     """Cancel the given jobs (only ours) and wait until QEMU has dropped them."""
+    if not job_ids:   # every run asks for its leftovers: no round trip when there are none
+        return
     running = {j["id"] for j in await session.execute("query-jobs")} & set(job_ids)
     if not running:
         return
