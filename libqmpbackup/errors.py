@@ -26,7 +26,7 @@ class UsageError(QmpBackupError):
 
 
 class ConnectError(QmpBackupError):
-    """The QMP (or guest agent) socket is missing, not QMP, refused or busy."""
+    """QMP/agent socket missing, not QMP, refused or busy; or qemu-storage-daemon cannot open an --image."""
 
     exit_code = 3
     summary = "cannot connect"
@@ -81,6 +81,13 @@ class AgentError(QmpBackupError):
     summary = "guest agent error"
 
 
+class ImageInUseError(QmpBackupError):
+    """An --image is in use by a running QEMU (it holds the image lock): back that VM up with --socket."""
+
+    exit_code = 11
+    summary = "image in use"
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -113,6 +120,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (VMGoneError.exit_code, VMGoneError.__doc__ or ""),
     (QemuImgError.exit_code, QemuImgError.__doc__ or ""),
     (AgentError.exit_code, AgentError.__doc__ or ""),
+    (ImageInUseError.exit_code, ImageInUseError.__doc__ or ""),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),
 )

@@ -132,6 +132,9 @@ class QmpSession:
         self.connect_timeout = connect_timeout
         self.client = QMPClient("qmpbackup")
         self.peer_pid: Optional[int] = None   # QEMU's pid when known (unix socket on Linux)
+        # node name -> disk id of the images a qemu-storage-daemon opened for
+        # this run; None when the peer is a VM, whose disks are its devices
+        self.image_nodes: Optional[dict[str, str]] = None
 
     async def __aenter__(self) -> QmpSession:
         await self.connect()
@@ -185,6 +188,11 @@ class QmpSession:
         except (QMPError, OSError, EOFError) as err:
             # The session is over either way; the cause was already reported.
             log.debug("ignoring error on disconnect: %s", err)
+
+    @property
+    def has_guest(self) -> bool:
+        """False for a qemu-storage-daemon: no guest to quiesce, pause or shut down."""
+        return self.image_nodes is None
 
     @property
     def connected(self) -> bool:
