@@ -8,7 +8,9 @@ The daemon belongs to one qmpbackup run and must never outlive it, even
 when qmpbackup is SIGKILLed: a daemon left behind would hold the image
 locks and keep the VM from starting.  Hence
 
-* its QMP socket lives in a private 0700 temp dir, removed at the end;
+* its QMP socket lives in a private 0700 temp dir, removed as soon as the
+  session is up (a connected socket and an open log need no names), so
+  not even a SIGKILL of qmpbackup leaves it behind;
 * the kernel sends it SIGTERM when qmpbackup dies (``PR_SET_PDEATHSIG``).
   SIGTERM, not SIGKILL: the daemon then cancels the jobs and closes the
   images cleanly, which stores the persistent bitmaps (after a SIGKILL they
@@ -38,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Optional, Sequence
 
 from libqmpbackup.errors import ConnectError, ImageInUseError, QmpBackupError
 from libqmpbackup.qemu.qmp import QmpSession
@@ -143,6 +145,7 @@ class StorageDaemon:
     def __init__(self, images: Sequence[DaemonImage]) -> None:
         self.images = list(images)
         self._dir: Optional[Path] = None
+        self._log: Optional[BinaryIO] = None    # the daemon's output, read back
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._session: Optional[QmpSession] = None
         self._session_opened = False
@@ -158,17 +161,15 @@ class StorageDaemon:
                         exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
         await self._stop()
 
-    @property
-    def _log_path(self) -> Path:
-        assert self._dir is not None
-        return self._dir / "daemon.log"
-
     async def _start(self) -> QmpSession:
         self._dir = Path(tempfile.mkdtemp(prefix="qmpbackup-qsd-"))   # mode 0700
         socket_path = str(self._dir / "qmp.sock")
         argv = command_line(self.images, socket_path)
         log.debug("starting %s", " ".join(argv))
-        with open(self._log_path, "wb") as output:
+        log_path = self._dir / "daemon.log"
+        with open(log_path, "wb") as output:
+            # a description of our own: reading must not move the daemon's offset
+            self._log = open(log_path, "rb")  # closed in _terminate
             try:
                 self._proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
@@ -179,6 +180,7 @@ class StorageDaemon:
                                    "(Debian: qemu-system-common)") from err
         session = QmpSession(socket_path)
         await self._connect(session)
+        self._remove_dir()
         session.image_nodes = {image_node(i): image.disk_id
                                for i, image in enumerate(self.images)}
         log.info("%s (pid %d) opened %s", DAEMON, self._proc.pid,
@@ -207,10 +209,19 @@ class StorageDaemon:
             await asyncio.sleep(POLL_INTERVAL)
 
     def _read_log(self) -> str:
+        if self._log is None:
+            return ""
         try:
-            return self._log_path.read_text(errors="replace")
+            self._log.seek(0)
+            return self._log.read().decode(errors="replace")
         except OSError:
             return ""
+
+    def _remove_dir(self) -> None:
+        if self._dir is not None:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self._dir)
+            self._dir = None
 
     async def _stop(self) -> None:
         try:
@@ -244,7 +255,7 @@ class StorageDaemon:
                             output or "no message")
             elif output:
                 log.debug("%s said: %s", DAEMON, output)
-        if self._dir is not None:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(self._dir)
-            self._dir = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._remove_dir()
