@@ -54,8 +54,8 @@ def parse_image_spec(text: str) -> ImageSpec:
     return ImageSpec(path=text)
 
 
-def real_image_path(spec: ImageSpec) -> str:
-    """The absolute real path of an image that exists as a file or block device."""
+def real_image_path(spec: ImageSpec) -> tuple[str, bool]:
+    """(absolute real path, is a block device) of an image that exists as either."""
     path = os.path.realpath(spec.path)
     try:
         mode = os.stat(path).st_mode
@@ -63,7 +63,7 @@ def real_image_path(spec: ImageSpec) -> str:
         raise UsageError(f"--image {spec.path}: {err.strerror}") from err
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         raise UsageError(f"--image {spec.path} is not an image file or block device")
-    return path
+    return path, stat.S_ISBLK(mode)
 
 
 def default_disk_id(path: str) -> str:
@@ -120,7 +120,7 @@ def daemon_images(specs: Sequence[ImageSpec], stores: Iterable[ChainStore] = ())
     recorded = recorded_disk_ids(stores)
     images: list[DaemonImage] = []
     for spec in specs:
-        path = real_image_path(spec)
+        path, block_device = real_image_path(spec)
         if spec.disk_id:
             disk_id, why = spec.disk_id, "given"
         elif path in recorded:
@@ -134,5 +134,5 @@ def daemon_images(specs: Sequence[ImageSpec], stores: Iterable[ChainStore] = ())
             if other.disk_id == disk_id:
                 raise UsageError(f"--image {other.path} and {path} get the same disk id "
                                  f"{disk_id}: give one of them ID=PATH")
-        images.append(DaemonImage(disk_id=disk_id, path=path))
+        images.append(DaemonImage(disk_id=disk_id, path=path, block_device=block_device))
     return images

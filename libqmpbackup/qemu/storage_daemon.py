@@ -62,6 +62,7 @@ class DaemonImage:
 
     disk_id: str
     path: str
+    block_device: bool = False   # QEMU's "file" driver takes regular files only
 
 
 def image_node(index: int) -> str:
@@ -74,7 +75,8 @@ def blockdev_options(images: Sequence[DaemonImage]) -> list[str]:
     argv = []
     for index, image in enumerate(images):
         node = image_node(index)
-        argv += ["--blockdev", json.dumps({"driver": "file", "filename": image.path,
+        protocol = "host_device" if image.block_device else "file"
+        argv += ["--blockdev", json.dumps({"driver": protocol, "filename": image.path,
                                            "node-name": f"{node}-file"}),
                  "--blockdev", json.dumps({"driver": "qcow2", "file": f"{node}-file",
                                            "node-name": node})]

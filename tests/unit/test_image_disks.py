@@ -96,6 +96,8 @@ def test_daemon_command_line_survives_commas() -> None:
     assert blockdevs == [{"driver": "file", "filename": "/srv/a,b.qcow2", "node-name": "img0-file"},
                          {"driver": "qcow2", "file": "img0-file", "node-name": "img0"}]
     assert "socket,id=qmp0,path=/tmp/x,,y/qmp.sock,server=on,wait=off" in argv
+    lvm = command_line([DaemonImage("a", "/dev/vg/vm1", block_device=True)], "/s")
+    assert json.loads(lvm[2])["driver"] == "host_device"
     # images before the monitor: the socket appears only once they are open
     assert argv.index("--chardev") > max(i for i, a in enumerate(argv) if a == "--blockdev")
 
