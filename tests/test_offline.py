@@ -321,3 +321,30 @@ def test_images_the_daemon_cannot_open(cli, tmp_path: Path, private_dirs: Path) 
     cli("qmpbackup", "--image", tmp_path / "nope.qcow2", "info").failed(2, "nope.qcow2")
     assert_no_daemon(tmp_path, private_dirs)
     assert os.listdir(private_dirs) == []
+
+
+def test_daemon_killed_mid_job_is_reported_and_auto_recovers(cli, fvm: TestVM, tmp_path: Path,
+                                                             private_dirs: Path) -> None:
+    root, refs = tmp_path / "backup", tmp_path / "refs"
+    refs.mkdir()
+    fvm.stop()
+    offline_backup(cli, fvm, root, "full").ok()
+    offline_write(fvm, "virtio0", 0x81, 0, DIRTY)
+    proc = start_offline_backup(fvm, root, "inc")
+    try:
+        (daemon,) = daemons_on(fvm.folder)
+        os.kill(daemon, signal.SIGKILL)
+        err = finished(proc, 8, f"qemu-storage-daemon pid {daemon} closed", "nothing was recorded")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "qemu-storage-daemon exited with status -9" in err
+    assert_no_daemon(fvm.folder, private_dirs)
+    assert_clean(None, root)
+    # a SIGKILLed daemon leaves the loaded bitmaps inconsistent, as a crashed VM does
+    offline_backup(cli, fvm, root, "inc").failed(6, "is inconsistent")
+    offline_backup(cli, fvm, root, "auto").ok()
+    for disk in DISKS:
+        top = root / disk / listed(root)[disk][-1]
+        assert identical(top, offline_reference(fvm, disk, refs / f"{disk}.raw")), disk

@@ -180,7 +180,7 @@ class StorageDaemon:
                 raise ConnectError(f"cannot start {DAEMON} (needed for --image): "
                                    f"{err.strerror}; it comes with QEMU "
                                    "(Debian: qemu-system-common)") from err
-        session = QmpSession(socket_path)
+        session = QmpSession(socket_path, peer=f"{DAEMON} pid {self._proc.pid}")
         await self._connect(session)
         self._remove_dir()
         session.image_nodes = {image_node(i): image.disk_id
