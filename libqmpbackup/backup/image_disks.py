@@ -32,6 +32,8 @@ from libqmpbackup.qemu.storage_daemon import DaemonImage
 
 log = logging.getLogger(__name__)
 
+MAX_DISK_ID = 255
+
 
 @dataclass(frozen=True)
 class ImageSpec:
@@ -110,7 +112,8 @@ def recorded_disk_ids(stores: Iterable[ChainStore]) -> dict[str, str]:
             latest = sorted(((*_latest(history), disk_id)
                              for disk_id, history in chain.disks.items()), reverse=True)
             for _, source, disk_id in latest:
-                if source:
+                # a name fit for one log line and a folder (after safe_component)
+                if source and disk_id.isprintable() and 0 < len(disk_id) <= MAX_DISK_ID:
                     found.setdefault(source, disk_id)
     return found
 

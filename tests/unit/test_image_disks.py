@@ -73,6 +73,8 @@ def test_newest_chain_wins_and_garbage_metadata_is_ignored(tmp_path: Path) -> No
     garbage.chains[0].disks["bad"].backups[0].time = "x"         # type: ignore[assignment]
     assert recorded_disk_ids([ChainStore(tmp_path, [*old.chains, *new.chains]), garbage]) == {
         str(image): "new"}
+    forged = _store(tmp_path, {"evil\nqmpbackup: error: forged": (str(image), 9)})
+    assert recorded_disk_ids([forged]) == {}
 
 
 def test_image_problems_are_usage_errors(tmp_path: Path) -> None:
