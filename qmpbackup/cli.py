@@ -86,7 +86,8 @@ def _refuse_offline(args: argparse.Namespace, *options: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qmpbackup", description="Full and incremental backups of running QEMU VMs over QMP.",
+        prog="qmpbackup", description="Full and incremental backups of QEMU VMs over QMP: running "
+                    "(--socket), or shut down (--image, through qemu-storage-daemon).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     peer = parser.add_mutually_exclusive_group(required=True)
