@@ -86,8 +86,9 @@ def _refuse_offline(args: argparse.Namespace, *options: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qmpbackup", description="Full and incremental backups of QEMU VMs over QMP: running "
-                    "(--socket), or shut down (--image, through qemu-storage-daemon).",
+        prog="qmpbackup",
+        description="Full and incremental backups of QEMU VMs over QMP: running (--socket), "
+                    "or shut down (--image, through qemu-storage-daemon).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     peer = parser.add_mutually_exclusive_group(required=True)
