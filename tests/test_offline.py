@@ -348,3 +348,22 @@ def test_daemon_killed_mid_job_is_reported_and_auto_recovers(cli, fvm: TestVM, t
     for disk in DISKS:
         top = root / disk / listed(root)[disk][-1]
         assert identical(top, offline_reference(fvm, disk, refs / f"{disk}.raw")), disk
+
+
+def test_prune_with_images_removes_the_pruned_chains_bitmaps(cli, tmp_path: Path,
+                                                             private_dirs: Path) -> None:
+    disks = fault_disks()
+    vm = TestVM(tmp_path / "img", disks)
+    for disk in disks:
+        disk.create(vm.folder)
+    root = tmp_path / "backup"
+    offline_backup(cli, vm, root, "full").ok()                 # chain in DIR
+    offline_backup(cli, vm, root, "full", "--monthly").ok()    # newer chain in DIR/YYYY-MM
+    old, new = (metadata(p)["chains"][0]["bitmap"] for p in (root, *root.glob("????-??")))
+    result = cli("qmpbackup", *image_args(vm), "prune", "--target", root, "--keep", "1").ok()
+    assert sorted(line for line in result.out.splitlines() if line.startswith("removed bitmap")) \
+        == sorted(f"removed bitmap {d}:{old}" for d in DISKS)
+    for disk in DISKS:
+        info = run(["qemu-img", "info", str(image(vm, disk))]).stdout
+        assert new in info and old not in info
+    assert_no_daemon(vm.folder, private_dirs)
