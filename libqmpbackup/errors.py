@@ -74,7 +74,7 @@ class AgentError(QmpBackupError):
 class ImageInUseError(QmpBackupError):
     """An --image is in use by a running QEMU (it holds the image lock): back that VM up with --socket."""
 
-    exit_code = 11
+    exit_code = 12
 
 
 def _signal_name(signum: int) -> str:

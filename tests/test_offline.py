@@ -210,7 +210,7 @@ def test_image_in_use_by_a_running_vm_is_refused(cli, fvm: TestVM, tmp_path: Pat
     online_backup(cli, fvm, root / "online", "full").ok()
     before = fvm.bitmaps()
     result = offline_backup(cli, fvm, root / "offline", "auto")
-    result.failed(11, str(image(fvm, "virtio0")), "in use by a running QEMU", "--socket")
+    result.failed(12, str(image(fvm, "virtio0")), "in use by a running QEMU", "--socket")
     assert not (root / "offline").exists(), "nothing written to the target"
     assert fvm.running() and fvm.bitmaps() == before and fvm.tool_leftovers() == []
     assert_no_daemon(fvm.folder, private_dirs)
