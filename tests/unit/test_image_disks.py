@@ -112,7 +112,7 @@ def test_startup_errors_name_the_image() -> None:
               '"node-name": "img1"}: Failed to get "write" lock\n'
               "Is another process using the image [/img/data.qcow2]?\n")
     error = startup_error(locked, IMAGES)
-    assert isinstance(error, ImageInUseError) and error.exit_code == 11
+    assert isinstance(error, ImageInUseError) and error.exit_code == 12
     assert "/img/data.qcow2" in str(error) and "--socket" in str(error)
     raw = ('qemu-storage-daemon: --blockdev {"driver": "qcow2", "file": "img0-file", '
            '"node-name": "img0"}: Image is not in qcow2 format\n')
