@@ -288,9 +288,32 @@ class BenchVM(TestVM):
     __test__ = False
 
     def __init__(self, folder: Path, image: Path, size: int) -> None:
-        super().__init__(folder, [Disk("virtio0", "virtio", "qcow2", size, path=image)])
+        # named threads ("CPU 0/KVM"): io_cpu() tells vCPU time from the block layer's
+        super().__init__(folder, [Disk("virtio0", "virtio", "qcow2", size, path=image)],
+                         extra_args=("-name", "bench,debug-threads=on"))
         self.image = image
         self.size = size
+
+    def io_cpu(self) -> float:
+        """CPU seconds QEMU spent outside its vCPU threads: block layer, jobs, I/O workers.
+
+        The guest-less VM's vCPU spins in firmware (~0.15 CPU s per second
+        here), which has nothing to do with a backup; every other thread's
+        time, including exited I/O workers' (kept in the process total), does.
+        """
+        assert self.proc is not None
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def ticks(stat: Path) -> int:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        task_dir = Path(f"/proc/{self.proc.pid}/task")
+        vcpu = 0
+        for task in task_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if (task / "comm").read_text().startswith("CPU "):
+                    vcpu += ticks(task / "stat")
+        return (ticks(Path(f"/proc/{self.proc.pid}/stat")) - vcpu) / tick
 
     def remove_tool_bitmaps(self) -> None:
         """Each full backup starts a chain and adds a bitmap; drop it so every round is alike."""
@@ -367,7 +390,8 @@ class Series:
     name: str
     description: str = ""
     seconds: list[float] = field(default_factory=list)
-    cpu_seconds: list[float] = field(default_factory=list)   # the qmpbackup process' own CPU
+    tool_cpu: list[float] = field(default_factory=list)      # the qmpbackup process' own CPU
+    cpu_seconds: list[float] = field(default_factory=list)   # all of it: tool, qemu-img, QEMU I/O
     bytes_on_disk: list[int] = field(default_factory=list)
     baseline: Optional[str] = None
     data: int = 0
@@ -414,6 +438,15 @@ class Report:
         ratios = self.ratios(name)
         return statistics.median(ratios) if ratios else None
 
+    def median_cpu_ratio(self, name: str) -> Optional[float]:
+        """Like :meth:`median_ratio` for CPU seconds, which other load inflates far less."""
+        series = self.series[name]
+        if series.baseline is None or not series.cpu_seconds:
+            return None
+        base = self.series[series.baseline].cpu_seconds
+        return statistics.median(mine / theirs for mine, theirs in zip(series.cpu_seconds, base)
+                                 if theirs > 0)
+
     @property
     def ratio_backup_convert(self) -> list[float]:
         return self.ratios("full")
@@ -435,6 +468,7 @@ class Report:
             entry = asdict(series)
             entry["median_seconds"] = series.median
             entry["median_ratio"] = self.median_ratio(name)
+            entry["median_cpu_ratio"] = self.median_cpu_ratio(name)
             if series.bytes_on_disk:
                 entry["median_bytes_on_disk"] = statistics.median(series.bytes_on_disk)
             out["series"][name] = entry
@@ -446,17 +480,21 @@ class Report:
         rows = []
         for name, series in self.series.items():
             ratio = self.median_ratio(name)
+            cpu_ratio = self.median_cpu_ratio(name)
             rows.append([
                 name, len(series.seconds), f"{series.median:.3f}",
                 f"{min(series.seconds):.3f}", f"{max(series.seconds):.3f}",
                 f"{series.data / MiB / series.median:.0f}" if series.data else "",
                 f"{ratio:.2f}x" if ratio is not None else "",
+                f"{statistics.median(series.tool_cpu):.3f}" if series.tool_cpu else "",
                 f"{statistics.median(series.cpu_seconds):.3f}" if series.cpu_seconds else "",
+                f"{cpu_ratio:.2f}x" if cpu_ratio is not None else "",
                 f"{statistics.median(series.bytes_on_disk) / MiB:.2f}"
                 if series.bytes_on_disk else "",
             ])
         return tabulate(rows, headers=["measurement", "n", "median s", "min s", "max s",
-                                       "MiB/s", "ratio/round", "tool CPU s", "MiB on disk"])
+                                       "MiB/s", "ratio/round", "tool CPU s", "CPU s",
+                                       "CPU ratio", "MiB on disk"])
 
 
 def machine_description() -> dict[str, str]:
@@ -543,7 +581,7 @@ class Bench:
         def measure() -> float:
             target = self.fresh("full")
             seconds = self.backup(vm, "full", target, *extra)
-            self.report.series[name].cpu_seconds.append(self.last_cpu)
+            self.report.series[name].tool_cpu.append(self.last_cpu)
             shutil.rmtree(target)
             vm.remove_tool_bitmaps()
             return seconds
@@ -560,7 +598,7 @@ class Bench:
                 out.unlink(missing_ok=True)
         return measure
 
-    def rotate(self, steps: list[Step], rounds: int, label: str) -> None:
+    def rotate(self, vm: BenchVM, steps: list[Step], rounds: int, label: str) -> None:
         """Run STEPS in rotating order ROUNDS times (every step takes every position).
 
         A step that fails in the first round (e.g. O_DIRECT on tmpfs) is
@@ -571,7 +609,10 @@ class Bench:
             times: dict[str, float] = {}
             for name, measure in steps[shift:] + steps[:shift]:
                 try:
+                    cpu = children_cpu() + vm.io_cpu()
                     times[name] = measure()
+                    self.report.series[name].cpu_seconds.append(
+                        children_cpu() + vm.io_cpu() - cpu)
                 except RuntimeError as err:
                     if round_:
                         raise
@@ -602,7 +643,7 @@ class Bench:
         for lever in levers:
             add(lever.name, lever.description, baseline="convert", data=self.size)
             steps.append((lever.name, self.direct_step(vm, lever)))
-        self.rotate(steps, self.args.rounds, "full")
+        self.rotate(vm, steps, self.args.rounds, "full")
 
     # (c)
     def incremental(self, vm: BenchVM) -> None:
@@ -619,7 +660,7 @@ class Bench:
             self.report.dirty_bytes = vm.dirty(self.rng, DIRTY_FRACTION, 0x40 + round_)
             before = set((chain / "virtio0").glob("INC-*"))
             series.seconds.append(self.backup(vm, "inc", chain))
-            series.cpu_seconds.append(self.last_cpu)
+            series.tool_cpu.append(self.last_cpu)
             new = set((chain / "virtio0").glob("INC-*")) - before
             if len(new) != 1:
                 raise RuntimeError(f"expected one new incremental file, found {sorted(new)}")
@@ -640,7 +681,7 @@ class Bench:
         for _ in range(self.args.rounds):
             target = self.fresh("tiny-full")
             series.seconds.append(self.backup(tiny, "full", target))
-            series.cpu_seconds.append(self.last_cpu)
+            series.tool_cpu.append(self.last_cpu)
             shutil.rmtree(target)
             tiny.remove_tool_bitmaps()
             self.drop()   # the backup above also started cold: compare like with like
@@ -648,7 +689,7 @@ class Bench:
             startup.seconds.append(timed(lambda: run(
                 [sys.executable, "-m", "qmpbackup", "--version"], cwd=self.args.tool_root,
                 env=env)))
-            startup.cpu_seconds.append(children_cpu() - cpu)
+            startup.tool_cpu.append(children_cpu() - cpu)
         log.info("overhead: full of %d MiB %.3f s, interpreter+imports %.3f s",
                  TINY_SIZE // MiB, series.median, startup.median)
 
@@ -670,7 +711,7 @@ class Bench:
         steps: list[Step] = [("sparse-convert", self.convert_step(vm)),
                              ("sparse-full", self.full_step(vm, "sparse-full")),
                              (SPARSE_DIRECT.name, self.direct_step(vm, SPARSE_DIRECT))]
-        self.rotate(steps, self.args.rounds, "sparse")
+        self.rotate(vm, steps, self.args.rounds, "sparse")
         speed = self.args.sparse_speed
         if speed:
             self.report.sparse_speed = speed
