@@ -68,6 +68,7 @@ def test_qemu_refusing_offload_falls_back_in_the_same_run(cli, sparse_vm: TestVM
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # QEMU 7.2 refuses max-workers 0: the same refusal a future QEMU could give use-copy-range
     monkeypatch.setattr(offload, "X_PERF", {"use-copy-range": True, "max-workers": 0})
+    monkeypatch.setattr(offload, "AUTO_MIN_BYTES", 0)   # auto offloads this small disk too
     vm, target = sparse_vm, tmp_path / "backup"
     result = backup(cli, vm, target, "full").ok()
     assert "QEMU refused copy offload" in result.err and "max-workers" in result.err

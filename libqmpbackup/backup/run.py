@@ -223,7 +223,7 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
 
 async def _copy_path(session: QmpSession, plan: RunPlan,
                      opts: BackupOptions) -> offload.OffloadChoice:
-    whole = any(j.sync in ("full", "top") for j in plan.jobs)
+    whole = sum(j.disk.virtual_size for j in plan.jobs if j.sync in ("full", "top"))
     offered = None
     if offload.wants_probe(opts.copy_offload, opts.compress, whole):
         offered = (await capabilities.probe(session)).copy_range

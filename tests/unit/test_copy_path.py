@@ -79,14 +79,15 @@ def test_choice_never_shares_the_module_constant() -> None:
 
 
 @pytest.mark.parametrize("mode, compress, whole, probe", [
-    ("auto", False, True, True),
-    ("auto", False, False, False),   # incremental run: the schema query costs more than it saves
-    ("auto", True, True, False),
-    ("off", False, True, False),
-    ("on", False, False, True),
+    ("auto", False, offload.AUTO_MIN_BYTES, True),
+    ("auto", False, offload.AUTO_MIN_BYTES - 1, False),   # small disks, incrementals: not worth it
+    ("auto", False, 0, False),
+    ("auto", True, 1 << 40, False),
+    ("off", False, 1 << 40, False),
+    ("on", False, 0, True),
 ])
-def test_schema_is_asked_only_when_it_matters(mode: str, compress: bool, whole: bool,
-                                              probe: bool) -> None:
+def test_schema_is_asked_only_when_it_pays(mode: str, compress: bool, whole: int,
+                                           probe: bool) -> None:
     assert offload.wants_probe(mode, compress, whole) is probe
 
 
