@@ -12,6 +12,7 @@ from typing import Iterator
 import pytest
 
 from libqmpbackup.backup import offload
+from libqmpbackup.qemu import capabilities
 from tests.test_backup import backup, backups
 from tests.vm import Disk, MiB, TestVM, identical, run
 
@@ -145,3 +146,17 @@ def test_overlay_disk_full_contains_its_backing_files_data(cli, tmp_path: Path) 
         restored(cli, target, "virtio0", tmp_path / "restored.raw").ok()
         assert identical(tmp_path / "restored.raw", reference)
         assert vm.tool_leftovers() == []
+
+
+def test_on_without_x_perf_in_the_schema_fails_before_anything_exists(
+        cli, sparse_vm: TestVM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QEMU older than 6.0 (simulated: its schema read as lacking x-perf)."""
+    monkeypatch.setattr(capabilities, "from_schema", lambda schema: capabilities.Capabilities())
+    vm, target = sparse_vm, tmp_path / "backup"
+    backup(cli, vm, target, "full", "--copy-offload", "on").failed(2, "x-perf")
+    assert not target.exists() or not any(target.rglob("*.qcow2*"))
+    assert all(not bl for bl in vm.bitmaps().values())
+    assert vm.tool_leftovers() == []
+    # auto carries on with QEMU's default copy path
+    backup(cli, vm, target, "full").ok()
+    assert identical(backups(target, "virtio0")[-1], vm.reference("virtio0", tmp_path / "a.raw"))

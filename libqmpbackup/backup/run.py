@@ -183,6 +183,7 @@ class _TargetNodes:
 async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: BackupOptions,
                    guard: ShutdownGuard, quiescer: Optional[Quiescer]) -> None:
     tag = new_run_tag()
+    copy_path = await _copy_path(session, plan, opts)   # may refuse: before anything exists
     async with contextlib.AsyncExitStack() as undo:
         files = _TargetFiles(plan.jobs)
         undo.callback(files.discard)
@@ -199,7 +200,6 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
             undo.push_async_callback(run_bitmaps.undo, session)
         undo.push_async_callback(_cancel_if_running, session, plan.jobs)
         reporter = ProgressReporter(session) if opts.progress else None
-        copy_path = await _copy_path(session, plan, opts)
         async with guard.holding():
             await run_transaction(session, plan.jobs, speed=opts.speed_limit,
                                   compress=opts.compress, offload=copy_path,

@@ -14,7 +14,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from libqmpbackup.qemu.qmp import QmpSession
+from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,11 @@ async def probe(session: QmpSession) -> Capabilities:
     """The capabilities of the QEMU behind SESSION (one ``query-qmp-schema`` per session)."""
     known = _probed.get(session)
     if known is None:
-        known = from_schema(await session.execute("query-qmp-schema"))
+        try:
+            known = from_schema(await session.execute("query-qmp-schema"))
+        except QmpCommandError as err:   # an optional feature never fails a backup
+            log.debug("query-qmp-schema refused (%s): assuming no optional features", err.desc)
+            known = Capabilities()
         log.debug("QEMU offers blockdev-backup x-perf members: %s",
                   ", ".join(sorted(known.x_perf_members)) or "none")
         _probed[session] = known
