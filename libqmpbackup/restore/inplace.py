@@ -29,7 +29,8 @@ from typing import Iterator
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
-from libqmpbackup.metadata import ChainStore
+from libqmpbackup.metadata import BackupRecord, ChainStore
+from libqmpbackup.names import parse_backup_name
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
@@ -38,7 +39,6 @@ from libqmpbackup.restore.rules import (
     IMAGE_LINK,
     RestoreOptions,
     RestorePoint,
-    consolidated_name,
     label,
     matches,
     needs_rebase,
@@ -148,13 +148,13 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
             file_steps.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
+        # the FULL keeps its name, as upstream qmpbackup documents (`qemu-img
+        # snapshot -l DIR/FULL-<time>-…` after snapshotrebase); the metadata
+        # records which point it holds
         journal = Journal(operation=operation, chain=point.chain_id, disk=point.disk_id,
-                          base=segment[0].file, result=consolidated_name(segment[0], point.record),
-                          point=point.record.file, point_time=point.record.time,
+                          base=segment[0].file, result=segment[0].file,
+                          point=point.record.file, point_time=point.record.point_time,
                           steps=[r.file for r in segment[1:]], snapshots=snapshots)
-        if (folder / journal.result).exists():
-            raise ChainError(f"{folder / journal.result} already exists: cannot rename "
-                             f"{journal.base} to it")
         _back_by_metadata(point, opts.dry_run)
         if not opts.dry_run:
             journal.save(folder)
@@ -217,15 +217,15 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         later = folder / records[following].file
         if needs_rebase(qemuimg.info(later, fmt="qcow2"), journal.result):
             qemuimg.rebase_unsafe(later, journal.result, dry_run=dry_run)
-    if (folder / journal.base).exists():
+    if journal.result != journal.base and (folder / journal.base).exists():
+        # a journal of an older version, which renamed the FULL for the point
         file_steps.rename(folder / journal.base, folder / journal.result, dry_run=dry_run)
     if journal.base in files:
         chain.disks[journal.disk].backups = [
-            dataclasses.replace(r, file=journal.result, time=journal.point_time)
-            if r.file == journal.base else r
+            _consolidated(r, journal) if r.file == journal.base else r
             for r in records if r.file not in journal.steps]
-        file_steps.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
-                   f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
+        file_steps.note(f"update {store.path}: {journal.result} holds {label(journal.point)}, "
+                        f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
             store.save()
     for step in journal.steps:
@@ -234,3 +234,10 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     if not dry_run:
         Journal.remove(folder)
 
+
+def _consolidated(record: BackupRecord, journal: Journal) -> BackupRecord:
+    """The FULL's record once it holds the journal's point: same name and time, ``holds`` set."""
+    parsed = parse_backup_name(journal.result)
+    named = parsed.timestamp if parsed else record.time
+    return dataclasses.replace(record, file=journal.result, time=named,
+                               holds=None if journal.point_time == named else journal.point_time)

@@ -18,7 +18,7 @@ from tabulate import tabulate
 from libqmpbackup.journal import JOURNAL_NAME
 from libqmpbackup.names import safe_component
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
-from libqmpbackup.restore.rules import label, partial_leftovers
+from libqmpbackup.restore.rules import partial_leftovers, point_label
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
                 continue
             for record in disk.backups:
                 path = backup.root / folder_name / record.file
-                rows.append((prefix + chain.uuid, disk_id, label(record.file), _when(record.time),
+                rows.append((prefix + chain.uuid, disk_id, point_label(record),
+                             _when(record.point_time),
                              record.level, record.file, _size(path), record.virtual_size))
     return rows
 

@@ -69,7 +69,7 @@ class RestorePoint:
 
     @property
     def label(self) -> str:
-        return label(self.record.file)
+        return point_label(self.record)
 
     def segment(self) -> list[BackupRecord]:
         return segment(self.records, self.index)
@@ -83,13 +83,31 @@ def label(file_name: str) -> str:
     return f"{LEVEL_PREFIX[parsed.level]}-{parsed.timestamp}"
 
 
+def point_label(record: BackupRecord) -> str:
+    """How a record's point is named to users; a FULL committed up to a later point is named for it."""
+    if record.holds is None:
+        return label(record.file)
+    return f"{LEVEL_PREFIX['full']}-{record.holds}"
+
+
 def matches(file_name: str, name: str) -> bool:
     """--until accepts the file name, the name without extension, or the FULL-/INC-<time> label."""
     return name in (file_name, os.path.splitext(file_name)[0], label(file_name))
 
 
+def record_matches(record: BackupRecord, name: str) -> bool:
+    """Like :func:`matches`, for a record; a FULL that holds a later point answers to that point.
+
+    Its own original label no longer does: the moment it names is gone.
+    """
+    if record.holds is None:
+        return matches(record.file, name)
+    return name in (record.file, os.path.splitext(record.file)[0], point_label(record),
+                    f"{LEVEL_PREFIX['inc']}-{record.holds}")
+
+
 def find_point(records: Sequence[BackupRecord], name: str) -> Optional[int]:
-    return next((i for i, r in enumerate(records) if matches(r.file, name)), None)
+    return next((i for i, r in enumerate(records) if record_matches(r, name)), None)
 
 
 def segment(records: Sequence[BackupRecord], index: int) -> list[BackupRecord]:
@@ -151,7 +169,7 @@ def select_disk_point(store: ChainStore, disk_id: str, until: Optional[str],
             return RestorePoint(store.root, chain.uuid, disk_id, records, index)
     assert until is not None
     raise _unknown_point(until, f"for disk {disk_id}",
-                         [label(r.file) for r in chains[-1].disks[disk_id].backups])
+                         [point_label(r) for r in chains[-1].disks[disk_id].backups])
 
 
 def select_root_points(store: ChainStore, until: Optional[str],
@@ -170,20 +188,20 @@ def select_root_points(store: ChainStore, until: Optional[str],
         return [RestorePoint(store.root, chain.uuid, disk_id, tuple(d.backups), len(d.backups) - 1)
                 for disk_id, d in chain.disks.items() if d.backups]
     for chain in reversed(chains):
-        hits = [r for d in chain.disks.values() for r in d.backups if matches(r.file, until)]
+        hits = [r for d in chain.disks.values() for r in d.backups if record_matches(r, until)]
         if not hits:
             continue
-        when = hits[0].time
+        when = hits[0].point_time
         points = []
         for disk_id, disk in chain.disks.items():
-            index = next((i for i, r in enumerate(disk.backups) if r.time == when), None)
+            index = next((i for i, r in enumerate(disk.backups) if r.point_time == when), None)
             if index is None:
                 raise ChainError(f"disk {disk_id} of chain {chain.uuid} has no backup from the "
-                                 f"run of {label(hits[0].file)}: restore the other disks one by "
+                                 f"run of {point_label(hits[0])}: restore the other disks one by "
                                  "one with --dir ROOT/<disk id>")
             points.append(RestorePoint(store.root, chain.uuid, disk_id, tuple(disk.backups), index))
         return points
-    runs = sorted({(r.time, label(r.file)) for c in chains for d in c.disks.values()
+    runs = sorted({(r.point_time, point_label(r)) for c in chains for d in c.disks.values()
                    for r in d.backups})
     raise _unknown_point(until, f"in {store.root}", [name for _, name in runs])
 
@@ -274,14 +292,3 @@ def needs_rebase(info: dict[str, Any], expected: str) -> bool:
     """True unless the header already names EXPECTED, relatively, as qcow2."""
     return (info.get("backing-filename") != expected
             or info.get("backing-filename-format") != "qcow2")
-
-
-def consolidated_name(base: BackupRecord, point: BackupRecord) -> str:
-    """The FULL's name once it holds POINT: FULL-<point time>-<image>.
-
-    commit renames the FULL so its name, the metadata and ``list`` keep
-    telling the truth about which moment the file holds.
-    """
-    parsed = parse_backup_name(base.file)
-    image = parsed.image if parsed else base.file
-    return f"{LEVEL_PREFIX['full']}-{point.time}-{image}"
