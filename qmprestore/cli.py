@@ -52,7 +52,7 @@ examples:
 """,
     "commit": """\
 examples:
-  # in place: the FULL (renamed FULL-<point time>-...) holds the point, applied INCs are removed
+  # in place: the FULL (same file name) holds the point, applied INCs are removed
   qmprestore commit --dir /copy/vm1/virtio0 --until INC-1717430400
   qmprestore commit --dir /copy/vm1/virtio0 --dry-run      # show the qemu-img steps
   # after an interruption: run the same command again to finish

@@ -9,8 +9,9 @@ How each stays safe when interrupted (and what re-running does):
   incrementals are copied into the FULL with ``qemu-img commit -d``, which
   leaves them intact, so an interrupted copy is redone from the same data;
   snapshotrebase goes one incremental at a time and records each finished
-  one.  Then the FULL is renamed to ``FULL-<point time>-…``, the metadata
-  rewritten, the applied incrementals deleted (their data is in the FULL
+  one.  Then the metadata is rewritten (the FULL keeps its name, as
+  upstream documents, and records the point it holds), the applied
+  incrementals deleted (their data is in the FULL
   now, and older points read through the changed FULL would be wrong), the
   next incremental re-based onto the FULL, and the journal removed.  While
   the journal exists every command refuses the folder, except the same
