@@ -81,12 +81,13 @@ def test_pause_success_resumes_and_the_backup_is_the_disk_at_the_pause(
     assert status(pvm) == "running"
 
 
-def test_pause_sigterm_mid_job_resumes(cli, pvm: TestVM, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_pause_signal_mid_job_resumes(cli, pvm: TestVM, tmp_path: Path, signum: int) -> None:
     root, refs = tmp_path / "backup", tmp_path / "refs"
     chain_with_dirty_data(cli, pvm, root)
     proc = paused_backup(pvm, root)
-    proc.send_signal(signal.SIGTERM)
-    finished(proc, 143, "interrupted by signal 15")
+    proc.send_signal(signum)
+    finished(proc, 128 + int(signum), f"interrupted by signal {int(signum)}")
     assert_resumed(pvm, root)
     assert max(b["count"] for b in tool_bitmaps(pvm).values()) >= DIRTY, "no change lost"
     recovers(cli, pvm, root, refs)
