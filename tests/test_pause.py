@@ -106,6 +106,27 @@ def test_pause_qemu_error_mid_job_resumes(cli, pvm: TestVM, tmp_path: Path) -> N
     recovers(cli, pvm, root, refs)
 
 
+def test_pause_transaction_refused_by_qemu_resumes(cli, pvm: TestVM, tmp_path: Path) -> None:
+    """A mirror job holds the disk: QEMU refuses the backup transaction while the VM is paused."""
+    root, refs = tmp_path / "backup", tmp_path / "refs"
+    backup(cli, pvm, root, "full").ok()
+    pvm.cmd("blockdev-add", driver="null-co", size=64 * MiB, **{"node-name": "sink"})
+    pvm.cmd("blockdev-mirror", device="virtio0", target="sink", sync="full",
+            **{"job-id": "foreign-mirror"})
+    try:
+        result = backup(cli, pvm, root, "inc", "--pause").failed(7, "QEMU refused transaction")
+        assert "paused the VM for the backup" in result.err and "resumed the VM" in result.err
+    finally:
+        pvm.cmd("block-job-cancel", device="foreign-mirror", force=True)
+        deadline = time.monotonic() + 30
+        while pvm.cmd("query-jobs"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pvm.cmd("blockdev-del", **{"node-name": "sink"})
+    assert_resumed(pvm, root)
+    recovers(cli, pvm, root, refs)
+
+
 def test_pause_target_failures_resume(cli, pvm: TestVM, tmp_path: Path) -> None:
     """A full target fails the jobs while paused; an unwritable one fails before the pause."""
     refs = tmp_path / "refs"

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.backup import bitmaps
-from libqmpbackup.errors import ChainError
+from libqmpbackup.errors import ChainError, VMGoneError
 from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import METADATA_NAME
 from libqmpbackup.qemu.devices import BlockDevice, refresh_bitmaps
-from libqmpbackup.qemu.qmp import QmpSession
+from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,13 @@ async def retire_previous_month(session: QmpSession, disks: list[BlockDevice], b
         return
     if chain is None or chain.bitmap == current_bitmap:
         return
-    if not session.connected:   # QEMU quit after the backup (the guest shut down)
-        log.warning("bitmap %s of the previous month's chain (%s) could not be removed: QEMU "
-                    "is gone; remove it with: qmpbackup cleanup --remove-bitmaps --uuid %s",
-                    chain.bitmap, folder, chain.uuid)
+    try:   # the backup is recorded: nothing here may turn the run into a failure
+        await refresh_bitmaps(session, disks)
+    except (VMGoneError, QmpCommandError) as err:   # e.g. QEMU quit: the guest shut down
+        log.warning("bitmap %s of the previous month's chain (%s) could not be removed (%s); "
+                    "remove it with: qmpbackup cleanup --remove-bitmaps --uuid %s",
+                    chain.bitmap, folder, err, chain.uuid)
         return
-    await refresh_bitmaps(session, disks)
     holding = [d for d in disks if d.bitmap(chain.bitmap)]
     removed = [d.disk_id for d in holding if await bitmaps.remove(session, d, chain.bitmap)]
     if removed:
