@@ -14,12 +14,12 @@ commit: until the new chain is recorded, the old one is still the live one.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.backup import bitmaps
 from libqmpbackup.errors import ChainError, VMGoneError
+from libqmpbackup.layout import MONTH_FOLDER_RE
 from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import METADATA_NAME
 from libqmpbackup.qemu.devices import BlockDevice, refresh_bitmaps
@@ -27,14 +27,11 @@ from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
 
-_MONTH_RE = re.compile(r"^\d{4}-\d{2}$")
-
-
 def previous_month_folder(base: Path, current: Path) -> Optional[Path]:
     """The newest month folder of BASE before CURRENT that holds a chain."""
     try:
         months = sorted(p for p in base.iterdir()
-                        if _MONTH_RE.match(p.name) and p.name < current.name
+                        if MONTH_FOLDER_RE.match(p.name) and p.name < current.name
                         and (p / METADATA_NAME).is_file())
     except OSError as err:
         log.warning("cannot read %s to find the previous month's chain: %s", base, err.strerror)

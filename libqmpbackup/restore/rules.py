@@ -21,7 +21,7 @@ from typing import Any, Collection, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, UsageError
 from libqmpbackup.metadata import BackupRecord, Chain, ChainStore
-from libqmpbackup.names import LEVEL_PREFIX, PARTIAL_SUFFIX, parse_backup_name, safe_component
+from libqmpbackup.names import LEVEL_PREFIX, PARTIAL_SUFFIX, parse_backup_name, point_label, safe_component
 
 IMAGE_LINK = "image"
 """Symlink in a disk folder to the image of the last restored point."""
@@ -30,6 +30,7 @@ BASE_SNAPSHOT = "FULL-BACKUP"
 """Internal snapshot snapshotrebase takes of the FULL before applying anything."""
 
 CHAIN_LEVELS = ("full", "inc")
+label = point_label
 _SHOWN_POINTS = 8
 
 
@@ -69,21 +70,13 @@ class RestorePoint:
 
     @property
     def label(self) -> str:
-        return point_label(self.record)
+        return record_label(self.record)
 
     def segment(self) -> list[BackupRecord]:
         return segment(self.records, self.index)
 
 
-def label(file_name: str) -> str:
-    """``FULL-<time>`` / ``INC-<time>``: how a point (and its snapshot) is named to users."""
-    parsed = parse_backup_name(file_name)
-    if parsed is None:
-        return file_name
-    return f"{LEVEL_PREFIX[parsed.level]}-{parsed.timestamp}"
-
-
-def point_label(record: BackupRecord) -> str:
+def record_label(record: BackupRecord) -> str:
     """How a record's point is named to users; a FULL committed up to a later point is named for it."""
     if record.holds is None:
         return label(record.file)
@@ -102,7 +95,7 @@ def record_matches(record: BackupRecord, name: str) -> bool:
     """
     if record.holds is None:
         return matches(record.file, name)
-    return name in (record.file, os.path.splitext(record.file)[0], point_label(record),
+    return name in (record.file, os.path.splitext(record.file)[0], record_label(record),
                     f"{LEVEL_PREFIX['inc']}-{record.holds}")
 
 
@@ -169,7 +162,7 @@ def select_disk_point(store: ChainStore, disk_id: str, until: Optional[str],
             return RestorePoint(store.root, chain.uuid, disk_id, records, index)
     assert until is not None
     raise _unknown_point(until, f"for disk {disk_id}",
-                         [point_label(r) for r in chains[-1].disks[disk_id].backups])
+                         [record_label(r) for r in chains[-1].disks[disk_id].backups])
 
 
 def select_root_points(store: ChainStore, until: Optional[str],
@@ -197,11 +190,11 @@ def select_root_points(store: ChainStore, until: Optional[str],
             index = next((i for i, r in enumerate(disk.backups) if r.point_time == when), None)
             if index is None:
                 raise ChainError(f"disk {disk_id} of chain {chain.uuid} has no backup from the "
-                                 f"run of {point_label(hits[0])}: restore the other disks one by "
+                                 f"run of {record_label(hits[0])}: restore the other disks one by "
                                  "one with --dir ROOT/<disk id>")
             points.append(RestorePoint(store.root, chain.uuid, disk_id, tuple(disk.backups), index))
         return points
-    runs = sorted({(r.point_time, point_label(r)) for c in chains for d in c.disks.values()
+    runs = sorted({(r.point_time, record_label(r)) for c in chains for d in c.disks.values()
                    for r in d.backups})
     raise _unknown_point(until, f"in {store.root}", [name for _, name in runs])
 
