@@ -184,3 +184,12 @@ def test_pause_left_by_a_killed_run_is_resumed_by_the_next_run(cli, pvm: TestVM,
     pvm.cmd("stop")
     backup(cli, pvm, root, "inc").ok()
     assert status(pvm) == "paused"
+
+
+def test_pause_needs_a_running_vm_not_images(cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(8 * MiB)],
+                   check=True)
+    cli("qmpbackup", "--image", image, "backup", "-l", "full", "-t", tmp_path / "b",
+        "--pause").failed(2, "--pause needs a running VM")
+    assert not (tmp_path / "b").exists()

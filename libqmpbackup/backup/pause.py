@@ -49,7 +49,7 @@ async def _remove_marker(session: QmpSession) -> None:
 
 async def resume_after_killed_run(session: QmpSession) -> None:
     """Resume a VM that a killed ``--pause`` run left paused (see the module docstring)."""
-    if not await _has_marker(session):
+    if not session.has_guest or not await _has_marker(session):   # a storage daemon: no VM
         return
     if await _status(session) == "paused":
         await session.execute("cont")
