@@ -101,6 +101,11 @@ class ChainStore:
     def find(self, chain_id: str) -> Optional[Chain]:
         return next((c for c in self.chains if c.uuid == chain_id), None)
 
+    def latest_time(self) -> int:
+        """The newest backup time recorded (a --no-timestamp FULL has none in its name)."""
+        return max((r.time for c in self.chains for d in c.disks.values() for r in d.backups),
+                   default=0)
+
     def folders(self) -> list[str]:
         """Every disk folder below the root that the chains use (not the root itself)."""
         names = {c.folder_of(d) for c in self.chains for d in c.disks}

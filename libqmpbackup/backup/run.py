@@ -102,7 +102,7 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     store = ChainStore.load(root)
     if not store.chains and upstream.looks_like_upstream(root):
         store = adopt_upstream(root, disks)
-    timestamp = _timestamp_after(latest_backup_time(root))
+    timestamp = _timestamp_after(max(latest_backup_time(root), store.latest_time()))
     plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root))
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
     if plan.retire_bitmap:
