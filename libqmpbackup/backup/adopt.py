@@ -15,9 +15,8 @@ import logging
 from pathlib import Path
 
 from libqmpbackup import upstream
-from libqmpbackup.errors import ChainError
 from libqmpbackup.metadata import ChainStore, DiskChain
-from libqmpbackup.names import UPSTREAM_UUID_NAME, image_name
+from libqmpbackup.names import image_name
 from libqmpbackup.qemu.devices import BlockDevice
 
 log = logging.getLogger(__name__)
@@ -34,10 +33,7 @@ def _owner(key: str, disk: DiskChain, disks: list[BlockDevice]) -> str:
 
 
 def adopt_upstream(root: Path, disks: list[BlockDevice]) -> ChainStore:
-    """ROOT's upstream chain as metadata of ours, its disks keyed by this VM's disk ids."""
-    if upstream.chain_id(root) is None:
-        raise ChainError(f"{root} holds backup files but neither qmpbackup.json nor upstream's "
-                         f"{UPSTREAM_UUID_NAME} file: cannot tell which chain they belong to")
+    """ROOT's upstream chain (ROOT/uuid names it) as metadata of ours, keyed by this VM's disk ids."""
     store = upstream.read_folder(root)
     for chain in store.chains:
         chain.disks = {_owner(key, disk, disks): disk for key, disk in chain.disks.items()}

@@ -100,7 +100,7 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     leftovers.clean_target(root)
     refuse_unfinished_restores(root)
     store = ChainStore.load(root)
-    if not store.chains and upstream.looks_like_upstream(root):
+    if not store.chains and upstream.chain_id(root) is not None:
         store = adopt_upstream(root, disks)
     timestamp = _timestamp_after(max(latest_backup_time(root), store.latest_time()))
     plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root))

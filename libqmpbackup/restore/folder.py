@@ -157,6 +157,8 @@ def _find_backup(path: Path, name_filter: Optional[str]) -> Optional[BackupDir]:
     if (path.parent / METADATA_NAME).is_file():
         # the parent is ours but does not know this folder: its metadata is the truth
         return BackupDir(_load(path.parent), path.name, name_filter)
+    if month_folders(path):
+        return None     # a --monthly base: its months are chain folders of ours
     if upstream.chain_id(path.parent) is not None and upstream.looks_like_upstream(path):
         return BackupDir(upstream.read_folder(path.parent), path.name, name_filter, None)
     if upstream.looks_like_upstream(path):
