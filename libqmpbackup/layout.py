@@ -9,7 +9,13 @@ from typing import Optional
 
 from libqmpbackup.errors import TargetError
 from libqmpbackup.fsutil import TEMP_SUFFIX
-from libqmpbackup.names import LOCK_NAME, METADATA_NAME, PARTIAL_SUFFIX, parse_backup_name
+from libqmpbackup.names import (
+    DISK_METADATA_NAME,
+    LOCK_NAME,
+    METADATA_NAME,
+    PARTIAL_SUFFIX,
+    parse_backup_name,
+)
 
 
 def month_folder(base: Path, now: Optional[float] = None) -> Path:
@@ -56,10 +62,11 @@ def existing_names(root: Path) -> set[str]:
     """Every name in ROOT and its disk folders, relative to ROOT: names a new file must avoid."""
     names: set[str] = set()
     try:
-        for entry in os.scandir(root):
-            names.add(entry.name)
-            if entry.is_dir(follow_symlinks=False):
-                names.update(os.path.join(entry.name, n) for n in os.listdir(entry.path))
+        with os.scandir(root) as entries:
+            for entry in entries:
+                names.add(entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    names.update(os.path.join(entry.name, n) for n in os.listdir(entry.path))
     except OSError as err:
         raise TargetError(f"cannot read target {root}: {err.strerror}") from err
     return names
@@ -72,7 +79,8 @@ def partial_files(root: Path) -> list[Path]:
 
 def stale_temp_files(root: Path) -> list[Path]:
     """Half-written metadata files of a run killed inside :func:`write_atomically`."""
-    return _glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}")
+    return (_glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}")
+            + _glob(root, f"*/.{DISK_METADATA_NAME}.*{TEMP_SUFFIX}"))
 
 
 def _glob(root: Path, pattern: str) -> list[Path]:

@@ -56,7 +56,8 @@ def _backup_files(folder: Path) -> list[str]:
 
 def _subfolders(root: Path) -> list[str]:
     try:
-        return sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False))
+        with os.scandir(root) as entries:
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
     except OSError:
         return []
 
