@@ -86,18 +86,20 @@ class BackupDir:
             matching = f" matching --filter {self.name_filter!r}" if self.name_filter else ""
             raise ChainError(f"{self.folder}: the chain metadata in {self.root} has no disk "
                              f"stored {where}{matching}")
-        if len(ids) > 1:
+        if len(ids) > 1 and self.disk_folder is None:
             raise UsageError(f"{self.folder} holds several disks ({', '.join(ids)}): choose one "
                              "with --filter")
-        return ids[0]
+        return ids[-1]   # a disk folder: the newest chain's name for its disk
 
     def disk_names(self) -> str:
         return ", ".join(sorted({safe_component(d) for c in self.store.chains for d in c.disks}))
 
     def single_disk(self) -> bool:
-        return len(self.disk_ids()) == 1 and (self.disk_folder is not None
-                                              or self.name_filter is not None
-                                              or len(self.store.folders()) == 0)
+        """One disk: a disk folder, or a root where --filter (or a flat layout) leaves one."""
+        if self.disk_folder is not None:
+            return True
+        return len(self.disk_ids()) == 1 and (self.name_filter is not None
+                                              or not self.store.folders())
 
     def require_disk_folder(self, command: str) -> str:
         if not self.single_disk():
