@@ -80,10 +80,18 @@ class Chain:
 
 @dataclass
 class ChainStore:
-    """The metadata file of one backup folder."""
+    """The metadata file of one backup folder.
+
+    ``pruning`` lists the files (``<disk folder>/<file>``) of chains that
+    ``qmpbackup prune`` already dropped from ``chains`` but has not deleted
+    yet: the metadata is rewritten before any file goes, so a prune killed
+    in between leaves files that are named here, and the next prune or
+    backup run deletes exactly those.
+    """
 
     root: Path
     chains: list[Chain] = field(default_factory=list)
+    pruning: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
@@ -115,11 +123,12 @@ class ChainStore:
         """The records of the disks stored in FOLDER, as a store rooted in that folder."""
         chains = []
         for chain in self.chains:
-            disks = {d: DiskChain(list(dc.backups), "") for d, dc in chain.disks.items()
-                     if chain.folder_of(d) == folder}
+            disks = {d: DiskChain(backups=list(dc.backups), folder="")
+                     for d, dc in chain.disks.items() if chain.folder_of(d) == folder}
             if disks:
-                chains.append(Chain(chain.uuid, chain.bitmap, chain.created, disks))
-        return ChainStore(self.root / folder, chains)
+                chains.append(Chain(uuid=chain.uuid, bitmap=chain.bitmap, created=chain.created,
+                                    disks=disks))
+        return ChainStore(root=self.root / folder, chains=chains)
 
     @classmethod
     def load(cls, root: Path, name: str = METADATA_NAME) -> ChainStore:
@@ -131,20 +140,43 @@ class ChainStore:
         except (OSError, ValueError) as err:
             raise ChainError(f"cannot read chain metadata {path}: {err}") from err
         try:
-            return cls(root, [_chain_from_dict(c) for c in raw["chains"]])
-        except (KeyError, TypeError, AttributeError) as err:
+            chains = [_chain_from_dict(c) for c in raw["chains"]]
+        except KeyError as err:
+            raise ChainError(f"chain metadata {path} is malformed: missing {err}") from err
+        except (TypeError, AttributeError) as err:
             raise ChainError(f"chain metadata {path} is malformed: {err}") from err
+        pruning = raw.get("pruning", [])
+        if not isinstance(pruning, list) or not all(isinstance(p, str) for p in pruning):
+            raise ChainError(f"chain metadata {path} is malformed: 'pruning' is not a list of names")
+        return cls(root=root, chains=chains, pruning=pruning)
 
     def save(self) -> None:
-        """Write each disk folder's records, then the folder's metadata (the commit point)."""
-        for folder in self.folders():
-            if (self.root / folder).is_dir():
-                self.for_folder(folder).write(DISK_METADATA_NAME)
+        """Write each disk folder's records, then the folder's metadata (the commit point).
+
+        A disk folder no chain uses any more (a prune dropped them) loses its
+        records file, so that the prune can remove the emptied folder.
+        """
+        for folder in sorted({*self.folders(), *self._folders_with_records()}):
+            if not (self.root / folder).is_dir():
+                continue
+            records = self.for_folder(folder)
+            if records.chains:
+                records.write(DISK_METADATA_NAME)
+            else:
+                (self.root / folder / DISK_METADATA_NAME).unlink(missing_ok=True)
         self.write(METADATA_NAME)
 
+    def _folders_with_records(self) -> list[str]:
+        try:
+            return [p.parent.name for p in self.root.glob(f"*/{DISK_METADATA_NAME}")]
+        except OSError:
+            return []
+
     def write(self, name: str) -> None:
-        data = {"version": METADATA_VERSION,
-                "chains": [asdict(c) for c in self.chains]}
+        data: dict[str, Any] = {"version": METADATA_VERSION,
+                                "chains": [asdict(c) for c in self.chains]}
+        if self.pruning and name == METADATA_NAME:
+            data["pruning"] = self.pruning
         write_atomically(self.root / name, json.dumps(data, indent=2) + "\n")
 
 
@@ -161,5 +193,6 @@ def _chain_from_dict(raw: dict[str, Any]) -> Chain:
         if folder is not None and not is_folder_name(folder):
             # the metadata is untrusted: a folder must stay inside the backup folder
             raise TypeError(f"folder {folder!r} of disk {disk_id!r} is not a folder name")
-        disks[disk_id] = DiskChain([BackupRecord(**b) for b in d["backups"]], folder)
-    return Chain(raw["uuid"], raw["bitmap"], raw["created"], disks)
+        disks[disk_id] = DiskChain(backups=[BackupRecord(**b) for b in d["backups"]],
+                                   folder=folder)
+    return Chain(uuid=raw["uuid"], bitmap=raw["bitmap"], created=raw["created"], disks=disks)

@@ -92,6 +92,13 @@ RESERVED_FILE_NAMES = frozenset({METADATA_NAME, DISK_METADATA_NAME, LOCK_NAME,
 """Names an untimestamped backup file may never take: they mean something else in a folder."""
 
 
+def is_plain_file_name(name: str) -> bool:
+    """A --no-timestamp file (named like its source image) read from untrusted metadata:
+    one path component, and no name the tool reserves."""
+    return (bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
+            and name not in RESERVED_FILE_NAMES and not name.endswith(PARTIAL_SUFFIX))
+
+
 @dataclass(frozen=True)
 class ParsedName:
     level: str
@@ -103,4 +110,23 @@ def parse_backup_name(name: str) -> Optional[ParsedName]:
     match = BACKUP_NAME_RE.match(name)
     if not match:
         return None
-    return ParsedName(PREFIX_LEVEL[match.group(1)], int(match.group(2)), match.group(3))
+    return ParsedName(level=PREFIX_LEVEL[match.group(1)], timestamp=int(match.group(2)),
+                      image=match.group(3))
+
+
+def is_backup_file_name(name: str) -> bool:
+    """A name read from untrusted metadata that may be joined to a disk folder and deleted.
+
+    The grammar alone allows ``FULL-1-../../etc``: only a single path
+    component named like a finished backup file qualifies.
+    """
+    return ("/" not in name and "\0" not in name and not name.endswith(PARTIAL_SUFFIX)
+            and parse_backup_name(name) is not None)
+
+
+def point_label(file_name: str) -> str:
+    """``FULL-<time>`` / ``INC-<time>``: how a point (and its snapshot) is named to users."""
+    parsed = parse_backup_name(file_name)
+    if parsed is None:
+        return file_name
+    return f"{LEVEL_PREFIX[parsed.level]}-{parsed.timestamp}"

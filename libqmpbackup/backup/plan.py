@@ -58,8 +58,10 @@ class BackupOptions:
     no_symlink: bool = False       # with no_timestamp: no FULL-<image> symlink beside it
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunPlan:
+    """What one run will do, decided before anything in QEMU or on disk changes."""
+
     level: str                        # the effective level: full, inc or copy
     timestamp: int
     root: Path
@@ -213,10 +215,11 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
         if store.current is not None:
             raise TargetError(f"target {root} holds a backup chain: write copies to another folder")
         copies = store.copies
-        return RunPlan("copy", timestamp, root,
-                       copies or Chain(uuid=COPIES_ID, bitmap="", created=timestamp),
-                       copies is None,
-                       [layout.job(d, "copy", timestamp) for d in disks], reason="--level copy")
+        return RunPlan(level="copy", timestamp=timestamp, root=root,
+                       chain=copies or Chain(uuid=COPIES_ID, bitmap="", created=timestamp),
+                       new_chain=copies is None,
+                       jobs=[layout.job(d, "copy", timestamp) for d in disks],
+                       reason="--level copy")
 
     chain = store.current
     if chain and opts.uuid and chain.uuid != opts.uuid:
@@ -253,7 +256,8 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
                 f"bitmaps with: qmpbackup cleanup --remove-bitmaps --uuid {chain_id}")
         jobs, add = _chain_jobs(disks, layout, new, timestamp)
         retire = chain.bitmap if unusable and chain else None
-        return RunPlan("full", timestamp, root, new, True, jobs, add, retire, reason)
+        return RunPlan(level="full", timestamp=timestamp, root=root, chain=new, new_chain=True,
+                       jobs=jobs, bitmaps_to_add=add, retire_bitmap=retire, reason=reason)
 
     if chain is None:
         raise ChainError(f"target {root} holds no backup chain: run a full backup first")
@@ -262,4 +266,5 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
         raise ChainError(f"{problems[0][1]}: an incremental backup is impossible; "
                          "run --level auto (starts a new chain) or a full backup into a new folder")
     jobs, add = _chain_jobs(disks, layout, chain, timestamp)
-    return RunPlan("inc", timestamp, root, chain, False, jobs, add, None, reason)
+    return RunPlan(level="inc", timestamp=timestamp, root=root, chain=chain, new_chain=False,
+                   jobs=jobs, bitmaps_to_add=add, reason=reason)

@@ -18,6 +18,7 @@ from typing import Optional
 from libqmpbackup import upstream
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
+from libqmpbackup.layout import existing_backup_folder
 from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import DISK_METADATA_NAME, METADATA_NAME, link_name, safe_component
 from libqmpbackup.qemu import qemuimg
@@ -31,6 +32,7 @@ from libqmpbackup.restore.rules import (
     select_disk_point,
     select_root_points,
 )
+from libqmpbackup.retention import pruning_entry
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +115,6 @@ class BackupDir:
         return select_root_points(self.store, until, uuid, self.disk_ids())
 
 
-def _existing_dir(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    if not path.exists():
-        raise TargetError(f"backup folder {path} does not exist")
-    if not path.is_dir():
-        raise TargetError(f"{path} is not a directory")
-    return path
-
-
 def _load(root: Path, name: str = METADATA_NAME) -> ChainStore:
     store = ChainStore.load(root, name)
     if not store.chains:
@@ -172,7 +165,7 @@ def _find_backup(path: Path, name_filter: Optional[str]) -> Optional[BackupDir]:
 
 def open_backup_dir(path: Path, name_filter: Optional[str] = None) -> BackupDir:
     """The chain (and disk folder) --dir names; a --monthly base is refused as ambiguous."""
-    path = _existing_dir(path)
+    path = existing_backup_folder(path)
     found = _find_backup(path, name_filter)
     if found is not None:
         return found
@@ -186,7 +179,7 @@ def open_backup_dir(path: Path, name_filter: Optional[str] = None) -> BackupDir:
 
 def open_for_listing(path: Path, name_filter: Optional[str] = None) -> list[BackupDir]:
     """Like open_backup_dir, but a --monthly base lists all its months."""
-    path = _existing_dir(path)
+    path = existing_backup_folder(path)
     found = _find_backup(path, name_filter)
     if found is not None:
         return [found]
@@ -224,8 +217,10 @@ def refuse_unfinished(folder: Path, entries: list[str]) -> None:
 
 
 def _known_files(point: RestorePoint, store: ChainStore) -> set[str]:
-    """Every file any chain of the store keeps in this disk folder, and its convenience link."""
-    known = set()
+    """Every file any chain of the store keeps in this disk folder (and its convenience link),
+    or a prune is deleting."""
+    known = {parts[1] for parts in map(pruning_entry, store.pruning)
+             if parts and store.root / parts[0] == point.folder}
     for chain in store.chains:
         for disk_id, disk in chain.disks.items():
             if store.root / chain.folder_of(disk_id) != point.folder:

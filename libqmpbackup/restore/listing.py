@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,15 +17,12 @@ from tabulate import tabulate
 
 from libqmpbackup.journal import JOURNAL_NAME
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
-from libqmpbackup.restore.rules import partial_leftovers, point_label
+from libqmpbackup.restore.rules import partial_leftovers, record_label
+from libqmpbackup.units import local_time
 
 log = logging.getLogger(__name__)
 
 HEADERS = ("chain", "disk", "restore point", "time", "level", "file", "size", "virtual size")
-
-
-def _when(timestamp: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def _size(path: Path) -> str:
@@ -46,13 +42,17 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
                 continue
             for record in disk.backups:
                 path = backup.root / chain.folder_of(disk_id) / record.file
-                rows.append((prefix + chain.uuid, disk_id, point_label(record), _when(record.time),
-                             record.level, record.file, _size(path),
+                rows.append((prefix + chain.uuid, disk_id, record_label(record),
+                             local_time(record.time), record.level, record.file, _size(path),
                              record.virtual_size or "unknown"))
     return rows
 
 
 def _warn_leftovers(backup: BackupDir) -> None:
+    if backup.store.pruning:
+        log.warning("%s: %d file(s) of pruned chains are not deleted yet (an interrupted prune); "
+                    "the next prune or backup run removes them", backup.root,
+                    len(backup.store.pruning))
     folders = [backup.folder] if backup.disk_folder is not None else [backup.root, *sorted(
         p for p in backup.root.iterdir() if p.is_dir() and not p.is_symlink())]
     for folder in folders:

@@ -24,8 +24,9 @@ from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.names import (
     LEVEL_PREFIX,
     PARTIAL_SUFFIX,
-    RESERVED_FILE_NAMES,
+    is_plain_file_name,
     parse_backup_name,
+    point_label,
     safe_component,
 )
 
@@ -35,6 +36,7 @@ BASE_SNAPSHOT = "FULL-BACKUP"
 CHAIN_LEVELS = ("full", "inc")
 WHOLE_LEVELS = ("full", "copy")
 """Levels whose file is a whole image on its own."""
+label = point_label
 _SHOWN_POINTS = 8
 
 
@@ -76,21 +78,13 @@ class RestorePoint:
 
     @property
     def label(self) -> str:
-        return point_label(self.record)
+        return record_label(self.record)
 
     def segment(self) -> list[BackupRecord]:
         return segment(self.records, self.index)
 
 
-def label(file_name: str) -> str:
-    """``FULL-<time>`` / ``INC-<time>``: how a point (and its snapshot) is named to users."""
-    parsed = parse_backup_name(file_name)
-    if parsed is None:
-        return file_name
-    return f"{LEVEL_PREFIX[parsed.level]}-{parsed.timestamp}"
-
-
-def point_label(record: BackupRecord) -> str:
+def record_label(record: BackupRecord) -> str:
     """The label of a record, also for files named like their source image (--no-timestamp)."""
     return f"{LEVEL_PREFIX.get(record.level, record.level.upper())}-{record.time}"
 
@@ -101,7 +95,7 @@ def matches(file_name: str, name: str) -> bool:
 
 
 def record_matches(record: BackupRecord, name: str) -> bool:
-    return matches(record.file, name) or name == point_label(record)
+    return matches(record.file, name) or name == record_label(record)
 
 
 def find_point(records: Sequence[BackupRecord], name: str) -> Optional[int]:
@@ -180,7 +174,7 @@ def select_disk_point(store: ChainStore, disk_id: str, until: Optional[str],
                                 chain.folder_of(disk_id))
     assert until is not None
     raise _unknown_point(until, f"for disk {disk_id}",
-                         [point_label(r) for r in chains[-1].disks[disk_id].backups])
+                         [record_label(r) for r in chains[-1].disks[disk_id].backups])
 
 
 def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[str],
@@ -219,12 +213,12 @@ def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[s
             index = next((i for i, r in enumerate(disk.backups) if r.time == when), None)
             if index is None:
                 raise ChainError(f"disk {disk_id} of chain {chain.uuid} has no backup from the "
-                                 f"run of {point_label(hits[0])}: restore the other disks one by "
+                                 f"run of {record_label(hits[0])}: restore the other disks one by "
                                  "one with --dir ROOT/<disk id>")
             points.append(RestorePoint(store.root, chain.uuid, disk_id, tuple(disk.backups), index,
                                        chain.folder_of(disk_id)))
         return points
-    runs = sorted({(r.time, point_label(r)) for c in chains for d in c.disks.values()
+    runs = sorted({(r.time, record_label(r)) for c in chains for d in c.disks.values()
                    for r in d.backups})
     raise _unknown_point(until, f"in {store.root}", [name for _, name in runs])
 
@@ -241,7 +235,7 @@ def record_problems(records: Sequence[BackupRecord]) -> list[str]:
     for record in records:
         parsed = parse_backup_name(record.file)
         if not record.timestamped and record.level in WHOLE_LEVELS:
-            if not plain_file_name(record.file):
+            if not is_plain_file_name(record.file):
                 problems.append(f"{record.file!r} in the metadata is not a backup file name")
         elif parsed is None or os.path.basename(record.file) != record.file:
             problems.append(f"{record.file!r} in the metadata is not a backup file name")
@@ -256,12 +250,6 @@ def record_problems(records: Sequence[BackupRecord]) -> list[str]:
     if records[0].level not in WHOLE_LEVELS:
         problems.append(f"{records[0].file} has no FULL backup before it")
     return problems
-
-
-def plain_file_name(name: str) -> bool:
-    """A file named like its source image: one path component, no name the tool reserves."""
-    return (bool(name) and os.path.basename(name) == name and name not in (".", "..")
-            and name not in RESERVED_FILE_NAMES and not name.endswith(PARTIAL_SUFFIX))
 
 
 def partial_leftovers(entries: Collection[str]) -> list[str]:

@@ -13,7 +13,8 @@ from libqmpbackup.backup.plan import plan_backup, select_disks
 from libqmpbackup.errors import ChainError, UsageError
 from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.restore.folder import open_backup_dir
-from libqmpbackup.restore.rules import image_problems, point_label, record_problems, select_root_points
+from libqmpbackup.restore.rules import image_problems, record_label, record_problems, select_root_points
+from libqmpbackup.retention import chain_files, pruning_entry
 from tests.unit.test_naming_and_planning import bitmap, disk, opts, store_with_chain
 
 
@@ -70,7 +71,7 @@ def test_copy_and_untimestamped_records_pass_the_rules() -> None:
     copies = [BackupRecord("COPY-1-a.qcow2", "copy", 1, 1, "a"), BackupRecord("a.qcow2", "copy", 2, 1, "a",
                                                                                timestamped=False)]
     assert record_problems(copies) == []
-    assert point_label(copies[1]) == "COPY-2"
+    assert record_label(copies[1]) == "COPY-2"
     plain_full = [BackupRecord("a.qcow2", "full", 1, 1, "a", timestamped=False),
                   BackupRecord("INC-2-a.qcow2", "inc", 2, 1, "a")]
     assert record_problems(plain_full) == []
@@ -159,3 +160,23 @@ def test_chain_without_folder_field_still_loads(tmp_path: Path) -> None:
     del raw["chains"][0]["disks"]["v"]["folder"]
     (tmp_path / "qmpbackup.json").write_text(json.dumps(raw))
     assert ChainStore.load(tmp_path).chains[0].folder_of("v") == "v"
+
+
+@pytest.mark.parametrize("entry, parts", [
+    ("./FULL-1-a.qcow2", (".", "FULL-1-a.qcow2")),
+    ("./virtio0.qcow2", (".", "virtio0.qcow2")),
+    ("virtio0/virtio0.qcow2", ("virtio0", "virtio0.qcow2")),
+    ("./qmpbackup.json", None),
+    ("virtio0/qmpbackup-disk.json", None),
+    ("./../x", None),
+    ("../x", None),
+])
+def test_pruning_entries_of_flat_and_untimestamped_layouts(entry: str, parts: object) -> None:
+    assert pruning_entry(entry) == parts
+
+
+def test_prune_lists_files_where_the_chain_keeps_them() -> None:
+    flat = Chain(uuid="f", bitmap="qmpbackup-f", created=1, disks={
+        "virtio0": DiskChain(backups=[BackupRecord("virtio0.qcow2", "full", 1, 1, "v",
+                                                   timestamped=False)], folder="")})
+    assert chain_files(Path("/b"), flat) == ["./virtio0.qcow2"]
