@@ -157,8 +157,9 @@ class ChainStore:
         records file, so that the prune can remove the emptied folder.
         """
         for folder in sorted({*self.folders(), *self._folders_with_records()}):
-            if not (self.root / folder).is_dir():
-                continue
+            path = self.root / folder
+            if path.is_symlink() or not path.is_dir():
+                continue    # never write through a link that may lead out of the folder
             records = self.for_folder(folder)
             if records.chains:
                 records.write(DISK_METADATA_NAME)

@@ -286,3 +286,39 @@ def test_upstream_folder_restores_and_auto_continues_it_in_place(cli, tmp_path: 
         vm.cmd("block-dirty-bitmap-remove", node="virtio0", name="qmpbackup-testme")
         backup(cli, vm, other, "inc").failed(6, "has no bitmap qmpbackup-testme")
         assert not (other / "qmpbackup.json").exists()
+
+
+def test_a_flat_untimestamped_folder_gets_a_second_chain_and_is_pruned(cli, tmp_path: Path) -> None:
+    root, refs = tmp_path / "flat", tmp_path / "refs"
+    flags = ("--no-subdir", "--no-timestamp", "--no-symlink")
+    with small_vm(tmp_path / "vm") as vm:
+        point(vm, refs, 0)
+        backup(cli, vm, root, "auto", *flags).ok()
+        first = metadata(root)["chains"][0]
+        for disk in DISKS:   # the VM loses the chain's bitmaps: auto starts a new chain there
+            vm.cmd("block-dirty-bitmap-remove", node=disk, name=first["bitmap"])
+        point(vm, refs, 1)
+        backup(cli, vm, root, "auto").ok()
+        point(vm, refs, 2)
+        backup(cli, vm, root, "auto").ok()
+    chains = metadata(root)["chains"]
+    assert len(chains) == 2
+    second = chains[1]["disks"]["virtio0"]["backups"]
+    assert second[0]["file"].startswith("FULL-"), "the image's name is taken: the time is used"
+    assert (root / "virtio0.qcow2").is_file(), "the first chain's FULL is never overwritten"
+    assert identical(merged(cli, tmp_path, "--dir", root, "--filter", "virtio0", "--uuid",
+                            first["uuid"]), ref(refs, "virtio0", 0))
+    cli("qmpbackup", "prune", "--target", root, "--keep", "1").ok()
+    assert not (root / "virtio0.qcow2").exists() and not (root / "ide0-hd0.qcow2").exists()
+    assert len(metadata(root)["chains"]) == 1
+    for disk in DISKS:
+        assert identical(merged(cli, tmp_path, "--dir", root, "--filter", disk), ref(refs, disk, 2))
+
+
+def test_auto_into_a_folder_without_chain_names_the_real_problem(cli, tmp_path: Path) -> None:
+    target = tmp_path / "b"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with small_vm(tmp_path / "vm") as vm:
+        result = backup(cli, vm, target, "auto").failed(5, "not empty", "holds no chain")
+        assert "--level inc" not in result.err

@@ -180,3 +180,15 @@ def test_prune_lists_files_where_the_chain_keeps_them() -> None:
         "virtio0": DiskChain(backups=[BackupRecord("virtio0.qcow2", "full", 1, 1, "v",
                                                    timestamped=False)], folder="")})
     assert chain_files(Path("/b"), flat) == ["./virtio0.qcow2"]
+
+
+def test_disk_records_are_never_written_through_a_symlinked_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "b"
+    root.mkdir()
+    os.symlink(outside, root / "virtio0")
+    store = store_with_chain("virtio0")
+    store.root = root
+    store.save()
+    assert list(outside.iterdir()) == [] and (root / "qmpbackup.json").is_file()
