@@ -35,6 +35,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def replace_symlink(path: Path, target_name: str) -> None:
+    """Point symlink PATH at TARGET_NAME in one step (a temporary link renamed over it)."""
+    temporary = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    try:
+        temporary.unlink()
+    except FileNotFoundError:
+        pass
+    os.symlink(target_name, temporary)
+    os.replace(temporary, path)
+    fsync_dir(path.parent)
+
+
 def make_private_dirs(path: Path) -> list[Path]:
     """Create PATH and its missing parents, each 0700; return those created, outermost first.
 

@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--speed-limit", type=byte_rate, default=0,
                         metavar="BYTES_PER_SECOND",
                         help="limit each disk's job to this rate (suffixes k, M, G allowed)")
+    backup.add_argument("--no-subdir", action="store_true",
+                        help="write the backup files into DIR itself, not DIR/<disk id>/")
+    backup.add_argument("--no-timestamp", action="store_true",
+                        help="name a full/copy backup exactly like the source image, with a "
+                             "FULL-<image> (COPY-<image>) symlink beside it")
+    backup.add_argument("--no-symlink", action="store_true",
+                        help="with --no-timestamp: no FULL-<image> symlink")
     backup.add_argument("--no-progress", action="store_true",
                         help="no progress output while jobs run")
     backup.add_argument("--progress-interval", type=positive_seconds, default=LOG_INTERVAL,
@@ -226,7 +233,8 @@ async def backup_command(args: argparse.Namespace) -> int:
         quiesce=args.quiesce or args.quiesce_required, quiesce_required=args.quiesce_required,
         agent_socket=args.agent_socket, pause=args.pause,
         progress_interval=args.progress_interval,
-        target_cache_direct=args.blockdev_disable_cache, target_aio=args.blockdev_aio)
+        target_cache_direct=args.blockdev_disable_cache, target_aio=args.blockdev_aio,
+        no_subdir=args.no_subdir, no_timestamp=args.no_timestamp, no_symlink=args.no_symlink)
     if args.remove_delay is not None:
         log.warning("--remove-delay is not needed and is ignored: qmpbackup closes a backup "
                     "file only after QEMU has ended the job that wrote it")
