@@ -286,7 +286,7 @@ def test_full_refuses_a_non_empty_target(cli, vm: TestVM, tmp_path: Path) -> Non
     target = tmp_path / "backup"
     target.mkdir()
     (target / "something").write_text("x")
-    backup(cli, vm, target, "full").failed(5, "not empty", "holds no qmpbackup chain")
+    backup(cli, vm, target, "full").failed(5, "not empty", "holds no chain of qmpbackup")
     result = backup(cli, vm, target, "auto").failed(5, "not empty", "an empty or new folder")
     assert "--level inc" not in result.err, "no advice that cannot work"
     assert sorted(p.name for p in target.iterdir()) == ["something"]

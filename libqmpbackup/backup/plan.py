@@ -218,7 +218,7 @@ def _bitmap_problems(disks: list[BlockDevice], chain: Chain) -> list[tuple[Block
 def _not_empty(root: Path, chain: Optional[Chain]) -> str:
     """Why a new chain cannot start in ROOT, and the way out that actually works."""
     if chain is None:
-        return (f"target {root} is not empty and holds no qmpbackup chain "
+        return (f"target {root} is not empty and holds no chain of qmpbackup "
                 f"(no {METADATA_NAME}): a new chain needs an empty or new folder")
     return (f"target {root} is not empty: a new chain needs an empty folder "
             f"(use --level inc or auto to continue chain {chain.uuid} there, or --monthly)")
