@@ -17,6 +17,10 @@ class QmpBackupError(Exception):
     exit_code = 1
     summary = "error"
 
+    def lines(self) -> list[str]:
+        """The error lines to print: one, unless the error is about several things."""
+        return [str(self)]
+
 
 class UsageError(QmpBackupError):
     """The command line is inconsistent (wrong combination, unsafe value)."""
@@ -81,6 +85,21 @@ class AgentError(QmpBackupError):
     summary = "guest agent error"
 
 
+class BackupDamaged(QmpBackupError):
+    """A backup file is damaged or missing: its checksum, qemu-img check or chain link fails."""
+
+    exit_code = 11
+    summary = "backup damaged"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+    def lines(self) -> list[str]:
+        """One line per bad file, so each can be acted on (and grepped) by itself."""
+        return list(self.problems)
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -113,6 +132,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (VMGoneError.exit_code, VMGoneError.__doc__ or ""),
     (QemuImgError.exit_code, QemuImgError.__doc__ or ""),
     (AgentError.exit_code, AgentError.__doc__ or ""),
+    (BackupDamaged.exit_code, BackupDamaged.__doc__ or ""),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),
 )

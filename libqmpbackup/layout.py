@@ -9,7 +9,7 @@ from typing import Optional
 
 from libqmpbackup.errors import TargetError
 from libqmpbackup.fsutil import TEMP_SUFFIX
-from libqmpbackup.names import LOCK_NAME, METADATA_NAME, PARTIAL_SUFFIX, parse_backup_name
+from libqmpbackup.names import INTENT_NAME, LOCK_NAME, METADATA_NAME, PARTIAL_SUFFIX, parse_backup_name
 
 
 def month_folder(base: Path, now: Optional[float] = None) -> Path:
@@ -36,9 +36,19 @@ def prepare_root(root: Path) -> list[Path]:
 
 
 def is_empty_dir(root: Path) -> bool:
-    """True when ROOT holds nothing but (maybe) its lock file."""
+    """True when ROOT holds nothing but (maybe) its lock file and empty disk folders.
+
+    An empty folder is what a run killed while undoing its first full may
+    leave; it holds no backup, so it must not block the next full.
+    """
+    def holds_something(path: Path) -> bool:
+        if path.name == LOCK_NAME:
+            return False
+        if path.is_dir() and not path.is_symlink():
+            return any(path.iterdir())
+        return True
     try:
-        return not any(p.name != LOCK_NAME for p in root.iterdir())
+        return not any(holds_something(p) for p in root.iterdir())
     except FileNotFoundError:
         return True
     except OSError as err:
@@ -58,8 +68,9 @@ def partial_files(root: Path) -> list[Path]:
 
 
 def stale_temp_files(root: Path) -> list[Path]:
-    """Half-written metadata files of a run killed inside :func:`write_atomically`."""
-    return _glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}")
+    """Half-written metadata or intent files of a run killed inside :func:`write_atomically`."""
+    return sorted([*_glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}"),
+                   *_glob(root, f".{INTENT_NAME}.*{TEMP_SUFFIX}")])
 
 
 def _glob(root: Path, pattern: str) -> list[Path]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from libqmpbackup.errors import ChainError
 from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.names import METADATA_NAME
+from libqmpbackup.names import METADATA_NAME, safe_component
 
 METADATA_VERSION = 1
 
@@ -34,6 +34,8 @@ class BackupRecord:
     source_format: str = "qcow2"
     compressed: bool = False
     quiesced: bool = False
+    digest: Optional[str] = None    # "<algorithm>:<hex>" of the file's bytes (see digests.py);
+                                    # None in metadata written before checksums existed
 
 
 @dataclass
@@ -88,10 +90,15 @@ class ChainStore:
         except (KeyError, TypeError) as err:
             raise ChainError(f"chain metadata {path} is malformed: missing {err}") from err
 
-    def save(self) -> None:
+    def save(self, before_replace: Optional[Callable[[], None]] = None) -> None:
         data = {"version": METADATA_VERSION,
                 "chains": [asdict(c) for c in self.chains]}
-        write_atomically(self.path, json.dumps(data, indent=2) + "\n")
+        write_atomically(self.path, json.dumps(data, indent=2) + "\n", before_replace)
+
+    def records_in(self, folder_name: str) -> list[BackupRecord]:
+        """Every record of any chain whose disk lives in DIR/FOLDER_NAME."""
+        return [r for c in self.chains for disk_id, d in c.disks.items()
+                if safe_component(disk_id) == folder_name for r in d.backups]
 
 
 def _chain_from_dict(raw: dict[str, Any]) -> Chain:

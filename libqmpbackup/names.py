@@ -7,6 +7,7 @@ the next run, a restore or a cleanup recognises can never drift apart.
 Layout of a chain folder::
 
     DIR/qmpbackup.json
+    DIR/qmpbackup-intent.json  (while a run makes its files final; left by a killed run)
     DIR/.qmpbackup.lock      (while a run holds it, or left by a killed run; not data)
     DIR/<disk id>/FULL-<unix time>-<image name>
     DIR/<disk id>/INC-<unix time>-<image name>     (backing file: the previous backup)
@@ -24,6 +25,7 @@ from typing import Optional
 from libqmpbackup.errors import UsageError
 
 METADATA_NAME = "qmpbackup.json"
+INTENT_NAME = "qmpbackup-intent.json"   # a run's files before they are recorded (see intent.py)
 LOCK_NAME = ".qmpbackup.lock"
 PARTIAL_SUFFIX = ".partial"
 TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of the tool

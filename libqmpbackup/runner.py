@@ -28,6 +28,22 @@ Command = Callable[[argparse.Namespace], Union[int, Awaitable[Optional[int]], No
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class _Outcome:
+    """Whether the running command has already recorded what it promised."""
+
+    recorded = False
+
+
+def mark_recorded() -> None:
+    """From here on a signal no longer cancels the command: its result is on disk.
+
+    Cancelling now would undo nothing (the backup is recorded) but would turn
+    a success into exit 130/143, and a cron job would report a backup that
+    exists as failed.  The remaining steps are cleanup; they run to the end.
+    """
+    _Outcome.recorded = True
+
+
 def byte_rate(text: str) -> int:
     """argparse type for sizes and rates such as ``50M``: bad input is a usage error."""
     try:
@@ -48,10 +64,15 @@ def add_logging_options(parser: argparse.ArgumentParser) -> None:
 async def _run_cancellable(coro: Awaitable[Optional[int]]) -> Optional[int]:
     """Run CORO; the first SIGINT/SIGTERM cancels it, later ones are ignored while it cleans up."""
     loop = asyncio.get_running_loop()
+    _Outcome.recorded = False
     task = asyncio.ensure_future(coro)
     received: list[int] = []
 
     def on_signal(signum: int) -> None:
+        if _Outcome.recorded:
+            log.warning("received %s after the backup was recorded: finishing the run "
+                        "(the backup stands)", signal.Signals(signum).name)
+            return
         if received:
             log.warning("signal %d ignored: already cleaning up", signum)
             return
@@ -105,7 +126,8 @@ def run(parser: argparse.ArgumentParser, command_of: Callable[[argparse.Namespac
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except QmpBackupError as err:
-        log.error("%s", err)
+        for line in err.lines():
+            log.error("%s", line)
         log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
         return err.exit_code
     except Exception as err:  # the last line of defence: never a traceback by default

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from libqmpbackup import __version__
 from libqmpbackup.names import validate_uuid
@@ -13,6 +14,7 @@ from libqmpbackup.restore.inplace import commit, rebase, snapshotrebase
 from libqmpbackup.restore.listing import list_table
 from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge
 from libqmpbackup.restore.rules import RestoreOptions
+from libqmpbackup.restore.verify import Selection, verify_dir
 from libqmpbackup.runner import Command, add_logging_options, byte_rate, run
 
 EXAMPLES = """\
@@ -33,6 +35,14 @@ examples:
   qmprestore list --dir /backup/vm1            # a chain folder
   qmprestore list --dir /backup/vm1/virtio0    # one disk
   qmprestore list --dir /backup/vm1-monthly    # every YYYY-MM chain folder
+""",
+    "verify": """\
+examples:
+  qmprestore verify --dir /backup/vm1                  # every chain of the folder
+  qmprestore verify --dir /backup/vm1-monthly          # every YYYY-MM chain folder
+  qmprestore verify --dir /backup/vm1 --filter virtio0 --json
+  # weekly from cron: exit 11 and one error line per damaged or missing file
+  0 5 * * 0  qmprestore --quiet verify --dir /backup/vm1 > /dev/null
 """,
     "merge": """\
 examples:
@@ -68,6 +78,7 @@ examples:
 
 HELP = {
     "list": "show chains, disks and restore points",
+    "verify": "check every backup file: checksum, qemu-img check, chain links and sizes",
     "merge": "write a restore point as a new image; the backup stays untouched",
     "rebase": "in place: link DIR/image to the point's file, a usable backing chain",
     "commit": "in place: commit the incrementals up to the point into the FULL",
@@ -83,6 +94,13 @@ def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
                         help="the backup folder (holds qmpbackup.json) or one disk folder in it")
     if name == "list":
+        return parser
+    if name == "verify":
+        parser.add_argument("--uuid", metavar="ID", help="only this chain")
+        parser.add_argument("--filter", metavar="STR",
+                            help="only disks whose id or source image name contains STR")
+        parser.add_argument("--json", action="store_true",
+                            help="print the result as one JSON document (see docs/json.md)")
         return parser
     parser.add_argument("--until", metavar="NAME",
                         help="restore this point instead of the newest: a backup file name, "
@@ -107,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_logging_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in ("list", "rebase", "commit", "merge", "snapshotrebase"):
+    for name in ("list", "verify", "rebase", "commit", "merge", "snapshotrebase"):
         sub = _add_command(commands, name)
         if name == "merge":
             target = sub.add_mutually_exclusive_group(required=True)
@@ -130,6 +148,23 @@ def _options(args: argparse.Namespace) -> RestoreOptions:
 
 def list_command(args: argparse.Namespace) -> int:
     print(list_table(args.dir))
+    return 0
+
+
+def print_json(document: Any) -> None:
+    """The one way a command prints JSON: one document on stdout, nothing else there."""
+    print(json.dumps(document, indent=2))
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    selection = Selection(uuid=validate_uuid(args.uuid) if args.uuid else None,
+                          filter=args.filter)
+    report = verify_dir(args.dir, selection)
+    if args.json:
+        print_json(report.to_json())
+    else:
+        print(report.table())
+    report.raise_if_bad()
     return 0
 
 
@@ -156,6 +191,7 @@ def snapshotrebase_command(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "list": list_command,
+    "verify": verify_command,
     "merge": merge_command,
     "rebase": rebase_command,
     "commit": commit_command,

@@ -10,8 +10,9 @@ The order of steps is what keeps data safe:
    that keep the changes since the last commit (:class:`bitmaps.RunBitmaps`);
 5. start every disk's job in one grouped transaction and wait, with guest
    shutdowns held back (:mod:`shutdown`);
-6. only after all jobs succeeded: close and rename targets, commit the
-   metadata, then drop the auxiliary bitmaps.
+6. only after all jobs succeeded: close the targets, hash them (checksums for
+   the metadata), announce the renames in the intent record, rename, commit
+   the metadata, then drop the intent record and the auxiliary bitmaps.
 
 Every step registers its undo; on any failure or signal the undo runs in
 reverse, so QEMU is left without our nodes and jobs, the folder without
@@ -21,6 +22,7 @@ committed backup.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -38,12 +40,15 @@ from libqmpbackup.backup.jobs import (
     remove_node,
     run_transaction,
 )
+from libqmpbackup.backup.pause_points import reached
 from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
+from libqmpbackup.digests import digest_files
 from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
 from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.intent import RunIntent, remove_intent
 from libqmpbackup.journal import refuse_unfinished_restores
 from libqmpbackup.layout import is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
@@ -51,6 +56,7 @@ from libqmpbackup.metadata import BackupRecord, ChainStore
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpSession
+from libqmpbackup.runner import mark_recorded
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +125,15 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
 
 @dataclass
 class _TargetFiles:
-    """The backup files of one run: created as .partial, renamed when complete, else deleted."""
+    """The backup files of one run: created as .partial, renamed when complete, else deleted.
+
+    For a chain run the renames are announced first in the intent record
+    (:mod:`libqmpbackup.intent`), so a kill between rename and metadata commit
+    leaves files the next run knows to remove and restores know to ignore.
+    """
 
     jobs: list[BackupJob]
+    intent_root: Optional[Path] = None      # the chain folder; None for copies (nothing to record)
     created_folders: list[Path] = field(default_factory=list)
     renamed: list[Path] = field(default_factory=list)
 
@@ -138,7 +150,20 @@ class _TargetFiles:
                               f"{err.strerror}") from err
         qemuimg.create(job.partial_path, job.disk.virtual_size, backing=job.backing)
 
+    async def compute_digests(self) -> None:
+        """Hash every file now, while QEMU's writes are still in the page cache."""
+        started = time.monotonic()
+        paths = [job.partial_path for job in self.jobs]
+        for job, digest in zip(self.jobs, await asyncio.to_thread(digest_files, paths)):
+            job.digest = digest
+        log.info("checksums of %d file(s) in %.2f s", len(paths), time.monotonic() - started)
+
     def finish(self) -> None:
+        if self.intent_root is not None:
+            RunIntent(time=int(time.time()), files=[
+                f"{j.final_path.parent.name}/{j.final_path.name}" for j in self.jobs
+            ]).save(self.intent_root)
+            reached("intent-written")
         for job in self.jobs:
             os.replace(job.partial_path, job.final_path)
             self.renamed.append(job.final_path)
@@ -151,6 +176,12 @@ class _TargetFiles:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 log.info("removed unfinished %s", path)
+        if self.intent_root is not None:
+            # the renamed files must be gone for good before the record that names them
+            for folder in {path.parent for path in self.renamed}:
+                with contextlib.suppress(OSError):
+                    fsync_dir(folder)
+            remove_intent(self.intent_root)
         for folder in self.created_folders:
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -181,11 +212,12 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                    guard: ShutdownGuard, quiescer: Optional[Quiescer]) -> None:
     tag = new_run_tag()
     async with contextlib.AsyncExitStack() as undo:
-        files = _TargetFiles(plan.jobs)
+        files = _TargetFiles(plan.jobs, intent_root=plan.root if plan.chain else None)
         undo.callback(files.discard)
         for index, job in enumerate(plan.jobs):
             job.assign_names(index, tag)
             files.create(job)
+        reached("targets-created")
         nodes = _TargetNodes(session)
         undo.push_async_callback(nodes.close)
         for job in plan.jobs:
@@ -207,14 +239,23 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                                   "they were discarded, nothing was recorded")
             raise JobError(f"QEMU could not close backup node(s) {', '.join(left_open)}; "
                            "the backup was discarded, nothing was recorded")
+        reached("jobs-done")
+        if plan.chain is not None:
+            await files.compute_digests()
         files.finish()
+        reached("renamed")
         if run_bitmaps:
             await run_bitmaps.before_commit(session)
         if plan.chain is not None:
             _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
         undo.pop_all()  # committed: from here on nothing may be undone
+        mark_recorded()
+    reached("committed")
+    if plan.chain is not None:
+        remove_intent(plan.root)
     if run_bitmaps:
         await run_bitmaps.after_commit(session)
+    reached("finished")
 
 
 def _run_bitmaps(plan: RunPlan) -> Optional[bitmaps.RunBitmaps]:
@@ -240,9 +281,10 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesce
             file=job.final_path.name, level=job.level,
             time=plan.timestamp,
             virtual_size=job.disk.virtual_size, source_image=job.disk.filename,
-            source_format=job.disk.driver, compressed=compressed, quiesced=quiesced))
+            source_format=job.disk.driver, compressed=compressed, quiesced=quiesced,
+            digest=job.digest))
     try:
-        store.save()
+        store.save(before_replace=lambda: reached("commit-written"))
     except OSError as err:
         raise TargetError(f"cannot write chain metadata {store.path}: {err.strerror}; "
                           "the backup was discarded") from err

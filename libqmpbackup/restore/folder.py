@@ -1,8 +1,8 @@
 """Reading a backup folder for restore: what --dir names, and whether it can be trusted.
 
 ``--dir`` may name a chain folder (it holds ``qmpbackup.json``), one disk
-folder inside it, or — for ``list`` only — a ``--monthly`` base whose
-YYYY-MM sub-folders are chain folders.  :func:`verify` is the pre-check
+folder inside it, or — for ``list`` and ``verify`` only — a ``--monthly``
+base whose YYYY-MM sub-folders are chain folders.  :func:`verify` is the pre-check
 every restore runs: the rules are in :mod:`restore`, this module fetches
 the facts (folder listing, ``qemu-img info`` and ``check`` of every file).
 """
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
+from libqmpbackup.digests import check_files
+from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, TargetError, UsageError
+from libqmpbackup.intent import load_intent
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
 from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import METADATA_NAME, safe_component
@@ -132,53 +134,72 @@ def folder_entries(folder: Path) -> list[str]:
         raise TargetError(f"cannot read {folder}: {err.strerror}") from err
 
 
-def refuse_partial(folder: Path, entries: list[str]) -> None:
-    """A .partial file means a backup is writing (or died writing) into this folder."""
-    leftovers = partial_leftovers(entries)
-    if leftovers:
-        raise ChainError(f"{folder}: unfinished backup file {leftovers[0]}: a backup is running "
-                         "or was killed; remove the .partial file once no backup runs")
+def note_partial(folder: Path, entries: list[str]) -> None:
+    """A .partial file is a backup being written, or one a killed run left: never a point.
+
+    Restores read only recorded files, which no backup run changes, so the
+    leftover is harmless; the next backup removes it.
+    """
+    for name in partial_leftovers(entries):
+        log.warning("%s: ignoring %s: a backup is writing it or was killed while writing it "
+                    "(the next backup removes it)", folder, name)
 
 
 def refuse_unfinished(folder: Path, entries: list[str]) -> None:
-    """Leftovers no check may skip: a half-written backup or a half-done in-place restore."""
-    refuse_partial(folder, entries)
+    """A half-done in-place restore: no check may skip that refusal."""
     if JOURNAL_NAME in entries:
         journal = Journal.load(folder)
         if journal is not None:
             raise unfinished_error(folder, journal)
 
 
-def _known_files(point: RestorePoint, store: ChainStore) -> set[str]:
-    """Every file any chain of the store keeps in this disk folder."""
-    folder_name = point.folder.name
-    return {r.file for c in store.chains for d_id, d in c.disks.items()
-            if safe_component(d_id) == folder_name for r in d.backups}
+def known_files(store: ChainStore, root: Path, folder_name: str) -> set[str]:
+    """Files a disk folder may hold: every chain's records, and a killed run's unrecorded files.
+
+    The latter are named by the run's intent record; they are complete but
+    were never committed, so no point refers to them (see libqmpbackup.intent).
+    """
+    known = {r.file for r in store.records_in(folder_name)}
+    intent = load_intent(root)
+    if intent is not None:
+        for name in sorted(intent.unrecorded_in(store, folder_name)):
+            log.warning("%s: ignoring %s: a killed backup run wrote it and never recorded it "
+                        "(the next backup removes it)", root / folder_name, name)
+            known.add(name)
+    return known
 
 
 def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) -> None:
-    """Refuse a chain that does not match its metadata, or whose files qemu-img finds damaged.
+    """Refuse a chain that does not match its metadata, or whose files are damaged.
 
-    --skip-check skips the comparison and qemu-img check, never the refusal of
-    leftovers: restoring past a running backup or a half-done commit is never
-    what the admin wants.
+    --skip-check skips the comparison, qemu-img check and the checksums, never
+    the refusal of a half-done in-place restore: restoring past it is never
+    what the admin wants.  The checksums are recomputed only for the files
+    the point is read from, so the cost grows with the chain up to --until.
     """
     folder = point.folder
     entries = folder_entries(folder)
     refuse_unfinished(folder, entries)
+    note_partial(folder, entries)
     if skip_check:
         log.warning("%s: --skip-check: restoring %s without checking the chain",
                     point.disk_id, point.label)
         return
     records = list(point.records)
     problems = record_problems(records)
-    problems += folder_problems(entries, [r.file for r in records], _known_files(point, store))
+    problems += folder_problems(entries, [r.file for r in records],
+                                known_files(store, point.root, folder.name))
     if not problems:
         problems += _image_problems(point)
     if not problems:
         problems += _check_problems(point)
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
+    damaged = [f"{c.path}: {c.detail}" for c in check_files(
+        [(folder / r.file, r.digest) for r in point.segment()]) if c.status not in ("ok", "unrecorded")]
+    if damaged:
+        raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
+                             "shows which points are intact)" for line in damaged])
     log.debug("%s: chain %s verified (%d files)", point.disk_id, point.chain_id, len(records))
 
 

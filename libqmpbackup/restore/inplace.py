@@ -26,13 +26,15 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+from libqmpbackup.digests import digest_files
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import ChainStore
+from libqmpbackup.names import safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
-from libqmpbackup.restore.folder import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
+from libqmpbackup.restore.folder import BackupDir, folder_entries, note_partial, open_backup_dir, verify
 from libqmpbackup.restore.rules import (
     BASE_SNAPSHOT,
     IMAGE_LINK,
@@ -62,12 +64,29 @@ def _back_by_metadata(point: RestorePoint, dry_run: bool) -> None:
     the metadata, never a header that disagrees with it.
     """
     segment = point.segment()
+    rewritten = []
     for previous, record in zip(segment, segment[1:]):
         path = point.folder / record.file
         if needs_rebase(qemuimg.info(path, fmt="qcow2"), previous.file):
             qemuimg.rebase_unsafe(path, previous.file, dry_run=dry_run)
+            rewritten.append(record.file)
         else:
             log.debug("%s is already backed by %s", record.file, previous.file)
+    if rewritten and not dry_run:
+        _record_new_digests(point.root, point.chain_id, point.disk_id, rewritten)
+
+
+def _record_new_digests(root: Path, chain_id: str, disk_id: str, names: list[str]) -> None:
+    """Files this command changed on purpose get new checksums, or they would look damaged."""
+    store = ChainStore.load(root)
+    chain = store.find(chain_id)
+    if chain is None or disk_id not in chain.disks:
+        return
+    records = [r for r in chain.disks[disk_id].backups if r.file in names]
+    folder = root / safe_component(disk_id)
+    for record, digest in zip(records, digest_files([folder / r.file for r in records])):
+        record.digest = digest
+    store.save()
 
 
 @contextlib.contextmanager
@@ -136,15 +155,17 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
         if opts.until and not matches(journal.point, opts.until):
             raise UsageError(f"--until {opts.until}: the interrupted {operation} in {folder} "
                              f"restores {journal.point}; re-run it without --until")
-        refuse_partial(folder, folder_entries(folder))
+        note_partial(folder, folder_entries(folder))
         log.warning("%s: finishing the interrupted %s up to %s", folder, operation, journal.point)
     else:
         point = _disk_point(backup, operation, opts)
         segment = point.segment()
         base = folder / segment[0].file
         if len(segment) == 1:
-            if snapshots:
+            if snapshots and BASE_SNAPSHOT not in qemuimg.snapshot_names(base):
                 _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
+                if not opts.dry_run:
+                    _record_new_digests(backup.root, point.chain_id, point.disk_id, [base.name])
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
             file_steps.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
@@ -213,16 +234,25 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     files = [r.file for r in records]
     anchor = journal.point if journal.point in files else journal.result
     following = files.index(anchor) + 1 if anchor in files else len(files)
-    if following < len(records) and records[following].level == "inc":
-        later = folder / records[following].file
-        if needs_rebase(qemuimg.info(later, fmt="qcow2"), journal.result):
-            qemuimg.rebase_unsafe(later, journal.result, dry_run=dry_run)
+    later = following < len(records) and records[following].level == "inc"
+    if later:
+        later_path = folder / records[following].file
+        if needs_rebase(qemuimg.info(later_path, fmt="qcow2"), journal.result):
+            qemuimg.rebase_unsafe(later_path, journal.result, dry_run=dry_run)
     if (folder / journal.base).exists():
         file_steps.rename(folder / journal.base, folder / journal.result, dry_run=dry_run)
     if journal.base in files:
+        # the FULL now holds the point and the next INC has a new backing
+        # name: both get new checksums, also when a resumed run finds the
+        # rebase already done
+        changed = [journal.result] + ([records[following].file] if later else [])
+        digests = dict(zip(changed, [None] * len(changed) if dry_run else
+                           digest_files([folder / name for name in changed])))
         chain.disks[journal.disk].backups = [
-            dataclasses.replace(r, file=journal.result, time=journal.point_time)
-            if r.file == journal.base else r
+            dataclasses.replace(r, file=journal.result, time=journal.point_time,
+                                digest=digests[journal.result])
+            if r.file == journal.base else
+            dataclasses.replace(r, digest=digests.get(r.file, r.digest))
             for r in records if r.file not in journal.steps]
         file_steps.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
                    f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)

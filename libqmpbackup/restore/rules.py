@@ -229,11 +229,19 @@ def folder_problems(entries: Collection[str], chain_files: Sequence[str],
     present = set(entries)
     problems = [f"{name} is missing (listed in the chain metadata)"
                 for name in chain_files if name not in present]
-    for name in sorted(present - set(known_files)):
+    problems += [f"{name} is not in the chain metadata"
+                 for name in unknown_backup_files(entries, known_files)]
+    return problems
+
+
+def unknown_backup_files(entries: Collection[str], known_files: Collection[str]) -> list[str]:
+    """FULL-/INC- files of a folder that no chain lists (restores refuse such a folder)."""
+    unknown = []
+    for name in sorted(set(entries) - set(known_files)):
         parsed = parse_backup_name(name)
         if parsed and parsed.level in CHAIN_LEVELS and not name.endswith(PARTIAL_SUFFIX):
-            problems.append(f"{name} is not in the chain metadata")
-    return problems
+            unknown.append(name)
+    return unknown
 
 
 def backs_onto(folder: Path, backing: str, expected: str) -> bool:
