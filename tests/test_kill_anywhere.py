@@ -20,20 +20,13 @@ import pytest
 
 from libqmpbackup.backup.pause_points import STEPS
 from libqmpbackup.names import INTENT_NAME
-from tests.test_faults import (  # noqa: F401  (fvm, private_lock_dir: fixtures used here)
-    DISKS,
-    REPO,
-    assert_clean,
-    backup,
-    fvm,
-    listed,
-    private_lock_dir,
-    recovers,
-    write_round,
-)
+from tests import test_faults
+from tests.test_faults import DISKS, REPO, assert_clean, backup, listed, recovers, write_round
 from tests.vm import TestVM, identical
 
 RECORDED_FROM = STEPS.index("committed")
+fvm = test_faults.fvm                             # the two-disk VM of the fault matrix
+private_lock_dir = test_faults.private_lock_dir   # killed runs' VM locks stay in tmp_path
 
 
 def paused_backup(vm: TestVM, root: Path, step: str, ready: Path, level: str = "inc",

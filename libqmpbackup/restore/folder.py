@@ -2,8 +2,8 @@
 
 ``--dir`` may name a chain folder (it holds ``qmpbackup.json``), one disk
 folder inside it, or — for ``list`` and ``verify`` only — a ``--monthly``
-base whose YYYY-MM sub-folders are chain folders.  :func:`verify` is the pre-check
-every restore runs: the rules are in :mod:`restore`, this module fetches
+base whose YYYY-MM sub-folders are chain folders.  :func:`check_before_restore` is the
+pre-check every restore runs: the rules are in :mod:`restore`, this module fetches
 the facts (folder listing, ``qemu-img info`` and ``check`` of every file).
 """
 
@@ -19,7 +19,7 @@ from libqmpbackup.digests import check_files
 from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.intent import load_intent
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
-from libqmpbackup.metadata import ChainStore
+from libqmpbackup.metadata import BackupRecord, ChainStore
 from libqmpbackup.names import METADATA_NAME, safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.rules import (
@@ -169,13 +169,18 @@ def known_files(store: ChainStore, root: Path, folder_name: str) -> set[str]:
     return known
 
 
-def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) -> None:
+def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: bool = False,
+                         whole_chain: bool = False) -> None:
     """Refuse a chain that does not match its metadata, or whose files are damaged.
 
-    --skip-check skips the comparison, qemu-img check and the checksums, never
-    the refusal of a half-done in-place restore: restoring past it is never
-    what the admin wants.  The checksums are recomputed only for the files
-    the point is read from, so the cost grows with the chain up to --until.
+    Only the files the point is read from (its FULL and the INCs up to it)
+    are opened, checked and hashed, so the cost grows with the chain up to
+    --until and a damaged later file does not block an earlier point;
+    WHOLE_CHAIN (commit, snapshotrebase: they re-base the next INC too)
+    extends that to every file of the disk's chain.  The metadata rules and
+    the refusal of unknown backup files always cover the whole folder.
+    --skip-check skips all of it except the refusal of a half-done in-place
+    restore: restoring past that is never what the admin wants.
     """
     folder = point.folder
     entries = folder_entries(folder)
@@ -185,14 +190,14 @@ def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) 
         log.warning("%s: --skip-check: restoring %s without checking the chain",
                     point.disk_id, point.label)
         return
-    records = list(point.records)
-    problems = record_problems(records)
-    problems += folder_problems(entries, [r.file for r in records],
+    used = list(point.records) if whole_chain else point.segment()
+    problems = record_problems(point.records)
+    problems += folder_problems(entries, [r.file for r in used],
                                 known_files(store, point.root, folder.name))
     if not problems:
-        problems += _image_problems(point)
+        problems += _image_problems(folder, used)
     if not problems:
-        problems += _check_problems(point)
+        problems += _check_problems(folder, used)
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
     damaged = [f"{c.path}: {c.detail}" for c in check_files(
@@ -200,27 +205,27 @@ def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) 
     if damaged:
         raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
                              "shows which points are intact)" for line in damaged])
-    log.debug("%s: chain %s verified (%d files)", point.disk_id, point.chain_id, len(records))
+    log.debug("%s: chain %s checked (%d files)", point.disk_id, point.chain_id, len(used))
 
 
-def _image_problems(point: RestorePoint) -> list[str]:
+def _image_problems(folder: Path, records: list[BackupRecord]) -> list[str]:
     problems = []
     previous = None
-    for record in point.records:
+    for record in records:
         try:
-            info = qemuimg.info(point.folder / record.file, fmt="qcow2")
+            info = qemuimg.info(folder / record.file, fmt="qcow2")
         except QemuImgError as err:
             problems.append(f"{record.file} is unreadable ({err})")
         else:
-            problems += image_problems(record, previous, info, point.folder)
+            problems += image_problems(record, previous, info, folder)
         previous = record
     return problems
 
 
-def _check_problems(point: RestorePoint) -> list[str]:
+def _check_problems(folder: Path, records: list[BackupRecord]) -> list[str]:
     problems = []
-    for record in point.records:
-        path = point.folder / record.file
+    for record in records:
+        path = folder / record.file
         try:
             result = qemuimg.check(path, fmt="qcow2")
         except QemuImgError as err:

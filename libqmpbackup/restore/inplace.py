@@ -34,7 +34,13 @@ from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
-from libqmpbackup.restore.folder import BackupDir, folder_entries, note_partial, open_backup_dir, verify
+from libqmpbackup.restore.folder import (
+    BackupDir,
+    check_before_restore,
+    folder_entries,
+    note_partial,
+    open_backup_dir,
+)
 from libqmpbackup.restore.rules import (
     BASE_SNAPSHOT,
     IMAGE_LINK,
@@ -52,7 +58,8 @@ log = logging.getLogger(__name__)
 def _disk_point(backup: BackupDir, command: str, opts: RestoreOptions) -> RestorePoint:
     backup.require_disk_folder(command)
     point = backup.points(opts.until, opts.uuid)[0]
-    verify(point, backup.store, skip_check=opts.skip_check)
+    check_before_restore(point, backup.store, skip_check=opts.skip_check,
+                         whole_chain=command in ("commit", "snapshotrebase"))
     return point
 
 

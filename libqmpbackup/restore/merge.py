@@ -19,7 +19,7 @@ from libqmpbackup.errors import TargetError, UsageError
 from libqmpbackup.names import PARTIAL_SUFFIX, safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
-from libqmpbackup.restore.folder import open_backup_dir, verify
+from libqmpbackup.restore.folder import check_before_restore, open_backup_dir
 from libqmpbackup.restore.rules import RestoreOptions, RestorePoint
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
                          f"--targetfile FILE (disks: {backup.disk_names()})")
     points = backup.points(opts.until, opts.uuid)
     for point in points:
-        verify(point, backup.store, skip_check=opts.skip_check)
+        check_before_restore(point, backup.store, skip_check=opts.skip_check)
     plan = _targets(points, target)
     _prepare_directory(target, opts.dry_run)
     for point, path, fmt in plan:

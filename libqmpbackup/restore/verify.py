@@ -191,7 +191,7 @@ def _image_findings(record: BackupRecord, previous: Optional[BackupRecord],
     path = folder / record.file
     try:
         problems = image_problems(record, previous, qemuimg.info(path, fmt="qcow2"), folder)
-        result = qemuimg.check(path, fmt="qcow2")
+        result = qemuimg.check(path, fmt="qcow2", without_backing=True)
     except QemuImgError as err:
         return [f"qemu-img cannot read it ({err})"]
     if result.damaged:
