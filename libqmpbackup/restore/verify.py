@@ -123,7 +123,7 @@ def verify_dir(path: Path, selection: Selection) -> VerifyReport:
         prefix = "" if backup.folder == given or backup.root == given else f"{backup.root.name}/"
         report.files += _verify_backup(backup, selection, prefix)
     _check_digests(report.files)
-    _mark_restorable(report.files)
+    mark_restorable(report.files)
     unverifiable = sum(1 for f in report.files if f.status == "unverifiable")
     if unverifiable:
         log.warning("%d file(s) have no checksum recorded (backed up before qmpbackup recorded "
@@ -225,7 +225,7 @@ def _check_digests(reports: list[FileReport]) -> None:
             report.problems.append(check.detail)
 
 
-def _mark_restorable(reports: list[FileReport]) -> None:
+def mark_restorable(reports: list[FileReport]) -> None:
     """A point is restorable when its FULL and every INC up to it are intact."""
     intact: dict[tuple[str, str], bool] = {}
     for report in reports:
