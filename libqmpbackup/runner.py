@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import json
 import logging
 import os
 import signal
@@ -44,6 +45,11 @@ def mark_recorded() -> None:
     exists as failed.  The remaining steps are cleanup; they run to the end.
     """
     _Outcome.recorded = True
+
+
+def print_json(document: Any) -> None:
+    """--json of any command: exactly one JSON document on stdout (log lines go to stderr)."""
+    print(json.dumps(document, indent=2))
 
 
 def byte_rate(text: str) -> int:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from libqmpbackup import __version__
 from libqmpbackup.names import validate_uuid
@@ -15,7 +14,7 @@ from libqmpbackup.restore.listing import list_table
 from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge
 from libqmpbackup.restore.rules import RestoreOptions
 from libqmpbackup.restore.verify import Selection, verify_dir
-from libqmpbackup.runner import Command, add_logging_options, byte_rate, run
+from libqmpbackup.runner import Command, add_logging_options, byte_rate, print_json, run
 
 EXAMPLES = """\
 examples:
@@ -149,11 +148,6 @@ def _options(args: argparse.Namespace) -> RestoreOptions:
 def list_command(args: argparse.Namespace) -> int:
     print(list_table(args.dir))
     return 0
-
-
-def print_json(document: Any) -> None:
-    """The one way a command prints JSON: one document on stdout, nothing else there."""
-    print(json.dumps(document, indent=2))
 
 
 def verify_command(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from libqmpbackup.digests import check_files
 from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.intent import load_intent
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
+from libqmpbackup.layout import existing_backup_folder
 from libqmpbackup.metadata import BackupRecord, ChainStore
 from libqmpbackup.names import METADATA_NAME, safe_component
 from libqmpbackup.qemu import qemuimg
@@ -32,6 +33,7 @@ from libqmpbackup.restore.rules import (
     select_disk_point,
     select_root_points,
 )
+from libqmpbackup.retention import pruning_entry
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +76,6 @@ class BackupDir:
         return select_root_points(self.store, until, uuid)
 
 
-def _existing_dir(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    if not path.exists():
-        raise TargetError(f"backup folder {path} does not exist")
-    if not path.is_dir():
-        raise TargetError(f"{path} is not a directory")
-    return path
-
-
 def _load(root: Path) -> ChainStore:
     store = ChainStore.load(root)
     if not store.chains:
@@ -100,7 +93,7 @@ def month_folders(path: Path) -> list[Path]:
 
 def open_backup_dir(path: Path) -> BackupDir:
     """The chain (and disk folder) --dir names; a --monthly base is refused as ambiguous."""
-    path = _existing_dir(path)
+    path = existing_backup_folder(path)
     if (path / METADATA_NAME).is_file():
         return BackupDir(_load(path))
     if (path.parent / METADATA_NAME).is_file():
@@ -115,7 +108,7 @@ def open_backup_dir(path: Path) -> BackupDir:
 
 def open_for_listing(path: Path) -> list[BackupDir]:
     """Like open_backup_dir, but a --monthly base lists all its months."""
-    path = _existing_dir(path)
+    path = existing_backup_folder(path)
     if (path / METADATA_NAME).is_file() or (path.parent / METADATA_NAME).is_file():
         return [open_backup_dir(path)]
     months = month_folders(path)
@@ -154,12 +147,15 @@ def refuse_unfinished(folder: Path, entries: list[str]) -> None:
 
 
 def known_files(store: ChainStore, root: Path, folder_name: str) -> set[str]:
-    """Files a disk folder may hold: every chain's records, and a killed run's unrecorded files.
+    """Files a disk folder may hold: every chain's records, files a prune is deleting,
+    and a killed backup run's unrecorded files.
 
-    The latter are named by the run's intent record; they are complete but
+    The last are named by the run's intent record; they are complete but
     were never committed, so no point refers to them (see libqmpbackup.intent).
     """
     known = {r.file for r in store.records_in(folder_name)}
+    known |= {parts[1] for parts in map(pruning_entry, store.pruning)
+              if parts and parts[0] == folder_name}
     intent = load_intent(root)
     if intent is not None:
         for name in sorted(intent.unrecorded_in(store, folder_name)):
