@@ -569,7 +569,7 @@ def test_usage_and_environment_errors(cli, chains: Chains, tmp_path: Path,
 
 
 def test_help_of_every_command_shows_examples(cli) -> None:
-    for command in ("list", "merge", "rebase", "commit", "snapshotrebase"):
+    for command in ("list", "verify", "merge", "rebase", "commit", "snapshotrebase"):
         result = cli("qmprestore", command, "--help")
         assert result.rc == 0 and "examples:" in result.out and "qmprestore " + command in result.out
 
