@@ -18,14 +18,17 @@ construction, at every instant:
 * a file named by both was recorded: the commit happened, the record is
   just stale and is removed.
 
-The record is untrusted input like the rest of the folder: only names of
-the form ``<disk folder>/<backup file name>`` are accepted.
+The record is untrusted input like the rest of the folder: only plain
+file names in the chain folder or one folder below it are accepted, never
+a reserved name, so a forged record cannot make a run delete anything else
+than backup files the metadata does not list.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -33,14 +36,18 @@ from typing import Any, Optional
 from libqmpbackup.errors import ChainError
 from libqmpbackup.fsutil import write_atomically
 from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import INTENT_NAME, PARTIAL_SUFFIX, parse_backup_name, safe_component
+from libqmpbackup.names import INTENT_NAME, PARTIAL_SUFFIX, RESERVED_FILE_NAMES, safe_component
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunIntent:
-    """What one run is about to make final: ``<disk folder>/<file>`` names below the chain folder."""
+    """What one run is about to make final: paths relative to the chain folder.
+
+    ``<disk folder>/<file>``, or just ``<file>`` for disks kept in the chain
+    folder itself (``--no-subdir``).
+    """
 
     time: int
     files: list[str] = field(default_factory=list)
@@ -48,27 +55,24 @@ class RunIntent:
     def save(self, root: Path) -> None:
         write_atomically(root / INTENT_NAME, json.dumps(asdict(self), indent=2) + "\n")
 
-    def paths(self, root: Path) -> list[Path]:
-        return [root / name for name in self.files]
-
     def unrecorded(self, store: ChainStore) -> list[str]:
         """The files of this record that the metadata does not list: a killed run's."""
-        recorded = {f"{safe_component(disk_id)}/{r.file}" for c in store.chains
+        recorded = {posixpath.join(c.folder_of(disk_id), r.file) for c in store.chains
                     for disk_id, d in c.disks.items() for r in d.backups}
         return [name for name in self.files if name not in recorded]
 
-    def unrecorded_in(self, store: ChainStore, folder_name: str) -> set[str]:
-        """File names in one disk folder that a killed run left unrecorded."""
-        return {name.split("/", 1)[1] for name in self.unrecorded(store)
-                if name.split("/", 1)[0] == folder_name}
+    def unrecorded_paths(self, store: ChainStore) -> list[Path]:
+        return [store.root / name for name in self.unrecorded(store)]
 
 
 def _valid_name(name: Any) -> bool:
-    if not isinstance(name, str) or name.count("/") != 1:
+    """One plain file name, below at most one plain folder: nothing else may be deleted."""
+    if not isinstance(name, str) or not 1 <= len(name.split("/")) <= 2:
         return False
-    folder, file = name.split("/")
-    return (folder == safe_component(folder) and parse_backup_name(file) is not None
-            and file == safe_component(file) and not file.endswith(PARTIAL_SUFFIX))
+    parts = name.split("/")
+    return (all(part == safe_component(part) for part in parts)
+            and not parts[-1].endswith(PARTIAL_SUFFIX)
+            and parts[-1] not in (*RESERVED_FILE_NAMES, INTENT_NAME))
 
 
 def load_intent(root: Path) -> Optional[RunIntent]:

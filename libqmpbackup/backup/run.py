@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from libqmpbackup import upstream
 from libqmpbackup.backup import bitmaps, leftovers
+from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.jobs import (
     BackupJob,
     add_target_node,
@@ -48,10 +50,10 @@ from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.digests import digest_files
 from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
-from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.fsutil import fsync_dir, replace_symlink
 from libqmpbackup.intent import RunIntent, remove_intent
 from libqmpbackup.journal import refuse_unfinished_restores
-from libqmpbackup.layout import is_empty_dir, latest_backup_time, prepare_root
+from libqmpbackup.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord, ChainStore
 from libqmpbackup.prune import finish_interrupted_prune
@@ -107,8 +109,10 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     finish_interrupted_prune(ChainStore.load(root))
     refuse_unfinished_restores(root)
     store = ChainStore.load(root)
-    timestamp = _timestamp_after(latest_backup_time(root))
-    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root))
+    if not store.chains and upstream.chain_id(root) is not None:
+        store = adopt_upstream(root, disks)
+    timestamp = _timestamp_after(max(latest_backup_time(root), store.latest_time()))
+    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root))
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
     if plan.retire_bitmap:
         for disk in selected:
@@ -122,21 +126,21 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
         await guard.finish()
     if quiescer and quiescer.thaw_error:
         raise AgentError(quiescer.thaw_error)
-    return BackupResult(plan.level, root, plan.chain.uuid if plan.chain else None,
-                        [j.final_path for j in plan.jobs], plan.reason)
+    chain_id = plan.chain.uuid if plan.chain and not plan.chain.is_copies else None
+    return BackupResult(plan.level, root, chain_id, [j.final_path for j in plan.jobs], plan.reason)
 
 
 @dataclass
 class _TargetFiles:
     """The backup files of one run: created as .partial, renamed when complete, else deleted.
 
-    For a chain run the renames are announced first in the intent record
+    When the run is recorded the renames are announced first in the intent record
     (:mod:`libqmpbackup.intent`), so a kill between rename and metadata commit
     leaves files the next run knows to remove and restores know to ignore.
     """
 
     jobs: list[BackupJob]
-    intent_root: Optional[Path] = None      # the chain folder; None for copies (nothing to record)
+    intent_root: Optional[Path] = None      # the chain folder; None: nothing is recorded
     created_folders: list[Path] = field(default_factory=list)
     renamed: list[Path] = field(default_factory=list)
 
@@ -164,15 +168,30 @@ class _TargetFiles:
 
     def finish(self) -> None:
         if self.intent_root is not None:
+            root = self.intent_root
             RunIntent(time=int(time.time()), files=[
-                f"{j.final_path.parent.name}/{j.final_path.name}" for j in self.jobs
-            ]).save(self.intent_root)
+                j.final_path.relative_to(root).as_posix() for j in self.jobs]).save(root)
             reached("intent-written")
         for job in self.jobs:
             os.replace(job.partial_path, job.final_path)
             self.renamed.append(job.final_path)
             fsync_dir(job.final_path.parent)
             log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
+
+    def link(self) -> None:
+        """The FULL-<image> symlinks of --no-timestamp: for people, so a failure only warns."""
+        for job in self.jobs:
+            if job.link is None:
+                continue
+            path = job.final_path.with_name(job.link)
+            if path.exists() and not path.is_symlink():
+                log.warning("%s exists and is not a symlink: not linking it to %s", path,
+                            job.final_path.name)
+                continue
+            try:
+                replace_symlink(path, job.final_path.name)
+            except OSError as err:
+                log.warning("cannot create symlink %s: %s", path, err.strerror)
 
     def discard(self) -> None:
         """Nothing of a failed run may look like a finished backup."""
@@ -257,13 +276,14 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
     reached("committed")
     if plan.chain is not None:
         remove_intent(plan.root)
+    files.link()
     if run_bitmaps:
         await run_bitmaps.after_commit(session)
     reached("finished")
 
 
 def _run_bitmaps(plan: RunPlan) -> Optional[bitmaps.RunBitmaps]:
-    if plan.chain is None:
+    if plan.chain is None or plan.chain.is_copies:
         return None
     added = plan.bitmaps_to_add
     kept = [j.disk for j in plan.jobs if j.bitmap and j.disk not in added]
@@ -281,12 +301,14 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesce
     if plan.new_chain:
         store.chains.append(chain)
     for job in plan.jobs:
-        chain.disk(job.disk.disk_id).backups.append(BackupRecord(
+        disk = chain.disk(job.disk.disk_id)
+        disk.folder = "" if job.final_path.parent == store.root else job.final_path.parent.name
+        disk.backups.append(BackupRecord(
             file=job.final_path.name, level=job.level,
             time=plan.timestamp,
             virtual_size=job.disk.virtual_size, source_image=job.disk.filename,
             source_format=job.disk.driver, compressed=compressed, quiesced=quiesced,
-            digest=job.digest))
+            backed=job.backed, timestamped=job.timestamped, digest=job.digest))
     try:
         store.save(before_replace=lambda: reached("commit-written"))
     except OSError as err:

@@ -30,8 +30,7 @@ from libqmpbackup.digests import digest_files
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
-from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import safe_component
+from libqmpbackup.names import IMAGE_LINK
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import (
@@ -43,7 +42,6 @@ from libqmpbackup.restore.folder import (
 )
 from libqmpbackup.restore.rules import (
     BASE_SNAPSHOT,
-    IMAGE_LINK,
     RestoreOptions,
     RestorePoint,
     consolidated_name,
@@ -63,7 +61,7 @@ def _disk_point(backup: BackupDir, command: str, opts: RestoreOptions) -> Restor
     return point
 
 
-def _back_by_metadata(point: RestorePoint, dry_run: bool) -> None:
+def _back_by_metadata(backup: BackupDir, point: RestorePoint, dry_run: bool) -> None:
     """Give each file up to the point its predecessor in the metadata, by relative name.
 
     After the pre-check this only rewrites equivalent names (absolute, ``./``);
@@ -80,20 +78,19 @@ def _back_by_metadata(point: RestorePoint, dry_run: bool) -> None:
         else:
             log.debug("%s is already backed by %s", record.file, previous.file)
     if rewritten and not dry_run:
-        _record_new_digests(point.root, point.chain_id, point.disk_id, rewritten)
+        _record_new_digests(backup, point, rewritten)
 
 
-def _record_new_digests(root: Path, chain_id: str, disk_id: str, names: list[str]) -> None:
+def _record_new_digests(backup: BackupDir, point: RestorePoint, names: list[str]) -> None:
     """Files this command changed on purpose get new checksums, or they would look damaged."""
-    store = ChainStore.load(root)
-    chain = store.find(chain_id)
-    if chain is None or disk_id not in chain.disks:
+    store = backup.reload()
+    chain = store.find(point.chain_id)
+    if chain is None or point.disk_id not in chain.disks:
         return
-    records = [r for r in chain.disks[disk_id].backups if r.file in names]
-    folder = root / safe_component(disk_id)
-    for record, digest in zip(records, digest_files([folder / r.file for r in records])):
+    records = [r for r in chain.disks[point.disk_id].backups if r.file in names]
+    for record, digest in zip(records, digest_files([point.folder / r.file for r in records])):
         record.digest = digest
-    store.save()
+    backup.save(store)
 
 
 @contextlib.contextmanager
@@ -112,14 +109,14 @@ def _exclusive(backup: BackupDir, dry_run: bool) -> Iterator[None]:
 def rebase(opts: RestoreOptions) -> Path:
     """Make the point's file a usable image through relative backing files; link ``image`` to it."""
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
+    backup = open_backup_dir(opts.dir, opts.name_filter)
     with _exclusive(backup, opts.dry_run):
         return _rebase(backup, opts)
 
 
 def _rebase(backup: BackupDir, opts: RestoreOptions) -> Path:
     point = _disk_point(backup, "rebase", opts)
-    _back_by_metadata(point, opts.dry_run)
+    _back_by_metadata(backup, point, opts.dry_run)
     file_steps.link(point.folder / IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
     log.info("%s: %s/%s -> %s (%s)", point.disk_id, point.folder, IMAGE_LINK,
              point.record.file, "dry run" if opts.dry_run else "ready to use")
@@ -146,15 +143,14 @@ def _ensure_snapshot(image: Path, tag: str, dry_run: bool) -> None:
 
 def _consolidate(opts: RestoreOptions, operation: str, *, snapshots: bool) -> Path:
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
+    backup = open_backup_dir(opts.dir, opts.name_filter)
     with _exclusive(backup, opts.dry_run):
         return _consolidate_locked(backup, opts, operation, snapshots)
 
 
 def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
                         snapshots: bool) -> Path:
-    backup.require_disk_folder(operation)
-    folder = backup.folder
+    folder = backup.folder_of(backup.require_disk_folder(operation))
     journal = Journal.load(folder)
     if journal is not None:
         if journal.operation != operation:
@@ -172,7 +168,7 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
             if snapshots and BASE_SNAPSHOT not in qemuimg.snapshot_names(base):
                 _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
                 if not opts.dry_run:
-                    _record_new_digests(backup.root, point.chain_id, point.disk_id, [base.name])
+                    _record_new_digests(backup, point, [base.name])
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
             file_steps.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
@@ -183,7 +179,7 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
         if (folder / journal.result).exists():
             raise ChainError(f"{folder / journal.result} already exists: cannot rename "
                              f"{journal.base} to it")
-        _back_by_metadata(point, opts.dry_run)
+        _back_by_metadata(backup, point, opts.dry_run)
         if not opts.dry_run:
             journal.save(folder)
     try:
@@ -231,8 +227,8 @@ def _advance(journal: Journal, folder: Path, done: int, dry_run: bool) -> None:
 
 def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     """Turn the folder into a consistent chain again: FULL at the point, later INCs on top."""
-    folder = backup.folder
-    store = ChainStore.load(backup.root)
+    folder = backup.folder_of(journal.disk)
+    store = backup.reload()
     chain = store.find(journal.chain)
     if chain is None or journal.disk not in chain.disks:
         raise ChainError(f"chain {journal.chain} of disk {journal.disk} vanished from "
@@ -264,7 +260,7 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         file_steps.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
                    f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
-            store.save()
+            backup.save(store)
     for step in journal.steps:
         file_steps.remove(folder / step, dry_run=dry_run)
     file_steps.link(folder / IMAGE_LINK, journal.result, dry_run=dry_run)

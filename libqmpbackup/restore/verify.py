@@ -26,7 +26,6 @@ from tabulate import tabulate
 from libqmpbackup.digests import check_files
 from libqmpbackup.errors import BackupDamaged, QemuImgError, UsageError
 from libqmpbackup.metadata import BackupRecord, Chain
-from libqmpbackup.names import safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.folder import (
     BackupDir,
@@ -35,7 +34,12 @@ from libqmpbackup.restore.folder import (
     open_for_listing,
     refuse_unfinished,
 )
-from libqmpbackup.restore.rules import image_problems, record_problems, unknown_backup_files
+from libqmpbackup.restore.rules import (
+    WHOLE_LEVELS,
+    image_problems,
+    record_problems,
+    unknown_backup_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,30 +102,23 @@ class VerifyReport:
             raise BackupDamaged([f.error_line() for f in self.bad])
 
 
-@dataclass(frozen=True)
-class Selection:
-    uuid: Optional[str] = None
-    filter: Optional[str] = None    # substring of the disk id or of the source image's name
+def verify_dir(path: Path, uuid: Optional[str] = None,
+               name_filter: Optional[str] = None) -> VerifyReport:
+    """Check every backup file below PATH (a --monthly base, a chain folder or a disk folder).
 
-    def wants(self, disk_id: str, records: list[BackupRecord]) -> bool:
-        if not self.filter:
-            return True
-        names = [disk_id, *(os.path.basename(r.source_image) for r in records)]
-        return any(self.filter in name for name in names)
-
-
-def verify_dir(path: Path, selection: Selection) -> VerifyReport:
-    """Check every backup file below PATH (a --monthly base, a chain folder or a disk folder)."""
+    UUID keeps one chain, NAME_FILTER the disks whose id or image name
+    contains it (the --filter of every restore command).
+    """
     qemuimg.binary()
     given = Path(os.path.abspath(path))
     report = VerifyReport(given)
-    backups = open_for_listing(path)
-    if selection.uuid and not any(b.store.find(selection.uuid) for b in backups):
+    backups = open_for_listing(path, name_filter)
+    if uuid and not any(b.store.find(uuid) for b in backups):
         known = ", ".join(c.uuid for b in backups for c in b.store.chains) or "none"
-        raise UsageError(f"--uuid {selection.uuid}: no such chain in {given} (chains: {known})")
+        raise UsageError(f"--uuid {uuid}: no such chain in {given} (chains: {known})")
     for backup in backups:
-        prefix = "" if backup.folder == given or backup.root == given else f"{backup.root.name}/"
-        report.files += _verify_backup(backup, selection, prefix)
+        prefix = "" if given in (backup.folder, backup.root) else f"{backup.root.name}/"
+        report.files += _verify_backup(backup, uuid, prefix)
     _check_digests(report.files)
     mark_restorable(report.files)
     unverifiable = sum(1 for f in report.files if f.status == "unverifiable")
@@ -132,24 +129,23 @@ def verify_dir(path: Path, selection: Selection) -> VerifyReport:
     return report
 
 
-def _verify_backup(backup: BackupDir, selection: Selection, prefix: str) -> list[FileReport]:
+def _verify_backup(backup: BackupDir, uuid: Optional[str], prefix: str) -> list[FileReport]:
+    wanted = set(backup.disk_ids())
     reports: list[FileReport] = []
-    folders_seen: set[str] = set()
+    folders_seen: set[Path] = set()
     for chain in backup.store.chains:
-        if selection.uuid and chain.uuid != selection.uuid:
+        if uuid and chain.uuid != uuid:
             continue
         for disk_id, disk in chain.disks.items():
-            folder_name = safe_component(disk_id)
-            if backup.disk_folder is not None and folder_name != backup.disk_folder:
+            folder = backup.root / chain.folder_of(disk_id)
+            if disk_id not in wanted or (backup.disk_folder is not None
+                                         and folder != backup.folder):
                 continue
-            if not selection.wants(disk_id, disk.backups):
-                continue
-            folder = backup.root / folder_name
             entries = _entries(folder)
             refuse_unfinished(folder, entries)
             reports += _verify_disk(chain, disk_id, disk.backups, folder, entries, prefix)
-            if folder_name not in folders_seen:
-                folders_seen.add(folder_name)
+            if folder not in folders_seen:
+                folders_seen.add(folder)
                 note_partial(folder, entries)
                 reports += _extra_files(backup, folder, entries, prefix)
     return reports
@@ -204,7 +200,7 @@ def _image_findings(record: BackupRecord, previous: Optional[BackupRecord],
 
 def _extra_files(backup: BackupDir, folder: Path, entries: list[str],
                  prefix: str) -> list[FileReport]:
-    known = known_files(backup.store, backup.root, folder.name)
+    known = known_files(backup.store, folder)
     return [FileReport(chain=prefix + "-", disk=folder.name, path=folder / name, level="",
                        time=0, status="extra", restorable=False,
                        problems=["not in the chain metadata: restores refuse this folder "
@@ -226,12 +222,12 @@ def _check_digests(reports: list[FileReport]) -> None:
 
 
 def mark_restorable(reports: list[FileReport]) -> None:
-    """A point is restorable when its FULL and every INC up to it are intact."""
+    """A point is restorable when its FULL (or COPY) and every INC up to it are intact."""
     intact: dict[tuple[str, str], bool] = {}
     for report in reports:
         if report.status == "extra":
             continue
         key = (report.chain, report.disk)
         good = not report.bad
-        intact[key] = good if report.level == "full" else intact.get(key, False) and good
+        intact[key] = good if report.level in WHOLE_LEVELS else intact.get(key, False) and good
         report.restorable = intact[key]

@@ -72,8 +72,9 @@ def store_with(root: Path, *files: str) -> ChainStore:
 
 
 @pytest.mark.parametrize("files", [
-    ["../x/FULL-1-a.qcow2"], ["virtio0/sub/FULL-1-a.qcow2"], ["virtio0/notes.txt"],
-    ["virtio0/INC-2-a.qcow2.partial"], ["/etc/FULL-1-a.qcow2"], "virtio0/FULL-1-a.qcow2", [7],
+    ["../x/FULL-1-a.qcow2"], ["virtio0/sub/FULL-1-a.qcow2"], ["qmpbackup.json"],
+    ["virtio0/qmpbackup-disk.json"], ["virtio0/INC-2-a.qcow2.partial"], ["/etc/FULL-1-a.qcow2"],
+    ["virtio0/..", ".."], ["virtio0/a b"], "virtio0/FULL-1-a.qcow2", [7],
 ])
 def test_a_hostile_intent_record_is_refused(tmp_path: Path, files: object) -> None:
     (tmp_path / INTENT_NAME).write_text(json.dumps({"time": 1, "files": files}))
@@ -93,7 +94,8 @@ def test_clean_target_rolls_back_what_the_intent_names_and_keeps_what_was_record
     intent = RunIntent(time=3, files=["virtio0/INC-3-a.qcow2", "data1/FULL-3-b.qcow2"])
     intent.save(tmp_path)
     assert intent.unrecorded(store) == intent.files
-    assert intent.unrecorded_in(store, "virtio0") == {"INC-3-a.qcow2"}
+    assert intent.unrecorded_paths(store) == [folder / "INC-3-a.qcow2",
+                                              tmp_path / "data1" / "FULL-3-b.qcow2"]
     (tmp_path / f".{INTENT_NAME}.x1.tmp").write_text("{")
     assert len(stale_temp_files(tmp_path)) == 1
 
