@@ -35,8 +35,8 @@ from typing import Any, Optional
 
 from libqmpbackup.errors import ChainError
 from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import INTENT_NAME, PARTIAL_SUFFIX, RESERVED_FILE_NAMES, safe_component
+from libqmpbackup.metadata import ChainStore, is_folder_name
+from libqmpbackup.names import INTENT_NAME, PARTIAL_SUFFIX, RESERVED_FILE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _valid_name(name: Any) -> bool:
     if not isinstance(name, str) or not 1 <= len(name.split("/")) <= 2:
         return False
     parts = name.split("/")
-    return (all(part == safe_component(part) for part in parts)
+    return (all(part and is_folder_name(part) for part in parts)
             and not parts[-1].endswith(PARTIAL_SUFFIX)
             and parts[-1] not in (*RESERVED_FILE_NAMES, INTENT_NAME))
 

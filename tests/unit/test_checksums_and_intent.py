@@ -74,7 +74,7 @@ def store_with(root: Path, *files: str) -> ChainStore:
 @pytest.mark.parametrize("files", [
     ["../x/FULL-1-a.qcow2"], ["virtio0/sub/FULL-1-a.qcow2"], ["qmpbackup.json"],
     ["virtio0/qmpbackup-disk.json"], ["virtio0/INC-2-a.qcow2.partial"], ["/etc/FULL-1-a.qcow2"],
-    ["virtio0/..", ".."], ["virtio0/a b"], "virtio0/FULL-1-a.qcow2", [7],
+    ["virtio0/..", ".."], ["virtio0/"], ["a\0b"], "virtio0/FULL-1-a.qcow2", [7],
 ])
 def test_a_hostile_intent_record_is_refused(tmp_path: Path, files: object) -> None:
     (tmp_path / INTENT_NAME).write_text(json.dumps({"time": 1, "files": files}))
