@@ -30,6 +30,7 @@ class Folders:
     main: Path
     other: Path
     monthly: Path
+    copies: Path
     refs: dict[int, Path] = field(default_factory=dict)   # virtio0 at point 0, 1, 2
 
 
@@ -42,7 +43,7 @@ def run_backup(vm: TestVM, target: Path, level: str, *extra: str) -> None:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Folders]:
     base = tmp_path_factory.mktemp("verify")
-    built = Folders(base / "main", base / "other", base / "monthly")
+    built = Folders(base / "main", base / "other", base / "monthly", base / "copies")
     disks = [Disk("virtio0", "virtio", "qcow2", 32 * MiB), Disk("data1", "blockdev", "qcow2", 8 * MiB)]
     with TestVM(base / "vm", disks) as vm:
         for point in range(3):
@@ -52,6 +53,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Folders]:
             run_backup(vm, built.main, "full" if point == 0 else "inc")
         run_backup(vm, built.other, "full", "--include", "virtio0")
         run_backup(vm, built.monthly, "auto", "--monthly")
+        run_backup(vm, built.copies, "copy", "--include", "virtio0")
     yield built
 
 
@@ -103,6 +105,15 @@ def test_an_intact_folder_verifies(cli, folders: Folders) -> None:
     meta = json.loads((folders.main / "qmpbackup.json").read_text())
     digests = [r["digest"] for c in meta["chains"] for d in c["disks"].values() for r in d["backups"]]
     assert all(d.startswith("sha256:") and len(d) == 7 + 64 for d in digests)
+
+
+def test_copies_are_checksummed_too(cli, folders: Folders, tmp_path: Path) -> None:
+    document = verify_json(cli, "--dir", folders.copies)
+    assert [(f["level"], f["status"], f["restorable"]) for f in document["files"]] == \
+        [("copy", "ok", True)]
+    root = copy_of(folders.copies, tmp_path / "copy")
+    flip_data_byte(root / "virtio0" / names(root)[0])
+    cli("qmprestore", "verify", "--dir", root).failed(11, "checksum mismatch")
 
 
 def test_verify_selects_by_folder_uuid_and_filter(cli, folders: Folders) -> None:
