@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from libqmpbackup.backup.pause_points import STEPS
+from libqmpbackup.backup.run_steps import STEPS
 from libqmpbackup.names import INTENT_NAME
 from tests import test_faults
 from tests.test_faults import DISKS, REPO, assert_clean, backup, listed, recovers, write_round

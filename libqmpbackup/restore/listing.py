@@ -43,8 +43,8 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
             for record in disk.backups:
                 path = backup.root / chain.folder_of(disk_id) / record.file
                 rows.append((prefix + chain.uuid, disk_id, record_label(record),
-                             local_time(record.time), record.level, record.file, _size(path),
-                             record.virtual_size or "unknown"))
+                             local_time(record.point_time), record.level, record.file,
+                             _size(path), record.virtual_size or "unknown"))
     return rows
 
 
