@@ -33,3 +33,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_private_dirs(path: Path) -> list[Path]:
+    """Create PATH and every missing parent with mode 0700; return those created, outermost first.
+
+    ``mkdir(parents=True)`` gives the parents the umask's mode (0755), so a
+    backup or restore below a new path would be listable by everyone.
+    """
+    missing = [p for p in (path, *path.parents) if not os.path.lexists(p)][::-1]
+    created = []
+    for folder in missing:
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(folder, 0o700)   # mkdir's mode is masked by the umask
+        created.append(folder)
+    return created

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.errors import TargetError
-from libqmpbackup.fsutil import TEMP_SUFFIX
+from libqmpbackup.fsutil import TEMP_SUFFIX, make_private_dirs
 from libqmpbackup.names import LOCK_NAME, METADATA_NAME, PARTIAL_SUFFIX, parse_backup_name
 
 
@@ -25,14 +25,13 @@ def prepare_root(root: Path) -> list[Path]:
     """
     if root.exists() and not root.is_dir():
         raise TargetError(f"target {root} exists and is not a directory")
-    missing = [p for p in (root, *root.parents) if not p.exists()][::-1]
     try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        created = make_private_dirs(root)
     except OSError as err:
         raise TargetError(f"cannot create target {root}: {err.strerror}") from err
     if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
         raise TargetError(f"target {root} is not readable and writable")
-    return missing
+    return created
 
 
 def is_empty_dir(root: Path) -> bool:
@@ -45,25 +44,36 @@ def is_empty_dir(root: Path) -> bool:
         raise TargetError(f"cannot read target {root}: {err.strerror}") from err
 
 
+def disk_folders(root: Path) -> list[Path]:
+    """The real sub-folders of ROOT; a symlink is never followed (it could lead anywhere)."""
+    try:
+        with os.scandir(root) as entries:
+            return sorted(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+    except OSError as err:
+        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as err:
+        raise TargetError(f"cannot read target {folder}: {err.strerror}") from err
+
+
 def latest_backup_time(root: Path) -> int:
     """The newest time in any backup file name below ROOT (chains and copies alike)."""
-    times = [parsed.timestamp for path in root.glob("*/*")
-             if (parsed := parse_backup_name(path.name.removesuffix(PARTIAL_SUFFIX)))]
+    times = [parsed.timestamp for folder in disk_folders(root) for name in _names(folder)
+             if (parsed := parse_backup_name(name.removesuffix(PARTIAL_SUFFIX)))]
     return max(times, default=0)
 
 
 def partial_files(root: Path) -> list[Path]:
-    """Leftover .partial files below ROOT (one level of disk folders)."""
-    return _glob(root, f"*/*{PARTIAL_SUFFIX}")
+    """Leftover .partial files below ROOT (one level of real disk folders)."""
+    return [folder / name for folder in disk_folders(root) for name in _names(folder)
+            if name.endswith(PARTIAL_SUFFIX)]
 
 
 def stale_temp_files(root: Path) -> list[Path]:
     """Half-written metadata files of a run killed inside :func:`write_atomically`."""
-    return _glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}")
-
-
-def _glob(root: Path, pattern: str) -> list[Path]:
-    try:
-        return sorted(root.glob(pattern))
-    except OSError as err:
-        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+    return [root / name for name in _names(root)
+            if name.startswith(f".{METADATA_NAME}.") and name.endswith(TEMP_SUFFIX)]

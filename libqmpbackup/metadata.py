@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from libqmpbackup.errors import ChainError
+from libqmpbackup import folder_safety
+from libqmpbackup import json_shape as shape
 from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.names import METADATA_NAME
+from libqmpbackup.names import BITMAP_PREFIX, LEVEL_PREFIX, METADATA_NAME, is_chain_id
 
 METADATA_VERSION = 1
 
@@ -76,17 +77,17 @@ class ChainStore:
 
     @classmethod
     def load(cls, root: Path) -> ChainStore:
-        path = root / METADATA_NAME
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
+        """The folder's chains; anything but what :meth:`save` writes is a chain error naming the file.
+
+        The file is untrusted (see :mod:`folder_safety`): every file name in it
+        must follow the backup-file grammar before anything uses it.
+        """
+        where = f"chain metadata {root / METADATA_NAME}"
+        raw = folder_safety.read_json(root, METADATA_NAME, "chain metadata")
+        if raw is None:
             return cls(root)
-        except (OSError, ValueError) as err:
-            raise ChainError(f"cannot read chain metadata {path}: {err}") from err
-        try:
-            return cls(root, [_chain_from_dict(c) for c in raw["chains"]])
-        except (KeyError, TypeError) as err:
-            raise ChainError(f"chain metadata {path} is malformed: missing {err}") from err
+        top = shape.as_object(raw, where)
+        return cls(root, [_chain_from_dict(c, where) for c in shape.array(top, "chains", where)])
 
     def save(self) -> None:
         data = {"version": METADATA_VERSION,
@@ -94,7 +95,35 @@ class ChainStore:
         write_atomically(self.path, json.dumps(data, indent=2) + "\n")
 
 
-def _chain_from_dict(raw: dict[str, Any]) -> Chain:
-    disks = {disk_id: DiskChain([BackupRecord(**b) for b in d["backups"]])
-             for disk_id, d in raw["disks"].items()}
-    return Chain(raw["uuid"], raw["bitmap"], raw["created"], disks)
+def _chain_from_dict(value: Any, where: str) -> Chain:
+    raw = shape.as_object(value, where, "a chain")
+    chain_id = shape.text(raw, "uuid", where)
+    if not is_chain_id(chain_id):
+        raise shape.malformed(where, f"chain id {chain_id!r} is not a valid chain id")
+    bitmap = shape.text(raw, "bitmap", where)
+    if not (bitmap.startswith(BITMAP_PREFIX) and is_chain_id(bitmap[len(BITMAP_PREFIX):])):
+        raise shape.malformed(where, f"bitmap {bitmap!r} is not a qmpbackup bitmap name")
+    disks = {}
+    for disk_id, disk in shape.mapping(raw, "disks", where).items():
+        if not disk_id or len(disk_id) > shape.MAX_TEXT:
+            raise shape.malformed(where, f"disk id {disk_id[:80]!r} is not valid")
+        backups = shape.array(shape.as_object(disk, where, f"disk {disk_id!r}"), "backups", where)
+        disks[disk_id] = DiskChain([_record_from_dict(b, where) for b in backups])
+    return Chain(uuid=chain_id, bitmap=bitmap, created=shape.integer(raw, "created", where),
+                 disks=disks)
+
+
+def _record_from_dict(value: Any, where: str) -> BackupRecord:
+    raw = shape.as_object(value, where, "a backup record")
+    level = shape.text(raw, "level", where)
+    if level not in LEVEL_PREFIX:
+        raise shape.malformed(where, f"level {level[:80]!r} is not one of {', '.join(LEVEL_PREFIX)}")
+    return BackupRecord(
+        file=folder_safety.backup_file(raw.get("file"), f"{where}: file"),
+        level=level,
+        time=shape.integer(raw, "time", where),
+        virtual_size=shape.integer(raw, "virtual_size", where),
+        source_image=shape.text(raw, "source_image", where, default="", empty_ok=True),
+        source_format=shape.text(raw, "source_format", where, default="qcow2"),
+        compressed=shape.flag(raw, "compressed", where, default=False),
+        quiesced=shape.flag(raw, "quiesced", where, default=False))

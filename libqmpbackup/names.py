@@ -30,17 +30,25 @@ TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of
 BITMAP_PREFIX = TOOL_PREFIX
 LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "copy": "COPY"}
 PREFIX_LEVEL = {prefix: level for level, prefix in LEVEL_PREFIX.items()}
-BACKUP_NAME_RE = re.compile(r"^(FULL|INC|COPY)-(\d+)-(.+)$")
+MAX_TIMESTAMP_DIGITS = 12          # unix times until the year 33658: enough, and no giant ints
+MAX_IMAGE_NAME = 200
+BACKUP_NAME_RE = re.compile(
+    rf"(FULL|INC|COPY)-(\d{{1,{MAX_TIMESTAMP_DIGITS}}})-([A-Za-z0-9._-]{{1,{MAX_IMAGE_NAME}}})")
+"""What :func:`backup_file_name` writes, and nothing else: one plain path component (fullmatch)."""
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_UUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def validate_uuid(value: str) -> str:
     """Reject chain ids that could escape a folder or break a bitmap name."""
-    if not _UUID_RE.match(value) or ".." in value:
+    if not is_chain_id(value):
         raise UsageError(
             f"invalid --uuid {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
     return value
+
+
+def is_chain_id(value: str) -> bool:
+    return bool(_UUID_RE.fullmatch(value)) and ".." not in value
 
 
 def new_chain_id() -> str:
@@ -59,7 +67,7 @@ def safe_component(name: str) -> str:
 
 def backup_file_name(level: str, timestamp: int, source_image: str) -> str:
     """FULL-<time>-<image>, always ending in .qcow2 because every target is qcow2."""
-    base = safe_component(os.path.basename(source_image) or "disk")
+    base = safe_component(os.path.basename(source_image) or "disk")[:MAX_IMAGE_NAME - len(".qcow2")]
     if not base.endswith(".qcow2"):
         base += ".qcow2"
     return f"{LEVEL_PREFIX[level]}-{timestamp}-{base}"
@@ -73,7 +81,7 @@ class ParsedName:
 
 
 def parse_backup_name(name: str) -> Optional[ParsedName]:
-    match = BACKUP_NAME_RE.match(name)
+    match = BACKUP_NAME_RE.fullmatch(name)
     if not match:
         return None
     return ParsedName(PREFIX_LEVEL[match.group(1)], int(match.group(2)), match.group(3))

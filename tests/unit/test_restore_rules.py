@@ -238,7 +238,7 @@ def test_journal_round_trip_and_damage(tmp_path: Path) -> None:
     assert loaded.applied
     assert journal.rerun_command(Path("/b/my disk")) == "qmprestore commit --dir '/b/my disk'"
     (tmp_path / "qmprestore-journal.json").write_text("{")
-    with pytest.raises(ChainError, match="cannot read the restore journal"):
+    with pytest.raises(ChainError, match="cannot read restore journal"):
         Journal.load(tmp_path)
     Journal.remove(tmp_path)
     assert Journal.load(tmp_path) is None
