@@ -14,7 +14,7 @@ outside it.  The rule, enforced here for every command:
   file or directory: never a symlink, device, FIFO or socket;
 * an image is used only when ``qemu-img info`` shows no external data file
   and no backing file but a sibling backup file declared as qcow2, each image
-  checked before its backing file is followed (:func:`checked_chain`).
+  checked before its backing file is followed (:func:`checked_images`).
 
 A refusal is a :class:`ChainError` (exit 6) naming the file, and nothing
 has been changed when it is raised.
@@ -28,7 +28,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError
 from libqmpbackup.fsutil import fsync_dir
@@ -202,7 +202,23 @@ def rename(folder: Path, old: str, new: str) -> None:
 
 # -- images ---------------------------------------------------------------------------------
 
-def image_problems(name: str, info: Any) -> list[str]:
+def sibling_name(folder: Path, backing: object) -> Optional[str]:
+    """The backup file in FOLDER that the backing name BACKING spells, or None if it leads elsewhere.
+
+    qmpbackup writes plain relative names; absolute or ``./`` spellings of
+    the same sibling are accepted (``rebase`` rewrites them), FOLDER being a
+    real directory (:func:`require_folder`).
+    """
+    if not isinstance(backing, str) or not backing or "\0" in backing:
+        return None
+    resolved = os.path.normpath(os.path.join(folder, backing))
+    if os.path.dirname(resolved) != os.path.normpath(folder):
+        return None
+    name = os.path.basename(resolved)
+    return name if parse_backup_name(name) else None
+
+
+def image_problems(folder: Path, name: str, info: Any) -> list[str]:
     """One image's ``qemu-img info`` (without its chain) against the rule; empty when safe.
 
     An external data file makes qemu-img read and write a file the header
@@ -220,7 +236,7 @@ def image_problems(name: str, info: Any) -> list[str]:
         problems.append(f"{name} has an external data file ({data.get('data-file')!r}): refused")
     backing = info.get("backing-filename")
     if backing is not None:
-        if not isinstance(backing, str) or parse_backup_name(backing) is None:
+        if sibling_name(folder, backing) is None:
             problems.append(f"{name} has backing file {backing!r}, which is not a backup file "
                             "next to it: refused")
         elif info.get("backing-filename-format") != "qcow2":
@@ -236,24 +252,29 @@ def inspect_image(folder: Path, name: str) -> Any:
         info = qemuimg.info(folder / name, fmt="qcow2")
     except QemuImgError as err:
         raise ChainError(f"{folder}: {name} is unreadable ({err})") from err
-    problems = image_problems(name, info)
+    problems = image_problems(folder, name, info)
     if problems:
         raise ChainError(f"{folder}: {'; '.join(problems)}")
     return info
 
 
-def checked_chain(folder: Path, top: str) -> list[tuple[str, Any]]:
-    """TOP and the images below it, top first, each checked before its backing file is looked at.
+def checked_images(folder: Path, tops: Sequence[str]) -> dict[str, Any]:
+    """``qemu-img info`` of every image TOPS read through, by name; each checked before use.
 
-    This is ``qemu-img info --backing-chain`` one image at a time: qemu-img
-    itself would open a hostile backing name before anything could refuse it.
+    This is ``qemu-img info --backing-chain`` done one image at a time:
+    qemu-img itself would open a hostile backing name before anything could
+    refuse it, here each image's header is checked before its backing file
+    is looked at.  Chains shared by several TOPS are inspected once.
     """
-    chain: list[tuple[str, Any]] = []
-    name: Optional[str] = top
-    while name is not None:
-        if any(seen == name for seen, _ in chain):
-            raise ChainError(f"{folder}: the backing chain of {top} loops at {name}: refused")
-        info = inspect_image(folder, name)
-        chain.append((name, info))
-        name = info.get("backing-filename")
-    return chain
+    checked: dict[str, Any] = {}
+    for top in tops:
+        walked: list[str] = []
+        name: Optional[str] = top
+        while name is not None and name not in checked:
+            if name in walked:
+                raise ChainError(f"{folder}: the backing chain of {top} loops at {name}: refused")
+            walked.append(name)
+            checked[name] = inspect_image(folder, name)
+            backing = checked[name].get("backing-filename")
+            name = sibling_name(folder, backing) if backing else None
+    return checked

@@ -100,7 +100,7 @@ def vm_lock_keys(address: str) -> list[str]:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as err:
         raise ConnectError(f"cannot resolve QMP address {address}: {err}") from err
-    return sorted({f"tcp:{info[4][0]}:{info[4][1]}" for info in found})
+    return sorted({":".join(("tcp", str(info[4][0]), str(info[4][1]))) for info in found})
 
 
 def vm_lock_path(key: str, directory: Optional[Path] = None) -> Path:

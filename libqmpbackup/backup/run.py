@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from libqmpbackup import folder_safety
 from libqmpbackup.backup import bitmaps, leftovers
 from libqmpbackup.backup.jobs import (
     BackupJob,
@@ -42,8 +43,7 @@ from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_ba
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
-from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
-from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.errors import AgentError, JobError, QmpBackupError, TargetError, VMGoneError
 from libqmpbackup.journal import refuse_unfinished_restores
 from libqmpbackup.layout import is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
@@ -78,6 +78,8 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
     disks = await discover(session)
     selected = select_disks(disks, opts)
     root = chain_root(opts)
+    if opts.monthly and os.path.lexists(root):
+        folder_safety.require_folder(root)   # the month folder is folder content, not --target
     created = prepare_root(root)
     try:
         with chain_lock(root):
@@ -127,30 +129,31 @@ class _TargetFiles:
 
     def create(self, job: BackupJob) -> None:
         folder = job.partial_path.parent
-        try:
-            if not folder.is_dir():
+        existing = folder_safety.entry(folder.parent, folder.name)
+        if existing is None:
+            try:
                 folder.mkdir(mode=0o700)
-                self.created_folders.append(folder)
-            # 0600 from the first byte: the file will hold a whole disk
-            os.close(os.open(job.partial_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except OSError as err:
-            raise TargetError(f"cannot create backup file {job.partial_path}: "
-                              f"{err.strerror}") from err
+            except OSError as err:
+                raise TargetError(f"cannot create folder {folder}: {err.strerror}") from err
+            self.created_folders.append(folder)
+        else:
+            folder_safety.require_folder(folder)   # never a symlink to elsewhere
+        # 0600 from the first byte: the file will hold a whole disk
+        folder_safety.create_exclusive(folder, job.partial_path.name)
         qemuimg.create(job.partial_path, job.disk.virtual_size, backing=job.backing)
 
     def finish(self) -> None:
         for job in self.jobs:
-            os.replace(job.partial_path, job.final_path)
+            folder_safety.rename(job.final_path.parent, job.partial_path.name, job.final_path.name)
             self.renamed.append(job.final_path)
-            fsync_dir(job.final_path.parent)
             log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
 
     def discard(self) -> None:
         """Nothing of a failed run may look like a finished backup."""
         for path in [*(j.partial_path for j in self.jobs), *self.renamed]:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                log.info("removed unfinished %s", path)
+            with contextlib.suppress(QmpBackupError):
+                if folder_safety.remove(path.parent, path.name):
+                    log.info("removed unfinished %s", path)
         for folder in self.created_folders:
             with contextlib.suppress(OSError):
                 folder.rmdir()

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 
 from tabulate import tabulate
 
+from libqmpbackup import folder_safety
+from libqmpbackup.errors import QmpBackupError
 from libqmpbackup.journal import JOURNAL_NAME
+from libqmpbackup.layout import disk_folders
 from libqmpbackup.names import safe_component
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import label, partial_leftovers
@@ -26,14 +30,21 @@ HEADERS = ("chain", "disk", "restore point", "time", "level", "file", "size", "v
 
 
 def _when(timestamp: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
-
-
-def _size(path: Path) -> str:
     try:
-        return str(path.stat().st_size)
-    except OSError:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    except (OverflowError, ValueError, OSError):   # metadata is untrusted: any integer may come
+        return f"invalid time {timestamp}"
+
+
+def _size(folder: Path, name: str) -> str:
+    """Bytes on disk, read from the entry itself: a symlink is reported, never followed."""
+    try:
+        info = folder_safety.entry(folder, name)
+    except QmpBackupError:
         return "missing"
+    if info is None:
+        return "missing"
+    return str(info.st_size) if stat.S_ISREG(info.st_mode) else f"refused: {folder_safety.kind(info)}"
 
 
 def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
@@ -44,15 +55,14 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
             if backup.disk_folder is not None and folder_name != backup.disk_folder:
                 continue
             for record in disk.backups:
-                path = backup.root / folder_name / record.file
                 rows.append((prefix + chain.uuid, disk_id, label(record.file), _when(record.time),
-                             record.level, record.file, _size(path), record.virtual_size))
+                             record.level, record.file, _size(backup.root / folder_name, record.file),
+                             record.virtual_size))
     return rows
 
 
 def _warn_leftovers(backup: BackupDir) -> None:
-    folders = [backup.folder] if backup.disk_folder else sorted(
-        p for p in backup.root.iterdir() if p.is_dir())
+    folders = [backup.folder] if backup.disk_folder else disk_folders(backup.root)
     for folder in folders:
         entries = os.listdir(folder)
         for name in partial_leftovers(entries):
