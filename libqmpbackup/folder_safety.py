@@ -145,13 +145,17 @@ def create_exclusive(folder: Path, name: str, mode: int = 0o600) -> None:
         raise TargetError(f"cannot create {folder / name}: {err.strerror}") from err
 
 
+ABSENT = object()
+"""What :func:`read_json` returns for a file that does not exist (``null`` is content)."""
+
+
 def read_json(folder: Path, name: str, what: str) -> Any:
-    """Parsed JSON of FOLDER/NAME, or None when it does not exist; any damage is a chain error."""
+    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error."""
     path = folder / name
     try:
         fd = open_file(folder, name, os.O_RDONLY, what=what)
     except FileNotFoundError:
-        return None
+        return ABSENT
     except OSError as err:
         raise ChainError(f"cannot read {what} {path}: {err.strerror}") from err
     try:

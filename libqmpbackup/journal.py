@@ -73,7 +73,7 @@ class Journal:
 
 
 def _journal_from_dict(raw: Any, where: str) -> Optional[Journal]:
-    if raw is None:
+    if raw is folder_safety.ABSENT:
         return None
     fields = shape.as_object(raw, where)
     operation = shape.text(fields, "operation", where)

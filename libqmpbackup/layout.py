@@ -50,14 +50,14 @@ def disk_folders(root: Path) -> list[Path]:
         with os.scandir(root) as entries:
             return sorted(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
     except OSError as err:
-        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+        raise TargetError(f"cannot read folder {root}: {err.strerror}") from err
 
 
 def _names(folder: Path) -> list[str]:
     try:
         return sorted(os.listdir(folder))
     except OSError as err:
-        raise TargetError(f"cannot read target {folder}: {err.strerror}") from err
+        raise TargetError(f"cannot read folder {folder}: {err.strerror}") from err
 
 
 def latest_backup_time(root: Path) -> int:

@@ -84,7 +84,7 @@ class ChainStore:
         """
         where = f"chain metadata {root / METADATA_NAME}"
         raw = folder_safety.read_json(root, METADATA_NAME, "chain metadata")
-        if raw is None:
+        if raw is folder_safety.ABSENT:
             return cls(root)
         top = shape.as_object(raw, where)
         return cls(root, [_chain_from_dict(c, where) for c in shape.array(top, "chains", where)])

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from libqmpbackup import folder_safety
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
+from libqmpbackup.layout import disk_folders
 from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import METADATA_NAME, safe_component
 from libqmpbackup.qemu import qemuimg
@@ -90,11 +91,8 @@ def _load(root: Path) -> ChainStore:
 
 
 def month_folders(path: Path) -> list[Path]:
-    """The chain folders of a --monthly base (sub-folders holding chain metadata)."""
-    try:
-        return sorted(p for p in path.iterdir() if (p / METADATA_NAME).is_file())
-    except OSError as err:
-        raise TargetError(f"cannot read {path}: {err.strerror}") from err
+    """The chain folders of a --monthly base (real sub-folders holding chain metadata)."""
+    return [p for p in disk_folders(path) if (p / METADATA_NAME).is_file()]
 
 
 def open_backup_dir(path: Path) -> BackupDir:
