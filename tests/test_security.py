@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -189,6 +190,12 @@ def test_backup_run_refuses_planted_lock_symlink_and_symlinked_folders(
         (target / DISK).symlink_to(outside)
         cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "inc",
             "--target", target, "--no-progress").failed(6, "is a symlink, not a folder")
+        # a --monthly base whose month folder is a symlink
+        monthly = tmp_path / "monthly"
+        monthly.mkdir()
+        (monthly / time.strftime("%Y-%m")).symlink_to(outside)
+        cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "auto", "--monthly",
+            "--target", monthly, "--no-progress").failed(6, "is a symlink, not a folder")
         assert sorted(p.name for p in outside.iterdir()) == [stray.path.name]
         assert vm.tool_leftovers() == []
     assert victim.state() == before and stray.state() == stray_before
@@ -236,6 +243,20 @@ def test_journal_that_does_not_match_the_metadata_is_refused(cli, chain: Chain,
                   point_time=2, steps=[names[2]])
     cli("qmprestore", "commit", "--dir", folder).failed(6, "does not match the chain metadata")
     assert {n: file_digest(folder / n) for n in names} == before
+
+
+def test_resumed_journal_still_checks_every_image(cli, chain: Chain, tmp_path: Path) -> None:
+    """A journal that matches the metadata, over an INC whose backing file is a host file as raw."""
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    victim = backing_outside(folder, names, tmp_path)
+    before = victim.state()
+    point_time = int(names[2].split("-")[1])
+    write_journal(folder, chain_id(folder), base=names[0],
+                  result=f"FULL-{point_time}-{names[0].split('-', 2)[2]}", point=names[2],
+                  point_time=point_time, steps=names[1:3])
+    cli("qmprestore", "commit", "--dir", folder).failed(6, "not a backup file next to it")
+    assert victim.state() == before
 
 
 # -- hostile images ------------------------------------------------------------------------------
