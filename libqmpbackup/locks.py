@@ -35,7 +35,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-from libqmpbackup.errors import ChainError, ConnectError, LockBusyError, TargetError, UsageError
+from libqmpbackup.errors import (
+    ChainError,
+    ConnectError,
+    LockBusyError,
+    QmpBackupError,
+    TargetError,
+    UsageError,
+)
 from libqmpbackup.names import LOCK_NAME
 
 log = logging.getLogger(__name__)
@@ -117,7 +124,7 @@ def _holder(fd: int) -> str:
     return f" (pid {pid})" if pid.isdigit() else ""
 
 
-def _open_lock_file(path: Path) -> int:
+def _open_lock_file(path: Path, unusable: type[QmpBackupError]) -> int:
     """Open PATH as a lock file: new and exclusive when absent, never through a symlink.
 
     The folder of a chain lock may be writable by others: a planted symlink
@@ -134,7 +141,7 @@ def _open_lock_file(path: Path) -> int:
         if err.errno == errno.ELOOP:
             raise ChainError(f"lock file {path} is a symlink: refused (remove it once no "
                              "backup runs)") from err
-        raise TargetError(f"cannot open lock file {path}: {err.strerror}") from err
+        raise unusable(f"cannot open lock file {path}: {err.strerror}") from err
     info = os.fstat(fd)
     problem = ("is not a regular file" if not stat.S_ISREG(info.st_mode)
                else f"belongs to uid {info.st_uid}, not to this user"
@@ -146,14 +153,14 @@ def _open_lock_file(path: Path) -> int:
     return fd
 
 
-def _try_lock(path: Path, what: str) -> Optional[int]:
+def _try_lock(path: Path, what: str, unusable: type[QmpBackupError]) -> Optional[int]:
     """A descriptor holding the lock on the file PATH names now, or None to try again.
 
     A holder that releases unlinks the file, so the file we opened may be
     gone by the time our flock succeeds; only a lock on the file PATH still
     names (lstat: the name itself, never what a symlink there points to) counts.
     """
-    fd = _open_lock_file(path)
+    fd = _open_lock_file(path, unusable)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         opened, named = os.fstat(fd), os.lstat(path)
@@ -164,7 +171,7 @@ def _try_lock(path: Path, what: str) -> Optional[int]:
         holder = _holder(fd)
         os.close(fd)
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise TargetError(f"cannot lock {path}: {err.strerror}") from err
+            raise unusable(f"cannot lock {path}: {err.strerror}") from err
         raise LockBusyError(f"another backup is running on {what}{holder}; "
                             f"lock {path}") from err
     if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
@@ -174,15 +181,18 @@ def _try_lock(path: Path, what: str) -> Optional[int]:
 
 
 @contextlib.contextmanager
-def hold(path: Path, what: str, owner: str) -> Iterator[None]:
+def hold(path: Path, what: str, owner: str,
+         unusable: type[QmpBackupError] = UsageError) -> Iterator[None]:
     """Hold an exclusive lock on PATH or fail at once with LockBusyError.
 
     The file exists only while held (or after a killed holder, harmlessly).
     WHAT names the locked thing in messages; OWNER is written into the file
-    after the pid, for admins.
+    after the pid, for admins.  A lock file that cannot be opened raises
+    UNUSABLE: a usage error for the lock directory, a target error for a
+    chain folder.
     """
     for _ in range(LOCK_ATTEMPTS):
-        fd = _try_lock(path, what)
+        fd = _try_lock(path, what, unusable)
         if fd is not None:
             break
     else:
@@ -218,5 +228,5 @@ def vm_lock(address: str) -> Iterator[None]:
 @contextlib.contextmanager
 def chain_lock(root: Path) -> Iterator[None]:
     """Exclusive use of one chain folder (whatever VM writes to it)."""
-    with hold(root / LOCK_NAME, f"target {root}", str(root)):
+    with hold(root / LOCK_NAME, f"target {root}", str(root), TargetError):
         yield

@@ -45,8 +45,10 @@ class BackupOptions:
     agent_socket: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunPlan:
+    """What one run will do, decided before anything in QEMU or on disk changes."""
+
     level: str                        # the effective level: full, inc or copy
     timestamp: int
     root: Path
@@ -155,8 +157,9 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
     if level == "copy":
         if store.chains:
             raise TargetError(f"target {root} holds a backup chain: write copies to another folder")
-        return RunPlan("copy", timestamp, root, None, False,
-                       [_job(d, root, "copy", timestamp) for d in disks], reason="--level copy")
+        return RunPlan(level="copy", timestamp=timestamp, root=root, chain=None, new_chain=False,
+                       jobs=[_job(d, root, "copy", timestamp) for d in disks],
+                       reason="--level copy")
 
     chain = store.current
     if chain and opts.uuid and chain.uuid != opts.uuid:
@@ -192,7 +195,8 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
                 f"bitmaps with: qmpbackup cleanup --remove-bitmaps --uuid {chain_id}")
         jobs, add = _chain_jobs(disks, root, new, timestamp)
         retire = chain.bitmap if unusable and chain else None
-        return RunPlan("full", timestamp, root, new, True, jobs, add, retire, reason)
+        return RunPlan(level="full", timestamp=timestamp, root=root, chain=new, new_chain=True,
+                       jobs=jobs, bitmaps_to_add=add, retire_bitmap=retire, reason=reason)
 
     if chain is None:
         raise ChainError(f"target {root} holds no backup chain: run a full backup first")
@@ -201,4 +205,5 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
         raise ChainError(f"{problems[0][1]}: an incremental backup is impossible; "
                          "run --level auto (starts a new chain) or a full backup into a new folder")
     jobs, add = _chain_jobs(disks, root, chain, timestamp)
-    return RunPlan("inc", timestamp, root, chain, False, jobs, add, None, reason)
+    return RunPlan(level="inc", timestamp=timestamp, root=root, chain=chain, new_chain=False,
+                   jobs=jobs, bitmaps_to_add=add, reason=reason)
