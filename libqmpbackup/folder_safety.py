@@ -137,12 +137,12 @@ def open_file(folder: Path, name: str, flags: int, mode: int = 0o600,
     return fd
 
 
-def create_exclusive(folder: Path, name: str, mode: int = 0o600) -> None:
+def create_exclusive(folder: Path, name: str, mode: int = 0o600, what: str = "file") -> None:
     """Create FOLDER/NAME as a new empty file, private from the first byte; never an existing path."""
     try:
-        os.close(open_file(folder, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+        os.close(open_file(folder, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, what))
     except OSError as err:
-        raise TargetError(f"cannot create {folder / name}: {err.strerror}") from err
+        raise TargetError(f"cannot create {what} {folder / name}: {err.strerror}") from err
 
 
 ABSENT = object()

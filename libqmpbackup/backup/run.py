@@ -139,7 +139,7 @@ class _TargetFiles:
         else:
             folder_safety.require_folder(folder)   # never a symlink to elsewhere
         # 0600 from the first byte: the file will hold a whole disk
-        folder_safety.create_exclusive(folder, job.partial_path.name)
+        folder_safety.create_exclusive(folder, job.partial_path.name, what="backup file")
         qemuimg.create(job.partial_path, job.disk.virtual_size, backing=job.backing)
 
     def finish(self) -> None:
