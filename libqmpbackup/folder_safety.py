@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError
 from libqmpbackup.fsutil import fsync_dir
-from libqmpbackup.names import parse_backup_name
+from libqmpbackup.names import is_backup_file_name, parse_backup_name
 from libqmpbackup.qemu import qemuimg
 
 MAX_JSON_BYTES = 16 << 20
@@ -61,7 +61,7 @@ def plain_name(name: object, what: str) -> str:
 
 def backup_file(name: object, what: str) -> str:
     """NAME when it follows the backup-file grammar (``FULL-<time>-<image>``, ...)."""
-    if not isinstance(name, str) or parse_backup_name(name) is None:
+    if not isinstance(name, str) or not is_backup_file_name(name):
         raise ChainError(f"{what} {name!r} is not a backup file name: refused")
     return name
 

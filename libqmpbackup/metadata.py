@@ -18,7 +18,7 @@ from typing import Any, Optional
 from libqmpbackup import folder_safety
 from libqmpbackup import json_shape as shape
 from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.names import BITMAP_PREFIX, LEVEL_PREFIX, METADATA_NAME, is_chain_id
+from libqmpbackup.names import BITMAP_PREFIX, LEVEL_PREFIX, METADATA_NAME, is_chain_id, safe_component
 
 METADATA_VERSION = 1
 
@@ -59,10 +59,18 @@ class Chain:
 
 @dataclass
 class ChainStore:
-    """The metadata file of one backup folder."""
+    """The metadata file of one backup folder.
+
+    ``pruning`` lists the files (``<disk folder>/<file>``) of chains that
+    ``qmpbackup prune`` already dropped from ``chains`` but has not deleted
+    yet: the metadata is rewritten before any file goes, so a prune killed
+    in between leaves files that are named here, and the next prune or
+    backup run deletes exactly those.
+    """
 
     root: Path
     chains: list[Chain] = field(default_factory=list)
+    pruning: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
@@ -87,11 +95,15 @@ class ChainStore:
         if raw is folder_safety.ABSENT:
             return cls(root)
         top = shape.as_object(raw, where)
-        return cls(root, [_chain_from_dict(c, where) for c in shape.array(top, "chains", where)])
+        chains = [_chain_from_dict(c, where) for c in shape.array(top, "chains", where)]
+        pruning = [_pruning_entry(e, where) for e in shape.array(top, "pruning", where, default=[])]
+        return cls(root=root, chains=chains, pruning=pruning)
 
     def save(self) -> None:
-        data = {"version": METADATA_VERSION,
-                "chains": [asdict(c) for c in self.chains]}
+        data: dict[str, Any] = {"version": METADATA_VERSION,
+                                "chains": [asdict(c) for c in self.chains]}
+        if self.pruning:
+            data["pruning"] = self.pruning
         write_atomically(self.path, json.dumps(data, indent=2) + "\n")
 
 
@@ -111,6 +123,17 @@ def _chain_from_dict(value: Any, where: str) -> Chain:
         disks[disk_id] = DiskChain([_record_from_dict(b, where) for b in backups])
     return Chain(uuid=chain_id, bitmap=bitmap, created=shape.integer(raw, "created", where),
                  disks=disks)
+
+
+def _pruning_entry(value: Any, where: str) -> str:
+    """``<disk folder>/<backup file>``: a prune deletes it, so it must not lead anywhere else."""
+    if not isinstance(value, str):
+        raise shape.malformed(where, "'pruning' must list file names")
+    folder, _, name = value.partition("/")
+    if not folder or folder != safe_component(folder):
+        raise shape.malformed(where, f"pruning entry {value[:120]!r} is not <disk folder>/<file>")
+    folder_safety.backup_file(name, f"{where}: pruning entry")
+    return value
 
 
 def _record_from_dict(value: Any, where: str) -> BackupRecord:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Awaitable, Optional, Sequence, Union
 
 from libqmpbackup import __version__
-from libqmpbackup.backup.bitmap_removal import remove_bitmaps
+from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
 from libqmpbackup.backup.plan import LEVELS, BackupOptions
 from libqmpbackup.backup.quiesce import check_quiesce_options
 from libqmpbackup.backup.run import run_backup
@@ -17,6 +18,8 @@ from libqmpbackup.backup.session import locked_session
 from libqmpbackup.backup.vm_info import agent_report, bitmaps_table, blockdev_table
 from libqmpbackup.errors import UsageError
 from libqmpbackup.names import validate_uuid
+from libqmpbackup.prune import PruneOptions, PruneResult, prune
+from libqmpbackup.prune_report import prune_document, prune_table
 from libqmpbackup.qemu.devices import discover
 from libqmpbackup.runner import Command, add_logging_options, byte_rate, run
 
@@ -29,6 +32,16 @@ examples:
   qmpbackup --socket /run/vm1.qmp backup --level auto --monthly --target /backup/vm1
   qmpbackup --socket /run/vm1.qmp info --show bitmaps
   qmpbackup --socket /run/vm1.qmp cleanup --remove-bitmaps
+  qmpbackup prune --target /backup/vm1 --keep 2
+"""
+
+PRUNE_EXAMPLES = """\
+examples:
+  # keep the 2 newest chains (of DIR and its YYYY-MM folders), show what would go
+  qmpbackup prune --target /backup/vm1 --keep 2 --dry-run
+  qmpbackup prune --target /backup/vm1 --keep 2
+  # also remove the removed chains' bitmaps from the VM
+  qmpbackup --socket /run/vm1.qmp prune --target /backup/vm1 --keep 2 --json
 """
 
 BACKUP_EXAMPLES = """\
@@ -57,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qmpbackup", description="Full and incremental backups of running QEMU VMs over QMP.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--socket", required=True, metavar="PATH",
-                        help="the VM's QMP socket: a unix socket path or tcp:HOST:PORT")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="the VM's QMP socket: a unix socket path or tcp:HOST:PORT "
+                             "(needed by every command except prune and info --show agent)")
     parser.add_argument("--agent-socket", metavar="PATH",
                         help="the VM's guest agent socket (used for filesystem quiesce)")
     add_logging_options(parser)
@@ -118,7 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
                          action="store_true", required=True,
                          help="remove every qmpbackup-* bitmap (or only the chain's with --uuid)")
     cleanup.add_argument("--uuid", metavar="ID", help="only the bitmap of this chain")
+
+    prune_ = commands.add_parser(
+        "prune", help="delete old chains whole, keep the newest N (no VM needed)",
+        epilog=PRUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prune_.add_argument("--target", required=True, type=Path, metavar="DIR",
+                        help="backup folder; its YYYY-MM month folders count too")
+    prune_.add_argument("--keep", required=True, type=int, metavar="N",
+                        help="keep the N chains with the newest backups (at least 1)")
+    prune_.add_argument("--dry-run", action="store_true",
+                        help="print what would be removed, change nothing")
+    prune_.add_argument("--json", action="store_true",
+                        help="print one JSON document instead of the table")
     return parser
+
+
+def _socket(args: argparse.Namespace) -> str:
+    if not args.socket:
+        raise UsageError(f"{args.command} needs --socket PATH (the VM's QMP socket)")
+    return str(args.socket)
 
 
 async def backup_command(args: argparse.Namespace) -> int:
@@ -134,7 +166,7 @@ async def backup_command(args: argparse.Namespace) -> int:
         speed_limit=args.speed_limit, progress=not args.no_progress,
         quiesce=args.quiesce or args.quiesce_required, quiesce_required=args.quiesce_required,
         agent_socket=args.agent_socket)
-    async with locked_session(args.socket) as session:
+    async with locked_session(_socket(args)) as session:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
              f" (chain {result.chain_id})" if result.chain_id else "")
@@ -147,7 +179,7 @@ async def info_command(args: argparse.Namespace) -> int:
             raise UsageError("info --show agent needs --agent-socket")
         print(await agent_report(args.agent_socket))
         return 0
-    async with locked_session(args.socket) as session:
+    async with locked_session(_socket(args)) as session:
         disks = await discover(session)
     print(blockdev_table(disks) if args.show == "blockdev" else bitmaps_table(disks))
     return 0
@@ -155,10 +187,48 @@ async def info_command(args: argparse.Namespace) -> int:
 
 async def cleanup_command(args: argparse.Namespace) -> int:
     chain_id = validate_uuid(args.uuid) if args.uuid else None
-    async with locked_session(args.socket) as session:
+    async with locked_session(_socket(args)) as session:
         removed = await remove_bitmaps(session, chain_id)
     for name in removed:
         print(f"removed {name}")
+    return 0
+
+
+def print_json(document: dict[str, Any]) -> None:
+    """--json: exactly one JSON document on stdout (log lines go to stderr)."""
+    print(json.dumps(document, indent=2))
+
+
+def _print_prune(result: PruneResult, as_json: bool) -> None:
+    if as_json:
+        print_json(prune_document(result))
+    else:
+        print(prune_table(result))
+
+
+def _prune_options(args: argparse.Namespace) -> PruneOptions:
+    return PruneOptions(target=args.target, keep=args.keep, dry_run=args.dry_run)
+
+
+async def _prune_with_bitmaps(args: argparse.Namespace) -> int:
+    async with locked_session(_socket(args)) as session:
+        result = prune(_prune_options(args))
+        result.bitmaps = await remove_chain_bitmaps(
+            session, result.plan.removed_chain_ids(), result.plan.kept_bitmaps(),
+            dry_run=args.dry_run)
+    _print_prune(result, args.json)
+    return 0
+
+
+def prune_command(args: argparse.Namespace) -> Union[int, Awaitable[int]]:
+    """Without --socket the folder alone decides, and no VM (nor event loop) is involved."""
+    if args.socket:
+        return _prune_with_bitmaps(args)
+    result = prune(_prune_options(args))
+    if result.plan.removed:
+        log.info("the VM may still hold the removed chains' bitmaps: prune with --socket, or "
+                 "qmpbackup cleanup --remove-bitmaps --uuid ID")
+    _print_prune(result, args.json)
     return 0
 
 
@@ -166,6 +236,7 @@ COMMANDS: dict[str, Command] = {
     "backup": backup_command,
     "info": info_command,
     "cleanup": cleanup_command,
+    "prune": prune_command,
 }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import time
 from pathlib import Path
 
 from tabulate import tabulate
@@ -23,17 +22,11 @@ from libqmpbackup.layout import disk_folders
 from libqmpbackup.names import safe_component
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import label, partial_leftovers
+from libqmpbackup.units import local_time
 
 log = logging.getLogger(__name__)
 
 HEADERS = ("chain", "disk", "restore point", "time", "level", "file", "size", "virtual size")
-
-
-def _when(timestamp: int) -> str:
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
-    except (OverflowError, ValueError, OSError):   # metadata is untrusted: any integer may come
-        return f"invalid time {timestamp}"
 
 
 def _size(folder: Path, name: str) -> str:
@@ -55,13 +48,17 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
             if backup.disk_folder is not None and folder_name != backup.disk_folder:
                 continue
             for record in disk.backups:
-                rows.append((prefix + chain.uuid, disk_id, label(record.file), _when(record.time),
+                rows.append((prefix + chain.uuid, disk_id, label(record.file), local_time(record.time),
                              record.level, record.file, _size(backup.root / folder_name, record.file),
                              record.virtual_size))
     return rows
 
 
 def _warn_leftovers(backup: BackupDir) -> None:
+    if backup.store.pruning:
+        log.warning("%s: %d file(s) of pruned chains are not deleted yet (an interrupted prune); "
+                    "the next prune or backup run removes them", backup.root,
+                    len(backup.store.pruning))
     folders = [backup.folder] if backup.disk_folder else disk_folders(backup.root)
     for folder in folders:
         entries = os.listdir(folder)
