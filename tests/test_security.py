@@ -14,7 +14,6 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,22 +122,11 @@ def every_restore_command_refuses(cli, folder: Path, out: Path, rc: int, *fragme
 
 # -- lock files ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def shared(tmp_path: Path) -> Iterator[Path]:
-    """A folder an unprivileged user can reach (pytest's tmp_path is private to root)."""
-    base = Path(tempfile.mkdtemp(prefix="qbsec"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def test_lock_file_symlink_planted_by_another_user_is_refused(cli, chain: Chain, tmp_path: Path,
-                                                              shared: Path) -> None:
+                                                              public_tmp: Path) -> None:
     victim = Victim.make(tmp_path / "root-owned.conf")
     before = victim.state()
-    folder = chain.copy(shared / "vm1")
+    folder = chain.copy(public_tmp / "vm1")
     folder.parent.chmod(0o777)   # a shared folder others can write
     as_nobody("ln", "-s", str(victim.path), str(folder.parent / ".qmpbackup.lock"))
     for command in ("rebase", "commit", "snapshotrebase"):
