@@ -21,6 +21,11 @@ def month_folder(base: Path, now: Optional[float] = None) -> Path:
     return base / time.strftime("%Y-%m", time.localtime(now))
 
 
+def month_folders(path: Path) -> list[Path]:
+    """The chain folders of a --monthly base (real sub-folders holding chain metadata)."""
+    return [p for p in disk_folders(path) if (p / METADATA_NAME).is_file()]
+
+
 def existing_backup_folder(path: Path) -> Path:
     """PATH made absolute, when it names an existing directory (commands that only read or prune)."""
     path = Path(os.path.abspath(path))

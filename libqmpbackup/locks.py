@@ -9,6 +9,9 @@ A run deletes its lock file before releasing it, and a run that acquires a
 lock checks that the file it locked is still the one the path names, so
 deleting never lets two runs in.
 
+An offline run (``--image``) takes one lock per image file instead, keyed
+by the image's real path, in the same directory.
+
 Where the VM lock lives (one file per QMP socket, named by a hash of the
 socket's real path, so every path to the same socket shares one lock):
 
@@ -110,9 +113,13 @@ def vm_lock_keys(address: str) -> list[str]:
     return sorted({":".join(("tcp", str(info[4][0]), str(info[4][1]))) for info in found})
 
 
-def vm_lock_path(key: str, directory: Optional[Path] = None) -> Path:
+def _keyed_lock_path(kind: str, key: str, directory: Optional[Path]) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return (directory or lock_dir()) / f"vm-{digest}.lock"
+    return (directory or lock_dir()) / f"{kind}-{digest}.lock"
+
+
+def vm_lock_path(key: str, directory: Optional[Path] = None) -> Path:
+    return _keyed_lock_path("vm", key, directory)
 
 
 def _holder(fd: int) -> str:
@@ -222,6 +229,17 @@ def vm_lock(address: str) -> Iterator[None]:
     with contextlib.ExitStack() as held:
         for key in vm_lock_keys(address):
             held.enter_context(hold(vm_lock_path(key), f"VM socket {address}", key))
+        yield
+
+
+@contextlib.contextmanager
+def image_lock(real_path: str) -> Iterator[None]:
+    """Exclusive use of one image file (by its real path) by this offline run.
+
+    Image locking would stop a second qemu-storage-daemon anyway, but as
+    "in use by a running QEMU"; this lock says what really happens.
+    """
+    with hold(_keyed_lock_path("image", real_path, None), f"image {real_path}", real_path):
         yield
 
 

@@ -36,19 +36,28 @@ BACKUP_NAME_RE = re.compile(
     rf"(FULL|INC|COPY)-(\d{{1,{MAX_TIMESTAMP_DIGITS}}})-([A-Za-z0-9._-]{{1,{MAX_IMAGE_NAME}}})")
 """What :func:`backup_file_name` writes, and nothing else: one plain path component (fullmatch)."""
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_UUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _checked_name(value: str, what: str) -> str:
+    if not is_chain_id(value):
+        raise UsageError(
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return value
 
 
 def validate_uuid(value: str) -> str:
     """Reject chain ids that could escape a folder or break a bitmap name."""
-    if not is_chain_id(value):
-        raise UsageError(
-            f"invalid --uuid {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
-    return value
+    return _checked_name(value, "--uuid")
+
+
+def validate_disk_id(value: str) -> str:
+    """A disk id given by the user (``--image ID=PATH``) names a folder: same rule as chain ids."""
+    return _checked_name(value, "--image disk id")
 
 
 def is_chain_id(value: str) -> bool:
-    return bool(_UUID_RE.fullmatch(value)) and ".." not in value
+    return bool(_NAME_RE.fullmatch(value)) and ".." not in value
 
 
 def new_chain_id() -> str:
