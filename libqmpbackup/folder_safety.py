@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError
 from libqmpbackup.fsutil import fsync_dir
-from libqmpbackup.names import is_backup_file_name, parse_backup_name
+from libqmpbackup.names import is_backup_file_name, is_plain_file_name
 from libqmpbackup.qemu import qemuimg
 
 MAX_JSON_BYTES = 16 << 20
@@ -63,19 +63,29 @@ def backup_file(name: object, what: str) -> str:
     """NAME when it follows the backup-file grammar (``FULL-<time>-<image>``, ...)."""
     if not isinstance(name, str) or not is_backup_file_name(name):
         raise ChainError(f"{what} {name!r} is not a backup file name: refused")
-    return name
+    return plain_name(name, what)
+
+
+def recorded_file(name: object, what: str) -> str:
+    """NAME as a chain may record it: a backup file name, or (--no-timestamp) a plain file name."""
+    if not isinstance(name, str) or not (is_backup_file_name(name) or is_plain_file_name(name)):
+        raise ChainError(f"{what} {name!r} is not a backup file name: refused")
+    return plain_name(name, what)
 
 
 @contextlib.contextmanager
 def opened_folder(folder: Path) -> Iterator[int]:
-    """A descriptor of FOLDER, which must be a real directory (not a symlink to one)."""
+    """A descriptor of FOLDER, for operations relative to it.
+
+    FOLDER itself may be reached through the admin's own symlinks (``--dir``,
+    ``--target``); a folder that is folder content is checked with
+    :func:`require_folder` first.
+    """
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError as err:
         raise ChainError(f"folder {folder} is missing") from err
     except OSError as err:
-        if err.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise ChainError(f"{folder} is {_kind_of_path(folder)}, not a folder: refused") from err
         raise TargetError(f"cannot open folder {folder}: {err.strerror}") from err
     try:
         yield fd
@@ -83,17 +93,22 @@ def opened_folder(folder: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def _kind_of_path(path: Path) -> str:
-    try:
-        return kind(os.lstat(path))
-    except OSError:
-        return "not a folder"
-
-
 def require_folder(folder: Path) -> None:
-    """FOLDER must be a real directory: a symlink could lead anywhere on the host."""
-    with opened_folder(folder):
-        pass
+    """FOLDER, named by folder content, must be a real directory: a symlink could lead anywhere."""
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError as err:
+        raise ChainError(f"folder {folder} is missing") from err
+    except OSError as err:
+        raise TargetError(f"cannot read {folder}: {err.strerror}") from err
+    if not stat.S_ISDIR(info.st_mode):
+        raise ChainError(f"{folder} is {kind(info)}, not a folder: refused")
+
+
+def require_content_folder(folder: Path, root: Path) -> None:
+    """:func:`require_folder` for a folder below ROOT; ROOT itself is the admin's path."""
+    if os.path.normpath(folder) != os.path.normpath(root):
+        require_folder(folder)
 
 
 def entry(folder: Path, name: str) -> Optional[os.stat_result]:
@@ -213,13 +228,13 @@ def sibling_name(folder: Path, backing: object) -> Optional[str]:
     the same sibling are accepted (``rebase`` rewrites them), FOLDER being a
     real directory (:func:`require_folder`).
     """
-    if not isinstance(backing, str) or not backing or "\0" in backing:
-        return None
+    if not isinstance(backing, str) or not backing or "\0" in backing or ":" in backing:
+        return None     # "json:{…}", "nbd:…": qemu reads a colon as a protocol, not a file
     resolved = os.path.normpath(os.path.join(folder, backing))
     if os.path.dirname(resolved) != os.path.normpath(folder):
         return None
     name = os.path.basename(resolved)
-    return name if parse_backup_name(name) else None
+    return name if is_backup_file_name(name) or is_plain_file_name(name) else None
 
 
 def image_problems(folder: Path, name: str, info: Any) -> list[str]:
@@ -251,7 +266,7 @@ def image_problems(folder: Path, name: str, info: Any) -> list[str]:
 
 def inspect_image(folder: Path, name: str) -> Any:
     """``qemu-img info`` of the regular file FOLDER/NAME alone, after the rule allowed it."""
-    require_regular(folder, backup_file(name, "image"))
+    require_regular(folder, recorded_file(name, "image"))
     try:
         info = qemuimg.info(folder / name, fmt="qcow2")
     except QemuImgError as err:

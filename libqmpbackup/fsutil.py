@@ -51,3 +51,15 @@ def make_private_dirs(path: Path) -> list[Path]:
         os.chmod(folder, 0o700)   # mkdir's mode is masked by the umask
         created.append(folder)
     return created
+
+
+def replace_symlink(path: Path, target_name: str) -> None:
+    """Point symlink PATH at TARGET_NAME in one step (a temporary link renamed over it)."""
+    temporary = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    try:
+        temporary.unlink()
+    except FileNotFoundError:
+        pass
+    os.symlink(target_name, temporary)
+    os.replace(temporary, path)
+    fsync_dir(path.parent)

@@ -22,9 +22,10 @@ from libqmpbackup import json_shape as shape
 from libqmpbackup.errors import ChainError
 from libqmpbackup.fsutil import write_atomically
 from libqmpbackup.layout import disk_folders
-from libqmpbackup.names import is_chain_id
+from libqmpbackup.names import JOURNAL_NAME, is_chain_id
 
-JOURNAL_NAME = "qmprestore-journal.json"
+__all__ = ["JOURNAL_NAME", "Journal", "refuse_unfinished_restores", "unfinished_error"]
+
 OPERATIONS = ("commit", "snapshotrebase")
 
 
@@ -84,7 +85,9 @@ def _journal_from_dict(raw: Any, where: str) -> Optional[Journal]:
     if not is_chain_id(chain):
         raise shape.malformed(where, f"chain {chain[:80]!r} is not a chain id")
     names = {key: folder_safety.backup_file(fields.get(key), f"{where}: {key}")
-             for key in ("base", "result", "point")}
+             for key in ("result", "point")}
+    # an untimestamped FULL (--no-timestamp) is named like its source image
+    names["base"] = folder_safety.recorded_file(fields.get("base"), f"{where}: base")
     steps = [folder_safety.backup_file(step, f"{where}: step")
              for step in shape.array(fields, "steps", where)]
     done = shape.integer(fields, "done", where, default=0)
@@ -104,7 +107,7 @@ def unfinished_error(folder: Path, journal: Journal) -> ChainError:
 
 def refuse_unfinished_restores(root: Path) -> None:
     """A backup must not extend a chain whose files an in-place restore is rewriting."""
-    for folder in disk_folders(root):
+    for folder in [root, *disk_folders(root)]:
         journal = Journal.load(folder)
         if journal is not None:
             raise unfinished_error(folder, journal)

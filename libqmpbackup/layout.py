@@ -10,7 +10,13 @@ from typing import Optional
 
 from libqmpbackup.errors import TargetError
 from libqmpbackup.fsutil import TEMP_SUFFIX, make_private_dirs
-from libqmpbackup.names import LOCK_NAME, METADATA_NAME, PARTIAL_SUFFIX, parse_backup_name
+from libqmpbackup.names import (
+    DISK_METADATA_NAME,
+    LOCK_NAME,
+    METADATA_NAME,
+    PARTIAL_SUFFIX,
+    parse_backup_name,
+)
 
 MONTH_FOLDER_RE = re.compile(r"^\d{4}-\d{2}$")
 """The names :func:`month_folder` gives."""
@@ -80,19 +86,40 @@ def _names(folder: Path) -> list[str]:
 
 
 def latest_backup_time(root: Path) -> int:
-    """The newest time in any backup file name below ROOT (chains and copies alike)."""
-    times = [parsed.timestamp for folder in disk_folders(root) for name in _names(folder)
-             if (parsed := parse_backup_name(name.removesuffix(PARTIAL_SUFFIX)))]
+    """The newest time in any backup file name in or below ROOT (chains and copies alike)."""
+    times = [parsed.timestamp for name in _names_in_and_below(root)
+             if (parsed := parse_backup_name(os.path.basename(name).removesuffix(PARTIAL_SUFFIX)))]
     return max(times, default=0)
 
 
+def existing_names(root: Path) -> set[str]:
+    """Every name in ROOT and its disk folders, relative to ROOT: names a new file must avoid."""
+    names: set[str] = set()
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                names.add(entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    names.update(os.path.join(entry.name, n) for n in os.listdir(entry.path))
+    except OSError as err:
+        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+    return names
+
+
 def partial_files(root: Path) -> list[Path]:
-    """Leftover .partial files below ROOT (one level of real disk folders)."""
-    return [folder / name for folder in disk_folders(root) for name in _names(folder)
-            if name.endswith(PARTIAL_SUFFIX)]
+    """Leftover .partial files in ROOT (--no-subdir) and its real disk folders."""
+    return [root / name for name in _names_in_and_below(root) if name.endswith(PARTIAL_SUFFIX)]
 
 
 def stale_temp_files(root: Path) -> list[Path]:
     """Half-written metadata files of a run killed inside :func:`write_atomically`."""
-    return [root / name for name in _names(root)
-            if name.startswith(f".{METADATA_NAME}.") and name.endswith(TEMP_SUFFIX)]
+    return ([root / name for name in _names(root)
+             if name.startswith(f".{METADATA_NAME}.") and name.endswith(TEMP_SUFFIX)]
+            + [folder / name for folder in disk_folders(root) for name in _names(folder)
+               if name.startswith(f".{DISK_METADATA_NAME}.") and name.endswith(TEMP_SUFFIX)])
+
+
+def _names_in_and_below(root: Path) -> list[str]:
+    """Names in ROOT and, as ``<folder>/<name>``, in its real sub-folders (symlinks not followed)."""
+    return [*_names(root), *(os.path.join(folder.name, name) for folder in disk_folders(root)
+                             for name in _names(folder))]

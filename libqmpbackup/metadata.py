@@ -6,6 +6,12 @@ bitmap).  Each chain names its dirty bitmap and, per disk, the ordered list
 of backup files.  The metadata, not file modification times, is the truth
 about order; it is rewritten atomically (temp file, fsync, rename) so a crash
 leaves either the old or the new version, never half of one.
+
+Every disk folder also carries ``qmpbackup-disk.json``: the same records,
+limited to the disks stored in that folder, written (each atomically) just
+before the top-level file.  A disk folder copied, moved or renamed on its
+own therefore still knows its chain, and restores with the same checks.
+Copies (``--level copy``) are kept as one chain without a bitmap.
 """
 
 from __future__ import annotations
@@ -18,9 +24,18 @@ from typing import Any, Optional
 from libqmpbackup import folder_safety
 from libqmpbackup import json_shape as shape
 from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.names import BITMAP_PREFIX, LEVEL_PREFIX, METADATA_NAME, is_chain_id, safe_component
+from libqmpbackup.names import (
+    BITMAP_PREFIX,
+    DISK_METADATA_NAME,
+    LEVEL_PREFIX,
+    METADATA_NAME,
+    is_chain_id,
+    safe_component,
+)
 
 METADATA_VERSION = 1
+COPIES_ID = "copies"
+"""The id of the bitmap-less chain that lists a folder's ``--level copy`` backups."""
 
 
 @dataclass
@@ -35,11 +50,14 @@ class BackupRecord:
     source_format: str = "qcow2"
     compressed: bool = False
     quiesced: bool = False
+    backed: bool = True         # an INC names its predecessor as backing file (upstream's do not)
+    timestamped: bool = True    # named LEVEL-<time>-<image>; False: named like the source image
 
 
 @dataclass
 class DiskChain:
     backups: list[BackupRecord] = field(default_factory=list)
+    folder: Optional[str] = None   # relative to the chain folder; None: the disk id; "": itself
 
 
 @dataclass
@@ -55,6 +73,17 @@ class Chain:
     def has_full(self, disk_id: str) -> bool:
         chain = self.disks.get(disk_id)
         return bool(chain and any(b.level == "full" for b in chain.backups))
+
+    @property
+    def is_copies(self) -> bool:
+        return not self.bitmap
+
+    def folder_of(self, disk_id: str) -> str:
+        """Where DISK_ID's files of this chain live, relative to the chain folder."""
+        chain = self.disks.get(disk_id)
+        if chain is not None and chain.folder is not None:
+            return chain.folder
+        return safe_component(disk_id)
 
 
 @dataclass
@@ -78,20 +107,46 @@ class ChainStore:
 
     @property
     def current(self) -> Optional[Chain]:
-        return self.chains[-1] if self.chains else None
+        """The chain a backup continues: the newest one with a bitmap."""
+        return next((c for c in reversed(self.chains) if not c.is_copies), None)
+
+    @property
+    def copies(self) -> Optional[Chain]:
+        return self.find(COPIES_ID)
 
     def find(self, chain_id: str) -> Optional[Chain]:
         return next((c for c in self.chains if c.uuid == chain_id), None)
 
-    @classmethod
-    def load(cls, root: Path) -> ChainStore:
-        """The folder's chains; anything but what :meth:`save` writes is a chain error naming the file.
+    def latest_time(self) -> int:
+        """The newest backup time recorded (a --no-timestamp FULL has none in its name)."""
+        return max((r.time for c in self.chains for d in c.disks.values() for r in d.backups),
+                   default=0)
 
-        The file is untrusted (see :mod:`folder_safety`): every file name in it
-        must follow the backup-file grammar before anything uses it.
+    def folders(self) -> list[str]:
+        """Every disk folder below the root that the chains use (not the root itself)."""
+        names = {c.folder_of(d) for c in self.chains for d in c.disks}
+        return sorted(n for n in names if n)
+
+    def for_folder(self, folder: str) -> ChainStore:
+        """The records of the disks stored in FOLDER, as a store rooted in that folder."""
+        chains = []
+        for chain in self.chains:
+            disks = {d: DiskChain(backups=list(dc.backups), folder="")
+                     for d, dc in chain.disks.items() if chain.folder_of(d) == folder}
+            if disks:
+                chains.append(Chain(uuid=chain.uuid, bitmap=chain.bitmap, created=chain.created,
+                                    disks=disks))
+        return ChainStore(root=self.root / folder, chains=chains)
+
+    @classmethod
+    def load(cls, root: Path, name: str = METADATA_NAME) -> ChainStore:
+        """The chains NAME in ROOT lists; anything but what :meth:`write` writes is a chain error.
+
+        The file is untrusted (see :mod:`folder_safety`): every file and folder
+        name in it must be one the tool could have written before anything uses it.
         """
-        where = f"chain metadata {root / METADATA_NAME}"
-        raw = folder_safety.read_json(root, METADATA_NAME, "chain metadata")
+        where = f"chain metadata {root / name}"
+        raw = folder_safety.read_json(root, name, "chain metadata")
         if raw is folder_safety.ABSENT:
             return cls(root)
         top = shape.as_object(raw, where)
@@ -100,27 +155,64 @@ class ChainStore:
         return cls(root=root, chains=chains, pruning=pruning)
 
     def save(self) -> None:
+        """Write each disk folder's records, then the folder's metadata (the commit point).
+
+        A disk folder no chain uses any more (a prune dropped them) loses its
+        records file, so that the prune can remove the emptied folder.
+        """
+        for folder in sorted({*self.folders(), *self._folders_with_records()}):
+            path = self.root / folder
+            if path.is_symlink() or not path.is_dir():
+                continue    # never write through a link that may lead out of the folder
+            records = self.for_folder(folder)
+            if records.chains:
+                records.write(DISK_METADATA_NAME)
+            else:
+                (self.root / folder / DISK_METADATA_NAME).unlink(missing_ok=True)
+        self.write(METADATA_NAME)
+
+    def _folders_with_records(self) -> list[str]:
+        try:
+            return [p.parent.name for p in self.root.glob(f"*/{DISK_METADATA_NAME}")]
+        except OSError:
+            return []
+
+    def write(self, name: str) -> None:
         data: dict[str, Any] = {"version": METADATA_VERSION,
                                 "chains": [asdict(c) for c in self.chains]}
-        if self.pruning:
+        if self.pruning and name == METADATA_NAME:
             data["pruning"] = self.pruning
-        write_atomically(self.path, json.dumps(data, indent=2) + "\n")
+        write_atomically(self.root / name, json.dumps(data, indent=2) + "\n")
+
+
+def is_folder_name(name: object) -> bool:
+    """"" (the chain folder itself) or one plain path component."""
+    return isinstance(name, str) and (name == "" or (
+        name not in (".", "..") and "/" not in name and "\0" not in name))
 
 
 def _chain_from_dict(value: Any, where: str) -> Chain:
     raw = shape.as_object(value, where, "a chain")
     chain_id = shape.text(raw, "uuid", where)
     if not is_chain_id(chain_id):
-        raise shape.malformed(where, f"chain id {chain_id!r} is not a valid chain id")
-    bitmap = shape.text(raw, "bitmap", where)
-    if not (bitmap.startswith(BITMAP_PREFIX) and is_chain_id(bitmap[len(BITMAP_PREFIX):])):
-        raise shape.malformed(where, f"bitmap {bitmap!r} is not a qmpbackup bitmap name")
+        raise shape.malformed(where, f"chain id {chain_id[:80]!r} is not a valid chain id")
+    bitmap = shape.text(raw, "bitmap", where, empty_ok=True)   # empty: the copies
+    if bitmap and not (bitmap.startswith(BITMAP_PREFIX)
+                       and is_chain_id(bitmap[len(BITMAP_PREFIX):])):
+        raise shape.malformed(where, f"bitmap {bitmap[:80]!r} is not a qmpbackup bitmap name")
     disks = {}
     for disk_id, disk in shape.mapping(raw, "disks", where).items():
         if not disk_id or len(disk_id) > shape.MAX_TEXT:
             raise shape.malformed(where, f"disk id {disk_id[:80]!r} is not valid")
-        backups = shape.array(shape.as_object(disk, where, f"disk {disk_id!r}"), "backups", where)
-        disks[disk_id] = DiskChain([_record_from_dict(b, where) for b in backups])
+        fields = shape.as_object(disk, where, f"disk {disk_id[:80]!r}")
+        folder = fields.get("folder")
+        if folder is not None and not is_folder_name(folder):
+            # a folder must stay inside the backup folder
+            raise shape.malformed(where, f"folder {str(folder)[:80]!r} of disk {disk_id[:80]!r} "
+                                         "is not a folder name")
+        backups = shape.array(fields, "backups", where)
+        disks[disk_id] = DiskChain(backups=[_record_from_dict(b, where) for b in backups],
+                                   folder=folder)
     return Chain(uuid=chain_id, bitmap=bitmap, created=shape.integer(raw, "created", where),
                  disks=disks)
 
@@ -130,9 +222,9 @@ def _pruning_entry(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise shape.malformed(where, "'pruning' must list file names")
     folder, _, name = value.partition("/")
-    if not folder or folder != safe_component(folder):
+    if not folder or (folder != "." and not is_folder_name(folder)):
         raise shape.malformed(where, f"pruning entry {value[:120]!r} is not <disk folder>/<file>")
-    folder_safety.backup_file(name, f"{where}: pruning entry")
+    folder_safety.recorded_file(name, f"{where}: pruning entry")
     return value
 
 
@@ -141,12 +233,17 @@ def _record_from_dict(value: Any, where: str) -> BackupRecord:
     level = shape.text(raw, "level", where)
     if level not in LEVEL_PREFIX:
         raise shape.malformed(where, f"level {level[:80]!r} is not one of {', '.join(LEVEL_PREFIX)}")
+    timestamped = shape.flag(raw, "timestamped", where, default=True)
+    what = f"{where}: file"
     return BackupRecord(
-        file=folder_safety.backup_file(raw.get("file"), f"{where}: file"),
+        file=(folder_safety.backup_file(raw.get("file"), what) if timestamped
+              else folder_safety.recorded_file(raw.get("file"), what)),
         level=level,
         time=shape.integer(raw, "time", where),
         virtual_size=shape.integer(raw, "virtual_size", where),
         source_image=shape.text(raw, "source_image", where, default="", empty_ok=True),
         source_format=shape.text(raw, "source_format", where, default="qcow2"),
         compressed=shape.flag(raw, "compressed", where, default=False),
-        quiesced=shape.flag(raw, "quiesced", where, default=False))
+        quiesced=shape.flag(raw, "quiesced", where, default=False),
+        backed=shape.flag(raw, "backed", where, default=True),
+        timestamped=timestamped)

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup import folder_safety
+from libqmpbackup import folder_safety, upstream
 from libqmpbackup.backup import bitmaps, leftovers
+from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.jobs import (
     BackupJob,
     add_target_node,
@@ -45,8 +46,9 @@ from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import AgentError, JobError, QmpBackupError, TargetError, VMGoneError
+from libqmpbackup.fsutil import replace_symlink
 from libqmpbackup.journal import refuse_unfinished_restores
-from libqmpbackup.layout import is_empty_dir, latest_backup_time, prepare_root
+from libqmpbackup.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord, ChainStore
 from libqmpbackup.prune import finish_interrupted_prune
@@ -103,8 +105,10 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     finish_interrupted_prune(ChainStore.load(root))
     refuse_unfinished_restores(root)
     store = ChainStore.load(root)
-    timestamp = _timestamp_after(latest_backup_time(root))
-    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root))
+    if not store.chains and upstream.chain_id(root) is not None:
+        store = adopt_upstream(root, disks)
+    timestamp = _timestamp_after(max(latest_backup_time(root), store.latest_time()))
+    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root))
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
     if plan.retire_bitmap:
         for disk in selected:
@@ -118,8 +122,8 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
         await guard.finish()
     if quiescer and quiescer.thaw_error:
         raise AgentError(quiescer.thaw_error)
-    return BackupResult(plan.level, root, plan.chain.uuid if plan.chain else None,
-                        [j.final_path for j in plan.jobs], plan.reason)
+    chain_id = plan.chain.uuid if plan.chain and not plan.chain.is_copies else None
+    return BackupResult(plan.level, root, chain_id, [j.final_path for j in plan.jobs], plan.reason)
 
 
 @dataclass
@@ -127,13 +131,16 @@ class _TargetFiles:
     """The backup files of one run: created as .partial, renamed when complete, else deleted."""
 
     jobs: list[BackupJob]
+    root: Path                      # the chain folder (--target or its month): the admin's path
     created_folders: list[Path] = field(default_factory=list)
     renamed: list[Path] = field(default_factory=list)
 
     def create(self, job: BackupJob) -> None:
         folder = job.partial_path.parent
-        existing = folder_safety.entry(folder.parent, folder.name)
-        if existing is None:
+        existing = None if folder == self.root else folder_safety.entry(folder.parent, folder.name)
+        if folder == self.root:
+            pass                    # --no-subdir: the files go into the chain folder itself
+        elif existing is None:
             try:
                 folder.mkdir(mode=0o700)
             except OSError as err:
@@ -150,6 +157,21 @@ class _TargetFiles:
             folder_safety.rename(job.final_path.parent, job.partial_path.name, job.final_path.name)
             self.renamed.append(job.final_path)
             log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
+
+    def link(self) -> None:
+        """The FULL-<image> symlinks of --no-timestamp: for people, so a failure only warns."""
+        for job in self.jobs:
+            if job.link is None:
+                continue
+            path = job.final_path.with_name(job.link)
+            if path.exists() and not path.is_symlink():
+                log.warning("%s exists and is not a symlink: not linking it to %s", path,
+                            job.final_path.name)
+                continue
+            try:
+                replace_symlink(path, job.final_path.name)
+            except OSError as err:
+                log.warning("cannot create symlink %s: %s", path, err.strerror)
 
     def discard(self) -> None:
         """Nothing of a failed run may look like a finished backup."""
@@ -187,7 +209,7 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                    guard: ShutdownGuard, quiescer: Optional[Quiescer]) -> None:
     tag = new_run_tag()
     async with contextlib.AsyncExitStack() as undo:
-        files = _TargetFiles(plan.jobs)
+        files = _TargetFiles(jobs=plan.jobs, root=plan.root)
         undo.callback(files.discard)
         for index, job in enumerate(plan.jobs):
             job.assign_names(index, tag)
@@ -219,12 +241,13 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
         if plan.chain is not None:
             _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
         undo.pop_all()  # committed: from here on nothing may be undone
+    files.link()
     if run_bitmaps:
         await run_bitmaps.after_commit(session)
 
 
 def _run_bitmaps(plan: RunPlan) -> Optional[bitmaps.RunBitmaps]:
-    if plan.chain is None:
+    if plan.chain is None or plan.chain.is_copies:
         return None
     added = plan.bitmaps_to_add
     kept = [j.disk for j in plan.jobs if j.bitmap and j.disk not in added]
@@ -242,11 +265,14 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesce
     if plan.new_chain:
         store.chains.append(chain)
     for job in plan.jobs:
-        chain.disk(job.disk.disk_id).backups.append(BackupRecord(
+        disk = chain.disk(job.disk.disk_id)
+        disk.folder = "" if job.final_path.parent == store.root else job.final_path.parent.name
+        disk.backups.append(BackupRecord(
             file=job.final_path.name, level=job.level,
             time=plan.timestamp,
             virtual_size=job.disk.virtual_size, source_image=job.disk.filename,
-            source_format=job.disk.driver, compressed=compressed, quiesced=quiesced))
+            source_format=job.disk.driver, compressed=compressed, quiesced=quiesced,
+            backed=job.backed, timestamped=job.timestamped))
     try:
         store.save()
     except OSError as err:

@@ -30,14 +30,12 @@ from libqmpbackup import folder_safety
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
-from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import safe_component
+from libqmpbackup.names import IMAGE_LINK
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
 from libqmpbackup.restore.rules import (
     BASE_SNAPSHOT,
-    IMAGE_LINK,
     RestoreOptions,
     RestorePoint,
     consolidated_name,
@@ -87,7 +85,7 @@ def _exclusive(backup: BackupDir, dry_run: bool) -> Iterator[None]:
 def rebase(opts: RestoreOptions) -> Path:
     """Make the point's file a usable image through relative backing files; link ``image`` to it."""
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
+    backup = open_backup_dir(opts.dir, opts.name_filter)
     with _exclusive(backup, opts.dry_run):
         return _rebase(backup, opts)
 
@@ -121,15 +119,14 @@ def _ensure_snapshot(image: Path, tag: str, dry_run: bool) -> None:
 
 def _consolidate(opts: RestoreOptions, operation: str, *, snapshots: bool) -> Path:
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
+    backup = open_backup_dir(opts.dir, opts.name_filter)
     with _exclusive(backup, opts.dry_run):
         return _consolidate_locked(backup, opts, operation, snapshots)
 
 
 def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
                         snapshots: bool) -> Path:
-    backup.require_disk_folder(operation)
-    folder = backup.folder
+    folder = backup.folder_of(backup.require_disk_folder(operation))
     journal = Journal.load(folder)
     if journal is not None:
         if journal.operation != operation:
@@ -137,9 +134,9 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
         if opts.until and not matches(journal.point, opts.until):
             raise UsageError(f"--until {opts.until}: the interrupted {operation} in {folder} "
                              f"restores {journal.point}; re-run it without --until")
-        folder_safety.require_folder(folder)
+        folder_safety.require_content_folder(folder, backup.root)
         refuse_partial(folder, folder_entries(folder))
-        _check_resumable(journal, backup)
+        _check_resumable(journal, backup, folder)
         log.warning("%s: finishing the interrupted %s up to %s", folder, operation, journal.point)
     else:
         point = _disk_point(backup, operation, opts)
@@ -175,17 +172,16 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
     return folder / journal.result
 
 
-def _check_resumable(journal: Journal, backup: BackupDir) -> None:
+def _check_resumable(journal: Journal, backup: BackupDir, folder: Path) -> None:
     """A journal found in the folder must describe this folder's chain before it is acted on.
 
     Its names are backup file names already (see :meth:`Journal.load`); here
     they must also be the files the metadata lists, in order, and every file
     still present must pass the image rule before qemu-img touches it.
     """
-    folder = backup.folder
     chain = backup.store.find(journal.chain)
     disk = chain.disks.get(journal.disk) if chain is not None else None
-    if disk is None or safe_component(journal.disk) != backup.disk_folder:
+    if disk is None or backup.folder_of(journal.disk) != folder:
         raise _journal_mismatch(folder, f"chain {journal.chain} has no disk {journal.disk!r} here")
     files = [r.file for r in disk.backups]
     if journal.base in files:       # the metadata is not rewritten yet
@@ -240,8 +236,8 @@ def _advance(journal: Journal, folder: Path, done: int, dry_run: bool) -> None:
 
 def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     """Turn the folder into a consistent chain again: FULL at the point, later INCs on top."""
-    folder = backup.folder
-    store = ChainStore.load(backup.root)
+    folder = backup.folder_of(journal.disk)
+    store = backup.reload()
     chain = store.find(journal.chain)
     if chain is None or journal.disk not in chain.disks:
         raise ChainError(f"chain {journal.chain} of disk {journal.disk} vanished from "
@@ -264,7 +260,7 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         file_steps.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
                    f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
-            store.save()
+            backup.save(store)
     for step in journal.steps:
         file_steps.remove(folder, step, dry_run=dry_run)
     file_steps.link(folder, IMAGE_LINK, journal.result, dry_run=dry_run)

@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from libqmpbackup.errors import TargetError, UsageError
 from libqmpbackup.fsutil import fsync_dir, make_private_dirs
@@ -86,8 +86,8 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
     if (target.file is None) == (target.directory is None):
         raise UsageError("merge needs exactly one of --targetfile and --targetdir")
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
-    if backup.disk_folder is None and target.file is not None:
+    backup = open_backup_dir(opts.dir, opts.name_filter)
+    if not backup.single_disk() and target.file is not None:
         raise UsageError(f"{backup.root} is a whole backup: restore it with --targetdir OUT "
                          f"(one image per disk), or one disk with --dir {backup.root}/DISK "
                          f"--targetfile FILE (disks: {backup.disk_names()})")
@@ -101,17 +101,25 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
     return [path for _, path, _ in plan]
 
 
+def _source(point: RestorePoint) -> Union[Path, str]:
+    """The point's file, or its chain spelled out when a header names no backing file."""
+    segment = point.segment()
+    if all(r.backed for r in segment):
+        return point.path
+    return qemuimg.chain_source([point.folder / r.file for r in segment])
+
+
 def _convert(point: RestorePoint, path: Path, fmt: str, opts: RestoreOptions) -> None:
     log.info("%s: restoring %s (%s) into %s", point.disk_id, point.label,
              point.record.file, path)
     if opts.dry_run:
-        qemuimg.convert(point.path, path.with_name(f".{path.name}.XXXXXX{PARTIAL_SUFFIX}"),
+        qemuimg.convert(_source(point), path.with_name(f".{path.name}.XXXXXX{PARTIAL_SUFFIX}"),
                         out_format=fmt, rate_limit=opts.rate_limit, dry_run=True)
         file_steps.note(f"rename it to {path}", dry_run=True)
         return
     partial = _new_partial(path)
     try:
-        qemuimg.convert(point.path, partial, out_format=fmt, rate_limit=opts.rate_limit)
+        qemuimg.convert(_source(point), partial, out_format=fmt, rate_limit=opts.rate_limit)
         _publish(partial, path)
     except BaseException:  # also Interrupted: no half image may stay behind
         partial.unlink(missing_ok=True)

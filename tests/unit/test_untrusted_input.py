@@ -132,7 +132,8 @@ def test_plain_names_only(name: str) -> None:
 
 def test_backup_file_names_follow_the_grammar() -> None:
     assert folder_safety.backup_file("INC-1717430400-disk.qcow2", "f") == "INC-1717430400-disk.qcow2"
-    for bad in ("INC-1-a b", "FULL-1-", "FULL-1-x\n", "SNAP-1-x", "FULL-1234567890123-x", 5):
+    for bad in ("FULL-1-", "FULL-1-x\n", "SNAP-1-x", "FULL-" + "1" * 19 + "-x", 5, "FULL-1-a/b",
+                "INC-1-x.qcow2.partial"):
         with pytest.raises(ChainError, match="not a backup file name"):
             folder_safety.backup_file(bad, "f")
 
@@ -142,8 +143,10 @@ def test_sibling_names() -> None:
     assert folder_safety.sibling_name(folder, "FULL-1-x") == "FULL-1-x"
     assert folder_safety.sibling_name(folder, "./FULL-1-x") == "FULL-1-x"
     assert folder_safety.sibling_name(folder, "/b/vm1/virtio0/FULL-1-x") == "FULL-1-x"
+    assert folder_safety.sibling_name(folder, "disk.qcow2") == "disk.qcow2"   # --no-timestamp
     for elsewhere in ("../FULL-1-x", "/etc/FULL-1-x", "../other/FULL-1-x", "sub/FULL-1-x",
-                      "passwd", "json:{}", "nbd://host/FULL-1-x", ""):
+                      "json:{}", 'json:{"driver":"file","filename":"\\u002fetc"}',
+                      "nbd:localhost:10809", "nbd://host/FULL-1-x", ""):
         assert folder_safety.sibling_name(folder, elsewhere) is None, elsewhere
 
 
