@@ -8,7 +8,9 @@ outside it.  The rule, enforced here for every command:
 
 * every path opened, created, renamed or deleted because of folder content is
   a plain name directly inside the folder it belongs to (:func:`plain_name`,
-  and :func:`backup_file` for names of backup files);
+  and :func:`backup_file` / :func:`recorded_file` for names of backup files);
+  the admin's own ``--dir`` / ``--target`` may be reached through symlinks,
+  a folder below it may not (:func:`require_content_folder`);
 * it is opened without following symlinks (``O_NOFOLLOW``, ``lstat``, and
   operations relative to a descriptor of the folder), and it is a regular
   file or directory: never a symlink, device, FIFO or socket;
@@ -164,26 +166,34 @@ ABSENT = object()
 """What :func:`read_json` returns for a file that does not exist (``null`` is content)."""
 
 
-def read_json(folder: Path, name: str, what: str) -> Any:
-    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error."""
+def read_bytes(folder: Path, name: str, what: str, limit: int) -> Optional[bytes]:
+    """The content of the regular file FOLDER/NAME (at most LIMIT bytes), or None when absent."""
     path = folder / name
     try:
         fd = open_file(folder, name, os.O_RDONLY, what=what)
     except FileNotFoundError:
-        return ABSENT
+        return None
     except OSError as err:
         raise ChainError(f"cannot read {what} {path}: {err.strerror}") from err
     try:
         with os.fdopen(fd, "rb") as handle:
-            data = handle.read(MAX_JSON_BYTES + 1)
+            data = handle.read(limit + 1)
     except OSError as err:
         raise ChainError(f"cannot read {what} {path}: {err.strerror}") from err
-    if len(data) > MAX_JSON_BYTES:
-        raise ChainError(f"{what} {path} is larger than {MAX_JSON_BYTES} bytes: refused")
+    if len(data) > limit:
+        raise ChainError(f"{what} {path} is larger than {limit} bytes: refused")
+    return data
+
+
+def read_json(folder: Path, name: str, what: str) -> Any:
+    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error."""
+    data = read_bytes(folder, name, what, MAX_JSON_BYTES)
+    if data is None:
+        return ABSENT
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as err:   # RecursionError: nesting a parser cannot follow
-        raise ChainError(f"cannot read {what} {path}: {type(err).__name__}: "
+        raise ChainError(f"cannot read {what} {folder / name}: {type(err).__name__}: "
                          f"{str(err)[:200]}") from err
 
 
