@@ -84,10 +84,11 @@ def _journal_from_dict(raw: Any, where: str) -> Optional[Journal]:
     chain = shape.text(fields, "chain", where)
     if not is_chain_id(chain):
         raise shape.malformed(where, f"chain {chain[:80]!r} is not a chain id")
-    names = {key: folder_safety.backup_file(fields.get(key), f"{where}: {key}")
-             for key in ("result", "point")}
-    # an untimestamped FULL (--no-timestamp) is named like its source image
-    names["base"] = folder_safety.recorded_file(fields.get("base"), f"{where}: base")
+    # the FULL (base, and result: it keeps its name) may be untimestamped (--no-timestamp),
+    # named like its source image
+    names = {key: folder_safety.recorded_file(fields.get(key), f"{where}: {key}")
+             for key in ("base", "result")}
+    names["point"] = folder_safety.backup_file(fields.get("point"), f"{where}: point")
     steps = [folder_safety.backup_file(step, f"{where}: step")
              for step in shape.array(fields, "steps", where)]
     done = shape.integer(fields, "done", where, default=0)

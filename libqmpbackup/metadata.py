@@ -52,6 +52,17 @@ class BackupRecord:
     quiesced: bool = False
     backed: bool = True         # an INC names its predecessor as backing file (upstream's do not)
     timestamped: bool = True    # named LEVEL-<time>-<image>; False: named like the source image
+    holds: Optional[int] = None     # set by commit/snapshotrebase: the later point the file holds
+
+    @property
+    def point_time(self) -> int:
+        """The moment the file holds: its own time, or the point committed into it in place.
+
+        commit and snapshotrebase keep the FULL's name (upstream's docs
+        point at that name), so the name and ``time`` stay the backup's own
+        and the point the file now holds is recorded beside them.
+        """
+        return self.holds if self.holds is not None else self.time
 
 
 @dataclass
@@ -246,4 +257,5 @@ def _record_from_dict(value: Any, where: str) -> BackupRecord:
         compressed=shape.flag(raw, "compressed", where, default=False),
         quiesced=shape.flag(raw, "quiesced", where, default=False),
         backed=shape.flag(raw, "backed", where, default=True),
-        timestamped=timestamped)
+        timestamped=timestamped,
+        holds=None if raw.get("holds") is None else shape.integer(raw, "holds", where))

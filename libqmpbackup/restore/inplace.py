@@ -9,8 +9,9 @@ How each stays safe when interrupted (and what re-running does):
   incrementals are copied into the FULL with ``qemu-img commit -d``, which
   leaves them intact, so an interrupted copy is redone from the same data;
   snapshotrebase goes one incremental at a time and records each finished
-  one.  Then the FULL is renamed to ``FULL-<point time>-…``, the metadata
-  rewritten, the applied incrementals deleted (their data is in the FULL
+  one.  Then the metadata is rewritten (the FULL keeps its name, as
+  upstream documents, and records the point it holds), the applied
+  incrementals deleted (their data is in the FULL
   now, and older points read through the changed FULL would be wrong), the
   next incremental re-based onto the FULL, and the journal removed.  While
   the journal exists every command refuses the folder, except the same
@@ -30,7 +31,8 @@ from libqmpbackup import folder_safety
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
-from libqmpbackup.names import IMAGE_LINK
+from libqmpbackup.metadata import BackupRecord
+from libqmpbackup.names import IMAGE_LINK, parse_backup_name
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
@@ -38,7 +40,6 @@ from libqmpbackup.restore.rules import (
     BASE_SNAPSHOT,
     RestoreOptions,
     RestorePoint,
-    consolidated_name,
     label,
     matches,
     needs_rebase,
@@ -148,13 +149,13 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
             file_steps.link(folder, IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
+        # the FULL keeps its name, as upstream qmpbackup documents (`qemu-img
+        # snapshot -l DIR/FULL-<time>-…` after snapshotrebase); the metadata
+        # records which point it holds
         journal = Journal(operation=operation, chain=point.chain_id, disk=point.disk_id,
-                          base=segment[0].file, result=consolidated_name(segment[0], point.record),
-                          point=point.record.file, point_time=point.record.time,
+                          base=segment[0].file, result=segment[0].file,
+                          point=point.record.file, point_time=point.record.point_time,
                           steps=[r.file for r in segment[1:]], snapshots=snapshots)
-        if folder_safety.entry(folder, journal.result) is not None:
-            raise ChainError(f"{folder / journal.result} already exists: cannot rename "
-                             f"{journal.base} to it")
         _back_by_metadata(point, opts.dry_run)
         if not opts.dry_run:
             journal.save(folder)
@@ -187,9 +188,13 @@ def _check_resumable(journal: Journal, backup: BackupDir, folder: Path) -> None:
     if journal.base in files:       # the metadata is not rewritten yet
         start = files.index(journal.base)
         stop = start + len(journal.steps)
+        # an older version renamed the FULL to FULL-<point time>-…; now it keeps its name
+        renamed = parse_backup_name(journal.result)
+        result_ok = journal.result == journal.base or (
+            renamed is not None and renamed.level == "full"
+            and renamed.timestamp == journal.point_time)
         if (files[start + 1:stop + 1] != journal.steps or journal.point != journal.steps[-1]
-                or journal.result != consolidated_name(disk.backups[start], disk.backups[stop])
-                or journal.point_time != disk.backups[stop].time):
+                or not result_ok or journal.point_time != disk.backups[stop].point_time):
             raise _journal_mismatch(folder, "its steps are not the chain's files after "
                                     f"{journal.base}")
     elif journal.result not in files:
@@ -250,15 +255,15 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         later = records[following].file
         if needs_rebase(folder_safety.inspect_image(folder, later), journal.result):
             qemuimg.rebase_unsafe(folder / later, journal.result, dry_run=dry_run)
-    if folder_safety.entry(folder, journal.base) is not None:
+    if journal.result != journal.base and folder_safety.entry(folder, journal.base) is not None:
+        # a journal of an older version, which renamed the FULL for the point
         file_steps.rename(folder, journal.base, journal.result, dry_run=dry_run)
     if journal.base in files:
         chain.disks[journal.disk].backups = [
-            dataclasses.replace(r, file=journal.result, time=journal.point_time)
-            if r.file == journal.base else r
+            _consolidated(r, journal) if r.file == journal.base else r
             for r in records if r.file not in journal.steps]
-        file_steps.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
-                   f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
+        file_steps.note(f"update {store.path}: {journal.result} holds {label(journal.point)}, "
+                        f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
             backup.save(store)
     for step in journal.steps:
@@ -267,3 +272,10 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     if not dry_run:
         Journal.remove(folder)
 
+
+def _consolidated(record: BackupRecord, journal: Journal) -> BackupRecord:
+    """The FULL's record once it holds the journal's point: same name and time, ``holds`` set."""
+    parsed = parse_backup_name(journal.result)
+    named = parsed.timestamp if parsed else record.time
+    return dataclasses.replace(record, file=journal.result, time=named,
+                               holds=None if journal.point_time == named else journal.point_time)

@@ -50,7 +50,7 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
                 continue
             for record in disk.backups:
                 rows.append((prefix + chain.uuid, disk_id, record_label(record),
-                             local_time(record.time), record.level, record.file,
+                             local_time(record.point_time), record.level, record.file,
                              _size(backup.root / chain.folder_of(disk_id), record.file),
                              record.virtual_size or "unknown"))
     return rows

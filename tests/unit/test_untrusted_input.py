@@ -25,7 +25,7 @@ from libqmpbackup.errors import AgentError, ChainError, QmpBackupError
 from libqmpbackup.fsutil import make_private_dirs
 from libqmpbackup.journal import JOURNAL_NAME, Journal
 from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import METADATA_NAME, parse_backup_name
+from libqmpbackup.names import METADATA_NAME
 from libqmpbackup.qemu.agent import READ_LIMIT, GuestAgent
 
 VALID_METADATA: dict[str, Any] = {"version": 1, "chains": [{
@@ -100,7 +100,8 @@ def test_fuzzed_documents_load_or_raise_a_chain_error(tmp_path: Path, name: str,
         names = ([r.file for c in loaded.chains for d in c.disks.values() for r in d.backups]
                  if isinstance(loaded, ChainStore)
                  else [loaded.base, loaded.result, loaded.point, *loaded.steps])
-        assert all(parse_backup_name(n) for n in names), names
+        # whatever loads names only plain files inside the folder
+        assert all(n not in ("", ".", "..") and "/" not in n and "\0" not in n for n in names), names
 
 
 @pytest.mark.parametrize("text", ["[" * 50000, "{" * 10 + "}", '{"chains": [' * 3000, "",
