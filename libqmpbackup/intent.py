@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from libqmpbackup import folder_safety
 from libqmpbackup.errors import ChainError
 from libqmpbackup.fsutil import write_atomically
 from libqmpbackup.metadata import ChainStore, is_folder_name
@@ -76,21 +77,17 @@ def _valid_name(name: Any) -> bool:
 
 
 def load_intent(root: Path) -> Optional[RunIntent]:
-    """The intent record a run left in ROOT, or None."""
-    path = root / INTENT_NAME
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
+    """The intent record a run left in ROOT, or None (read like the metadata: no symlinks)."""
+    raw = folder_safety.read_json(root, INTENT_NAME, "intent record")
+    if raw is folder_safety.ABSENT:
         return None
-    except (OSError, ValueError) as err:
-        raise ChainError(f"cannot read {path}: {err}") from err
     if (not isinstance(raw, dict) or not isinstance(raw.get("time"), int)
             or not isinstance(raw.get("files"), list)
             or not all(_valid_name(n) for n in raw["files"])):
-        raise ChainError(f"{path} is malformed: it is not a record qmpbackup wrote; "
+        raise ChainError(f"{root / INTENT_NAME} is malformed: it is not a record qmpbackup wrote; "
                          "move it away once no backup runs")
     return RunIntent(time=raw["time"], files=list(raw["files"]))
 
 
 def remove_intent(root: Path) -> None:
-    (root / INTENT_NAME).unlink(missing_ok=True)
+    folder_safety.remove(root, INTENT_NAME)

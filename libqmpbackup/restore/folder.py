@@ -13,9 +13,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from libqmpbackup import upstream
+from libqmpbackup import folder_safety, upstream
 from libqmpbackup.digests import check_files
 from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.intent import load_intent
@@ -240,7 +240,7 @@ def known_files(store: ChainStore, folder: Path) -> set[str]:
 
 
 def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: bool = False,
-                         whole_chain: bool = False) -> None:
+                         whole_chain: bool = False) -> dict[str, Any]:
     """Refuse a chain that does not match its metadata, or whose files are damaged.
 
     Only the files the point is read from (its FULL and the INCs up to it)
@@ -250,22 +250,30 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
     extends that to every file of the disk's chain.  The metadata rules and
     the refusal of unknown backup files always cover the whole folder.
     --skip-check skips all of it except the refusal of a half-done in-place
-    restore: restoring past that is never what the admin wants.
+    restore and the folder rule (:mod:`folder_safety`): restoring past a
+    half-done commit is never what the admin wants, and no folder content
+    may lead the restore outside the folder.  Returns the checked
+    ``qemu-img info`` of every image the point is read through.
     """
     folder = point.folder
+    folder_safety.require_content_folder(folder, point.root)
     entries = folder_entries(folder)
     refuse_unfinished(folder, entries)
     note_partial(folder, entries)
     if skip_check:
         log.warning("%s: --skip-check: restoring %s without checking the chain",
                     point.disk_id, point.label)
-        return
+        return folder_safety.checked_images(folder, [r.file for r in point.segment()])
     used = list(point.records) if whole_chain else point.segment()
     problems = record_problems(point.records)
-    problems += folder_problems(entries, [r.file for r in used],
-                                known_files(store, folder))
-    if not problems:
-        problems += _image_problems(folder, used)
+    problems += folder_problems(entries, [r.file for r in used], known_files(store, folder))
+    if problems:
+        raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
+    images = folder_safety.checked_images(folder, [r.file for r in used])
+    previous = None
+    for record in used:
+        problems += image_problems(record, previous, images[record.file], folder)
+        previous = record
     if not problems:
         problems += _check_problems(folder, used)
     if problems:
@@ -276,20 +284,7 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
         raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
                              "shows which points are intact)" for line in damaged])
     log.debug("%s: chain %s checked (%d files)", point.disk_id, point.chain_id, len(used))
-
-
-def _image_problems(folder: Path, records: list[BackupRecord]) -> list[str]:
-    problems = []
-    previous = None
-    for record in records:
-        try:
-            info = qemuimg.info(folder / record.file, fmt="qcow2")
-        except QemuImgError as err:
-            problems.append(f"{record.file} is unreadable ({err})")
-        else:
-            problems += image_problems(record, previous, info, folder)
-        previous = record
-    return problems
+    return images
 
 
 def _check_problems(folder: Path, records: list[BackupRecord]) -> list[str]:
