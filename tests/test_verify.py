@@ -232,3 +232,16 @@ def test_older_metadata_without_checksums_is_unverifiable_not_damaged(
     cli("qmprestore", "merge", "--dir", root / "virtio0", "--targetfile",
         tmp_path / "out.qcow2").ok()
     assert identical(tmp_path / "out.qcow2", folders.refs[2])
+
+
+def test_a_symlink_in_place_of_a_backup_file_is_damage_and_never_followed(
+        cli, folders: Folders, tmp_path: Path) -> None:
+    root = copy_of(folders.main, tmp_path / "copy")
+    inc = root / "virtio0" / names(root)[1]
+    outside = tmp_path / "outside.qcow2"
+    inc.rename(outside)
+    inc.symlink_to(outside)   # the same bytes, reached through a link: still refused
+    cli("qmprestore", "verify", "--dir", root).failed(11, str(inc), "damaged", "symlink")
+    verdict = {f["file"]: f for f in verify_json(cli, "--dir", root)["files"]}
+    assert verdict[inc.name]["status"] == "damaged"
+    assert not any("checksum" in p for p in verdict[inc.name]["problems"]), "not hashed"

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from tabulate import tabulate
 
+from libqmpbackup import folder_safety
 from libqmpbackup.digests import check_files
-from libqmpbackup.errors import BackupDamaged, QemuImgError, UsageError
+from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, UsageError
 from libqmpbackup.metadata import BackupRecord, Chain
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.folder import (
@@ -141,6 +143,7 @@ def _verify_backup(backup: BackupDir, uuid: Optional[str], prefix: str) -> list[
             if disk_id not in wanted or (backup.disk_folder is not None
                                          and folder != backup.folder):
                 continue
+            folder_safety.require_content_folder(folder, backup.root)   # never through a link
             entries = _entries(folder)
             refuse_unfinished(folder, entries)
             reports += _verify_disk(chain, disk_id, disk.backups, folder, entries, prefix)
@@ -186,7 +189,12 @@ def _image_findings(record: BackupRecord, previous: Optional[BackupRecord],
                     folder: Path) -> list[str]:
     path = folder / record.file
     try:
-        problems = image_problems(record, previous, qemuimg.info(path, fmt="qcow2"), folder)
+        # a symlink, device or hostile header is damage here, not a reason to follow it
+        info = folder_safety.inspect_image(folder, record.file)
+    except ChainError as err:
+        return [str(err)]
+    try:
+        problems = image_problems(record, previous, info, folder)
         result = qemuimg.check(path, fmt="qcow2", without_backing=True)
     except QemuImgError as err:
         return [f"qemu-img cannot read it ({err})"]
@@ -210,7 +218,7 @@ def _extra_files(backup: BackupDir, folder: Path, entries: list[str],
 
 def _check_digests(reports: list[FileReport]) -> None:
     """Recompute every present file's checksum (in parallel) and judge it."""
-    present = [r for r in reports if r.status not in ("missing", "extra")]
+    present = [r for r in reports if r.status not in ("missing", "extra") and _regular(r.path)]
     for report, check in zip(present, check_files([(r.path, r.recorded_digest)
                                                    for r in present])):
         if check.status == "unrecorded":
@@ -219,6 +227,11 @@ def _check_digests(reports: list[FileReport]) -> None:
         elif check.status != "ok":
             report.status = "damaged"
             report.problems.append(check.detail)
+
+
+def _regular(path: Path) -> bool:
+    info = folder_safety.entry(path.parent, path.name)
+    return info is not None and stat.S_ISREG(info.st_mode)
 
 
 def mark_restorable(reports: list[FileReport]) -> None:
