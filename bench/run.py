@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -63,6 +64,7 @@ DIRTY_FRACTION = 0.01
 CHUNK = 8 * MiB               # random-data generation chunk
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 JOB_TIMEOUT = 600.0
+CHECKSUM_LOG = re.compile(r"checksums of \d+ file\(s\) in ([0-9.]+) s \(([0-9.]+) CPU s\)")
 SPARSE_EXTENT = 1 * MiB       # allocated pieces of the sparse disk
 SPARSE_LIMITED_ROUNDS = 3     # the rate-limited row takes seconds per round and varies little
 
@@ -528,6 +530,7 @@ class Bench:
         self.vms: list[BenchVM] = []
         self.counter = 0
         self.last_cpu = 0.0
+        self.last_log = ""
 
     def fresh(self, name: str) -> Path:
         """A path no earlier step used: a full backup needs an empty target folder."""
@@ -560,10 +563,25 @@ class Bench:
         """Wall seconds of one qmpbackup run; its CPU seconds go to self.last_cpu."""
         self.drop()
         cpu = children_cpu()
-        seconds = timed(lambda: self.qmpbackup(vm, "backup", "--level", level,
-                                               "--target", str(target), "--no-progress", *extra))
+        done: list[subprocess.CompletedProcess] = []
+        seconds = timed(lambda: done.append(self.qmpbackup(
+            vm, "backup", "--level", level, "--target", str(target), "--no-progress", *extra)))
         self.last_cpu = children_cpu() - cpu
+        self.last_log = done[0].stderr
         return seconds
+
+    def record_checksum(self) -> None:
+        """Wall and CPU seconds the last run spent hashing its files (its own log line).
+
+        A tool without checksums (an older --tool-root) logs none: no row then.
+        """
+        match = CHECKSUM_LOG.search(self.last_log)
+        if match is None:
+            return
+        self.report.add("checksum", "of which: hashing the finished FULL (SHA-256, page cache "
+                        "warm), from the run's log").seconds.append(float(match.group(1)))
+        self.report.add("checksum-cpu", "CPU seconds of that hashing (what it costs when the "
+                        "machine is not shared)").seconds.append(float(match.group(2)))
 
     # -- the steps of a rotating round
     def convert_step(self, vm: BenchVM) -> Callable[[], float]:
@@ -582,6 +600,8 @@ class Bench:
             target = self.fresh("full")
             seconds = self.backup(vm, "full", target, *extra)
             self.report.series[name].tool_cpu.append(self.last_cpu)
+            if name == "full":
+                self.record_checksum()
             shutil.rmtree(target)
             vm.remove_tool_bitmaps()
             return seconds
@@ -822,6 +842,12 @@ def print_report(report: Report) -> None:
     convert = report.series["convert"].median
     print(f"median ratio backup/convert (per round): {report.median_ratio('full'):.2f}x "
           f"(ratio of medians {full / convert:.2f}x)")
+    if "checksum" in report.series:
+        checksum = report.series["checksum"].median
+        print(f"checksums: median {checksum:.3f} s per full = {checksum / full:.0%} of it; "
+              f"full without them ≈ {full - checksum:.3f} s, so with/without "
+              f"{full / (full - checksum):.2f}x; CPU "
+              f"{report.series['checksum-cpu'].median:.3f} s")
     inc = report.series["inc"]
     print(f"1 % incremental ({report.dirty_bytes / MiB:.2f} MiB dirtied in 64 KiB writes): "
           f"median {inc.median:.3f} s, {statistics.median(inc.bytes_on_disk) / MiB:.2f} MiB "

@@ -16,6 +16,10 @@ class QmpBackupError(Exception):
 
     exit_code = 1
 
+    def lines(self) -> list[str]:
+        """The error lines to print: one, unless the error is about several things."""
+        return [str(self)]
+
 
 class UsageError(QmpBackupError):
     """The command line is inconsistent (wrong combination, unsafe value)."""
@@ -42,7 +46,7 @@ class TargetError(QmpBackupError):
 
 
 class ChainError(QmpBackupError):
-    """Chain metadata, backup files or dirty bitmaps do not agree or are unusable."""
+    """Chain metadata, backup files or dirty bitmaps disagree or are unusable, or folder content is unsafe."""
 
     exit_code = 6
 
@@ -69,6 +73,20 @@ class AgentError(QmpBackupError):
     """The QEMU guest agent did not answer or refused a command."""
 
     exit_code = 10
+
+
+class BackupDamaged(QmpBackupError):
+    """A backup file is damaged or missing: its checksum, qemu-img check or chain link fails."""
+
+    exit_code = 11
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+    def lines(self) -> list[str]:
+        """One line per bad file, so each can be acted on (and grepped) by itself."""
+        return list(self.problems)
 
 
 class ImageInUseError(QmpBackupError):
@@ -108,6 +126,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (VMGoneError.exit_code, VMGoneError.__doc__ or ""),
     (QemuImgError.exit_code, QemuImgError.__doc__ or ""),
     (AgentError.exit_code, AgentError.__doc__ or ""),
+    (BackupDamaged.exit_code, BackupDamaged.__doc__ or ""),
     (ImageInUseError.exit_code, ImageInUseError.__doc__ or ""),
     (129, "interrupted by SIGHUP"),
     (130, "interrupted by SIGINT"),

@@ -7,6 +7,7 @@ the next run, a restore or a cleanup recognises can never drift apart.
 Layout of a chain folder::
 
     DIR/qmpbackup.json
+    DIR/qmpbackup-intent.json  (while a run makes its files final; left by a killed run)
     DIR/.qmpbackup.lock      (while a run holds it, or left by a killed run; not data)
     DIR/<disk id>/FULL-<unix time>-<image name>
     DIR/<disk id>/INC-<unix time>-<image name>     (backing file: the previous backup)
@@ -30,6 +31,7 @@ from typing import Optional
 from libqmpbackup.errors import UsageError
 
 METADATA_NAME = "qmpbackup.json"
+INTENT_NAME = "qmpbackup-intent.json"   # a run's files before they are recorded (see intent.py)
 DISK_METADATA_NAME = "qmpbackup-disk.json"   # a disk folder's own copy of its chain records
 UPSTREAM_UUID_NAME = "uuid"                  # upstream 0.67: the chain id of DIR
 UPSTREAM_CONFIG_SUFFIX = ".config"           # upstream 0.67: DIR/<disk>.config
@@ -42,13 +44,20 @@ TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of
 BITMAP_PREFIX = TOOL_PREFIX
 LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "copy": "COPY"}
 PREFIX_LEVEL = {prefix: level for level, prefix in LEVEL_PREFIX.items()}
-BACKUP_NAME_RE = re.compile(r"^(FULL|INC|COPY)-(\d+)-(.+)$")
+MAX_TIMESTAMP_DIGITS = 18          # below 2**63: an untrusted name never makes a giant int
+BACKUP_NAME_RE = re.compile(rf"(FULL|INC|COPY)-(\d{{1,{MAX_TIMESTAMP_DIGITS}}})-(.+)")
+"""Matched with fullmatch: a trailing newline is not part of a name."""
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_chain_id(value: str) -> bool:
+    """1-64 letters, digits, '.', '_' or '-', no '..': safe in a file name and a bitmap name."""
+    return bool(_NAME_RE.fullmatch(value)) and ".." not in value
 
 
 def _checked_name(value: str, what: str) -> str:
-    if not _NAME_RE.match(value) or ".." in value:
+    if not is_chain_id(value):
         raise UsageError(
             f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
     return value
@@ -116,7 +125,7 @@ class ParsedName:
 
 
 def parse_backup_name(name: str) -> Optional[ParsedName]:
-    match = BACKUP_NAME_RE.match(name)
+    match = BACKUP_NAME_RE.fullmatch(name)
     if not match:
         return None
     return ParsedName(level=PREFIX_LEVEL[match.group(1)], timestamp=int(match.group(2)),

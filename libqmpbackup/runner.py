@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import json
 import logging
 import os
 import signal
@@ -28,6 +29,27 @@ log = logging.getLogger(__name__)
 
 Command = Callable[[argparse.Namespace], Union[int, Awaitable[Optional[int]], None]]
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Outcome:
+    """Whether the running command has already recorded what it promised."""
+
+    recorded = False
+
+
+def mark_recorded() -> None:
+    """From here on a signal no longer cancels the command: its result is on disk.
+
+    Cancelling now would undo nothing (the backup is recorded) but would turn
+    a success into exit 130/143, and a cron job would report a backup that
+    exists as failed.  The remaining steps are cleanup; they run to the end.
+    """
+    _Outcome.recorded = True
+
+
+def print_json(document: Any) -> None:
+    """--json of any command: exactly one JSON document on stdout (log lines go to stderr)."""
+    print(json.dumps(document, indent=2))
 
 
 def byte_rate(text: str) -> int:
@@ -88,9 +110,14 @@ class _FirstSignal:
 async def _run_cancellable(coro: Awaitable[Optional[int]], first: _FirstSignal) -> Optional[int]:
     """Run CORO; the first signal cancels it, so its ``finally`` blocks clean up."""
     loop = asyncio.get_running_loop()
+    _Outcome.recorded = False
     task = asyncio.ensure_future(coro)
 
     def on_signal(signum: int) -> None:
+        if _Outcome.recorded:
+            log.warning("received %s after the backup was recorded: finishing the run "
+                        "(the backup stands)", signal.Signals(signum).name)
+            return
         if first.take(signum):
             task.cancel()
 
@@ -141,7 +168,8 @@ def run(parser: argparse.ArgumentParser, command_of: Callable[[argparse.Namespac
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except QmpBackupError as err:
-        log.error("%s", err)
+        for line in err.lines():
+            log.error("%s", line)
         log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
         return err.exit_code
     except Exception as err:  # the last line of defence: never a traceback by default

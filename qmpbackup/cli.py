@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, AsyncContextManager, Awaitable, Optional, Sequence, Union
+from typing import AsyncContextManager, Awaitable, Optional, Sequence, Union
 
 from libqmpbackup import __version__
 from libqmpbackup.backup import offload
@@ -26,7 +25,7 @@ from libqmpbackup.prune import PruneOptions, PruneResult, prune
 from libqmpbackup.prune_report import prune_document, prune_table
 from libqmpbackup.qemu.devices import discover
 from libqmpbackup.qemu.qmp import QmpSession
-from libqmpbackup.runner import Command, add_logging_options, byte_rate, positive_seconds, run
+from libqmpbackup.runner import Command, add_logging_options, byte_rate, positive_seconds, print_json, run
 
 log = logging.getLogger("qmpbackup")
 
@@ -272,11 +271,6 @@ async def cleanup_command(args: argparse.Namespace) -> int:
     for name in removed:
         print(f"removed {name}")
     return 0
-
-
-def print_json(document: dict[str, Any]) -> None:
-    """--json: exactly one JSON document on stdout (log lines go to stderr)."""
-    print(json.dumps(document, indent=2))
 
 
 def _print_prune(result: PruneResult, as_json: bool) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 
 from libqmpbackup.backup.offload import OffloadChoice
+from libqmpbackup.backup.run_steps import reached
 from libqmpbackup.errors import JobError, TargetError, UsageError, VMGoneError
 from libqmpbackup.names import TOOL_PREFIX, safe_component
 from libqmpbackup.qemu.devices import BlockDevice
@@ -53,6 +54,7 @@ class BackupJob:
     target_node: str = ""
     result: Optional[str] = None    # None while running, "" on success, else error
     target_failed: bool = False     # the error was writing the target (full, unwritable)
+    digest: Optional[str] = None    # checksum of the finished file (see libqmpbackup.digests)
 
     def assign_names(self, index: int, run_tag: str) -> None:
         """Recognisable names, so leftovers of a killed run can be found and removed."""
@@ -231,6 +233,7 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
             waiter.cancel()
             await asyncio.gather(waiter, return_exceptions=True)
         raise
+    reached("jobs-running")
     reporter = asyncio.ensure_future(progress(jobs)) if progress else None
     try:
         await waiter

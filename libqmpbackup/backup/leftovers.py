@@ -4,23 +4,29 @@ A run killed with SIGKILL (or by a host power loss) cannot undo its steps.
 What it leaves is recognisable by name: block jobs and nodes ``qmpbackup-*``
 in QEMU, auxiliary bitmaps ``qmpbackup-<id>+pending`` / ``+new`` (see
 :mod:`bitmaps`), ``*.partial`` backup files and half-written metadata temp
-files in the chain folder.  The caller holds the VM lock and the chain lock,
+files in the chain folder (symlinked disk folders are not followed,
+and only regular files are removed).  The caller holds the VM lock and the chain lock,
 so no other qmpbackup run can own any of them: each is removed and logged,
 and the run goes on — no manual step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
+from libqmpbackup import folder_safety
 from libqmpbackup.backup import bitmaps
 from libqmpbackup.backup.jobs import cancel_jobs, remove_node
 from libqmpbackup.backup.pause import resume_after_killed_run
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import TargetError
+from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.intent import load_intent, remove_intent
 from libqmpbackup.layout import partial_files, stale_temp_files
-from libqmpbackup.names import TOOL_PREFIX
+from libqmpbackup.metadata import ChainStore
+from libqmpbackup.names import PARTIAL_SUFFIX, TOOL_PREFIX
 from libqmpbackup.qemu.devices import BlockDevice, named_nodes
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 
@@ -76,13 +82,38 @@ async def _clean_nodes(session: QmpSession) -> list[str]:
 
 
 def clean_target(root: Path) -> None:
-    """Delete unfinished backup files and metadata temp files an interrupted run left in ROOT."""
-    for path in [*partial_files(root), *stale_temp_files(root)]:
+    """Delete what an interrupted run left in ROOT: unfinished and unrecorded files, temp files.
+
+    Unrecorded files are those the run's intent record names and the metadata
+    does not (:mod:`libqmpbackup.intent`): complete copies of a backup that
+    was never committed.  Their changes are still in the dirty bitmaps (the
+    VM side was settled by :func:`clean_vm` first), so this run backs them up
+    again.  The record goes last, once the deletions are on disk.
+    """
+    intent = load_intent(root)
+    unrecorded = intent.unrecorded(ChainStore.load(root)) if intent else []
+    leftovers = [*partial_files(root), *stale_temp_files(root), *(root / n for n in unrecorded)]
+    folders = set()
+    for path in leftovers:
         try:
-            path.unlink()
-        except FileNotFoundError:
+            removed = folder_safety.remove(path.parent, path.name)
+        except TargetError as err:
+            raise TargetError(f"{err}, left by an interrupted run") from err
+        if not removed:
             continue
-        except OSError as err:
-            raise TargetError(f"cannot remove {path} left by an interrupted run: "
-                              f"{err.strerror}") from err
-        log.warning("removed %s, left by an interrupted run", path)
+        folders.add(path.parent)
+        if path.name.endswith(PARTIAL_SUFFIX) or path.parent == root:
+            log.warning("removed %s, left by an interrupted run", path)
+        else:
+            log.warning("removed %s, left by an interrupted run that never recorded it: "
+                        "its changes go into this backup", path)
+    for folder in folders:
+        fsync_dir(folder)
+        if folder != root:
+            with contextlib.suppress(OSError):   # kept when it holds other files
+                folder.rmdir()
+    if intent is not None:
+        remove_intent(root)
+        fsync_dir(root)
+        log.warning("removed the intent record of an interrupted run (%s)",
+                    "its files were recorded" if not unrecorded else "rolled back")

@@ -11,8 +11,9 @@ The order of steps is what keeps data safe:
    that keep the changes since the last commit (:class:`bitmaps.RunBitmaps`);
 5. start every disk's job in one grouped transaction and wait, with guest
    shutdowns held back (:mod:`shutdown`);
-6. only after all jobs succeeded: close and rename targets, commit the
-   metadata, then drop the auxiliary bitmaps.
+6. only after all jobs succeeded: close the targets, hash them (checksums for
+   the metadata), announce the renames in the intent record, rename, commit
+   the metadata, then drop the intent record and the auxiliary bitmaps.
 
 Every step registers its undo; on any failure or signal the undo runs in
 reverse, so QEMU is left without our nodes and jobs, the folder without
@@ -22,6 +23,7 @@ committed backup.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup import upstream
+from libqmpbackup import folder_safety, upstream
 from libqmpbackup.backup import bitmaps, leftovers, monthly, offload
 from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.jobs import (
@@ -47,9 +49,12 @@ from libqmpbackup.backup.pause import VmPause
 from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
+from libqmpbackup.backup.run_steps import reached
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
-from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
+from libqmpbackup.digests import digest_files
+from libqmpbackup.errors import AgentError, JobError, QmpBackupError, TargetError, VMGoneError
 from libqmpbackup.fsutil import fsync_dir, replace_symlink
+from libqmpbackup.intent import RunIntent, remove_intent
 from libqmpbackup.journal import refuse_unfinished_restores
 from libqmpbackup.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
@@ -58,6 +63,7 @@ from libqmpbackup.prune import finish_interrupted_prune
 from libqmpbackup.qemu import capabilities, qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpSession
+from libqmpbackup.runner import mark_recorded
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,8 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
     selected = select_disks(disks, opts)
     await check_target_io(session, opts.target_io)
     root = chain_root(opts)
+    if opts.monthly and os.path.lexists(root):
+        folder_safety.require_folder(root)   # the month folder is folder content, not --target
     created = prepare_root(root)
     try:
         with chain_lock(root):
@@ -137,30 +145,53 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
 
 @dataclass
 class _TargetFiles:
-    """The backup files of one run: created as .partial, renamed when complete, else deleted."""
+    """The backup files of one run: created as .partial, renamed when complete, else deleted.
+
+    When the run is recorded the renames are announced first in the intent record
+    (:mod:`libqmpbackup.intent`), so a kill between rename and metadata commit
+    leaves files the next run knows to remove and restores know to ignore.
+    """
 
     jobs: list[BackupJob]
+    root: Path                      # the chain folder (--target or its month): the admin's path
+    recorded: bool = True           # False: nothing is recorded, so no intent record
     created_folders: list[Path] = field(default_factory=list)
     renamed: list[Path] = field(default_factory=list)
 
     def create(self, job: BackupJob) -> None:
         folder = job.partial_path.parent
-        try:
-            if not folder.is_dir():
+        existing = None if folder == self.root else folder_safety.entry(folder.parent, folder.name)
+        if folder == self.root:
+            pass                    # --no-subdir: the files go into the chain folder itself
+        elif existing is None:
+            try:
                 folder.mkdir(mode=0o700)
-                self.created_folders.append(folder)
-            # 0600 from the first byte: the file will hold a whole disk
-            os.close(os.open(job.partial_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except OSError as err:
-            raise TargetError(f"cannot create backup file {job.partial_path}: "
-                              f"{err.strerror}") from err
+            except OSError as err:
+                raise TargetError(f"cannot create folder {folder}: {err.strerror}") from err
+            self.created_folders.append(folder)
+        else:
+            folder_safety.require_folder(folder)   # never a symlink to elsewhere
+        # 0600 from the first byte: the file will hold a whole disk
+        folder_safety.create_exclusive(folder, job.partial_path.name, what="backup file")
         qemuimg.create(job.partial_path, job.disk.virtual_size, backing=job.backing)
 
+    async def compute_digests(self) -> None:
+        """Hash every file now, while QEMU's writes are still in the page cache."""
+        started, cpu = time.monotonic(), time.process_time()
+        paths = [job.partial_path for job in self.jobs]
+        for job, digest in zip(self.jobs, await asyncio.to_thread(digest_files, paths)):
+            job.digest = digest
+        log.info("checksums of %d file(s) in %.3f s (%.3f CPU s)", len(paths),
+                 time.monotonic() - started, time.process_time() - cpu)
+
     def finish(self) -> None:
+        if self.recorded:
+            RunIntent(time=int(time.time()), files=[
+                j.final_path.relative_to(self.root).as_posix() for j in self.jobs]).save(self.root)
+            reached("intent-written")
         for job in self.jobs:
-            os.replace(job.partial_path, job.final_path)
+            folder_safety.rename(job.final_path.parent, job.partial_path.name, job.final_path.name)
             self.renamed.append(job.final_path)
-            fsync_dir(job.final_path.parent)
             log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
 
     def link(self) -> None:
@@ -181,9 +212,15 @@ class _TargetFiles:
     def discard(self) -> None:
         """Nothing of a failed run may look like a finished backup."""
         for path in [*(j.partial_path for j in self.jobs), *self.renamed]:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                log.info("removed unfinished %s", path)
+            with contextlib.suppress(QmpBackupError):
+                if folder_safety.remove(path.parent, path.name):
+                    log.info("removed unfinished %s", path)
+        if self.recorded:
+            # the renamed files must be gone for good before the record that names them
+            for folder in {path.parent for path in self.renamed}:
+                with contextlib.suppress(OSError):
+                    fsync_dir(folder)
+            remove_intent(self.root)
         for folder in self.created_folders:
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -216,11 +253,12 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
     tag = new_run_tag()
     copy_path = await _copy_path(session, plan, opts)   # may refuse: before anything exists
     async with contextlib.AsyncExitStack() as undo:
-        files = _TargetFiles(plan.jobs)
+        files = _TargetFiles(jobs=plan.jobs, root=plan.root, recorded=plan.chain is not None)
         undo.callback(files.discard)
         for index, job in enumerate(plan.jobs):
             job.assign_names(index, tag)
             files.create(job)
+        reached("targets-created")
         nodes = _TargetNodes(session)
         undo.push_async_callback(nodes.close)
         for job in plan.jobs:
@@ -252,15 +290,24 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                                   "they were discarded, nothing was recorded")
             raise JobError(f"QEMU could not close backup node(s) {', '.join(left_open)}; "
                            "the backup was discarded, nothing was recorded")
+        reached("jobs-done")
+        if plan.chain is not None:
+            await files.compute_digests()
         files.finish()
+        reached("renamed")
         if run_bitmaps:
             await run_bitmaps.before_commit(session)
         if plan.chain is not None:
             _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
         undo.pop_all()  # committed: from here on nothing may be undone
+        mark_recorded()
+    reached("committed")
+    if plan.chain is not None:
+        remove_intent(plan.root)
     files.link()
     if run_bitmaps:
         await run_bitmaps.after_commit(session)
+    reached("finished")
 
 
 async def _copy_path(session: QmpSession, plan: RunPlan,
@@ -300,9 +347,9 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesce
             time=plan.timestamp,
             virtual_size=job.disk.virtual_size, source_image=job.disk.filename,
             source_format=job.disk.driver, compressed=compressed, quiesced=quiesced,
-            backed=job.backed, timestamped=job.timestamped))
+            backed=job.backed, timestamped=job.timestamped, digest=job.digest))
     try:
-        store.save()
+        store.save(before_replace=lambda: reached("commit-written"))
     except OSError as err:
         raise TargetError(f"cannot write chain metadata {store.path}: {err.strerror}; "
                           "the backup was discarded") from err

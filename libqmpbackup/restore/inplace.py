@@ -27,6 +27,8 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+from libqmpbackup import folder_safety
+from libqmpbackup.digests import digest_files
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
@@ -34,7 +36,13 @@ from libqmpbackup.metadata import BackupRecord
 from libqmpbackup.names import IMAGE_LINK, parse_backup_name
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
-from libqmpbackup.restore.folder import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
+from libqmpbackup.restore.folder import (
+    BackupDir,
+    check_before_restore,
+    folder_entries,
+    note_partial,
+    open_backup_dir,
+)
 from libqmpbackup.restore.rules import (
     BASE_SNAPSHOT,
     RestoreOptions,
@@ -50,11 +58,12 @@ log = logging.getLogger(__name__)
 def _disk_point(backup: BackupDir, command: str, opts: RestoreOptions) -> RestorePoint:
     backup.require_disk_folder(command)
     point = backup.points(opts.until, opts.uuid)[0]
-    verify(point, backup.store, skip_check=opts.skip_check)
+    check_before_restore(point, backup.store, skip_check=opts.skip_check,
+                         whole_chain=command in ("commit", "snapshotrebase"))
     return point
 
 
-def _back_by_metadata(point: RestorePoint, dry_run: bool) -> None:
+def _back_by_metadata(backup: BackupDir, point: RestorePoint, dry_run: bool) -> None:
     """Give each file up to the point its predecessor in the metadata, by relative name.
 
     After the pre-check this only rewrites equivalent names (absolute, ``./``);
@@ -62,12 +71,27 @@ def _back_by_metadata(point: RestorePoint, dry_run: bool) -> None:
     the metadata, never a header that disagrees with it.
     """
     segment = point.segment()
+    rewritten = []
     for previous, record in zip(segment, segment[1:]):
-        path = point.folder / record.file
-        if needs_rebase(qemuimg.info(path, fmt="qcow2"), previous.file):
-            qemuimg.rebase_unsafe(path, previous.file, dry_run=dry_run)
+        if needs_rebase(folder_safety.inspect_image(point.folder, record.file), previous.file):
+            qemuimg.rebase_unsafe(point.folder / record.file, previous.file, dry_run=dry_run)
+            rewritten.append(record.file)
         else:
             log.debug("%s is already backed by %s", record.file, previous.file)
+    if rewritten and not dry_run:
+        _record_new_digests(backup, point, rewritten)
+
+
+def _record_new_digests(backup: BackupDir, point: RestorePoint, names: list[str]) -> None:
+    """Files this command changed on purpose get new checksums, or they would look damaged."""
+    store = backup.reload()
+    chain = store.find(point.chain_id)
+    if chain is None or point.disk_id not in chain.disks:
+        return
+    records = [r for r in chain.disks[point.disk_id].backups if r.file in names]
+    for record, digest in zip(records, digest_files([point.folder / r.file for r in records])):
+        record.digest = digest
+    backup.save(store)
 
 
 @contextlib.contextmanager
@@ -93,8 +117,8 @@ def rebase(opts: RestoreOptions) -> Path:
 
 def _rebase(backup: BackupDir, opts: RestoreOptions) -> Path:
     point = _disk_point(backup, "rebase", opts)
-    _back_by_metadata(point, opts.dry_run)
-    file_steps.link(point.folder / IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
+    _back_by_metadata(backup, point, opts.dry_run)
+    file_steps.link(point.folder, IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
     log.info("%s: %s/%s -> %s (%s)", point.disk_id, point.folder, IMAGE_LINK,
              point.record.file, "dry run" if opts.dry_run else "ready to use")
     return point.path
@@ -135,17 +159,21 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
         if opts.until and not matches(journal.point, opts.until):
             raise UsageError(f"--until {opts.until}: the interrupted {operation} in {folder} "
                              f"restores {journal.point}; re-run it without --until")
-        refuse_partial(folder, folder_entries(folder))
+        folder_safety.require_content_folder(folder, backup.root)
+        note_partial(folder, folder_entries(folder))
+        _check_resumable(journal, backup, folder)
         log.warning("%s: finishing the interrupted %s up to %s", folder, operation, journal.point)
     else:
         point = _disk_point(backup, operation, opts)
         segment = point.segment()
         base = folder / segment[0].file
         if len(segment) == 1:
-            if snapshots:
+            if snapshots and BASE_SNAPSHOT not in qemuimg.snapshot_names(base):
                 _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
+                if not opts.dry_run:
+                    _record_new_digests(backup, point, [base.name])
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
-            file_steps.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
+            file_steps.link(folder, IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
         # the FULL keeps its name, as upstream qmpbackup documents (`qemu-img
         # snapshot -l DIR/FULL-<time>-…` after snapshotrebase); the metadata
@@ -154,7 +182,7 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
                           base=segment[0].file, result=segment[0].file,
                           point=point.record.file, point_time=point.record.point_time,
                           steps=[r.file for r in segment[1:]], snapshots=snapshots)
-        _back_by_metadata(point, opts.dry_run)
+        _back_by_metadata(backup, point, opts.dry_run)
         if not opts.dry_run:
             journal.save(folder)
     try:
@@ -169,6 +197,43 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
     log.info("%s: %s %s %s", journal.disk, folder / journal.result,
              "would hold" if opts.dry_run else "now holds", label(journal.point))
     return folder / journal.result
+
+
+def _check_resumable(journal: Journal, backup: BackupDir, folder: Path) -> None:
+    """A journal found in the folder must describe this folder's chain before it is acted on.
+
+    Its names are backup file names already (see :meth:`Journal.load`); here
+    they must also be the files the metadata lists, in order, and every file
+    still present must pass the image rule before qemu-img touches it.
+    """
+    chain = backup.store.find(journal.chain)
+    disk = chain.disks.get(journal.disk) if chain is not None else None
+    if disk is None or backup.folder_of(journal.disk) != folder:
+        raise _journal_mismatch(folder, f"chain {journal.chain} has no disk {journal.disk!r} here")
+    files = [r.file for r in disk.backups]
+    if journal.base in files:       # the metadata is not rewritten yet
+        start = files.index(journal.base)
+        stop = start + len(journal.steps)
+        # an older version renamed the FULL to FULL-<point time>-…; now it keeps its name
+        renamed = parse_backup_name(journal.result)
+        result_ok = journal.result == journal.base or (
+            renamed is not None and renamed.level == "full"
+            and renamed.timestamp == journal.point_time)
+        if (files[start + 1:stop + 1] != journal.steps or journal.point != journal.steps[-1]
+                or not result_ok or journal.point_time != disk.backups[stop].point_time):
+            raise _journal_mismatch(folder, "its steps are not the chain's files after "
+                                    f"{journal.base}")
+    elif journal.result not in files:
+        raise _journal_mismatch(folder, f"neither {journal.base} nor {journal.result} is in the "
+                                "chain metadata")
+    present = [name for name in (journal.base, journal.result, *journal.steps)
+               if folder_safety.entry(folder, name) is not None]
+    folder_safety.checked_images(folder, present)
+
+
+def _journal_mismatch(folder: Path, why: str) -> ChainError:
+    return ChainError(f"the restore journal in {folder} does not match the chain metadata "
+                      f"({why}): refused; use a fresh copy of the backup")
 
 
 def _apply(journal: Journal, folder: Path, opts: RestoreOptions) -> None:
@@ -212,24 +277,33 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     files = [r.file for r in records]
     anchor = journal.point if journal.point in files else journal.result
     following = files.index(anchor) + 1 if anchor in files else len(files)
-    if following < len(records) and records[following].level == "inc":
-        later = folder / records[following].file
-        if needs_rebase(qemuimg.info(later, fmt="qcow2"), journal.result):
-            qemuimg.rebase_unsafe(later, journal.result, dry_run=dry_run)
-    if journal.result != journal.base and (folder / journal.base).exists():
+    later = following < len(records) and records[following].level == "inc"
+    if later:
+        later_name = records[following].file
+        if needs_rebase(folder_safety.inspect_image(folder, later_name), journal.result):
+            qemuimg.rebase_unsafe(folder / later_name, journal.result, dry_run=dry_run)
+    if journal.result != journal.base and folder_safety.entry(folder, journal.base) is not None:
         # a journal of an older version, which renamed the FULL for the point
-        file_steps.rename(folder / journal.base, folder / journal.result, dry_run=dry_run)
+        file_steps.rename(folder, journal.base, journal.result, dry_run=dry_run)
     if journal.base in files:
+        # the FULL now holds the point and the next INC may have been
+        # re-based: both get new checksums, also when a resumed run finds
+        # the rebase already done
+        changed = [journal.result] + ([records[following].file] if later else [])
+        digests = dict(zip(changed, [None] * len(changed) if dry_run else
+                           digest_files([folder / name for name in changed])))
         chain.disks[journal.disk].backups = [
-            _consolidated(r, journal) if r.file == journal.base else r
+            dataclasses.replace(_consolidated(r, journal), digest=digests[journal.result])
+            if r.file == journal.base else
+            dataclasses.replace(r, digest=digests.get(r.file, r.digest))
             for r in records if r.file not in journal.steps]
         file_steps.note(f"update {store.path}: {journal.result} holds {label(journal.point)}, "
                         f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
             backup.save(store)
     for step in journal.steps:
-        file_steps.remove(folder / step, dry_run=dry_run)
-    file_steps.link(folder / IMAGE_LINK, journal.result, dry_run=dry_run)
+        file_steps.remove(folder, step, dry_run=dry_run)
+    file_steps.link(folder, IMAGE_LINK, journal.result, dry_run=dry_run)
     if not dry_run:
         Journal.remove(folder)
 

@@ -282,11 +282,19 @@ def folder_problems(entries: Collection[str], chain_files: Sequence[str],
     present = set(entries)
     problems = [f"{name} is missing (listed in the chain metadata)"
                 for name in chain_files if name not in present]
-    for name in sorted(present - set(known_files)):
+    problems += [f"{name} is not in the chain metadata"
+                 for name in unknown_backup_files(entries, known_files)]
+    return problems
+
+
+def unknown_backup_files(entries: Collection[str], known_files: Collection[str]) -> list[str]:
+    """FULL-/INC- files of a folder that no chain lists (restores refuse such a folder)."""
+    unknown = []
+    for name in sorted(set(entries) - set(known_files)):
         parsed = parse_backup_name(name)
         if parsed and parsed.level in CHAIN_LEVELS and not name.endswith(PARTIAL_SUFFIX):
-            problems.append(f"{name} is not in the chain metadata")
-    return problems
+            unknown.append(name)
+    return unknown
 
 
 def backs_onto(folder: Path, backing: str, expected: str) -> bool:
@@ -298,11 +306,13 @@ def backs_onto(folder: Path, backing: str, expected: str) -> bool:
 
 def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info: dict[str, Any],
                    folder: Path) -> list[str]:
-    """One file's qemu-img info against what the metadata says it must be."""
+    """One file's qemu-img info against what the metadata says it must be.
+
+    Format, data file and backing format are the folder rule's, checked
+    before this (:func:`libqmpbackup.folder_safety.image_problems`).
+    """
     problems = []
     name = record.file
-    if info.get("format") != "qcow2":
-        problems.append(f"{name} is {info.get('format')}, not qcow2")
     size = info.get("virtual-size")
     if record.virtual_size and size != record.virtual_size:
         problems.append(f"{name} has virtual size {size}, the metadata says {record.virtual_size}")
@@ -319,9 +329,6 @@ def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info:
             problems.append(f"{name} has no backing file (expected {previous.file})")
         elif not backs_onto(folder, backing, previous.file):
             problems.append(f"{name} is backed by {backing}, expected {previous.file}")
-        elif info.get("backing-filename-format", "qcow2") != "qcow2":
-            problems.append(f"{name} declares its backing file as "
-                            f"{info.get('backing-filename-format')}, not qcow2")
     return problems
 
 

@@ -114,6 +114,7 @@ def test_plan_full_and_copy_use_top_for_flat_disks(tmp_path: Path) -> None:
     disks = [disk("flat", backing=False), disk("overlay", backing=True)]
     for level in ("full", "copy"):
         root = tmp_path / level
+        root.mkdir()
         opts = BackupOptions(level=level, target=root)
         plan = plan_backup(disks, ChainStore.load(root), opts, 1700000000, True)
         assert {j.disk.disk_id: j.sync for j in plan.jobs} == {"flat": "top", "overlay": "full"}
