@@ -71,6 +71,12 @@ class AgentError(QmpBackupError):
     exit_code = 10
 
 
+class FleecingError(QmpBackupError):
+    """Fleecing snapshot broke: the fleecing storage was slower than --cbw-timeout, or full."""
+
+    exit_code = 11
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -102,6 +108,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (VMGoneError.exit_code, VMGoneError.__doc__ or ""),
     (QemuImgError.exit_code, QemuImgError.__doc__ or ""),
     (AgentError.exit_code, AgentError.__doc__ or ""),
+    (FleecingError.exit_code, FleecingError.__doc__ or ""),
     (129, "interrupted by SIGHUP"),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),

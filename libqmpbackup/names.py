@@ -31,6 +31,8 @@ BITMAP_PREFIX = TOOL_PREFIX
 LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "copy": "COPY"}
 PREFIX_LEVEL = {prefix: level for level, prefix in LEVEL_PREFIX.items()}
 BACKUP_NAME_RE = re.compile(r"^(FULL|INC|COPY)-(\d+)-(.+)$")
+FLEECING_FOLDER_PREFIX = f"{TOOL_PREFIX}fleecing-"   # + "<pid>-<random>" in --fleecing-dir
+_FLEECING_FOLDER_RE = re.compile(r"^qmpbackup-fleecing-(\d+)-[A-Za-z0-9_]+$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -49,6 +51,16 @@ def new_chain_id() -> str:
 
 def bitmap_name(chain_id: str) -> str:
     return f"{BITMAP_PREFIX}{chain_id}"
+
+
+def fleecing_folder_prefix(pid: int) -> str:
+    """Prefix of a run's private folder of fleecing images: the pid tells whether it is stale."""
+    return f"{FLEECING_FOLDER_PREFIX}{pid}-"
+
+
+def fleecing_folder_pid(name: str) -> Optional[int]:
+    match = _FLEECING_FOLDER_RE.match(name)
+    return int(match.group(1)) if match else None
 
 
 def safe_component(name: str) -> str:

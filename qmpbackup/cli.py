@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from libqmpbackup import __version__
+from libqmpbackup.backup import fleecing
 from libqmpbackup.backup.bitmap_removal import remove_bitmaps
 from libqmpbackup.backup.plan import LEVELS, BackupOptions
 from libqmpbackup.backup.quiesce import check_quiesce_options
@@ -99,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "and back up unquiesced")
     backup.add_argument("--quiesce-required", action="store_true",
                         help="like --quiesce, but fail when the guest cannot be frozen")
+    backup.add_argument("--fleecing", action="store_true",
+                        help="guest writes save old data to a local fleecing image, so a slow "
+                             "or hung backup target never makes the guest wait")
+    backup.add_argument("--fleecing-dir", type=Path, metavar="DIR",
+                        help="fast local storage for the temporary fleecing images "
+                             f"(default {fleecing.DEFAULT_DIR}; never the backup target)")
+    backup.add_argument("--cbw-timeout", type=int, metavar="SECONDS",
+                        help="with --fleecing: a guest write waits at most this long for its "
+                             "old data to be saved; then the write goes on and the backup "
+                             f"fails (default {fleecing.DEFAULT_CBW_TIMEOUT})")
 
     info = commands.add_parser(
         "info", help="show the VM's disks or bitmaps",
@@ -121,11 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fleecing_options(args: argparse.Namespace) -> Optional[fleecing.FleecingOptions]:
+    if not args.fleecing:
+        for given, option in ((args.fleecing_dir, "--fleecing-dir"),
+                              (args.cbw_timeout, "--cbw-timeout")):
+            if given is not None:
+                raise UsageError(f"{option} only applies with --fleecing")
+        return None
+    return fleecing.check_options(
+        args.fleecing_dir if args.fleecing_dir is not None else fleecing.DEFAULT_DIR,
+        args.cbw_timeout if args.cbw_timeout is not None else fleecing.DEFAULT_CBW_TIMEOUT,
+        args.target)
+
+
 async def backup_command(args: argparse.Namespace) -> int:
     # Checked here, before planning creates folders or retires bitmaps.
     check_quiesce_options(args.agent_socket, args.quiesce_required)
     if args.uuid and args.level == "copy":
         raise UsageError("--uuid names a chain, and --level copy makes none: drop one of them")
+    fleecing_options = _fleecing_options(args)
     opts = BackupOptions(
         level=args.level, target=args.target,
         uuid=validate_uuid(args.uuid) if args.uuid else None,
@@ -133,7 +158,7 @@ async def backup_command(args: argparse.Namespace) -> int:
         include_raw=args.include_raw, compress=args.compress,
         speed_limit=args.speed_limit, progress=not args.no_progress,
         quiesce=args.quiesce or args.quiesce_required, quiesce_required=args.quiesce_required,
-        agent_socket=args.agent_socket)
+        agent_socket=args.agent_socket, fleecing=fleecing_options)
     async with locked_session(args.socket) as session:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,

@@ -74,6 +74,23 @@ def remove_action(disk: BlockDevice, name: str) -> Action:
     return {"type": "block-dirty-bitmap-remove", "data": {"node": disk.node, "name": name}}
 
 
+def clear_action(disk: BlockDevice, name: str) -> Action:
+    return {"type": "block-dirty-bitmap-clear", "data": {"node": disk.node, "name": name}}
+
+
+def copy_to_node_actions(disk: BlockDevice, name: str, node: str, copy: str) -> list[Action]:
+    """Freeze what bitmap NAME of DISK holds now into a transient bitmap COPY on NODE.
+
+    Used for a node that shows the disk's content (a fleecing snapshot): a
+    job there can only name bitmaps of its own node.
+    """
+    return [{"type": "block-dirty-bitmap-add",
+             "data": {"node": node, "name": copy, "persistent": False}},
+            {"type": "block-dirty-bitmap-merge",
+             "data": {"node": node, "target": copy,
+                      "bitmaps": [{"node": disk.node, "name": name}]}}]
+
+
 async def transaction(session: QmpSession, actions: list[Action]) -> None:
     """Run bitmap ACTIONS atomically: all happen or none does."""
     if actions:

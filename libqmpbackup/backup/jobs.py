@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 
-from libqmpbackup.errors import JobError, TargetError, VMGoneError
+from libqmpbackup.errors import FleecingError, JobError, TargetError, VMGoneError
 from libqmpbackup.names import TOOL_PREFIX, safe_component
 from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.qemu.qmp import EventStream, QmpCommandError, QmpSession
@@ -48,11 +50,19 @@ class BackupJob:
     target_node: str = ""
     result: Optional[str] = None    # None while running, "" on success, else error
     target_failed: bool = False     # the error was writing the target (full, unwritable)
+    source_node: str = ""           # the node the job reads, when not the disk's (fleecing)
+    source_failed: bool = False     # the error was reading the source
 
     def assign_names(self, index: int, run_tag: str) -> None:
         """Recognisable names, so leftovers of a killed run can be found and removed."""
         self.job_id = f"{TOOL_PREFIX}{safe_component(self.disk.disk_id)}-{run_tag}"
         self.target_node = f"{TOOL_PREFIX}t{index}-{run_tag}"
+
+    def read_from(self, node: str, bitmap: Optional[str]) -> None:
+        """Copy from NODE (a snapshot of the disk) instead, with NODE's own BITMAP if any."""
+        self.source_node = node
+        self.bitmap = bitmap
+        self.bitmap_mode = None
 
 
 def new_run_tag() -> str:
@@ -62,7 +72,7 @@ def new_run_tag() -> str:
 def backup_action(job: BackupJob, *, speed: int = 0, compress: bool = False) -> dict[str, Any]:
     args: dict[str, Any] = {
         "job-id": job.job_id,
-        "device": job.disk.node,
+        "device": job.source_node or job.disk.node,
         "target": job.target_node,
         "sync": job.sync,
         "auto-finalize": True,
@@ -116,6 +126,7 @@ async def _watch_job(session: QmpSession, job: BackupJob) -> None:
                 log.debug("job %s: I/O error on %s", job.job_id, data.get("operation"))
                 # a backup job reads only its source and writes only its target
                 job.target_failed = job.target_failed or data.get("operation") == "write"
+                job.source_failed = job.source_failed or data.get("operation") == "read"
             elif name == "JOB_STATUS_CHANGE" and data.get("status") == "null":
                 if job.result is None:
                     job.result = "job vanished without a completion event"
@@ -204,8 +215,19 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
         if all(j.target_failed for j in real):
             detail = "; ".join(f"cannot write {j.partial_path}: {j.result}" for j in real)
             raise TargetError(f"backup failed: {detail}; nothing recorded, no bitmap advanced")
+        if all(_snapshot_broke(j) for j in real):
+            disks = ", ".join(j.disk.disk_id for j in real)
+            raise FleecingError(
+                f"the fleecing snapshot of {disks} broke: old data could not be saved to the "
+                "fleecing image within --cbw-timeout (fleecing storage too slow or full); "
+                "the guest's writes went through, nothing recorded, no bitmap advanced")
         detail = "; ".join(f"{j.disk.disk_id}: {j.result}" for j in real)
         raise JobError(f"backup job failed ({detail}); nothing recorded, no bitmap advanced")
+
+
+def _snapshot_broke(job: BackupJob) -> bool:
+    """A fleecing snapshot refuses every read (EACCES) once a copy-before-write failed."""
+    return bool(job.source_node) and job.source_failed and job.result == os.strerror(errno.EACCES)
 
 
 async def cancel_jobs(session: QmpSession, job_ids: list[str]) -> None:

@@ -2,7 +2,9 @@
 
 A run killed with SIGKILL (or by a host power loss) cannot undo its steps.
 What it leaves is recognisable by name: block jobs and nodes ``qmpbackup-*``
-in QEMU, auxiliary bitmaps ``qmpbackup-<id>+pending`` / ``+new`` (see
+in QEMU (with ``--fleecing`` also devices switched onto a filter of ours and
+a VM paused for the switch: :func:`fleecing.clean_leftovers`), a fleecing
+folder whose process is gone, auxiliary bitmaps ``qmpbackup-<id>+pending`` / ``+new`` (see
 :mod:`bitmaps`), ``*.partial`` backup files and half-written metadata temp
 files in the chain folder.  The caller holds the VM lock and the chain lock,
 so no other qmpbackup run can own any of them: each is removed and logged,
@@ -12,14 +14,16 @@ and the run goes on — no manual step.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
-from libqmpbackup.backup import bitmaps
+from libqmpbackup.backup import bitmaps, fleecing
 from libqmpbackup.backup.jobs import cancel_jobs, remove_node
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import TargetError
 from libqmpbackup.layout import partial_files, stale_temp_files
-from libqmpbackup.names import TOOL_PREFIX
+from libqmpbackup.names import TOOL_PREFIX, fleecing_folder_pid
 from libqmpbackup.qemu.devices import BlockDevice, named_nodes
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 
@@ -35,7 +39,7 @@ async def clean_vm(session: QmpSession, disks: list[BlockDevice],
     shutdown action at ``pause``, so it is set back when anything was found.
     """
     jobs = await _clean_jobs(session)
-    nodes = await _clean_nodes(session)
+    nodes = [*await fleecing.clean_leftovers(session, disks), *await _clean_nodes(session)]
     steps = bitmaps.recovery_steps(disks)
     for step in steps:
         if await bitmaps.try_transaction(session, step.actions, f"settle bitmaps of an "
@@ -88,3 +92,27 @@ def clean_target(root: Path) -> None:
             raise TargetError(f"cannot remove {path} left by an interrupted run: "
                               f"{err.strerror}") from err
         log.warning("removed %s, left by an interrupted run", path)
+
+
+def clean_fleecing_dir(folder: Path) -> None:
+    """Delete fleecing folders of runs whose process is gone (killed before the images were unlinked)."""
+    try:
+        candidates = list(folder.iterdir())
+    except OSError:
+        return
+    for path in candidates:
+        pid = fleecing_folder_pid(path.name)
+        if pid is None or pid == os.getpid() or _alive(pid) or path.is_symlink():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted run", path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

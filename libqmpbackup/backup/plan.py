@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.backup.bitmaps import tool_bitmaps
+from libqmpbackup.backup.fleecing import FleecingOptions
 from libqmpbackup.backup.jobs import BackupJob
 from libqmpbackup.errors import ChainError, TargetError, UsageError
 from libqmpbackup.layout import month_folder
@@ -43,6 +44,7 @@ class BackupOptions:
     quiesce: bool = False
     quiesce_required: bool = False
     agent_socket: Optional[str] = None
+    fleecing: Optional[FleecingOptions] = None   # None: plain backup jobs
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ The order of steps is what keeps data safe:
 3. create ``.partial`` targets and open them in QEMU;
 4. in one transaction: add missing chain bitmaps and the auxiliary bitmaps
    that keep the changes since the last commit (:class:`bitmaps.RunBitmaps`);
-5. start every disk's job in one grouped transaction and wait, with guest
-   shutdowns held back (:mod:`shutdown`);
+5. with ``--fleecing``, switch the devices onto their fleecing filters (the
+   point in time, :mod:`fleecing`); start every disk's job in one grouped
+   transaction and wait, with guest shutdowns held back (:mod:`shutdown`);
+   switch the devices back;
 6. only after all jobs succeeded: close and rename targets, commit the
    metadata, then drop the auxiliary bitmaps.
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.backup import bitmaps, leftovers
+from libqmpbackup.backup.fleecing import Fleecing
 from libqmpbackup.backup.jobs import (
     BackupJob,
     add_target_node,
@@ -96,6 +99,8 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     if await leftovers.clean_vm(session, disks, guard):
         await refresh_bitmaps(session, selected)
     leftovers.clean_target(root)
+    if opts.fleecing:
+        leftovers.clean_fleecing_dir(opts.fleecing.folder)
     refuse_unfinished_restores(root)
     store = ChainStore.load(root)
     timestamp = _timestamp_after(latest_backup_time(root))
@@ -194,12 +199,20 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
         if run_bitmaps:
             await run_bitmaps.prepare(session)
             undo.push_async_callback(run_bitmaps.undo, session)
+        fleecing = Fleecing(session, opts.fleecing, plan.jobs, tag) if opts.fleecing else None
+        if fleecing:
+            undo.push_async_callback(fleecing.release)
+            await fleecing.prepare()
         undo.push_async_callback(_cancel_if_running, session, plan.jobs)
         reporter = ProgressReporter(session) if opts.progress else None
         async with guard.holding():
+            if fleecing:   # the point in time is the switch, so the freeze goes there
+                await fleecing.switch(start_guard=quiescer)
             await run_transaction(session, plan.jobs, speed=opts.speed_limit,
                                   compress=opts.compress, progress=reporter,
-                                  start_guard=quiescer)
+                                  start_guard=None if fleecing else quiescer)
+        if fleecing:
+            await fleecing.release(strict=True)
         left_open = await nodes.close()
         if left_open:   # an image QEMU did not close may lack its last metadata writes
             if not session.connected:
