@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from tests.vm import reap
+
 POLL = 0.01
 
 
@@ -204,11 +206,7 @@ class SlowFS:
         if os.path.ismount(self.mount):
             subprocess.run(["umount", "-l", str(self.mount)], check=False, capture_output=True)
         if self.proc is not None:
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            reap(self.proc)   # unmounting ends it
             self.proc = None
         shutil.rmtree(self.mount, ignore_errors=True)
 

@@ -105,6 +105,15 @@ def harness_qmp(path: str) -> QEMUMonitorProtocol:
     return QEMUMonitorProtocol(path)
 
 
+def reap(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Wait for a process that was asked to end; kill it if it does not within TIMEOUT."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
 
@@ -213,11 +222,7 @@ class TestVM:
             self.qmp = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            reap(self.proc)
         self.proc = None
         shutil.rmtree(self.sockdir, ignore_errors=True)
 

@@ -88,7 +88,7 @@ def check_options(folder: Path, cbw_timeout: int, target: Path) -> FleecingOptio
     if real == target_real or target_real in real.parents:
         raise UsageError(f"--fleecing-dir {folder} is inside the backup target {target}: "
                          "fleecing images belong on fast local storage, not on the target")
-    return FleecingOptions(folder=folder, cbw_timeout=cbw_timeout)
+    return FleecingOptions(folder=real, cbw_timeout=cbw_timeout)   # QEMU has its own cwd
 
 
 def device_path(disk: BlockDevice) -> str:

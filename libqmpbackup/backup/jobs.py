@@ -215,7 +215,7 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
         if all(j.target_failed for j in real):
             detail = "; ".join(f"cannot write {j.partial_path}: {j.result}" for j in real)
             raise TargetError(f"backup failed: {detail}; nothing recorded, no bitmap advanced")
-        if all(_snapshot_broke(j) for j in real):
+        if all(snapshot_broke(j) for j in real):
             disks = ", ".join(j.disk.disk_id for j in real)
             raise FleecingError(
                 f"the fleecing snapshot of {disks} broke: old data could not be saved to the "
@@ -225,7 +225,7 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
         raise JobError(f"backup job failed ({detail}); nothing recorded, no bitmap advanced")
 
 
-def _snapshot_broke(job: BackupJob) -> bool:
+def snapshot_broke(job: BackupJob) -> bool:
     """A fleecing snapshot refuses every read (EACCES) once a copy-before-write failed."""
     return bool(job.source_node) and job.source_failed and job.result == os.strerror(errno.EACCES)
 

@@ -199,7 +199,8 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
         if run_bitmaps:
             await run_bitmaps.prepare(session)
             undo.push_async_callback(run_bitmaps.undo, session)
-        fleecing = Fleecing(session, opts.fleecing, plan.jobs, tag) if opts.fleecing else None
+        fleecing = (Fleecing(session=session, options=opts.fleecing, jobs=plan.jobs, run_tag=tag)
+                    if opts.fleecing else None)
         if fleecing:
             undo.push_async_callback(fleecing.release)
             await fleecing.prepare()
