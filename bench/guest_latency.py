@@ -150,11 +150,12 @@ class Bench:
     def run(self) -> list[Result]:
         log.info("creating a %d MiB disk of random data", self.args.size // MiB)
         make_random_image(self.image, self.args.size, self.args.seed)
-        results = {s.name: Result(s.name) for s in SCENARIOS}
+        chosen = [s for s in SCENARIOS if not self.args.scenario or s.name in self.args.scenario]
+        results = {s.name: Result(s.name) for s in chosen}
         for round_ in range(self.args.rounds):
             # rotate the order so drift and neighbours' load hit every scenario alike
-            shift = round_ % len(SCENARIOS)
-            for scenario in SCENARIOS[shift:] + SCENARIOS[:shift]:
+            shift = round_ % len(chosen)
+            for scenario in chosen[shift:] + chosen[:shift]:
                 log.info("round %d: %s", round_ + 1, scenario.name)
                 self.one(scenario, results[scenario.name])
         return list(results.values())
@@ -163,7 +164,8 @@ class Bench:
         folder = self.fresh("vm")
         disk = Disk("virtio0", "virtio", "qcow2", self.args.size, path=self.workdir / "run.qcow2")
         shutil.copyfile(self.image, disk.path)   # every scenario starts from the same disk
-        with TestVM(folder, [disk]) as vm:
+        with TestVM(folder, [disk], firmware_log=True) as vm:
+            vm.wait_for_firmware()
             writer = Writer(vm, self.args.size, self.rng)
             if not scenario.backup:
                 latencies = writer.run_for(self.args.stall + 2)
@@ -239,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the backup's --speed-limit, so it runs during the window")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="a qmpbackup-latency-* scratch folder is made below it")
+    parser.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS],
+                        help="run only this scenario (repeatable; default all)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="raw results as JSON")
     return parser

@@ -128,11 +128,20 @@ def timed_write(vm: TestVM, offset: int) -> float:
     return time.monotonic() - started
 
 
+@pytest.fixture
+def booted_fvm(tmp_path: Path) -> Iterator[TestVM]:
+    """fvm once the firmware is done with the disks (see TestVM.wait_for_firmware)."""
+    with TestVM(tmp_path / "img", fault_disks(), firmware_log=True) as machine:
+        machine.wait_for_firmware()
+        yield machine
+
+
 def test_stalled_fleecing_storage_breaks_the_snapshot_not_the_guest(
-        cli, fvm: TestVM, tmp_path: Path) -> None:
+        cli, booted_fvm: TestVM, tmp_path: Path) -> None:
     """Fleecing storage hangs past --cbw-timeout: the guest write completes, exit 11, nothing lost."""
     if SlowFS.unavailable():
         pytest.skip(f"slow test filesystem: {SlowFS.unavailable()}")
+    fvm = booted_fvm
     root, refs = tmp_path / "backup", tmp_path / "refs"
     chain_with_dirty_data(cli, fvm, root)
     before = metadata(root)
