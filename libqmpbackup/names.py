@@ -34,15 +34,24 @@ BACKUP_NAME_RE = re.compile(r"^(FULL|INC|COPY)-(\d+)-(.+)$")
 FLEECING_FOLDER_PREFIX = f"{TOOL_PREFIX}fleecing-"   # + "<pid>-<random>" in --fleecing-dir
 _FLEECING_FOLDER_RE = re.compile(r"^qmpbackup-fleecing-(\d+)-[A-Za-z0-9_]+$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _checked_name(value: str, what: str) -> str:
+    if not _NAME_RE.match(value) or ".." in value:
+        raise UsageError(
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return value
 
 
 def validate_uuid(value: str) -> str:
     """Reject chain ids that could escape a folder or break a bitmap name."""
-    if not _UUID_RE.match(value) or ".." in value:
-        raise UsageError(
-            f"invalid --uuid {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
-    return value
+    return _checked_name(value, "--uuid")
+
+
+def validate_disk_id(value: str) -> str:
+    """A disk id given by the user (``--image ID=PATH``) names a folder: same rule as chain ids."""
+    return _checked_name(value, "--image disk id")
 
 
 def new_chain_id() -> str:
@@ -90,3 +99,21 @@ def parse_backup_name(name: str) -> Optional[ParsedName]:
         return None
     return ParsedName(level=PREFIX_LEVEL[match.group(1)], timestamp=int(match.group(2)),
                       image=match.group(3))
+
+
+def is_backup_file_name(name: str) -> bool:
+    """A name read from untrusted metadata that may be joined to a disk folder and deleted.
+
+    The grammar alone allows ``FULL-1-../../etc``: only a single path
+    component named like a finished backup file qualifies.
+    """
+    return ("/" not in name and "\0" not in name and not name.endswith(PARTIAL_SUFFIX)
+            and parse_backup_name(name) is not None)
+
+
+def point_label(file_name: str) -> str:
+    """``FULL-<time>`` / ``INC-<time>``: how a point (and its snapshot) is named to users."""
+    parsed = parse_backup_name(file_name)
+    if parsed is None:
+        return file_name
+    return f"{LEVEL_PREFIX[parsed.level]}-{parsed.timestamp}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 from tabulate import tabulate
@@ -19,14 +18,11 @@ from libqmpbackup.journal import JOURNAL_NAME
 from libqmpbackup.names import safe_component
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import label, partial_leftovers
+from libqmpbackup.units import local_time
 
 log = logging.getLogger(__name__)
 
 HEADERS = ("chain", "disk", "restore point", "time", "level", "file", "size", "virtual size")
-
-
-def _when(timestamp: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def _size(path: Path) -> str:
@@ -45,12 +41,16 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
                 continue
             for record in disk.backups:
                 path = backup.root / folder_name / record.file
-                rows.append((prefix + chain.uuid, disk_id, label(record.file), _when(record.time),
+                rows.append((prefix + chain.uuid, disk_id, label(record.file), local_time(record.time),
                              record.level, record.file, _size(path), record.virtual_size))
     return rows
 
 
 def _warn_leftovers(backup: BackupDir) -> None:
+    if backup.store.pruning:
+        log.warning("%s: %d file(s) of pruned chains are not deleted yet (an interrupted prune); "
+                    "the next prune or backup run removes them", backup.root,
+                    len(backup.store.pruning))
     folders = [backup.folder] if backup.disk_folder else sorted(
         p for p in backup.root.iterdir() if p.is_dir())
     for folder in folders:
