@@ -300,6 +300,7 @@ def test_killed_offline_run_stops_the_daemon_and_loses_no_change(
 @pytest.mark.parametrize("global_opts,command,fragment", [
     ((), ("backup", "--level", "inc", "--quiesce"), "--quiesce needs a running VM"),
     ((), ("backup", "--level", "inc", "--quiesce-required"), "--quiesce-required needs"),
+    ((), ("backup", "--level", "inc", "--fleecing"), "--fleecing needs a running VM"),
     (("--agent-socket", "/nonexistent"), ("info", "--show", "agent"),
      "--agent-socket needs a running VM"),
     (("--socket", "/nonexistent"), ("info",), "not allowed with"),
