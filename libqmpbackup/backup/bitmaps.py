@@ -3,7 +3,8 @@
 A chain's bitmap is named ``qmpbackup-<chain id>`` on every disk of the
 chain.  Only this module creates or removes bitmaps, so the rules (persistent,
 created atomically for all disks, never cleared except by a successful
-grouped job) live in one place.
+grouped job — or at a fleecing switch, under the ``+pending`` copy below —)
+live in one place.
 
 QEMU advances a chain bitmap the moment a grouped job succeeds, but the
 backup only counts once its metadata is committed.  A run that dies in
