@@ -33,3 +33,27 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_symlink(path: Path, target_name: str) -> None:
+    """Point symlink PATH at TARGET_NAME in one step (a temporary link renamed over it)."""
+    temporary = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    try:
+        temporary.unlink()
+    except FileNotFoundError:
+        pass
+    os.symlink(target_name, temporary)
+    os.replace(temporary, path)
+    fsync_dir(path.parent)
+
+
+def make_private_dirs(path: Path) -> list[Path]:
+    """Create PATH and its missing parents, each 0700; return those created, outermost first.
+
+    ``mkdir -p`` would give the parents the umask's mode, and these folders
+    hold whole disks.  A folder created meanwhile by someone else is fine.
+    """
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    for folder in missing:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    return missing

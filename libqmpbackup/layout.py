@@ -9,8 +9,14 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.errors import TargetError
-from libqmpbackup.fsutil import TEMP_SUFFIX
-from libqmpbackup.names import LOCK_NAME, METADATA_NAME, PARTIAL_SUFFIX, parse_backup_name
+from libqmpbackup.fsutil import TEMP_SUFFIX, make_private_dirs
+from libqmpbackup.names import (
+    DISK_METADATA_NAME,
+    LOCK_NAME,
+    METADATA_NAME,
+    PARTIAL_SUFFIX,
+    parse_backup_name,
+)
 
 MONTH_FOLDER_RE = re.compile(r"^\d{4}-\d{2}$")
 """The names :func:`month_folder` gives."""
@@ -47,9 +53,8 @@ def prepare_root(root: Path) -> list[Path]:
     """
     if root.exists() and not root.is_dir():
         raise TargetError(f"target {root} exists and is not a directory")
-    missing = [p for p in (root, *root.parents) if not p.exists()][::-1]
     try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        missing = make_private_dirs(root)
     except OSError as err:
         raise TargetError(f"cannot create target {root}: {err.strerror}") from err
     if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
@@ -68,20 +73,35 @@ def is_empty_dir(root: Path) -> bool:
 
 
 def latest_backup_time(root: Path) -> int:
-    """The newest time in any backup file name below ROOT (chains and copies alike)."""
-    times = [parsed.timestamp for path in root.glob("*/*")
+    """The newest time in any backup file name in or below ROOT (chains and copies alike)."""
+    times = [parsed.timestamp for path in [*root.glob("*"), *root.glob("*/*")]
              if (parsed := parse_backup_name(path.name.removesuffix(PARTIAL_SUFFIX)))]
     return max(times, default=0)
 
 
+def existing_names(root: Path) -> set[str]:
+    """Every name in ROOT and its disk folders, relative to ROOT: names a new file must avoid."""
+    names: set[str] = set()
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                names.add(entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    names.update(os.path.join(entry.name, n) for n in os.listdir(entry.path))
+    except OSError as err:
+        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+    return names
+
+
 def partial_files(root: Path) -> list[Path]:
-    """Leftover .partial files below ROOT (one level of disk folders)."""
-    return _glob(root, f"*/*{PARTIAL_SUFFIX}")
+    """Leftover .partial files in ROOT (--no-subdir) and its disk folders."""
+    return _glob(root, f"*{PARTIAL_SUFFIX}") + _glob(root, f"*/*{PARTIAL_SUFFIX}")
 
 
 def stale_temp_files(root: Path) -> list[Path]:
     """Half-written metadata files of a run killed inside :func:`write_atomically`."""
-    return _glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}")
+    return (_glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}")
+            + _glob(root, f"*/.{DISK_METADATA_NAME}.*{TEMP_SUFFIX}"))
 
 
 def _glob(root: Path, pattern: str) -> list[Path]:

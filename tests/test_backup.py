@@ -16,7 +16,10 @@ QCOW2_DISKS = ("virtio0", "ide0-hd0", "data1")
 
 
 def backups(root: Path, disk: str, prefix: str = "") -> list[Path]:
-    return sorted((root / disk).glob(f"{prefix}*"), key=lambda p: int(p.name.split("-")[1]))
+    """The backup files of a disk folder (not its qmpbackup-disk.json), oldest first."""
+    found = [p for p in (root / disk).glob(f"{prefix}*")
+             if p.name.split("-")[0] in ("FULL", "INC", "COPY")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def metadata(root: Path) -> dict:
@@ -125,10 +128,24 @@ def test_copy_needs_no_bitmap_and_covers_raw_disks(cli, vm: TestVM, tmp_path: Pa
         copies = backups(target, disk, "COPY")
         assert len(copies) == 1, disk
         assert identical(copies[0], vm.reference(disk, refs / f"{disk}.raw")), disk
-    assert not (target / "qmpbackup.json").exists()
+    (copies_chain,) = metadata(target)["chains"]
+    assert (copies_chain["uuid"], copies_chain["bitmap"]) == ("copies", ""), "copies: no bitmap"
     assert all(not bl for bl in vm.bitmaps().values()), "copy adds no bitmap"
+    vm.write("virtio0", 0x53, 0, 1 * MiB)
     backup(cli, vm, target, "copy", "--include", "virtio0").ok()
     assert len(backups(target, "virtio0", "COPY")) == 2, "a second copy never overwrites the first"
+    # copies are restore points like any other: listed, and merged by name or as a whole run
+    listing = cli("qmprestore", "list", "--dir", target).ok().out
+    assert listing.count("COPY-") == 7 * 2, listing
+    first = backups(target, "virtio0", "COPY")[0].name
+    out = tmp_path / "restored"
+    cli("qmprestore", "merge", "--dir", target, "--until", "-".join(first.split("-")[:2]),
+        "--targetdir", out).ok()
+    for disk in ("virtio0", "virtio1", "ide0-hd0", "data1", "pflash0", "pflash1"):
+        assert identical(out / f"{disk}.qcow2", refs / f"{disk}.raw"), disk
+    newest = tmp_path / "newest.qcow2"
+    cli("qmprestore", "merge", "--dir", target / "virtio0", "--targetfile", newest).ok()
+    assert identical(newest, vm.reference("virtio0", refs / "virtio0-now.raw"))
 
 
 def test_include_raw_copies_raw_disks_in_full_at_every_level(cli, vm: TestVM, tmp_path: Path) -> None:
@@ -149,7 +166,8 @@ def test_include_and_exclude_select_disks_by_any_name(cli, vm: TestVM, tmp_path:
     assert sorted(p.name for p in only.iterdir() if p.is_dir()) == ["data1", "virtio0"]
     without = tmp_path / "without"
     backup(cli, vm, without, "copy", "--exclude", "ide0-hd0,pflash0").ok()
-    assert sorted(p.name for p in without.iterdir()) == ["data1", "pflash1", "virtio0", "virtio1"]
+    assert sorted(p.name for p in without.iterdir() if p.is_dir()) == [
+        "data1", "pflash1", "virtio0", "virtio1"]
     backup(cli, vm, tmp_path / "x", "full", "--include", "nosuchdisk").failed(2, "nosuchdisk")
     both = backup(cli, vm, tmp_path / "y", "full", "--include", "a", "--exclude", "b")
     assert both.rc == 2 and "not allowed with" in both.err
@@ -217,6 +235,11 @@ def test_info_tables(cli, vm: TestVM, tmp_path: Path) -> None:
         assert name in disks
     assert "33554432" in disks
     backup(cli, vm, tmp_path / "b", "full", "--uuid", "tab", "--include", "virtio0").ok()
+    backup(cli, vm, tmp_path / "c", "full", "--uuid", "tab2", "--include", "virtio0").ok()
+    disks = cli("qmpbackup", "--socket", vm.tool_socket, "info", "--show", "blockdev").ok().out
+    rows = {line.split()[0]: line for line in disks.splitlines()[2:]}
+    assert rows["virtio0"].rstrip().endswith("qmpbackup-tab, qmpbackup-tab2"), rows["virtio0"]
+    assert rows["ide0-hd0"].rstrip().endswith(" -"), "a disk of no chain says so"
     vm.write("virtio0", 0x91, 0, 128 * 1024)
     table = cli("qmpbackup", "--socket", vm.tool_socket, "info", "--show", "bitmaps").ok().out
     row = next(line for line in table.splitlines() if "qmpbackup-tab" in line)
@@ -263,9 +286,15 @@ def test_full_refuses_a_non_empty_target(cli, vm: TestVM, tmp_path: Path) -> Non
     target = tmp_path / "backup"
     target.mkdir()
     (target / "something").write_text("x")
-    backup(cli, vm, target, "full").failed(5, "not empty")
+    backup(cli, vm, target, "full").failed(5, "not empty", "holds no chain of qmpbackup")
+    result = backup(cli, vm, target, "auto").failed(5, "not empty", "an empty or new folder")
+    assert "--level inc" not in result.err, "no advice that cannot work"
     assert sorted(p.name for p in target.iterdir()) == ["something"]
     assert all(not bl for bl in vm.bitmaps().values())
+    chain = tmp_path / "chain"
+    backup(cli, vm, chain, "full", "--include", "virtio0", "--uuid", "c1").ok()
+    backup(cli, vm, chain, "full", "--include", "virtio0").failed(
+        5, "not empty", "--level inc or auto to continue chain c1")
 
 
 def test_inc_without_chain_or_bitmap_fails_clearly(cli, vm: TestVM, tmp_path: Path) -> None:
@@ -336,15 +365,20 @@ def test_quiet_and_logfile(cli, vm: TestVM, tmp_path: Path) -> None:
     assert "full backup done" in text and "INFO" in text
 
 
-def test_progress_is_logged_when_not_on_a_terminal(cli, vm: TestVM, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from libqmpbackup.backup import progress
-    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.2)
+def test_progress_is_logged_when_not_on_a_terminal(cli, vm: TestVM, tmp_path: Path) -> None:
     vm.write("virtio0", 0x7A, 0, 24 * MiB)
     result = cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "copy",
-                 "--include", "virtio0", "--speed-limit", "8M", "--target", tmp_path / "c").ok()
+                 "--include", "virtio0", "--speed-limit", "8M", "--progress-interval", "0.2",
+                 "--target", tmp_path / "c").ok()
     lines = [line for line in result.err.splitlines() if "progress: virtio0" in line]
-    assert lines and "%" in lines[0] and "MiB/s" in lines[0]
+    assert len(lines) >= 3 and "%" in lines[0] and "MiB/s" in lines[0]
+    quiet = cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "copy",
+                "--include", "virtio0", "--speed-limit", "8M", "--target", tmp_path / "d").ok()
+    assert "progress:" not in quiet.err, "10 s by default: a 3 s job logs no progress line"
+    for bad in ("0", "-1", "soon"):
+        cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "copy",
+            "--progress-interval", bad, "--target", tmp_path / "e").failed(2, "--progress-interval")
+    assert not (tmp_path / "e").exists()
 
 
 def test_progress_on_a_terminal_is_a_live_line_per_disk(vm: TestVM, tmp_path: Path) -> None:

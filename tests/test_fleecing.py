@@ -230,10 +230,10 @@ def test_vm_paused_by_a_killed_run_is_resumed(cli, fvm: TestVM, tmp_path: Path) 
     """A run killed inside the switch window left the VM paused and its marker node."""
     root, refs = tmp_path / "backup", tmp_path / "refs"
     backup(cli, fvm, root, "full").ok()
-    fvm.cmd("blockdev-add", driver="null-co", **{"node-name": "qmpbackup-paused-dead01"})
+    fvm.cmd("object-add", **{"qom-type": "secret", "id": "qmpbackup-paused", "data": "x"})
     fvm.cmd("stop")
     log = recovers(cli, fvm, root, refs, "inc", "--fleecing", "--fleecing-dir", tmp_path)
-    assert "resuming the VM" in log
+    assert "resumed the VM: an interrupted qmpbackup run" in log
     assert fvm.running()
 
 

@@ -17,9 +17,8 @@ The point in time is the switch.  QEMU 7.2 cannot switch devices in one
 transaction, and a guest write between opening a filter (which reads the
 chain bitmap) and switching the device would escape the snapshot, so a
 running VM is paused (``stop``) for the few milliseconds of the switch (the
-log says how long); a marker node ``qmpbackup-paused-*``
-lives exactly that long, so a run killed inside the window is recognised and
-the VM resumed by the next run.  In the same window, in one transaction, an
+log says how long) by :class:`pause.VmPause`, whose marker lets the next run
+resume a VM that a run killed inside the window left paused.  In the same window, in one transaction, an
 incremental's chain bitmap is frozen into a bitmap of the snapshot node (the
 job copies exactly those clusters, and the filter copies before write only
 those) and every chain bitmap is cleared, so from then on it records the
@@ -52,6 +51,7 @@ from typing import Any, AsyncContextManager, AsyncIterator, Optional
 
 from libqmpbackup.backup import bitmaps
 from libqmpbackup.backup.jobs import BackupJob, remove_node
+from libqmpbackup.backup.pause import VmPause
 from libqmpbackup.errors import JobError, UsageError, VMGoneError
 from libqmpbackup.names import TOOL_PREFIX, fleecing_folder_prefix, safe_component
 from libqmpbackup.qemu import qemuimg
@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = Path("/var/tmp")
 DEFAULT_CBW_TIMEOUT = 45
 MAX_CBW_TIMEOUT = 3600
-PAUSE_MARKER_PREFIX = f"{TOOL_PREFIX}paused-"
 SNAPSHOT_BITMAP = f"{TOOL_PREFIX}snapshot"   # on the snapshot node only, dies with it
 FILTER_DRIVER = "copy-before-write"
 SNAPSHOT_DRIVER = "snapshot-access"
@@ -209,22 +208,16 @@ class Fleecing:
     @contextlib.asynccontextmanager
     async def _vm_held_still(self) -> AsyncIterator[None]:
         """Pause a running VM while the devices are switched: one point in time."""
-        if not (await self.session.execute("query-status")).get("running"):
+        pause = VmPause(self.session, option="--fleecing", purpose="the fleecing switch")
+        started = time.monotonic()
+        async with pause:
+            paused = pause.paused
             yield
-            return
-        marker = f"{PAUSE_MARKER_PREFIX}{self.run_tag}"
-        await self.session.execute("blockdev-add", {"driver": "null-co", "node-name": marker})
-        try:
-            started = time.monotonic()
-            await self.session.execute("stop")
-            try:
-                yield
-            finally:
-                await resume(self.session)
-                log.info("VM paused for %.1f ms to switch %d disk(s) at one point in time",
-                         (time.monotonic() - started) * 1000, len(self.disks))
-        finally:
-            await remove_node(self.session, marker)
+        if paused:
+            log.info("VM paused for %.1f ms to switch %d disk(s) at one point in time",
+                     (time.monotonic() - started) * 1000, len(self.disks))
+        if pause.resume_error:
+            raise JobError(pause.resume_error)
 
     async def release(self, *, strict: bool = False) -> None:
         """Switch every device back and remove the fleecing nodes (which frees the images).
@@ -280,28 +273,14 @@ async def switch_back(session: QmpSession, disk: BlockDevice, filter_node: str) 
     return True
 
 
-async def resume(session: QmpSession) -> None:
-    """``cont`` after our own ``stop``; an exit path goes on if it fails."""
-    with contextlib.suppress(VMGoneError):
-        try:
-            await session.execute("cont")
-        except QmpCommandError as err:
-            log.error("could not resume the VM after switching to fleecing: %s; "
-                      "resume it with the QMP command cont", err.desc)
-
-
 async def clean_leftovers(session: QmpSession, disks: list[BlockDevice]) -> list[str]:
-    """Undo the fleecing of a killed run: resume the VM it paused, switch devices back.
+    """Undo the fleecing of a killed run: switch devices back from its filters.
 
     Returns the fleecing nodes it removed; the job and other nodes are
     :mod:`leftovers`' business (jobs are cancelled before this runs).
     """
     nodes = {n["node-name"]: n for n in await named_nodes(session)
              if n["node-name"].startswith(TOOL_PREFIX)}
-    if any(name.startswith(PAUSE_MARKER_PREFIX) for name in nodes) and \
-            (await session.execute("query-status")).get("status") == "paused":
-        log.warning("resuming the VM: an interrupted run paused it to switch to fleecing")
-        await resume(session)
     removed = []
     for name, node in nodes.items():
         if node.get("drv") == SNAPSHOT_DRIVER and await remove_node(session, name):

@@ -2,8 +2,8 @@
 
 A run killed with SIGKILL (or by a host power loss) cannot undo its steps.
 What it leaves is recognisable by name: block jobs and nodes ``qmpbackup-*``
-in QEMU (with ``--fleecing`` also devices switched onto a filter of ours and
-a VM paused for the switch: :func:`fleecing.clean_leftovers`), a fleecing
+in QEMU (with ``--fleecing`` also devices switched onto a filter of ours:
+:func:`fleecing.clean_leftovers`), a fleecing
 folder whose process is gone, auxiliary bitmaps ``qmpbackup-<id>+pending`` / ``+new`` (see
 :mod:`bitmaps`), ``*.partial`` backup files and half-written metadata temp
 files in the chain folder.  The caller holds the VM lock and the chain lock,
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from libqmpbackup.backup import bitmaps, fleecing
 from libqmpbackup.backup.jobs import cancel_jobs, remove_node
+from libqmpbackup.backup.pause import resume_after_killed_run
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import TargetError
 from libqmpbackup.layout import partial_files, stale_temp_files
@@ -38,6 +39,7 @@ async def clean_vm(session: QmpSession, disks: list[BlockDevice],
     busy), then nodes, then bitmaps.  A killed run may also have left the
     shutdown action at ``pause``, so it is set back when anything was found.
     """
+    await resume_after_killed_run(session)
     jobs = await _clean_jobs(session)
     nodes = [*await fleecing.clean_leftovers(session, disks), *await _clean_nodes(session)]
     steps = bitmaps.recovery_steps(disks)

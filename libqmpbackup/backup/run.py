@@ -32,24 +32,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup.backup import bitmaps, leftovers
+from libqmpbackup import upstream
+from libqmpbackup.backup import bitmaps, leftovers, monthly
+from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.fleecing import Fleecing
 from libqmpbackup.backup.jobs import (
     BackupJob,
+    TargetIO,
     add_target_node,
     cancel_jobs,
+    check_target_io,
     new_run_tag,
     remove_node,
     run_transaction,
 )
+from libqmpbackup.backup.pause import VmPause
 from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
-from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.fsutil import fsync_dir, replace_symlink
 from libqmpbackup.journal import refuse_unfinished_restores
-from libqmpbackup.layout import is_empty_dir, latest_backup_time, prepare_root
+from libqmpbackup.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord, ChainStore
 from libqmpbackup.prune import finish_interrupted_prune
@@ -82,6 +87,7 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
     """Back up the VM behind SESSION; the caller holds the VM lock (see :mod:`locks`)."""
     disks = await discover(session)
     selected = select_disks(disks, opts)
+    await check_target_io(session, opts.target_io)
     root = chain_root(opts)
     created = prepare_root(root)
     try:
@@ -106,8 +112,11 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     finish_interrupted_prune(ChainStore.load(root))
     refuse_unfinished_restores(root)
     store = ChainStore.load(root)
-    timestamp = _timestamp_after(latest_backup_time(root))
-    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root))
+    if not store.chains and upstream.chain_id(root) is not None:
+        store = adopt_upstream(root, disks)
+    first_chain = store.current is None
+    timestamp = _timestamp_after(max(latest_backup_time(root), store.latest_time()))
+    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root))
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
     if plan.retire_bitmap:
         for disk in selected:
@@ -115,14 +124,20 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
                 await bitmaps.remove(session, disk, plan.retire_bitmap)
     quiescer = (Quiescer(opts.agent_socket, required=opts.quiesce_required)
                 if opts.quiesce else None)
+    pause = VmPause(session) if opts.pause else None
     try:
-        await _execute(session, plan, store, opts, guard, quiescer)
+        await _execute(session, plan, store, opts, guard, quiescer, pause)
     finally:
         await guard.finish()
+    if (opts.monthly and plan.chain is not None and not plan.chain.is_copies
+            and plan.new_chain and first_chain):
+        await monthly.retire_previous_month(session, disks, opts.target, root, plan.chain.bitmap)
     if quiescer and quiescer.thaw_error:
         raise AgentError(quiescer.thaw_error)
-    return BackupResult(plan.level, root, plan.chain.uuid if plan.chain else None,
-                        [j.final_path for j in plan.jobs], plan.reason)
+    if pause and pause.resume_error:
+        raise JobError(pause.resume_error)
+    chain_id = plan.chain.uuid if plan.chain and not plan.chain.is_copies else None
+    return BackupResult(plan.level, root, chain_id, [j.final_path for j in plan.jobs], plan.reason)
 
 
 @dataclass
@@ -153,6 +168,21 @@ class _TargetFiles:
             fsync_dir(job.final_path.parent)
             log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
 
+    def link(self) -> None:
+        """The FULL-<image> symlinks of --no-timestamp: for people, so a failure only warns."""
+        for job in self.jobs:
+            if job.link is None:
+                continue
+            path = job.final_path.with_name(job.link)
+            if path.exists() and not path.is_symlink():
+                log.warning("%s exists and is not a symlink: not linking it to %s", path,
+                            job.final_path.name)
+                continue
+            try:
+                replace_symlink(path, job.final_path.name)
+            except OSError as err:
+                log.warning("cannot create symlink %s: %s", path, err.strerror)
+
     def discard(self) -> None:
         """Nothing of a failed run may look like a finished backup."""
         for path in [*(j.partial_path for j in self.jobs), *self.renamed]:
@@ -171,8 +201,8 @@ class _TargetNodes:
     session: QmpSession
     names: list[str] = field(default_factory=list)
 
-    async def open(self, job: BackupJob) -> None:
-        await add_target_node(self.session, job)
+    async def open(self, job: BackupJob, io: TargetIO) -> None:
+        await add_target_node(self.session, job, io)
         self.names.append(job.target_node)
 
     async def close(self) -> list[str]:
@@ -186,7 +216,8 @@ class _TargetNodes:
 
 
 async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: BackupOptions,
-                   guard: ShutdownGuard, quiescer: Optional[Quiescer]) -> None:
+                   guard: ShutdownGuard, quiescer: Optional[Quiescer],
+                   pause: Optional[VmPause]) -> None:
     tag = new_run_tag()
     async with contextlib.AsyncExitStack() as undo:
         files = _TargetFiles(plan.jobs)
@@ -197,7 +228,7 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
         nodes = _TargetNodes(session)
         undo.push_async_callback(nodes.close)
         for job in plan.jobs:
-            await nodes.open(job)
+            await nodes.open(job, opts.target_io)
         run_bitmaps = _run_bitmaps(plan)
         if run_bitmaps:
             await run_bitmaps.prepare(session)
@@ -208,13 +239,24 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
             undo.push_async_callback(fleecing.release)
             await fleecing.prepare()
         undo.push_async_callback(_cancel_if_running, session, plan.jobs)
-        reporter = ProgressReporter(session) if opts.progress else None
-        async with guard.holding():
-            if fleecing:   # the point in time is the switch, so the freeze goes there
-                await fleecing.switch(start_guard=quiescer)
+        reporter = (ProgressReporter(session, log_interval=opts.progress_interval)
+                    if opts.progress else None)
+        async with contextlib.AsyncExitStack() as copying:
+            start_guard = quiescer
+            if pause is not None:
+                # a paused guest's agent cannot answer: freeze before the
+                # pause, thaw after it (the guest sees no time pass between)
+                if quiescer is not None:
+                    await copying.enter_async_context(quiescer)
+                    start_guard = None
+                await copying.enter_async_context(pause)
+            await copying.enter_async_context(guard.holding())
+            if fleecing:   # the point in time is the switch: the freeze covers it instead
+                await fleecing.switch(start_guard=start_guard)
+                start_guard = None
             await run_transaction(session, plan.jobs, speed=opts.speed_limit,
                                   compress=opts.compress, progress=reporter,
-                                  start_guard=None if fleecing else quiescer)
+                                  start_guard=start_guard)
         if fleecing:
             await fleecing.release(strict=True)
         left_open = await nodes.close()
@@ -230,12 +272,13 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
         if plan.chain is not None:
             _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
         undo.pop_all()  # committed: from here on nothing may be undone
+    files.link()
     if run_bitmaps:
         await run_bitmaps.after_commit(session)
 
 
 def _run_bitmaps(plan: RunPlan) -> Optional[bitmaps.RunBitmaps]:
-    if plan.chain is None:
+    if plan.chain is None or plan.chain.is_copies:
         return None
     added = plan.bitmaps_to_add
     kept = [j.disk for j in plan.jobs if j.bitmap and j.disk not in added]
@@ -253,11 +296,14 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesce
     if plan.new_chain:
         store.chains.append(chain)
     for job in plan.jobs:
-        chain.disk(job.disk.disk_id).backups.append(BackupRecord(
+        disk = chain.disk(job.disk.disk_id)
+        disk.folder = "" if job.final_path.parent == store.root else job.final_path.parent.name
+        disk.backups.append(BackupRecord(
             file=job.final_path.name, level=job.level,
             time=plan.timestamp,
             virtual_size=job.disk.virtual_size, source_image=job.disk.filename,
-            source_format=job.disk.driver, compressed=compressed, quiesced=quiesced))
+            source_format=job.disk.driver, compressed=compressed, quiesced=quiesced,
+            backed=job.backed, timestamped=job.timestamped))
     try:
         store.save()
     except OSError as err:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
+from libqmpbackup.backup.bitmaps import tool_bitmaps
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
 from libqmpbackup.qemu.devices import BlockDevice
 
 
 def blockdev_table(disks: list[BlockDevice]) -> str:
+    """One row per disk, naming its qmpbackup bitmaps: which chains this disk is part of."""
     rows = [(d.disk_id, d.node, d.driver, d.virtual_size, d.filename,
-             "pflash" if d.is_pflash else ("yes" if d.supports_persistent_bitmaps else "no"))
+             "pflash" if d.is_pflash else ("yes" if d.supports_persistent_bitmaps else "no"),
+             ", ".join(sorted(tool_bitmaps(d))) or "-")
             for d in disks]
     return tabulate(rows, headers=("disk", "node", "format", "virtual size", "image file",
-                                   "bitmaps possible"))
+                                   "bitmaps possible", "qmpbackup bitmaps"))
 
 
 def bitmaps_table(disks: list[BlockDevice]) -> str:

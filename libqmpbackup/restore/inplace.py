@@ -9,8 +9,9 @@ How each stays safe when interrupted (and what re-running does):
   incrementals are copied into the FULL with ``qemu-img commit -d``, which
   leaves them intact, so an interrupted copy is redone from the same data;
   snapshotrebase goes one incremental at a time and records each finished
-  one.  Then the FULL is renamed to ``FULL-<point time>-…``, the metadata
-  rewritten, the applied incrementals deleted (their data is in the FULL
+  one.  Then the metadata is rewritten (the FULL keeps its name, as
+  upstream documents, and records the point it holds), the applied
+  incrementals deleted (their data is in the FULL
   now, and older points read through the changed FULL would be wrong), the
   next incremental re-based onto the FULL, and the journal removed.  While
   the journal exists every command refuses the folder, except the same
@@ -29,16 +30,15 @@ from typing import Iterator
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
-from libqmpbackup.metadata import ChainStore
+from libqmpbackup.metadata import BackupRecord
+from libqmpbackup.names import IMAGE_LINK, parse_backup_name
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
 from libqmpbackup.restore.rules import (
     BASE_SNAPSHOT,
-    IMAGE_LINK,
     RestoreOptions,
     RestorePoint,
-    consolidated_name,
     label,
     matches,
     needs_rebase,
@@ -86,7 +86,7 @@ def _exclusive(backup: BackupDir, dry_run: bool) -> Iterator[None]:
 def rebase(opts: RestoreOptions) -> Path:
     """Make the point's file a usable image through relative backing files; link ``image`` to it."""
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
+    backup = open_backup_dir(opts.dir, opts.name_filter)
     with _exclusive(backup, opts.dry_run):
         return _rebase(backup, opts)
 
@@ -120,15 +120,14 @@ def _ensure_snapshot(image: Path, tag: str, dry_run: bool) -> None:
 
 def _consolidate(opts: RestoreOptions, operation: str, *, snapshots: bool) -> Path:
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
+    backup = open_backup_dir(opts.dir, opts.name_filter)
     with _exclusive(backup, opts.dry_run):
         return _consolidate_locked(backup, opts, operation, snapshots)
 
 
 def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
                         snapshots: bool) -> Path:
-    backup.require_disk_folder(operation)
-    folder = backup.folder
+    folder = backup.folder_of(backup.require_disk_folder(operation))
     journal = Journal.load(folder)
     if journal is not None:
         if journal.operation != operation:
@@ -148,13 +147,13 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
             file_steps.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
+        # the FULL keeps its name, as upstream qmpbackup documents (`qemu-img
+        # snapshot -l DIR/FULL-<time>-…` after snapshotrebase); the metadata
+        # records which point it holds
         journal = Journal(operation=operation, chain=point.chain_id, disk=point.disk_id,
-                          base=segment[0].file, result=consolidated_name(segment[0], point.record),
-                          point=point.record.file, point_time=point.record.time,
+                          base=segment[0].file, result=segment[0].file,
+                          point=point.record.file, point_time=point.record.point_time,
                           steps=[r.file for r in segment[1:]], snapshots=snapshots)
-        if (folder / journal.result).exists():
-            raise ChainError(f"{folder / journal.result} already exists: cannot rename "
-                             f"{journal.base} to it")
         _back_by_metadata(point, opts.dry_run)
         if not opts.dry_run:
             journal.save(folder)
@@ -203,8 +202,8 @@ def _advance(journal: Journal, folder: Path, done: int, dry_run: bool) -> None:
 
 def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     """Turn the folder into a consistent chain again: FULL at the point, later INCs on top."""
-    folder = backup.folder
-    store = ChainStore.load(backup.root)
+    folder = backup.folder_of(journal.disk)
+    store = backup.reload()
     chain = store.find(journal.chain)
     if chain is None or journal.disk not in chain.disks:
         raise ChainError(f"chain {journal.chain} of disk {journal.disk} vanished from "
@@ -217,20 +216,27 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         later = folder / records[following].file
         if needs_rebase(qemuimg.info(later, fmt="qcow2"), journal.result):
             qemuimg.rebase_unsafe(later, journal.result, dry_run=dry_run)
-    if (folder / journal.base).exists():
+    if journal.result != journal.base and (folder / journal.base).exists():
+        # a journal of an older version, which renamed the FULL for the point
         file_steps.rename(folder / journal.base, folder / journal.result, dry_run=dry_run)
     if journal.base in files:
         chain.disks[journal.disk].backups = [
-            dataclasses.replace(r, file=journal.result, time=journal.point_time)
-            if r.file == journal.base else r
+            _consolidated(r, journal) if r.file == journal.base else r
             for r in records if r.file not in journal.steps]
-        file_steps.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
-                   f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
+        file_steps.note(f"update {store.path}: {journal.result} holds {label(journal.point)}, "
+                        f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
-            store.save()
+            backup.save(store)
     for step in journal.steps:
         file_steps.remove(folder / step, dry_run=dry_run)
     file_steps.link(folder / IMAGE_LINK, journal.result, dry_run=dry_run)
     if not dry_run:
         Journal.remove(folder)
 
+
+def _consolidated(record: BackupRecord, journal: Journal) -> BackupRecord:
+    """The FULL's record once it holds the journal's point: same name and time, ``holds`` set."""
+    parsed = parse_backup_name(journal.result)
+    named = parsed.timestamp if parsed else record.time
+    return dataclasses.replace(record, file=journal.result, time=named,
+                               holds=None if journal.point_time == named else journal.point_time)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 from tabulate import tabulate
 
 from libqmpbackup.journal import JOURNAL_NAME
-from libqmpbackup.names import safe_component
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
-from libqmpbackup.restore.rules import label, partial_leftovers
+from libqmpbackup.restore.rules import partial_leftovers, record_label
 from libqmpbackup.units import local_time
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,17 @@ def _size(path: Path) -> str:
 
 def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
+    chosen = set(backup.disk_ids())
     for chain in backup.store.chains:
         for disk_id, disk in chain.disks.items():
-            folder_name = safe_component(disk_id)
-            if backup.disk_folder is not None and folder_name != backup.disk_folder:
+            if disk_id not in chosen or (backup.disk_folder is not None
+                                         and chain.folder_of(disk_id) != backup.disk_folder):
                 continue
             for record in disk.backups:
-                path = backup.root / folder_name / record.file
-                rows.append((prefix + chain.uuid, disk_id, label(record.file), local_time(record.time),
-                             record.level, record.file, _size(path), record.virtual_size))
+                path = backup.root / chain.folder_of(disk_id) / record.file
+                rows.append((prefix + chain.uuid, disk_id, record_label(record),
+                             local_time(record.point_time), record.level, record.file,
+                             _size(path), record.virtual_size or "unknown"))
     return rows
 
 
@@ -51,8 +53,8 @@ def _warn_leftovers(backup: BackupDir) -> None:
         log.warning("%s: %d file(s) of pruned chains are not deleted yet (an interrupted prune); "
                     "the next prune or backup run removes them", backup.root,
                     len(backup.store.pruning))
-    folders = [backup.folder] if backup.disk_folder else sorted(
-        p for p in backup.root.iterdir() if p.is_dir())
+    folders = [backup.folder] if backup.disk_folder is not None else [backup.root, *sorted(
+        p for p in backup.root.iterdir() if p.is_dir() and not p.is_symlink())]
     for folder in folders:
         entries = os.listdir(folder)
         for name in partial_leftovers(entries):
@@ -61,11 +63,11 @@ def _warn_leftovers(backup: BackupDir) -> None:
             log.warning("%s: an in-place restore was interrupted (%s)", folder, JOURNAL_NAME)
 
 
-def list_table(path: Path) -> str:
+def list_table(path: Path, name_filter: Optional[str] = None) -> str:
     """Every chain, disk and restore point below PATH (chain folder, disk folder or --monthly base)."""
     given = Path(os.path.abspath(path))
     rows = []
-    for backup in open_for_listing(path):
+    for backup in open_for_listing(path, name_filter):
         _warn_leftovers(backup)
         # below a --monthly base, chains are told apart by their month folder
         rows += _rows(backup, "" if backup.folder == given else f"{backup.root.name}/")

@@ -9,13 +9,15 @@ merge leaves nothing that looks like a finished restore.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from libqmpbackup.errors import TargetError, UsageError
+from libqmpbackup.fsutil import make_private_dirs
 from libqmpbackup.names import PARTIAL_SUFFIX, safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
@@ -62,20 +64,28 @@ def _targets(points: list[RestorePoint], target: MergeTarget) -> list[tuple[Rest
     return plan
 
 
-def _prepare_directory(target: MergeTarget, dry_run: bool) -> None:
+def _prepare_directory(target: MergeTarget, dry_run: bool) -> list[Path]:
+    """Create the folder the images go into, and missing parents, 0700; return those created.
+
+    Restores go to fresh places (``/tmp/restore/disk1.qcow2``); refusing a
+    missing folder only made the admin type a mkdir with the wrong mode.
+    """
     if target.file is not None:
-        parent = Path(os.path.abspath(target.file)).parent
-        if not parent.is_dir():
-            raise TargetError(f"folder {parent} for --targetfile does not exist")
-        return
-    assert target.directory is not None
-    if target.directory.exists() and not target.directory.is_dir():
-        raise TargetError(f"--targetdir {target.directory} is not a directory")
-    if not dry_run:
-        try:
-            target.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as err:
-            raise TargetError(f"cannot create {target.directory}: {err.strerror}") from err
+        folder, option = Path(os.path.abspath(target.file)).parent, "--targetfile"
+    else:
+        assert target.directory is not None
+        folder, option = Path(os.path.abspath(target.directory)), "--targetdir"
+    if folder.is_dir():
+        return []
+    if folder.exists() or folder.is_symlink():
+        raise TargetError(f"{folder} for {option} exists and is not a directory")
+    file_steps.note(f"create folder {folder} (mode 0700)", dry_run=dry_run)
+    if dry_run:
+        return []
+    try:
+        return make_private_dirs(folder)
+    except OSError as err:
+        raise TargetError(f"cannot create {folder} for {option}: {err.strerror}") from err
 
 
 def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
@@ -83,8 +93,8 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
     if (target.file is None) == (target.directory is None):
         raise UsageError("merge needs exactly one of --targetfile and --targetdir")
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
-    if backup.disk_folder is None and target.file is not None:
+    backup = open_backup_dir(opts.dir, opts.name_filter)
+    if not backup.single_disk() and target.file is not None:
         raise UsageError(f"{backup.root} is a whole backup: restore it with --targetdir OUT "
                          f"(one image per disk), or one disk with --dir {backup.root}/DISK "
                          f"--targetfile FILE (disks: {backup.disk_names()})")
@@ -92,10 +102,24 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
     for point in points:
         verify(point, backup.store, skip_check=opts.skip_check)
     plan = _targets(points, target)
-    _prepare_directory(target, opts.dry_run)
-    for point, path, fmt in plan:
-        _convert(point, path, fmt, opts)
+    created = _prepare_directory(target, opts.dry_run)
+    try:
+        for point, path, fmt in plan:
+            _convert(point, path, fmt, opts)
+    except BaseException:
+        for folder in reversed(created):   # a failed first restore leaves no empty folders
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return [path for _, path, _ in plan]
+
+
+def _source(point: RestorePoint) -> Union[Path, str]:
+    """The point's file, or its chain spelled out when a header names no backing file."""
+    segment = point.segment()
+    if all(r.backed for r in segment):
+        return point.path
+    return qemuimg.chain_source([point.folder / r.file for r in segment])
 
 
 def _convert(point: RestorePoint, path: Path, fmt: str, opts: RestoreOptions) -> None:
@@ -105,7 +129,7 @@ def _convert(point: RestorePoint, path: Path, fmt: str, opts: RestoreOptions) ->
     log.info("%s: restoring %s (%s) into %s", point.disk_id, point.label,
              point.record.file, path)
     try:
-        qemuimg.convert(point.path, partial, out_format=fmt, rate_limit=opts.rate_limit,
+        qemuimg.convert(_source(point), partial, out_format=fmt, rate_limit=opts.rate_limit,
                         dry_run=opts.dry_run)
         if not opts.dry_run:
             os.chmod(partial, 0o600)
