@@ -59,6 +59,13 @@ def top_matches(vm: TestVM, root: Path, refs: Path, disks: tuple[str, ...]) -> N
         assert identical(root / disk / files[disk][-1], ref), f"{disk} differs"
 
 
+def info_nodes(cli, vm: TestVM) -> dict[str, str]:
+    """disk -> node as ``info --show blockdev`` shows them."""
+    out = cli("qmpbackup", "--socket", vm.tool_socket, "info", "--show", "blockdev").ok().out
+    rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
+    return {row[0]: row[1] for row in rows if not set(row[0]) <= {"-"}}
+
+
 def on_original_nodes(vm: TestVM) -> None:
     """No device is left on a filter of ours, and nothing of ours is left in QEMU."""
     assert vm.tool_leftovers() == []
@@ -93,8 +100,8 @@ def test_fleecing_full_and_incrementals_hold_each_point(cli, vm: TestVM, tmp_pat
     assert len(counts) == 3 and counts == [0, 0, 0], tool_bitmaps(vm)
     on_original_nodes(vm)
     assert list(fleece_dir.iterdir()) == [], "fleecing images are gone"
-    info = cli("qmpbackup", "--socket", vm.tool_socket, "info", "--show", "blockdev").ok()
-    assert "qmpbackup-" not in info.out and "copy-before-write" not in info.out
+    nodes = info_nodes(cli, vm)
+    assert "virtio0" in nodes and not [n for n in nodes.values() if n.startswith("qmpbackup-")]
 
     restored = tmp_path / "restored.raw"
     cli("qmprestore", "merge", "--dir", root / "virtio0", "--format", "raw",
@@ -213,8 +220,9 @@ def test_sigkill_mid_fleecing_job_next_run_switches_back(cli, fvm: TestVM, tmp_p
     tops = [b["inserted"]["drv"] for b in fvm.cmd("query-block") if b.get("inserted")]
     assert "copy-before-write" in tops, "the killed run left the devices on its filters"
     fvm.write("virtio0", 0x71, 40 * MiB, 64 * 1024)   # the guest goes on meanwhile
-    info = cli("qmpbackup", "--socket", fvm.tool_socket, "info", "--show", "blockdev").ok()
-    assert "virtio0" in info.out and "qmpbackup-" not in info.out, "info shows the disk's own node"
+    nodes = info_nodes(cli, fvm)
+    assert nodes["data1"] == "data1-fmt", "info shows the disk's own node, not the filter"
+    assert not [n for n in nodes.values() if n.startswith("qmpbackup-")], nodes
     stale = fleece_dir / "qmpbackup-fleecing-999999999-abc_1"
     stale.mkdir()
     (stale / "virtio0.qcow2").write_bytes(b"x")
