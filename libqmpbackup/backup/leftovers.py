@@ -6,7 +6,8 @@ in QEMU (with ``--fleecing`` also devices switched onto a filter of ours:
 :func:`fleecing.clean_leftovers`), a fleecing
 folder whose process is gone, auxiliary bitmaps ``qmpbackup-<id>+pending`` / ``+new`` (see
 :mod:`bitmaps`), ``*.partial`` backup files and half-written metadata temp
-files in the chain folder.  The caller holds the VM lock and the chain lock,
+files in the chain folder (symlinked disk folders are not followed,
+and only regular files are removed).  The caller holds the VM lock and the chain lock,
 so no other qmpbackup run can own any of them: each is removed and logged,
 and the run goes on — no manual step.
 """
@@ -16,8 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
+from libqmpbackup import folder_safety
 from libqmpbackup.backup import bitmaps, fleecing
 from libqmpbackup.backup.jobs import cancel_jobs, remove_node
 from libqmpbackup.backup.pause import resume_after_killed_run
@@ -83,13 +86,11 @@ def clean_target(root: Path) -> None:
     """Delete unfinished backup files and metadata temp files an interrupted run left in ROOT."""
     for path in [*partial_files(root), *stale_temp_files(root)]:
         try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as err:
-            raise TargetError(f"cannot remove {path} left by an interrupted run: "
-                              f"{err.strerror}") from err
-        log.warning("removed %s, left by an interrupted run", path)
+            removed = folder_safety.remove(path.parent, path.name)
+        except TargetError as err:
+            raise TargetError(f"{err}, left by an interrupted run") from err
+        if removed:
+            log.warning("removed %s, left by an interrupted run", path)
 
 
 def clean_fleecing_dir(folder: Path) -> None:
@@ -100,10 +101,19 @@ def clean_fleecing_dir(folder: Path) -> None:
         return
     for path in candidates:
         pid = fleecing_folder_pid(path.name)
-        if pid is None or pid == os.getpid() or _alive(pid) or path.is_symlink():
+        if pid is None or pid == os.getpid() or _alive(pid) or not _own_folder(path):
             continue
         shutil.rmtree(path, ignore_errors=True)
         log.warning("removed %s, left by an interrupted run", path)
+
+
+def _own_folder(path: Path) -> bool:
+    """A real folder of this user: another user's look-alike in a shared /var/tmp is not ours."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
 
 
 def _alive(pid: int) -> bool:

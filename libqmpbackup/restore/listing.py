@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Optional
 
 from tabulate import tabulate
 
+from libqmpbackup import folder_safety
+from libqmpbackup.errors import QmpBackupError
 from libqmpbackup.journal import JOURNAL_NAME
+from libqmpbackup.layout import disk_folders
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import partial_leftovers, record_label
 from libqmpbackup.units import local_time
@@ -25,11 +29,15 @@ log = logging.getLogger(__name__)
 HEADERS = ("chain", "disk", "restore point", "time", "level", "file", "size", "virtual size")
 
 
-def _size(path: Path) -> str:
+def _size(folder: Path, name: str) -> str:
+    """Bytes on disk, read from the entry itself: a symlink is reported, never followed."""
     try:
-        return str(path.stat().st_size)
-    except OSError:
+        info = folder_safety.entry(folder, name)
+    except QmpBackupError:
         return "missing"
+    if info is None:
+        return "missing"
+    return str(info.st_size) if stat.S_ISREG(info.st_mode) else f"refused: {folder_safety.kind(info)}"
 
 
 def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
@@ -41,10 +49,10 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
                                          and chain.folder_of(disk_id) != backup.disk_folder):
                 continue
             for record in disk.backups:
-                path = backup.root / chain.folder_of(disk_id) / record.file
                 rows.append((prefix + chain.uuid, disk_id, record_label(record),
                              local_time(record.point_time), record.level, record.file,
-                             _size(path), record.virtual_size or "unknown"))
+                             _size(backup.root / chain.folder_of(disk_id), record.file),
+                             record.virtual_size or "unknown"))
     return rows
 
 
@@ -53,8 +61,8 @@ def _warn_leftovers(backup: BackupDir) -> None:
         log.warning("%s: %d file(s) of pruned chains are not deleted yet (an interrupted prune); "
                     "the next prune or backup run removes them", backup.root,
                     len(backup.store.pruning))
-    folders = [backup.folder] if backup.disk_folder is not None else [backup.root, *sorted(
-        p for p in backup.root.iterdir() if p.is_dir() and not p.is_symlink())]
+    folders = ([backup.folder] if backup.disk_folder is not None
+               else [backup.root, *disk_folders(backup.root)])
     for folder in folders:
         entries = os.listdir(folder)
         for name in partial_leftovers(entries):

@@ -26,7 +26,7 @@ def disk(qdev: str = "/machine/peripheral-anon/device[0]/virtio-backend",
 def test_folder_names_carry_the_pid() -> None:
     assert fleecing_folder_pid(fleecing_folder_prefix(4242) + "ab_c9") == 4242
     for name in ("qmpbackup-fleecing-x-ab", "qmpbackup-fleecing-12", "other-12-ab",
-                 "qmpbackup-fleecing-12-a/b"):
+                 "qmpbackup-fleecing-12-a/b", "qmpbackup-fleecing-12-ab\n"):
         assert fleecing_folder_pid(name) is None, name
 
 
@@ -57,12 +57,18 @@ def test_stale_folders_of_dead_runs_go_live_ones_stay(tmp_path: Path) -> None:
     live = tmp_path / (fleecing_folder_prefix(os.getppid()) + "abc")
     mine = tmp_path / (fleecing_folder_prefix(os.getpid()) + "abc")
     other = tmp_path / "unrelated"
-    for folder in (stale, live, mine, other):
+    foreign = tmp_path / (fleecing_folder_prefix(dead.pid) + "xyz")
+    for folder in (stale, live, mine, other, foreign):
         folder.mkdir()
         (folder / "virtio0.qcow2").write_bytes(b"x")
+    kept = [live, mine, other]
+    if os.geteuid() == 0:   # another user's look-alike in a shared folder is not ours
+        os.chown(foreign, 54321, 54321)
+        kept.append(foreign)
+    else:
+        foreign.rename(stale.with_name(stale.name + "2"))
     clean_fleecing_dir(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        p.name for p in (live, mine, other))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in kept)
 
 
 def test_only_a_refused_snapshot_read_is_a_broken_snapshot(tmp_path: Path) -> None:
