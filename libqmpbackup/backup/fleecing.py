@@ -66,6 +66,13 @@ MAX_CBW_TIMEOUT = 3600
 SNAPSHOT_BITMAP = f"{TOOL_PREFIX}snapshot"   # on the snapshot node only, dies with it
 FILTER_DRIVER = "copy-before-write"
 SNAPSHOT_DRIVER = "snapshot-access"
+# QEMU does the file I/O of all nodes with one pool of at most 64 threads, and a
+# backup job copies with up to 64 workers: against a hung target every worker
+# blocks one thread in its write, and the guest's own I/O (and the fleecing
+# copies) would queue behind them.  The jobs of a fleecing run together keep to
+# half the pool (``x-perf``, in QEMU 7.2's schema, marked unstable).
+THREAD_BUDGET = 32
+MAX_JOB_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -170,9 +177,10 @@ class Fleecing:
                 for entry in self.disks:
                     await self._switch_one(entry)
                 await bitmaps.transaction(self.session, self._bitmap_actions())
+        workers = max(1, min(MAX_JOB_WORKERS, THREAD_BUDGET // len(self.disks)))
         for entry in self.disks:
             bitmap = SNAPSHOT_BITMAP if entry.job.sync == "incremental" else None
-            entry.job.read_from(entry.snapshot_node, bitmap)
+            entry.job.read_from(entry.snapshot_node, bitmap, max_workers=workers)
 
     async def _switch_one(self, entry: _FleecedDisk) -> None:
         disk, job = entry.disk, entry.job
@@ -183,9 +191,9 @@ class Fleecing:
             # only what the incremental copies needs saving before a guest write
             cbw["bitmap"] = {"node": disk.node, "name": job.bitmap}
         await self._add(entry, entry.filter_node, cbw)
+        entry.switched = True   # also when cancelled in flight: release looks before it acts
         await self.session.execute("qom-set", {"path": device_path(disk), "property": "drive",
                                                "value": entry.filter_node})
-        entry.switched = True
         await self._add(entry, entry.snapshot_node,
                         {"driver": SNAPSHOT_DRIVER, "file": entry.filter_node})
 
@@ -259,9 +267,18 @@ async def _release_disk(session: QmpSession, entry: _FleecedDisk) -> bool:
 
 
 async def switch_back(session: QmpSession, disk: BlockDevice, filter_node: str) -> bool:
+    """Put DISK's device back on its own node if it is on FILTER_NODE; False if it stays there.
+
+    Looks first: QEMU 7.2 dies on a ``qom-set`` of the node a device already uses.
+    """
     if not session.connected:
         return False
     try:
+        blocks = await session.execute("query-block")
+        top = next((b.get("inserted", {}).get("node-name") for b in blocks
+                    if b.get("qdev") == disk.qdev), None)
+        if top != filter_node:
+            return True
         await session.execute("qom-set", {"path": device_path(disk), "property": "drive",
                                           "value": disk.node})
     except QmpCommandError as err:

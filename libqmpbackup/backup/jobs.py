@@ -56,17 +56,19 @@ class BackupJob:
     target_failed: bool = False     # the error was writing the target (full, unwritable)
     source_node: str = ""           # the node the job reads, when not the disk's (fleecing)
     source_failed: bool = False     # the error was reading the source
+    max_workers: int = 0            # bound on the job's parallel copies (0: QEMU's 64)
 
     def assign_names(self, index: int, run_tag: str) -> None:
         """Recognisable names, so leftovers of a killed run can be found and removed."""
         self.job_id = f"{TOOL_PREFIX}{safe_component(self.disk.disk_id)}-{run_tag}"
         self.target_node = f"{TOOL_PREFIX}t{index}-{run_tag}"
 
-    def read_from(self, node: str, bitmap: Optional[str]) -> None:
+    def read_from(self, node: str, bitmap: Optional[str], *, max_workers: int = 0) -> None:
         """Copy from NODE (a snapshot of the disk) instead, with NODE's own BITMAP if any."""
         self.source_node = node
         self.bitmap = bitmap
         self.bitmap_mode = None
+        self.max_workers = max_workers
 
 
 def new_run_tag() -> str:
@@ -90,6 +92,8 @@ def backup_action(job: BackupJob, *, speed: int = 0, compress: bool = False) -> 
         args["speed"] = speed
     if compress:
         args["compress"] = True
+    if job.max_workers:
+        args["x-perf"] = {"max-workers": job.max_workers}
     return {"type": "blockdev-backup", "data": args}
 
 

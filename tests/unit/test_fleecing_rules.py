@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from libqmpbackup.backup import fleecing
-from libqmpbackup.backup.jobs import BackupJob, snapshot_broke
+from libqmpbackup.backup.jobs import BackupJob, backup_action, snapshot_broke
 from libqmpbackup.backup.leftovers import clean_fleecing_dir
 from libqmpbackup.errors import UsageError
 from libqmpbackup.names import fleecing_folder_pid, fleecing_folder_prefix
@@ -80,3 +80,14 @@ def test_only_a_refused_snapshot_read_is_a_broken_snapshot(tmp_path: Path) -> No
     assert snapshot_broke(job)
     job.result = os.strerror(5)
     assert not snapshot_broke(job), "an I/O error of the disk itself"
+
+
+def test_a_fleecing_job_reads_the_snapshot_with_bounded_workers(tmp_path: Path) -> None:
+    job = BackupJob(disk=disk(), level="inc", sync="incremental",
+                    partial_path=tmp_path / "a.partial", final_path=tmp_path / "a",
+                    bitmap="qmpbackup-c1", bitmap_mode="on-success")
+    assert "x-perf" not in backup_action(job)["data"]
+    job.read_from("qmpbackup-fs0-abc", "qmpbackup-snapshot", max_workers=8)
+    data = backup_action(job)["data"]
+    assert data["device"] == "qmpbackup-fs0-abc" and data["bitmap"] == "qmpbackup-snapshot"
+    assert "bitmap-mode" not in data and data["x-perf"] == {"max-workers": 8}
