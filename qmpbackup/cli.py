@@ -14,11 +14,18 @@ from libqmpbackup.backup.plan import LEVELS, BackupOptions
 from libqmpbackup.backup.quiesce import check_quiesce_options
 from libqmpbackup.backup.run import run_backup
 from libqmpbackup.backup.session import locked_session
-from libqmpbackup.backup.vm_info import agent_report, bitmaps_table, blockdev_table
+from libqmpbackup.backup.vm_info import (
+    agent_report,
+    bitmaps_document,
+    bitmaps_table,
+    blockdev_document,
+    blockdev_table,
+)
 from libqmpbackup.errors import UsageError
+from libqmpbackup.json_output import JsonResult, add_json_option
 from libqmpbackup.names import validate_uuid
 from libqmpbackup.qemu.devices import discover
-from libqmpbackup.runner import Command, add_logging_options, byte_rate, run
+from libqmpbackup.runner import Command, CommandResult, add_logging_options, byte_rate, run
 
 log = logging.getLogger("qmpbackup")
 
@@ -99,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "and back up unquiesced")
     backup.add_argument("--quiesce-required", action="store_true",
                         help="like --quiesce, but fail when the guest cannot be frozen")
+    add_json_option(backup)
 
     info = commands.add_parser(
         "info", help="show the VM's disks or bitmaps",
@@ -108,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("--show", choices=("blockdev", "bitmaps", "agent"), default="blockdev",
                       help="disks, dirty bitmaps, or the guest agent (needs --agent-socket)")
+    add_json_option(info)
 
     cleanup = commands.add_parser(
         "cleanup", help="remove qmpbackup's bitmaps from the VM",
@@ -121,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def backup_command(args: argparse.Namespace) -> int:
+async def backup_command(args: argparse.Namespace) -> CommandResult:
     # Checked here, before planning creates folders or retires bitmaps.
     check_quiesce_options(args.agent_socket, args.quiesce_required)
     if args.uuid and args.level == "copy":
@@ -138,17 +147,23 @@ async def backup_command(args: argparse.Namespace) -> int:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
              f" (chain {result.chain_id})" if result.chain_id else "")
-    return 0
+    return JsonResult(result.document()) if args.json else 0
 
 
-async def info_command(args: argparse.Namespace) -> int:
+async def info_command(args: argparse.Namespace) -> CommandResult:
     if args.show == "agent":
         if not args.agent_socket:
             raise UsageError("info --show agent needs --agent-socket")
-        print(await agent_report(args.agent_socket))
+        report = await agent_report(args.agent_socket)
+        if args.json:
+            return JsonResult(report.document())
+        print(report.text())
         return 0
     async with locked_session(args.socket) as session:
         disks = await discover(session)
+    if args.json:
+        return JsonResult(blockdev_document(disks) if args.show == "blockdev"
+                          else bitmaps_document(disks))
     print(blockdev_table(disks) if args.show == "blockdev" else bitmaps_table(disks))
     return 0
 

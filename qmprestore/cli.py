@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from libqmpbackup import __version__
+from libqmpbackup.json_output import JsonResult, add_json_option
 from libqmpbackup.names import validate_uuid
 from libqmpbackup.restore.inplace import commit, rebase, snapshotrebase
-from libqmpbackup.restore.listing import list_table
-from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge
+from libqmpbackup.restore.listing import list_document, list_table
+from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge, merge_document
 from libqmpbackup.restore.rules import RestoreOptions
-from libqmpbackup.runner import Command, add_logging_options, byte_rate, run
+from libqmpbackup.runner import Command, CommandResult, add_logging_options, byte_rate, run
 
 EXAMPLES = """\
 examples:
@@ -82,6 +83,8 @@ def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
                         help="the backup folder (holds qmpbackup.json) or one disk folder in it")
+    if name in ("list", "merge"):
+        add_json_option(parser)
     if name == "list":
         return parser
     parser.add_argument("--until", metavar="NAME",
@@ -128,15 +131,17 @@ def _options(args: argparse.Namespace) -> RestoreOptions:
                           rate_limit=getattr(args, "rate_limit", 0))
 
 
-def list_command(args: argparse.Namespace) -> int:
+def list_command(args: argparse.Namespace) -> CommandResult:
+    if args.json:
+        return JsonResult(list_document(args.dir))
     print(list_table(args.dir))
     return 0
 
 
-def merge_command(args: argparse.Namespace) -> int:
-    merge(_options(args), MergeTarget(file=args.targetfile, directory=args.targetdir,
-                                      fmt=args.fmt))
-    return 0
+def merge_command(args: argparse.Namespace) -> CommandResult:
+    images = merge(_options(args), MergeTarget(file=args.targetfile, directory=args.targetdir,
+                                               fmt=args.fmt))
+    return JsonResult(merge_document(images, args.dry_run)) if args.json else 0
 
 
 def rebase_command(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
 from libqmpbackup.fsutil import fsync_dir
 from libqmpbackup.journal import refuse_unfinished_restores
+from libqmpbackup.json_output import Document
 from libqmpbackup.layout import is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord, ChainStore
@@ -56,12 +57,46 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class BackupFile:
+    """One file a run wrote, as reported to scripts (``--json``)."""
+
+    disk_id: str
+    path: Path
+    level: str
+    time: int
+    bytes_written: int      # what QEMU's job copied into the file
+    duration: float        # seconds from the transaction to this disk's job completing
+
+    @classmethod
+    def of(cls, job: BackupJob, timestamp: int) -> BackupFile:
+        return cls(disk_id=job.disk.disk_id, path=job.final_path, level=job.level,
+                   time=timestamp, bytes_written=job.bytes_copied, duration=job.duration)
+
+    def document(self) -> Document:
+        try:
+            size: Optional[int] = self.path.stat().st_size
+        except OSError:
+            size = None
+        return {"disk": self.disk_id, "file": str(self.path), "level": self.level,
+                "time": self.time, "bytes_written": self.bytes_written, "file_size": size,
+                "duration": round(self.duration, 3)}
+
+
+@dataclass
 class BackupResult:
     level: str
     root: Path
     chain_id: Optional[str]
-    files: list[Path] = field(default_factory=list)
+    time: int
+    files: list[BackupFile] = field(default_factory=list)
     reason: str = ""
+    quiesced: bool = False
+
+    def document(self) -> Document:
+        """The ``backup --json`` document (keys in docs/json.md)."""
+        return {"command": "backup", "level": self.level, "reason": self.reason,
+                "chain": self.chain_id, "target": str(self.root), "time": self.time,
+                "quiesced": self.quiesced, "files": [f.document() for f in self.files]}
 
 
 def _timestamp_after(last: int) -> int:
@@ -113,8 +148,10 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
         await guard.finish()
     if quiescer and quiescer.thaw_error:
         raise AgentError(quiescer.thaw_error)
-    return BackupResult(plan.level, root, plan.chain.uuid if plan.chain else None,
-                        [j.final_path for j in plan.jobs], plan.reason)
+    return BackupResult(level=plan.level, root=root,
+                        chain_id=plan.chain.uuid if plan.chain else None, time=plan.timestamp,
+                        files=[BackupFile.of(j, plan.timestamp) for j in plan.jobs],
+                        reason=plan.reason, quiesced=bool(quiescer and quiescer.frozen))
 
 
 @dataclass

@@ -12,10 +12,13 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 from tabulate import tabulate
 
 from libqmpbackup.journal import JOURNAL_NAME
+from libqmpbackup.json_output import Document
+from libqmpbackup.metadata import BackupRecord, Chain
 from libqmpbackup.names import safe_component
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import label, partial_leftovers
@@ -29,24 +32,44 @@ def _when(timestamp: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
-def _size(path: Path) -> str:
+def _size(path: Path) -> Optional[int]:
     try:
-        return str(path.stat().st_size)
+        return path.stat().st_size
     except OSError:
-        return "missing"
+        return None
+
+
+def _disk_ids(backup: BackupDir, chain: Chain) -> list[str]:
+    return [d for d in chain.disks
+            if backup.disk_folder is None or safe_component(d) == backup.disk_folder]
+
+
+def _point_document(folder: Path, record: BackupRecord) -> Document:
+    return {"point": label(record.file), "file": str(folder / record.file),
+            "level": record.level, "time": record.time, "size": _size(folder / record.file),
+            "virtual_size": record.virtual_size, "compressed": record.compressed,
+            "quiesced": record.quiesced}
+
+
+def _chain_document(backup: BackupDir, chain: Chain) -> Document:
+    disks = []
+    for disk_id in _disk_ids(backup, chain):
+        folder = backup.root / safe_component(disk_id)
+        disks.append({"disk": disk_id, "folder": str(folder), "points": [
+            _point_document(folder, r) for r in chain.disks[disk_id].backups]})
+    return {"chain": chain.uuid, "folder": str(backup.root), "bitmap": chain.bitmap,
+            "created": chain.created, "disks": disks}
 
 
 def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
     for chain in backup.store.chains:
-        for disk_id, disk in chain.disks.items():
-            folder_name = safe_component(disk_id)
-            if backup.disk_folder is not None and folder_name != backup.disk_folder:
-                continue
-            for record in disk.backups:
-                path = backup.root / folder_name / record.file
-                rows.append((prefix + chain.uuid, disk_id, label(record.file), _when(record.time),
-                             record.level, record.file, _size(path), record.virtual_size))
+        for disk in _chain_document(backup, chain)["disks"]:
+            for point in disk["points"]:
+                size = point["size"]
+                rows.append((prefix + chain.uuid, disk["disk"], point["point"],
+                             _when(point["time"]), point["level"], Path(point["file"]).name,
+                             "missing" if size is None else size, point["virtual_size"]))
     return rows
 
 
@@ -70,3 +93,12 @@ def list_table(path: Path) -> str:
         # below a --monthly base, chains are told apart by their month folder
         rows += _rows(backup, "" if backup.folder == given else f"{backup.root.name}/")
     return tabulate(rows, headers=HEADERS)
+
+
+def list_document(path: Path) -> Document:
+    """The ``list --json`` document: the same chains, disks and points as the table."""
+    chains = []
+    for backup in open_for_listing(path):
+        _warn_leftovers(backup)
+        chains += [_chain_document(backup, c) for c in backup.store.chains]
+    return {"command": "list", "dir": os.path.abspath(path), "chains": chains}

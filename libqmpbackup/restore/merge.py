@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.errors import TargetError, UsageError
+from libqmpbackup.json_output import Document
 from libqmpbackup.names import PARTIAL_SUFFIX, safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
@@ -35,6 +36,26 @@ class MergeTarget:
     fmt: str = "qcow2"
 
 
+@dataclass
+class RestoredImage:
+    """One image merge wrote (or, in a dry run, would write)."""
+
+    point: RestorePoint
+    path: Path
+    fmt: str
+
+    def document(self) -> Document:
+        return {"disk": self.point.disk_id, "chain": self.point.chain_id,
+                "point": self.point.label, "level": self.point.record.level,
+                "time": self.point.record.time, "source": str(self.point.path),
+                "image": str(self.path), "format": self.fmt}
+
+
+def merge_document(images: list[RestoredImage], dry_run: bool) -> Document:
+    """The ``merge --json`` document (keys in docs/json.md)."""
+    return {"command": "merge", "dry_run": dry_run, "images": [i.document() for i in images]}
+
+
 def output_format(point: RestorePoint, fmt: str) -> str:
     if fmt != "source":
         return fmt
@@ -46,7 +67,7 @@ def output_format(point: RestorePoint, fmt: str) -> str:
     return "qcow2"
 
 
-def _targets(points: list[RestorePoint], target: MergeTarget) -> list[tuple[RestorePoint, Path, str]]:
+def _targets(points: list[RestorePoint], target: MergeTarget) -> list[RestoredImage]:
     plan = []
     for point in points:
         fmt = output_format(point, target.fmt)
@@ -58,7 +79,7 @@ def _targets(points: list[RestorePoint], target: MergeTarget) -> list[tuple[Rest
         if path.exists() or path.is_symlink():
             raise TargetError(f"{path} already exists: merge never overwrites, "
                               "remove it or choose another target")
-        plan.append((point, path, fmt))
+        plan.append(RestoredImage(point=point, path=path, fmt=fmt))
     return plan
 
 
@@ -78,7 +99,7 @@ def _prepare_directory(target: MergeTarget, dry_run: bool) -> None:
             raise TargetError(f"cannot create {target.directory}: {err.strerror}") from err
 
 
-def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
+def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
     """Restore the chosen point of one disk (--targetfile) or of every disk (--targetdir)."""
     if (target.file is None) == (target.directory is None):
         raise UsageError("merge needs exactly one of --targetfile and --targetdir")
@@ -93,9 +114,9 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
         verify(point, backup.store, skip_check=opts.skip_check)
     plan = _targets(points, target)
     _prepare_directory(target, opts.dry_run)
-    for point, path, fmt in plan:
-        _convert(point, path, fmt, opts)
-    return [path for _, path, _ in plan]
+    for image in plan:
+        _convert(image.point, image.path, image.fmt, opts)
+    return plan
 
 
 def _convert(point: RestorePoint, path: Path, fmt: str, opts: RestoreOptions) -> None:
