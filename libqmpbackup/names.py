@@ -10,6 +10,7 @@ Layout of a chain folder::
     DIR/.qmpbackup.lock      (while a run holds it, or left by a killed run; not data)
     DIR/<disk id>/FULL-<unix time>-<image name>
     DIR/<disk id>/INC-<unix time>-<image name>     (backing file: the previous backup)
+    DIR/<disk id>/DIFF-<unix time>-<image name>    (backing file: the chain's FULL)
     DIR/<disk id>/COPY-<unix time>-<image name>    (level copy, no chain)
 """
 
@@ -28,9 +29,9 @@ LOCK_NAME = ".qmpbackup.lock"
 PARTIAL_SUFFIX = ".partial"
 TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of the tool
 BITMAP_PREFIX = TOOL_PREFIX
-LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "copy": "COPY"}
+LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "diff": "DIFF", "copy": "COPY"}
 PREFIX_LEVEL = {prefix: level for level, prefix in LEVEL_PREFIX.items()}
-BACKUP_NAME_RE = re.compile(r"^(FULL|INC|COPY)-(\d+)-(.+)$")
+BACKUP_NAME_RE = re.compile(r"^(FULL|INC|DIFF|COPY)-(\d+)-(.+)$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -43,6 +43,8 @@ examples:
   # start a chain in an empty folder, then add incrementals
   qmpbackup --socket /run/vm1.qmp backup --level full --target /backup/vm1
   qmpbackup --socket /run/vm1.qmp backup --level inc --target /backup/vm1
+  # everything since the FULL: restoring it reads two files
+  qmpbackup --socket /run/vm1.qmp backup --level diff --target /backup/vm1
   # from cron: full on first run (and each month), incremental otherwise
   qmpbackup --socket /run/vm1.qmp --quiet backup --level auto --monthly --target /backup/vm1
   # only the system disk, at most 50 MiB/s per disk
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     backup.add_argument("--level", required=True, choices=LEVELS,
                         help="full: new chain in an empty folder; inc: changes since the last "
-                             "backup of the chain; auto: full when needed, else inc; "
+                             "backup of the chain; diff: changes since the chain's FULL; "
+                             "auto: full when needed, else inc; "
                              "copy: standalone full copy, no bitmap")
     backup.add_argument("--target", required=True, type=Path, metavar="DIR",
                         help="backup folder (holds one chain, or one per month with --monthly)")

@@ -11,6 +11,7 @@ and the run goes on — no manual step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -78,7 +79,12 @@ async def _clean_nodes(session: QmpSession) -> list[str]:
 
 
 def clean_target(root: Path) -> None:
-    """Delete unfinished backup files and metadata temp files an interrupted run left in ROOT."""
+    """Delete unfinished backup files and metadata temp files an interrupted run left in ROOT.
+
+    A disk folder the interrupted run created holds nothing else then; it
+    goes too, so a killed first FULL does not leave the folder "not empty"
+    for the next one.
+    """
     for path in [*partial_files(root), *stale_temp_files(root)]:
         try:
             path.unlink()
@@ -88,3 +94,6 @@ def clean_target(root: Path) -> None:
             raise TargetError(f"cannot remove {path} left by an interrupted run: "
                               f"{err.strerror}") from err
         log.warning("removed %s, left by an interrupted run", path)
+        if path.parent != root:
+            with contextlib.suppress(OSError):   # only an empty folder can go
+                path.parent.rmdir()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup.backup.bitmaps import tool_bitmaps
+from libqmpbackup.backup.bitmaps import chain_bitmap_of, chain_bitmaps, diff_bitmap, tool_bitmaps
 from libqmpbackup.backup.jobs import BackupJob
 from libqmpbackup.errors import ChainError, TargetError, UsageError
 from libqmpbackup.layout import month_folder
@@ -23,7 +23,7 @@ from libqmpbackup.qemu.devices import BlockDevice
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("full", "inc", "auto", "copy")
+LEVELS = ("full", "inc", "diff", "auto", "copy")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class BackupOptions:
 
 @dataclass
 class RunPlan:
-    level: str                        # the effective level: full, inc or copy
+    level: str                        # the effective level: full, inc, diff or copy
     timestamp: int
     root: Path
     chain: Optional[Chain]            # None for copy
@@ -105,13 +105,15 @@ def _job(disk: BlockDevice, root: Path, level: str, timestamp: int, *,
                      backing=backing, bitmap=bitmap, bitmap_mode=bitmap_mode)
 
 
-def _chain_jobs(disks: list[BlockDevice], root: Path, chain: Chain,
-                timestamp: int) -> tuple[list[BackupJob], list[BlockDevice]]:
-    """Jobs for a chain run: incremental where possible, full where a disk is new.
+def _chain_jobs(disks: list[BlockDevice], root: Path, chain: Chain, timestamp: int,
+                level: str = "inc") -> tuple[list[BackupJob], list[BlockDevice]]:
+    """Jobs for a chain run: LEVEL (inc or diff) where possible, full where a disk is new.
 
     A disk that cannot hold bitmaps (raw, pflash) is copied in full every time.
     A bitmap-capable disk without a full in the chain gets its full now,
-    with the chain bitmap added beforehand and re-based on success.
+    with the chain bitmap added beforehand and re-based on success.  An INC
+    backs onto the disk's previous backup, a DIFF onto its FULL; both run
+    with the chain bitmap (see :mod:`bitmaps` for how a DIFF fills it).
     """
     jobs, add = [], []
     for disk in disks:
@@ -120,9 +122,10 @@ def _chain_jobs(disks: list[BlockDevice], root: Path, chain: Chain,
             continue
         history = chain.disks.get(disk.disk_id)
         if history and chain.has_full(disk.disk_id):
-            previous = history.backups[-1].file
-            jobs.append(_job(disk, root, "inc", timestamp, sync="incremental",
-                             backing=previous, bitmap=chain.bitmap))
+            fulls = [b.file for b in history.backups if b.level == "full"]
+            backing = fulls[-1] if level == "diff" else history.backups[-1].file
+            jobs.append(_job(disk, root, level, timestamp, sync="incremental",
+                             backing=backing, bitmap=chain.bitmap))
             continue
         if disk.bitmap(chain.bitmap) is None:
             add.append(disk)
@@ -131,19 +134,30 @@ def _chain_jobs(disks: list[BlockDevice], root: Path, chain: Chain,
     return jobs, add
 
 
-def _bitmap_problems(disks: list[BlockDevice], chain: Chain) -> list[tuple[BlockDevice, str]]:
-    """Disks of the chain whose bitmap can no longer describe the changes since the last backup."""
+def _bitmap_problems(disks: list[BlockDevice], chain: Chain,
+                     differential: bool = False) -> list[tuple[BlockDevice, str]]:
+    """Disks of the chain whose bitmap can no longer describe the changes since the last backup.
+
+    DIFFERENTIAL: the changes since the FULL are needed too (the diff bitmap).
+    """
     problems = []
     for disk in disks:
         if not disk.supports_persistent_bitmaps or not chain.has_full(disk.disk_id):
             continue
         bitmap = disk.bitmap(chain.bitmap)
+        diff = disk.bitmap(diff_bitmap(chain.bitmap))
         if bitmap is None:
-            others = tool_bitmaps(disk)
+            others = sorted({chain_bitmap_of(n) for n in tool_bitmaps(disk)} - {chain.bitmap})
             hint = f" (it has {', '.join(others)} from another chain)" if others else ""
             problems.append((disk, f"disk {disk.disk_id} has no bitmap {chain.bitmap}{hint}"))
         elif bitmap.inconsistent:
             problems.append((disk, f"bitmap {chain.bitmap} on {disk.disk_id} is inconsistent "
+                                   "(QEMU did not shut down cleanly)"))
+        elif differential and diff is None:
+            problems.append((disk, f"disk {disk.disk_id} has no bitmap {diff_bitmap(chain.bitmap)} "
+                                   "(the chain was started without it, or QEMU lost it)"))
+        elif differential and diff is not None and diff.inconsistent:
+            problems.append((disk, f"bitmap {diff.name} on {disk.disk_id} is inconsistent "
                                    "(QEMU did not shut down cleanly)"))
     return problems
 
@@ -183,7 +197,7 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
                 "(use --level inc or auto to continue the chain there, or --monthly)")
         chain_id = opts.uuid if opts.uuid and not unusable else new_chain_id()
         new = Chain(uuid=chain_id, bitmap=bitmap_name(chain_id), created=timestamp)
-        taken = [d.disk_id for d in disks if d.bitmap(new.bitmap)]
+        taken = [d.disk_id for d in disks if chain_bitmaps(d, new.bitmap)]
         if taken:
             # re-basing it would silently break the chain in the other folder
             raise ChainError(
@@ -196,9 +210,11 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
 
     if chain is None:
         raise ChainError(f"target {root} holds no backup chain: run a full backup first")
-    problems = _bitmap_problems(disks, chain)
+    problems = _bitmap_problems(disks, chain, differential=level == "diff")
     if problems:
-        raise ChainError(f"{problems[0][1]}: an incremental backup is impossible; "
-                         "run --level auto (starts a new chain) or a full backup into a new folder")
-    jobs, add = _chain_jobs(disks, root, chain, timestamp)
-    return RunPlan("inc", timestamp, root, chain, False, jobs, add, None, reason)
+        kind = "a differential" if level == "diff" else "an incremental"
+        raise ChainError(f"{problems[0][1]}: {kind} backup is impossible; "
+                         "run --level auto (starts a new chain when the bitmap is unusable) or "
+                         "a full backup into a new folder")
+    jobs, add = _chain_jobs(disks, root, chain, timestamp, level)
+    return RunPlan(level, timestamp, root, chain, False, jobs, add, None, reason)

@@ -138,8 +138,8 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
     if plan.retire_bitmap:
         for disk in selected:
-            if disk.bitmap(plan.retire_bitmap):
-                await bitmaps.remove(session, disk, plan.retire_bitmap)
+            for name in bitmaps.chain_bitmaps(disk, plan.retire_bitmap):
+                await bitmaps.remove(session, disk, name)
     quiescer = (Quiescer(opts.agent_socket, required=opts.quiesce_required)
                 if opts.quiesce else None)
     try:
@@ -258,8 +258,14 @@ def _run_bitmaps(plan: RunPlan) -> Optional[bitmaps.RunBitmaps]:
     if plan.chain is None:
         return None
     added = plan.bitmaps_to_add
+    chain_bitmap = plan.chain.bitmap
     kept = [j.disk for j in plan.jobs if j.bitmap and j.disk not in added]
-    return bitmaps.RunBitmaps(plan.chain.bitmap, kept=kept, added=list(added))
+    return bitmaps.RunBitmaps(
+        chain_bitmap, kept=kept, added=list(added),
+        differential=[j.disk for j in plan.jobs if j.level == "diff"],
+        diff_added=[j.disk for j in plan.jobs if j.level == "full" and j.bitmap
+                    and j.disk not in added
+                    and j.disk.bitmap(bitmaps.diff_bitmap(chain_bitmap)) is None])
 
 
 async def _cancel_if_running(session: QmpSession, jobs: list[BackupJob]) -> None:

@@ -25,6 +25,7 @@ from libqmpbackup.restore.rules import (
     disk_ids_in_folder,
     folder_problems,
     image_problems,
+    parent,
     partial_leftovers,
     record_problems,
     select_disk_point,
@@ -183,16 +184,18 @@ def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) 
 
 
 def _image_problems(point: RestorePoint) -> list[str]:
+    """Each file against its metadata; runs after record_problems found every record in place."""
     problems = []
-    previous = None
-    for record in point.records:
+    for index, record in enumerate(point.records):
+        backs_onto = parent(point.records, index)
         try:
             info = qemuimg.info(point.folder / record.file, fmt="qcow2")
         except QemuImgError as err:
             problems.append(f"{record.file} is unreadable ({err})")
         else:
-            problems += image_problems(record, previous, info, point.folder)
-        previous = record
+            problems += image_problems(
+                record, None if backs_onto is None else point.records[backs_onto], info,
+                point.folder)
     return problems
 
 

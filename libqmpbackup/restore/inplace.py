@@ -29,7 +29,7 @@ from typing import Iterator
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
-from libqmpbackup.metadata import ChainStore
+from libqmpbackup.metadata import BackupRecord, ChainStore
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
@@ -40,8 +40,10 @@ from libqmpbackup.restore.rules import (
     RestorePoint,
     consolidated_name,
     label,
+    last_full,
     matches,
     needs_rebase,
+    parent,
 )
 
 log = logging.getLogger(__name__)
@@ -55,19 +57,24 @@ def _disk_point(backup: BackupDir, command: str, opts: RestoreOptions) -> Restor
 
 
 def _back_by_metadata(point: RestorePoint, dry_run: bool) -> None:
-    """Give each file up to the point its predecessor in the metadata, by relative name.
+    """Give each file from the point's FULL up to it its parent in the metadata, by relative name.
 
     After the pre-check this only rewrites equivalent names (absolute, ``./``);
     with --skip-check it also repairs wrong ones, so what is restored follows
     the metadata, never a header that disagrees with it.
     """
-    segment = point.segment()
-    for previous, record in zip(segment, segment[1:]):
-        path = point.folder / record.file
-        if needs_rebase(qemuimg.info(path, fmt="qcow2"), previous.file):
-            qemuimg.rebase_unsafe(path, previous.file, dry_run=dry_run)
-        else:
-            log.debug("%s is already backed by %s", record.file, previous.file)
+    records = point.records
+    for index in range(last_full(records, point.index) + 1, point.index + 1):
+        backs_onto = parent(records, index)
+        assert backs_onto is not None   # only the FULL has none, and it is not in this range
+        _rebase_if_needed(point.folder / records[index].file, records[backs_onto].file, dry_run)
+
+
+def _rebase_if_needed(path: Path, backing: str, dry_run: bool) -> None:
+    if needs_rebase(qemuimg.info(path, fmt="qcow2"), backing):
+        qemuimg.rebase_unsafe(path, backing, dry_run=dry_run)
+    else:
+        log.debug("%s is already backed by %s", path.name, backing)
 
 
 @contextlib.contextmanager
@@ -140,18 +147,18 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
         log.warning("%s: finishing the interrupted %s up to %s", folder, operation, journal.point)
     else:
         point = _disk_point(backup, operation, opts)
-        segment = point.segment()
-        base = folder / segment[0].file
-        if len(segment) == 1:
+        consumed = point.span()
+        base = folder / consumed[0].file
+        if len(consumed) == 1:
             if snapshots:
                 _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
             file_steps.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
         journal = Journal(operation=operation, chain=point.chain_id, disk=point.disk_id,
-                          base=segment[0].file, result=consolidated_name(segment[0], point.record),
+                          base=consumed[0].file, result=consolidated_name(consumed[0], point.record),
                           point=point.record.file, point_time=point.record.time,
-                          steps=[r.file for r in segment[1:]], snapshots=snapshots)
+                          steps=[r.file for r in consumed[1:]], snapshots=snapshots)
         if (folder / journal.result).exists():
             raise ChainError(f"{folder / journal.result} already exists: cannot rename "
                              f"{journal.base} to it")
@@ -201,6 +208,23 @@ def _advance(journal: Journal, folder: Path, done: int, dry_run: bool) -> None:
         journal.save(folder)
 
 
+def _rebase_later_points(records: list[BackupRecord], result: str, folder: Path,
+                         dry_run: bool) -> None:
+    """Back every later point whose parent is now the consolidated FULL onto it by name.
+
+    That is the INC right after the restored point (it held the changes since
+    that point, which the FULL now is) and every later DIFF (it holds every
+    change since the old FULL, so it is right on top of any point between).
+    """
+    names = [r.file for r in records]
+    if result not in names:
+        return
+    anchor = names.index(result)
+    for index in range(anchor + 1, len(records)):
+        if parent(records, index) == anchor:
+            _rebase_if_needed(folder / records[index].file, result, dry_run)
+
+
 def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     """Turn the folder into a consistent chain again: FULL at the point, later INCs on top."""
     folder = backup.folder
@@ -210,20 +234,15 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         raise ChainError(f"chain {journal.chain} of disk {journal.disk} vanished from "
                          f"{store.path}: cannot finish the {journal.operation}")
     records = chain.disks[journal.disk].backups
-    files = [r.file for r in records]
-    anchor = journal.point if journal.point in files else journal.result
-    following = files.index(anchor) + 1 if anchor in files else len(files)
-    if following < len(records) and records[following].level == "inc":
-        later = folder / records[following].file
-        if needs_rebase(qemuimg.info(later, fmt="qcow2"), journal.result):
-            qemuimg.rebase_unsafe(later, journal.result, dry_run=dry_run)
+    consolidated = [dataclasses.replace(r, file=journal.result, time=journal.point_time)
+                    if r.file == journal.base else r
+                    for r in records if r.file not in journal.steps]
+    metadata_done = journal.base not in [r.file for r in records]
+    _rebase_later_points(consolidated, journal.result, folder, dry_run)
     if (folder / journal.base).exists():
         file_steps.rename(folder / journal.base, folder / journal.result, dry_run=dry_run)
-    if journal.base in files:
-        chain.disks[journal.disk].backups = [
-            dataclasses.replace(r, file=journal.result, time=journal.point_time)
-            if r.file == journal.base else r
-            for r in records if r.file not in journal.steps]
+    if not metadata_done:
+        chain.disks[journal.disk].backups = consolidated
         file_steps.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
                    f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
