@@ -23,12 +23,12 @@ from tests.test_faults import (  # noqa: F401  (private_lock_dir: autouse fixtur
     backup,
     chain_with_dirty_data,
     finished,
+    kill_and_let_qemu_finish,
     metadata,
     private_lock_dir,
     recovers,
     start_backup,
     tool_bitmaps,
-    wait_until_no_jobs,
 )
 from tests.test_restore import copy_disk, digests, files, node_of, prefix, records, snapshot_tags
 from tests.vm import Disk, MiB, TestVM, identical
@@ -188,13 +188,7 @@ def test_sigkill_after_qemu_finished_a_diff_loses_no_change(cli, tmp_path: Path)
         chain_with_dirty_data(cli, vm, root)
         backup(cli, vm, root, "inc").ok()     # the DIFF must also hold what this INC held
         vm.write("virtio0", 0x3E, 0, DIRTY)
-        proc = start_backup(vm, root, "diff")
-        proc.kill()
-        proc.wait()
-        for job in vm.cmd("query-jobs"):
-            if job["status"] == "running":
-                vm.cmd("block-job-set-speed", device=job["id"], speed=0)
-        wait_until_no_jobs(vm)
+        kill_and_let_qemu_finish(vm, start_backup(vm, root, "diff"))
         assert not list(root.glob("*/DIFF-*.qcow2")), "no finished-looking DIFF"
         log = recovers(cli, vm, root, refs, "diff")
         assert "+pending back into" in log

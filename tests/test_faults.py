@@ -118,6 +118,16 @@ def wait_until_no_jobs(vm: TestVM, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def kill_and_let_qemu_finish(vm: TestVM, proc: subprocess.Popen) -> None:
+    """SIGKILL the tool mid-job; QEMU then finishes its jobs (at full speed) on its own."""
+    proc.kill()
+    proc.wait()
+    for job in vm.cmd("query-jobs"):
+        if job["status"] == "running":
+            vm.cmd("block-job-set-speed", device=job["id"], speed=0)
+    wait_until_no_jobs(vm)
+
+
 # -- what every case checks ---------------------------------------------------------------
 
 def metadata(root: Path) -> dict:
@@ -193,13 +203,7 @@ def test_sigkill_after_qemu_finished_the_job_loses_no_change(cli, fvm: TestVM,
     """QEMU finishes the job and clears the bitmap; the killed run never commits: +pending saves it."""
     root, refs = tmp_path / "backup", tmp_path / "refs"
     chain_with_dirty_data(cli, fvm, root)
-    proc = start_backup(fvm, root, "inc")
-    proc.kill()
-    proc.wait()
-    for job in fvm.cmd("query-jobs"):
-        if job["status"] == "running":
-            fvm.cmd("block-job-set-speed", device=job["id"], speed=0)
-    wait_until_no_jobs(fvm)
+    kill_and_let_qemu_finish(fvm, start_backup(fvm, root, "inc"))
     chain = metadata(root)["chains"][0]
     assert [len(d["backups"]) for d in chain["disks"].values()] == [1, 1], "nothing committed"
     assert len(list(root.glob("*/INC-*.partial"))) == 2
