@@ -64,7 +64,7 @@ class BackupFile:
     path: Path
     level: str
     time: int
-    bytes_written: int      # what QEMU's job copied into the file
+    bytes_written: int      # what QEMU's job copied (for a full: the whole disk)
     duration: float        # seconds from the transaction to this disk's job completing
 
     @classmethod
