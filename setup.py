@@ -20,7 +20,8 @@ setup(
     long_description_content_type="text/markdown",
     license="GPL-3.0-or-later",
     python_requires=">=3.9",
-    packages=find_packages(include=["libqmpbackup", "qmpbackup", "qmprestore"]),
+    packages=find_packages(include=["libqmpbackup", "libqmpbackup.*", "qmpbackup", "qmprestore"]),
+    package_data={"libqmpbackup": ["py.typed"]},
     install_requires=[line.strip() for line in (HERE / "requirements.txt").read_text().splitlines()
                       if line.strip() and not line.startswith("#")],
     entry_points={"console_scripts": [

@@ -15,70 +15,60 @@ class QmpBackupError(Exception):
     """Base class: a failure that is reported in one line, without traceback."""
 
     exit_code = 1
-    summary = "error"
 
 
 class UsageError(QmpBackupError):
     """The command line is inconsistent (wrong combination, unsafe value)."""
 
     exit_code = 2
-    summary = "usage error"
 
 
 class ConnectError(QmpBackupError):
     """The QMP (or guest agent) socket is missing, not QMP, refused or busy."""
 
     exit_code = 3
-    summary = "cannot connect"
 
 
 class LockBusyError(QmpBackupError):
     """Another qmpbackup run holds the lock of this VM or backup folder."""
 
     exit_code = 4
-    summary = "another backup is running"
 
 
 class TargetError(QmpBackupError):
     """The backup target cannot be used (not empty for a new chain, not a directory, unwritable, full)."""
 
     exit_code = 5
-    summary = "target error"
 
 
 class ChainError(QmpBackupError):
     """Chain metadata, backup files or dirty bitmaps do not agree or are unusable."""
 
     exit_code = 6
-    summary = "chain error"
 
 
 class JobError(QmpBackupError):
     """QEMU rejected a command, or a block job failed (not on its target) or was cancelled."""
 
     exit_code = 7
-    summary = "backup failed"
 
 
 class VMGoneError(QmpBackupError):
     """The VM quit or the QMP connection broke while the tool was working."""
 
     exit_code = 8
-    summary = "VM disappeared"
 
 
 class QemuImgError(QmpBackupError):
     """qemu-img is missing or one of its commands failed."""
 
     exit_code = 9
-    summary = "qemu-img failed"
 
 
 class AgentError(QmpBackupError):
     """The QEMU guest agent did not answer or refused a command."""
 
     exit_code = 10
-    summary = "guest agent error"
 
 
 def _signal_name(signum: int) -> str:
@@ -89,10 +79,9 @@ def _signal_name(signum: int) -> str:
 
 
 class Interrupted(QmpBackupError):
-    """SIGINT or SIGTERM arrived; raised in the main task so cleanup runs."""
+    """SIGINT, SIGTERM or SIGHUP arrived; raised in the main task so cleanup runs."""
 
     exit_code = 130
-    summary = "interrupted"
 
     def __init__(self, signum: int, message: str = "") -> None:
         super().__init__(message or f"interrupted by signal {signum} ({_signal_name(signum)}): "
@@ -113,6 +102,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (VMGoneError.exit_code, VMGoneError.__doc__ or ""),
     (QemuImgError.exit_code, QemuImgError.__doc__ or ""),
     (AgentError.exit_code, AgentError.__doc__ or ""),
+    (129, "interrupted by SIGHUP"),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),
 )

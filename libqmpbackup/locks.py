@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-from libqmpbackup.errors import LockBusyError, TargetError, UsageError
+from libqmpbackup.errors import LockBusyError, QmpBackupError, TargetError, UsageError
 from libqmpbackup.names import LOCK_NAME
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _holder(path: Path) -> str:
     return f" (pid {pid})" if pid.isdigit() else ""
 
 
-def _try_lock(path: Path, what: str) -> Optional[int]:
+def _try_lock(path: Path, what: str, unusable: type[QmpBackupError]) -> Optional[int]:
     """A descriptor holding the lock on the file PATH names now, or None to try again.
 
     A holder that releases unlinks the file, so the file we opened may be
@@ -113,7 +113,7 @@ def _try_lock(path: Path, what: str) -> Optional[int]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as err:
-        raise TargetError(f"cannot open lock file {path}: {err.strerror}") from err
+        raise unusable(f"cannot open lock file {path}: {err.strerror}") from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         opened, named = os.fstat(fd), os.stat(path)
@@ -124,7 +124,7 @@ def _try_lock(path: Path, what: str) -> Optional[int]:
         holder = _holder(path)
         os.close(fd)
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise TargetError(f"cannot lock {path}: {err.strerror}") from err
+            raise unusable(f"cannot lock {path}: {err.strerror}") from err
         raise LockBusyError(f"another backup is running on {what}{holder}; "
                             f"lock {path}") from err
     if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
@@ -134,15 +134,18 @@ def _try_lock(path: Path, what: str) -> Optional[int]:
 
 
 @contextlib.contextmanager
-def hold(path: Path, what: str, owner: str) -> Iterator[None]:
+def hold(path: Path, what: str, owner: str,
+         unusable: type[QmpBackupError] = UsageError) -> Iterator[None]:
     """Hold an exclusive lock on PATH or fail at once with LockBusyError.
 
     The file exists only while held (or after a killed holder, harmlessly).
     WHAT names the locked thing in messages; OWNER is written into the file
-    after the pid, for admins.
+    after the pid, for admins.  A lock file that cannot be opened raises
+    UNUSABLE: a usage error for the lock directory, a target error for a
+    chain folder.
     """
     for _ in range(LOCK_ATTEMPTS):
-        fd = _try_lock(path, what)
+        fd = _try_lock(path, what, unusable)
         if fd is not None:
             break
     else:
@@ -169,5 +172,5 @@ def vm_lock(address: str) -> Iterator[None]:
 @contextlib.contextmanager
 def chain_lock(root: Path) -> Iterator[None]:
     """Exclusive use of one chain folder (whatever VM writes to it)."""
-    with hold(root / LOCK_NAME, f"target {root}", str(root)):
+    with hold(root / LOCK_NAME, f"target {root}", str(root), TargetError):
         yield

@@ -77,4 +77,5 @@ def parse_backup_name(name: str) -> Optional[ParsedName]:
     match = BACKUP_NAME_RE.match(name)
     if not match:
         return None
-    return ParsedName(PREFIX_LEVEL[match.group(1)], int(match.group(2)), match.group(3))
+    return ParsedName(level=PREFIX_LEVEL[match.group(1)], timestamp=int(match.group(2)),
+                      image=match.group(3))

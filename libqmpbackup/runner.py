@@ -1,12 +1,14 @@
 """What both command-line programs share: running a command and ending it.
 
 Exceptions become exit codes here and nowhere else, each as one line on
-stderr (the traceback only with --debug).  SIGINT and SIGTERM are turned into
-cancellation of the running command, so its ``finally`` blocks and exit
-stacks clean up QEMU and the target before the process exits with 130/143.
-With ``--json`` the outcome is also one document on stdout (see
-:mod:`libqmpbackup.json_output`): the command's result, or the error
-envelope made here from the same exception that sets the exit code.
+stderr (the traceback only with --debug).  SIGINT, SIGTERM and SIGHUP (an ssh
+session or terminal that goes away) are turned into cancellation of the
+running command, so its ``finally`` blocks and exit stacks clean up QEMU and
+the target before the process exits with 128 + the signal number; a second
+signal during that cleanup is ignored.  With ``--json`` the outcome is also
+one document on stdout (see :mod:`libqmpbackup.json_output`): the command's
+result, or the error envelope made here from the same exception that sets
+the exit code.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CommandResult = Union[int, JsonResult, None]
 Command = Callable[[argparse.Namespace], Union[CommandResult, Awaitable[CommandResult]]]
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def byte_rate(text: str) -> int:
@@ -52,44 +54,56 @@ def add_logging_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="log only warnings and errors")
 
 
-async def _run_cancellable(coro: Awaitable[CommandResult]) -> CommandResult:
-    """Run CORO; the first SIGINT/SIGTERM cancels it, later ones are ignored while it cleans up."""
+class _FirstSignal:
+    """Only the first signal interrupts: a second one must not cut the cleanup it started short."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+
+    def take(self, signum: int) -> bool:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            log.warning("%s ignored: already cleaning up", name)
+            return False
+        self.signum = signum
+        log.warning("received %s: cancelling what this run started and cleaning up", name)
+        return True
+
+
+async def _run_cancellable(coro: Awaitable[CommandResult], first: _FirstSignal) -> CommandResult:
+    """Run CORO; the first signal cancels it, so its ``finally`` blocks clean up."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(coro)
-    received: list[int] = []
 
     def on_signal(signum: int) -> None:
-        if received:
-            log.warning("signal %d ignored: already cleaning up", signum)
-            return
-        received.append(signum)
-        log.warning("received %s: cancelling the backup and cleaning up",
-                    signal.Signals(signum).name)
-        task.cancel()
+        if first.take(signum):
+            task.cancel()
 
     for signum in HANDLED_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         return await task
     except asyncio.CancelledError:
-        if received:
-            raise Interrupted(received[0]) from None
+        if first.signum is not None:
+            raise Interrupted(first.signum) from None
         raise
     finally:
         for signum in HANDLED_SIGNALS:
             loop.remove_signal_handler(signum)
 
 
-def _raise_interrupted(signum: int, _frame: Any) -> None:
-    raise Interrupted(signum)
-
-
 def _dispatch(command: Command, args: argparse.Namespace) -> CommandResult:
-    previous = {s: signal.signal(s, _raise_interrupted) for s in HANDLED_SIGNALS}
+    first = _FirstSignal()
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        if first.take(signum):
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in HANDLED_SIGNALS}
     try:
         result = command(args)
         if inspect.isawaitable(result):
-            return asyncio.run(_run_cancellable(result))
+            return asyncio.run(_run_cancellable(result, first))
         return result
     finally:
         for signum, handler in previous.items():

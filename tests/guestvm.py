@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, NamedTuple, TypeVar
+from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -46,7 +46,6 @@ READY_LINE = "QMPBACKUP-GUEST-READY"
 FAILED_LINE = "QMPBACKUP-GUEST-FAILED"
 #: build-guest.sh exit status for "cannot be built on this machine".
 EXIT_UNAVAILABLE = 77
-#: From <linux/prctl.h>.
 
 T = TypeVar("T")
 
@@ -106,7 +105,7 @@ def ensure_guest() -> GuestImages:
     return images
 
 
-def make_data_disk(path: os.PathLike[str] | str, size_mb: int = 64) -> Path:
+def make_data_disk(path: Union[os.PathLike[str], str], size_mb: int = 64) -> Path:
     """Create a qcow2 image holding an empty ext4 filesystem (the guest's /mnt).
 
     64 KiB clusters, as qmpbackup's own targets use, so cluster-level
@@ -143,10 +142,10 @@ class GuestVM:
     def __init__(
         self,
         images: GuestImages,
-        data_disk: os.PathLike[str] | str,
+        data_disk: Union[os.PathLike[str], str],
         *,
         memory_mb: int = 512,
-        log_dir: os.PathLike[str] | str | None = None,
+        log_dir: Optional[Union[os.PathLike[str], str]] = None,
         extra_args: Sequence[str] = (),
         boot_timeout: float = 60.0,
         agent_timeout: float = 5.0,
@@ -158,13 +157,13 @@ class GuestVM:
         self.extra_args = list(extra_args)
         self.boot_timeout = boot_timeout
         self.agent_timeout = agent_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._qmp: QEMUMonitorProtocol | None = None
-        self._sockdir: str | None = None
+        self._proc: Optional[subprocess.Popen[bytes]] = None
+        self._qmp: Optional[QEMUMonitorProtocol] = None
+        self._sockdir: Optional[str] = None
         # A private loop, never set as the thread's current one, so that
         # qemu.qmp's legacy client (which owns the current loop) and the
         # async agent client do not trip over each other.
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._ready = False
 
     # --- paths -----------------------------------------------------------------
@@ -363,16 +362,16 @@ class GuestVM:
 
     def __exit__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
     ) -> None:
         # After a failure the guest may be in any state: just kill it.
         self.stop(clean=exc_type is None)
 
     # --- guest agent -------------------------------------------------------------
     def agent_call(
-        self, func: Callable[[GuestAgent], Awaitable[T]], timeout: float | None = None
+        self, func: Callable[[GuestAgent], Awaitable[T]], timeout: Optional[float] = None
     ) -> T:
         """Run ``await func(agent)`` on a fresh agent connection and close it again.
 
@@ -432,7 +431,7 @@ class GuestVM:
 
 
 
-def _b64(data: str | None) -> str:
+def _b64(data: Optional[str]) -> str:
     if not data:
         return ""
     return base64.b64decode(data).decode("utf-8", errors="replace")

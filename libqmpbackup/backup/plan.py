@@ -45,8 +45,10 @@ class BackupOptions:
     agent_socket: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunPlan:
+    """What one run will do, decided before anything in QEMU or on disk changes."""
+
     level: str                        # the effective level: full, inc, diff or copy
     timestamp: int
     root: Path
@@ -169,8 +171,9 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
     if level == "copy":
         if store.chains:
             raise TargetError(f"target {root} holds a backup chain: write copies to another folder")
-        return RunPlan("copy", timestamp, root, None, False,
-                       [_job(d, root, "copy", timestamp) for d in disks], reason="--level copy")
+        return RunPlan(level="copy", timestamp=timestamp, root=root, chain=None, new_chain=False,
+                       jobs=[_job(d, root, "copy", timestamp) for d in disks],
+                       reason="--level copy")
 
     chain = store.current
     if chain and opts.uuid and chain.uuid != opts.uuid:
@@ -206,7 +209,8 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
                 f"bitmaps with: qmpbackup cleanup --remove-bitmaps --uuid {chain_id}")
         jobs, add = _chain_jobs(disks, root, new, timestamp)
         retire = chain.bitmap if unusable and chain else None
-        return RunPlan("full", timestamp, root, new, True, jobs, add, retire, reason)
+        return RunPlan(level="full", timestamp=timestamp, root=root, chain=new, new_chain=True,
+                       jobs=jobs, bitmaps_to_add=add, retire_bitmap=retire, reason=reason)
 
     if chain is None:
         raise ChainError(f"target {root} holds no backup chain: run a full backup first")
@@ -217,4 +221,5 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
                          "run --level auto (starts a new chain when the bitmap is unusable) or "
                          "a full backup into a new folder")
     jobs, add = _chain_jobs(disks, root, chain, timestamp, level)
-    return RunPlan(level, timestamp, root, chain, False, jobs, add, None, reason)
+    return RunPlan(level=level, timestamp=timestamp, root=root, chain=chain, new_chain=False,
+                   jobs=jobs, bitmaps_to_add=add, reason=reason)

@@ -22,7 +22,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Optional
 
 from libqmpbackup.errors import AgentError, ConnectError
 
@@ -43,7 +43,7 @@ READ_LIMIT = 64 * 1024 * 1024
 DEFAULT_TIMEOUT = 5.0
 
 
-def encode_command(command: str, args: dict[str, Any] | None = None) -> bytes:
+def encode_command(command: str, args: Optional[dict[str, Any]] = None) -> bytes:
     """Serialise one agent command as the single line the agent expects."""
     message: dict[str, Any] = {"execute": command}
     if args:
@@ -99,9 +99,9 @@ class GuestAgent:
 
     path: str
     timeout: float = DEFAULT_TIMEOUT
-    _reader: asyncio.StreamReader | None = field(default=None, init=False, repr=False)
-    _writer: asyncio.StreamWriter | None = field(default=None, init=False, repr=False)
-    _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
+    _reader: Optional[asyncio.StreamReader] = field(default=None, init=False, repr=False)
+    _writer: Optional[asyncio.StreamWriter] = field(default=None, init=False, repr=False)
+    _lock: Optional[asyncio.Lock] = field(default=None, init=False, repr=False)
     _need_sync: bool = field(default=True, init=False, repr=False)
 
     async def __aenter__(self) -> GuestAgent:
@@ -110,9 +110,9 @@ class GuestAgent:
 
     async def __aexit__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
     ) -> None:
         await self.close()
 
@@ -155,7 +155,7 @@ class GuestAgent:
             log.debug("closing guest agent socket %s: %s", self.path, err)
 
     async def execute(
-        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+        self, command: str, args: Optional[dict[str, Any]] = None, *, timeout: Optional[float] = None
     ) -> Any:
         """Run *command* and return its ``return`` value.
 
@@ -178,7 +178,7 @@ class GuestAgent:
         """Fail unless the agent inside the guest answers."""
         await self.execute("guest-ping")
 
-    async def fsfreeze_freeze(self, timeout: float | None = None) -> int:
+    async def fsfreeze_freeze(self, timeout: Optional[float] = None) -> int:
         """Freeze all guest filesystems; return how many were frozen.
 
         If this raises (timeout, broken connection), the guest may still have
@@ -188,7 +188,7 @@ class GuestAgent:
         reply = await self.execute("guest-fsfreeze-freeze", timeout=timeout)
         return self._expect_int("guest-fsfreeze-freeze", reply)
 
-    async def fsfreeze_thaw(self, timeout: float | None = None) -> int:
+    async def fsfreeze_thaw(self, timeout: Optional[float] = None) -> int:
         """Thaw the guest filesystems; return how many were thawed (0 if none were frozen)."""
         reply = await self.execute("guest-fsfreeze-thaw", timeout=timeout)
         return self._expect_int("guest-fsfreeze-thaw", reply)
@@ -284,7 +284,7 @@ class GuestAgent:
                 return
 
 
-def sync_reply_id(line: bytes) -> int | None:
+def sync_reply_id(line: bytes) -> Optional[int]:
     """Return the id a ``guest-sync-delimited`` reply line carries, or None.
 
     Anything else (an error reply, garbage, an unrelated reply) is None, so

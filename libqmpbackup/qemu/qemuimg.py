@@ -65,8 +65,7 @@ def run(args: Sequence[str], *, dry_run: bool = False,
     return proc.stdout
 
 
-def create(path: Path, size: int, *, backing: Optional[str] = None,
-           backing_format: str = "qcow2") -> None:
+def create(path: Path, size: int, *, backing: Optional[str] = None) -> None:
     """Create a qcow2 backup target of exactly SIZE bytes.
 
     The size must match the source disk exactly or blockdev-backup refuses
@@ -75,14 +74,13 @@ def create(path: Path, size: int, *, backing: Optional[str] = None,
     args: list[str] = ["create", "-q", "-f", "qcow2", "-o",
                        f"cluster_size={BACKUP_CLUSTER_SIZE}"]
     if backing is not None:
-        args += ["-b", backing, "-F", backing_format]
+        args += ["-b", backing, "-F", "qcow2"]   # every backup file is qcow2: never probe
     args += [str(path), str(size)]
     run(args)
     os.chmod(path, 0o600)
 
 
-def info(path: Path, *, force_share: bool = False, backing_chain: bool = False,
-         fmt: Optional[str] = None) -> Any:
+def info(path: Path, *, backing_chain: bool = False, fmt: Optional[str] = None) -> Any:
     """qemu-img info as parsed JSON (a list of images with backing_chain).
 
     Give FMT for files whose format is known: a probed format lets a
@@ -91,8 +89,6 @@ def info(path: Path, *, force_share: bool = False, backing_chain: bool = False,
     args = ["info", "--output=json"]
     if fmt:
         args += ["-f", fmt]
-    if force_share:
-        args.append("-U")
     if backing_chain:
         args.append("--backing-chain")
     args.append(str(path))

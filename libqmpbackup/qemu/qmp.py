@@ -30,7 +30,7 @@ from qemu.qmp import (
     StateError,
 )
 
-from libqmpbackup.errors import ConnectError, JobError, VMGoneError
+from libqmpbackup.errors import ConnectError, JobError, UsageError, VMGoneError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def parse_address(spec: str) -> Address:
     if spec.startswith("tcp:"):
         host, sep, port = spec[4:].rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ConnectError(f"invalid QMP address {spec!r}: expected tcp:HOST:PORT")
+            raise UsageError(f"invalid QMP address {spec!r}: expected tcp:HOST:PORT")
         return (host, int(port))
     return spec
 
@@ -126,10 +126,11 @@ class QmpCommandError(JobError):
 class QmpSession:
     """One connection to a VM's QMP monitor."""
 
-    def __init__(self, address: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
+    connect_timeout = DEFAULT_CONNECT_TIMEOUT
+
+    def __init__(self, address: str) -> None:
         self.spec = address
         self.address = parse_address(address)
-        self.connect_timeout = connect_timeout
         self.client = QMPClient("qmpbackup")
         self.peer_pid: Optional[int] = None   # QEMU's pid when known (unix socket on Linux)
 

@@ -12,7 +12,7 @@ from qmprestore.cli import build_parser as restore_parser
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 # options of other programs that the README quotes
-FOREIGN = {"--output", "--backing-chain", "--dist"}
+FOREIGN = {"--output", "--backing-chain", "--dist", "--strict"}
 
 
 def parser_options(parser: argparse.ArgumentParser) -> set[str]:

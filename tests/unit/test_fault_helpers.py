@@ -19,7 +19,7 @@ from libqmpbackup.backup.bitmaps import (
 )
 from libqmpbackup.backup.leftovers import clean_target
 from libqmpbackup.backup.shutdown_guard import configured_shutdown_action
-from libqmpbackup.errors import LockBusyError, UsageError
+from libqmpbackup.errors import LockBusyError, TargetError, UsageError
 from libqmpbackup.fsutil import write_atomically
 from libqmpbackup.layout import is_empty_dir, partial_files, prepare_root, stale_temp_files
 from libqmpbackup.names import LOCK_NAME
@@ -252,3 +252,15 @@ def test_disk_under_a_copy_before_write_filter() -> None:
     assert (node, driver) == ("#block1", "qcow2") and "format-specific" in image
     plain = {"node-name": "#block1", "drv": "qcow2", "image": inner}
     assert below_filters(plain, nodes)[:2] == ("#block1", "qcow2")
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_usage_error_for_vms_and_a_target_error_for_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "locks").mkdir(mode=0o700)
+    monkeypatch.setenv(locks.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    locks.vm_lock_path("/some/socket").mkdir()          # a directory cannot be opened O_RDWR
+    with pytest.raises(UsageError, match="cannot open lock file"), locks.vm_lock("/some/socket"):
+        pass
+    (tmp_path / "chain" / LOCK_NAME).mkdir(parents=True)
+    with pytest.raises(TargetError, match="cannot open lock file"), locks.chain_lock(tmp_path / "chain"):
+        pass

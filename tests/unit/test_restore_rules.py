@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -202,7 +203,7 @@ def test_folder_problems_find_missing_and_unknown_backup_files() -> None:
 
 # -- metadata against qemu-img info -------------------------------------------------------------
 
-def info(backing: str | None = None, **extra) -> dict:
+def info(backing: Optional[str] = None, **extra) -> dict:
     data = {"format": "qcow2", "virtual-size": SIZE, **extra}
     if backing:
         data.update({"backing-filename": backing, "backing-filename-format": "qcow2"})
