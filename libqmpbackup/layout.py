@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -11,10 +12,23 @@ from libqmpbackup.errors import TargetError
 from libqmpbackup.fsutil import TEMP_SUFFIX
 from libqmpbackup.names import LOCK_NAME, METADATA_NAME, PARTIAL_SUFFIX, parse_backup_name
 
+MONTH_FOLDER_RE = re.compile(r"^\d{4}-\d{2}$")
+"""The names :func:`month_folder` gives."""
+
 
 def month_folder(base: Path, now: Optional[float] = None) -> Path:
     """The --monthly chain folder for the current local month (DIR/YYYY-MM)."""
     return base / time.strftime("%Y-%m", time.localtime(now))
+
+
+def existing_backup_folder(path: Path) -> Path:
+    """PATH made absolute, when it names an existing directory (commands that only read or prune)."""
+    path = Path(os.path.abspath(path))
+    if not path.exists():
+        raise TargetError(f"backup folder {path} does not exist")
+    if not path.is_dir():
+        raise TargetError(f"{path} is not a directory")
+    return path
 
 
 def prepare_root(root: Path) -> list[Path]:

@@ -58,10 +58,18 @@ class Chain:
 
 @dataclass
 class ChainStore:
-    """The metadata file of one backup folder."""
+    """The metadata file of one backup folder.
+
+    ``pruning`` lists the files (``<disk folder>/<file>``) of chains that
+    ``qmpbackup prune`` already dropped from ``chains`` but has not deleted
+    yet: the metadata is rewritten before any file goes, so a prune killed
+    in between leaves files that are named here, and the next prune or
+    backup run deletes exactly those.
+    """
 
     root: Path
     chains: list[Chain] = field(default_factory=list)
+    pruning: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
@@ -84,13 +92,19 @@ class ChainStore:
         except (OSError, ValueError) as err:
             raise ChainError(f"cannot read chain metadata {path}: {err}") from err
         try:
-            return cls(root, [_chain_from_dict(c) for c in raw["chains"]])
+            chains = [_chain_from_dict(c) for c in raw["chains"]]
         except (KeyError, TypeError) as err:
             raise ChainError(f"chain metadata {path} is malformed: missing {err}") from err
+        pruning = raw.get("pruning", [])
+        if not isinstance(pruning, list) or not all(isinstance(p, str) for p in pruning):
+            raise ChainError(f"chain metadata {path} is malformed: 'pruning' is not a list of names")
+        return cls(root=root, chains=chains, pruning=pruning)
 
     def save(self) -> None:
-        data = {"version": METADATA_VERSION,
-                "chains": [asdict(c) for c in self.chains]}
+        data: dict[str, Any] = {"version": METADATA_VERSION,
+                                "chains": [asdict(c) for c in self.chains]}
+        if self.pruning:
+            data["pruning"] = self.pruning
         write_atomically(self.path, json.dumps(data, indent=2) + "\n")
 
 

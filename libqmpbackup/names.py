@@ -79,3 +79,21 @@ def parse_backup_name(name: str) -> Optional[ParsedName]:
         return None
     return ParsedName(level=PREFIX_LEVEL[match.group(1)], timestamp=int(match.group(2)),
                       image=match.group(3))
+
+
+def is_backup_file_name(name: str) -> bool:
+    """A name read from untrusted metadata that may be joined to a disk folder and deleted.
+
+    The grammar alone allows ``FULL-1-../../etc``: only a single path
+    component named like a finished backup file qualifies.
+    """
+    return ("/" not in name and "\0" not in name and not name.endswith(PARTIAL_SUFFIX)
+            and parse_backup_name(name) is not None)
+
+
+def point_label(file_name: str) -> str:
+    """``FULL-<time>`` / ``INC-<time>`` / ``DIFF-<time>``: a point (and its snapshot) as users see it."""
+    parsed = parse_backup_name(file_name)
+    if parsed is None:
+        return file_name
+    return f"{LEVEL_PREFIX[parsed.level]}-{parsed.timestamp}"

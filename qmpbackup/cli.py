@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Awaitable, Optional, Sequence, Union
 
 from libqmpbackup import __version__
-from libqmpbackup.backup.bitmap_removal import remove_bitmaps
+from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
 from libqmpbackup.backup.plan import LEVELS, BackupOptions
 from libqmpbackup.backup.quiesce import check_quiesce_options
 from libqmpbackup.backup.run import run_backup
@@ -24,6 +24,8 @@ from libqmpbackup.backup.vm_info import (
 from libqmpbackup.errors import UsageError
 from libqmpbackup.json_output import JsonResult, add_json_option
 from libqmpbackup.names import validate_uuid
+from libqmpbackup.prune import PruneOptions, PruneResult, prune
+from libqmpbackup.prune_report import prune_document, prune_table
 from libqmpbackup.qemu.devices import discover
 from libqmpbackup.runner import Command, CommandResult, add_logging_options, byte_rate, run
 
@@ -36,6 +38,16 @@ examples:
   qmpbackup --socket /run/vm1.qmp backup --level auto --monthly --target /backup/vm1
   qmpbackup --socket /run/vm1.qmp info --show bitmaps
   qmpbackup --socket /run/vm1.qmp cleanup --remove-bitmaps
+  qmpbackup prune --target /backup/vm1 --keep 2
+"""
+
+PRUNE_EXAMPLES = """\
+examples:
+  # keep the 2 newest chains (of DIR and its YYYY-MM folders), show what would go
+  qmpbackup prune --target /backup/vm1 --keep 2 --dry-run
+  qmpbackup prune --target /backup/vm1 --keep 2
+  # also remove the removed chains' bitmaps from the VM
+  qmpbackup --socket /run/vm1.qmp prune --target /backup/vm1 --keep 2 --json
 """
 
 BACKUP_EXAMPLES = """\
@@ -66,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qmpbackup", description="Full and incremental backups of running QEMU VMs over QMP.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--socket", required=True, metavar="PATH",
-                        help="the VM's QMP socket: a unix socket path or tcp:HOST:PORT")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="the VM's QMP socket: a unix socket path or tcp:HOST:PORT "
+                             "(needed by every command except prune and info --show agent)")
     parser.add_argument("--agent-socket", metavar="PATH",
                         help="the VM's guest agent socket (used for filesystem quiesce)")
     add_logging_options(parser)
@@ -130,7 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
                          action="store_true", required=True,
                          help="remove every qmpbackup-* bitmap (or only the chain's with --uuid)")
     cleanup.add_argument("--uuid", metavar="ID", help="only the bitmap of this chain")
+
+    prune_ = commands.add_parser(
+        "prune", help="delete old chains whole, keep the newest N (no VM needed)",
+        epilog=PRUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prune_.add_argument("--target", required=True, type=Path, metavar="DIR",
+                        help="backup folder; its YYYY-MM month folders count too")
+    prune_.add_argument("--keep", required=True, type=int, metavar="N",
+                        help="keep the N chains with the newest backups (at least 1)")
+    prune_.add_argument("--dry-run", action="store_true",
+                        help="print what would be removed, change nothing")
+    add_json_option(prune_)
     return parser
+
+
+def _socket(args: argparse.Namespace) -> str:
+    if not args.socket:
+        raise UsageError(f"{args.command} needs --socket PATH (the VM's QMP socket)")
+    return str(args.socket)
 
 
 async def backup_command(args: argparse.Namespace) -> CommandResult:
@@ -146,7 +176,7 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
         speed_limit=args.speed_limit, progress=not args.no_progress,
         quiesce=args.quiesce or args.quiesce_required, quiesce_required=args.quiesce_required,
         agent_socket=args.agent_socket)
-    async with locked_session(args.socket) as session:
+    async with locked_session(_socket(args)) as session:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
              f" (chain {result.chain_id})" if result.chain_id else "")
@@ -162,7 +192,7 @@ async def info_command(args: argparse.Namespace) -> CommandResult:
             return JsonResult(report.document())
         print(report.text())
         return 0
-    async with locked_session(args.socket) as session:
+    async with locked_session(_socket(args)) as session:
         disks = await discover(session)
     if args.json:
         return JsonResult(blockdev_document(disks) if args.show == "blockdev"
@@ -173,17 +203,49 @@ async def info_command(args: argparse.Namespace) -> CommandResult:
 
 async def cleanup_command(args: argparse.Namespace) -> int:
     chain_id = validate_uuid(args.uuid) if args.uuid else None
-    async with locked_session(args.socket) as session:
+    async with locked_session(_socket(args)) as session:
         removed = await remove_bitmaps(session, chain_id)
     for name in removed:
         print(f"removed {name}")
     return 0
 
 
+def _prune_output(result: PruneResult, as_json: bool) -> CommandResult:
+    if as_json:
+        return JsonResult(prune_document(result))
+    print(prune_table(result))
+    return 0
+
+
+def _prune_options(args: argparse.Namespace) -> PruneOptions:
+    return PruneOptions(target=args.target, keep=args.keep, dry_run=args.dry_run)
+
+
+async def _prune_with_bitmaps(args: argparse.Namespace) -> CommandResult:
+    async with locked_session(_socket(args)) as session:
+        result = prune(_prune_options(args))
+        result.bitmaps = await remove_chain_bitmaps(
+            session, result.plan.removed_chain_ids(), result.plan.kept_bitmaps(),
+            dry_run=args.dry_run)
+    return _prune_output(result, args.json)
+
+
+def prune_command(args: argparse.Namespace) -> Union[CommandResult, Awaitable[CommandResult]]:
+    """Without --socket the folder alone decides, and no VM (nor event loop) is involved."""
+    if args.socket:
+        return _prune_with_bitmaps(args)
+    result = prune(_prune_options(args))
+    if result.plan.removed:
+        log.info("the VM may still hold the removed chains' bitmaps: prune with --socket, or "
+                 "qmpbackup cleanup --remove-bitmaps --uuid ID")
+    return _prune_output(result, args.json)
+
+
 COMMANDS: dict[str, Command] = {
     "backup": backup_command,
     "info": info_command,
     "cleanup": cleanup_command,
+    "prune": prune_command,
 }
 
 

@@ -133,6 +133,9 @@ def test_backup_info_list_merge_documents(cli, tmp_path: Path, seen: Seen) -> No
         "--json").ok()))
     assert dry["dry_run"] and len(dry["images"]) == 2
     assert not (tmp_path / "all").exists()
+    pruned = seen.add("qmpbackup prune", document(cli(
+        "qmpbackup", "prune", "--target", root, "--keep", "1", "--dry-run", "--json").ok()))
+    assert [c["last_point"] for c in pruned["chains"]] == [points[-1]["point"]]
 
 
 FAILURES = [
@@ -157,7 +160,8 @@ def test_failures_give_the_error_document(cli, tmp_path: Path, seen: Seen) -> No
 def test_every_section_is_produced_by_a_test() -> None:
     produced = {"qmpbackup backup", "qmpbackup info --show blockdev",
                 "qmpbackup info --show bitmaps", "qmpbackup info --show agent",
-                "qmprestore list", "qmprestore merge", "Errors (every command)"}
+                "qmpbackup prune", "qmprestore list", "qmprestore merge",
+                "Errors (every command)"}
     assert set(documented()) == produced
 
 

@@ -4,7 +4,8 @@ The order of steps is what keeps data safe:
 
 1. plan (pure, may refuse before anything exists);
 2. under the VM lock (taken by the caller) and the chain lock: remove what an
-   interrupted run left (:mod:`leftovers`);
+   interrupted run left (:mod:`leftovers`) and the files an interrupted prune
+   had already dropped from the metadata (:mod:`libqmpbackup.prune`);
 3. create ``.partial`` targets and open them in QEMU;
 4. in one transaction: add missing chain bitmaps and the auxiliary bitmaps
    that keep the changes since the last commit (:class:`bitmaps.RunBitmaps`);
@@ -49,6 +50,7 @@ from libqmpbackup.json_output import Document
 from libqmpbackup.layout import is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord, ChainStore
+from libqmpbackup.prune import finish_interrupted_prune
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpSession
@@ -131,6 +133,7 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     if await leftovers.clean_vm(session, disks, guard):
         await refresh_bitmaps(session, selected)
     leftovers.clean_target(root)
+    finish_interrupted_prune(ChainStore.load(root))
     refuse_unfinished_restores(root)
     store = ChainStore.load(root)
     timestamp = _timestamp_after(latest_backup_time(root))

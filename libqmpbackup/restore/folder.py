@@ -17,6 +17,7 @@ from typing import Optional
 
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
+from libqmpbackup.layout import existing_backup_folder
 from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import METADATA_NAME, safe_component
 from libqmpbackup.qemu import qemuimg
@@ -31,6 +32,7 @@ from libqmpbackup.restore.rules import (
     select_disk_point,
     select_root_points,
 )
+from libqmpbackup.retention import pruning_entry
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +75,6 @@ class BackupDir:
         return select_root_points(self.store, until, uuid)
 
 
-def _existing_dir(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    if not path.exists():
-        raise TargetError(f"backup folder {path} does not exist")
-    if not path.is_dir():
-        raise TargetError(f"{path} is not a directory")
-    return path
-
-
 def _load(root: Path) -> ChainStore:
     store = ChainStore.load(root)
     if not store.chains:
@@ -99,7 +92,7 @@ def month_folders(path: Path) -> list[Path]:
 
 def open_backup_dir(path: Path) -> BackupDir:
     """The chain (and disk folder) --dir names; a --monthly base is refused as ambiguous."""
-    path = _existing_dir(path)
+    path = existing_backup_folder(path)
     if (path / METADATA_NAME).is_file():
         return BackupDir(_load(path))
     if (path.parent / METADATA_NAME).is_file():
@@ -114,7 +107,7 @@ def open_backup_dir(path: Path) -> BackupDir:
 
 def open_for_listing(path: Path) -> list[BackupDir]:
     """Like open_backup_dir, but a --monthly base lists all its months."""
-    path = _existing_dir(path)
+    path = existing_backup_folder(path)
     if (path / METADATA_NAME).is_file() or (path.parent / METADATA_NAME).is_file():
         return [open_backup_dir(path)]
     months = month_folders(path)
@@ -151,10 +144,12 @@ def refuse_unfinished(folder: Path, entries: list[str]) -> None:
 
 
 def _known_files(point: RestorePoint, store: ChainStore) -> set[str]:
-    """Every file any chain of the store keeps in this disk folder."""
+    """Every file any chain of the store keeps in this disk folder, or a prune is deleting."""
     folder_name = point.folder.name
-    return {r.file for c in store.chains for d_id, d in c.disks.items()
-            if safe_component(d_id) == folder_name for r in d.backups}
+    pruned = {parts[1] for parts in map(pruning_entry, store.pruning)
+              if parts and parts[0] == folder_name}
+    return pruned | {r.file for c in store.chains for d_id, d in c.disks.items()
+                     if safe_component(d_id) == folder_name for r in d.backups}
 
 
 def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,14 +21,11 @@ from libqmpbackup.metadata import BackupRecord, Chain
 from libqmpbackup.names import safe_component
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import label, partial_leftovers
+from libqmpbackup.units import local_time
 
 log = logging.getLogger(__name__)
 
 HEADERS = ("chain", "disk", "restore point", "time", "level", "file", "size", "virtual size")
-
-
-def _when(timestamp: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def _size(path: Path) -> Optional[int]:
@@ -68,12 +64,16 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
             for point in disk["points"]:
                 size = point["size"]
                 rows.append((prefix + chain.uuid, disk["disk"], point["point"],
-                             _when(point["time"]), point["level"], Path(point["file"]).name,
+                             local_time(point["time"]), point["level"], Path(point["file"]).name,
                              "missing" if size is None else size, point["virtual_size"]))
     return rows
 
 
 def _warn_leftovers(backup: BackupDir) -> None:
+    if backup.store.pruning:
+        log.warning("%s: %d file(s) of pruned chains are not deleted yet (an interrupted prune); "
+                    "the next prune or backup run removes them", backup.root,
+                    len(backup.store.pruning))
     folders = [backup.folder] if backup.disk_folder else sorted(
         p for p in backup.root.iterdir() if p.is_dir())
     for folder in folders:

@@ -21,7 +21,7 @@ from typing import Any, Collection, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, UsageError
 from libqmpbackup.metadata import BackupRecord, Chain, ChainStore
-from libqmpbackup.names import LEVEL_PREFIX, PARTIAL_SUFFIX, parse_backup_name, safe_component
+from libqmpbackup.names import LEVEL_PREFIX, PARTIAL_SUFFIX, parse_backup_name, point_label, safe_component
 
 IMAGE_LINK = "image"
 """Symlink in a disk folder to the image of the last restored point."""
@@ -30,6 +30,7 @@ BASE_SNAPSHOT = "FULL-BACKUP"
 """Internal snapshot snapshotrebase takes of the FULL before applying anything."""
 
 CHAIN_LEVELS = ("full", "inc", "diff")
+label = point_label
 _SHOWN_POINTS = 8
 
 
@@ -76,14 +77,6 @@ class RestorePoint:
 
     def span(self) -> list[BackupRecord]:
         return span(self.records, self.index)
-
-
-def label(file_name: str) -> str:
-    """``FULL-<time>`` / ``INC-<time>``: how a point (and its snapshot) is named to users."""
-    parsed = parse_backup_name(file_name)
-    if parsed is None:
-        return file_name
-    return f"{LEVEL_PREFIX[parsed.level]}-{parsed.timestamp}"
 
 
 def matches(file_name: str, name: str) -> bool:
