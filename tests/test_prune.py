@@ -385,11 +385,15 @@ def test_month_folders_and_the_vm_bitmaps_of_pruned_chains(cli, recorder: Record
     status = {c["id"]: c["status"] for c in document["chains"]}
     assert status == {old_in_base: "removed", chain_ids[0]: "removed", chain_ids[1]: "kept",
                       chain_ids[2]: "kept"}
+    # the removed chains' bitmaps: chain_ids[0]'s, and the +diff old_in_base kept without its
+    # chain bitmap
     assert sorted(document["removed_bitmaps"]) == sorted(
-        f"{d}:qmpbackup-{chain_ids[0]}" for d in DISKS)
+        [f"{d}:qmpbackup-{chain_ids[0]}{suffix}" for d in DISKS for suffix in ("", "+diff")]
+        + [f"{d}:qmpbackup-{old_in_base}+diff" for d in DISKS])
     bitmaps = {b["name"] for bl in vm.bitmaps().values() for b in bl}
-    assert f"qmpbackup-{chain_ids[0]}" not in bitmaps
-    assert {f"qmpbackup-{c}" for c in chain_ids[1:]} <= bitmaps, "kept chains keep their bitmaps"
+    assert not {f"qmpbackup-{chain_ids[0]}", f"qmpbackup-{chain_ids[0]}+diff"} & bitmaps
+    assert {f"qmpbackup-{c}{suffix}" for c in chain_ids[1:] for suffix in ("", "+diff")} \
+        <= bitmaps, "kept chains keep their bitmaps"
     assert sorted(p.name for p in base.iterdir()) == ["2001-02", month], \
         "DIR lost its own chain, its metadata and disk folders; the emptied month folder went"
     listing = cli("qmprestore", "list", "--dir", base).ok().out
