@@ -24,7 +24,7 @@ class UsageError(QmpBackupError):
 
 
 class ConnectError(QmpBackupError):
-    """The QMP (or guest agent) socket is missing, not QMP, refused or busy."""
+    """QMP/agent socket missing, not QMP, refused or busy; or qemu-storage-daemon cannot open an --image."""
 
     exit_code = 3
 
@@ -71,6 +71,12 @@ class AgentError(QmpBackupError):
     exit_code = 10
 
 
+class ImageInUseError(QmpBackupError):
+    """An --image is in use by a running QEMU (it holds the image lock): back that VM up with --socket."""
+
+    exit_code = 12
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -102,6 +108,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (VMGoneError.exit_code, VMGoneError.__doc__ or ""),
     (QemuImgError.exit_code, QemuImgError.__doc__ or ""),
     (AgentError.exit_code, AgentError.__doc__ or ""),
+    (ImageInUseError.exit_code, ImageInUseError.__doc__ or ""),
     (129, "interrupted by SIGHUP"),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),

@@ -21,6 +21,14 @@ def month_folder(base: Path, now: Optional[float] = None) -> Path:
     return base / time.strftime("%Y-%m", time.localtime(now))
 
 
+def month_folders(path: Path) -> list[Path]:
+    """The chain folders of a --monthly base (sub-folders holding chain metadata)."""
+    try:
+        return sorted(p for p in path.iterdir() if (p / METADATA_NAME).is_file())
+    except OSError as err:
+        raise TargetError(f"cannot read {path}: {err.strerror}") from err
+
+
 def existing_backup_folder(path: Path) -> Path:
     """PATH made absolute, when it names an existing directory (commands that only read or prune)."""
     path = Path(os.path.abspath(path))

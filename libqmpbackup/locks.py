@@ -9,6 +9,9 @@ A run deletes its lock file before releasing it, and a run that acquires a
 lock checks that the file it locked is still the one the path names, so
 deleting never lets two runs in.
 
+An offline run (``--image``) takes one lock per image file instead, keyed
+by the image's real path, in the same directory.
+
 Where the VM lock lives (one file per QMP socket, named by a hash of the
 socket's real path, so every path to the same socket shares one lock):
 
@@ -89,9 +92,13 @@ def vm_lock_key(address: str) -> str:
     return address if address.startswith("tcp:") else os.path.realpath(address)
 
 
+def _keyed_lock_path(kind: str, key: str, directory: Optional[Path]) -> Path:
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return (directory or lock_dir()) / f"{kind}-{digest}.lock"
+
+
 def vm_lock_path(address: str, directory: Optional[Path] = None) -> Path:
-    digest = hashlib.sha256(vm_lock_key(address).encode()).hexdigest()[:16]
-    return (directory or lock_dir()) / f"vm-{digest}.lock"
+    return _keyed_lock_path("vm", vm_lock_key(address), directory)
 
 
 def _holder(path: Path) -> str:
@@ -166,6 +173,17 @@ def hold(path: Path, what: str, owner: str,
 def vm_lock(address: str) -> Iterator[None]:
     """Exclusive use of one VM's QMP socket by this qmpbackup run."""
     with hold(vm_lock_path(address), f"VM socket {address}", vm_lock_key(address)):
+        yield
+
+
+@contextlib.contextmanager
+def image_lock(real_path: str) -> Iterator[None]:
+    """Exclusive use of one image file (by its real path) by this offline run.
+
+    Image locking would stop a second qemu-storage-daemon anyway, but as
+    "in use by a running QEMU"; this lock says what really happens.
+    """
+    with hold(_keyed_lock_path("image", real_path, None), f"image {real_path}", real_path):
         yield
 
 

@@ -33,15 +33,24 @@ LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "diff": "DIFF", "copy": "COPY"}
 PREFIX_LEVEL = {prefix: level for level, prefix in LEVEL_PREFIX.items()}
 BACKUP_NAME_RE = re.compile(r"^(FULL|INC|DIFF|COPY)-(\d+)-(.+)$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _checked_name(value: str, what: str) -> str:
+    if not _NAME_RE.match(value) or ".." in value:
+        raise UsageError(
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return value
 
 
 def validate_uuid(value: str) -> str:
     """Reject chain ids that could escape a folder or break a bitmap name."""
-    if not _UUID_RE.match(value) or ".." in value:
-        raise UsageError(
-            f"invalid --uuid {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
-    return value
+    return _checked_name(value, "--uuid")
+
+
+def validate_disk_id(value: str) -> str:
+    """A disk id given by the user (``--image ID=PATH``) names a folder: same rule as chain ids."""
+    return _checked_name(value, "--image disk id")
 
 
 def new_chain_id() -> str:

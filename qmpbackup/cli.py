@@ -6,14 +6,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Awaitable, Optional, Sequence, Union
+from typing import AsyncContextManager, Awaitable, Optional, Sequence, Union
 
 from libqmpbackup import __version__
 from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
+from libqmpbackup.backup.image_disks import ImageSpec, chain_stores, daemon_images, parse_image_spec
 from libqmpbackup.backup.plan import LEVELS, BackupOptions
 from libqmpbackup.backup.quiesce import check_quiesce_options
 from libqmpbackup.backup.run import run_backup
-from libqmpbackup.backup.session import locked_session
+from libqmpbackup.backup.session import image_session, locked_session
 from libqmpbackup.backup.vm_info import (
     agent_report,
     bitmaps_document,
@@ -27,6 +28,7 @@ from libqmpbackup.names import validate_uuid
 from libqmpbackup.prune import PruneOptions, PruneResult, prune
 from libqmpbackup.prune_report import prune_document, prune_table
 from libqmpbackup.qemu.devices import discover
+from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.runner import Command, CommandResult, add_logging_options, byte_rate, run
 
 log = logging.getLogger("qmpbackup")
@@ -39,6 +41,8 @@ examples:
   qmpbackup --socket /run/vm1.qmp info --show bitmaps
   qmpbackup --socket /run/vm1.qmp cleanup --remove-bitmaps
   qmpbackup prune --target /backup/vm1 --keep 2
+  # the VM is shut down: its images through a private qemu-storage-daemon
+  qmpbackup --image virtio0=/var/lib/vm/vm1.qcow2 backup --level auto --target /backup/vm1
 """
 
 PRUNE_EXAMPLES = """\
@@ -73,14 +77,38 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 
+def _image_spec(text: str) -> ImageSpec:
+    try:
+        return parse_image_spec(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _refuse_offline(args: argparse.Namespace, *options: str) -> None:
+    """Options that act on a guest make no sense for images of a VM that is shut down."""
+    if args.image:
+        for option in options:
+            if getattr(args, option.lstrip("-").replace("-", "_"), None):
+                raise UsageError(f"{option} needs a running VM (--socket): an offline backup "
+                                 "(--image) has no guest")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qmpbackup", description="Full and incremental backups of running QEMU VMs over QMP.",
+        prog="qmpbackup",
+        description="Full and incremental backups of QEMU VMs over QMP: running (--socket), "
+                    "or shut down (--image, through qemu-storage-daemon).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--socket", metavar="PATH",
-                        help="the VM's QMP socket: a unix socket path or tcp:HOST:PORT "
-                             "(needed by every command except prune and info --show agent)")
+    peer = parser.add_mutually_exclusive_group()
+    peer.add_argument("--socket", metavar="PATH",
+                      help="the VM's QMP socket: a unix socket path or tcp:HOST:PORT "
+                           "(this or --image is needed by every command except prune and "
+                           "info --show agent)")
+    peer.add_argument("--image", action="append", type=_image_spec, metavar="[ID=]PATH",
+                      help="a qcow2 image of a VM that is shut down (repeat for each disk): "
+                           "opened by a private qemu-storage-daemon; disk id ID, else the "
+                           "chain's disk with this source image, else the file name")
     parser.add_argument("--agent-socket", metavar="PATH",
                         help="the VM's guest agent socket (used for filesystem quiesce)")
     add_logging_options(parser)
@@ -157,14 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _socket(args: argparse.Namespace) -> str:
+def _session(args: argparse.Namespace,
+             backup: Optional[BackupOptions] = None) -> AsyncContextManager[QmpSession]:
+    """The VM's QMP socket, or a private qemu-storage-daemon on the --image files.
+
+    A backup's target metadata may know the images' disk ids (see image_disks).
+    """
+    if args.image:
+        stores = chain_stores(backup.target, backup.monthly) if backup else []
+        return image_session(daemon_images(args.image, stores))
     if not args.socket:
-        raise UsageError(f"{args.command} needs --socket PATH (the VM's QMP socket)")
-    return str(args.socket)
+        raise UsageError(f"{args.command} needs --socket PATH (the VM's QMP socket), or "
+                         "--image [ID=]PATH (its images, when it is shut down)")
+    return locked_session(args.socket)
 
 
 async def backup_command(args: argparse.Namespace) -> CommandResult:
     # Checked here, before planning creates folders or retires bitmaps.
+    _refuse_offline(args, "--quiesce", "--quiesce-required")
     check_quiesce_options(args.agent_socket, args.quiesce_required)
     if args.uuid and args.level == "copy":
         raise UsageError("--uuid names a chain, and --level copy makes none: drop one of them")
@@ -176,7 +214,7 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
         speed_limit=args.speed_limit, progress=not args.no_progress,
         quiesce=args.quiesce or args.quiesce_required, quiesce_required=args.quiesce_required,
         agent_socket=args.agent_socket)
-    async with locked_session(_socket(args)) as session:
+    async with _session(args, opts) as session:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
              f" (chain {result.chain_id})" if result.chain_id else "")
@@ -192,7 +230,7 @@ async def info_command(args: argparse.Namespace) -> CommandResult:
             return JsonResult(report.document())
         print(report.text())
         return 0
-    async with locked_session(_socket(args)) as session:
+    async with _session(args) as session:
         disks = await discover(session)
     if args.json:
         return JsonResult(blockdev_document(disks) if args.show == "blockdev"
@@ -203,7 +241,7 @@ async def info_command(args: argparse.Namespace) -> CommandResult:
 
 async def cleanup_command(args: argparse.Namespace) -> int:
     chain_id = validate_uuid(args.uuid) if args.uuid else None
-    async with locked_session(_socket(args)) as session:
+    async with _session(args) as session:
         removed = await remove_bitmaps(session, chain_id)
     for name in removed:
         print(f"removed {name}")
@@ -222,7 +260,7 @@ def _prune_options(args: argparse.Namespace) -> PruneOptions:
 
 
 async def _prune_with_bitmaps(args: argparse.Namespace) -> CommandResult:
-    async with locked_session(_socket(args)) as session:
+    async with _session(args) as session:
         result = prune(_prune_options(args))
         result.bitmaps = await remove_chain_bitmaps(
             session, result.plan.removed_chain_ids(), result.plan.kept_bitmaps(),
@@ -231,8 +269,8 @@ async def _prune_with_bitmaps(args: argparse.Namespace) -> CommandResult:
 
 
 def prune_command(args: argparse.Namespace) -> Union[CommandResult, Awaitable[CommandResult]]:
-    """Without --socket the folder alone decides, and no VM (nor event loop) is involved."""
-    if args.socket:
+    """Without --socket/--image the folder alone decides, and no VM (nor event loop) is involved."""
+    if args.socket or args.image:
         return _prune_with_bitmaps(args)
     result = prune(_prune_options(args))
     if result.plan.removed:
@@ -251,7 +289,12 @@ COMMANDS: dict[str, Command] = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; callable in-process as ``main([...])`` and returning the exit code."""
-    return run(build_parser(), lambda args: COMMANDS[args.command], argv, "qmpbackup")
+    return run(build_parser(), _command, argv, "qmpbackup")
+
+
+def _command(args: argparse.Namespace) -> Command:
+    _refuse_offline(args, "--agent-socket")
+    return COMMANDS[args.command]
 
 
 if __name__ == "__main__":  # pragma: no cover

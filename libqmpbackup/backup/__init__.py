@@ -1,4 +1,8 @@
-"""One backup run against a live VM, and the commands that act on a VM (info, cleanup).
+"""One backup run against a VM, and the commands that act on a VM (info, cleanup).
+
+The VM is running (its QMP socket, :mod:`.session`), or shut down: then a
+private qemu-storage-daemon serves its images (:mod:`.image_disks` chooses
+their disk ids); the run itself does not tell the two apart.
 
 ``run`` drives a run: plan (pure, :mod:`.plan`), leftovers of killed runs
 (:mod:`.leftovers`), bitmaps (:mod:`.bitmaps`), the grouped transaction and

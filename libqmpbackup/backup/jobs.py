@@ -157,7 +157,7 @@ async def _wait_for_jobs(session: QmpSession, jobs: list[BackupJob]) -> None:
                                                return_when=asyncio.FIRST_COMPLETED)
             if gone in done:
                 raise VMGoneError(
-                    f"QEMU went away during the backup (QMP socket {session.spec} closed); "
+                    f"QEMU went away during the backup ({session.peer} closed); "
                     "nothing was recorded")
             pending.discard(gone)
             for task in done:

@@ -43,11 +43,7 @@ async def clean_vm(session: QmpSession, disks: list[BlockDevice],
                                          f"interrupted run on {step.disk.disk_id}"):
             log.warning("%s", step.message)
     if jobs or nodes or steps:
-        await guard.restore()
-        status = (await session.execute("query-status")).get("status")
-        if status == "shutdown":
-            log.warning("the guest shut down while an interrupted backup held it back; "
-                        "the VM stays paused in state 'shutdown' (quit or reset it)")
+        await guard.settle_interrupted_run()
     return bool(steps)
 
 

@@ -1,12 +1,14 @@
-"""A QMP session that belongs to this run alone (the VM lock comes first)."""
+"""A QMP session that belongs to this run alone: to a VM (its lock first), or to a private
+qemu-storage-daemon on the images of a VM that is shut down (the image locks first)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
-from libqmpbackup.locks import hold, lock_dir, vm_lock
+from libqmpbackup.locks import hold, image_lock, lock_dir, vm_lock
 from libqmpbackup.qemu.qmp import QmpSession, check_unix_socket
+from libqmpbackup.qemu.storage_daemon import DaemonImage, StorageDaemon
 
 
 @contextlib.asynccontextmanager
@@ -31,3 +33,17 @@ async def locked_session(address: str) -> AsyncIterator[QmpSession]:
             with hold(lock_dir() / f"qemu-{session.peer_pid}.lock",
                       f"QEMU process {session.peer_pid}", address):
                 yield session
+
+
+@contextlib.asynccontextmanager
+async def image_session(images: Sequence[DaemonImage]) -> AsyncIterator[QmpSession]:
+    """A QMP session to a qemu-storage-daemon of this run alone, on IMAGES.
+
+    Each image is locked first, so a second offline run of the same image
+    says "another backup is running" rather than "in use by a running QEMU".
+    """
+    with contextlib.ExitStack() as locks:
+        for image in images:
+            locks.enter_context(image_lock(image.path))
+        async with StorageDaemon(images) as session:
+            yield session

@@ -15,6 +15,8 @@ when that is unknown (tcp socket, no /proc) QEMU's default ``poweroff`` is
 assumed.  An action changed at run time by another QMP client is not known
 and is replaced by the command-line one.  A host-side ``quit`` or SIGTERM is
 unaffected: QEMU always exits for those.
+
+A qemu-storage-daemon (offline backup) has no guest: the guard does nothing.
 """
 
 from __future__ import annotations
@@ -65,20 +67,31 @@ class ShutdownGuard:
 
     def __init__(self, session: QmpSession) -> None:
         self.session = session
-        argv = qemu_command_line(session.peer_pid)
+        self.active = session.has_guest
+        argv = qemu_command_line(session.peer_pid) if self.active else None
         self.configured = configured_shutdown_action(argv) if argv else DEFAULT_ACTION
         self.known = argv is not None
         self.guest_shut_down = False
 
     async def restore(self) -> None:
-        """Set the command-line action again (also used for leftovers of a killed run)."""
-        if self.configured != HOLD_ACTION:
+        """Set the command-line action again."""
+        if self.active and self.configured != HOLD_ACTION:
             await self._set(self.configured)
+
+    async def settle_interrupted_run(self) -> None:
+        """A killed run may have held a guest shutdown back: restore the action, say so."""
+        if not self.active:
+            return
+        await self.restore()
+        status = (await self.session.execute("query-status")).get("status")
+        if status == "shutdown":
+            log.warning("the guest shut down while an interrupted backup held it back; "
+                        "the VM stays paused in state 'shutdown' (quit or reset it)")
 
     @contextlib.asynccontextmanager
     async def holding(self) -> AsyncIterator[None]:
         """Within this block a guest shutdown pauses the VM instead of ending QEMU."""
-        if self.configured == HOLD_ACTION:
+        if not self.active or self.configured == HOLD_ACTION:
             yield
             return
         with self.session.events(["SHUTDOWN"]) as shutdowns:

@@ -1,4 +1,5 @@
-"""Talking to QEMU: the QMP session, the guest agent, qemu-img, and device discovery.
+"""Talking to QEMU: the QMP session, the guest agent, qemu-img, device discovery, and
+the qemu-storage-daemon that serves the images of a VM that is shut down.
 
 Everything here is a thin, typed layer over one QEMU interface and knows
 nothing about chains or folders.  It may import only :mod:`libqmpbackup.errors`

@@ -6,7 +6,10 @@ change at every start).  The disk id used for folders and metadata is the
 most stable name available: the device name, else the ``-device id=``, else
 the node name.  Dirty bitmaps are read per node from
 ``query-named-block-nodes`` because during a backup the top node seen by
-``query-block`` is QEMU's copy-before-write filter.
+``query-block`` is QEMU's copy-before-write filter.  Offline (a
+qemu-storage-daemon on image files, no devices) the disks are the image
+nodes the tool opened, with the disk ids it chose; both ways yield the same
+:class:`BlockDevice`, so nothing after discovery knows the difference.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from libqmpbackup.errors import JobError
 from libqmpbackup.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
@@ -129,34 +133,57 @@ def below_filters(inserted: dict[str, Any],
     return node, driver, image
 
 
+def _block_device(disk_id: str, node: dict[str, Any], nodes: dict[str, dict[str, Any]], *,
+                  device: str = "", qdev: str = "", removable: bool = False) -> BlockDevice:
+    """NODE (a query-block ``inserted`` or a named node: both are BlockDeviceInfo) as a disk.
+
+    An empty DISK_ID means the VM's own naming (:func:`disk_id_for`).
+    """
+    node_name, driver, image = below_filters(node, nodes)
+    specific = image.get("format-specific", {}).get("data", {})
+    return BlockDevice(
+        disk_id=disk_id or disk_id_for(device, qdev, node_name),
+        device=device,
+        qdev=qdev,
+        node=node_name,
+        driver=driver,
+        filename=image.get("filename", node.get("file", "")),
+        virtual_size=image.get("virtual-size", 0),
+        read_only=node.get("ro", False),
+        removable=removable,
+        qcow2_compat=specific.get("compat"),
+        bitmaps=_bitmaps_from_node(nodes.get(node_name, {})),
+    )
+
+
 async def discover(session: QmpSession) -> list[BlockDevice]:
-    """All block devices that have a medium, with their bitmaps."""
-    blocks = await session.execute("query-block")
+    """All block devices that have a medium, with their bitmaps.
+
+    A qemu-storage-daemon has no devices (query-block is empty): its disks
+    are the image nodes it opened for this run, under the disk ids chosen
+    for them (:attr:`QmpSession.image_nodes`).
+    """
     nodes = {n["node-name"]: n for n in await named_nodes(session)}
+    if session.image_nodes is not None:
+        return [_block_device(disk_id, _image_node(nodes, name), nodes)
+                for name, disk_id in session.image_nodes.items()]
     devices = []
-    for block in blocks:
+    for block in await session.execute("query-block"):
         inserted = block.get("inserted")
         if not inserted:
             log.debug("skipping %s: no medium", block.get("device") or block.get("qdev"))
             continue
-        node_name, driver, image = below_filters(inserted, nodes)
-        specific = image.get("format-specific", {}).get("data", {})
-        device = block.get("device", "")
-        qdev = block.get("qdev", "")
-        devices.append(BlockDevice(
-            disk_id=disk_id_for(device, qdev, node_name),
-            device=device,
-            qdev=qdev,
-            node=node_name,
-            driver=driver,
-            filename=image.get("filename", inserted.get("file", "")),
-            virtual_size=image.get("virtual-size", 0),
-            read_only=inserted.get("ro", False),
-            removable=block.get("removable", False),
-            qcow2_compat=specific.get("compat"),
-            bitmaps=_bitmaps_from_node(nodes.get(node_name, {})),
-        ))
+        devices.append(_block_device("", inserted, nodes, device=block.get("device", ""),
+                                     qdev=block.get("qdev", ""),
+                                     removable=block.get("removable", False)))
     return devices
+
+
+def _image_node(nodes: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    try:
+        return nodes[name]
+    except KeyError:
+        raise JobError(f"qemu-storage-daemon lost image node {name}") from None
 
 
 async def refresh_bitmaps(session: QmpSession, disks: list[BlockDevice]) -> None:

@@ -128,11 +128,15 @@ class QmpSession:
 
     connect_timeout = DEFAULT_CONNECT_TIMEOUT
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, peer: str = "") -> None:
         self.spec = address
+        self.peer = peer or f"QMP socket {address}"   # what messages call the other end
         self.address = parse_address(address)
         self.client = QMPClient("qmpbackup")
         self.peer_pid: Optional[int] = None   # QEMU's pid when known (unix socket on Linux)
+        # node name -> disk id of the images a qemu-storage-daemon opened for
+        # this run; None when the peer is a VM, whose disks are its devices
+        self.image_nodes: Optional[dict[str, str]] = None
 
     async def __aenter__(self) -> QmpSession:
         await self.connect()
@@ -147,15 +151,15 @@ class QmpSession:
         except asyncio.TimeoutError as err:
             await self.close()
             raise ConnectError(
-                f"QMP socket {self.spec} did not greet within {self.connect_timeout:g} s: "
+                f"{self.peer} did not greet within {self.connect_timeout:g} s: "
                 "another client (libvirt, a monitor, another tool) holds it, "
                 "or it is not a QMP socket") from err
         except OSError as err:
-            raise ConnectError(f"cannot connect to QMP socket {self.spec}: "
+            raise ConnectError(f"cannot connect to {self.peer}: "
                                f"{_refusal(err)}") from err
         except QmpConnectError as err:
             await self.close()
-            raise ConnectError(f"cannot connect to QMP socket {self.spec}: "
+            raise ConnectError(f"cannot connect to {self.peer}: "
                                f"{_refusal(err.exc)}") from err
         if self.client.greeting is not None:
             version = self.client.greeting.QMP.version
@@ -188,6 +192,11 @@ class QmpSession:
             log.debug("ignoring error on disconnect: %s", err)
 
     @property
+    def has_guest(self) -> bool:
+        """False for a qemu-storage-daemon: no guest to quiesce, pause or shut down."""
+        return self.image_nodes is None
+
+    @property
     def connected(self) -> bool:
         return self.client.runstate == Runstate.RUNNING
 
@@ -198,7 +207,7 @@ class QmpSession:
             raise QmpCommandError(command, err.error_class, str(err)) from err
         except (ExecInterruptedError, StateError, EOFError, ConnectionError) as err:
             raise VMGoneError(
-                f"lost the QMP connection to {self.spec} during {command}: "
+                f"lost the connection to {self.peer} during {command}: "
                 "QEMU quit or was killed") from err
 
     async def wait_disconnected(self) -> None:

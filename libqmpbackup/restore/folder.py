@@ -17,7 +17,7 @@ from typing import Optional
 
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
-from libqmpbackup.layout import existing_backup_folder
+from libqmpbackup.layout import existing_backup_folder, month_folders
 from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import METADATA_NAME, safe_component
 from libqmpbackup.qemu import qemuimg
@@ -80,14 +80,6 @@ def _load(root: Path) -> ChainStore:
     if not store.chains:
         raise ChainError(f"the chain metadata {root / METADATA_NAME} lists no chain")
     return store
-
-
-def month_folders(path: Path) -> list[Path]:
-    """The chain folders of a --monthly base (sub-folders holding chain metadata)."""
-    try:
-        return sorted(p for p in path.iterdir() if (p / METADATA_NAME).is_file())
-    except OSError as err:
-        raise TargetError(f"cannot read {path}: {err.strerror}") from err
 
 
 def open_backup_dir(path: Path) -> BackupDir:
