@@ -33,3 +33,15 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_symlink(path: Path, target_name: str) -> None:
+    """Point symlink PATH at TARGET_NAME in one step (a temporary link renamed over it)."""
+    temporary = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    try:
+        temporary.unlink()
+    except FileNotFoundError:
+        pass
+    os.symlink(target_name, temporary)
+    os.replace(temporary, path)
+    fsync_dir(path.parent)

@@ -19,8 +19,9 @@ from typing import Optional
 
 from libqmpbackup.errors import ChainError
 from libqmpbackup.fsutil import write_atomically
+from libqmpbackup.names import JOURNAL_NAME
 
-JOURNAL_NAME = "qmprestore-journal.json"
+__all__ = ["JOURNAL_NAME", "Journal", "refuse_unfinished_restores", "unfinished_error"]
 
 
 @dataclass
@@ -70,7 +71,7 @@ def unfinished_error(folder: Path, journal: Journal) -> ChainError:
 
 def refuse_unfinished_restores(root: Path) -> None:
     """A backup must not extend a chain whose files an in-place restore is rewriting."""
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
         journal = Journal.load(folder)
         if journal is not None:
             raise unfinished_error(folder, journal)

@@ -10,7 +10,13 @@ from typing import Optional
 
 from libqmpbackup.errors import TargetError
 from libqmpbackup.fsutil import TEMP_SUFFIX
-from libqmpbackup.names import LOCK_NAME, METADATA_NAME, PARTIAL_SUFFIX, parse_backup_name
+from libqmpbackup.names import (
+    DISK_METADATA_NAME,
+    LOCK_NAME,
+    METADATA_NAME,
+    PARTIAL_SUFFIX,
+    parse_backup_name,
+)
 
 MONTH_FOLDER_RE = re.compile(r"^\d{4}-\d{2}$")
 """The names :func:`month_folder` gives."""
@@ -68,20 +74,35 @@ def is_empty_dir(root: Path) -> bool:
 
 
 def latest_backup_time(root: Path) -> int:
-    """The newest time in any backup file name below ROOT (chains and copies alike)."""
-    times = [parsed.timestamp for path in root.glob("*/*")
+    """The newest time in any backup file name in or below ROOT (chains and copies alike)."""
+    times = [parsed.timestamp for path in [*root.glob("*"), *root.glob("*/*")]
              if (parsed := parse_backup_name(path.name.removesuffix(PARTIAL_SUFFIX)))]
     return max(times, default=0)
 
 
+def existing_names(root: Path) -> set[str]:
+    """Every name in ROOT and its disk folders, relative to ROOT: names a new file must avoid."""
+    names: set[str] = set()
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                names.add(entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    names.update(os.path.join(entry.name, n) for n in os.listdir(entry.path))
+    except OSError as err:
+        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+    return names
+
+
 def partial_files(root: Path) -> list[Path]:
-    """Leftover .partial files below ROOT (one level of disk folders)."""
-    return _glob(root, f"*/*{PARTIAL_SUFFIX}")
+    """Leftover .partial files in ROOT (--no-subdir) and its disk folders."""
+    return _glob(root, f"*{PARTIAL_SUFFIX}") + _glob(root, f"*/*{PARTIAL_SUFFIX}")
 
 
 def stale_temp_files(root: Path) -> list[Path]:
     """Half-written metadata files of a run killed inside :func:`write_atomically`."""
-    return _glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}")
+    return (_glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}")
+            + _glob(root, f"*/.{DISK_METADATA_NAME}.*{TEMP_SUFFIX}"))
 
 
 def _glob(root: Path, pattern: str) -> list[Path]:

@@ -12,6 +12,12 @@ Layout of a chain folder::
     DIR/<disk id>/INC-<unix time>-<image name>     (backing file: the previous backup)
     DIR/<disk id>/DIFF-<unix time>-<image name>    (backing file: the chain's FULL)
     DIR/<disk id>/COPY-<unix time>-<image name>    (level copy, no chain)
+    DIR/<disk id>/qmpbackup-disk.json              (this folder's chain records)
+
+``--no-subdir`` puts the files in DIR itself; ``--no-timestamp`` names a
+FULL/COPY exactly like the source image, with a ``FULL-<image>`` symlink
+beside it for people (restores never follow it).  Folders written by
+upstream qmpbackup 0.67 hold ``DIR/uuid`` and ``DIR/<disk>.config`` as well.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ from typing import Optional
 from libqmpbackup.errors import UsageError
 
 METADATA_NAME = "qmpbackup.json"
+DISK_METADATA_NAME = "qmpbackup-disk.json"   # a disk folder's own copy of its chain records
+UPSTREAM_UUID_NAME = "uuid"                  # upstream 0.67: the chain id of DIR
+UPSTREAM_CONFIG_SUFFIX = ".config"           # upstream 0.67: DIR/<disk>.config
+JOURNAL_NAME = "qmprestore-journal.json"     # an in-place restore at work (see journal)
+IMAGE_LINK = "image"
+"""Symlink in a disk folder to the image of the last restored point."""
 LOCK_NAME = ".qmpbackup.lock"
 PARTIAL_SUFFIX = ".partial"
 TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of the tool
@@ -67,12 +79,34 @@ def safe_component(name: str) -> str:
     return cleaned or "disk"
 
 
+def image_name(source_image: str) -> str:
+    """The source image's own file name, made safe: what --no-timestamp names a FULL."""
+    return safe_component(os.path.basename(source_image) or "disk")
+
+
 def backup_file_name(level: str, timestamp: int, source_image: str) -> str:
     """FULL-<time>-<image>, always ending in .qcow2 because every target is qcow2."""
-    base = safe_component(os.path.basename(source_image) or "disk")
+    base = image_name(source_image)
     if not base.endswith(".qcow2"):
         base += ".qcow2"
     return f"{LEVEL_PREFIX[level]}-{timestamp}-{base}"
+
+
+def link_name(level: str, file_name: str) -> str:
+    """``FULL-<image>`` / ``COPY-<image>``: the convenience symlink beside an untimestamped file."""
+    return f"{LEVEL_PREFIX[level]}-{file_name}"
+
+
+RESERVED_FILE_NAMES = frozenset({METADATA_NAME, DISK_METADATA_NAME, LOCK_NAME,
+                                 UPSTREAM_UUID_NAME, IMAGE_LINK, JOURNAL_NAME})
+"""Names an untimestamped backup file may never take: they mean something else in a folder."""
+
+
+def is_plain_file_name(name: str) -> bool:
+    """A --no-timestamp file (named like its source image) read from untrusted metadata:
+    one path component, and no name the tool reserves."""
+    return (bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
+            and name not in RESERVED_FILE_NAMES and not name.endswith(PARTIAL_SUFFIX))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import ChainStore
 from libqmpbackup.names import METADATA_NAME
 from libqmpbackup.retention import (
+    ROOT_FOLDER,
     ChainSummary,
     FolderChange,
     RetentionPlan,
@@ -163,7 +164,7 @@ def _delete_pruned_files(store: ChainStore) -> list[Path]:
         folders.add(parts[0])
         if _delete(store.root, *parts):
             deleted.append(store.root / entry)
-    for folder in sorted(folders):
+    for folder in sorted(folders - {ROOT_FOLDER}):
         _remove_empty_dir(store.root / folder)
     return deleted
 

@@ -22,7 +22,13 @@ from typing import Optional, Sequence
 
 from libqmpbackup.errors import ChainError, UsageError
 from libqmpbackup.metadata import BackupRecord, Chain, ChainStore
-from libqmpbackup.names import bitmap_name, is_backup_file_name, point_label, safe_component
+from libqmpbackup.names import (
+    bitmap_name,
+    is_backup_file_name,
+    is_plain_file_name,
+    point_label,
+    safe_component,
+)
 
 
 def check_keep(keep: int) -> None:
@@ -31,25 +37,36 @@ def check_keep(keep: int) -> None:
                          "newest chain)")
 
 
+ROOT_FOLDER = "."
+"""The disk folder of a ``pruning`` entry whose file lies in the chain folder (--no-subdir)."""
+
+
 def pruning_entry(entry: str) -> Optional[tuple[str, str]]:
     """(disk folder, file) of a ``pruning`` entry, or None when it could point elsewhere."""
     disk_folder, sep, name = entry.partition("/")
-    if not sep or disk_folder != safe_component(disk_folder) or not is_backup_file_name(name):
+    if not sep or (disk_folder != ROOT_FOLDER and disk_folder != safe_component(disk_folder)):
+        return None
+    if not is_backup_file_name(name) and not is_plain_file_name(name):
         return None
     return disk_folder, name
 
 
 def listed_files(chain: Chain) -> list[str]:
     """``<disk folder>/<file>`` of every backup of CHAIN, as its metadata names them."""
-    return [f"{safe_component(disk_id)}/{record.file}"
+    return [f"{chain.folder_of(disk_id) or ROOT_FOLDER}/{record.file}"
             for disk_id, disk in chain.disks.items() for record in disk.backups]
+
+
+def _safe_record_name(record: BackupRecord) -> bool:
+    return is_backup_file_name(record.file) or (not record.timestamped
+                                                and is_plain_file_name(record.file))
 
 
 def chain_files(root: Path, chain: Chain) -> list[str]:
     """Like :func:`listed_files`, refusing names that could lead out of their disk folder."""
     for disk_id, disk in chain.disks.items():
         for record in disk.backups:
-            if not is_backup_file_name(record.file):
+            if not _safe_record_name(record):
                 raise ChainError(f"{root}: chain {chain.uuid} lists {record.file!r} for disk "
                                  f"{disk_id}, which is not a backup file name; prune refuses to "
                                  "touch a folder whose metadata was changed by hand")

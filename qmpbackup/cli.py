@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--speed-limit", type=byte_rate, default=0,
                         metavar="BYTES_PER_SECOND",
                         help="limit each disk's job to this rate (suffixes k, M, G allowed)")
+    backup.add_argument("--no-subdir", action="store_true",
+                        help="write the backup files into DIR itself, not DIR/<disk id>/")
+    backup.add_argument("--no-timestamp", action="store_true",
+                        help="name a full/copy backup exactly like the source image, with a "
+                             "FULL-<image> (COPY-<image>) symlink beside it")
+    backup.add_argument("--no-symlink", action="store_true",
+                        help="with --no-timestamp: no FULL-<image> symlink")
     backup.add_argument("--no-progress", action="store_true",
                         help="no progress output while jobs run")
     backup.add_argument("--quiesce", "--quisce", dest="quiesce", action="store_true",
@@ -213,7 +220,8 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
         include_raw=args.include_raw, compress=args.compress,
         speed_limit=args.speed_limit, progress=not args.no_progress,
         quiesce=args.quiesce or args.quiesce_required, quiesce_required=args.quiesce_required,
-        agent_socket=args.agent_socket)
+        agent_socket=args.agent_socket, no_subdir=args.no_subdir,
+        no_timestamp=args.no_timestamp, no_symlink=args.no_symlink)
     async with _session(args, opts) as session:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,

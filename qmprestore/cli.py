@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from libqmpbackup import __version__
 from libqmpbackup.json_output import JsonResult, add_json_option
@@ -77,12 +77,30 @@ HELP = {
 
 
 
+def _add_selection_options(parser: argparse.ArgumentParser, *, skip_check: bool,
+                           top: bool) -> None:
+    """Options upstream's qmprestore takes before the command; here also after it.
+
+    On a subcommand they default to SUPPRESS, so that an option given
+    before the command is not reset by the subcommand's default.
+    """
+    default: Any = None if top else argparse.SUPPRESS
+    parser.add_argument("--filter", dest="name_filter", metavar="STR", default=default,
+                        help="only disks whose disk id or image name contains STR")
+    if skip_check:
+        parser.add_argument("--skip-check", action="store_true",
+                            default=False if top else argparse.SUPPRESS,
+                            help="do not compare files with the metadata nor run qemu-img check "
+                                 "(leftover .partial files are refused anyway)")
+
+
 def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
                  name: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=HELP[name], epilog=COMMAND_EXAMPLES[name],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
                         help="the backup folder (holds qmpbackup.json) or one disk folder in it")
+    _add_selection_options(parser, skip_check=name != "list", top=False)
     if name in ("list", "merge"):
         add_json_option(parser)
     if name == "list":
@@ -94,9 +112,6 @@ def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
                         help="the chain to use when the folder holds several (default: newest)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the chain, print the qemu-img steps, change nothing")
-    parser.add_argument("--skip-check", action="store_true",
-                        help="do not compare files with the metadata nor run qemu-img check "
-                             "(leftover .partial files are refused anyway)")
     if name in ("merge", "commit", "snapshotrebase"):
         parser.add_argument("--rate-limit", type=byte_rate, default=0, metavar="BYTES_PER_SECOND",
                             help="limit qemu-img's I/O rate (suffixes k, M, G allowed)")
@@ -109,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_logging_options(parser)
+    _add_selection_options(parser, skip_check=True, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in ("list", "rebase", "commit", "merge", "snapshotrebase"):
         sub = _add_command(commands, name)
@@ -128,13 +144,14 @@ def _options(args: argparse.Namespace) -> RestoreOptions:
     return RestoreOptions(dir=args.dir, until=args.until,
                           uuid=validate_uuid(args.uuid) if args.uuid else None,
                           skip_check=args.skip_check, dry_run=args.dry_run,
-                          rate_limit=getattr(args, "rate_limit", 0))
+                          rate_limit=getattr(args, "rate_limit", 0),
+                          name_filter=args.name_filter)
 
 
 def list_command(args: argparse.Namespace) -> CommandResult:
     if args.json:
-        return JsonResult(list_document(args.dir))
-    print(list_table(args.dir))
+        return JsonResult(list_document(args.dir, args.name_filter))
+    print(list_table(args.dir, args.name_filter))
     return 0
 
 

@@ -16,7 +16,10 @@ QCOW2_DISKS = ("virtio0", "ide0-hd0", "data1")
 
 
 def backups(root: Path, disk: str, prefix: str = "") -> list[Path]:
-    return sorted((root / disk).glob(f"{prefix}*"), key=lambda p: int(p.name.split("-")[1]))
+    """The backup files of a disk folder (not its qmpbackup-disk.json), oldest first."""
+    found = [p for p in (root / disk).glob(f"{prefix}*")
+             if p.name.split("-")[0] in ("FULL", "INC", "COPY")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def metadata(root: Path) -> dict:
@@ -125,10 +128,24 @@ def test_copy_needs_no_bitmap_and_covers_raw_disks(cli, vm: TestVM, tmp_path: Pa
         copies = backups(target, disk, "COPY")
         assert len(copies) == 1, disk
         assert identical(copies[0], vm.reference(disk, refs / f"{disk}.raw")), disk
-    assert not (target / "qmpbackup.json").exists()
+    (copies_chain,) = metadata(target)["chains"]
+    assert (copies_chain["uuid"], copies_chain["bitmap"]) == ("copies", ""), "copies: no bitmap"
     assert all(not bl for bl in vm.bitmaps().values()), "copy adds no bitmap"
+    vm.write("virtio0", 0x53, 0, 1 * MiB)
     backup(cli, vm, target, "copy", "--include", "virtio0").ok()
     assert len(backups(target, "virtio0", "COPY")) == 2, "a second copy never overwrites the first"
+    # copies are restore points like any other: listed, and merged by name or as a whole run
+    listing = cli("qmprestore", "list", "--dir", target).ok().out
+    assert listing.count("COPY-") == 7 * 2, listing
+    first = backups(target, "virtio0", "COPY")[0].name
+    out = tmp_path / "restored"
+    cli("qmprestore", "merge", "--dir", target, "--until", "-".join(first.split("-")[:2]),
+        "--targetdir", out).ok()
+    for disk in ("virtio0", "virtio1", "ide0-hd0", "data1", "pflash0", "pflash1"):
+        assert identical(out / f"{disk}.qcow2", refs / f"{disk}.raw"), disk
+    newest = tmp_path / "newest.qcow2"
+    cli("qmprestore", "merge", "--dir", target / "virtio0", "--targetfile", newest).ok()
+    assert identical(newest, vm.reference("virtio0", refs / "virtio0-now.raw"))
 
 
 def test_include_raw_copies_raw_disks_in_full_at_every_level(cli, vm: TestVM, tmp_path: Path) -> None:
@@ -149,7 +166,8 @@ def test_include_and_exclude_select_disks_by_any_name(cli, vm: TestVM, tmp_path:
     assert sorted(p.name for p in only.iterdir() if p.is_dir()) == ["data1", "virtio0"]
     without = tmp_path / "without"
     backup(cli, vm, without, "copy", "--exclude", "ide0-hd0,pflash0").ok()
-    assert sorted(p.name for p in without.iterdir()) == ["data1", "pflash1", "virtio0", "virtio1"]
+    assert sorted(p.name for p in without.iterdir() if p.is_dir()) == [
+        "data1", "pflash1", "virtio0", "virtio1"]
     backup(cli, vm, tmp_path / "x", "full", "--include", "nosuchdisk").failed(2, "nosuchdisk")
     both = backup(cli, vm, tmp_path / "y", "full", "--include", "a", "--exclude", "b")
     assert both.rc == 2 and "not allowed with" in both.err

@@ -62,7 +62,9 @@ def contents(folder: Path) -> dict[str, object]:
 
 
 def files_below(folder: Path) -> set[Path]:
-    return {p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()}
+    """Backup files and chain metadata (each disk folder's own copy of its records aside)."""
+    return {p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()
+            and p.name != "qmpbackup-disk.json"}
 
 
 # -- chain folders made by hand ----------------------------------------------------------------

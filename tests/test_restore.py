@@ -250,7 +250,8 @@ def test_commit_makes_the_full_hold_each_point(cli, chains: Chains, tmp_path: Pa
             assert os.readlink(folder / "image") == full.name
             left = files(folder.parent, disk)
             assert left == [full.name, *names[point + 1:]], "applied INCs leave chain and folder"
-            assert sorted(p.name for p in folder.iterdir()) == sorted([*left, "image"])
+            assert sorted(p.name for p in folder.iterdir()) == sorted(
+                [*left, "image", "qmpbackup-disk.json"])
             for later in range(point + 1, 4):     # later points still restore exactly
                 out = tmp_path / f"{disk}-{point}-{later}.qcow2"
                 cli("qmprestore", "merge", "--dir", folder, "--until", prefix(names[later]),
@@ -343,7 +344,7 @@ def test_several_chains_in_one_folder(cli, chains: Chains, tmp_path: Path) -> No
     folder = chains.multi / "virtio0"
     first, second = metadata(chains.multi)["chains"]
     old, new = files(chains.multi, "virtio0", 0), files(chains.multi, "virtio0", 1)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(old + new)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(old + new + ["qmpbackup-disk.json"])
     expected = {old[0]: 0, old[1]: 1, new[0]: 2, new[1]: 3}
     for name, point in expected.items():
         out = tmp_path / f"{name}.qcow2"

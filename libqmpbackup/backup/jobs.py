@@ -43,6 +43,9 @@ class BackupJob:
     partial_path: Path
     final_path: Path
     backing: Optional[str] = None   # relative name of the previous backup
+    backed: bool = True             # False: an INC after upstream's, which name no backing file
+    timestamped: bool = True        # False: --no-timestamp, named like the source image
+    link: Optional[str] = None      # the convenience symlink to create beside it (FULL-<image>)
     bitmap: Optional[str] = None
     bitmap_mode: Optional[str] = None
     job_id: str = ""

@@ -9,16 +9,26 @@ has created a single file or bitmap.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 from libqmpbackup.backup.bitmaps import chain_bitmap_of, chain_bitmaps, diff_bitmap, tool_bitmaps
 from libqmpbackup.backup.jobs import BackupJob
 from libqmpbackup.errors import ChainError, TargetError, UsageError
 from libqmpbackup.layout import month_folder
-from libqmpbackup.metadata import Chain, ChainStore
-from libqmpbackup.names import PARTIAL_SUFFIX, backup_file_name, bitmap_name, new_chain_id, safe_component
+from libqmpbackup.metadata import COPIES_ID, Chain, ChainStore
+from libqmpbackup.names import (
+    PARTIAL_SUFFIX,
+    RESERVED_FILE_NAMES,
+    backup_file_name,
+    bitmap_name,
+    image_name,
+    link_name,
+    new_chain_id,
+    safe_component,
+)
 from libqmpbackup.qemu.devices import BlockDevice
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,9 @@ class BackupOptions:
     quiesce: bool = False
     quiesce_required: bool = False
     agent_socket: Optional[str] = None
+    no_subdir: bool = False        # files in the target folder itself, not DIR/<disk id>/
+    no_timestamp: bool = False     # a FULL/COPY named exactly like the source image
+    no_symlink: bool = False       # with no_timestamp: no FULL-<image> symlink beside it
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,7 @@ class RunPlan:
     level: str                        # the effective level: full, inc, diff or copy
     timestamp: int
     root: Path
-    chain: Optional[Chain]            # None for copy
+    chain: Optional[Chain]            # for copy: the folder's bitmap-less chain of copies
     new_chain: bool
     jobs: list[BackupJob]
     bitmaps_to_add: list[BlockDevice] = field(default_factory=list)
@@ -90,6 +103,13 @@ def select_disks(disks: list[BlockDevice], opts: BackupOptions) -> list[BlockDev
     dup = {safe_component(i) for i in ids if [safe_component(x) for x in ids].count(safe_component(i)) > 1}
     if dup:
         raise UsageError(f"disk ids collide as folder names: {', '.join(sorted(dup))}")
+    if opts.no_subdir:
+        images = [image_name(d.filename) for d in selected]
+        clash = sorted({n for n in images if images.count(n) > 1})
+        if clash:
+            owners = [d.disk_id for d in selected if image_name(d.filename) in clash]
+            raise UsageError(f"--no-subdir: disks {', '.join(owners)} would get the same file "
+                             f"names ({', '.join(clash)}): drop --no-subdir or --exclude one")
     return selected
 
 
@@ -97,17 +117,49 @@ def chain_root(opts: BackupOptions) -> Path:
     return month_folder(opts.target) if opts.monthly else opts.target
 
 
-def _job(disk: BlockDevice, root: Path, level: str, timestamp: int, *,
-         sync: str = "full", backing: Optional[str] = None,
-         bitmap: Optional[str] = None, bitmap_mode: Optional[str] = None) -> BackupJob:
-    name = backup_file_name(level, timestamp, disk.filename)
-    folder = root / safe_component(disk.disk_id)
-    return BackupJob(disk=disk, level=level, sync=sync,
-                     partial_path=folder / (name + PARTIAL_SUFFIX), final_path=folder / name,
-                     backing=backing, bitmap=bitmap, bitmap_mode=bitmap_mode)
+@dataclass(frozen=True)
+class Layout:
+    """Where this run's files go and how they are named (--no-subdir, --no-timestamp)."""
+
+    root: Path
+    store: ChainStore
+    opts: BackupOptions
+    existing: frozenset[str] = frozenset()   # paths below root, relative ("virtio0/FULL-…")
+
+    def folder(self, disk: BlockDevice) -> str:
+        """A disk stays where its chain keeps it; a new disk goes where the options say."""
+        for chain in reversed(self.store.chains):
+            if disk.disk_id in chain.disks:
+                return chain.folder_of(disk.disk_id)
+        return "" if self.opts.no_subdir else safe_component(disk.disk_id)
+
+    def plain_name(self, disk: BlockDevice, folder: str, level: str) -> Optional[str]:
+        """The source image's name for a FULL/COPY with --no-timestamp, unless it is taken."""
+        if not self.opts.no_timestamp or level in ("inc", "diff"):
+            return None
+        name = image_name(disk.filename)
+        taken = {os.path.join(folder, n) for n in (name, link_name(level, name))} & self.existing
+        if name in RESERVED_FILE_NAMES or taken:
+            log.info("%s: %s is taken in the target; naming this %s backup with its time",
+                     disk.disk_id, name, level)
+            return None
+        return name
+
+    def job(self, disk: BlockDevice, level: str, timestamp: int, *, sync: str = "full",
+            backing: Optional[str] = None, backed: bool = True, bitmap: Optional[str] = None,
+            bitmap_mode: Optional[str] = None) -> BackupJob:
+        folder_name = self.folder(disk)
+        folder = self.root / folder_name
+        plain = self.plain_name(disk, folder_name, level)
+        name = plain or backup_file_name(level, timestamp, disk.filename)
+        link = link_name(level, plain) if plain and not self.opts.no_symlink else None
+        return BackupJob(disk=disk, level=level, sync=sync,
+                         partial_path=folder / (name + PARTIAL_SUFFIX), final_path=folder / name,
+                         backing=backing, backed=backed, timestamped=plain is None, link=link,
+                         bitmap=bitmap, bitmap_mode=bitmap_mode)
 
 
-def _chain_jobs(disks: list[BlockDevice], root: Path, chain: Chain, timestamp: int,
+def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain, timestamp: int,
                 level: str = "inc") -> tuple[list[BackupJob], list[BlockDevice]]:
     """Jobs for a chain run: LEVEL (inc or diff) where possible, full where a disk is new.
 
@@ -116,23 +168,27 @@ def _chain_jobs(disks: list[BlockDevice], root: Path, chain: Chain, timestamp: i
     with the chain bitmap added beforehand and re-based on success.  An INC
     backs onto the disk's previous backup, a DIFF onto its FULL; both run
     with the chain bitmap (see :mod:`bitmaps` for how a DIFF fills it).
+    After one of upstream's INCs (which name no backing file) the new file
+    names none either, so the folder stays one kind of chain for upstream's tools.
     """
     jobs, add = [], []
     for disk in disks:
         if not disk.supports_persistent_bitmaps:
-            jobs.append(_job(disk, root, "full", timestamp))
+            jobs.append(layout.job(disk, "full", timestamp))
             continue
         history = chain.disks.get(disk.disk_id)
         if history and chain.has_full(disk.disk_id):
-            fulls = [b.file for b in history.backups if b.level == "full"]
-            backing = fulls[-1] if level == "diff" else history.backups[-1].file
-            jobs.append(_job(disk, root, level, timestamp, sync="incremental",
-                             backing=backing, bitmap=chain.bitmap))
+            previous = history.backups[-1]
+            base = [b for b in history.backups if b.level == "full"][-1] \
+                if level == "diff" else previous
+            jobs.append(layout.job(disk, level, timestamp, sync="incremental",
+                                   backing=base.file if previous.backed else None,
+                                   backed=previous.backed, bitmap=chain.bitmap))
             continue
         if disk.bitmap(chain.bitmap) is None:
             add.append(disk)
-        jobs.append(_job(disk, root, "full", timestamp, bitmap=chain.bitmap,
-                         bitmap_mode="on-success"))
+        jobs.append(layout.job(disk, "full", timestamp, bitmap=chain.bitmap,
+                               bitmap_mode="on-success"))
     return jobs, add
 
 
@@ -165,14 +221,19 @@ def _bitmap_problems(disks: list[BlockDevice], chain: Chain,
 
 
 def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions,
-                timestamp: int, root_is_empty: bool) -> RunPlan:
+                timestamp: int, root_is_empty: bool,
+                existing: Collection[str] = ()) -> RunPlan:
     root = store.root
     level = opts.level
+    layout = Layout(root, store, opts, frozenset(existing))
     if level == "copy":
-        if store.chains:
+        if store.current is not None:
             raise TargetError(f"target {root} holds a backup chain: write copies to another folder")
-        return RunPlan(level="copy", timestamp=timestamp, root=root, chain=None, new_chain=False,
-                       jobs=[_job(d, root, "copy", timestamp) for d in disks],
+        copies = store.copies
+        return RunPlan(level="copy", timestamp=timestamp, root=root,
+                       chain=copies or Chain(uuid=COPIES_ID, bitmap="", created=timestamp),
+                       new_chain=copies is None,
+                       jobs=[layout.job(d, "copy", timestamp) for d in disks],
                        reason="--level copy")
 
     chain = store.current
@@ -195,9 +256,10 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
 
     if level == "full":
         if not root_is_empty and not unusable:
+            hint = ("it holds no chain of qmpbackup: choose an empty folder" if chain is None
+                    else "use --level inc or auto to continue the chain there, or --monthly")
             raise TargetError(
-                f"target {root} is not empty: a new chain needs an empty folder "
-                "(use --level inc or auto to continue the chain there, or --monthly)")
+                f"target {root} is not empty: a new chain needs an empty folder ({hint})")
         chain_id = opts.uuid if opts.uuid and not unusable else new_chain_id()
         new = Chain(uuid=chain_id, bitmap=bitmap_name(chain_id), created=timestamp)
         taken = [d.disk_id for d in disks if chain_bitmaps(d, new.bitmap)]
@@ -207,7 +269,7 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
                 f"disk {taken[0]} already has bitmap {new.bitmap}: chain {chain_id} belongs "
                 f"to another backup folder; choose another --uuid, or remove that chain's "
                 f"bitmaps with: qmpbackup cleanup --remove-bitmaps --uuid {chain_id}")
-        jobs, add = _chain_jobs(disks, root, new, timestamp)
+        jobs, add = _chain_jobs(disks, layout, new, timestamp)
         retire = chain.bitmap if unusable and chain else None
         return RunPlan(level="full", timestamp=timestamp, root=root, chain=new, new_chain=True,
                        jobs=jobs, bitmaps_to_add=add, retire_bitmap=retire, reason=reason)
@@ -220,6 +282,6 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
         raise ChainError(f"{problems[0][1]}: {kind} backup is impossible; "
                          "run --level auto (starts a new chain when the bitmap is unusable) or "
                          "a full backup into a new folder")
-    jobs, add = _chain_jobs(disks, root, chain, timestamp, level)
+    jobs, add = _chain_jobs(disks, layout, chain, timestamp, level)
     return RunPlan(level=level, timestamp=timestamp, root=root, chain=chain, new_chain=False,
                    jobs=jobs, bitmaps_to_add=add, reason=reason)

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from libqmpbackup import upstream
 from libqmpbackup.backup import bitmaps, leftovers
+from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.jobs import (
     BackupJob,
     add_target_node,
@@ -44,10 +46,10 @@ from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
-from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.fsutil import fsync_dir, replace_symlink
 from libqmpbackup.journal import refuse_unfinished_restores
 from libqmpbackup.json_output import Document
-from libqmpbackup.layout import is_empty_dir, latest_backup_time, prepare_root
+from libqmpbackup.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord, ChainStore
 from libqmpbackup.prune import finish_interrupted_prune
@@ -136,8 +138,10 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     finish_interrupted_prune(ChainStore.load(root))
     refuse_unfinished_restores(root)
     store = ChainStore.load(root)
-    timestamp = _timestamp_after(latest_backup_time(root))
-    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root))
+    if not store.chains and upstream.chain_id(root) is not None:
+        store = adopt_upstream(root, disks)
+    timestamp = _timestamp_after(max(latest_backup_time(root), store.latest_time()))
+    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root))
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
     if plan.retire_bitmap:
         for disk in selected:
@@ -151,8 +155,8 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
         await guard.finish()
     if quiescer and quiescer.thaw_error:
         raise AgentError(quiescer.thaw_error)
-    return BackupResult(level=plan.level, root=root,
-                        chain_id=plan.chain.uuid if plan.chain else None, time=plan.timestamp,
+    chain_id = plan.chain.uuid if plan.chain and not plan.chain.is_copies else None
+    return BackupResult(level=plan.level, root=root, chain_id=chain_id, time=plan.timestamp,
                         files=[BackupFile.of(j, plan.timestamp) for j in plan.jobs],
                         reason=plan.reason, quiesced=bool(quiescer and quiescer.frozen))
 
@@ -184,6 +188,21 @@ class _TargetFiles:
             self.renamed.append(job.final_path)
             fsync_dir(job.final_path.parent)
             log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
+
+    def link(self) -> None:
+        """The FULL-<image> symlinks of --no-timestamp: for people, so a failure only warns."""
+        for job in self.jobs:
+            if job.link is None:
+                continue
+            path = job.final_path.with_name(job.link)
+            if path.exists() and not path.is_symlink():
+                log.warning("%s exists and is not a symlink: not linking it to %s", path,
+                            job.final_path.name)
+                continue
+            try:
+                replace_symlink(path, job.final_path.name)
+            except OSError as err:
+                log.warning("cannot create symlink %s: %s", path, err.strerror)
 
     def discard(self) -> None:
         """Nothing of a failed run may look like a finished backup."""
@@ -253,12 +272,13 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
         if plan.chain is not None:
             _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
         undo.pop_all()  # committed: from here on nothing may be undone
+    files.link()
     if run_bitmaps:
         await run_bitmaps.after_commit(session)
 
 
 def _run_bitmaps(plan: RunPlan) -> Optional[bitmaps.RunBitmaps]:
-    if plan.chain is None:
+    if plan.chain is None or plan.chain.is_copies:
         return None
     added = plan.bitmaps_to_add
     chain_bitmap = plan.chain.bitmap
@@ -282,11 +302,14 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesce
     if plan.new_chain:
         store.chains.append(chain)
     for job in plan.jobs:
-        chain.disk(job.disk.disk_id).backups.append(BackupRecord(
+        disk = chain.disk(job.disk.disk_id)
+        disk.folder = "" if job.final_path.parent == store.root else job.final_path.parent.name
+        disk.backups.append(BackupRecord(
             file=job.final_path.name, level=job.level,
             time=plan.timestamp,
             virtual_size=job.disk.virtual_size, source_image=job.disk.filename,
-            source_format=job.disk.driver, compressed=compressed, quiesced=quiesced))
+            source_format=job.disk.driver, compressed=compressed, quiesced=quiesced,
+            backed=job.backed, timestamped=job.timestamped))
     try:
         store.save()
     except OSError as err:

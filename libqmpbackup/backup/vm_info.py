@@ -11,6 +11,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from libqmpbackup.backup.bitmaps import tool_bitmaps
 from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
@@ -22,17 +23,19 @@ def _bitmaps_possible(disk: BlockDevice) -> str:
 
 
 def blockdev_table(disks: list[BlockDevice]) -> str:
-    rows = [(d.disk_id, d.node, d.driver, d.virtual_size, d.filename, _bitmaps_possible(d))
+    rows = [(d.disk_id, d.node, d.driver, d.virtual_size, d.filename, _bitmaps_possible(d),
+             ", ".join(tool_bitmaps(d)) or "-")
             for d in disks]
     return tabulate(rows, headers=("disk", "node", "format", "virtual size", "image file",
-                                   "bitmaps possible"))
+                                   "bitmaps possible", "qmpbackup bitmaps"))
 
 
 def blockdev_document(disks: list[BlockDevice]) -> Document:
     return {"command": "info", "show": "blockdev", "disks": [
         {"disk": d.disk_id, "node": d.node, "format": d.driver, "virtual_size": d.virtual_size,
          "image": d.filename, "pflash": d.is_pflash,
-         "persistent_bitmaps": d.supports_persistent_bitmaps} for d in disks]}
+         "persistent_bitmaps": d.supports_persistent_bitmaps,
+         "qmpbackup_bitmaps": tool_bitmaps(d)} for d in disks]}
 
 
 def bitmaps_table(disks: list[BlockDevice]) -> str:

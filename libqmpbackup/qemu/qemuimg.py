@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence, Union
 
 from libqmpbackup.errors import QemuImgError
 
@@ -163,8 +163,23 @@ def commit(path: Path, *, base: Optional[Path] = None, rate_limit: int = 0,
     run([*args, str(path)], dry_run=dry_run)
 
 
-def convert(source: Path, target: Path, *, out_format: str = "qcow2", rate_limit: int = 0,
-            dry_run: bool = False) -> None:
+def chain_source(files: Sequence[Path]) -> str:
+    """A qcow2 chain given explicitly, oldest first, for images whose headers name no backing file.
+
+    Upstream qmpbackup writes its incrementals without backing files; this
+    ``json:`` filename makes qemu-img read the point through exactly the
+    files the chain metadata lists (the last one ends the chain), never
+    through a header.
+    """
+    node: Optional[dict[str, Any]] = None
+    for path in files:
+        node = {"driver": "qcow2", "file": {"driver": "file", "filename": os.path.abspath(path)},
+                "backing": node}
+    return "json:" + json.dumps(node)
+
+
+def convert(source: Union[Path, str], target: Path, *, out_format: str = "qcow2",
+            rate_limit: int = 0, dry_run: bool = False) -> None:
     """Write SOURCE (read through its backing chain, opened read-only) as a standalone TARGET."""
     args = ["convert", "-q", "-f", "qcow2", "-O", out_format]
     if rate_limit:

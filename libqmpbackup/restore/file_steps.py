@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from libqmpbackup.errors import TargetError
-from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.fsutil import fsync_dir, replace_symlink
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,10 @@ def link(path: Path, target_name: str, *, dry_run: bool = False) -> None:
         raise TargetError(f"{path} exists and is not a symlink: move it away")
     if _announce(f"link {path} -> {target_name}", dry_run):
         return
-    temporary = path.with_name(f".{path.name}.tmp")
     try:
-        temporary.unlink(missing_ok=True)
-        os.symlink(target_name, temporary)
-        os.replace(temporary, path)
+        replace_symlink(path, target_name)
     except OSError as err:
         raise TargetError(f"cannot create symlink {path}: {err.strerror}") from err
-    fsync_dir(path.parent)
 
 
 def note(text: str, *, dry_run: bool = False) -> None:

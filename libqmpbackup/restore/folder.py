@@ -15,15 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from libqmpbackup import upstream
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
 from libqmpbackup.layout import existing_backup_folder, month_folders
 from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import METADATA_NAME, safe_component
+from libqmpbackup.names import DISK_METADATA_NAME, METADATA_NAME, link_name, safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.rules import (
     RestorePoint,
-    disk_ids_in_folder,
+    disks_in,
     folder_problems,
     image_problems,
     parent,
@@ -39,10 +40,34 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BackupDir:
-    """A chain folder's metadata, and the disk folder --dir named inside it, if any."""
+    """A chain folder's metadata, the part of it --dir named, and the --filter.
+
+    DISK_FOLDER is the folder --dir named, relative to the root (None: the
+    root itself).  A disk folder copied on its own is a root whose disks
+    live in the root itself (folder ""), read from its own records.
+    """
 
     store: ChainStore
     disk_folder: Optional[str] = None
+    name_filter: Optional[str] = None
+    metadata_name: Optional[str] = METADATA_NAME   # None: an upstream folder, read from names
+
+    def folder_of(self, disk_id: str) -> Path:
+        """The folder holding DISK_ID's files (newest chain that has the disk)."""
+        chain = next((c for c in reversed(self.store.chains) if disk_id in c.disks), None)
+        return self.root / (chain.folder_of(disk_id) if chain else safe_component(disk_id))
+
+    def reload(self) -> ChainStore:
+        if self.metadata_name is None:
+            return upstream.read_folder(self.root)
+        return ChainStore.load(self.root, self.metadata_name)
+
+    def save(self, store: ChainStore) -> None:
+        """Record a change an in-place restore made; an upstream folder's names are its record."""
+        if self.metadata_name == METADATA_NAME:
+            store.save()
+        elif self.metadata_name is not None:
+            store.write(self.metadata_name)
 
     @property
     def root(self) -> Path:
@@ -52,43 +77,91 @@ class BackupDir:
     def folder(self) -> Path:
         return self.root / self.disk_folder if self.disk_folder else self.root
 
+    def disk_ids(self) -> list[str]:
+        """The disks --dir and --filter select, oldest chain first."""
+        return disks_in(self.store, self.disk_folder, self.name_filter)
+
     def disk_id(self) -> str:
-        assert self.disk_folder is not None
-        ids = disk_ids_in_folder(self.store, self.disk_folder)
+        ids = self.disk_ids()
         if not ids:
+            where = (f"in folder {self.disk_folder!r}" if self.disk_folder
+                     else f"in {self.root}")
+            matching = f" matching --filter {self.name_filter!r}" if self.name_filter else ""
             raise ChainError(f"{self.folder}: the chain metadata in {self.root} has no disk "
-                             f"stored in folder {self.disk_folder!r}")
-        return ids[-1]
+                             f"stored {where}{matching}")
+        if len(ids) > 1 and self.disk_folder is None:
+            raise UsageError(f"{self.folder} holds several disks ({', '.join(ids)}): choose one "
+                             "with --filter")
+        return ids[-1]   # a disk folder: the newest chain's name for its disk
 
     def disk_names(self) -> str:
         return ", ".join(sorted({safe_component(d) for c in self.store.chains for d in c.disks}))
 
+    def single_disk(self) -> bool:
+        """One disk: a disk folder, or a root where --filter (or a flat layout) leaves one."""
+        if self.disk_folder is not None:
+            return True
+        return len(self.disk_ids()) == 1 and (self.name_filter is not None
+                                              or not self.store.folders())
+
     def require_disk_folder(self, command: str) -> str:
-        if self.disk_folder is None:
-            raise UsageError(f"{command} works on one disk: use --dir {self.root}/DISK "
-                             f"(disks: {self.disk_names() or 'none'})")
+        if not self.single_disk():
+            raise UsageError(f"{command} works on one disk: use --dir {self.root}/DISK or "
+                             f"--filter NAME (disks: {self.disk_names() or 'none'})")
         return self.disk_id()
 
     def points(self, until: Optional[str], uuid: Optional[str]) -> list[RestorePoint]:
-        if self.disk_folder is not None:
+        if self.single_disk():
             return [select_disk_point(self.store, self.disk_id(), until, uuid)]
-        return select_root_points(self.store, until, uuid)
+        return select_root_points(self.store, until, uuid, self.disk_ids())
 
 
-def _load(root: Path) -> ChainStore:
-    store = ChainStore.load(root)
+def _load(root: Path, name: str = METADATA_NAME) -> ChainStore:
+    store = ChainStore.load(root, name)
     if not store.chains:
-        raise ChainError(f"the chain metadata {root / METADATA_NAME} lists no chain")
+        raise ChainError(f"the chain metadata {root / name} lists no chain")
     return store
 
 
-def open_backup_dir(path: Path) -> BackupDir:
+def _parent_lists(path: Path) -> Optional[ChainStore]:
+    """The parent's metadata, if it keeps disks in PATH (a disk folder in place)."""
+    if not (path.parent / METADATA_NAME).is_file():
+        return None
+    store = _load(path.parent)
+    return store if path.name in store.folders() else None
+
+
+def _find_backup(path: Path, name_filter: Optional[str]) -> Optional[BackupDir]:
+    """What PATH is, in order: a chain folder, a disk folder in place, a disk folder on its
+    own, a disk folder of an upstream folder, an upstream folder (or a copy of its disk folder)."""
+    if (path / METADATA_NAME).is_file():
+        return BackupDir(_load(path), None, name_filter)
+    parent = _parent_lists(path)
+    if parent is not None:
+        return BackupDir(parent, path.name, name_filter)
+    if (path / DISK_METADATA_NAME).is_file():
+        log.debug("%s: a disk folder on its own, read from its %s", path, DISK_METADATA_NAME)
+        return BackupDir(_load(path, DISK_METADATA_NAME), "", name_filter, DISK_METADATA_NAME)
+    if (path.parent / METADATA_NAME).is_file():
+        # the parent is ours but does not know this folder: its metadata is the truth
+        return BackupDir(_load(path.parent), path.name, name_filter)
+    if month_folders(path):
+        return None     # a --monthly base: its months are chain folders of ours
+    if upstream.chain_id(path.parent) is not None and upstream.looks_like_upstream(path):
+        return BackupDir(upstream.read_folder(path.parent), path.name, name_filter, None)
+    if upstream.looks_like_upstream(path):
+        log.info("%s has no %s: reading it as a folder of upstream qmpbackup (order from the "
+                 "times in the file names)", path, METADATA_NAME)
+        return BackupDir(upstream.read_folder(path), None, name_filter, None)
+    return None
+
+
+def open_backup_dir(path: Path, name_filter: Optional[str] = None) -> BackupDir:
     """The chain (and disk folder) --dir names; a --monthly base is refused as ambiguous."""
     path = existing_backup_folder(path)
-    if (path / METADATA_NAME).is_file():
-        return BackupDir(_load(path))
-    if (path.parent / METADATA_NAME).is_file():
-        return BackupDir(_load(path.parent), path.name)
+    found = _find_backup(path, name_filter)
+    if found is not None:
+        return found
     months = month_folders(path)
     if months:
         raise UsageError(f"{path} holds one chain folder per month "
@@ -97,16 +170,17 @@ def open_backup_dir(path: Path) -> BackupDir:
                      "of one")
 
 
-def open_for_listing(path: Path) -> list[BackupDir]:
+def open_for_listing(path: Path, name_filter: Optional[str] = None) -> list[BackupDir]:
     """Like open_backup_dir, but a --monthly base lists all its months."""
     path = existing_backup_folder(path)
-    if (path / METADATA_NAME).is_file() or (path.parent / METADATA_NAME).is_file():
-        return [open_backup_dir(path)]
+    found = _find_backup(path, name_filter)
+    if found is not None:
+        return [found]
     months = month_folders(path)
     if not months:
         raise ChainError(f"{path} holds no backup chain (no {METADATA_NAME} in it, its parent "
                          "or its sub-folders)")
-    return [BackupDir(_load(m)) for m in months]
+    return [BackupDir(_load(m), None, name_filter) for m in months]
 
 
 def folder_entries(folder: Path) -> list[str]:
@@ -136,12 +210,19 @@ def refuse_unfinished(folder: Path, entries: list[str]) -> None:
 
 
 def _known_files(point: RestorePoint, store: ChainStore) -> set[str]:
-    """Every file any chain of the store keeps in this disk folder, or a prune is deleting."""
-    folder_name = point.folder.name
-    pruned = {parts[1] for parts in map(pruning_entry, store.pruning)
-              if parts and parts[0] == folder_name}
-    return pruned | {r.file for c in store.chains for d_id, d in c.disks.items()
-                     if safe_component(d_id) == folder_name for r in d.backups}
+    """Every file any chain of the store keeps in this disk folder (and its convenience link),
+    or a prune is deleting."""
+    known = {parts[1] for parts in map(pruning_entry, store.pruning)
+             if parts and store.root / parts[0] == point.folder}
+    for chain in store.chains:
+        for disk_id, disk in chain.disks.items():
+            if store.root / chain.folder_of(disk_id) != point.folder:
+                continue
+            for record in disk.backups:
+                known.add(record.file)
+                if not record.timestamped:
+                    known.add(link_name(record.level, record.file))
+    return known
 
 
 def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) -> None:

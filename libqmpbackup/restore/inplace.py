@@ -29,13 +29,13 @@ from typing import Iterator
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
-from libqmpbackup.metadata import BackupRecord, ChainStore
+from libqmpbackup.metadata import BackupRecord
+from libqmpbackup.names import IMAGE_LINK
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
 from libqmpbackup.restore.rules import (
     BASE_SNAPSHOT,
-    IMAGE_LINK,
     RestoreOptions,
     RestorePoint,
     consolidated_name,
@@ -93,7 +93,7 @@ def _exclusive(backup: BackupDir, dry_run: bool) -> Iterator[None]:
 def rebase(opts: RestoreOptions) -> Path:
     """Make the point's file a usable image through relative backing files; link ``image`` to it."""
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
+    backup = open_backup_dir(opts.dir, opts.name_filter)
     with _exclusive(backup, opts.dry_run):
         return _rebase(backup, opts)
 
@@ -127,15 +127,14 @@ def _ensure_snapshot(image: Path, tag: str, dry_run: bool) -> None:
 
 def _consolidate(opts: RestoreOptions, operation: str, *, snapshots: bool) -> Path:
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
+    backup = open_backup_dir(opts.dir, opts.name_filter)
     with _exclusive(backup, opts.dry_run):
         return _consolidate_locked(backup, opts, operation, snapshots)
 
 
 def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
                         snapshots: bool) -> Path:
-    backup.require_disk_folder(operation)
-    folder = backup.folder
+    folder = backup.folder_of(backup.require_disk_folder(operation))
     journal = Journal.load(folder)
     if journal is not None:
         if journal.operation != operation:
@@ -227,8 +226,8 @@ def _rebase_later_points(records: list[BackupRecord], result: str, folder: Path,
 
 def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     """Turn the folder into a consistent chain again: FULL at the point, later INCs on top."""
-    folder = backup.folder
-    store = ChainStore.load(backup.root)
+    folder = backup.folder_of(journal.disk)
+    store = backup.reload()
     chain = store.find(journal.chain)
     if chain is None or journal.disk not in chain.disks:
         raise ChainError(f"chain {journal.chain} of disk {journal.disk} vanished from "
@@ -246,7 +245,7 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         file_steps.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
                    f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
-            store.save()
+            backup.save(store)
     for step in journal.steps:
         file_steps.remove(folder / step, dry_run=dry_run)
     file_steps.link(folder / IMAGE_LINK, journal.result, dry_run=dry_run)

@@ -18,9 +18,8 @@ from tabulate import tabulate
 from libqmpbackup.journal import JOURNAL_NAME
 from libqmpbackup.json_output import Document
 from libqmpbackup.metadata import BackupRecord, Chain
-from libqmpbackup.names import safe_component
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
-from libqmpbackup.restore.rules import label, partial_leftovers
+from libqmpbackup.restore.rules import partial_leftovers, record_label
 from libqmpbackup.units import local_time
 
 log = logging.getLogger(__name__)
@@ -36,12 +35,14 @@ def _size(path: Path) -> Optional[int]:
 
 
 def _disk_ids(backup: BackupDir, chain: Chain) -> list[str]:
-    return [d for d in chain.disks
-            if backup.disk_folder is None or safe_component(d) == backup.disk_folder]
+    """The chain's disks --dir (and --filter) chose."""
+    chosen = set(backup.disk_ids())
+    return [d for d in chain.disks if d in chosen and (
+        backup.disk_folder is None or chain.folder_of(d) == backup.disk_folder)]
 
 
 def _point_document(folder: Path, record: BackupRecord) -> Document:
-    return {"point": label(record.file), "file": str(folder / record.file),
+    return {"point": record_label(record), "file": str(folder / record.file),
             "level": record.level, "time": record.time, "size": _size(folder / record.file),
             "virtual_size": record.virtual_size, "compressed": record.compressed,
             "quiesced": record.quiesced}
@@ -50,7 +51,7 @@ def _point_document(folder: Path, record: BackupRecord) -> Document:
 def _chain_document(backup: BackupDir, chain: Chain) -> Document:
     disks = []
     for disk_id in _disk_ids(backup, chain):
-        folder = backup.root / safe_component(disk_id)
+        folder = backup.root / chain.folder_of(disk_id)
         disks.append({"disk": disk_id, "folder": str(folder), "points": [
             _point_document(folder, r) for r in chain.disks[disk_id].backups]})
     return {"chain": chain.uuid, "folder": str(backup.root), "bitmap": chain.bitmap,
@@ -65,7 +66,8 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
                 size = point["size"]
                 rows.append((prefix + chain.uuid, disk["disk"], point["point"],
                              local_time(point["time"]), point["level"], Path(point["file"]).name,
-                             "missing" if size is None else size, point["virtual_size"]))
+                             "missing" if size is None else size,
+                             point["virtual_size"] or "unknown"))
     return rows
 
 
@@ -74,8 +76,8 @@ def _warn_leftovers(backup: BackupDir) -> None:
         log.warning("%s: %d file(s) of pruned chains are not deleted yet (an interrupted prune); "
                     "the next prune or backup run removes them", backup.root,
                     len(backup.store.pruning))
-    folders = [backup.folder] if backup.disk_folder else sorted(
-        p for p in backup.root.iterdir() if p.is_dir())
+    folders = [backup.folder] if backup.disk_folder is not None else [backup.root, *sorted(
+        p for p in backup.root.iterdir() if p.is_dir() and not p.is_symlink())]
     for folder in folders:
         entries = os.listdir(folder)
         for name in partial_leftovers(entries):
@@ -84,21 +86,21 @@ def _warn_leftovers(backup: BackupDir) -> None:
             log.warning("%s: an in-place restore was interrupted (%s)", folder, JOURNAL_NAME)
 
 
-def list_table(path: Path) -> str:
+def list_table(path: Path, name_filter: Optional[str] = None) -> str:
     """Every chain, disk and restore point below PATH (chain folder, disk folder or --monthly base)."""
     given = Path(os.path.abspath(path))
     rows = []
-    for backup in open_for_listing(path):
+    for backup in open_for_listing(path, name_filter):
         _warn_leftovers(backup)
         # below a --monthly base, chains are told apart by their month folder
         rows += _rows(backup, "" if backup.folder == given else f"{backup.root.name}/")
     return tabulate(rows, headers=HEADERS)
 
 
-def list_document(path: Path) -> Document:
+def list_document(path: Path, name_filter: Optional[str] = None) -> Document:
     """The ``list --json`` document: the same chains, disks and points as the table."""
     chains = []
-    for backup in open_for_listing(path):
+    for backup in open_for_listing(path, name_filter):
         _warn_leftovers(backup)
         chains += [_chain_document(backup, c) for c in backup.store.chains]
     return {"command": "list", "dir": os.path.abspath(path), "chains": chains}

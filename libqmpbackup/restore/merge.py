@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from libqmpbackup.errors import TargetError, UsageError
 from libqmpbackup.json_output import Document
@@ -104,8 +104,8 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
     if (target.file is None) == (target.directory is None):
         raise UsageError("merge needs exactly one of --targetfile and --targetdir")
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir)
-    if backup.disk_folder is None and target.file is not None:
+    backup = open_backup_dir(opts.dir, opts.name_filter)
+    if not backup.single_disk() and target.file is not None:
         raise UsageError(f"{backup.root} is a whole backup: restore it with --targetdir OUT "
                          f"(one image per disk), or one disk with --dir {backup.root}/DISK "
                          f"--targetfile FILE (disks: {backup.disk_names()})")
@@ -119,6 +119,14 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
     return plan
 
 
+def _source(point: RestorePoint) -> Union[Path, str]:
+    """The point's file, or its chain spelled out when a header names no backing file."""
+    segment = point.segment()
+    if all(r.backed for r in segment):
+        return point.path
+    return qemuimg.chain_source([point.folder / r.file for r in segment])
+
+
 def _convert(point: RestorePoint, path: Path, fmt: str, opts: RestoreOptions) -> None:
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     if partial.exists() and not opts.dry_run:
@@ -126,7 +134,7 @@ def _convert(point: RestorePoint, path: Path, fmt: str, opts: RestoreOptions) ->
     log.info("%s: restoring %s (%s) into %s", point.disk_id, point.label,
              point.record.file, path)
     try:
-        qemuimg.convert(point.path, partial, out_format=fmt, rate_limit=opts.rate_limit,
+        qemuimg.convert(_source(point), partial, out_format=fmt, rate_limit=opts.rate_limit,
                         dry_run=opts.dry_run)
         if not opts.dry_run:
             os.chmod(partial, 0o600)

@@ -20,16 +20,22 @@ from pathlib import Path
 from typing import Any, Collection, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, UsageError
-from libqmpbackup.metadata import BackupRecord, Chain, ChainStore
-from libqmpbackup.names import LEVEL_PREFIX, PARTIAL_SUFFIX, parse_backup_name, point_label, safe_component
-
-IMAGE_LINK = "image"
-"""Symlink in a disk folder to the image of the last restored point."""
+from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.names import (
+    LEVEL_PREFIX,
+    PARTIAL_SUFFIX,
+    is_plain_file_name,
+    parse_backup_name,
+    point_label,
+    safe_component,
+)
 
 BASE_SNAPSHOT = "FULL-BACKUP"
 """Internal snapshot snapshotrebase takes of the FULL before applying anything."""
 
 CHAIN_LEVELS = ("full", "inc", "diff")
+WHOLE_LEVELS = ("full", "copy")
+"""Levels whose file is a whole image on its own."""
 label = point_label
 _SHOWN_POINTS = 8
 
@@ -44,6 +50,7 @@ class RestoreOptions:
     skip_check: bool = False
     dry_run: bool = False
     rate_limit: int = 0
+    name_filter: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -55,10 +62,11 @@ class RestorePoint:
     disk_id: str
     records: tuple[BackupRecord, ...]   # this disk's backups in this chain, metadata order
     index: int                          # the chosen point
+    subdir: Optional[str] = None        # the disk folder below root ("" : root); None: disk id
 
     @property
     def folder(self) -> Path:
-        return self.root / safe_component(self.disk_id)
+        return self.root / (safe_component(self.disk_id) if self.subdir is None else self.subdir)
 
     @property
     def record(self) -> BackupRecord:
@@ -70,7 +78,7 @@ class RestorePoint:
 
     @property
     def label(self) -> str:
-        return label(self.record.file)
+        return record_label(self.record)
 
     def segment(self) -> list[BackupRecord]:
         return segment(self.records, self.index)
@@ -79,19 +87,28 @@ class RestorePoint:
         return span(self.records, self.index)
 
 
+def record_label(record: BackupRecord) -> str:
+    """The label of a record, also for files named like their source image (--no-timestamp)."""
+    return f"{LEVEL_PREFIX.get(record.level, record.level.upper())}-{record.time}"
+
+
 def matches(file_name: str, name: str) -> bool:
     """--until accepts the file name, the name without extension, or the FULL-/INC-<time> label."""
     return name in (file_name, os.path.splitext(file_name)[0], label(file_name))
 
 
+def record_matches(record: BackupRecord, name: str) -> bool:
+    return matches(record.file, name) or name == record_label(record)
+
+
 def find_point(records: Sequence[BackupRecord], name: str) -> Optional[int]:
-    return next((i for i, r in enumerate(records) if matches(r.file, name)), None)
+    return next((i for i, r in enumerate(records) if record_matches(r, name)), None)
 
 
 def last_full(records: Sequence[BackupRecord], index: int) -> int:
-    """The index of the last FULL at or before INDEX."""
+    """The index of the last whole image (FULL, or COPY) at or before INDEX."""
     for start in range(index, -1, -1):
-        if records[start].level == "full":
+        if records[start].level in WHOLE_LEVELS:
             return start
     raise ChainError(f"{records[index].file} has no FULL backup before it")
 
@@ -99,7 +116,7 @@ def last_full(records: Sequence[BackupRecord], index: int) -> int:
 def parent(records: Sequence[BackupRecord], index: int) -> Optional[int]:
     """The record a backup file backs onto: an INC its predecessor, a DIFF its FULL, a FULL none."""
     level = records[index].level
-    if level == "full":
+    if level in WHOLE_LEVELS:
         return None
     if level == "diff":
         return last_full(records, index)
@@ -141,12 +158,24 @@ def _unknown_point(name: str, where: str, labels: Sequence[str]) -> UsageError:
                       f"(points: {more}{shown})")
 
 
-def disk_ids_in_folder(store: ChainStore, folder_name: str) -> list[str]:
-    """Disk ids whose backups live in DIR/FOLDER_NAME, oldest chain first."""
+def name_matches(disk_id: str, disk: DiskChain, name_filter: Optional[str]) -> bool:
+    """--filter: a substring of the disk id or of an image name, as upstream's qmprestore."""
+    if not name_filter:
+        return True
+    names = [disk_id, *(os.path.basename(r.source_image) for r in disk.backups),
+             *(r.file for r in disk.backups)]
+    return any(name_filter in n for n in names)
+
+
+def disks_in(store: ChainStore, folder_name: Optional[str],
+             name_filter: Optional[str] = None) -> list[str]:
+    """Disk ids whose backups live in DIR/FOLDER_NAME (None: anywhere), oldest chain first."""
     ids: list[str] = []
     for chain in store.chains:
-        for disk_id in chain.disks:
-            if safe_component(disk_id) == folder_name and disk_id not in ids:
+        for disk_id, disk in chain.disks.items():
+            if folder_name is not None and chain.folder_of(disk_id) != folder_name:
+                continue
+            if name_matches(disk_id, disk, name_filter) and disk_id not in ids:
                 ids.append(disk_id)
     return ids
 
@@ -178,42 +207,55 @@ def select_disk_point(store: ChainStore, disk_id: str, until: Optional[str],
         records = tuple(chain.disks[disk_id].backups)
         index = len(records) - 1 if until is None else find_point(records, until)
         if index is not None:
-            return RestorePoint(store.root, chain.uuid, disk_id, records, index)
+            return RestorePoint(store.root, chain.uuid, disk_id, records, index,
+                                chain.folder_of(disk_id))
     assert until is not None
     raise _unknown_point(until, f"for disk {disk_id}",
-                         [label(r.file) for r in chains[-1].disks[disk_id].backups])
+                         [record_label(r) for r in chains[-1].disks[disk_id].backups])
 
 
-def select_root_points(store: ChainStore, until: Optional[str],
-                       uuid: Optional[str]) -> list[RestorePoint]:
+def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[str],
+                       disk_ids: Optional[Collection[str]] = None) -> list[RestorePoint]:
     """One point per disk of a chain, for restoring a whole VM.
 
     --until names one backup run (its FULL-/INC-<time> label; a raw disk's
     FULL and a qcow2 disk's INC of the same run share the time), so every
     disk is restored to that same moment.  A disk without a backup in that
     run is refused rather than silently taken from another moment.
-    Without --until each disk gets its newest backup.
+    Without --until each disk gets its newest backup.  DISK_IDS limits the
+    disks (--filter, or the disks of one folder).
     """
-    chains = _chains_with(store, None, uuid)
+    def chosen(disk_id: str) -> bool:
+        return disk_ids is None or disk_id in disk_ids
+
+    chains = [c for c in _chains_with(store, None, uuid)
+              if any(chosen(d) and dc.backups for d, dc in c.disks.items())]
+    if not chains:
+        raise ChainError(f"the chain metadata in {store.root} lists no chain with the chosen disks")
     if until is None:
         chain = chains[-1]
-        return [RestorePoint(store.root, chain.uuid, disk_id, tuple(d.backups), len(d.backups) - 1)
-                for disk_id, d in chain.disks.items() if d.backups]
+        return [RestorePoint(store.root, chain.uuid, disk_id, tuple(d.backups), len(d.backups) - 1,
+                             chain.folder_of(disk_id))
+                for disk_id, d in chain.disks.items() if d.backups and chosen(disk_id)]
     for chain in reversed(chains):
-        hits = [r for d in chain.disks.values() for r in d.backups if matches(r.file, until)]
+        hits = [r for d_id, d in chain.disks.items() if chosen(d_id)
+                for r in d.backups if record_matches(r, until)]
         if not hits:
             continue
         when = hits[0].time
         points = []
         for disk_id, disk in chain.disks.items():
+            if not chosen(disk_id):
+                continue
             index = next((i for i, r in enumerate(disk.backups) if r.time == when), None)
             if index is None:
                 raise ChainError(f"disk {disk_id} of chain {chain.uuid} has no backup from the "
-                                 f"run of {label(hits[0].file)}: restore the other disks one by "
+                                 f"run of {record_label(hits[0])}: restore the other disks one by "
                                  "one with --dir ROOT/<disk id>")
-            points.append(RestorePoint(store.root, chain.uuid, disk_id, tuple(disk.backups), index))
+            points.append(RestorePoint(store.root, chain.uuid, disk_id, tuple(disk.backups), index,
+                                       chain.folder_of(disk_id)))
         return points
-    runs = sorted({(r.time, label(r.file)) for c in chains for d in c.disks.values()
+    runs = sorted({(r.time, record_label(r)) for c in chains for d in c.disks.values()
                    for r in d.backups})
     raise _unknown_point(until, f"in {store.root}", [name for _, name in runs])
 
@@ -226,11 +268,15 @@ def record_problems(records: Sequence[BackupRecord]) -> list[str]:
         return ["the chain metadata lists no backup of this disk"]
     problems = []
     previous: Optional[BackupRecord] = None
+    copies = all(r.level == "copy" for r in records)
     for record in records:
         parsed = parse_backup_name(record.file)
-        if parsed is None or os.path.basename(record.file) != record.file:
+        if not record.timestamped and record.level in WHOLE_LEVELS:
+            if not is_plain_file_name(record.file):
+                problems.append(f"{record.file!r} in the metadata is not a backup file name")
+        elif parsed is None or os.path.basename(record.file) != record.file:
             problems.append(f"{record.file!r} in the metadata is not a backup file name")
-        elif record.level not in CHAIN_LEVELS:
+        elif record.level not in CHAIN_LEVELS and not copies:
             problems.append(f"{record.file} has level {record.level!r}, which has no place in a chain")
         elif parsed.level != record.level or parsed.timestamp != record.time:
             problems.append(f"{record.file} does not match its metadata "
@@ -238,7 +284,7 @@ def record_problems(records: Sequence[BackupRecord]) -> list[str]:
         if previous is not None and record.time <= previous.time:
             problems.append(f"{record.file} is not newer than {previous.file} before it")
         previous = record
-    if records[0].level != "full":
+    if records[0].level not in WHOLE_LEVELS:
         problems.append(f"{records[0].file} has no FULL backup before it")
     return problems
 
@@ -289,11 +335,13 @@ def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info:
     if info.get("format-specific", {}).get("data", {}).get("corrupt"):
         problems.append(f"{name} is marked corrupt")
     backing = info.get("backing-filename")
-    if record.level == "full":
+    if record.level in WHOLE_LEVELS:
         if backing:
             problems.append(f"{name} is a FULL backup but has backing file {backing}")
     elif previous is not None:
-        if not backing:
+        if not backing and not record.backed:
+            pass    # upstream's INCs name no backing file: the metadata gives the order
+        elif not backing:
             problems.append(f"{name} has no backing file (expected {previous.file})")
         elif not backs_onto(folder, backing, previous.file):
             problems.append(f"{name} is backed by {backing}, expected {previous.file}")

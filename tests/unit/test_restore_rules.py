@@ -15,7 +15,7 @@ from libqmpbackup.restore.merge import output_format
 from libqmpbackup.restore.rules import (
     backs_onto,
     consolidated_name,
-    disk_ids_in_folder,
+    disks_in,
     find_point,
     folder_problems,
     image_problems,
@@ -164,9 +164,9 @@ def test_root_point_missing_on_one_disk_is_refused() -> None:
 
 def test_disk_folder_names_map_back_to_disk_ids() -> None:
     s = store(chain("a", **{"/machine/peripheral/d0/virtio-backend": QCOW}), chain("b", virtio0=QCOW))
-    assert disk_ids_in_folder(s, "_machine_peripheral_d0_virtio-backend") == [
+    assert disks_in(s, "_machine_peripheral_d0_virtio-backend") == [
         "/machine/peripheral/d0/virtio-backend"]
-    assert disk_ids_in_folder(s, "nothing") == []
+    assert disks_in(s, "nothing") == []
 
 
 # -- metadata against names ------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""Folders written by upstream qmpbackup 0.67, read as chain metadata.
+
+Upstream keeps no metadata file: ``DIR/uuid`` holds the chain id (bitmap
+``qmpbackup-<uuid>``), each disk has ``DIR/<disk>/FULL-<t>-<image>`` and
+``INC-<t>-<image>`` files whose headers name no backing file (or, with
+``--no-subdir``, the files sit in DIR itself), and ``DIR/<disk>.config``
+describes the disk.  The order of a chain is all there is to know, and
+upstream's own restore takes it from the names; here it comes from the time
+in each name, never from file modification times.
+
+Only regular files count: a symlink is never taken for a backup, so a
+hostile or stale link cannot smuggle another file into a chain.  Nothing in
+the folder is changed by reading it; a backup run that continues such a
+chain records it in ``qmpbackup.json`` beside upstream's files, which stay
+as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Optional
+
+from libqmpbackup.errors import ChainError, UsageError
+from libqmpbackup.metadata import COPIES_ID, BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.names import (
+    PARTIAL_SUFFIX,
+    UPSTREAM_UUID_NAME,
+    bitmap_name,
+    parse_backup_name,
+    validate_uuid,
+)
+
+UNKNOWN_ID = "upstream"
+"""Chain id of an upstream disk folder copied without its ``DIR/uuid``."""
+
+
+def _backup_files(folder: Path) -> list[str]:
+    """Names of the regular backup files in FOLDER (symlinks and .partial files excluded)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if name.endswith(PARTIAL_SUFFIX) or parse_backup_name(name) is None:
+            continue
+        try:
+            if stat.S_ISREG(os.lstat(folder / name).st_mode):
+                found.append(name)
+        except OSError:
+            continue
+    return found
+
+
+def _subfolders(root: Path) -> list[str]:
+    try:
+        with os.scandir(root) as entries:
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
+def chain_id(root: Path) -> Optional[str]:
+    """The chain id in ROOT/uuid, or None without that file."""
+    path = root / UPSTREAM_UUID_NAME
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError as err:
+        raise ChainError(f"cannot read {path}: {err.strerror}") from err
+    try:
+        return validate_uuid(text)
+    except UsageError as err:
+        raise ChainError(f"{path} holds no usable chain id: {err}") from err
+
+
+def looks_like_upstream(path: Path) -> bool:
+    """ROOT/uuid, or backup files in PATH or one of its sub-folders, and no metadata of ours."""
+    return (chain_id(path) is not None or bool(_backup_files(path))
+            or any(_backup_files(path / sub) for sub in _subfolders(path)))
+
+
+def read_folder(root: Path) -> ChainStore:
+    """ROOT (an upstream backup folder, or one of its disk folders on its own) as chain metadata.
+
+    A disk is identified by its folder name when the folder holds one
+    image, else by the image name (``--no-subdir`` folders hold several).
+    Records get no virtual size (upstream recorded none; the checks that
+    need it are skipped) and ``backed=False``: the INCs name no backing file.
+    """
+    uuid = chain_id(root) or UNKNOWN_ID
+    chain = Chain(uuid=uuid, bitmap=bitmap_name(uuid), created=0)
+    copies = Chain(uuid=COPIES_ID, bitmap="", created=0)
+    for folder in ["", *_subfolders(root)]:
+        groups: dict[str, list[BackupRecord]] = {}
+        for name in _backup_files(root / folder):
+            parsed = parse_backup_name(name)
+            assert parsed is not None
+            groups.setdefault(parsed.image, []).append(BackupRecord(
+                file=name, level=parsed.level, time=parsed.timestamp, virtual_size=0,
+                source_image=parsed.image, backed=False))
+        for image, records in sorted(groups.items()):
+            disk_id = folder if folder and len(groups) == 1 else image
+            for target, kept in ((chain, [r for r in records if r.level != "copy"]),
+                                 (copies, [r for r in records if r.level == "copy"])):
+                if kept:
+                    kept.sort(key=lambda r: r.time)
+                    target.disks[disk_id] = DiskChain(kept, folder)
+    for found in (chain, copies):
+        times = [r.time for d in found.disks.values() for r in d.backups]
+        found.created = min(times, default=0)
+    return ChainStore(root, [c for c in (chain, copies) if c.disks])

@@ -1,0 +1,194 @@
+"""Fast tests of the layout options, copy metadata, disk-folder records and upstream folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from libqmpbackup import upstream
+from libqmpbackup.backup.plan import plan_backup, select_disks
+from libqmpbackup.errors import ChainError, UsageError
+from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.restore.folder import open_backup_dir
+from libqmpbackup.restore.rules import image_problems, record_label, record_problems, select_root_points
+from libqmpbackup.retention import chain_files, pruning_entry
+from tests.unit.test_naming_and_planning import bitmap, disk, opts, store_with_chain
+
+
+def names(plan_jobs: list) -> list[str]:
+    return [str(j.final_path) for j in plan_jobs]
+
+
+def test_no_subdir_and_no_timestamp_name_files_like_upstream() -> None:
+    disks = [disk("virtio0"), disk("virtio1")]
+    plan = plan_backup(disks, ChainStore(Path("/b")), opts("full", no_subdir=True, no_timestamp=True),
+                       7, True)
+    assert names(plan.jobs) == ["/b/virtio0.qcow2", "/b/virtio1.qcow2"]
+    assert [j.link for j in plan.jobs] == ["FULL-virtio0.qcow2", "FULL-virtio1.qcow2"]
+    assert not any(j.timestamped for j in plan.jobs)
+    plan = plan_backup(disks, ChainStore(Path("/b")),
+                       opts("copy", no_timestamp=True, no_symlink=True), 7, True)
+    assert names(plan.jobs) == ["/b/virtio0/virtio0.qcow2", "/b/virtio1/virtio1.qcow2"]
+    assert [j.link for j in plan.jobs] == [None, None]
+
+
+def test_a_taken_plain_name_falls_back_to_the_timestamped_one() -> None:
+    plan = plan_backup([disk("virtio0")], ChainStore(Path("/b")), opts("copy", no_timestamp=True),
+                       9, False, existing={"virtio0/virtio0.qcow2"})
+    assert names(plan.jobs) == ["/b/virtio0/COPY-9-virtio0.qcow2"]
+    assert plan.jobs[0].timestamped and plan.jobs[0].link is None
+
+
+def test_a_chain_keeps_its_folders_without_repeating_the_option() -> None:
+    store = store_with_chain("virtio0")
+    store.chains[0].disks["virtio0"].folder = ""
+    d = disk("virtio0", bitmaps=(bitmap("qmpbackup-c1"),))
+    plan = plan_backup([d], store, opts("inc"), 5, False)
+    assert names(plan.jobs) == ["/b/INC-5-virtio0.qcow2"]
+
+
+def test_no_subdir_refuses_images_of_the_same_name() -> None:
+    a, b = disk("virtio0"), disk("virtio1")
+    b.filename = "/other/virtio0.qcow2"
+    with pytest.raises(UsageError, match="virtio0, virtio1 would get the same file names"):
+        select_disks([a, b], opts("full", no_subdir=True))
+    assert len(select_disks([a, b], opts("full"))) == 2
+
+
+def test_copies_are_recorded_in_a_chain_without_bitmap() -> None:
+    plan = plan_backup([disk("virtio0")], ChainStore(Path("/b")), opts("copy"), 3, True)
+    assert plan.chain is not None and plan.chain.is_copies and plan.new_chain
+    store = ChainStore(Path("/b"), [plan.chain])
+    assert store.current is None, "a copies chain is never continued by inc"
+    with pytest.raises(ChainError, match="no backup chain"):
+        plan_backup([disk("virtio0")], store, opts("inc"), 4, False)
+
+
+def test_copy_and_untimestamped_records_pass_the_rules() -> None:
+    copies = [BackupRecord("COPY-1-a.qcow2", "copy", 1, 1, "a"), BackupRecord("a.qcow2", "copy", 2, 1, "a",
+                                                                               timestamped=False)]
+    assert record_problems(copies) == []
+    assert record_label(copies[1]) == "COPY-2"
+    plain_full = [BackupRecord("a.qcow2", "full", 1, 1, "a", timestamped=False),
+                  BackupRecord("INC-2-a.qcow2", "inc", 2, 1, "a")]
+    assert record_problems(plain_full) == []
+    hostile = [BackupRecord("qmpbackup.json", "full", 1, 1, "a", timestamped=False)]
+    assert record_problems(hostile) != []
+
+
+def test_an_upstream_inc_needs_no_backing_file_but_ours_does() -> None:
+    full = BackupRecord("FULL-1-a", "full", 1, 0, "a")
+    info = {"format": "qcow2", "virtual-size": 5}
+    assert image_problems(BackupRecord("INC-2-a", "inc", 2, 0, "a", backed=False), full, info,
+                          Path("/b")) == []
+    assert "has no backing file" in image_problems(BackupRecord("INC-2-a", "inc", 2, 0, "a"), full,
+                                                   info, Path("/b"))[0]
+
+
+def test_metadata_folders_must_stay_inside_the_backup(tmp_path: Path) -> None:
+    raw = {"version": 1, "chains": [{"uuid": "u", "bitmap": "qmpbackup-u", "created": 1,
+                                     "disks": {"v": {"folder": "../../etc", "backups": []}}}]}
+    (tmp_path / "qmpbackup.json").write_text(json.dumps(raw))
+    with pytest.raises(ChainError, match="not a folder name"):
+        ChainStore.load(tmp_path)
+
+
+def test_every_disk_folder_gets_its_own_records(tmp_path: Path) -> None:
+    (tmp_path / "virtio0").mkdir()
+    store = store_with_chain("virtio0", "ide0-hd0")
+    store.root = tmp_path
+    store.save()
+    own = ChainStore.load(tmp_path / "virtio0", "qmpbackup-disk.json")
+    assert list(own.chains[0].disks) == ["virtio0"] and own.chains[0].folder_of("virtio0") == ""
+    assert not (tmp_path / "ide0-hd0").exists(), "no folder is created for the records"
+    backup = open_backup_dir(tmp_path / "virtio0")
+    assert backup.disk_folder == "virtio0" and backup.root == tmp_path, "in place: the parent's"
+    os.rename(tmp_path / "virtio0", tmp_path.parent / f"{tmp_path.name}-moved")
+    moved = open_backup_dir(tmp_path.parent / f"{tmp_path.name}-moved")
+    assert moved.disk_ids() == ["virtio0"] and moved.single_disk()
+
+
+def upstream_folder(root: Path) -> None:
+    for folder, files in {"ide0-hd0": ["FULL-10-disk1.qcow2", "INC-20-disk1.qcow2",
+                                       "INC-15-disk1.qcow2"],
+                          "ide0-hd1": ["FULL-10-disk2.qcow2"]}.items():
+        (root / folder).mkdir(parents=True)
+        for name in files:
+            (root / folder / name).write_bytes(b"")
+    (root / "uuid").write_text("testme\n")
+    (root / "ide0-hd0.config").write_text("{}")
+
+
+def test_an_upstream_folder_reads_as_one_chain_ordered_by_the_times_in_the_names(
+        tmp_path: Path) -> None:
+    upstream_folder(tmp_path)
+    os.symlink("FULL-10-disk1.qcow2", tmp_path / "ide0-hd0" / "INC-30-disk1.qcow2")
+    (tmp_path / "ide0-hd0" / "INC-40-disk1.qcow2.partial").write_bytes(b"")
+    store = upstream.read_folder(tmp_path)
+    (chain,) = store.chains
+    assert (chain.uuid, chain.bitmap) == ("testme", "qmpbackup-testme")
+    assert [r.file for r in chain.disks["ide0-hd0"].backups] == [
+        "FULL-10-disk1.qcow2", "INC-15-disk1.qcow2", "INC-20-disk1.qcow2"], "no link, no .partial"
+    assert chain.folder_of("ide0-hd1") == "ide0-hd1"
+    points = select_root_points(store, "INC-15", None, ["ide0-hd0"])
+    assert [(p.disk_id, p.record.file) for p in points] == [("ide0-hd0", "INC-15-disk1.qcow2")]
+    alone = open_backup_dir(tmp_path / "ide0-hd0")
+    assert alone.metadata_name is None and alone.disk_ids() == ["ide0-hd0"]
+
+
+def test_a_hostile_upstream_uuid_is_refused(tmp_path: Path) -> None:
+    upstream_folder(tmp_path)
+    (tmp_path / "uuid").write_text("../../x")
+    with pytest.raises(ChainError, match="no usable chain id"):
+        upstream.read_folder(tmp_path)
+
+
+def test_filter_selects_by_disk_id_or_image_name(tmp_path: Path) -> None:
+    upstream_folder(tmp_path)
+    assert open_backup_dir(tmp_path, "disk2").disk_ids() == ["ide0-hd1"]
+    assert open_backup_dir(tmp_path, "hd0").disk_ids() == ["ide0-hd0"]
+    assert open_backup_dir(tmp_path, "nothing").disk_ids() == []
+
+
+def test_chain_without_folder_field_still_loads(tmp_path: Path) -> None:
+    chain = Chain("u", "qmpbackup-u", 1, {"v": DiskChain([BackupRecord("FULL-1-a", "full", 1, 1, "a")])})
+    ChainStore(tmp_path, [chain]).write("qmpbackup.json")
+    raw = json.loads((tmp_path / "qmpbackup.json").read_text())
+    del raw["chains"][0]["disks"]["v"]["folder"]
+    (tmp_path / "qmpbackup.json").write_text(json.dumps(raw))
+    assert ChainStore.load(tmp_path).chains[0].folder_of("v") == "v"
+
+
+@pytest.mark.parametrize("entry, parts", [
+    ("./FULL-1-a.qcow2", (".", "FULL-1-a.qcow2")),
+    ("./virtio0.qcow2", (".", "virtio0.qcow2")),
+    ("virtio0/virtio0.qcow2", ("virtio0", "virtio0.qcow2")),
+    ("./qmpbackup.json", None),
+    ("virtio0/qmpbackup-disk.json", None),
+    ("./../x", None),
+    ("../x", None),
+])
+def test_pruning_entries_of_flat_and_untimestamped_layouts(entry: str, parts: object) -> None:
+    assert pruning_entry(entry) == parts
+
+
+def test_prune_lists_files_where_the_chain_keeps_them() -> None:
+    flat = Chain(uuid="f", bitmap="qmpbackup-f", created=1, disks={
+        "virtio0": DiskChain(backups=[BackupRecord("virtio0.qcow2", "full", 1, 1, "v",
+                                                   timestamped=False)], folder="")})
+    assert chain_files(Path("/b"), flat) == ["./virtio0.qcow2"]
+
+
+def test_disk_records_are_never_written_through_a_symlinked_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "b"
+    root.mkdir()
+    os.symlink(outside, root / "virtio0")
+    store = store_with_chain("virtio0")
+    store.root = root
+    store.save()
+    assert list(outside.iterdir()) == [] and (root / "qmpbackup.json").is_file()
