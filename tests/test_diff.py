@@ -17,6 +17,7 @@ from typing import Iterator
 
 import pytest
 
+from libqmpbackup.names import DISK_METADATA_NAME
 from tests.test_faults import (  # noqa: F401  (private_lock_dir: autouse fixture)
     DIRTY,
     assert_clean,
@@ -154,7 +155,7 @@ def test_commit_up_to_any_point_keeps_the_later_points(cli, chain: DiffChain, tm
     left = files(folder.parent, "virtio0")
     assert left[0].startswith(f"FULL-{names[point].split('-')[1]}-")
     assert left[1:] == names[point + 1:], "the points after it stay, the ones before go"
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*left, "image"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*left, "image", DISK_METADATA_NAME])
     for later, name in zip(range(point, len(names)), left):
         out = tmp_path / f"{later}.qcow2"
         cli("qmprestore", "merge", "--dir", folder, "--until", prefix(name),
@@ -252,3 +253,24 @@ def test_auto_retires_both_bitmaps_of_an_unusable_chain(cli, tmp_path: Path) -> 
         assert sorted({n.split("@")[0] for n in tool_bitmaps(vm)}) == [new, new + "+diff"]
         shutil.rmtree(refs)
         recovers(cli, vm, root, refs, "diff")
+
+
+def test_diff_in_a_flat_untimestamped_folder(cli, tmp_path: Path) -> None:
+    """--no-subdir --no-timestamp: the FULL is named like the image, a DIFF always by its time."""
+    root, refs = tmp_path / "backup", tmp_path / "refs"
+    refs.mkdir()
+    with fault_vm(tmp_path) as vm:
+        expected = []
+        for point, level in enumerate(("full", "inc", "diff", "inc")):
+            vm.write("virtio0", 0x20 + point, point * MiB, 64 * 1024)
+            expected.append(vm.reference("virtio0", refs / f"{point}.raw"))
+            backup(cli, vm, root, level, "--include", "virtio0", "--no-subdir",
+                   "--no-timestamp").ok()
+    names = files(root, "virtio0")
+    assert names[0] == "virtio0.qcow2" and names[2].startswith("DIFF-")
+    assert info(root / names[2])["backing-filename"] == names[0]
+    for point, name in enumerate(names):
+        out = tmp_path / f"{point}.qcow2"
+        cli("qmprestore", "merge", "--dir", root, "--filter", "virtio0", "--until", name,
+            "--targetfile", out).ok()
+        assert identical(out, expected[point]), name
