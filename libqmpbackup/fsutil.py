@@ -45,3 +45,15 @@ def replace_symlink(path: Path, target_name: str) -> None:
     os.symlink(target_name, temporary)
     os.replace(temporary, path)
     fsync_dir(path.parent)
+
+
+def make_private_dirs(path: Path) -> list[Path]:
+    """Create PATH and its missing parents, each 0700; return those created, outermost first.
+
+    ``mkdir -p`` would give the parents the umask's mode, and these folders
+    hold whole disks.  A folder created meanwhile by someone else is fine.
+    """
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    for folder in missing:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    return missing

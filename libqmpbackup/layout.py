@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.errors import TargetError
-from libqmpbackup.fsutil import TEMP_SUFFIX
+from libqmpbackup.fsutil import TEMP_SUFFIX, make_private_dirs
 from libqmpbackup.names import (
     DISK_METADATA_NAME,
     LOCK_NAME,
@@ -53,9 +53,8 @@ def prepare_root(root: Path) -> list[Path]:
     """
     if root.exists() and not root.is_dir():
         raise TargetError(f"target {root} exists and is not a directory")
-    missing = [p for p in (root, *root.parents) if not p.exists()][::-1]
     try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        missing = make_private_dirs(root)
     except OSError as err:
         raise TargetError(f"cannot create target {root}: {err.strerror}") from err
     if not os.access(root, os.R_OK | os.W_OK | os.X_OK):

@@ -44,6 +44,17 @@ class BackupRecord:
     quiesced: bool = False
     backed: bool = True         # an INC names its predecessor as backing file (upstream's do not)
     timestamped: bool = True    # named LEVEL-<time>-<image>; False: named like the source image
+    holds: Optional[int] = None     # set by commit/snapshotrebase: the later point the file holds
+
+    @property
+    def point_time(self) -> int:
+        """The moment the file holds: its own time, or the point committed into it in place.
+
+        commit and snapshotrebase keep the FULL's name (upstream's docs
+        point at that name), so the name and ``time`` stay the backup's own
+        and the point the file now holds is recorded beside them.
+        """
+        return self.holds if self.holds is not None else self.time
 
 
 @dataclass

@@ -45,13 +45,35 @@ def byte_rate(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def add_logging_options(parser: argparse.ArgumentParser) -> None:
+def positive_seconds(text: str) -> float:
+    """argparse type for an interval: a number of seconds greater than zero."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from err
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds above 0")
+    return value
+
+
+def add_logging_options(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """The logging options; AFTER_COMMAND adds them to a subcommand as well.
+
+    Upstream qmpbackup crontabs put ``--debug`` or ``-L`` after the
+    subcommand.  There the options default to SUPPRESS: argparse copies a
+    subcommand's defaults over the main parser's values, which would
+    otherwise reset a ``--quiet`` given before the subcommand.
+    """
     group = parser.add_argument_group("logging")
-    group.add_argument("--debug", "--verbose", dest="debug", action="store_true",
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if after_command else {}
+    group.add_argument("--debug", "--verbose", dest="debug", action="store_true", **unset,
                        help="log debug messages, including every QMP command and reply")
-    group.add_argument("--logfile", metavar="FILE", help="also append log messages to FILE")
-    group.add_argument("--syslog", action="store_true", help="also log to syslog (/dev/log)")
-    group.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    group.add_argument("-L", "--logfile", metavar="FILE", **unset,
+                       help="also append log messages to FILE")
+    group.add_argument("--syslog", action="store_true", **unset,
+                       help="also log to syslog (/dev/log)")
+    group.add_argument("--quiet", action="store_true", **unset,
+                       help="log only warnings and errors")
 
 
 class _FirstSignal:

@@ -11,7 +11,9 @@ from typing import AsyncContextManager, Awaitable, Optional, Sequence, Union
 from libqmpbackup import __version__
 from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
 from libqmpbackup.backup.image_disks import ImageSpec, chain_stores, daemon_images, parse_image_spec
+from libqmpbackup.backup.jobs import AIO_MODES
 from libqmpbackup.backup.plan import LEVELS, BackupOptions
+from libqmpbackup.backup.progress import LOG_INTERVAL
 from libqmpbackup.backup.quiesce import check_quiesce_options
 from libqmpbackup.backup.run import run_backup
 from libqmpbackup.backup.session import image_session, locked_session
@@ -29,7 +31,14 @@ from libqmpbackup.prune import PruneOptions, PruneResult, prune
 from libqmpbackup.prune_report import prune_document, prune_table
 from libqmpbackup.qemu.devices import discover
 from libqmpbackup.qemu.qmp import QmpSession
-from libqmpbackup.runner import Command, CommandResult, add_logging_options, byte_rate, run
+from libqmpbackup.runner import (
+    Command,
+    CommandResult,
+    add_logging_options,
+    byte_rate,
+    positive_seconds,
+    run,
+)
 
 log = logging.getLogger("qmpbackup")
 
@@ -117,12 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     backup = commands.add_parser(
         "backup", help="back up the VM's disks", epilog=BACKUP_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    backup.add_argument("--level", required=True, choices=LEVELS,
+    add_logging_options(backup, after_command=True)
+    backup.add_argument("-l", "--level", required=True, choices=LEVELS,
                         help="full: new chain in an empty folder; inc: changes since the last "
                              "backup of the chain; diff: changes since the chain's FULL; "
                              "auto: full when needed, else inc; "
                              "copy: standalone full copy, no bitmap")
-    backup.add_argument("--target", required=True, type=Path, metavar="DIR",
+    backup.add_argument("-t", "--target", required=True, type=Path, metavar="DIR",
                         help="backup folder (holds one chain, or one per month with --monthly)")
     backup.add_argument("--uuid", metavar="ID",
                         help="chain id for a new chain (bitmap qmpbackup-ID); "
@@ -130,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--monthly", action="store_true",
                         help="keep chains in DIR/YYYY-MM/, so auto starts a new chain each month")
     select = backup.add_mutually_exclusive_group()
-    select.add_argument("--include", type=_names, default=(), metavar="A,B",
+    select.add_argument("-i", "--include", type=_names, default=(), metavar="A,B",
                         help="back up only these disks (disk id, device or node names)")
-    select.add_argument("--exclude", type=_names, default=(), metavar="A,B",
+    select.add_argument("-e", "--exclude", type=_names, default=(), metavar="A,B",
                         help="skip these disks")
     backup.add_argument("--include-raw", action="store_true",
                         help="also back up disks that cannot hold persistent bitmaps "
@@ -151,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --no-timestamp: no FULL-<image> symlink")
     backup.add_argument("--no-progress", action="store_true",
                         help="no progress output while jobs run")
+    backup.add_argument("--progress-interval", type=positive_seconds, default=LOG_INTERVAL,
+                        metavar="SECONDS",
+                        help="seconds between progress log lines when not on a terminal "
+                             "(default: %(default)g)")
+    backup.add_argument("--pause", action="store_true",
+                        help="pause the VM while the jobs copy; it is resumed on every way "
+                             "out, unless it was paused already")
+    backup.add_argument("--blockdev-disable-cache", action="store_true",
+                        help="write the backup files with O_DIRECT, bypassing the host's "
+                             "page cache")
+    backup.add_argument("--blockdev-aio", choices=AIO_MODES, metavar="{threads,io_uring}",
+                        help="QEMU's I/O engine for the backup files (default: QEMU's, threads)")
+    backup.add_argument("--remove-delay", type=float, metavar="SECONDS",
+                        help="accepted for upstream qmpbackup's command lines and ignored: "
+                             "targets are closed only after QEMU has released them")
     backup.add_argument("--quiesce", "--quisce", dest="quiesce", action="store_true",
                         help="freeze the guest filesystems (guest agent, --agent-socket) "
                              "while the backup starts; without an answering agent: warn "
@@ -165,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  qmpbackup --socket /run/vm1.qmp info --show bitmaps\n"
                "  qmpbackup --socket /run/vm1.qmp --agent-socket /run/vm1.qga info --show agent\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_logging_options(info, after_command=True)
     info.add_argument("--show", choices=("blockdev", "bitmaps", "agent"), default="blockdev",
                       help="disks, dirty bitmaps, or the guest agent (needs --agent-socket)")
     add_json_option(info)
@@ -174,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  qmpbackup --socket /run/vm1.qmp cleanup --remove-bitmaps\n"
                "  qmpbackup --socket /run/vm1.qmp cleanup --remove-bitmaps --uuid ID\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_logging_options(cleanup, after_command=True)
     cleanup.add_argument("--remove-bitmaps", "--remove-bitmap", dest="remove_bitmaps",
                          action="store_true", required=True,
                          help="remove every qmpbackup-* bitmap (or only the chain's with --uuid)")
@@ -182,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune_ = commands.add_parser(
         "prune", help="delete old chains whole, keep the newest N (no VM needed)",
         epilog=PRUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_logging_options(prune_, after_command=True)
     prune_.add_argument("--target", required=True, type=Path, metavar="DIR",
                         help="backup folder; its YYYY-MM month folders count too")
     prune_.add_argument("--keep", required=True, type=int, metavar="N",
@@ -209,7 +237,7 @@ def _session(args: argparse.Namespace,
 
 async def backup_command(args: argparse.Namespace) -> CommandResult:
     # Checked here, before planning creates folders or retires bitmaps.
-    _refuse_offline(args, "--quiesce", "--quiesce-required")
+    _refuse_offline(args, "--quiesce", "--quiesce-required", "--pause")
     check_quiesce_options(args.agent_socket, args.quiesce_required)
     if args.uuid and args.level == "copy":
         raise UsageError("--uuid names a chain, and --level copy makes none: drop one of them")
@@ -220,8 +248,13 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
         include_raw=args.include_raw, compress=args.compress,
         speed_limit=args.speed_limit, progress=not args.no_progress,
         quiesce=args.quiesce or args.quiesce_required, quiesce_required=args.quiesce_required,
-        agent_socket=args.agent_socket, no_subdir=args.no_subdir,
-        no_timestamp=args.no_timestamp, no_symlink=args.no_symlink)
+        agent_socket=args.agent_socket, pause=args.pause,
+        progress_interval=args.progress_interval,
+        target_cache_direct=args.blockdev_disable_cache, target_aio=args.blockdev_aio,
+        no_subdir=args.no_subdir, no_timestamp=args.no_timestamp, no_symlink=args.no_symlink)
+    if args.remove_delay is not None:
+        log.warning("--remove-delay is not needed and is ignored: qmpbackup closes a backup "
+                    "file only after QEMU has ended the job that wrote it")
     async with _session(args, opts) as session:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,

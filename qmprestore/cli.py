@@ -53,7 +53,7 @@ examples:
 """,
     "commit": """\
 examples:
-  # in place: the FULL (renamed FULL-<point time>-...) holds the point, applied INCs are removed
+  # in place: the FULL (same file name) holds the point, applied INCs are removed
   qmprestore commit --dir /copy/vm1/virtio0 --until INC-1717430400
   qmprestore commit --dir /copy/vm1/virtio0 --dry-run      # show the qemu-img steps
   # after an interruption: run the same command again to finish
@@ -98,6 +98,7 @@ def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
                  name: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=HELP[name], epilog=COMMAND_EXAMPLES[name],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_logging_options(parser, after_command=True)
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
                         help="the backup folder (holds qmpbackup.json) or one disk folder in it")
     _add_selection_options(parser, skip_check=name != "list", top=False)

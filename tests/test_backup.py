@@ -235,6 +235,11 @@ def test_info_tables(cli, vm: TestVM, tmp_path: Path) -> None:
         assert name in disks
     assert "33554432" in disks
     backup(cli, vm, tmp_path / "b", "full", "--uuid", "tab", "--include", "virtio0").ok()
+    backup(cli, vm, tmp_path / "c", "full", "--uuid", "tab2", "--include", "virtio0").ok()
+    disks = cli("qmpbackup", "--socket", vm.tool_socket, "info", "--show", "blockdev").ok().out
+    rows = {line.split()[0]: line for line in disks.splitlines()[2:]}
+    assert rows["virtio0"].rstrip().endswith("qmpbackup-tab, qmpbackup-tab2"), rows["virtio0"]
+    assert rows["ide0-hd0"].rstrip().endswith(" -"), "a disk of no chain says so"
     vm.write("virtio0", 0x91, 0, 128 * 1024)
     table = cli("qmpbackup", "--socket", vm.tool_socket, "info", "--show", "bitmaps").ok().out
     row = next(line for line in table.splitlines() if "qmpbackup-tab" in line)
@@ -282,9 +287,15 @@ def test_full_refuses_a_non_empty_target(cli, vm: TestVM, tmp_path: Path) -> Non
     target = tmp_path / "backup"
     target.mkdir()
     (target / "something").write_text("x")
-    backup(cli, vm, target, "full").failed(5, "not empty")
+    backup(cli, vm, target, "full").failed(5, "not empty", "holds no chain of qmpbackup")
+    result = backup(cli, vm, target, "auto").failed(5, "not empty", "an empty or new folder")
+    assert "--level inc" not in result.err, "no advice that cannot work"
     assert sorted(p.name for p in target.iterdir()) == ["something"]
     assert all(not bl for bl in vm.bitmaps().values())
+    chain = tmp_path / "chain"
+    backup(cli, vm, chain, "full", "--include", "virtio0", "--uuid", "c1").ok()
+    backup(cli, vm, chain, "full", "--include", "virtio0").failed(
+        5, "not empty", "--level inc or auto to continue chain c1")
 
 
 def test_inc_without_chain_or_bitmap_fails_clearly(cli, vm: TestVM, tmp_path: Path) -> None:
@@ -355,15 +366,20 @@ def test_quiet_and_logfile(cli, vm: TestVM, tmp_path: Path) -> None:
     assert "full backup done" in text and "INFO" in text
 
 
-def test_progress_is_logged_when_not_on_a_terminal(cli, vm: TestVM, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from libqmpbackup.backup import progress
-    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.2)
+def test_progress_is_logged_when_not_on_a_terminal(cli, vm: TestVM, tmp_path: Path) -> None:
     vm.write("virtio0", 0x7A, 0, 24 * MiB)
     result = cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "copy",
-                 "--include", "virtio0", "--speed-limit", "8M", "--target", tmp_path / "c").ok()
+                 "--include", "virtio0", "--speed-limit", "8M", "--progress-interval", "0.2",
+                 "--target", tmp_path / "c").ok()
     lines = [line for line in result.err.splitlines() if "progress: virtio0" in line]
-    assert lines and "%" in lines[0] and "MiB/s" in lines[0]
+    assert len(lines) >= 3 and "%" in lines[0] and "MiB/s" in lines[0]
+    quiet = cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "copy",
+                "--include", "virtio0", "--speed-limit", "8M", "--target", tmp_path / "d").ok()
+    assert "progress:" not in quiet.err, "10 s by default: a 3 s job logs no progress line"
+    for bad in ("0", "-1", "soon"):
+        cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "copy",
+            "--progress-interval", bad, "--target", tmp_path / "e").failed(2, "--progress-interval")
+    assert not (tmp_path / "e").exists()
 
 
 def test_progress_on_a_terminal_is_a_live_line_per_disk(vm: TestVM, tmp_path: Path) -> None:

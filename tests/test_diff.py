@@ -153,13 +153,14 @@ def test_commit_up_to_any_point_keeps_the_later_points(cli, chain: DiffChain, tm
     cli("qmprestore", "commit", "--dir", folder, "--until", prefix(names[point])).ok()
     assert identical(folder / "image", chain.ref("virtio0", point))
     left = files(folder.parent, "virtio0")
-    assert left[0].startswith(f"FULL-{names[point].split('-')[1]}-")
-    assert left[1:] == names[point + 1:], "the points after it stay, the ones before go"
+    assert left == [names[0], *names[point + 1:]], \
+        "the FULL keeps its name, the points after it stay, the ones before go"
     assert sorted(p.name for p in folder.iterdir()) == sorted([*left, "image", DISK_METADATA_NAME])
-    for later, name in zip(range(point, len(names)), left):
+    point_time = names[point].split("-")[1]
+    points = [f"FULL-{point_time}", *(prefix(n) for n in left[1:])]
+    for later, name in zip(range(point, len(names)), points):
         out = tmp_path / f"{later}.qcow2"
-        cli("qmprestore", "merge", "--dir", folder, "--until", prefix(name),
-            "--targetfile", out).ok()
+        cli("qmprestore", "merge", "--dir", folder, "--until", name, "--targetfile", out).ok()
         assert identical(out, chain.ref("virtio0", later)), f"{name} after the commit"
 
 

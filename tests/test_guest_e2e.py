@@ -169,6 +169,8 @@ def quiesce_events(err: str) -> list[str]:
                     a["type"] == "blockdev-backup" for a in actions):
                 transaction_id = request["id"]
                 events.append("transaction")
+            elif request.get("execute") in ("stop", "cont"):   # --pause
+                events.append(request["execute"])
         elif logger.startswith("qemu.qmp") and msg.startswith("<-- ") and transaction_id:
             reply = json.loads(msg[4:])
             if reply.get("id") == transaction_id:
@@ -330,6 +332,25 @@ def test_live_backup_points_restore_consistent(guest: Guest, cli: Cli, tmp_path:
     for point, (record, quiesced) in enumerate(zip(records, quiesce)):
         check_point(target / "virtio0" / record["file"], known, point, quiesced, len(quiesce),
                     tmp_path)
+
+
+def test_pause_with_quiesce_freezes_before_the_pause_and_thaws_after_it(
+        guest: Guest, cli: Cli, tmp_path: Path) -> None:
+    """A paused guest's agent cannot answer: freeze, stop, copy, cont, thaw — and a clean point."""
+    vm = guest.vm
+    target = tmp_path / "backup"
+    known = f"/known-{tmp_path.name}"
+    write_known(vm, known, 0, sync=False)
+    result = backup(cli, vm, "full", target, "--quiesce", "--pause", debug=True).ok()
+    assert quiesce_events(result.err) == [
+        "freeze", "freeze: 1", "stop", "transaction", "transaction: accepted", "cont",
+        "thaw", "thaw: 1"]
+    assert freeze_status(vm) == "thawed"
+    assert vm.qmp.cmd("query-status")["status"] == "running"
+    assert vm.exec("echo alive > /mnt/after-paused-backup", timeout=5).exitcode == 0
+    records = recorded(target)
+    assert [r["quiesced"] for r in records] == [True]
+    check_point(target / "virtio0" / records[0]["file"], known, 0, True, 1, tmp_path)
 
 
 @contextlib.contextmanager

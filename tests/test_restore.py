@@ -194,6 +194,27 @@ def test_merge_restores_every_point_of_every_disk(cli, chains: Chains, tmp_path:
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_merge_creates_missing_target_folders_private(cli, chains: Chains, tmp_path: Path) -> None:
+    """`--targetfile /tmp/restore/disk1.qcow2` works when /tmp/restore does not exist yet."""
+    out = tmp_path / "restore" / "deeper" / "disk1.qcow2"
+    cli("qmprestore", "merge", "--dir", chains.main / "virtio0", "--targetfile", out).ok()
+    assert identical(out, chains.ref("virtio0", 3))
+    for folder in (tmp_path / "restore", out.parent):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    outdir = tmp_path / "vm" / "disks"
+    cli("qmprestore", "merge", "--dir", chains.main, "--targetdir", outdir).ok()
+    assert outdir.parent.stat().st_mode & 0o777 == 0o700
+    assert identical(outdir / "virtio0.qcow2", chains.ref("virtio0", 3))
+    dry = tmp_path / "dry" / "x.qcow2"
+    text = cli("qmprestore", "merge", "--dir", chains.main / "virtio0", "--dry-run",
+               "--targetfile", dry).ok().out
+    assert f"# create folder {dry.parent}" in text and not dry.parent.exists()
+    gone = tmp_path / "gone" / "x.qcow2"
+    cli("qmprestore", "merge", "--dir", chains.main / "virtio0", "--until", "INC-1",
+        "--targetfile", gone).failed(2, "no such restore point")
+    assert not gone.parent.exists(), "a refused merge creates no folder"
+
+
 def test_merge_targetdir_restores_every_disk_of_a_run(cli, chains: Chains, tmp_path: Path) -> None:
     before = digests(chains.main)
     run2 = prefix(point_file(chains, "virtio0", 2))
@@ -245,8 +266,17 @@ def test_commit_makes_the_full_hold_each_point(cli, chains: Chains, tmp_path: Pa
             names = files(folder.parent, disk)
             cli("qmprestore", "commit", "--dir", folder, "--until",
                 until_forms(names[point], point), "--rate-limit", "512M").ok()
-            full = folder / f"FULL-{names[point].split('-', 2)[1]}-{names[0].split('-', 2)[2]}"
+            full = folder / names[0]   # the FULL keeps its name, as upstream documents
             assert identical(full, chains.ref(disk, point)), f"{disk} committed to {point}"
+            held = records(folder.parent, disk)[0]
+            assert (held["time"], held["holds"]) == (
+                (records(chains.main, disk)[0]["time"], None) if point == 0
+                else (records(chains.main, disk)[0]["time"], records(chains.main, disk)[point]["time"]))
+            if point:      # the committed point is still named as it was
+                out = tmp_path / f"{disk}-{point}-again.qcow2"
+                cli("qmprestore", "merge", "--dir", folder, "--until", prefix(names[point]),
+                    "--targetfile", out).ok()
+                assert identical(out, chains.ref(disk, point))
             assert os.readlink(folder / "image") == full.name
             left = files(folder.parent, disk)
             assert left == [full.name, *names[point + 1:]], "applied INCs leave chain and folder"
@@ -262,7 +292,9 @@ def test_commit_makes_the_full_hold_each_point(cli, chains: Chains, tmp_path: Pa
     assert identical(raw / "image", chains.ref("virtio1", 1))
 
 
-def test_commit_in_a_live_backup_folder_keeps_the_chain_going(cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["commit", "snapshotrebase"])
+def test_commit_in_a_live_backup_folder_keeps_the_chain_going(cli, tmp_path: Path,
+                                                              command: str) -> None:
     """After commit the engine appends to the consolidated chain, and every point still restores."""
     target, refs = tmp_path / "backup", tmp_path / "refs"
     refs.mkdir()
@@ -273,8 +305,10 @@ def test_commit_in_a_live_backup_folder_keeps_the_chain_going(cli, tmp_path: Pat
             expected.append(vm.reference("virtio0", refs / f"{point}.raw"))
             if point == 3:
                 # consolidate up to the first incremental while the VM runs
-                cli("qmprestore", "commit", "--dir", target / "virtio0", "--until",
+                first = files(target, "virtio0")[0]
+                cli("qmprestore", command, "--dir", target / "virtio0", "--until",
                     prefix(files(target, "virtio0")[1])).ok()
+                assert files(target, "virtio0")[0] == first, "the FULL keeps its name"
             run_backup(vm, target, "full" if point == 0 else "inc")
     names = files(target, "virtio0")
     assert [n.split("-")[0] for n in names] == ["FULL", "INC", "INC"]
@@ -299,6 +333,11 @@ def test_snapshotrebase_keeps_every_point_as_a_snapshot(cli, chains: Chains, tmp
         image = folder / "image"
         assert identical(image, chains.ref(disk, 3))
         tags = ["FULL-BACKUP", *[prefix(n) for n in names[1:]]]
+        assert os.readlink(image) == names[0], "the FULL keeps its original name"
+        # upstream's documented next step: qemu-img snapshot -l on FULL-<original time>-…
+        listing = subprocess.run(["qemu-img", "snapshot", "-l", str(folder / names[0])],
+                                 capture_output=True, text=True, check=True).stdout
+        assert all(tag in listing for tag in tags)
         assert snapshot_tags(image) == tags
         for point, tag in enumerate(tags):
             out = tmp_path / f"{disk}-{tag}.raw"
@@ -389,7 +428,7 @@ def test_dry_run_prints_steps_and_changes_nothing(cli, chains: Chains, tmp_path:
     before = digests(folder.parent)
     out = cli("qmprestore", "commit", "--dir", folder, "--dry-run", "--rate-limit", "1M").ok().out
     assert "qemu-img commit -q -f qcow2 -d -b" in out and "-r 1048576" in out
-    assert "# rename" in out and "# remove" in out
+    assert "# update" in out and "# remove" in out and "# rename" not in out
     out = cli("qmprestore", "snapshotrebase", "--dir", folder, "--dry-run").ok().out
     assert out.count("qemu-img snapshot -q -c") == 4 and out.count("qemu-img commit") == 3
     out = cli("qmprestore", "rebase", "--dir", folder, "--dry-run").ok().out
@@ -521,6 +560,9 @@ def test_usage_and_environment_errors(cli, chains: Chains, tmp_path: Path,
     cli("qmprestore", "commit", "--dir", folder, "--until", "nonsense").failed(2, "'nonsense'")
     cli("qmprestore", "merge", "--dir", tmp_path / "nope", "--targetfile",
         tmp_path / "x.qcow2").failed(5, "does not exist")
+    (tmp_path / "a-file").write_text("")
+    cli("qmprestore", "merge", "--dir", folder, "--targetfile",
+        tmp_path / "a-file" / "x.qcow2").failed(5, "exists and is not a directory", "--targetfile")
     cli("qmprestore", "list", "--dir", tmp_path / "nope").failed(5, "does not exist")
     cli("qmprestore", "commit", "--dir", folder.parent).failed(2, "works on one disk", "virtio0")
     cli("qmprestore", "merge", "--dir", folder.parent, "--targetfile", tmp_path / "x").failed(

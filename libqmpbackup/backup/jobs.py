@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 
-from libqmpbackup.errors import JobError, TargetError, VMGoneError
+from libqmpbackup.errors import JobError, TargetError, UsageError, VMGoneError
 from libqmpbackup.names import TOOL_PREFIX, safe_component
 from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.qemu.qmp import EventStream, QmpCommandError, QmpSession
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 JOB_EVENTS = ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR",
               "JOB_STATUS_CHANGE"]
 CANCEL_TIMEOUT = 30.0
+AIO_MODES = ("threads", "io_uring")
 QUIT_GRACE = 1.0
 
 ProgressHook = Callable[[list["BackupJob"]], Awaitable[None]]
@@ -90,14 +91,46 @@ def backup_action(job: BackupJob, *, speed: int = 0, compress: bool = False) -> 
     return {"type": "blockdev-backup", "data": args}
 
 
-async def add_target_node(session: QmpSession, job: BackupJob) -> None:
+@dataclass(frozen=True)
+class TargetIO:
+    """How QEMU writes the backup files (upstream's --blockdev-disable-cache / --blockdev-aio)."""
+
+    direct: bool = False            # O_DIRECT: a full backup does not evict the host's page cache
+    aio: Optional[str] = None       # None: QEMU's default engine
+
+
+async def check_target_io(session: QmpSession, io: TargetIO) -> None:
+    """Refuse an I/O engine this QEMU was built without, before anything is created."""
+    if io.aio is None:
+        return
+    schema = await session.execute("query-qmp-schema")
+    if io.aio not in aio_modes_of(schema):
+        raise UsageError(f"--blockdev-aio {io.aio}: this QEMU was built without it "
+                         "(use --blockdev-aio threads, or leave the option out)")
+
+
+def aio_modes_of(schema: list[dict[str, Any]]) -> set[str]:
+    """The file driver's aio values in query-qmp-schema (type names there are masked).
+
+    io_uring is a build option of QEMU; its enum value exists only when built in.
+    """
+    for entry in schema:
+        values = entry.get("values") or []
+        if entry.get("meta-type") == "enum" and "threads" in values and "native" in values:
+            return set(values)
+    return {"threads"}
+
+
+async def add_target_node(session: QmpSession, job: BackupJob, io: TargetIO = TargetIO()) -> None:
     """Open the target in QEMU without its backing file: the job writes only new clusters."""
-    await session.execute("blockdev-add", {
-        "driver": "qcow2",
-        "node-name": job.target_node,
-        "file": {"driver": "file", "filename": str(job.partial_path)},
-        "backing": None,
-    })
+    file: dict[str, Any] = {"driver": "file", "filename": str(job.partial_path)}
+    if io.aio:
+        file["aio"] = io.aio
+    node: dict[str, Any] = {"driver": "qcow2", "node-name": job.target_node, "file": file,
+                            "backing": None}
+    if io.direct:
+        node["cache"] = {"direct": True}
+    await session.execute("blockdev-add", node)
 
 
 async def remove_node(session: QmpSession, node: str) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from libqmpbackup.backup import bitmaps
 from libqmpbackup.backup.jobs import cancel_jobs, remove_node
+from libqmpbackup.backup.pause import resume_after_killed_run
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import TargetError
 from libqmpbackup.layout import partial_files, stale_temp_files
@@ -35,6 +36,7 @@ async def clean_vm(session: QmpSession, disks: list[BlockDevice],
     busy), then nodes, then bitmaps.  A killed run may also have left the
     shutdown action at ``pause``, so it is set back when anything was found.
     """
+    await resume_after_killed_run(session)
     jobs = await _clean_jobs(session)
     nodes = await _clean_nodes(session)
     steps = bitmaps.recovery_steps(disks)

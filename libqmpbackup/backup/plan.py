@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Collection, Optional
 
 from libqmpbackup.backup.bitmaps import chain_bitmap_of, chain_bitmaps, diff_bitmap, tool_bitmaps
-from libqmpbackup.backup.jobs import BackupJob
+from libqmpbackup.backup.jobs import BackupJob, TargetIO
+from libqmpbackup.backup.progress import LOG_INTERVAL
 from libqmpbackup.errors import ChainError, TargetError, UsageError
 from libqmpbackup.layout import month_folder
 from libqmpbackup.metadata import COPIES_ID, Chain, ChainStore
 from libqmpbackup.names import (
+    METADATA_NAME,
     PARTIAL_SUFFIX,
     RESERVED_FILE_NAMES,
     backup_file_name,
@@ -53,9 +55,17 @@ class BackupOptions:
     quiesce: bool = False
     quiesce_required: bool = False
     agent_socket: Optional[str] = None
+    pause: bool = False
+    progress_interval: float = LOG_INTERVAL
+    target_cache_direct: bool = False
+    target_aio: Optional[str] = None
     no_subdir: bool = False        # files in the target folder itself, not DIR/<disk id>/
     no_timestamp: bool = False     # a FULL/COPY named exactly like the source image
     no_symlink: bool = False       # with no_timestamp: no FULL-<image> symlink beside it
+
+    @property
+    def target_io(self) -> TargetIO:
+        return TargetIO(direct=self.target_cache_direct, aio=self.target_aio)
 
 
 @dataclass(frozen=True)
@@ -220,6 +230,15 @@ def _bitmap_problems(disks: list[BlockDevice], chain: Chain,
     return problems
 
 
+def _not_empty(root: Path, chain: Optional[Chain]) -> str:
+    """Why a new chain cannot start in ROOT, and the way out that actually works."""
+    if chain is None:
+        return (f"target {root} is not empty and holds no chain of qmpbackup "
+                f"(no {METADATA_NAME}): a new chain needs an empty or new folder")
+    return (f"target {root} is not empty: a new chain needs an empty folder "
+            f"(use --level inc or auto to continue chain {chain.uuid} there, or --monthly)")
+
+
 def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions,
                 timestamp: int, root_is_empty: bool,
                 existing: Collection[str] = ()) -> RunPlan:
@@ -256,10 +275,7 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
 
     if level == "full":
         if not root_is_empty and not unusable:
-            hint = ("it holds no chain of qmpbackup: choose an empty folder" if chain is None
-                    else "use --level inc or auto to continue the chain there, or --monthly")
-            raise TargetError(
-                f"target {root} is not empty: a new chain needs an empty folder ({hint})")
+            raise TargetError(_not_empty(root, chain))
         chain_id = opts.uuid if opts.uuid and not unusable else new_chain_id()
         new = Chain(uuid=chain_id, bitmap=bitmap_name(chain_id), created=timestamp)
         taken = [d.disk_id for d in disks if chain_bitmaps(d, new.bitmap)]

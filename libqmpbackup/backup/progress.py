@@ -28,13 +28,15 @@ def _mib(value: float) -> str:
 class ProgressReporter:
     """Callable handed to :func:`jobs.run_transaction`; runs until cancelled."""
 
-    def __init__(self, session: QmpSession, stream: Optional[TextIO] = None) -> None:
+    def __init__(self, session: QmpSession, stream: Optional[TextIO] = None, *,
+                 log_interval: float = LOG_INTERVAL) -> None:
         self.session = session
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
+        self.log_interval = log_interval   # --progress-interval; the live line stays at 1 s
 
     async def __call__(self, jobs: list[BackupJob]) -> None:
-        interval = TTY_INTERVAL if self.tty else LOG_INTERVAL
+        interval = TTY_INTERVAL if self.tty else self.log_interval
         names = {j.job_id: j.disk.disk_id for j in jobs}
         start = time.monotonic()
         try:

@@ -31,16 +31,19 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup import upstream
-from libqmpbackup.backup import bitmaps, leftovers
+from libqmpbackup.backup import bitmaps, leftovers, monthly
 from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.jobs import (
     BackupJob,
+    TargetIO,
     add_target_node,
     cancel_jobs,
+    check_target_io,
     new_run_tag,
     remove_node,
     run_transaction,
 )
+from libqmpbackup.backup.pause import VmPause
 from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
@@ -116,6 +119,7 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
     """Back up the VM behind SESSION; the caller holds the VM lock (see :mod:`locks`)."""
     disks = await discover(session)
     selected = select_disks(disks, opts)
+    await check_target_io(session, opts.target_io)
     root = chain_root(opts)
     created = prepare_root(root)
     try:
@@ -140,6 +144,7 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     store = ChainStore.load(root)
     if not store.chains and upstream.chain_id(root) is not None:
         store = adopt_upstream(root, disks)
+    first_chain = store.current is None
     timestamp = _timestamp_after(max(latest_backup_time(root), store.latest_time()))
     plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root))
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
@@ -149,12 +154,18 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
                 await bitmaps.remove(session, disk, name)
     quiescer = (Quiescer(opts.agent_socket, required=opts.quiesce_required)
                 if opts.quiesce else None)
+    pause = VmPause(session) if opts.pause else None
     try:
-        await _execute(session, plan, store, opts, guard, quiescer)
+        await _execute(session, plan, store, opts, guard, quiescer, pause)
     finally:
         await guard.finish()
+    if (opts.monthly and plan.chain is not None and not plan.chain.is_copies
+            and plan.new_chain and first_chain):
+        await monthly.retire_previous_month(session, disks, opts.target, root, plan.chain.bitmap)
     if quiescer and quiescer.thaw_error:
         raise AgentError(quiescer.thaw_error)
+    if pause and pause.resume_error:
+        raise JobError(pause.resume_error)
     chain_id = plan.chain.uuid if plan.chain and not plan.chain.is_copies else None
     return BackupResult(level=plan.level, root=root, chain_id=chain_id, time=plan.timestamp,
                         files=[BackupFile.of(j, plan.timestamp) for j in plan.jobs],
@@ -222,8 +233,8 @@ class _TargetNodes:
     session: QmpSession
     names: list[str] = field(default_factory=list)
 
-    async def open(self, job: BackupJob) -> None:
-        await add_target_node(self.session, job)
+    async def open(self, job: BackupJob, io: TargetIO) -> None:
+        await add_target_node(self.session, job, io)
         self.names.append(job.target_node)
 
     async def close(self) -> list[str]:
@@ -237,7 +248,8 @@ class _TargetNodes:
 
 
 async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: BackupOptions,
-                   guard: ShutdownGuard, quiescer: Optional[Quiescer]) -> None:
+                   guard: ShutdownGuard, quiescer: Optional[Quiescer],
+                   pause: Optional[VmPause]) -> None:
     tag = new_run_tag()
     async with contextlib.AsyncExitStack() as undo:
         files = _TargetFiles(plan.jobs)
@@ -248,17 +260,27 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
         nodes = _TargetNodes(session)
         undo.push_async_callback(nodes.close)
         for job in plan.jobs:
-            await nodes.open(job)
+            await nodes.open(job, opts.target_io)
         run_bitmaps = _run_bitmaps(plan)
         if run_bitmaps:
             await run_bitmaps.prepare(session)
             undo.push_async_callback(run_bitmaps.undo, session)
         undo.push_async_callback(_cancel_if_running, session, plan.jobs)
-        reporter = ProgressReporter(session) if opts.progress else None
-        async with guard.holding():
+        reporter = (ProgressReporter(session, log_interval=opts.progress_interval)
+                    if opts.progress else None)
+        async with contextlib.AsyncExitStack() as copying:
+            start_guard = quiescer
+            if pause is not None:
+                # a paused guest's agent cannot answer: freeze before the
+                # pause, thaw after it (the guest sees no time pass between)
+                if quiescer is not None:
+                    await copying.enter_async_context(quiescer)
+                    start_guard = None
+                await copying.enter_async_context(pause)
+            await copying.enter_async_context(guard.holding())
             await run_transaction(session, plan.jobs, speed=opts.speed_limit,
                                   compress=opts.compress, progress=reporter,
-                                  start_guard=quiescer)
+                                  start_guard=start_guard)
         left_open = await nodes.close()
         if left_open:   # an image QEMU did not close may lack its last metadata writes
             if not session.connected:

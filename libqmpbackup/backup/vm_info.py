@@ -23,8 +23,9 @@ def _bitmaps_possible(disk: BlockDevice) -> str:
 
 
 def blockdev_table(disks: list[BlockDevice]) -> str:
+    """One row per disk, naming its qmpbackup bitmaps: which chains this disk is part of."""
     rows = [(d.disk_id, d.node, d.driver, d.virtual_size, d.filename, _bitmaps_possible(d),
-             ", ".join(tool_bitmaps(d)) or "-")
+             ", ".join(sorted(tool_bitmaps(d))) or "-")
             for d in disks]
     return tabulate(rows, headers=("disk", "node", "format", "virtual size", "image file",
                                    "bitmaps possible", "qmpbackup bitmaps"))
@@ -35,7 +36,7 @@ def blockdev_document(disks: list[BlockDevice]) -> Document:
         {"disk": d.disk_id, "node": d.node, "format": d.driver, "virtual_size": d.virtual_size,
          "image": d.filename, "pflash": d.is_pflash,
          "persistent_bitmaps": d.supports_persistent_bitmaps,
-         "qmpbackup_bitmaps": tool_bitmaps(d)} for d in disks]}
+         "qmpbackup_bitmaps": sorted(tool_bitmaps(d))} for d in disks]}
 
 
 def bitmaps_table(disks: list[BlockDevice]) -> str:

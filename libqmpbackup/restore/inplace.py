@@ -9,8 +9,9 @@ How each stays safe when interrupted (and what re-running does):
   incrementals are copied into the FULL with ``qemu-img commit -d``, which
   leaves them intact, so an interrupted copy is redone from the same data;
   snapshotrebase goes one incremental at a time and records each finished
-  one.  Then the FULL is renamed to ``FULL-<point time>-…``, the metadata
-  rewritten, the applied incrementals deleted (their data is in the FULL
+  one.  Then the metadata is rewritten (the FULL keeps its name, as
+  upstream documents, and records the point it holds), the applied
+  incrementals deleted (their data is in the FULL
   now, and older points read through the changed FULL would be wrong), the
   next incremental re-based onto the FULL, and the journal removed.  While
   the journal exists every command refuses the folder, except the same
@@ -30,7 +31,7 @@ from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord
-from libqmpbackup.names import IMAGE_LINK
+from libqmpbackup.names import IMAGE_LINK, parse_backup_name
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import BackupDir, folder_entries, open_backup_dir, refuse_partial, verify
@@ -38,7 +39,6 @@ from libqmpbackup.restore.rules import (
     BASE_SNAPSHOT,
     RestoreOptions,
     RestorePoint,
-    consolidated_name,
     label,
     last_full,
     matches,
@@ -154,13 +154,13 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
             file_steps.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
+        # the FULL keeps its name, as upstream qmpbackup documents (`qemu-img
+        # snapshot -l DIR/FULL-<time>-…` after snapshotrebase); the metadata
+        # records which point it holds
         journal = Journal(operation=operation, chain=point.chain_id, disk=point.disk_id,
-                          base=consumed[0].file, result=consolidated_name(consumed[0], point.record),
-                          point=point.record.file, point_time=point.record.time,
+                          base=consumed[0].file, result=consumed[0].file,
+                          point=point.record.file, point_time=point.record.point_time,
                           steps=[r.file for r in consumed[1:]], snapshots=snapshots)
-        if (folder / journal.result).exists():
-            raise ChainError(f"{folder / journal.result} already exists: cannot rename "
-                             f"{journal.base} to it")
         _back_by_metadata(point, opts.dry_run)
         if not opts.dry_run:
             journal.save(folder)
@@ -233,17 +233,16 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         raise ChainError(f"chain {journal.chain} of disk {journal.disk} vanished from "
                          f"{store.path}: cannot finish the {journal.operation}")
     records = chain.disks[journal.disk].backups
-    consolidated = [dataclasses.replace(r, file=journal.result, time=journal.point_time)
-                    if r.file == journal.base else r
+    consolidated = [_consolidated(r, journal) if r.file == journal.base else r
                     for r in records if r.file not in journal.steps]
-    metadata_done = journal.base not in [r.file for r in records]
     _rebase_later_points(consolidated, journal.result, folder, dry_run)
-    if (folder / journal.base).exists():
+    if journal.result != journal.base and (folder / journal.base).exists():
+        # a journal of an older version, which renamed the FULL for the point
         file_steps.rename(folder / journal.base, folder / journal.result, dry_run=dry_run)
-    if not metadata_done:
+    if journal.base in [r.file for r in records]:
         chain.disks[journal.disk].backups = consolidated
-        file_steps.note(f"update {store.path}: {journal.base} becomes {journal.result}, "
-                   f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
+        file_steps.note(f"update {store.path}: {journal.result} holds {label(journal.point)}, "
+                        f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
             backup.save(store)
     for step in journal.steps:
@@ -252,3 +251,10 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     if not dry_run:
         Journal.remove(folder)
 
+
+def _consolidated(record: BackupRecord, journal: Journal) -> BackupRecord:
+    """The FULL's record once it holds the journal's point: same name and time, ``holds`` set."""
+    parsed = parse_backup_name(journal.result)
+    named = parsed.timestamp if parsed else record.time
+    return dataclasses.replace(record, file=journal.result, time=named,
+                               holds=None if journal.point_time == named else journal.point_time)

@@ -43,7 +43,8 @@ def _disk_ids(backup: BackupDir, chain: Chain) -> list[str]:
 
 def _point_document(folder: Path, record: BackupRecord) -> Document:
     return {"point": record_label(record), "file": str(folder / record.file),
-            "level": record.level, "time": record.time, "size": _size(folder / record.file),
+            "level": record.level, "time": record.point_time,
+            "size": _size(folder / record.file),
             "virtual_size": record.virtual_size, "compressed": record.compressed,
             "quiesced": record.quiesced}
 

@@ -9,6 +9,7 @@ merge leaves nothing that looks like a finished restore.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from libqmpbackup.errors import TargetError, UsageError
+from libqmpbackup.fsutil import make_private_dirs
 from libqmpbackup.json_output import Document
 from libqmpbackup.names import PARTIAL_SUFFIX, safe_component
 from libqmpbackup.qemu import qemuimg
@@ -83,20 +85,28 @@ def _targets(points: list[RestorePoint], target: MergeTarget) -> list[RestoredIm
     return plan
 
 
-def _prepare_directory(target: MergeTarget, dry_run: bool) -> None:
+def _prepare_directory(target: MergeTarget, dry_run: bool) -> list[Path]:
+    """Create the folder the images go into, and missing parents, 0700; return those created.
+
+    Restores go to fresh places (``/tmp/restore/disk1.qcow2``); refusing a
+    missing folder only made the admin type a mkdir with the wrong mode.
+    """
     if target.file is not None:
-        parent = Path(os.path.abspath(target.file)).parent
-        if not parent.is_dir():
-            raise TargetError(f"folder {parent} for --targetfile does not exist")
-        return
-    assert target.directory is not None
-    if target.directory.exists() and not target.directory.is_dir():
-        raise TargetError(f"--targetdir {target.directory} is not a directory")
-    if not dry_run:
-        try:
-            target.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as err:
-            raise TargetError(f"cannot create {target.directory}: {err.strerror}") from err
+        folder, option = Path(os.path.abspath(target.file)).parent, "--targetfile"
+    else:
+        assert target.directory is not None
+        folder, option = Path(os.path.abspath(target.directory)), "--targetdir"
+    if folder.is_dir():
+        return []
+    if folder.exists() or folder.is_symlink():
+        raise TargetError(f"{folder} for {option} exists and is not a directory")
+    file_steps.note(f"create folder {folder} (mode 0700)", dry_run=dry_run)
+    if dry_run:
+        return []
+    try:
+        return make_private_dirs(folder)
+    except OSError as err:
+        raise TargetError(f"cannot create {folder} for {option}: {err.strerror}") from err
 
 
 def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
@@ -113,9 +123,15 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
     for point in points:
         verify(point, backup.store, skip_check=opts.skip_check)
     plan = _targets(points, target)
-    _prepare_directory(target, opts.dry_run)
-    for image in plan:
-        _convert(image.point, image.path, image.fmt, opts)
+    created = _prepare_directory(target, opts.dry_run)
+    try:
+        for image in plan:
+            _convert(image.point, image.path, image.fmt, opts)
+    except BaseException:
+        for folder in reversed(created):   # a failed first restore leaves no empty folders
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return plan
 
 

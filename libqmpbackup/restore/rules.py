@@ -88,7 +88,13 @@ class RestorePoint:
 
 
 def record_label(record: BackupRecord) -> str:
-    """The label of a record, also for files named like their source image (--no-timestamp)."""
+    """How a record's point is named to users: ``FULL-<time>`` / ``INC-<time>``.
+
+    Also for files named like their source image (--no-timestamp); a FULL
+    that commit/snapshotrebase made hold a later point is named for that point.
+    """
+    if record.holds is not None:
+        return f"{LEVEL_PREFIX['full']}-{record.holds}"
     return f"{LEVEL_PREFIX.get(record.level, record.level.upper())}-{record.time}"
 
 
@@ -98,7 +104,15 @@ def matches(file_name: str, name: str) -> bool:
 
 
 def record_matches(record: BackupRecord, name: str) -> bool:
-    return matches(record.file, name) or name == record_label(record)
+    """Like :func:`matches`, for a record (its file name or its label).
+
+    A FULL that holds a later point answers to that point, as ``FULL-`` or
+    ``INC-<time>``; its own original label no longer does: that moment is gone.
+    """
+    if record.holds is None:
+        return matches(record.file, name) or name == record_label(record)
+    return name in (record.file, os.path.splitext(record.file)[0], record_label(record),
+                    f"{LEVEL_PREFIX['inc']}-{record.holds}")
 
 
 def find_point(records: Sequence[BackupRecord], name: str) -> Optional[int]:
@@ -242,12 +256,12 @@ def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[s
                 for r in d.backups if record_matches(r, until)]
         if not hits:
             continue
-        when = hits[0].time
+        when = hits[0].point_time
         points = []
         for disk_id, disk in chain.disks.items():
             if not chosen(disk_id):
                 continue
-            index = next((i for i, r in enumerate(disk.backups) if r.time == when), None)
+            index = next((i for i, r in enumerate(disk.backups) if r.point_time == when), None)
             if index is None:
                 raise ChainError(f"disk {disk_id} of chain {chain.uuid} has no backup from the "
                                  f"run of {record_label(hits[0])}: restore the other disks one by "
@@ -255,7 +269,7 @@ def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[s
             points.append(RestorePoint(store.root, chain.uuid, disk_id, tuple(disk.backups), index,
                                        chain.folder_of(disk_id)))
         return points
-    runs = sorted({(r.time, record_label(r)) for c in chains for d in c.disks.values()
+    runs = sorted({(r.point_time, record_label(r)) for c in chains for d in c.disks.values()
                    for r in d.backups})
     raise _unknown_point(until, f"in {store.root}", [name for _, name in runs])
 
@@ -355,14 +369,3 @@ def needs_rebase(info: dict[str, Any], expected: str) -> bool:
     """True unless the header already names EXPECTED, relatively, as qcow2."""
     return (info.get("backing-filename") != expected
             or info.get("backing-filename-format") != "qcow2")
-
-
-def consolidated_name(base: BackupRecord, point: BackupRecord) -> str:
-    """The FULL's name once it holds POINT: FULL-<point time>-<image>.
-
-    commit renames the FULL so its name, the metadata and ``list`` keep
-    telling the truth about which moment the file holds.
-    """
-    parsed = parse_backup_name(base.file)
-    image = parsed.image if parsed else base.file
-    return f"{LEVEL_PREFIX['full']}-{point.time}-{image}"

@@ -13,6 +13,8 @@ from qmprestore.cli import build_parser as restore_parser
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 # options of other programs that the README quotes
 FOREIGN = {"--output", "--backing-chain", "--dist", "--strict"}
+UPSTREAM_SECTION = "## Coming from upstream qmpbackup"
+FIRST_CELL = r"^\|((?:[^|\\]|\\.)*)\|"     # a table row's first cell (``\|`` stays inside)
 
 
 def parser_options(parser: argparse.ArgumentParser) -> set[str]:
@@ -25,10 +27,22 @@ def parser_options(parser: argparse.ArgumentParser) -> set[str]:
     return found
 
 
+def without_upstream_spellings(readme: str) -> str:
+    """The README without the first column of the upstream table: those are upstream's options."""
+    head, _, rest = readme.partition(UPSTREAM_SECTION)
+    section, _, tail = rest.partition("\n## ")
+    ours = re.sub(FIRST_CELL, "|", section, flags=re.MULTILINE)
+    return head + ours + tail
+
+
+def options_in(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", text)) - FOREIGN
+
+
 def test_every_option_is_documented_and_every_documented_option_exists() -> None:
     code = parser_options(backup_parser()) | parser_options(restore_parser())
     code -= {"--help"}
-    documented = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", README)) - FOREIGN
+    documented = options_in(without_upstream_spellings(README))
     assert sorted(code - documented) == [], "options missing from the README"
     assert sorted(documented - code) == [], "README options the code lacks"
 
@@ -39,3 +53,19 @@ def test_exit_code_table_matches_the_library() -> None:
     for cell in re.findall(r"^\| ([\d /]+) \|", section, re.MULTILINE):
         documented |= {int(c) for c in cell.split("/")}
     assert documented == {code for code, _ in EXIT_CODES}
+
+
+def test_upstream_table_names_every_upstream_option() -> None:
+    """Users of upstream qmpbackup 0.67 find each of its options, implemented or not."""
+    section = README.split(UPSTREAM_SECTION, 1)[1].split("\n## ", 1)[0]
+    upstream = {"--socket", "--agent-socket", "--debug", "--syslog", "--logfile", "--level",
+                "--target", "--include", "--exclude", "--uuid", "--monthly", "--quiesce",
+                "--quisce", "--include-raw", "--compress", "--speed-limit", "--no-progress",
+                "--progress-interval", "--pause", "--blockdev-disable-cache", "--blockdev-aio",
+                "--remove-delay", "--cbw-timeout", "--no-subdir", "--no-timestamp",
+                "--no-symlink", "--show", "--remove-bitmap", "--dir", "--until", "--targetfile",
+                "--filter", "--skip-check"}
+    first_column = "\n".join(re.findall(FIRST_CELL, section, re.MULTILINE))
+    assert sorted(upstream - options_in(first_column)) == []
+    for short in ("-l", "-t", "-i", "-e", "-L"):
+        assert re.search(rf"[` ]{short} ", first_column), short

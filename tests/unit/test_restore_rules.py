@@ -14,7 +14,6 @@ from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.merge import output_format
 from libqmpbackup.restore.rules import (
     backs_onto,
-    consolidated_name,
     disks_in,
     find_point,
     folder_problems,
@@ -22,6 +21,7 @@ from libqmpbackup.restore.rules import (
     label,
     matches,
     needs_rebase,
+    record_label,
     record_problems,
     segment,
     select_disk_point,
@@ -246,8 +246,19 @@ def test_rebase_is_needed_only_for_other_spellings_or_formats() -> None:
     assert needs_rebase({"backing-filename": "FULL-1-x"}, "FULL-1-x")
 
 
-def test_committed_full_is_named_by_its_point() -> None:
-    assert consolidated_name(QCOW[0], QCOW[2]) == "FULL-30-disk.qcow2"
+def test_committed_full_keeps_its_name_and_answers_to_its_point() -> None:
+    committed = rec("full", 10, holds=30)
+    later = [committed, rec("inc", 40)]
+    assert committed.point_time == 30 and record_label(committed) == "FULL-30"
+    assert record_problems(later) == [], "name and time stay the backup's own"
+    for name in ("FULL-10-disk.qcow2", "FULL-10-disk", "FULL-30", "INC-30"):
+        assert find_point(later, name) == 0, name
+    assert find_point(later, "FULL-10") is None, "the moment it was taken is gone"
+    both = store(chain("a", virtio0=later, virtio1=[rec("full", 10, "raw.img"),
+                                                    rec("full", 30, "raw.img")]))
+    points = select_root_points(both, "INC-30", None)
+    assert {p.disk_id: p.record.file for p in points} == {
+        "virtio0": "FULL-10-disk.qcow2", "virtio1": "FULL-30-raw.img"}
 
 
 # -- journal, file steps, formats --------------------------------------------------------------
