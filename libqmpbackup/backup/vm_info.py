@@ -11,7 +11,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from libqmpbackup.backup.bitmaps import tool_bitmaps
+from libqmpbackup.backup.bitmaps import DIFF_SUFFIX, tool_bitmaps
 from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
@@ -22,10 +22,15 @@ def _bitmaps_possible(disk: BlockDevice) -> str:
     return "pflash" if disk.is_pflash else ("yes" if disk.supports_persistent_bitmaps else "no")
 
 
+def _chain_bitmaps(disk: BlockDevice) -> list[str]:
+    """qmpbackup's bitmaps on DISK, without the +diff that goes with each chain bitmap."""
+    return sorted(n for n in tool_bitmaps(disk) if not n.endswith(DIFF_SUFFIX))
+
+
 def blockdev_table(disks: list[BlockDevice]) -> str:
     """One row per disk, naming its qmpbackup bitmaps: which chains this disk is part of."""
     rows = [(d.disk_id, d.node, d.driver, d.virtual_size, d.filename, _bitmaps_possible(d),
-             ", ".join(sorted(tool_bitmaps(d))) or "-")
+             ", ".join(_chain_bitmaps(d)) or "-")
             for d in disks]
     return tabulate(rows, headers=("disk", "node", "format", "virtual size", "image file",
                                    "bitmaps possible", "qmpbackup bitmaps"))
@@ -36,7 +41,7 @@ def blockdev_document(disks: list[BlockDevice]) -> Document:
         {"disk": d.disk_id, "node": d.node, "format": d.driver, "virtual_size": d.virtual_size,
          "image": d.filename, "pflash": d.is_pflash,
          "persistent_bitmaps": d.supports_persistent_bitmaps,
-         "qmpbackup_bitmaps": sorted(tool_bitmaps(d))} for d in disks]}
+         "qmpbackup_bitmaps": _chain_bitmaps(d)} for d in disks]}
 
 
 def bitmaps_table(disks: list[BlockDevice]) -> str:
