@@ -42,7 +42,7 @@ class TargetError(QmpBackupError):
 
 
 class ChainError(QmpBackupError):
-    """Chain metadata, backup files or dirty bitmaps do not agree or are unusable."""
+    """Chain metadata, backup files or dirty bitmaps disagree or are unusable, or folder content is unsafe."""
 
     exit_code = 6
 

@@ -35,6 +35,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_private_dirs(path: Path) -> list[Path]:
+    """Create PATH and every missing parent with mode 0700; return those created, outermost first.
+
+    ``mkdir(parents=True)`` gives the parents the umask's mode (0755), so a
+    backup or restore below a new path would be listable by everyone.
+    """
+    missing = [p for p in (path, *path.parents) if not os.path.lexists(p)][::-1]
+    created = []
+    for folder in missing:
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(folder, 0o700)   # mkdir's mode is masked by the umask
+        created.append(folder)
+    return created
+
+
 def replace_symlink(path: Path, target_name: str) -> None:
     """Point symlink PATH at TARGET_NAME in one step (a temporary link renamed over it)."""
     temporary = path.with_name(f".{path.name}{TEMP_SUFFIX}")
@@ -45,15 +63,3 @@ def replace_symlink(path: Path, target_name: str) -> None:
     os.symlink(target_name, temporary)
     os.replace(temporary, path)
     fsync_dir(path.parent)
-
-
-def make_private_dirs(path: Path) -> list[Path]:
-    """Create PATH and its missing parents, each 0700; return those created, outermost first.
-
-    ``mkdir -p`` would give the parents the umask's mode, and these folders
-    hold whole disks.  A folder created meanwhile by someone else is fine.
-    """
-    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
-    for folder in missing:
-        folder.mkdir(mode=0o700, exist_ok=True)
-    return missing

@@ -15,13 +15,18 @@ import json
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+from libqmpbackup import folder_safety
+from libqmpbackup import json_shape as shape
 from libqmpbackup.errors import ChainError
 from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.names import JOURNAL_NAME
+from libqmpbackup.layout import disk_folders
+from libqmpbackup.names import JOURNAL_NAME, is_chain_id
 
 __all__ = ["JOURNAL_NAME", "Journal", "refuse_unfinished_restores", "unfinished_error"]
+
+OPERATIONS = ("commit", "snapshotrebase")
 
 
 @dataclass
@@ -49,18 +54,50 @@ class Journal:
 
     @classmethod
     def load(cls, folder: Path) -> Optional[Journal]:
-        path = folder / JOURNAL_NAME
+        """The journal in FOLDER, or None; a damaged or unsafe one is a chain error.
+
+        The journal is folder content, so untrusted: every name in it must be
+        a backup file name (a plain name in FOLDER) before a resumed restore
+        renames, commits or deletes anything because of it.
+        """
         try:
-            return cls(**json.loads(path.read_text()))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, TypeError) as err:
-            raise ChainError(f"cannot read the restore journal {path}: {err}; an in-place restore "
-                             "was interrupted there: use a fresh copy of the backup") from err
+            return _journal_from_dict(folder_safety.read_json(folder, JOURNAL_NAME,
+                                                              "restore journal"),
+                                      f"restore journal {folder / JOURNAL_NAME}")
+        except ChainError as err:
+            raise ChainError(f"{err}; an in-place restore was interrupted there or the journal "
+                             "was tampered with: use a fresh copy of the backup") from err
 
     @staticmethod
     def remove(folder: Path) -> None:
-        (folder / JOURNAL_NAME).unlink(missing_ok=True)
+        folder_safety.remove(folder, JOURNAL_NAME)
+
+
+def _journal_from_dict(raw: Any, where: str) -> Optional[Journal]:
+    if raw is folder_safety.ABSENT:
+        return None
+    fields = shape.as_object(raw, where)
+    operation = shape.text(fields, "operation", where)
+    if operation not in OPERATIONS:
+        raise shape.malformed(where, f"operation {operation[:80]!r} is not one of "
+                                     f"{', '.join(OPERATIONS)}")
+    chain = shape.text(fields, "chain", where)
+    if not is_chain_id(chain):
+        raise shape.malformed(where, f"chain {chain[:80]!r} is not a chain id")
+    # the FULL (base, and result: it keeps its name) may be untimestamped (--no-timestamp),
+    # named like its source image
+    names = {key: folder_safety.recorded_file(fields.get(key), f"{where}: {key}")
+             for key in ("base", "result")}
+    names["point"] = folder_safety.backup_file(fields.get("point"), f"{where}: point")
+    steps = [folder_safety.backup_file(step, f"{where}: step")
+             for step in shape.array(fields, "steps", where)]
+    done = shape.integer(fields, "done", where, default=0)
+    if not steps or done > len(steps):
+        raise shape.malformed(where, f"{done} of {len(steps)} steps done")
+    return Journal(operation=operation, chain=chain, disk=shape.text(fields, "disk", where),
+                   base=names["base"], result=names["result"], point=names["point"],
+                   point_time=shape.integer(fields, "point_time", where), steps=steps,
+                   snapshots=shape.flag(fields, "snapshots", where, default=False), done=done)
 
 
 def unfinished_error(folder: Path, journal: Journal) -> ChainError:
@@ -71,7 +108,7 @@ def unfinished_error(folder: Path, journal: Journal) -> ChainError:
 
 def refuse_unfinished_restores(root: Path) -> None:
     """A backup must not extend a chain whose files an in-place restore is rewriting."""
-    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+    for folder in [root, *disk_folders(root)]:
         journal = Journal.load(folder)
         if journal is not None:
             raise unfinished_error(folder, journal)

@@ -28,11 +28,8 @@ def month_folder(base: Path, now: Optional[float] = None) -> Path:
 
 
 def month_folders(path: Path) -> list[Path]:
-    """The chain folders of a --monthly base (sub-folders holding chain metadata)."""
-    try:
-        return sorted(p for p in path.iterdir() if (p / METADATA_NAME).is_file())
-    except OSError as err:
-        raise TargetError(f"cannot read {path}: {err.strerror}") from err
+    """The chain folders of a --monthly base (real sub-folders holding chain metadata)."""
+    return [p for p in disk_folders(path) if (p / METADATA_NAME).is_file()]
 
 
 def existing_backup_folder(path: Path) -> Path:
@@ -54,12 +51,12 @@ def prepare_root(root: Path) -> list[Path]:
     if root.exists() and not root.is_dir():
         raise TargetError(f"target {root} exists and is not a directory")
     try:
-        missing = make_private_dirs(root)
+        created = make_private_dirs(root)
     except OSError as err:
         raise TargetError(f"cannot create target {root}: {err.strerror}") from err
     if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
         raise TargetError(f"target {root} is not readable and writable")
-    return missing
+    return created
 
 
 def is_empty_dir(root: Path) -> bool:
@@ -72,10 +69,26 @@ def is_empty_dir(root: Path) -> bool:
         raise TargetError(f"cannot read target {root}: {err.strerror}") from err
 
 
+def disk_folders(root: Path) -> list[Path]:
+    """The real sub-folders of ROOT; a symlink is never followed (it could lead anywhere)."""
+    try:
+        with os.scandir(root) as entries:
+            return sorted(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+    except OSError as err:
+        raise TargetError(f"cannot read folder {root}: {err.strerror}") from err
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as err:
+        raise TargetError(f"cannot read folder {folder}: {err.strerror}") from err
+
+
 def latest_backup_time(root: Path) -> int:
     """The newest time in any backup file name in or below ROOT (chains and copies alike)."""
-    times = [parsed.timestamp for path in [*root.glob("*"), *root.glob("*/*")]
-             if (parsed := parse_backup_name(path.name.removesuffix(PARTIAL_SUFFIX)))]
+    times = [parsed.timestamp for name in _names_in_and_below(root)
+             if (parsed := parse_backup_name(os.path.basename(name).removesuffix(PARTIAL_SUFFIX)))]
     return max(times, default=0)
 
 
@@ -94,18 +107,19 @@ def existing_names(root: Path) -> set[str]:
 
 
 def partial_files(root: Path) -> list[Path]:
-    """Leftover .partial files in ROOT (--no-subdir) and its disk folders."""
-    return _glob(root, f"*{PARTIAL_SUFFIX}") + _glob(root, f"*/*{PARTIAL_SUFFIX}")
+    """Leftover .partial files in ROOT (--no-subdir) and its real disk folders."""
+    return [root / name for name in _names_in_and_below(root) if name.endswith(PARTIAL_SUFFIX)]
 
 
 def stale_temp_files(root: Path) -> list[Path]:
     """Half-written metadata files of a run killed inside :func:`write_atomically`."""
-    return (_glob(root, f".{METADATA_NAME}.*{TEMP_SUFFIX}")
-            + _glob(root, f"*/.{DISK_METADATA_NAME}.*{TEMP_SUFFIX}"))
+    return ([root / name for name in _names(root)
+             if name.startswith(f".{METADATA_NAME}.") and name.endswith(TEMP_SUFFIX)]
+            + [folder / name for folder in disk_folders(root) for name in _names(folder)
+               if name.startswith(f".{DISK_METADATA_NAME}.") and name.endswith(TEMP_SUFFIX)])
 
 
-def _glob(root: Path, pattern: str) -> list[Path]:
-    try:
-        return sorted(root.glob(pattern))
-    except OSError as err:
-        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+def _names_in_and_below(root: Path) -> list[str]:
+    """Names in ROOT and, as ``<folder>/<name>``, in its real sub-folders (symlinks not followed)."""
+    return [*_names(root), *(os.path.join(folder.name, name) for folder in disk_folders(root)
+                             for name in _names(folder))]

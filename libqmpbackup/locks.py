@@ -32,12 +32,20 @@ import fcntl
 import hashlib
 import logging
 import os
+import socket
 import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-from libqmpbackup.errors import LockBusyError, QmpBackupError, TargetError, UsageError
+from libqmpbackup.errors import (
+    ChainError,
+    ConnectError,
+    LockBusyError,
+    QmpBackupError,
+    TargetError,
+    UsageError,
+)
 from libqmpbackup.names import LOCK_NAME
 
 log = logging.getLogger(__name__)
@@ -87,9 +95,22 @@ def lock_dir() -> Path:
                      f"set {LOCK_DIR_ENV}")
 
 
-def vm_lock_key(address: str) -> str:
-    """What identifies a VM: the real path of its unix socket, or the tcp address as given."""
-    return address if address.startswith("tcp:") else os.path.realpath(address)
+def vm_lock_keys(address: str) -> list[str]:
+    """What identifies a VM: the real path of its unix socket, or every address a tcp: name resolves to.
+
+    ``tcp:localhost:4444`` and ``tcp:127.0.0.1:4444`` are one VM: a key per
+    resolved address and port makes the two spellings share a lock.
+    """
+    if not address.startswith("tcp:"):
+        return [os.path.realpath(address)]
+    host, _, port = address[len("tcp:"):].rpartition(":")
+    if not host or not port.isdigit():
+        return [address]   # not an address: the connection attempt reports it
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as err:
+        raise ConnectError(f"cannot resolve QMP address {address}: {err}") from err
+    return sorted({":".join(("tcp", str(info[4][0]), str(info[4][1]))) for info in found})
 
 
 def _keyed_lock_path(kind: str, key: str, directory: Optional[Path]) -> Path:
@@ -97,17 +118,46 @@ def _keyed_lock_path(kind: str, key: str, directory: Optional[Path]) -> Path:
     return (directory or lock_dir()) / f"{kind}-{digest}.lock"
 
 
-def vm_lock_path(address: str, directory: Optional[Path] = None) -> Path:
-    return _keyed_lock_path("vm", vm_lock_key(address), directory)
+def vm_lock_path(key: str, directory: Optional[Path] = None) -> Path:
+    return _keyed_lock_path("vm", key, directory)
 
 
-def _holder(path: Path) -> str:
+def _holder(fd: int) -> str:
     """The pid the holder wrote into the lock file, for the error message."""
     try:
-        pid = path.read_text().split()[0]
+        pid = os.pread(fd, 64, 0).decode(errors="replace").split()[0]
     except (OSError, IndexError):
         return ""
     return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _open_lock_file(path: Path, unusable: type[QmpBackupError]) -> int:
+    """Open PATH as a lock file: new and exclusive when absent, never through a symlink.
+
+    The folder of a chain lock may be writable by others: a planted symlink
+    would make root truncate and write the file it points to, and a file
+    someone else owns is not ours to trust, so both are refused.
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ChainError(f"lock file {path} is a symlink: refused (remove it once no "
+                             "backup runs)") from err
+        raise unusable(f"cannot open lock file {path}: {err.strerror}") from err
+    info = os.fstat(fd)
+    problem = ("is not a regular file" if not stat.S_ISREG(info.st_mode)
+               else f"belongs to uid {info.st_uid}, not to this user"
+               if info.st_uid != os.geteuid() else "")
+    if problem:
+        os.close(fd)
+        raise ChainError(f"lock file {path} {problem}: refused (remove it once no backup runs)")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _try_lock(path: Path, what: str, unusable: type[QmpBackupError]) -> Optional[int]:
@@ -115,20 +165,17 @@ def _try_lock(path: Path, what: str, unusable: type[QmpBackupError]) -> Optional
 
     A holder that releases unlinks the file, so the file we opened may be
     gone by the time our flock succeeds; only a lock on the file PATH still
-    names counts.
+    names (lstat: the name itself, never what a symlink there points to) counts.
     """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as err:
-        raise unusable(f"cannot open lock file {path}: {err.strerror}") from err
+    fd = _open_lock_file(path, unusable)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        opened, named = os.fstat(fd), os.stat(path)
+        opened, named = os.fstat(fd), os.lstat(path)
     except FileNotFoundError:
         os.close(fd)
         return None
     except OSError as err:
-        holder = _holder(path)
+        holder = _holder(fd)
         os.close(fd)
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise unusable(f"cannot lock {path}: {err.strerror}") from err
@@ -165,14 +212,23 @@ def hold(path: Path, what: str, owner: str,
         yield
     finally:
         with contextlib.suppress(OSError):
-            path.unlink()   # while still held: see _try_lock
-        os.close(fd)        # releases the flock
+            _unlink_if_same(path, fd)   # while still held: see _try_lock
+        os.close(fd)                    # releases the flock
+
+
+def _unlink_if_same(path: Path, fd: int) -> None:
+    """Remove PATH only while it still names the file we hold (unlink never follows a symlink)."""
+    opened, named = os.fstat(fd), os.lstat(path)
+    if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino):
+        path.unlink()
 
 
 @contextlib.contextmanager
 def vm_lock(address: str) -> Iterator[None]:
     """Exclusive use of one VM's QMP socket by this qmpbackup run."""
-    with hold(vm_lock_path(address), f"VM socket {address}", vm_lock_key(address)):
+    with contextlib.ExitStack() as held:
+        for key in vm_lock_keys(address):
+            held.enter_context(hold(vm_lock_path(key), f"VM socket {address}", key))
         yield
 
 

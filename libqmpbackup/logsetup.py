@@ -7,9 +7,12 @@ logs connection failures at ERROR that the tool reports itself in one line.
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 from typing import Optional
 
@@ -30,6 +33,32 @@ class _ConsoleFormatter(logging.Formatter):
         return f"{self.name}: {label}{record.getMessage()}"
 
 
+class _PrivateFileHandler(logging.FileHandler):
+    """logging's file handler, opening its file the safe way (and closing it on reconfigure)."""
+
+    def _open(self) -> io.TextIOWrapper:
+        return open_logfile(self.baseFilename)
+
+
+def open_logfile(path: str) -> io.TextIOWrapper:
+    """Append to PATH, created 0600 (logs name hosts, disks and paths), never through a symlink.
+
+    Root writes this file: a symlink planted where it will be created must
+    not turn the log into a write to whatever file it points to.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as err:
+        reason = "it is a symlink" if err.errno == errno.ELOOP else err.strerror
+        raise UsageError(f"cannot open log file {path}: {reason}") from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"cannot open log file {path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 def configure(*, debug: bool = False, quiet: bool = False, logfile: Optional[str] = None,
               syslog: bool = False, name: str = "qmpbackup") -> None:
     root = logging.getLogger()
@@ -45,10 +74,7 @@ def configure(*, debug: bool = False, quiet: bool = False, logfile: Optional[str
     root.addHandler(console)
 
     if logfile:
-        try:
-            file_handler = logging.FileHandler(logfile)
-        except OSError as err:
-            raise UsageError(f"cannot open log file {logfile}: {err.strerror}") from err
+        file_handler = _PrivateFileHandler(logfile)
         file_handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(file_handler)

@@ -21,9 +21,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from libqmpbackup.errors import ChainError
+from libqmpbackup import folder_safety
+from libqmpbackup import json_shape as shape
 from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.names import DISK_METADATA_NAME, METADATA_NAME, safe_component
+from libqmpbackup.names import (
+    BITMAP_PREFIX,
+    DISK_METADATA_NAME,
+    LEVEL_PREFIX,
+    METADATA_NAME,
+    is_chain_id,
+    safe_component,
+)
 
 METADATA_VERSION = 1
 COPIES_ID = "copies"
@@ -143,22 +151,18 @@ class ChainStore:
 
     @classmethod
     def load(cls, root: Path, name: str = METADATA_NAME) -> ChainStore:
-        path = root / name
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
+        """The chains NAME in ROOT lists; anything but what :meth:`write` writes is a chain error.
+
+        The file is untrusted (see :mod:`folder_safety`): every file and folder
+        name in it must be one the tool could have written before anything uses it.
+        """
+        where = f"chain metadata {root / name}"
+        raw = folder_safety.read_json(root, name, "chain metadata")
+        if raw is folder_safety.ABSENT:
             return cls(root)
-        except (OSError, ValueError) as err:
-            raise ChainError(f"cannot read chain metadata {path}: {err}") from err
-        try:
-            chains = [_chain_from_dict(c) for c in raw["chains"]]
-        except KeyError as err:
-            raise ChainError(f"chain metadata {path} is malformed: missing {err}") from err
-        except (TypeError, AttributeError) as err:
-            raise ChainError(f"chain metadata {path} is malformed: {err}") from err
-        pruning = raw.get("pruning", [])
-        if not isinstance(pruning, list) or not all(isinstance(p, str) for p in pruning):
-            raise ChainError(f"chain metadata {path} is malformed: 'pruning' is not a list of names")
+        top = shape.as_object(raw, where)
+        chains = [_chain_from_dict(c, where) for c in shape.array(top, "chains", where)]
+        pruning = [_pruning_entry(e, where) for e in shape.array(top, "pruning", where, default=[])]
         return cls(root=root, chains=chains, pruning=pruning)
 
     def save(self) -> None:
@@ -198,13 +202,60 @@ def is_folder_name(name: object) -> bool:
         name not in (".", "..") and "/" not in name and "\0" not in name))
 
 
-def _chain_from_dict(raw: dict[str, Any]) -> Chain:
+def _chain_from_dict(value: Any, where: str) -> Chain:
+    raw = shape.as_object(value, where, "a chain")
+    chain_id = shape.text(raw, "uuid", where)
+    if not is_chain_id(chain_id):
+        raise shape.malformed(where, f"chain id {chain_id[:80]!r} is not a valid chain id")
+    bitmap = shape.text(raw, "bitmap", where, empty_ok=True)   # empty: the copies
+    if bitmap and not (bitmap.startswith(BITMAP_PREFIX)
+                       and is_chain_id(bitmap[len(BITMAP_PREFIX):])):
+        raise shape.malformed(where, f"bitmap {bitmap[:80]!r} is not a qmpbackup bitmap name")
     disks = {}
-    for disk_id, d in raw["disks"].items():
-        folder = d.get("folder")
+    for disk_id, disk in shape.mapping(raw, "disks", where).items():
+        if not disk_id or len(disk_id) > shape.MAX_TEXT:
+            raise shape.malformed(where, f"disk id {disk_id[:80]!r} is not valid")
+        fields = shape.as_object(disk, where, f"disk {disk_id[:80]!r}")
+        folder = fields.get("folder")
         if folder is not None and not is_folder_name(folder):
-            # the metadata is untrusted: a folder must stay inside the backup folder
-            raise TypeError(f"folder {folder!r} of disk {disk_id!r} is not a folder name")
-        disks[disk_id] = DiskChain(backups=[BackupRecord(**b) for b in d["backups"]],
+            # a folder must stay inside the backup folder
+            raise shape.malformed(where, f"folder {str(folder)[:80]!r} of disk {disk_id[:80]!r} "
+                                         "is not a folder name")
+        backups = shape.array(fields, "backups", where)
+        disks[disk_id] = DiskChain(backups=[_record_from_dict(b, where) for b in backups],
                                    folder=folder)
-    return Chain(uuid=raw["uuid"], bitmap=raw["bitmap"], created=raw["created"], disks=disks)
+    return Chain(uuid=chain_id, bitmap=bitmap, created=shape.integer(raw, "created", where),
+                 disks=disks)
+
+
+def _pruning_entry(value: Any, where: str) -> str:
+    """``<disk folder>/<backup file>``: a prune deletes it, so it must not lead anywhere else."""
+    if not isinstance(value, str):
+        raise shape.malformed(where, "'pruning' must list file names")
+    folder, _, name = value.partition("/")
+    if not folder or (folder != "." and not is_folder_name(folder)):
+        raise shape.malformed(where, f"pruning entry {value[:120]!r} is not <disk folder>/<file>")
+    folder_safety.recorded_file(name, f"{where}: pruning entry")
+    return value
+
+
+def _record_from_dict(value: Any, where: str) -> BackupRecord:
+    raw = shape.as_object(value, where, "a backup record")
+    level = shape.text(raw, "level", where)
+    if level not in LEVEL_PREFIX:
+        raise shape.malformed(where, f"level {level[:80]!r} is not one of {', '.join(LEVEL_PREFIX)}")
+    timestamped = shape.flag(raw, "timestamped", where, default=True)
+    what = f"{where}: file"
+    return BackupRecord(
+        file=(folder_safety.backup_file(raw.get("file"), what) if timestamped
+              else folder_safety.recorded_file(raw.get("file"), what)),
+        level=level,
+        time=shape.integer(raw, "time", where),
+        virtual_size=shape.integer(raw, "virtual_size", where),
+        source_image=shape.text(raw, "source_image", where, default="", empty_ok=True),
+        source_format=shape.text(raw, "source_format", where, default="qcow2"),
+        compressed=shape.flag(raw, "compressed", where, default=False),
+        quiesced=shape.flag(raw, "quiesced", where, default=False),
+        backed=shape.flag(raw, "backed", where, default=True),
+        timestamped=timestamped,
+        holds=None if raw.get("holds") is None else shape.integer(raw, "holds", where))

@@ -43,13 +43,20 @@ TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of
 BITMAP_PREFIX = TOOL_PREFIX
 LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "diff": "DIFF", "copy": "COPY"}
 PREFIX_LEVEL = {prefix: level for level, prefix in LEVEL_PREFIX.items()}
-BACKUP_NAME_RE = re.compile(r"^(FULL|INC|DIFF|COPY)-(\d+)-(.+)$")
+MAX_TIMESTAMP_DIGITS = 18          # below 2**63: an untrusted name never makes a giant int
+BACKUP_NAME_RE = re.compile(rf"(FULL|INC|DIFF|COPY)-(\d{{1,{MAX_TIMESTAMP_DIGITS}}})-(.+)")
+"""Matched with fullmatch: a trailing newline is not part of a name."""
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_chain_id(value: str) -> bool:
+    """1-64 letters, digits, '.', '_' or '-', no '..': safe in a file name and a bitmap name."""
+    return bool(_NAME_RE.fullmatch(value)) and ".." not in value
 
 
 def _checked_name(value: str, what: str) -> str:
-    if not _NAME_RE.match(value) or ".." in value:
+    if not is_chain_id(value):
         raise UsageError(
             f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
     return value
@@ -117,7 +124,7 @@ class ParsedName:
 
 
 def parse_backup_name(name: str) -> Optional[ParsedName]:
-    match = BACKUP_NAME_RE.match(name)
+    match = BACKUP_NAME_RE.fullmatch(name)
     if not match:
         return None
     return ParsedName(level=PREFIX_LEVEL[match.group(1)], timestamp=int(match.group(2)),

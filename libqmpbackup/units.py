@@ -19,4 +19,7 @@ def parse_size(text: str) -> int:
 
 def local_time(timestamp: int) -> str:
     """A backup time as the admin's clock shows it (tables sort it as text, too)."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    except (OverflowError, ValueError, OSError):   # metadata is untrusted: any integer may come
+        return f"invalid time {timestamp}"

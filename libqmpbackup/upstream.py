@@ -22,6 +22,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
+from libqmpbackup import folder_safety
 from libqmpbackup.errors import ChainError, UsageError
 from libqmpbackup.metadata import COPIES_ID, BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.names import (
@@ -65,12 +66,11 @@ def _subfolders(root: Path) -> list[str]:
 def chain_id(root: Path) -> Optional[str]:
     """The chain id in ROOT/uuid, or None without that file."""
     path = root / UPSTREAM_UUID_NAME
-    if not path.is_file() or path.is_symlink():
+    info = folder_safety.entry(root, UPSTREAM_UUID_NAME)
+    if info is None or not stat.S_ISREG(info.st_mode):
         return None
-    try:
-        text = path.read_text(errors="replace").strip()
-    except OSError as err:
-        raise ChainError(f"cannot read {path}: {err.strerror}") from err
+    data = folder_safety.read_bytes(root, UPSTREAM_UUID_NAME, "upstream chain id file", 4096)
+    text = (data or b"").decode(errors="replace").strip()
     try:
         return validate_uuid(text)
     except UsageError as err:

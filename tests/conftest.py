@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -58,6 +60,17 @@ def guest_images() -> GuestImages:
         return ensure_guest()
     except GuestUnavailable as err:
         pytest.skip(f"test guest unavailable: {err.reason}")
+
+
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    """A folder another user can reach (pytest's own tmp folders are root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="qmpbackup-public-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ import pwd
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -22,17 +20,6 @@ def test_restore_never_loads_the_qmp_client() -> None:
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
                          text=True, cwd=REPO).stdout
     assert out.strip() == "False"
-
-
-@pytest.fixture
-def public_tmp() -> Iterator[Path]:
-    """A folder another user can reach (pytest's own tmp folders are root's alone)."""
-    folder = Path(tempfile.mkdtemp(prefix="qmpbackup-pip-"))
-    folder.chmod(0o755)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_user_without_root_installs_with_pip_and_gets_working_commands(public_tmp: Path) -> None:

@@ -430,7 +430,7 @@ def test_dry_run_prints_steps_and_changes_nothing(cli, chains: Chains, tmp_path:
     assert "qemu-img commit -q -f qcow2 -d -b" in out and "-r 1048576" in out
     assert "# update" in out and "# remove" in out and "# rename" not in out
     out = cli("qmprestore", "snapshotrebase", "--dir", folder, "--dry-run").ok().out
-    assert out.count("qemu-img snapshot -q -c") == 4 and out.count("qemu-img commit") == 3
+    assert out.count("qemu-img snapshot -q --image-opts -c") == 4 and out.count("qemu-img commit") == 3
     out = cli("qmprestore", "rebase", "--dir", folder, "--dry-run").ok().out
     assert "# link" in out
     out = cli("qmprestore", "merge", "--dir", folder, "--dry-run",

@@ -4,7 +4,8 @@ A run killed with SIGKILL (or by a host power loss) cannot undo its steps.
 What it leaves is recognisable by name: block jobs and nodes ``qmpbackup-*``
 in QEMU, auxiliary bitmaps ``qmpbackup-<id>+pending`` / ``+new`` (see
 :mod:`bitmaps`), ``*.partial`` backup files and half-written metadata temp
-files in the chain folder.  The caller holds the VM lock and the chain lock,
+files in the chain folder (symlinked disk folders are not followed,
+and only regular files are removed).  The caller holds the VM lock and the chain lock,
 so no other qmpbackup run can own any of them: each is removed and logged,
 and the run goes on — no manual step.
 """
@@ -15,6 +16,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from libqmpbackup import folder_safety
 from libqmpbackup.backup import bitmaps
 from libqmpbackup.backup.jobs import cancel_jobs, remove_node
 from libqmpbackup.backup.pause import resume_after_killed_run
@@ -85,13 +87,11 @@ def clean_target(root: Path) -> None:
     """
     for path in [*partial_files(root), *stale_temp_files(root)]:
         try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as err:
-            raise TargetError(f"cannot remove {path} left by an interrupted run: "
-                              f"{err.strerror}") from err
-        log.warning("removed %s, left by an interrupted run", path)
-        if path.parent != root:
+            removed = folder_safety.remove(path.parent, path.name)
+        except TargetError as err:
+            raise TargetError(f"{err}, left by an interrupted run") from err
+        if removed:
+            log.warning("removed %s, left by an interrupted run", path)
+        if removed and path.parent != root:
             with contextlib.suppress(OSError):   # only an empty folder can go
                 path.parent.rmdir()

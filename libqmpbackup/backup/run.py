@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup import upstream
+from libqmpbackup import folder_safety, upstream
 from libqmpbackup.backup import bitmaps, leftovers, monthly
 from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.jobs import (
@@ -48,8 +48,8 @@ from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_ba
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
-from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
-from libqmpbackup.fsutil import fsync_dir, replace_symlink
+from libqmpbackup.errors import AgentError, JobError, QmpBackupError, TargetError, VMGoneError
+from libqmpbackup.fsutil import replace_symlink
 from libqmpbackup.journal import refuse_unfinished_restores
 from libqmpbackup.json_output import Document
 from libqmpbackup.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
@@ -121,6 +121,8 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
     selected = select_disks(disks, opts)
     await check_target_io(session, opts.target_io)
     root = chain_root(opts)
+    if opts.monthly and os.path.lexists(root):
+        folder_safety.require_folder(root)   # the month folder is folder content, not --target
     created = prepare_root(root)
     try:
         with chain_lock(root):
@@ -177,27 +179,31 @@ class _TargetFiles:
     """The backup files of one run: created as .partial, renamed when complete, else deleted."""
 
     jobs: list[BackupJob]
+    root: Path                      # the chain folder (--target or its month): the admin's path
     created_folders: list[Path] = field(default_factory=list)
     renamed: list[Path] = field(default_factory=list)
 
     def create(self, job: BackupJob) -> None:
         folder = job.partial_path.parent
-        try:
-            if not folder.is_dir():
+        existing = None if folder == self.root else folder_safety.entry(folder.parent, folder.name)
+        if folder == self.root:
+            pass                    # --no-subdir: the files go into the chain folder itself
+        elif existing is None:
+            try:
                 folder.mkdir(mode=0o700)
-                self.created_folders.append(folder)
-            # 0600 from the first byte: the file will hold a whole disk
-            os.close(os.open(job.partial_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except OSError as err:
-            raise TargetError(f"cannot create backup file {job.partial_path}: "
-                              f"{err.strerror}") from err
+            except OSError as err:
+                raise TargetError(f"cannot create folder {folder}: {err.strerror}") from err
+            self.created_folders.append(folder)
+        else:
+            folder_safety.require_folder(folder)   # never a symlink to elsewhere
+        # 0600 from the first byte: the file will hold a whole disk
+        folder_safety.create_exclusive(folder, job.partial_path.name, what="backup file")
         qemuimg.create(job.partial_path, job.disk.virtual_size, backing=job.backing)
 
     def finish(self) -> None:
         for job in self.jobs:
-            os.replace(job.partial_path, job.final_path)
+            folder_safety.rename(job.final_path.parent, job.partial_path.name, job.final_path.name)
             self.renamed.append(job.final_path)
-            fsync_dir(job.final_path.parent)
             log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
 
     def link(self) -> None:
@@ -218,9 +224,9 @@ class _TargetFiles:
     def discard(self) -> None:
         """Nothing of a failed run may look like a finished backup."""
         for path in [*(j.partial_path for j in self.jobs), *self.renamed]:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                log.info("removed unfinished %s", path)
+            with contextlib.suppress(QmpBackupError):
+                if folder_safety.remove(path.parent, path.name):
+                    log.info("removed unfinished %s", path)
         for folder in self.created_folders:
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -252,7 +258,7 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                    pause: Optional[VmPause]) -> None:
     tag = new_run_tag()
     async with contextlib.AsyncExitStack() as undo:
-        files = _TargetFiles(plan.jobs)
+        files = _TargetFiles(jobs=plan.jobs, root=plan.root)
         undo.callback(files.discard)
         for index, job in enumerate(plan.jobs):
             job.assign_names(index, tag)

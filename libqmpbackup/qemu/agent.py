@@ -32,10 +32,12 @@ log = logging.getLogger(__name__)
 #: precedes the reply to ``guest-sync-delimited`` when the agent sends it.
 SYNC_DELIMITER = b"\xff"
 
-#: Replies are single JSON lines; ``guest-exec-status`` carries the captured
-#: output base64-encoded in one line, so the default 64 KiB limit of a
-#: StreamReader is far too small.
-READ_LIMIT = 64 * 1024 * 1024
+#: Replies are single JSON lines.  The guest is untrusted: a line longer
+#: than this ends the call with an error instead of growing our memory.
+#: 1 MiB holds every reply the tool needs (fsfreeze, fsinfo of hundreds of
+#: filesystems); callers that read bulk output (``guest-exec-status``) may
+#: pass a larger ``read_limit``.
+READ_LIMIT = 1 << 20
 
 #: Seconds every call may take.  A live agent answers in milliseconds even in
 #: a busy guest; a socket without an agent behind it (qemu-ga not running)
@@ -99,6 +101,7 @@ class GuestAgent:
 
     path: str
     timeout: float = DEFAULT_TIMEOUT
+    read_limit: int = READ_LIMIT
     _reader: Optional[asyncio.StreamReader] = field(default=None, init=False, repr=False)
     _writer: Optional[asyncio.StreamWriter] = field(default=None, init=False, repr=False)
     _lock: Optional[asyncio.Lock] = field(default=None, init=False, repr=False)
@@ -120,7 +123,7 @@ class GuestAgent:
         """Open the socket and resynchronise, so the first reply read is ours."""
         try:
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.path, limit=READ_LIMIT), self.timeout
+                asyncio.open_unix_connection(self.path, limit=self.read_limit), self.timeout
             )
         except asyncio.TimeoutError as err:
             raise ConnectError(

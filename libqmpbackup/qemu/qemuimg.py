@@ -74,10 +74,11 @@ def create(path: Path, size: int, *, backing: Optional[str] = None) -> None:
     args: list[str] = ["create", "-q", "-f", "qcow2", "-o",
                        f"cluster_size={BACKUP_CLUSTER_SIZE}"]
     if backing is not None:
-        args += ["-b", backing, "-F", "qcow2"]   # every backup file is qcow2: never probe
+        # every backup file is qcow2: never probe; -u: the name is only written, the
+        # previous backup is never opened here
+        args += ["-u", "-b", backing, "-F", "qcow2"]
     args += [str(path), str(size)]
     run(args)
-    os.chmod(path, 0o600)
 
 
 def info(path: Path, *, backing_chain: bool = False, fmt: Optional[str] = None) -> Any:
@@ -193,5 +194,15 @@ def snapshot_names(path: Path) -> list[str]:
 
 
 def snapshot_create(path: Path, tag: str, *, dry_run: bool = False) -> None:
-    """Add internal snapshot TAG (qemu-img snapshot has no -f; PATH was verified as qcow2)."""
-    run(["snapshot", "-q", "-c", tag, str(path)], dry_run=dry_run)
+    """Add internal snapshot TAG.
+
+    qemu-img snapshot has no -f: the format is given in --image-opts, so the
+    image is never probed (a probed format is how a file passes itself off
+    as something else).
+    """
+    run(["snapshot", "-q", "--image-opts", "-c", tag, image_opts(path)], dry_run=dry_run)
+
+
+def image_opts(path: Path, fmt: str = "qcow2") -> str:
+    """PATH as --image-opts with an explicit format (commas in option values are doubled)."""
+    return f"driver={fmt},file.driver=file,file.filename={str(path).replace(',', ',,')}"

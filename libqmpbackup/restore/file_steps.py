@@ -8,12 +8,15 @@ qemu-img command lines instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import stat
 from pathlib import Path
 
+from libqmpbackup import folder_safety
 from libqmpbackup.errors import TargetError
-from libqmpbackup.fsutil import fsync_dir, replace_symlink
+from libqmpbackup.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,35 +29,37 @@ def _announce(text: str, dry_run: bool) -> bool:
     return dry_run
 
 
-def rename(source: Path, target: Path, *, dry_run: bool = False) -> None:
-    if _announce(f"rename {source} -> {target}", dry_run):
+def rename(folder: Path, old: str, new: str, *, dry_run: bool = False) -> None:
+    """Rename OLD to NEW inside FOLDER (plain names, regular files: see folder_safety)."""
+    if _announce(f"rename {folder / old} -> {folder / new}", dry_run):
         return
-    try:
-        os.replace(source, target)
-    except OSError as err:
-        raise TargetError(f"cannot rename {source} to {target}: {err.strerror}") from err
-    fsync_dir(target.parent)
+    folder_safety.rename(folder, old, new)
 
 
-def remove(path: Path, *, dry_run: bool = False) -> None:
-    if _announce(f"remove {path}", dry_run):
+def remove(folder: Path, name: str, *, dry_run: bool = False) -> None:
+    if _announce(f"remove {folder / name}", dry_run):
         return
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as err:
-        raise TargetError(f"cannot remove {path}: {err.strerror}") from err
+    folder_safety.remove(folder, name)
 
 
-def link(path: Path, target_name: str, *, dry_run: bool = False) -> None:
-    """Point symlink PATH at TARGET_NAME (relative, so the folder can move)."""
-    if path.exists() and not path.is_symlink():
-        raise TargetError(f"{path} exists and is not a symlink: move it away")
-    if _announce(f"link {path} -> {target_name}", dry_run):
+def link(folder: Path, name: str, target_name: str, *, dry_run: bool = False) -> None:
+    """Point symlink FOLDER/NAME at TARGET_NAME (relative, so the folder can move)."""
+    existing = folder_safety.entry(folder, name)
+    if existing is not None and not stat.S_ISLNK(existing.st_mode):
+        raise TargetError(f"{folder / name} exists and is not a symlink: move it away")
+    if _announce(f"link {folder / name} -> {target_name}", dry_run):
         return
-    try:
-        replace_symlink(path, target_name)
-    except OSError as err:
-        raise TargetError(f"cannot create symlink {path}: {err.strerror}") from err
+    folder_safety.plain_name(target_name, "link target")
+    temporary = f".{name}.tmp"
+    with folder_safety.opened_folder(folder) as fd:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=fd)
+            os.symlink(target_name, temporary, dir_fd=fd)
+            os.rename(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except OSError as err:
+            raise TargetError(f"cannot create symlink {folder / name}: {err.strerror}") from err
+    fsync_dir(folder)
 
 
 def note(text: str, *, dry_run: bool = False) -> None:

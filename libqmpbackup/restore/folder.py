@@ -13,9 +13,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from libqmpbackup import upstream
+from libqmpbackup import folder_safety, upstream
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
 from libqmpbackup.layout import existing_backup_folder, month_folders
@@ -225,46 +225,39 @@ def _known_files(point: RestorePoint, store: ChainStore) -> set[str]:
     return known
 
 
-def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) -> None:
+def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) -> dict[str, Any]:
     """Refuse a chain that does not match its metadata, or whose files qemu-img finds damaged.
 
     --skip-check skips the comparison and qemu-img check, never the refusal of
-    leftovers: restoring past a running backup or a half-done commit is never
-    what the admin wants.
+    leftovers nor the folder rule (:mod:`folder_safety`): restoring past a
+    running backup or a half-done commit is never what the admin wants, and
+    no folder content may lead the restore outside the folder.  Returns the
+    checked ``qemu-img info`` of every image the point is read through.
     """
     folder = point.folder
+    folder_safety.require_content_folder(folder, point.root)
     entries = folder_entries(folder)
     refuse_unfinished(folder, entries)
     if skip_check:
         log.warning("%s: --skip-check: restoring %s without checking the chain",
                     point.disk_id, point.label)
-        return
+        return folder_safety.checked_images(folder, [r.file for r in point.segment()])
     records = list(point.records)
     problems = record_problems(records)
     problems += folder_problems(entries, [r.file for r in records], _known_files(point, store))
-    if not problems:
-        problems += _image_problems(point)
+    if problems:
+        raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
+    images = folder_safety.checked_images(folder, [r.file for r in records])
+    for index, record in enumerate(records):
+        backs_onto = parent(records, index)   # record_problems found a FULL first
+        problems += image_problems(record, None if backs_onto is None else records[backs_onto],
+                                   images[record.file], folder)
     if not problems:
         problems += _check_problems(point)
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
     log.debug("%s: chain %s verified (%d files)", point.disk_id, point.chain_id, len(records))
-
-
-def _image_problems(point: RestorePoint) -> list[str]:
-    """Each file against its metadata; runs after record_problems found every record in place."""
-    problems = []
-    for index, record in enumerate(point.records):
-        backs_onto = parent(point.records, index)
-        try:
-            info = qemuimg.info(point.folder / record.file, fmt="qcow2")
-        except QemuImgError as err:
-            problems.append(f"{record.file} is unreadable ({err})")
-        else:
-            problems += image_problems(
-                record, None if backs_onto is None else point.records[backs_onto], info,
-                point.folder)
-    return problems
+    return images
 
 
 def _check_problems(point: RestorePoint) -> list[str]:

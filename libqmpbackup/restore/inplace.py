@@ -27,6 +27,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+from libqmpbackup import folder_safety
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
@@ -67,14 +68,14 @@ def _back_by_metadata(point: RestorePoint, dry_run: bool) -> None:
     for index in range(last_full(records, point.index) + 1, point.index + 1):
         backs_onto = parent(records, index)
         assert backs_onto is not None   # only the FULL has none, and it is not in this range
-        _rebase_if_needed(point.folder / records[index].file, records[backs_onto].file, dry_run)
+        _rebase_if_needed(point.folder, records[index].file, records[backs_onto].file, dry_run)
 
 
-def _rebase_if_needed(path: Path, backing: str, dry_run: bool) -> None:
-    if needs_rebase(qemuimg.info(path, fmt="qcow2"), backing):
-        qemuimg.rebase_unsafe(path, backing, dry_run=dry_run)
+def _rebase_if_needed(folder: Path, name: str, backing: str, dry_run: bool) -> None:
+    if needs_rebase(folder_safety.inspect_image(folder, name), backing):
+        qemuimg.rebase_unsafe(folder / name, backing, dry_run=dry_run)
     else:
-        log.debug("%s is already backed by %s", path.name, backing)
+        log.debug("%s is already backed by %s", name, backing)
 
 
 @contextlib.contextmanager
@@ -101,7 +102,7 @@ def rebase(opts: RestoreOptions) -> Path:
 def _rebase(backup: BackupDir, opts: RestoreOptions) -> Path:
     point = _disk_point(backup, "rebase", opts)
     _back_by_metadata(point, opts.dry_run)
-    file_steps.link(point.folder / IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
+    file_steps.link(point.folder, IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
     log.info("%s: %s/%s -> %s (%s)", point.disk_id, point.folder, IMAGE_LINK,
              point.record.file, "dry run" if opts.dry_run else "ready to use")
     return point.path
@@ -142,7 +143,9 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
         if opts.until and not matches(journal.point, opts.until):
             raise UsageError(f"--until {opts.until}: the interrupted {operation} in {folder} "
                              f"restores {journal.point}; re-run it without --until")
+        folder_safety.require_content_folder(folder, backup.root)
         refuse_partial(folder, folder_entries(folder))
+        _check_resumable(journal, backup, folder)
         log.warning("%s: finishing the interrupted %s up to %s", folder, operation, journal.point)
     else:
         point = _disk_point(backup, operation, opts)
@@ -152,7 +155,7 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
             if snapshots:
                 _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
-            file_steps.link(folder / IMAGE_LINK, base.name, dry_run=opts.dry_run)
+            file_steps.link(folder, IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
         # the FULL keeps its name, as upstream qmpbackup documents (`qemu-img
         # snapshot -l DIR/FULL-<time>-…` after snapshotrebase); the metadata
@@ -176,6 +179,43 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
     log.info("%s: %s %s %s", journal.disk, folder / journal.result,
              "would hold" if opts.dry_run else "now holds", label(journal.point))
     return folder / journal.result
+
+
+def _check_resumable(journal: Journal, backup: BackupDir, folder: Path) -> None:
+    """A journal found in the folder must describe this folder's chain before it is acted on.
+
+    Its names are backup file names already (see :meth:`Journal.load`); here
+    they must also be the files the metadata lists, in order, and every file
+    still present must pass the image rule before qemu-img touches it.
+    """
+    chain = backup.store.find(journal.chain)
+    disk = chain.disks.get(journal.disk) if chain is not None else None
+    if disk is None or backup.folder_of(journal.disk) != folder:
+        raise _journal_mismatch(folder, f"chain {journal.chain} has no disk {journal.disk!r} here")
+    files = [r.file for r in disk.backups]
+    if journal.base in files:       # the metadata is not rewritten yet
+        start = files.index(journal.base)
+        stop = start + len(journal.steps)
+        # an older version renamed the FULL to FULL-<point time>-…; now it keeps its name
+        renamed = parse_backup_name(journal.result)
+        result_ok = journal.result == journal.base or (
+            renamed is not None and renamed.level == "full"
+            and renamed.timestamp == journal.point_time)
+        if (files[start + 1:stop + 1] != journal.steps or journal.point != journal.steps[-1]
+                or not result_ok or journal.point_time != disk.backups[stop].point_time):
+            raise _journal_mismatch(folder, "its steps are not the chain's files after "
+                                    f"{journal.base}")
+    elif journal.result not in files:
+        raise _journal_mismatch(folder, f"neither {journal.base} nor {journal.result} is in the "
+                                "chain metadata")
+    present = [name for name in (journal.base, journal.result, *journal.steps)
+               if folder_safety.entry(folder, name) is not None]
+    folder_safety.checked_images(folder, present)
+
+
+def _journal_mismatch(folder: Path, why: str) -> ChainError:
+    return ChainError(f"the restore journal in {folder} does not match the chain metadata "
+                      f"({why}): refused; use a fresh copy of the backup")
 
 
 def _apply(journal: Journal, folder: Path, opts: RestoreOptions) -> None:
@@ -221,7 +261,7 @@ def _rebase_later_points(records: list[BackupRecord], result: str, folder: Path,
     anchor = names.index(result)
     for index in range(anchor + 1, len(records)):
         if parent(records, index) == anchor:
-            _rebase_if_needed(folder / records[index].file, result, dry_run)
+            _rebase_if_needed(folder, records[index].file, result, dry_run)
 
 
 def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
@@ -236,9 +276,9 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     consolidated = [_consolidated(r, journal) if r.file == journal.base else r
                     for r in records if r.file not in journal.steps]
     _rebase_later_points(consolidated, journal.result, folder, dry_run)
-    if journal.result != journal.base and (folder / journal.base).exists():
+    if journal.result != journal.base and folder_safety.entry(folder, journal.base) is not None:
         # a journal of an older version, which renamed the FULL for the point
-        file_steps.rename(folder / journal.base, folder / journal.result, dry_run=dry_run)
+        file_steps.rename(folder, journal.base, journal.result, dry_run=dry_run)
     if journal.base in [r.file for r in records]:
         chain.disks[journal.disk].backups = consolidated
         file_steps.note(f"update {store.path}: {journal.result} holds {label(journal.point)}, "
@@ -246,8 +286,8 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         if not dry_run:
             backup.save(store)
     for step in journal.steps:
-        file_steps.remove(folder / step, dry_run=dry_run)
-    file_steps.link(folder / IMAGE_LINK, journal.result, dry_run=dry_run)
+        file_steps.remove(folder, step, dry_run=dry_run)
+    file_steps.link(folder, IMAGE_LINK, journal.result, dry_run=dry_run)
     if not dry_run:
         Journal.remove(folder)
 

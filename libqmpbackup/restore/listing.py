@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Optional
 
 from tabulate import tabulate
 
+from libqmpbackup import folder_safety
+from libqmpbackup.errors import QmpBackupError
 from libqmpbackup.journal import JOURNAL_NAME
 from libqmpbackup.json_output import Document
+from libqmpbackup.layout import disk_folders
 from libqmpbackup.metadata import BackupRecord, Chain
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import partial_leftovers, record_label
@@ -27,11 +31,18 @@ log = logging.getLogger(__name__)
 HEADERS = ("chain", "disk", "restore point", "time", "level", "file", "size", "virtual size")
 
 
-def _size(path: Path) -> Optional[int]:
+def _entry(folder: Path, name: str) -> Optional[os.stat_result]:
+    """The entry itself, never followed (a symlink is reported as one); None when missing."""
     try:
-        return path.stat().st_size
-    except OSError:
+        return folder_safety.entry(folder, name)
+    except QmpBackupError:
         return None
+
+
+def _size(info: Optional[os.stat_result]) -> str:
+    if info is None:
+        return "missing"
+    return str(info.st_size) if stat.S_ISREG(info.st_mode) else f"refused: {folder_safety.kind(info)}"
 
 
 def _disk_ids(backup: BackupDir, chain: Chain) -> list[str]:
@@ -42,9 +53,10 @@ def _disk_ids(backup: BackupDir, chain: Chain) -> list[str]:
 
 
 def _point_document(folder: Path, record: BackupRecord) -> Document:
+    info = _entry(folder, record.file)
     return {"point": record_label(record), "file": str(folder / record.file),
             "level": record.level, "time": record.point_time,
-            "size": _size(folder / record.file),
+            "size": info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None,
             "virtual_size": record.virtual_size, "compressed": record.compressed,
             "quiesced": record.quiesced}
 
@@ -62,13 +74,13 @@ def _chain_document(backup: BackupDir, chain: Chain) -> Document:
 def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
     for chain in backup.store.chains:
-        for disk in _chain_document(backup, chain)["disks"]:
-            for point in disk["points"]:
-                size = point["size"]
-                rows.append((prefix + chain.uuid, disk["disk"], point["point"],
-                             local_time(point["time"]), point["level"], Path(point["file"]).name,
-                             "missing" if size is None else size,
-                             point["virtual_size"] or "unknown"))
+        for disk_id in _disk_ids(backup, chain):
+            folder = backup.root / chain.folder_of(disk_id)
+            for record in chain.disks[disk_id].backups:
+                rows.append((prefix + chain.uuid, disk_id, record_label(record),
+                             local_time(record.point_time), record.level, record.file,
+                             _size(_entry(folder, record.file)),
+                             record.virtual_size or "unknown"))
     return rows
 
 
@@ -77,8 +89,8 @@ def _warn_leftovers(backup: BackupDir) -> None:
         log.warning("%s: %d file(s) of pruned chains are not deleted yet (an interrupted prune); "
                     "the next prune or backup run removes them", backup.root,
                     len(backup.store.pruning))
-    folders = [backup.folder] if backup.disk_folder is not None else [backup.root, *sorted(
-        p for p in backup.root.iterdir() if p.is_dir() and not p.is_symlink())]
+    folders = ([backup.folder] if backup.disk_folder is not None
+               else [backup.root, *disk_folders(backup.root)])
     for folder in folders:
         entries = os.listdir(folder)
         for name in partial_leftovers(entries):

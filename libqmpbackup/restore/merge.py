@@ -2,9 +2,10 @@
 
 ``qemu-img convert`` opens the backup files read-only and reads the point
 through its backing chain, so not a byte (nor a timestamp) of the backup
-folder changes.  The image is written under ``<target>.partial`` and renamed
-when complete: an existing file is never overwritten, and an interrupted
-merge leaves nothing that looks like a finished restore.
+folder changes.  The image is written into a new, unique, 0600
+``.<target>.XXXXXX.partial`` and renamed when complete: an existing file is
+never overwritten nor written through, and an interrupted merge leaves
+nothing that looks like a finished restore.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 from libqmpbackup.errors import TargetError, UsageError
-from libqmpbackup.fsutil import make_private_dirs
+from libqmpbackup.fsutil import fsync_dir, make_private_dirs
 from libqmpbackup.json_output import Document
 from libqmpbackup.names import PARTIAL_SUFFIX, safe_component
 from libqmpbackup.qemu import qemuimg
@@ -144,18 +146,43 @@ def _source(point: RestorePoint) -> Union[Path, str]:
 
 
 def _convert(point: RestorePoint, path: Path, fmt: str, opts: RestoreOptions) -> None:
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    if partial.exists() and not opts.dry_run:
-        log.warning("replacing %s left by an interrupted merge", partial)
     log.info("%s: restoring %s (%s) into %s", point.disk_id, point.label,
              point.record.file, path)
+    if opts.dry_run:
+        qemuimg.convert(_source(point), path.with_name(f".{path.name}.XXXXXX{PARTIAL_SUFFIX}"),
+                        out_format=fmt, rate_limit=opts.rate_limit, dry_run=True)
+        file_steps.note(f"rename it to {path}", dry_run=True)
+        return
+    partial = _new_partial(path)
     try:
-        qemuimg.convert(_source(point), partial, out_format=fmt, rate_limit=opts.rate_limit,
-                        dry_run=opts.dry_run)
-        if not opts.dry_run:
-            os.chmod(partial, 0o600)
-        file_steps.rename(partial, path, dry_run=opts.dry_run)
+        qemuimg.convert(_source(point), partial, out_format=fmt, rate_limit=opts.rate_limit)
+        _publish(partial, path)
     except BaseException:  # also Interrupted: no half image may stay behind
-        if not opts.dry_run:
-            partial.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
+
+
+def _new_partial(path: Path) -> Path:
+    """A new, unique, 0600 file next to PATH for qemu-img to write into.
+
+    Never an existing name: a ``<target>.partial`` left behind (or planted as
+    a symlink) is not reused, and the image is private from the first byte.
+    """
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                    suffix=PARTIAL_SUFFIX)
+    except OSError as err:
+        raise TargetError(f"cannot create a file next to {path}: {err.strerror}") from err
+    os.close(fd)
+    return Path(name)
+
+
+def _publish(partial: Path, path: Path) -> None:
+    """Give the finished image its name; an existing target is never replaced."""
+    if os.path.lexists(path):
+        raise TargetError(f"{path} appeared while restoring: merge never overwrites")
+    try:
+        os.rename(partial, path)
+    except OSError as err:
+        raise TargetError(f"cannot rename {partial} to {path}: {err.strerror}") from err
+    fsync_dir(path.parent)

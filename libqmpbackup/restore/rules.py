@@ -338,11 +338,12 @@ def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info:
     """One file's qemu-img info against what the metadata says it must be.
 
     PREVIOUS is the record it must back onto (see :func:`parent`).
+
+    Format, data file and backing format are the folder rule's, checked
+    before this (:func:`libqmpbackup.folder_safety.image_problems`).
     """
     problems = []
     name = record.file
-    if info.get("format") != "qcow2":
-        problems.append(f"{name} is {info.get('format')}, not qcow2")
     size = info.get("virtual-size")
     if record.virtual_size and size != record.virtual_size:
         problems.append(f"{name} has virtual size {size}, the metadata says {record.virtual_size}")
@@ -359,9 +360,6 @@ def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info:
             problems.append(f"{name} has no backing file (expected {previous.file})")
         elif not backs_onto(folder, backing, previous.file):
             problems.append(f"{name} is backed by {backing}, expected {previous.file}")
-        elif info.get("backing-filename-format", "qcow2") != "qcow2":
-            problems.append(f"{name} declares its backing file as "
-                            f"{info.get('backing-filename-format')}, not qcow2")
     return problems
 
 

@@ -173,13 +173,19 @@ def test_vm_lock_is_keyed_by_the_real_socket_path(tmp_path: Path,
     real = tmp_path / "vm.sock"
     real.touch()
     (tmp_path / "alias.sock").symlink_to(real)
-    assert locks.vm_lock_path(str(real)) == locks.vm_lock_path(str(tmp_path / "alias.sock"))
-    assert locks.vm_lock_path(str(real)).parent == tmp_path / "locks"
+    assert locks.vm_lock_keys(str(real)) == locks.vm_lock_keys(str(tmp_path / "alias.sock"))
+    assert locks.vm_lock_path(locks.vm_lock_keys(str(real))[0]).parent == tmp_path / "locks"
     with locks.vm_lock(str(real)):
         with pytest.raises(LockBusyError, match="another backup is running on VM socket"):
             with locks.vm_lock(str(tmp_path / "alias.sock")):
                 pass
-    assert locks.vm_lock_key("tcp:host:4444") == "tcp:host:4444"
+    assert locks.vm_lock_keys("tcp:127.0.0.1:4444") == ["tcp:127.0.0.1:4444"]
+    assert "tcp:127.0.0.1:4444" in locks.vm_lock_keys("tcp:localhost:4444"), \
+        "two spellings of one address share a lock"
+    with locks.vm_lock("tcp:localhost:4444"):
+        with pytest.raises(LockBusyError):
+            with locks.vm_lock("tcp:127.0.0.1:4444"):
+                pass
 
 
 def test_lock_dir_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -229,8 +230,6 @@ def test_image_problems_name_what_is_wrong() -> None:
         QCOW[0], None, {**info(), "virtual-size": 5}, folder)[0]
     corrupt = info(**{"format-specific": {"type": "qcow2", "data": {"corrupt": True}}})
     assert image_problems(QCOW[0], None, corrupt, folder) == ["FULL-10-disk.qcow2 is marked corrupt"]
-    raw_backing = {**info(QCOW[0].file), "backing-filename-format": "raw"}
-    assert "not qcow2" in image_problems(QCOW[1], QCOW[0], raw_backing, folder)[0]
 
 
 def test_backing_names_resolve_relative_to_the_folder() -> None:
@@ -274,23 +273,23 @@ def test_journal_round_trip_and_damage(tmp_path: Path) -> None:
     assert loaded.applied
     assert journal.rerun_command(Path("/b/my disk")) == "qmprestore commit --dir '/b/my disk'"
     (tmp_path / "qmprestore-journal.json").write_text("{")
-    with pytest.raises(ChainError, match="cannot read the restore journal"):
+    with pytest.raises(ChainError, match="cannot read restore journal"):
         Journal.load(tmp_path)
     Journal.remove(tmp_path)
     assert Journal.load(tmp_path) is None
 
 
 def test_link_replaces_symlinks_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    file_steps.link(tmp_path / "image", "A")
-    file_steps.link(tmp_path / "image", "B")
-    assert (tmp_path / "image").readlink() == Path("B")
-    file_steps.link(tmp_path / "image", "C", dry_run=True)
+    file_steps.link(tmp_path, "image", "A")
+    file_steps.link(tmp_path, "image", "B")
+    assert os.readlink(tmp_path / "image") == "B"
+    file_steps.link(tmp_path, "image", "C", dry_run=True)
     assert capsys.readouterr().out == f"# link {tmp_path / 'image'} -> C\n"
-    assert (tmp_path / "image").readlink() == Path("B")
+    assert os.readlink(tmp_path / "image") == "B"
     (tmp_path / "image").unlink()
     (tmp_path / "image").write_text("user data")
     with pytest.raises(TargetError, match="not a symlink"):
-        file_steps.link(tmp_path / "image", "A")
+        file_steps.link(tmp_path, "image", "A")
 
 
 def test_source_format_falls_back_to_qcow2() -> None:

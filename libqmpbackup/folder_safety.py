@@ -1,0 +1,309 @@
+"""The one rule for what a backup folder may make the tools touch.
+
+Backup folders often live on shared storage (NFS, a NAS, a USB disk from
+elsewhere) that less trusted users or hosts can write, while qmpbackup and
+qmprestore run as root.  So nothing a folder holds — metadata, restore
+journal, file names, symlinks, qcow2 headers — may lead the tools to a file
+outside it.  The rule, enforced here for every command:
+
+* every path opened, created, renamed or deleted because of folder content is
+  a plain name directly inside the folder it belongs to (:func:`plain_name`,
+  and :func:`backup_file` / :func:`recorded_file` for names of backup files);
+  the admin's own ``--dir`` / ``--target`` may be reached through symlinks,
+  a folder below it may not (:func:`require_content_folder`);
+* it is opened without following symlinks (``O_NOFOLLOW``, ``lstat``, and
+  operations relative to a descriptor of the folder), and it is a regular
+  file or directory: never a symlink, device, FIFO or socket;
+* an image is used only when ``qemu-img info`` shows no external data file
+  and no backing file but a sibling backup file declared as qcow2, each image
+  checked before its backing file is followed (:func:`checked_images`).
+
+A refusal is a :class:`ChainError` (exit 6) naming the file, and nothing
+has been changed when it is raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from libqmpbackup.errors import ChainError, QemuImgError, TargetError
+from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.names import is_backup_file_name, is_plain_file_name
+from libqmpbackup.qemu import qemuimg
+
+MAX_JSON_BYTES = 16 << 20
+"""Metadata of thousands of backups is a few MiB; more is not metadata."""
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK   # NONBLOCK: a FIFO must not hang us
+
+
+def kind(info: os.stat_result) -> str:
+    """What a directory entry is, in the words of a refusal."""
+    mode = info.st_mode
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
+def plain_name(name: object, what: str) -> str:
+    """NAME when it is one path component that stays in its folder; else a chain error."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name
+            or len(name.encode(errors="surrogateescape")) > 255):
+        raise ChainError(f"{what} {name!r} is not a plain file name: refused")
+    return name
+
+
+def backup_file(name: object, what: str) -> str:
+    """NAME when it follows the backup-file grammar (``FULL-<time>-<image>``, ...)."""
+    if not isinstance(name, str) or not is_backup_file_name(name):
+        raise ChainError(f"{what} {name!r} is not a backup file name: refused")
+    return plain_name(name, what)
+
+
+def recorded_file(name: object, what: str) -> str:
+    """NAME as a chain may record it: a backup file name, or (--no-timestamp) a plain file name."""
+    if not isinstance(name, str) or not (is_backup_file_name(name) or is_plain_file_name(name)):
+        raise ChainError(f"{what} {name!r} is not a backup file name: refused")
+    return plain_name(name, what)
+
+
+@contextlib.contextmanager
+def opened_folder(folder: Path) -> Iterator[int]:
+    """A descriptor of FOLDER, for operations relative to it.
+
+    FOLDER itself may be reached through the admin's own symlinks (``--dir``,
+    ``--target``); a folder that is folder content is checked with
+    :func:`require_folder` first.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError as err:
+        raise ChainError(f"folder {folder} is missing") from err
+    except OSError as err:
+        raise TargetError(f"cannot open folder {folder}: {err.strerror}") from err
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def require_folder(folder: Path) -> None:
+    """FOLDER, named by folder content, must be a real directory: a symlink could lead anywhere."""
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError as err:
+        raise ChainError(f"folder {folder} is missing") from err
+    except OSError as err:
+        raise TargetError(f"cannot read {folder}: {err.strerror}") from err
+    if not stat.S_ISDIR(info.st_mode):
+        raise ChainError(f"{folder} is {kind(info)}, not a folder: refused")
+
+
+def require_content_folder(folder: Path, root: Path) -> None:
+    """:func:`require_folder` for a folder below ROOT; ROOT itself is the admin's path."""
+    if os.path.normpath(folder) != os.path.normpath(root):
+        require_folder(folder)
+
+
+def entry(folder: Path, name: str) -> Optional[os.stat_result]:
+    """lstat of FOLDER/NAME (never followed), or None when there is no such entry."""
+    plain_name(name, "file")
+    with opened_folder(folder) as fd:
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise TargetError(f"cannot read {folder / name}: {err.strerror}") from err
+
+
+def require_regular(folder: Path, name: str, what: str = "backup file") -> os.stat_result:
+    """FOLDER/NAME must exist and be a regular file, not a symlink, device or FIFO."""
+    info = entry(folder, name)
+    if info is None:
+        raise ChainError(f"{what} {folder / name} is missing")
+    if not stat.S_ISREG(info.st_mode):
+        raise ChainError(f"{what} {folder / name} is {kind(info)}, not a regular file: refused")
+    return info
+
+
+def open_file(folder: Path, name: str, flags: int, mode: int = 0o600,
+              what: str = "file") -> int:
+    """Open FOLDER/NAME relative to the folder without following a symlink; a regular file only."""
+    plain_name(name, what)
+    with opened_folder(folder) as dir_fd:
+        try:
+            fd = os.open(name, flags | _FILE_FLAGS, mode, dir_fd=dir_fd)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ChainError(f"{what} {folder / name} is a symlink: refused") from err
+            raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ChainError(f"{what} {folder / name} is {kind(info)}, not a regular file: refused")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def create_exclusive(folder: Path, name: str, mode: int = 0o600, what: str = "file") -> None:
+    """Create FOLDER/NAME as a new empty file, private from the first byte; never an existing path."""
+    try:
+        os.close(open_file(folder, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, what))
+    except OSError as err:
+        raise TargetError(f"cannot create {what} {folder / name}: {err.strerror}") from err
+
+
+ABSENT = object()
+"""What :func:`read_json` returns for a file that does not exist (``null`` is content)."""
+
+
+def read_bytes(folder: Path, name: str, what: str, limit: int) -> Optional[bytes]:
+    """The content of the regular file FOLDER/NAME (at most LIMIT bytes), or None when absent."""
+    path = folder / name
+    try:
+        fd = open_file(folder, name, os.O_RDONLY, what=what)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ChainError(f"cannot read {what} {path}: {err.strerror}") from err
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as err:
+        raise ChainError(f"cannot read {what} {path}: {err.strerror}") from err
+    if len(data) > limit:
+        raise ChainError(f"{what} {path} is larger than {limit} bytes: refused")
+    return data
+
+
+def read_json(folder: Path, name: str, what: str) -> Any:
+    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error."""
+    data = read_bytes(folder, name, what, MAX_JSON_BYTES)
+    if data is None:
+        return ABSENT
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as err:   # RecursionError: nesting a parser cannot follow
+        raise ChainError(f"cannot read {what} {folder / name}: {type(err).__name__}: "
+                         f"{str(err)[:200]}") from err
+
+
+def remove(folder: Path, name: str) -> bool:
+    """Delete the regular file FOLDER/NAME; False when it is already gone."""
+    info = entry(folder, name)
+    if info is None:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        raise ChainError(f"{folder / name} is {kind(info)}, not a file the tool wrote: "
+                         "refused to remove it")
+    with opened_folder(folder) as fd:
+        try:
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise TargetError(f"cannot remove {folder / name}: {err.strerror}") from err
+    return True
+
+
+def rename(folder: Path, old: str, new: str) -> None:
+    """Rename the regular file OLD to NEW inside FOLDER (a regular NEW is replaced), then fsync."""
+    require_regular(folder, old)
+    target = entry(folder, plain_name(new, "file"))
+    if target is not None and not stat.S_ISREG(target.st_mode):
+        raise ChainError(f"{folder / new} is {kind(target)}: refused to replace it")
+    with opened_folder(folder) as fd:
+        try:
+            os.rename(old, new, src_dir_fd=fd, dst_dir_fd=fd)
+        except OSError as err:
+            raise TargetError(f"cannot rename {folder / old} to {new}: {err.strerror}") from err
+    fsync_dir(folder)
+
+
+# -- images ---------------------------------------------------------------------------------
+
+def sibling_name(folder: Path, backing: object) -> Optional[str]:
+    """The backup file in FOLDER that the backing name BACKING spells, or None if it leads elsewhere.
+
+    qmpbackup writes plain relative names; absolute or ``./`` spellings of
+    the same sibling are accepted (``rebase`` rewrites them), FOLDER being a
+    real directory (:func:`require_folder`).
+    """
+    if not isinstance(backing, str) or not backing or "\0" in backing or ":" in backing:
+        return None     # "json:{…}", "nbd:…": qemu reads a colon as a protocol, not a file
+    resolved = os.path.normpath(os.path.join(folder, backing))
+    if os.path.dirname(resolved) != os.path.normpath(folder):
+        return None
+    name = os.path.basename(resolved)
+    return name if is_backup_file_name(name) or is_plain_file_name(name) else None
+
+
+def image_problems(folder: Path, name: str, info: Any) -> list[str]:
+    """One image's ``qemu-img info`` (without its chain) against the rule; empty when safe.
+
+    An external data file makes qemu-img read and write a file the header
+    names, anywhere on the host; a backing file must be a sibling backup file
+    opened as qcow2 (a probed or raw backing file could be any host file).
+    """
+    if not isinstance(info, dict):
+        return [f"{name}: qemu-img info gave no image description"]
+    problems = []
+    if info.get("format") != "qcow2":
+        problems.append(f"{name} is {info.get('format')}, not qcow2")
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if isinstance(data, dict) and ("data-file" in data or data.get("data-file-raw")):
+        problems.append(f"{name} has an external data file ({data.get('data-file')!r}): refused")
+    backing = info.get("backing-filename")
+    if backing is not None:
+        if sibling_name(folder, backing) is None:
+            problems.append(f"{name} has backing file {backing!r}, which is not a backup file "
+                            "next to it: refused")
+        elif info.get("backing-filename-format") != "qcow2":
+            problems.append(f"{name} does not declare its backing file {backing} as qcow2 "
+                            f"({info.get('backing-filename-format')!r}): refused")
+    return problems
+
+
+def inspect_image(folder: Path, name: str) -> Any:
+    """``qemu-img info`` of the regular file FOLDER/NAME alone, after the rule allowed it."""
+    require_regular(folder, recorded_file(name, "image"))
+    try:
+        info = qemuimg.info(folder / name, fmt="qcow2")
+    except QemuImgError as err:
+        raise ChainError(f"{folder}: {name} is unreadable ({err})") from err
+    problems = image_problems(folder, name, info)
+    if problems:
+        raise ChainError(f"{folder}: {'; '.join(problems)}")
+    return info
+
+
+def checked_images(folder: Path, tops: Sequence[str]) -> dict[str, Any]:
+    """``qemu-img info`` of every image TOPS read through, by name; each checked before use.
+
+    This is ``qemu-img info --backing-chain`` done one image at a time:
+    qemu-img itself would open a hostile backing name before anything could
+    refuse it, here each image's header is checked before its backing file
+    is looked at.  Chains shared by several TOPS are inspected once.
+    """
+    checked: dict[str, Any] = {}
+    for top in tops:
+        walked: list[str] = []
+        name: Optional[str] = top
+        while name is not None and name not in checked:
+            if name in walked:
+                raise ChainError(f"{folder}: the backing chain of {top} loops at {name}: refused")
+            walked.append(name)
+            checked[name] = inspect_image(folder, name)
+            backing = checked[name].get("backing-filename")
+            name = sibling_name(folder, backing) if backing else None
+    return checked

@@ -1,0 +1,387 @@
+"""A backup folder is untrusted input: no trick in it makes root touch a file outside it.
+
+Every reproduction of issue 15 as a regression test, run as root like CI:
+the attacker can write the backup folder (symlinks, a crafted journal or
+metadata, hostile qcow2 headers); files outside the folder ("victims") must
+keep their content, name and mode, and the tool must exit with a documented
+code and one error line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from libqmpbackup.locks import LOCK_DIR_ENV
+from qmpbackup.cli import main as qmpbackup_main
+from tests.vm import Disk, MiB, TestVM, file_digest, identical
+
+DISK = "virtio0"
+NOBODY = 65534
+
+
+@dataclass
+class Victim:
+    """A host file outside the backup folder; what must never change about it."""
+
+    path: Path
+
+    @classmethod
+    def make(cls, path: Path, content: bytes = b"precious host data\n") -> Victim:
+        path.write_bytes(content)
+        path.chmod(0o640)
+        return cls(path)
+
+    def state(self) -> tuple[object, ...]:
+        info = os.lstat(self.path)
+        return (file_digest(self.path), info.st_size, stat.S_IMODE(info.st_mode),
+                stat.S_IFMT(info.st_mode))
+
+
+@dataclass
+class Chain:
+    root: Path
+    refs: list[Path]            # raw content of the disk at each point
+
+    def files(self) -> list[str]:
+        meta = json.loads((self.root / "qmpbackup.json").read_text())
+        return [r["file"] for r in meta["chains"][-1]["disks"][DISK]["backups"]]
+
+    def copy(self, dest: Path) -> Path:
+        """A copy of the chain folder; returns its disk folder."""
+        shutil.copytree(self.root, dest, symlinks=True)
+        return dest / DISK
+
+
+def one_disk() -> list[Disk]:
+    return [Disk(DISK, "virtio", "qcow2", 8 * MiB)]
+
+
+def backup(vm: TestVM, target: Path, level: str) -> None:
+    rc = qmpbackup_main(["--socket", vm.tool_socket, "--quiet", "backup", "--level", level,
+                         "--target", str(target), "--no-progress"])
+    assert rc == 0, f"backup {level} into {target} failed"
+
+
+@pytest.fixture(autouse=True)
+def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    """FULL + 2 INCs of one qcow2 disk, built once; tests work on copies."""
+    base = tmp_path_factory.mktemp("sec")
+    built = Chain(base / "backup", [])
+    old = os.environ.get(LOCK_DIR_ENV)
+    os.environ[LOCK_DIR_ENV] = str(base / "locks")
+    try:
+        with TestVM(base / "vm", one_disk()) as vm:
+            for point, level in enumerate(("full", "inc", "inc")):
+                vm.write(DISK, 0x41 + point, point * MiB, 512 * 1024)
+                built.refs.append(vm.reference(DISK, base / f"ref{point}.raw"))
+                backup(vm, built.root, level)
+    finally:
+        if old is None:
+            os.environ.pop(LOCK_DIR_ENV, None)
+        else:
+            os.environ[LOCK_DIR_ENV] = old
+    yield built
+
+
+def as_nobody(*argv: str) -> None:
+    """Run ARGV as an unprivileged user: the attacker who can write the shared folder."""
+    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                    *argv], check=True)
+
+
+RESTORE_COMMANDS: list[Callable[[Path, Path], list[object]]] = [
+    lambda folder, out: ["merge", "--dir", folder, "--targetfile", out / "restored.qcow2"],
+    lambda folder, out: ["rebase", "--dir", folder],
+    lambda folder, out: ["commit", "--dir", folder],
+    lambda folder, out: ["snapshotrebase", "--dir", folder],
+]
+
+
+def every_restore_command_refuses(cli, folder: Path, out: Path, rc: int, *fragments: str,
+                                  extra: tuple[str, ...] = ()) -> None:
+    for command in RESTORE_COMMANDS:
+        argv = command(folder, out)
+        cli("qmprestore", *argv, *extra).failed(rc, *fragments)
+    assert not (out / "restored.qcow2").exists()
+
+
+# -- lock files ---------------------------------------------------------------------------------
+
+def test_lock_file_symlink_planted_by_another_user_is_refused(cli, chain: Chain, tmp_path: Path,
+                                                              public_tmp: Path) -> None:
+    victim = Victim.make(tmp_path / "root-owned.conf")
+    before = victim.state()
+    folder = chain.copy(public_tmp / "vm1")
+    folder.parent.chmod(0o777)   # a shared folder others can write
+    as_nobody("ln", "-s", str(victim.path), str(folder.parent / ".qmpbackup.lock"))
+    for command in ("rebase", "commit", "snapshotrebase"):
+        cli("qmprestore", command, "--dir", folder).failed(6, ".qmpbackup.lock", "is a symlink")
+    assert victim.state() == before
+    assert (folder.parent / ".qmpbackup.lock").is_symlink(), "the evidence stays"
+
+
+def test_foreign_owned_lock_file_is_refused(cli, chain: Chain, tmp_path: Path) -> None:
+    folder = chain.copy(tmp_path / "c")
+    lock = folder.parent / ".qmpbackup.lock"
+    lock.write_text("1 planted\n")
+    os.chown(lock, NOBODY, NOBODY)
+    cli("qmprestore", "rebase", "--dir", folder).failed(6, "belongs to uid 65534")
+    assert lock.read_text() == "1 planted\n"
+
+
+def test_backup_run_refuses_planted_lock_symlink_and_symlinked_folders(
+        cli, tmp_path: Path) -> None:
+    victim = Victim.make(tmp_path / "victim.conf")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    stray = Victim.make(outside / "INC-1-x.qcow2.partial")
+    before, stray_before = victim.state(), stray.state()
+    target = tmp_path / "backup"
+    with TestVM(tmp_path / "vm", one_disk()) as vm:
+        backup(vm, target, "full")
+
+        # leftover cleanup never follows a symlinked folder
+        (target / "evil").symlink_to(outside)
+        backup(vm, target, "inc")
+        assert stray.state() == stray_before
+
+        lock = target / ".qmpbackup.lock"
+        lock.symlink_to(victim.path)
+        cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "inc",
+            "--target", target, "--no-progress").failed(6, "is a symlink")
+        lock.unlink()
+
+        # a leftover .partial that is a symlink is refused, not followed or silently dropped
+        planted = target / DISK / "INC-5-x.qcow2.partial"
+        planted.symlink_to(victim.path)
+        cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "inc",
+            "--target", target, "--no-progress").failed(6, "is a symlink", "refused to remove")
+        planted.unlink()
+
+        # the disk folder itself swapped for a symlink: nothing is written through it
+        (target / DISK).rename(tmp_path / "moved")
+        (target / DISK).symlink_to(outside)
+        cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "inc",
+            "--target", target, "--no-progress").failed(6, "is a symlink, not a folder")
+        # a --monthly base whose month folder is a symlink
+        monthly = tmp_path / "monthly"
+        monthly.mkdir()
+        (monthly / time.strftime("%Y-%m")).symlink_to(outside)
+        cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "auto", "--monthly",
+            "--target", monthly, "--no-progress").failed(6, "is a symlink, not a folder")
+        assert sorted(p.name for p in outside.iterdir()) == [stray.path.name]
+        assert vm.tool_leftovers() == []
+    assert victim.state() == before and stray.state() == stray_before
+
+
+# -- the restore journal -------------------------------------------------------------------------
+
+def write_journal(folder: Path, chain_id: str, **fields: object) -> None:
+    journal = {"operation": "commit", "chain": chain_id, "disk": DISK, "base": "x",
+               "result": "y", "point": "z", "point_time": 1, "steps": [], "snapshots": False,
+               "done": 0, **fields}
+    (folder / "qmprestore-journal.json").write_text(json.dumps(journal))
+
+
+def chain_id(folder: Path) -> str:
+    return str(json.loads((folder.parent / "qmpbackup.json").read_text())["chains"][-1]["uuid"])
+
+
+def test_crafted_journal_paths_are_refused(cli, chain: Chain, tmp_path: Path) -> None:
+    renamed = Victim.make(tmp_path / "renamed-victim")
+    deleted = Victim.make(tmp_path / "deleted-victim")
+    before = (renamed.state(), deleted.state())
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    write_journal(folder, chain_id(folder), base=str(renamed.path), result="../renamed",
+                  point=names[2], point_time=2,
+                  steps=[f"../../{deleted.path.relative_to('/')}"], done=1)
+    cli("qmprestore", "commit", "--dir", folder).failed(6, "restore journal",
+                                                        "is not a backup file name")
+    merge = cli("qmprestore", "merge", "--dir", folder, "--targetfile", tmp_path / "o.qcow2")
+    merge.failed(6, "restore journal")
+    assert "to finish it" not in merge.err, "a tampered journal is never 'finished'"
+    cli("qmprestore", "list", "--dir", folder)   # lists, warns; touches nothing
+    assert (renamed.state(), deleted.state()) == before
+    assert chain.files() == names
+
+
+def test_journal_that_does_not_match_the_metadata_is_refused(cli, chain: Chain,
+                                                             tmp_path: Path) -> None:
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    before = {n: file_digest(folder / n) for n in names}
+    # plausible names, but INC 1 skipped: committing would build a point that never existed
+    write_journal(folder, chain_id(folder), base=names[0], result=names[0], point=names[2],
+                  point_time=2, steps=[names[2]])
+    cli("qmprestore", "commit", "--dir", folder).failed(6, "does not match the chain metadata")
+    assert {n: file_digest(folder / n) for n in names} == before
+
+
+def test_resumed_journal_still_checks_every_image(cli, chain: Chain, tmp_path: Path) -> None:
+    """A journal that matches the metadata, over an INC whose backing file is a host file as raw."""
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    victim = backing_outside(folder, names, tmp_path)
+    before = victim.state()
+    point_time = int(names[2].split("-")[1])
+    write_journal(folder, chain_id(folder), base=names[0],
+                  result=f"FULL-{point_time}-{names[0].split('-', 2)[2]}", point=names[2],
+                  point_time=point_time, steps=names[1:3])
+    cli("qmprestore", "commit", "--dir", folder).failed(6, "not a backup file next to it")
+    assert victim.state() == before
+
+
+# -- hostile images ------------------------------------------------------------------------------
+
+def data_file_full(folder: Path, names: list[str], tmp_path: Path) -> Victim:
+    """The FULL replaced by a qcow2 whose external raw data file is a host file."""
+    victim_path = tmp_path / "host-disk.raw"
+    full = folder / names[0]
+    full.unlink()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={victim_path},data_file_raw=on", str(full), str(8 * MiB)],
+                   check=True)
+    return Victim.make(victim_path, os.urandom(8 * MiB))
+
+
+def symlinked_full(folder: Path, names: list[str], tmp_path: Path) -> Victim:
+    """The FULL replaced by a symlink to another VM's (perfectly valid) disk."""
+    other = tmp_path / "other-vm.qcow2"
+    shutil.copyfile(folder / names[0], other)
+    (folder / names[0]).unlink()
+    (folder / names[0]).symlink_to(other)
+    return Victim(other)
+
+
+def backing_outside(folder: Path, names: list[str], tmp_path: Path) -> Victim:
+    """INC 1 backed by a host file, declared raw."""
+    victim = Victim.make(tmp_path / "host-file", os.urandom(8 * MiB))
+    subprocess.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", str(victim.path),
+                    "-F", "raw", str(folder / names[1])], check=True)
+    return victim
+
+
+def sibling_as_raw(folder: Path, names: list[str], tmp_path: Path) -> Victim:
+    """INC 1 backed by its right sibling, but declared raw (writes would hit the qcow2 bytes)."""
+    subprocess.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", names[0],
+                    "-F", "raw", str(folder / names[1])], check=True)
+    return Victim(folder / names[0])
+
+
+@pytest.mark.parametrize("skip_check", [False, True], ids=["checked", "skip-check"])
+@pytest.mark.parametrize("damage, fragment", [
+    (data_file_full, "external data file"),
+    (symlinked_full, "is a symlink"),
+    (backing_outside, "not a backup file next to it"),
+    (sibling_as_raw, "as qcow2"),
+], ids=["data-file", "symlinked-full", "backing-outside", "backing-as-raw"])
+def test_hostile_images_are_refused_by_every_restore(cli, chain: Chain, tmp_path: Path,
+                                                     damage, fragment: str,
+                                                     skip_check: bool) -> None:
+    folder = chain.copy(tmp_path / "c")
+    victim = damage(folder, chain.files(), tmp_path)
+    before = victim.state()
+    extra = ("--skip-check",) if skip_check else ()
+    every_restore_command_refuses(cli, folder, tmp_path, 6, fragment, extra=extra)
+    assert victim.state() == before
+    assert not (folder / "qmprestore-journal.json").exists()
+
+
+# -- names from the metadata and merge's output ---------------------------------------------------
+
+@pytest.mark.parametrize("bad_name", ["../../victim", "/etc/victim", "a/FULL-1-x.qcow2",
+                                      "FULL-1-x.qcow2\n", ".."])
+def test_skip_check_never_skips_the_name_rule(cli, chain: Chain, tmp_path: Path,
+                                              bad_name: str) -> None:
+    victim = Victim.make(tmp_path / "victim")
+    before = victim.state()
+    folder = chain.copy(tmp_path / "c")
+    meta_path = folder.parent / "qmpbackup.json"
+    meta = json.loads(meta_path.read_text())
+    meta["chains"][-1]["disks"][DISK]["backups"][1]["file"] = bad_name
+    meta_path.write_text(json.dumps(meta))
+    every_restore_command_refuses(cli, folder, tmp_path, 6, "qmpbackup.json",
+                                  "is not a backup file name", extra=("--skip-check",))
+    cli("qmprestore", "list", "--dir", folder).failed(6, "is not a backup file name")
+    assert victim.state() == before
+
+
+def test_merge_never_writes_through_a_planted_partial(cli, chain: Chain, tmp_path: Path) -> None:
+    victim = Victim.make(tmp_path / "victim")
+    before = victim.state()
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "restored.raw"
+    (out / "restored.raw.partial").symlink_to(victim.path)
+    cli("qmprestore", "merge", "--dir", chain.root / DISK, "--format", "raw",
+        "--targetfile", target).ok()
+    assert identical(target, chain.refs[-1])
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert victim.state() == before
+    assert sorted(p.name for p in out.iterdir()) == ["restored.raw", "restored.raw.partial"]
+
+
+def test_everything_a_restore_creates_is_private(cli, chain: Chain, tmp_path: Path) -> None:
+    old = os.umask(0o022)   # the usual umask: the tool must not rely on a stricter one
+    try:
+        deep = tmp_path / "new" / "deeper" / "out"
+        log = tmp_path / "restore.log"
+        cli("qmprestore", "--logfile", log, "merge", "--dir", chain.root,
+            "--targetdir", deep).ok()
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "new", tmp_path / "new" / "deeper", deep):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE((deep / f"{DISK}.qcow2").stat().st_mode) == 0o600
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert identical(deep / f"{DISK}.qcow2", chain.refs[-1])
+
+
+def test_logfile_never_follows_a_symlink(cli, chain: Chain, tmp_path: Path) -> None:
+    victim = Victim.make(tmp_path / "victim")
+    before = victim.state()
+    log = tmp_path / "log"
+    log.symlink_to(victim.path)
+    cli("qmprestore", "--logfile", log, "list", "--dir", chain.root).failed(
+        2, "cannot open log file", "is a symlink")
+    assert victim.state() == before
+
+
+# -- malformed metadata ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [
+    "[" * 100000 + "]" * 100000,
+    '{"chains": [{"uuid": "a", "bitmap": "qmpbackup-a", "created": 1e999, "disks": {}}]}',
+    '{"chains": [{"uuid": "a", "bitmap": "qmpbackup-a", "created": '
+    + "9" * 30 + ', "disks": {}}]}',
+    '{"chains": {"uuid": "a"}}',
+    '{"chains": [{"uuid": "a", "bitmap": "qmpbackup-a", "created": 1, "disks": {"virtio0": '
+    '{"backups": [{"file": "FULL-1-x.qcow2", "level": "full", "time": true, '
+    '"virtual_size": 1}]}}}]}',
+    "\xff\xfe",
+], ids=["deep-nesting", "huge-float", "huge-int", "wrong-type", "bool-as-int", "not-utf8"])
+def test_malformed_metadata_is_a_chain_error_naming_the_file(cli, tmp_path: Path,
+                                                             content: str) -> None:
+    folder = tmp_path / "backup"
+    (folder / DISK).mkdir(parents=True)
+    (folder / "qmpbackup.json").write_bytes(content.encode("utf-8", "surrogateescape")
+                                            if content != "\xff\xfe" else b"\xff\xfe")
+    for argv in (["list", "--dir", folder], ["merge", "--dir", folder / DISK, "--targetfile",
+                                            tmp_path / "o.qcow2"], ["commit", "--dir", folder / DISK]):
+        cli("qmprestore", *argv).failed(6, str(folder / "qmpbackup.json"))

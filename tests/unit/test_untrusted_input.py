@@ -1,0 +1,227 @@
+"""Backup folder contents and guest agent replies are untrusted: the pure checks, without QEMU.
+
+The fuzz test mutates valid metadata and journals at random (fixed seed, so a
+failure reproduces): whatever the shape, loading either succeeds with
+well-typed values or raises ChainError naming the file — never another
+exception, which the runner would report as exit 1 "unexpected …".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import random
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libqmpbackup import folder_safety
+from libqmpbackup.errors import AgentError, ChainError, QmpBackupError
+from libqmpbackup.fsutil import make_private_dirs
+from libqmpbackup.journal import JOURNAL_NAME, Journal
+from libqmpbackup.metadata import ChainStore
+from libqmpbackup.names import METADATA_NAME
+from libqmpbackup.qemu.agent import READ_LIMIT, GuestAgent
+
+VALID_METADATA: dict[str, Any] = {"version": 1, "chains": [{
+    "uuid": "c1", "bitmap": "qmpbackup-c1", "created": 100,
+    "disks": {"virtio0": {"backups": [
+        {"file": "FULL-100-d.qcow2", "level": "full", "time": 100, "virtual_size": 1048576,
+         "source_image": "/vm/d.qcow2", "source_format": "qcow2", "compressed": False,
+         "quiesced": False},
+        {"file": "INC-200-d.qcow2", "level": "inc", "time": 200, "virtual_size": 1048576,
+         "source_image": "/vm/d.qcow2"}]}}}]}
+
+VALID_JOURNAL: dict[str, Any] = {
+    "operation": "commit", "chain": "c1", "disk": "virtio0", "base": "FULL-100-d.qcow2",
+    "result": "FULL-200-d.qcow2", "point": "INC-200-d.qcow2", "point_time": 200,
+    "steps": ["INC-200-d.qcow2"], "snapshots": False, "done": 0}
+
+ODD_VALUES: list[Any] = [None, True, False, 0, -1, 2**64, 10**400, 1.5, float("inf"), "",
+                         "../../etc/passwd", "/etc/shadow", "a/b", "x" * 5000, "\0", [], {},
+                         [1, [2, [3]]], {"a": {"b": {}}}, "FULL-1-x.qcow2\n"]
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place inside VALUE that a mutation can hit."""
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += _paths(item, (*prefix, index))
+    return found
+
+
+def _mutate(document: Any, rng: random.Random) -> Any:
+    document = copy.deepcopy(document)
+    for _ in range(rng.randint(1, 3)):
+        where = rng.choice(_paths(document))
+        if not where:
+            return rng.choice(ODD_VALUES)
+        parent = document
+        for step in where[:-1]:
+            parent = parent[step]
+        if isinstance(parent, dict) and rng.random() < 0.25:
+            del parent[where[-1]]
+        else:
+            parent[where[-1]] = copy.deepcopy(rng.choice(ODD_VALUES))
+    return document
+
+
+def _write(folder: Path, name: str, document: Any) -> None:
+    text = json.dumps(document) if not isinstance(document, str) else document
+    (folder / name).unlink(missing_ok=True)   # a new file: truncating is slow on some filesystems
+    (folder / name).write_text(text)
+
+
+@pytest.mark.parametrize("name, valid, load", [
+    (METADATA_NAME, VALID_METADATA, ChainStore.load),
+    (JOURNAL_NAME, VALID_JOURNAL, Journal.load),
+], ids=["metadata", "journal"])
+def test_fuzzed_documents_load_or_raise_a_chain_error(tmp_path: Path, name: str, valid: Any,
+                                                      load: Any) -> None:
+    rng = random.Random(15)
+    _write(tmp_path, name, valid)
+    assert load(tmp_path) is not None
+    for _ in range(400):
+        _write(tmp_path, name, _mutate(valid, rng))
+        try:
+            loaded = load(tmp_path)
+        except ChainError as err:
+            assert name in str(err)
+            continue
+        names = ([r.file for c in loaded.chains for d in c.disks.values() for r in d.backups]
+                 if isinstance(loaded, ChainStore)
+                 else [loaded.base, loaded.result, loaded.point, *loaded.steps])
+        # whatever loads names only plain files inside the folder
+        assert all(n not in ("", ".", "..") and "/" not in n and "\0" not in n for n in names), names
+
+
+@pytest.mark.parametrize("text", ["[" * 50000, "{" * 10 + "}", '{"chains": [' * 3000, "",
+                                  "null", "1e999", '"x"'])
+def test_unparsable_metadata_is_a_chain_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / METADATA_NAME).write_text(text)
+    with pytest.raises(ChainError, match=METADATA_NAME):
+        ChainStore.load(tmp_path)
+
+
+def test_metadata_and_journal_are_never_read_through_a_symlink(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps(VALID_METADATA))
+    (tmp_path / METADATA_NAME).symlink_to(elsewhere)
+    (tmp_path / JOURNAL_NAME).symlink_to(elsewhere)
+    with pytest.raises(ChainError, match="is a symlink"):
+        ChainStore.load(tmp_path)
+    with pytest.raises(ChainError, match="is a symlink"):
+        Journal.load(tmp_path)
+
+
+# -- the folder rule --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/etc/passwd", "x\0y", "x" * 256])
+def test_plain_names_only(name: str) -> None:
+    with pytest.raises(ChainError, match="not a plain file name"):
+        folder_safety.plain_name(name, "file")
+
+
+def test_backup_file_names_follow_the_grammar() -> None:
+    assert folder_safety.backup_file("INC-1717430400-disk.qcow2", "f") == "INC-1717430400-disk.qcow2"
+    for bad in ("FULL-1-", "FULL-1-x\n", "SNAP-1-x", "FULL-" + "1" * 19 + "-x", 5, "FULL-1-a/b",
+                "INC-1-x.qcow2.partial"):
+        with pytest.raises(ChainError, match="not a backup file name"):
+            folder_safety.backup_file(bad, "f")
+
+
+def test_sibling_names() -> None:
+    folder = Path("/b/vm1/virtio0")
+    assert folder_safety.sibling_name(folder, "FULL-1-x") == "FULL-1-x"
+    assert folder_safety.sibling_name(folder, "./FULL-1-x") == "FULL-1-x"
+    assert folder_safety.sibling_name(folder, "/b/vm1/virtio0/FULL-1-x") == "FULL-1-x"
+    assert folder_safety.sibling_name(folder, "disk.qcow2") == "disk.qcow2"   # --no-timestamp
+    for elsewhere in ("../FULL-1-x", "/etc/FULL-1-x", "../other/FULL-1-x", "sub/FULL-1-x",
+                      "json:{}", 'json:{"driver":"file","filename":"\\u002fetc"}',
+                      "nbd:localhost:10809", "nbd://host/FULL-1-x", ""):
+        assert folder_safety.sibling_name(folder, elsewhere) is None, elsewhere
+
+
+def test_image_problems() -> None:
+    folder = Path("/b/virtio0")
+    good = {"format": "qcow2", "backing-filename": "FULL-1-x", "backing-filename-format": "qcow2"}
+    assert folder_safety.image_problems(folder, "INC-2-x", good) == []
+    data_file = {"format": "qcow2", "format-specific": {"type": "qcow2", "data": {
+        "data-file": "/etc/shadow", "data-file-raw": True}}}
+    assert "external data file" in folder_safety.image_problems(folder, "FULL-1-x", data_file)[0]
+    raw = {**good, "backing-filename-format": "raw"}
+    assert "as qcow2" in folder_safety.image_problems(folder, "INC-2-x", raw)[0]
+    probed = {key: value for key, value in good.items() if key != "backing-filename-format"}
+    assert "as qcow2" in folder_safety.image_problems(folder, "INC-2-x", probed)[0]
+    outside = {**good, "backing-filename": "/var/lib/vm/other.qcow2"}
+    assert "not a backup file next to it" in folder_safety.image_problems(folder, "I", outside)[0]
+    assert "not qcow2" in folder_safety.image_problems(folder, "F", {"format": "raw"})[0]
+
+
+def test_file_steps_refuse_symlinks_devices_and_fifos(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "link").symlink_to(victim)
+    os.mkfifo(folder / "fifo")
+    for name in ("link", "fifo"):
+        with pytest.raises(ChainError, match="refused"):
+            folder_safety.remove(folder, name)
+        with pytest.raises(ChainError, match="refused"):
+            folder_safety.rename(folder, name, "FULL-1-x")
+        with pytest.raises(ChainError, match="refused"):
+            folder_safety.open_file(folder, name, os.O_RDONLY)
+    with pytest.raises(ChainError, match="refused"):
+        folder_safety.require_regular(folder, "link")
+    (tmp_path / "linked-folder").symlink_to(folder)
+    with pytest.raises(ChainError, match="is a symlink, not a folder"):
+        folder_safety.require_folder(tmp_path / "linked-folder")
+    assert victim.read_text() == "keep" and (folder / "link").is_symlink()
+    (folder / "plain").write_text("x")
+    folder_safety.rename(folder, "plain", "FULL-1-x")
+    assert folder_safety.remove(folder, "FULL-1-x") and not folder_safety.remove(folder, "FULL-1-x")
+
+
+def test_new_folders_and_their_parents_are_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        created = make_private_dirs(tmp_path / "a" / "b" / "c")
+    finally:
+        os.umask(old)
+    assert created == [tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in created)
+    assert make_private_dirs(tmp_path / "a") == []
+
+
+# -- the guest agent ----------------------------------------------------------------------------
+
+def test_agent_line_limit_is_small_and_enforced() -> None:
+    assert READ_LIMIT <= 1 << 20
+
+    async def scenario(path: str) -> None:
+        async def flood(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"x" * (4 * READ_LIMIT))   # no delimiter, no newline: a hostile guest
+            await writer.drain()
+            await asyncio.sleep(5)
+        server = await asyncio.start_unix_server(flood, path)
+        try:
+            with pytest.raises(AgentError) as err:
+                async with GuestAgent(path, timeout=5):
+                    pass
+            assert isinstance(err.value, QmpBackupError) and "guest agent" in str(err.value)
+        finally:
+            server.close()
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "qga.sock")
+        asyncio.run(scenario(path))
