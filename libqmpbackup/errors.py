@@ -9,12 +9,15 @@ from the same numbers; keep them stable, scripts depend on them.
 from __future__ import annotations
 
 import signal
+from typing import Any, Optional
 
 
 class QmpBackupError(Exception):
     """Base class: a failure that is reported in one line, without traceback."""
 
     exit_code = 1
+    #: what the command had found before it failed, shown beside the error under --json
+    document: Optional[dict[str, Any]] = None
 
     def lines(self) -> list[str]:
         """The error lines to print: one, unless the error is about several things."""

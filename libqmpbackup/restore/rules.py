@@ -33,7 +33,7 @@ from libqmpbackup.names import (
 BASE_SNAPSHOT = "FULL-BACKUP"
 """Internal snapshot snapshotrebase takes of the FULL before applying anything."""
 
-CHAIN_LEVELS = ("full", "inc")
+CHAIN_LEVELS = ("full", "inc", "diff")
 WHOLE_LEVELS = ("full", "copy")
 """Levels whose file is a whole image on its own."""
 label = point_label
@@ -83,6 +83,9 @@ class RestorePoint:
     def segment(self) -> list[BackupRecord]:
         return segment(self.records, self.index)
 
+    def span(self) -> list[BackupRecord]:
+        return span(self.records, self.index)
+
 
 def record_label(record: BackupRecord) -> str:
     """How a record's point is named to users: ``FULL-<time>`` / ``INC-<time>``.
@@ -116,16 +119,50 @@ def find_point(records: Sequence[BackupRecord], name: str) -> Optional[int]:
     return next((i for i, r in enumerate(records) if record_matches(r, name)), None)
 
 
-def segment(records: Sequence[BackupRecord], index: int) -> list[BackupRecord]:
-    """The files a point is read from: the last FULL at or before it, then the INCs up to it.
-
-    Disks without bitmaps (raw, pflash) get a FULL at every run, so their
-    segment is one file; qcow2 disks have one FULL and a run of INCs.
-    """
+def last_full(records: Sequence[BackupRecord], index: int) -> int:
+    """The index of the last whole image (FULL, or COPY) at or before INDEX."""
     for start in range(index, -1, -1):
         if records[start].level in WHOLE_LEVELS:
-            return list(records[start:index + 1])
+            return start
     raise ChainError(f"{records[index].file} has no FULL backup before it")
+
+
+def parent(records: Sequence[BackupRecord], index: int) -> Optional[int]:
+    """The record a backup file backs onto: an INC its predecessor, a DIFF its FULL, a FULL none."""
+    level = records[index].level
+    if level in WHOLE_LEVELS:
+        return None
+    if level == "diff":
+        return last_full(records, index)
+    if index == 0:
+        raise ChainError(f"{records[index].file} has no FULL backup before it")
+    return index - 1
+
+
+def segment(records: Sequence[BackupRecord], index: int) -> list[BackupRecord]:
+    """The files a point is read from, oldest first: its FULL, then each backing step up to it.
+
+    Disks without bitmaps (raw, pflash) get a FULL at every run, so their
+    segment is one file; a DIFF point needs its FULL and itself; an INC
+    point goes back through INCs to the last DIFF or the FULL.
+    """
+    last_full(records, index)   # a point without a FULL is refused by its own name
+    path: list[BackupRecord] = []
+    current: Optional[int] = index
+    while current is not None:
+        path.append(records[current])
+        current = parent(records, current)
+    return path[::-1]
+
+
+def span(records: Sequence[BackupRecord], index: int) -> list[BackupRecord]:
+    """Every record from the point's FULL up to it: what an in-place restore consumes.
+
+    Applied in this order each one is valid on top of the one before: an INC
+    holds the changes since its predecessor, a DIFF every change since the
+    FULL (so also those of the INCs between).
+    """
+    return list(records[last_full(records, index):index + 1])
 
 
 def _unknown_point(name: str, where: str, labels: Sequence[str]) -> UsageError:
@@ -307,6 +344,8 @@ def backs_onto(folder: Path, backing: str, expected: str) -> bool:
 def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info: dict[str, Any],
                    folder: Path) -> list[str]:
     """One file's qemu-img info against what the metadata says it must be.
+
+    PREVIOUS is the record it must back onto (see :func:`parent`).
 
     Format, data file and backing format are the folder rule's, checked
     before this (:func:`libqmpbackup.folder_safety.image_problems`).
