@@ -282,11 +282,12 @@ def _drop_uncommitted(disk: BlockDevice, marker: DirtyBitmap, chain_name: str) -
     actions = [remove_action(disk, name) for name in
                (diff_bitmap(chain_name), marker.name) if disk.bitmap(name)]
     if chain is None:
-        return RecoveryStep(disk, actions, f"removed marker {marker.name} from {disk.disk_id}")
+        return RecoveryStep(disk=disk, actions=actions,
+                            message=f"removed marker {marker.name} from {disk.disk_id}")
     return RecoveryStep(
-        disk, [remove_action(disk, chain.name), *actions],
-        f"removed bitmap {chain.name} from {disk.disk_id}: an interrupted run created it "
-        "and never recorded its full backup")
+        disk=disk, actions=[remove_action(disk, chain.name), *actions],
+        message=f"removed bitmap {chain.name} from {disk.disk_id}: an interrupted run created "
+                "it and never recorded its full backup")
 
 
 def _merge_back(disk: BlockDevice, pending: DirtyBitmap,
@@ -296,9 +297,9 @@ def _merge_back(disk: BlockDevice, pending: DirtyBitmap,
                 else "its chain bitmap is inconsistent" if chain.inconsistent
                 else "it is inconsistent" if pending.inconsistent else "")
     if chain is None or unusable:
-        return RecoveryStep(disk, [remove], f"removed {pending.name} from {disk.disk_id}: "
-                                            f"{unusable}")
+        return RecoveryStep(disk=disk, actions=[remove],
+                            message=f"removed {pending.name} from {disk.disk_id}: {unusable}")
     return RecoveryStep(
-        disk, [merge_action(disk, chain.name, pending.name), remove],
-        f"merged {pending.name} back into {chain.name} on {disk.disk_id}: the next "
-        "incremental also holds the changes of an interrupted run")
+        disk=disk, actions=[merge_action(disk, chain.name, pending.name), remove],
+        message=f"merged {pending.name} back into {chain.name} on {disk.disk_id}: the next "
+                "incremental also holds the changes of an interrupted run")

@@ -44,7 +44,6 @@ from libqmpbackup.restore.folder import (
     open_backup_dir,
 )
 from libqmpbackup.restore.rules import (
-    BASE_SNAPSHOT,
     RestoreOptions,
     RestorePoint,
     label,
@@ -55,6 +54,9 @@ from libqmpbackup.restore.rules import (
 )
 
 log = logging.getLogger(__name__)
+
+BASE_SNAPSHOT = "FULL-BACKUP"
+"""Internal snapshot snapshotrebase takes of the FULL before applying anything."""
 
 
 def _disk_point(backup: BackupDir, command: str, opts: RestoreOptions) -> RestorePoint:

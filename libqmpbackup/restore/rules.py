@@ -30,9 +30,6 @@ from libqmpbackup.names import (
     safe_component,
 )
 
-BASE_SNAPSHOT = "FULL-BACKUP"
-"""Internal snapshot snapshotrebase takes of the FULL before applying anything."""
-
 CHAIN_LEVELS = ("full", "inc", "diff")
 WHOLE_LEVELS = ("full", "copy")
 """Levels whose file is a whole image on its own."""
@@ -63,6 +60,15 @@ class RestorePoint:
     records: tuple[BackupRecord, ...]   # this disk's backups in this chain, metadata order
     index: int                          # the chosen point
     subdir: Optional[str] = None        # the disk folder below root ("" : root); None: disk id
+
+    @classmethod
+    def of(cls, store: ChainStore, chain: Chain, disk_id: str,
+           index: Optional[int] = None) -> RestorePoint:
+        """Disk DISK_ID of CHAIN at INDEX (default: its newest backup)."""
+        records = tuple(chain.disks[disk_id].backups)
+        return cls(root=store.root, chain_id=chain.uuid, disk_id=disk_id, records=records,
+                   index=len(records) - 1 if index is None else index,
+                   subdir=chain.folder_of(disk_id))
 
     @property
     def folder(self) -> Path:
@@ -221,8 +227,7 @@ def select_disk_point(store: ChainStore, disk_id: str, until: Optional[str],
         records = tuple(chain.disks[disk_id].backups)
         index = len(records) - 1 if until is None else find_point(records, until)
         if index is not None:
-            return RestorePoint(store.root, chain.uuid, disk_id, records, index,
-                                chain.folder_of(disk_id))
+            return RestorePoint.of(store, chain, disk_id, index)
     assert until is not None
     raise _unknown_point(until, f"for disk {disk_id}",
                          [record_label(r) for r in chains[-1].disks[disk_id].backups])
@@ -248,8 +253,7 @@ def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[s
         raise ChainError(f"the chain metadata in {store.root} lists no chain with the chosen disks")
     if until is None:
         chain = chains[-1]
-        return [RestorePoint(store.root, chain.uuid, disk_id, tuple(d.backups), len(d.backups) - 1,
-                             chain.folder_of(disk_id))
+        return [RestorePoint.of(store, chain, disk_id)
                 for disk_id, d in chain.disks.items() if d.backups and chosen(disk_id)]
     for chain in reversed(chains):
         hits = [r for d_id, d in chain.disks.items() if chosen(d_id)
@@ -266,8 +270,7 @@ def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[s
                 raise ChainError(f"disk {disk_id} of chain {chain.uuid} has no backup from the "
                                  f"run of {record_label(hits[0])}: restore the other disks one by "
                                  "one with --dir ROOT/<disk id>")
-            points.append(RestorePoint(store.root, chain.uuid, disk_id, tuple(disk.backups), index,
-                                       chain.folder_of(disk_id)))
+            points.append(RestorePoint.of(store, chain, disk_id, index))
         return points
     runs = sorted({(r.point_time, record_label(r)) for c in chains for d in c.disks.values()
                    for r in d.backups})
