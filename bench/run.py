@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -62,6 +63,7 @@ DIRTY_FRACTION = 0.01
 CHUNK = 8 * MiB               # random-data generation chunk
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 JOB_TIMEOUT = 600.0
+CHECKSUM_LOG = re.compile(r"checksums of \d+ file\(s\) in ([0-9.]+) s \(([0-9.]+) CPU s\)")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -335,7 +337,8 @@ class Report:
         convert = self.series["convert"].median
         rows = []
         for name, series in self.series.items():
-            data = self.size if name in ("convert", "full", "direct", "direct-x-perf") else None
+            data = self.size if name in ("convert", "full", "direct", "direct-x-perf",
+                                         "checksum", "checksum-cpu") else None
             rows.append([
                 name, len(series.seconds), f"{series.median:.3f}",
                 f"{min(series.seconds):.3f}", f"{max(series.seconds):.3f}",
@@ -353,6 +356,8 @@ DESCRIPTIONS = {
     "full": "python -m qmpbackup backup --level full (subprocess, end to end)",
     "direct": "blockdev-backup sync=full over the harness QMP socket (no tool)",
     "direct-x-perf": "same, x-perf {use-copy-range: true}",
+    "checksum": "of which: hashing the finished FULL (SHA-256, page cache warm), from the run's log",
+    "checksum-cpu": "CPU seconds of that hashing (what it costs when the machine is not shared)",
     "inc": "python -m qmpbackup backup --level inc after 1 % dirtied",
     "overhead-full": f"backup --level full of a {TINY_SIZE // MiB} MiB disk",
     "python-startup": "python -m qmpbackup --version (interpreter + imports, cold cache)",
@@ -385,6 +390,7 @@ class Bench:
         self.report = Report(self.size, args.rounds, self.drop.enabled, machine_description())
         self.vms: list[BenchVM] = []
         self.counter = 0
+        self.last_log = ""
 
     def fresh(self, name: str) -> Path:
         """A path no earlier step used: a full backup needs an empty target folder."""
@@ -409,8 +415,18 @@ class Bench:
 
     def backup(self, vm: BenchVM, level: str, target: Path) -> float:
         self.drop()
-        return timed(lambda: self.qmpbackup(vm, "backup", "--level", level,
-                                            "--target", str(target), "--no-progress"))
+        done: list[subprocess.CompletedProcess] = []
+        seconds = timed(lambda: done.append(self.qmpbackup(
+            vm, "backup", "--level", level, "--target", str(target), "--no-progress")))
+        self.last_log = done[0].stderr
+        return seconds
+
+    def checksum_seconds(self) -> tuple[float, float]:
+        """Wall and CPU seconds the last run spent hashing its files (its own log line)."""
+        match = CHECKSUM_LOG.search(self.last_log)
+        if match is None:
+            raise RuntimeError(f"no checksum line in the run's log:\n{self.last_log}")
+        return float(match.group(1)), float(match.group(2))
 
     # (a) + (b) [+ direct baselines], in rotating order
     def full_vs_convert(self, vm: BenchVM) -> None:
@@ -426,6 +442,9 @@ class Bench:
         def full() -> float:
             target = self.fresh("full")
             seconds = self.backup(vm, "full", target)
+            wall, cpu = self.checksum_seconds()
+            self.report.add("checksum").seconds.append(wall)
+            self.report.add("checksum-cpu").seconds.append(cpu)
             shutil.rmtree(target)
             vm.remove_tool_bitmaps()
             return seconds
@@ -572,6 +591,11 @@ def print_report(report: Report) -> None:
     print(f"median ratio backup/convert (per round): "
           f"{statistics.median(report.ratio_backup_convert):.2f}x "
           f"(ratio of medians {full / convert:.2f}x)")
+    checksum = report.series["checksum"].median
+    print(f"checksums: median {checksum:.3f} s per full = {checksum / full:.0%} of it; "
+          f"full without them ≈ {full - checksum:.3f} s, so with/without "
+          f"{full / (full - checksum):.2f}x; CPU "
+          f"{report.series['checksum-cpu'].median:.3f} s")
     inc = report.series["inc"]
     print(f"1 % incremental ({report.dirty_bytes / MiB:.2f} MiB dirtied in 64 KiB writes): "
           f"median {inc.median:.3f} s, {statistics.median(inc.bytes_on_disk) / MiB:.2f} MiB "

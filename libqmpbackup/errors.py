@@ -9,12 +9,19 @@ from the same numbers; keep them stable, scripts depend on them.
 from __future__ import annotations
 
 import signal
+from typing import Any, Optional
 
 
 class QmpBackupError(Exception):
     """Base class: a failure that is reported in one line, without traceback."""
 
     exit_code = 1
+    #: what the command had found before it failed, shown beside the error under --json
+    document: Optional[dict[str, Any]] = None
+
+    def lines(self) -> list[str]:
+        """The error lines to print: one, unless the error is about several things."""
+        return [str(self)]
 
 
 class UsageError(QmpBackupError):
@@ -71,16 +78,30 @@ class AgentError(QmpBackupError):
     exit_code = 10
 
 
-class FleecingError(QmpBackupError):
-    """Fleecing snapshot broke: the fleecing storage was slower than --cbw-timeout, or full."""
+class BackupDamaged(QmpBackupError):
+    """A backup file is damaged or missing: its checksum, qemu-img check or chain link fails."""
 
     exit_code = 11
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+    def lines(self) -> list[str]:
+        """One line per bad file, so each can be acted on (and grepped) by itself."""
+        return list(self.problems)
 
 
 class ImageInUseError(QmpBackupError):
     """An --image is in use by a running QEMU (it holds the image lock): back that VM up with --socket."""
 
     exit_code = 12
+
+
+class FleecingError(QmpBackupError):
+    """Fleecing snapshot broke: the fleecing storage was slower than --cbw-timeout, or full."""
+
+    exit_code = 13
 
 
 def _signal_name(signum: int) -> str:
@@ -114,8 +135,9 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (VMGoneError.exit_code, VMGoneError.__doc__ or ""),
     (QemuImgError.exit_code, QemuImgError.__doc__ or ""),
     (AgentError.exit_code, AgentError.__doc__ or ""),
-    (FleecingError.exit_code, FleecingError.__doc__ or ""),
+    (BackupDamaged.exit_code, BackupDamaged.__doc__ or ""),
     (ImageInUseError.exit_code, ImageInUseError.__doc__ or ""),
+    (FleecingError.exit_code, FleecingError.__doc__ or ""),
     (129, "interrupted by SIGHUP"),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),

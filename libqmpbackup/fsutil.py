@@ -5,18 +5,26 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 TEMP_SUFFIX = ".tmp"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace PATH with TEXT so that readers see the old or the new file, never a mix."""
+def write_atomically(path: Path, text: str,
+                     before_replace: Optional[Callable[[], None]] = None) -> None:
+    """Replace PATH with TEXT so that readers see the old or the new file, never a mix.
+
+    BEFORE_REPLACE runs when the new text is safely on disk but not yet in
+    place (the tests stop a run there, to prove a kill at that instant).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:

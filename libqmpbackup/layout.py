@@ -12,6 +12,7 @@ from libqmpbackup.errors import TargetError
 from libqmpbackup.fsutil import TEMP_SUFFIX, make_private_dirs
 from libqmpbackup.names import (
     DISK_METADATA_NAME,
+    INTENT_NAME,
     LOCK_NAME,
     METADATA_NAME,
     PARTIAL_SUFFIX,
@@ -60,9 +61,19 @@ def prepare_root(root: Path) -> list[Path]:
 
 
 def is_empty_dir(root: Path) -> bool:
-    """True when ROOT holds nothing but (maybe) its lock file."""
+    """True when ROOT holds nothing but (maybe) its lock file and empty disk folders.
+
+    An empty folder is what a run killed while undoing its first full may
+    leave; it holds no backup, so it must not block the next full.
+    """
+    def holds_something(path: Path) -> bool:
+        if path.name == LOCK_NAME:
+            return False
+        if path.is_dir() and not path.is_symlink():
+            return any(path.iterdir())
+        return True
     try:
-        return not any(p.name != LOCK_NAME for p in root.iterdir())
+        return not any(holds_something(p) for p in root.iterdir())
     except FileNotFoundError:
         return True
     except OSError as err:
@@ -112,9 +123,10 @@ def partial_files(root: Path) -> list[Path]:
 
 
 def stale_temp_files(root: Path) -> list[Path]:
-    """Half-written metadata files of a run killed inside :func:`write_atomically`."""
+    """Half-written metadata or intent files of a run killed inside :func:`write_atomically`."""
     return ([root / name for name in _names(root)
-             if name.startswith(f".{METADATA_NAME}.") and name.endswith(TEMP_SUFFIX)]
+             if name.startswith((f".{METADATA_NAME}.", f".{INTENT_NAME}."))
+             and name.endswith(TEMP_SUFFIX)]
             + [folder / name for folder in disk_folders(root) for name in _names(folder)
                if name.startswith(f".{DISK_METADATA_NAME}.") and name.endswith(TEMP_SUFFIX)])
 

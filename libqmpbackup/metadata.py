@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from libqmpbackup import folder_safety
 from libqmpbackup import json_shape as shape
@@ -50,6 +50,8 @@ class BackupRecord:
     source_format: str = "qcow2"
     compressed: bool = False
     quiesced: bool = False
+    digest: Optional[str] = None    # "<algorithm>:<hex>" of the file's bytes (see digests.py);
+                                    # None in metadata written before checksums existed
     backed: bool = True         # an INC names its predecessor as backing file (upstream's do not)
     timestamped: bool = True    # named LEVEL-<time>-<image>; False: named like the source image
     holds: Optional[int] = None     # set by commit/snapshotrebase: the later point the file holds
@@ -165,7 +167,7 @@ class ChainStore:
         pruning = [_pruning_entry(e, where) for e in shape.array(top, "pruning", where, default=[])]
         return cls(root=root, chains=chains, pruning=pruning)
 
-    def save(self) -> None:
+    def save(self, before_replace: Optional[Callable[[], None]] = None) -> None:
         """Write each disk folder's records, then the folder's metadata (the commit point).
 
         A disk folder no chain uses any more (a prune dropped them) loses its
@@ -180,7 +182,7 @@ class ChainStore:
                 records.write(DISK_METADATA_NAME)
             else:
                 (self.root / folder / DISK_METADATA_NAME).unlink(missing_ok=True)
-        self.write(METADATA_NAME)
+        self.write(METADATA_NAME, before_replace)
 
     def _folders_with_records(self) -> list[str]:
         try:
@@ -188,12 +190,12 @@ class ChainStore:
         except OSError:
             return []
 
-    def write(self, name: str) -> None:
+    def write(self, name: str, before_replace: Optional[Callable[[], None]] = None) -> None:
         data: dict[str, Any] = {"version": METADATA_VERSION,
                                 "chains": [asdict(c) for c in self.chains]}
         if self.pruning and name == METADATA_NAME:
             data["pruning"] = self.pruning
-        write_atomically(self.root / name, json.dumps(data, indent=2) + "\n")
+        write_atomically(self.root / name, json.dumps(data, indent=2) + "\n", before_replace)
 
 
 def is_folder_name(name: object) -> bool:
@@ -258,4 +260,5 @@ def _record_from_dict(value: Any, where: str) -> BackupRecord:
         quiesced=shape.flag(raw, "quiesced", where, default=False),
         backed=shape.flag(raw, "backed", where, default=True),
         timestamped=timestamped,
-        holds=None if raw.get("holds") is None else shape.integer(raw, "holds", where))
+        holds=None if raw.get("holds") is None else shape.integer(raw, "holds", where),
+        digest=None if raw.get("digest") is None else shape.text(raw, "digest", where))

@@ -7,9 +7,11 @@ the next run, a restore or a cleanup recognises can never drift apart.
 Layout of a chain folder::
 
     DIR/qmpbackup.json
+    DIR/qmpbackup-intent.json  (while a run makes its files final; left by a killed run)
     DIR/.qmpbackup.lock      (while a run holds it, or left by a killed run; not data)
     DIR/<disk id>/FULL-<unix time>-<image name>
     DIR/<disk id>/INC-<unix time>-<image name>     (backing file: the previous backup)
+    DIR/<disk id>/DIFF-<unix time>-<image name>    (backing file: the chain's FULL)
     DIR/<disk id>/COPY-<unix time>-<image name>    (level copy, no chain)
     DIR/<disk id>/qmpbackup-disk.json              (this folder's chain records)
 
@@ -30,6 +32,7 @@ from typing import Optional
 from libqmpbackup.errors import UsageError
 
 METADATA_NAME = "qmpbackup.json"
+INTENT_NAME = "qmpbackup-intent.json"   # a run's files before they are recorded (see intent.py)
 DISK_METADATA_NAME = "qmpbackup-disk.json"   # a disk folder's own copy of its chain records
 UPSTREAM_UUID_NAME = "uuid"                  # upstream 0.67: the chain id of DIR
 UPSTREAM_CONFIG_SUFFIX = ".config"           # upstream 0.67: DIR/<disk>.config
@@ -40,10 +43,10 @@ LOCK_NAME = ".qmpbackup.lock"
 PARTIAL_SUFFIX = ".partial"
 TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of the tool
 BITMAP_PREFIX = TOOL_PREFIX
-LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "copy": "COPY"}
+LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "diff": "DIFF", "copy": "COPY"}
 PREFIX_LEVEL = {prefix: level for level, prefix in LEVEL_PREFIX.items()}
 MAX_TIMESTAMP_DIGITS = 18          # below 2**63: an untrusted name never makes a giant int
-BACKUP_NAME_RE = re.compile(rf"(FULL|INC|COPY)-(\d{{1,{MAX_TIMESTAMP_DIGITS}}})-(.+)")
+BACKUP_NAME_RE = re.compile(rf"(FULL|INC|DIFF|COPY)-(\d{{1,{MAX_TIMESTAMP_DIGITS}}})-(.+)")
 """Matched with fullmatch: a trailing newline is not part of a name."""
 FLEECING_FOLDER_PREFIX = f"{TOOL_PREFIX}fleecing-"   # + "<pid>-<random>" in --fleecing-dir
 _FLEECING_FOLDER_RE = re.compile(r"qmpbackup-fleecing-(\d{1,10})-[A-Za-z0-9_]+")
@@ -153,7 +156,7 @@ def is_backup_file_name(name: str) -> bool:
 
 
 def point_label(file_name: str) -> str:
-    """``FULL-<time>`` / ``INC-<time>``: how a point (and its snapshot) is named to users."""
+    """``FULL-<time>`` / ``INC-<time>`` / ``DIFF-<time>``: a point (and its snapshot) as users see it."""
     parsed = parse_backup_name(file_name)
     if parsed is None:
         return file_name

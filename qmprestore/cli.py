@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from libqmpbackup import __version__
+from libqmpbackup.json_output import JsonResult, add_json_option
 from libqmpbackup.names import validate_uuid
 from libqmpbackup.restore.inplace import commit, rebase, snapshotrebase
-from libqmpbackup.restore.listing import list_table
-from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge
+from libqmpbackup.restore.listing import list_document, list_table
+from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge, merge_document
 from libqmpbackup.restore.rules import RestoreOptions
-from libqmpbackup.runner import Command, add_logging_options, byte_rate, run
+from libqmpbackup.restore.verify import verify_dir
+from libqmpbackup.runner import Command, CommandResult, add_logging_options, byte_rate, run
 
 EXAMPLES = """\
 examples:
@@ -33,6 +35,14 @@ examples:
   qmprestore list --dir /backup/vm1            # a chain folder
   qmprestore list --dir /backup/vm1/virtio0    # one disk
   qmprestore list --dir /backup/vm1-monthly    # every YYYY-MM chain folder
+""",
+    "verify": """\
+examples:
+  qmprestore verify --dir /backup/vm1                  # every chain of the folder
+  qmprestore verify --dir /backup/vm1-monthly          # every YYYY-MM chain folder
+  qmprestore verify --dir /backup/vm1 --filter virtio0 --json
+  # weekly from cron: exit 11 and one error line per damaged or missing file
+  0 5 * * 0  qmprestore --quiet verify --dir /backup/vm1 > /dev/null
 """,
     "merge": """\
 examples:
@@ -68,6 +78,7 @@ examples:
 
 HELP = {
     "list": "show chains, disks and restore points",
+    "verify": "check every backup file: checksum, qemu-img check, chain links and sizes",
     "merge": "write a restore point as a new image; the backup stays untouched",
     "rebase": "in place: link DIR/image to the point's file, a usable backing chain",
     "commit": "in place: commit the incrementals up to the point into the FULL",
@@ -89,8 +100,9 @@ def _add_selection_options(parser: argparse.ArgumentParser, *, skip_check: bool,
     if skip_check:
         parser.add_argument("--skip-check", action="store_true",
                             default=False if top else argparse.SUPPRESS,
-                            help="do not compare files with the metadata nor run qemu-img check "
-                                 "(leftover .partial files are refused anyway)")
+                            help="do not compare files with the metadata, run qemu-img check "
+                                 "nor the checksums (an unfinished in-place restore is refused "
+                                 "anyway)")
 
 
 def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -100,8 +112,13 @@ def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     add_logging_options(parser, after_command=True)
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
                         help="the backup folder (holds qmpbackup.json) or one disk folder in it")
-    _add_selection_options(parser, skip_check=name != "list", top=False)
+    _add_selection_options(parser, skip_check=name not in ("list", "verify"), top=False)
+    if name in ("list", "merge", "verify"):
+        add_json_option(parser)
     if name == "list":
+        return parser
+    if name == "verify":
+        parser.add_argument("--uuid", metavar="ID", help="only this chain")
         return parser
     parser.add_argument("--until", metavar="NAME",
                         help="restore this point instead of the newest: a backup file name, "
@@ -124,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_logging_options(parser)
     _add_selection_options(parser, skip_check=True, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in ("list", "rebase", "commit", "merge", "snapshotrebase"):
+    for name in ("list", "verify", "rebase", "commit", "merge", "snapshotrebase"):
         sub = _add_command(commands, name)
         if name == "merge":
             target = sub.add_mutually_exclusive_group(required=True)
@@ -146,15 +163,26 @@ def _options(args: argparse.Namespace) -> RestoreOptions:
                           name_filter=args.name_filter)
 
 
-def list_command(args: argparse.Namespace) -> int:
+def list_command(args: argparse.Namespace) -> CommandResult:
+    if args.json:
+        return JsonResult(list_document(args.dir, args.name_filter))
     print(list_table(args.dir, args.name_filter))
     return 0
 
 
-def merge_command(args: argparse.Namespace) -> int:
-    merge(_options(args), MergeTarget(file=args.targetfile, directory=args.targetdir,
-                                      fmt=args.fmt))
-    return 0
+def verify_command(args: argparse.Namespace) -> CommandResult:
+    report = verify_dir(args.dir, validate_uuid(args.uuid) if args.uuid else None,
+                        args.name_filter)
+    if not args.json:
+        print(report.table())
+    report.raise_if_bad(with_document=args.json)
+    return JsonResult(report.to_json()) if args.json else 0
+
+
+def merge_command(args: argparse.Namespace) -> CommandResult:
+    images = merge(_options(args), MergeTarget(file=args.targetfile, directory=args.targetdir,
+                                               fmt=args.fmt))
+    return JsonResult(merge_document(images, args.dry_run)) if args.json else 0
 
 
 def rebase_command(args: argparse.Namespace) -> int:
@@ -174,6 +202,7 @@ def snapshotrebase_command(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "list": list_command,
+    "verify": verify_command,
     "merge": merge_command,
     "rebase": rebase_command,
     "commit": commit_command,

@@ -145,7 +145,7 @@ def booted_fvm(tmp_path: Path) -> Iterator[TestVM]:
 
 def test_stalled_fleecing_storage_breaks_the_snapshot_not_the_guest(
         cli, booted_fvm: TestVM, tmp_path: Path) -> None:
-    """Fleecing storage hangs past --cbw-timeout: the guest write completes, exit 11, nothing lost."""
+    """Fleecing storage hangs past --cbw-timeout: the guest write completes, exit 13, nothing lost."""
     if SlowFS.unavailable():
         pytest.skip(f"slow test filesystem: {SlowFS.unavailable()}")
     fvm = booted_fvm
@@ -163,7 +163,7 @@ def test_stalled_fleecing_storage_breaks_the_snapshot_not_the_guest(
         finally:
             resumer.cancel()
             slow.resume()
-        finished(proc, 11, "fleecing snapshot of virtio0", "broke", "--cbw-timeout",
+        finished(proc, 13, "fleecing snapshot of virtio0", "broke", "--cbw-timeout",
                  "nothing recorded")
         assert 0.9 < waited < 3, f"the guest waited {waited:.1f} s (cbw-timeout 1 s)"
         assert list(slow.backing.iterdir()) == []
@@ -185,7 +185,7 @@ def test_full_fleecing_storage_breaks_the_snapshot_not_the_guest(
             started = time.monotonic()
             fvm.write("virtio0", 0x5B, offset * MiB, 1 * MiB)
             assert time.monotonic() - started < 2
-        finished(proc, 11, "fleecing snapshot", "too slow or full")
+        finished(proc, 13, "fleecing snapshot", "too slow or full")
         assert list(small.iterdir()) == []
     assert metadata(root) == before
     assert_clean(fvm, root)

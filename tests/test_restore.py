@@ -247,8 +247,20 @@ def test_rebase_links_image_to_each_point_and_never_a_later_file(
             assert {n: file_digest(folder / n) for n in names[point + 1:]} == later
 
 
+def forget_checksums(root: Path) -> None:
+    """Metadata as written before qmpbackup recorded checksums."""
+    meta = metadata(root)
+    for chain in meta["chains"]:
+        for disk in chain["disks"].values():
+            for record in disk["backups"]:
+                del record["digest"]
+    (root / "qmpbackup.json").write_text(json.dumps(meta))
+
+
 def test_rebase_rewrites_backing_names_as_relative(cli, chains: Chains, tmp_path: Path) -> None:
+    """Absolute backing names (an older chain, no checksums): rebase repairs and checksums them."""
     folder = copy_disk(chains.main, "virtio0", tmp_path / "c")
+    forget_checksums(folder.parent)
     names = files(folder.parent, "virtio0")
     subprocess.run(["qemu-img", "rebase", "-u", "-b", str(folder / names[1]), "-F", "qcow2",
                     str(folder / names[2])], check=True)
@@ -257,6 +269,10 @@ def test_rebase_rewrites_backing_names_as_relative(cli, chains: Chains, tmp_path
                                      capture_output=True, text=True, check=True).stdout)
     assert info["backing-filename"] == names[1]
     assert identical(folder / "image", chains.ref("virtio0", 3))
+    statuses = [f["status"] for f in json.loads(
+        cli("qmprestore", "verify", "--dir", folder, "--json").ok().out)["files"]]
+    assert statuses == ["unverifiable", "unverifiable", "ok", "unverifiable"], \
+        "the header it rewrote got a checksum; the others stay verifiable by qemu-img only"
 
 
 def test_commit_makes_the_full_hold_each_point(cli, chains: Chains, tmp_path: Path) -> None:
@@ -518,14 +534,13 @@ def rebase_past_middle(folder: Path, names: list[str]) -> None:
 
 
 @pytest.mark.parametrize("damage, rc, message", [
-    (lambda f, n: (f / (n[3] + ".partial")).write_text(""), 6, ".partial"),
     (lambda f, n: (f / n[2]).unlink(), 6, "is missing"),
     (drop_full_from_metadata, 6, "has no FULL backup before it"),
     (flip_header, 6, "is not in qcow2 format"),
     (rebase_past_middle, 6, "is backed by"),
     (lambda f, n: shutil.copyfile(f / n[3], f / "INC-9999999999-virtio0.qcow2"), 6,
      "INC-9999999999-virtio0.qcow2 is not in the chain metadata"),
-], ids=["stray-partial", "missing-middle-inc", "inc-without-full", "corrupted-header",
+], ids=["missing-middle-inc", "inc-without-full", "corrupted-header",
         "wrong-backing", "extra-file"])
 def test_inconsistent_chains_are_refused(cli, chains: Chains, tmp_path: Path,
                                          damage, rc: int, message: str) -> None:
@@ -538,17 +553,26 @@ def test_inconsistent_chains_are_refused(cli, chains: Chains, tmp_path: Path,
     assert not (tmp_path / "out.qcow2").exists()
 
 
-def test_skip_check_restores_past_metadata_problems_but_never_a_partial(
-        cli, chains: Chains, tmp_path: Path) -> None:
-    def extra_and_partial(folder: Path, names: list[str]) -> None:
+def test_skip_check_restores_past_metadata_problems(cli, chains: Chains, tmp_path: Path) -> None:
+    def extra(folder: Path, names: list[str]) -> None:
         shutil.copyfile(folder / names[3], folder / "INC-9999999999-virtio0.qcow2")
-    folder = broken_copy(chains, tmp_path, extra_and_partial)
+    folder = broken_copy(chains, tmp_path, extra)
     cli("qmprestore", "merge", "--dir", folder, "--skip-check",
         "--targetfile", tmp_path / "out.qcow2").ok()
     assert identical(tmp_path / "out.qcow2", chains.ref("virtio0", 3))
-    (folder / "INC-9999999999-virtio0.qcow2.partial").write_text("")
-    cli("qmprestore", "merge", "--dir", folder, "--skip-check",
-        "--targetfile", tmp_path / "out2.qcow2").failed(6, ".partial")
+
+
+def test_a_partial_file_is_ignored_with_a_warning(cli, chains: Chains, tmp_path: Path) -> None:
+    """A .partial is a running or killed backup's: never a point, and no reason to refuse."""
+    folder = broken_copy(chains, tmp_path, lambda f, n: (f / (n[3] + ".partial")).write_text(""))
+    before = digests(folder.parent)
+    result = cli("qmprestore", "merge", "--dir", folder,
+                 "--targetfile", tmp_path / "out.qcow2").ok()
+    assert "ignoring INC-" in result.err and ".partial" in result.err
+    assert identical(tmp_path / "out.qcow2", chains.ref("virtio0", 3))
+    assert digests(folder.parent) == before
+    cli("qmprestore", "rebase", "--dir", folder).ok()
+    assert identical(folder / "image", chains.ref("virtio0", 3))
 
 
 def test_usage_and_environment_errors(cli, chains: Chains, tmp_path: Path,
@@ -588,7 +612,7 @@ def test_usage_and_environment_errors(cli, chains: Chains, tmp_path: Path,
 
 
 def test_help_of_every_command_shows_examples(cli) -> None:
-    for command in ("list", "merge", "rebase", "commit", "snapshotrebase"):
+    for command in ("list", "verify", "merge", "rebase", "commit", "snapshotrebase"):
         result = cli("qmprestore", command, "--help")
         assert result.rc == 0 and "examples:" in result.out and "qmprestore " + command in result.out
 

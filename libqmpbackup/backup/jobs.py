@@ -15,10 +15,12 @@ import errno
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 
+from libqmpbackup.backup.run_steps import reached
 from libqmpbackup.errors import FleecingError, JobError, TargetError, UsageError, VMGoneError
 from libqmpbackup.names import TOOL_PREFIX, safe_component
 from libqmpbackup.qemu.devices import BlockDevice
@@ -57,6 +59,14 @@ class BackupJob:
     source_node: str = ""           # the node the job reads, when not the disk's (fleecing)
     source_failed: bool = False     # the error was reading the source
     max_workers: int = 0            # bound on the job's parallel copies (0: QEMU's 64)
+    digest: Optional[str] = None    # checksum of the finished file (see libqmpbackup.digests)
+    bytes_copied: int = 0           # what the job copied, from its completion event
+    started: float = 0.0            # monotonic clock: transaction sent
+    finished: float = 0.0           # monotonic clock: completion event
+
+    @property
+    def duration(self) -> float:
+        return max(self.finished - self.started, 0.0) if self.finished else 0.0
 
     def assign_names(self, index: int, run_tag: str) -> None:
         """Recognisable names, so leftovers of a killed run can be found and removed."""
@@ -160,6 +170,8 @@ async def _watch_job(session: QmpSession, job: BackupJob) -> None:
             name, data = event.name, event.data
             if name == "BLOCK_JOB_COMPLETED":
                 job.result = data.get("error", "")
+                job.bytes_copied = int(data.get("offset", 0))
+                job.finished = time.monotonic()
             elif name == "BLOCK_JOB_CANCELLED":
                 job.result = job.result or "cancelled"
             elif name == "BLOCK_JOB_ERROR":
@@ -230,6 +242,8 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
     waiter = asyncio.ensure_future(_wait_for_jobs(session, jobs))
     await asyncio.sleep(0)  # let the watchers register before any event can arrive
     transaction = {"actions": actions, "properties": {"completion-mode": "grouped"}}
+    for job in jobs:
+        job.started = time.monotonic()
     try:
         if start_guard is None:
             await session.execute("transaction", transaction)
@@ -242,6 +256,7 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
         raise
+    reached("jobs-running")
     reporter = asyncio.ensure_future(progress(jobs)) if progress else None
     try:
         await waiter

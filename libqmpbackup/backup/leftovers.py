@@ -14,6 +14,7 @@ and the run goes on — no manual step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -26,8 +27,11 @@ from libqmpbackup.backup.jobs import cancel_jobs, remove_node
 from libqmpbackup.backup.pause import resume_after_killed_run
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import TargetError
+from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.intent import load_intent, remove_intent
 from libqmpbackup.layout import partial_files, stale_temp_files
-from libqmpbackup.names import TOOL_PREFIX, fleecing_folder_pid
+from libqmpbackup.metadata import ChainStore
+from libqmpbackup.names import PARTIAL_SUFFIX, TOOL_PREFIX, fleecing_folder_pid
 from libqmpbackup.qemu.devices import BlockDevice, named_nodes
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 
@@ -83,14 +87,41 @@ async def _clean_nodes(session: QmpSession) -> list[str]:
 
 
 def clean_target(root: Path) -> None:
-    """Delete unfinished backup files and metadata temp files an interrupted run left in ROOT."""
-    for path in [*partial_files(root), *stale_temp_files(root)]:
+    """Delete what an interrupted run left in ROOT: unfinished and unrecorded files, temp files.
+
+    Unrecorded files are those the run's intent record names and the metadata
+    does not (:mod:`libqmpbackup.intent`): complete copies of a backup that
+    was never committed.  Their changes are still in the dirty bitmaps (the
+    VM side was settled by :func:`clean_vm` first), so this run backs them up
+    again.  The record goes last, once the deletions are on disk.
+    """
+    intent = load_intent(root)
+    unrecorded = intent.unrecorded(ChainStore.load(root)) if intent else []
+    leftovers = [*partial_files(root), *stale_temp_files(root), *(root / n for n in unrecorded)]
+    folders = set()
+    for path in leftovers:
         try:
             removed = folder_safety.remove(path.parent, path.name)
         except TargetError as err:
             raise TargetError(f"{err}, left by an interrupted run") from err
-        if removed:
+        if not removed:
+            continue
+        folders.add(path.parent)
+        if path.name.endswith(PARTIAL_SUFFIX) or path.parent == root:
             log.warning("removed %s, left by an interrupted run", path)
+        else:
+            log.warning("removed %s, left by an interrupted run that never recorded it: "
+                        "its changes go into this backup", path)
+    for folder in folders:
+        fsync_dir(folder)
+        if folder != root:
+            with contextlib.suppress(OSError):   # kept when it holds other files
+                folder.rmdir()
+    if intent is not None:
+        remove_intent(root)
+        fsync_dir(root)
+        log.warning("removed the intent record of an interrupted run (%s)",
+                    "its files were recorded" if not unrecorded else "rolled back")
 
 
 def clean_fleecing_dir(folder: Path) -> None:

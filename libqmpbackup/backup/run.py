@@ -13,8 +13,9 @@ The order of steps is what keeps data safe:
    point in time, :mod:`fleecing`); start every disk's job in one grouped
    transaction and wait, with guest shutdowns held back (:mod:`shutdown`);
    switch the devices back;
-6. only after all jobs succeeded: close and rename targets, commit the
-   metadata, then drop the auxiliary bitmaps.
+6. only after all jobs succeeded: close the targets, hash them (checksums for
+   the metadata), announce the renames in the intent record, rename, commit
+   the metadata, then drop the intent record and the auxiliary bitmaps.
 
 Every step registers its undo; on any failure or signal the undo runs in
 reverse, so QEMU is left without our nodes and jobs, the folder without
@@ -24,6 +25,7 @@ committed backup.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -50,10 +52,14 @@ from libqmpbackup.backup.pause import VmPause
 from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
+from libqmpbackup.backup.run_steps import reached
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
+from libqmpbackup.digests import digest_files
 from libqmpbackup.errors import AgentError, JobError, QmpBackupError, TargetError, VMGoneError
-from libqmpbackup.fsutil import replace_symlink
+from libqmpbackup.fsutil import fsync_dir, replace_symlink
+from libqmpbackup.intent import RunIntent, remove_intent
 from libqmpbackup.journal import refuse_unfinished_restores
+from libqmpbackup.json_output import Document
 from libqmpbackup.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord, ChainStore
@@ -61,8 +67,35 @@ from libqmpbackup.prune import finish_interrupted_prune
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpSession
+from libqmpbackup.runner import mark_recorded
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackupFile:
+    """One file a run wrote, as reported to scripts (``--json``)."""
+
+    disk_id: str
+    path: Path
+    level: str
+    time: int
+    bytes_written: int      # what QEMU's job copied (for a full: the whole disk)
+    duration: float        # seconds from the transaction to this disk's job completing
+
+    @classmethod
+    def of(cls, job: BackupJob, timestamp: int) -> BackupFile:
+        return cls(disk_id=job.disk.disk_id, path=job.final_path, level=job.level,
+                   time=timestamp, bytes_written=job.bytes_copied, duration=job.duration)
+
+    def document(self) -> Document:
+        try:
+            size: Optional[int] = self.path.stat().st_size
+        except OSError:
+            size = None
+        return {"disk": self.disk_id, "file": str(self.path), "level": self.level,
+                "time": self.time, "bytes_written": self.bytes_written, "file_size": size,
+                "duration": round(self.duration, 3)}
 
 
 @dataclass
@@ -70,8 +103,16 @@ class BackupResult:
     level: str
     root: Path
     chain_id: Optional[str]
-    files: list[Path] = field(default_factory=list)
+    time: int
+    files: list[BackupFile] = field(default_factory=list)
     reason: str = ""
+    quiesced: bool = False
+
+    def document(self) -> Document:
+        """The ``backup --json`` document (keys in docs/json.md)."""
+        return {"command": "backup", "level": self.level, "reason": self.reason,
+                "chain": self.chain_id, "target": str(self.root), "time": self.time,
+                "quiesced": self.quiesced, "files": [f.document() for f in self.files]}
 
 
 def _timestamp_after(last: int) -> int:
@@ -122,8 +163,8 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
     if plan.retire_bitmap:
         for disk in selected:
-            if disk.bitmap(plan.retire_bitmap):
-                await bitmaps.remove(session, disk, plan.retire_bitmap)
+            for name in bitmaps.chain_bitmaps(disk, plan.retire_bitmap):
+                await bitmaps.remove(session, disk, name)
     quiescer = (Quiescer(opts.agent_socket, required=opts.quiesce_required)
                 if opts.quiesce else None)
     pause = VmPause(session) if opts.pause else None
@@ -139,15 +180,23 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     if pause and pause.resume_error:
         raise JobError(pause.resume_error)
     chain_id = plan.chain.uuid if plan.chain and not plan.chain.is_copies else None
-    return BackupResult(plan.level, root, chain_id, [j.final_path for j in plan.jobs], plan.reason)
+    return BackupResult(level=plan.level, root=root, chain_id=chain_id, time=plan.timestamp,
+                        files=[BackupFile.of(j, plan.timestamp) for j in plan.jobs],
+                        reason=plan.reason, quiesced=bool(quiescer and quiescer.frozen))
 
 
 @dataclass
 class _TargetFiles:
-    """The backup files of one run: created as .partial, renamed when complete, else deleted."""
+    """The backup files of one run: created as .partial, renamed when complete, else deleted.
+
+    When the run is recorded the renames are announced first in the intent record
+    (:mod:`libqmpbackup.intent`), so a kill between rename and metadata commit
+    leaves files the next run knows to remove and restores know to ignore.
+    """
 
     jobs: list[BackupJob]
     root: Path                      # the chain folder (--target or its month): the admin's path
+    recorded: bool = True           # False: nothing is recorded, so no intent record
     created_folders: list[Path] = field(default_factory=list)
     renamed: list[Path] = field(default_factory=list)
 
@@ -168,7 +217,20 @@ class _TargetFiles:
         folder_safety.create_exclusive(folder, job.partial_path.name, what="backup file")
         qemuimg.create(job.partial_path, job.disk.virtual_size, backing=job.backing)
 
+    async def compute_digests(self) -> None:
+        """Hash every file now, while QEMU's writes are still in the page cache."""
+        started, cpu = time.monotonic(), time.process_time()
+        paths = [job.partial_path for job in self.jobs]
+        for job, digest in zip(self.jobs, await asyncio.to_thread(digest_files, paths)):
+            job.digest = digest
+        log.info("checksums of %d file(s) in %.3f s (%.3f CPU s)", len(paths),
+                 time.monotonic() - started, time.process_time() - cpu)
+
     def finish(self) -> None:
+        if self.recorded:
+            RunIntent(time=int(time.time()), files=[
+                j.final_path.relative_to(self.root).as_posix() for j in self.jobs]).save(self.root)
+            reached("intent-written")
         for job in self.jobs:
             folder_safety.rename(job.final_path.parent, job.partial_path.name, job.final_path.name)
             self.renamed.append(job.final_path)
@@ -195,6 +257,12 @@ class _TargetFiles:
             with contextlib.suppress(QmpBackupError):
                 if folder_safety.remove(path.parent, path.name):
                     log.info("removed unfinished %s", path)
+        if self.recorded:
+            # the renamed files must be gone for good before the record that names them
+            for folder in {path.parent for path in self.renamed}:
+                with contextlib.suppress(OSError):
+                    fsync_dir(folder)
+            remove_intent(self.root)
         for folder in self.created_folders:
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -226,11 +294,12 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                    pause: Optional[VmPause]) -> None:
     tag = new_run_tag()
     async with contextlib.AsyncExitStack() as undo:
-        files = _TargetFiles(jobs=plan.jobs, root=plan.root)
+        files = _TargetFiles(jobs=plan.jobs, root=plan.root, recorded=plan.chain is not None)
         undo.callback(files.discard)
         for index, job in enumerate(plan.jobs):
             job.assign_names(index, tag)
             files.create(job)
+        reached("targets-created")
         nodes = _TargetNodes(session)
         undo.push_async_callback(nodes.close)
         for job in plan.jobs:
@@ -272,23 +341,38 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                                   "they were discarded, nothing was recorded")
             raise JobError(f"QEMU could not close backup node(s) {', '.join(left_open)}; "
                            "the backup was discarded, nothing was recorded")
+        reached("jobs-done")
+        if plan.chain is not None:
+            await files.compute_digests()
         files.finish()
+        reached("renamed")
         if run_bitmaps:
             await run_bitmaps.before_commit(session)
         if plan.chain is not None:
             _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
         undo.pop_all()  # committed: from here on nothing may be undone
+        mark_recorded()
+    reached("committed")
+    if plan.chain is not None:
+        remove_intent(plan.root)
     files.link()
     if run_bitmaps:
         await run_bitmaps.after_commit(session)
+    reached("finished")
 
 
 def _run_bitmaps(plan: RunPlan) -> Optional[bitmaps.RunBitmaps]:
     if plan.chain is None or plan.chain.is_copies:
         return None
     added = plan.bitmaps_to_add
+    chain_bitmap = plan.chain.bitmap
     kept = [j.disk for j in plan.jobs if j.bitmap and j.disk not in added]
-    return bitmaps.RunBitmaps(plan.chain.bitmap, kept=kept, added=list(added))
+    return bitmaps.RunBitmaps(
+        chain_bitmap, kept=kept, added=list(added),
+        differential=[j.disk for j in plan.jobs if j.level == "diff"],
+        diff_added=[j.disk for j in plan.jobs if j.level == "full" and j.bitmap
+                    and j.disk not in added
+                    and j.disk.bitmap(bitmaps.diff_bitmap(chain_bitmap)) is None])
 
 
 async def _cancel_if_running(session: QmpSession, jobs: list[BackupJob]) -> None:
@@ -309,9 +393,9 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesce
             time=plan.timestamp,
             virtual_size=job.disk.virtual_size, source_image=job.disk.filename,
             source_format=job.disk.driver, compressed=compressed, quiesced=quiesced,
-            backed=job.backed, timestamped=job.timestamped))
+            backed=job.backed, timestamped=job.timestamped, digest=job.digest))
     try:
-        store.save()
+        store.save(before_replace=lambda: reached("commit-written"))
     except OSError as err:
         raise TargetError(f"cannot write chain metadata {store.path}: {err.strerror}; "
                           "the backup was discarded") from err

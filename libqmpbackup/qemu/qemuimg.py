@@ -120,17 +120,23 @@ CHECK_FOUND_CORRUPTION = 2
 CHECK_FOUND_LEAKS = 3
 
 
-def check(path: Path, *, fmt: Optional[str] = None) -> CheckResult:
+def check(path: Path, *, fmt: Optional[str] = None, without_backing: bool = False) -> CheckResult:
     """Run qemu-img check (read-only) and report corruptions and leaks.
 
     Findings come back as numbers for the caller to judge (leaked clusters,
     left by a killed writer, cost space but no data); an image qemu-img
-    cannot even open raises QemuImgError.
+    cannot even open raises QemuImgError.  WITHOUT_BACKING checks the file by
+    itself (a ``json:`` image spec with ``backing: null``), so a missing or
+    damaged predecessor is not blamed on it.
     """
     args = ["check", "--output=json"]
-    if fmt:
-        args += ["-f", fmt]
-    args.append(str(path))
+    if without_backing:
+        args.append("json:" + json.dumps({"driver": fmt or "qcow2", "backing": None,
+                                          "file": {"driver": "file", "filename": str(path)}}))
+    else:
+        if fmt:
+            args += ["-f", fmt]
+        args.append(str(path))
     report = _parse_json(args, run(args, accepted=(0, CHECK_FOUND_CORRUPTION, CHECK_FOUND_LEAKS)))
     return CheckResult(corruptions=int(report.get("corruptions", 0)),
                        leaks=int(report.get("leaks", 0)),

@@ -1,9 +1,9 @@
 """Reading a backup folder for restore: what --dir names, and whether it can be trusted.
 
 ``--dir`` may name a chain folder (it holds ``qmpbackup.json``), one disk
-folder inside it, or — for ``list`` only — a ``--monthly`` base whose
-YYYY-MM sub-folders are chain folders.  :func:`verify` is the pre-check
-every restore runs: the rules are in :mod:`restore`, this module fetches
+folder inside it, or — for ``list`` and ``verify`` only — a ``--monthly``
+base whose YYYY-MM sub-folders are chain folders.  :func:`check_before_restore` is the
+pre-check every restore runs: the rules are in :mod:`restore`, this module fetches
 the facts (folder listing, ``qemu-img info`` and ``check`` of every file).
 """
 
@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from libqmpbackup import folder_safety, upstream
-from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
+from libqmpbackup.digests import check_files
+from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, TargetError, UsageError
+from libqmpbackup.intent import load_intent
 from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
 from libqmpbackup.layout import existing_backup_folder, month_folders
-from libqmpbackup.metadata import ChainStore
+from libqmpbackup.metadata import BackupRecord, ChainStore
 from libqmpbackup.names import DISK_METADATA_NAME, METADATA_NAME, link_name, safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.rules import (
@@ -27,6 +29,7 @@ from libqmpbackup.restore.rules import (
     disks_in,
     folder_problems,
     image_problems,
+    parent,
     partial_leftovers,
     record_problems,
     select_disk_point,
@@ -191,78 +194,106 @@ def folder_entries(folder: Path) -> list[str]:
         raise TargetError(f"cannot read {folder}: {err.strerror}") from err
 
 
-def refuse_partial(folder: Path, entries: list[str]) -> None:
-    """A .partial file means a backup is writing (or died writing) into this folder."""
-    leftovers = partial_leftovers(entries)
-    if leftovers:
-        raise ChainError(f"{folder}: unfinished backup file {leftovers[0]}: a backup is running "
-                         "or was killed; remove the .partial file once no backup runs")
+def note_partial(folder: Path, entries: list[str]) -> None:
+    """A .partial file is a backup being written, or one a killed run left: never a point.
+
+    Restores read only recorded files, which no backup run changes, so the
+    leftover is harmless; the next backup removes it.
+    """
+    for name in partial_leftovers(entries):
+        log.warning("%s: ignoring %s: a backup is writing it or was killed while writing it "
+                    "(the next backup removes it)", folder, name)
 
 
 def refuse_unfinished(folder: Path, entries: list[str]) -> None:
-    """Leftovers no check may skip: a half-written backup or a half-done in-place restore."""
-    refuse_partial(folder, entries)
+    """A half-done in-place restore: no check may skip that refusal."""
     if JOURNAL_NAME in entries:
         journal = Journal.load(folder)
         if journal is not None:
             raise unfinished_error(folder, journal)
 
 
-def _known_files(point: RestorePoint, store: ChainStore) -> set[str]:
-    """Every file any chain of the store keeps in this disk folder (and its convenience link),
-    or a prune is deleting."""
+def known_files(store: ChainStore, folder: Path) -> set[str]:
+    """Files a disk folder may hold: every chain's records (and their convenience links),
+    files a prune is deleting, and a killed backup run's unrecorded files.
+
+    The last are named by the run's intent record in the chain folder; they
+    are complete but were never committed, so no point refers to them (see
+    libqmpbackup.intent).
+    """
     known = {parts[1] for parts in map(pruning_entry, store.pruning)
-             if parts and store.root / parts[0] == point.folder}
+             if parts and store.root / parts[0] == folder}
     for chain in store.chains:
         for disk_id, disk in chain.disks.items():
-            if store.root / chain.folder_of(disk_id) != point.folder:
+            if store.root / chain.folder_of(disk_id) != folder:
                 continue
             for record in disk.backups:
                 known.add(record.file)
                 if not record.timestamped:
                     known.add(link_name(record.level, record.file))
+    intent = load_intent(store.root)
+    for path in intent.unrecorded_paths(store) if intent else []:
+        if path.parent == folder:
+            log.warning("%s: ignoring %s: a killed backup run wrote it and never recorded it "
+                        "(the next backup removes it)", folder, path.name)
+            known.add(path.name)
     return known
 
 
-def verify(point: RestorePoint, store: ChainStore, *, skip_check: bool = False) -> dict[str, Any]:
-    """Refuse a chain that does not match its metadata, or whose files qemu-img finds damaged.
+def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: bool = False,
+                         whole_chain: bool = False) -> dict[str, Any]:
+    """Refuse a chain that does not match its metadata, or whose files are damaged.
 
-    --skip-check skips the comparison and qemu-img check, never the refusal of
-    leftovers nor the folder rule (:mod:`folder_safety`): restoring past a
-    running backup or a half-done commit is never what the admin wants, and
-    no folder content may lead the restore outside the folder.  Returns the
-    checked ``qemu-img info`` of every image the point is read through.
+    Only the files the point is read from (its FULL and the INCs up to it)
+    are opened, checked and hashed, so the cost grows with the chain up to
+    --until and a damaged later file does not block an earlier point;
+    WHOLE_CHAIN (commit, snapshotrebase: they re-base the next INC too)
+    extends that to every file of the disk's chain.  The metadata rules and
+    the refusal of unknown backup files always cover the whole folder.
+    --skip-check skips all of it except the refusal of a half-done in-place
+    restore and the folder rule (:mod:`folder_safety`): restoring past a
+    half-done commit is never what the admin wants, and no folder content
+    may lead the restore outside the folder.  Returns the checked
+    ``qemu-img info`` of every image the point is read through.
     """
     folder = point.folder
     folder_safety.require_content_folder(folder, point.root)
     entries = folder_entries(folder)
     refuse_unfinished(folder, entries)
+    note_partial(folder, entries)
     if skip_check:
         log.warning("%s: --skip-check: restoring %s without checking the chain",
                     point.disk_id, point.label)
         return folder_safety.checked_images(folder, [r.file for r in point.segment()])
-    records = list(point.records)
-    problems = record_problems(records)
-    problems += folder_problems(entries, [r.file for r in records], _known_files(point, store))
+    used = list(point.records) if whole_chain else point.segment()
+    problems = record_problems(point.records)
+    problems += folder_problems(entries, [r.file for r in used], known_files(store, folder))
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
-    images = folder_safety.checked_images(folder, [r.file for r in records])
-    previous = None
-    for record in records:
-        problems += image_problems(record, previous, images[record.file], folder)
-        previous = record
+    images = folder_safety.checked_images(folder, [r.file for r in used])
+    position = {r.file: index for index, r in enumerate(point.records)}
+    for record in used:
+        backs_onto = parent(point.records, position[record.file])  # record_problems: FULL first
+        problems += image_problems(
+            record, None if backs_onto is None else point.records[backs_onto],
+            images[record.file], folder)
     if not problems:
-        problems += _check_problems(point)
+        problems += _check_problems(folder, used)
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
-    log.debug("%s: chain %s verified (%d files)", point.disk_id, point.chain_id, len(records))
+    damaged = [f"{c.path}: {c.detail}" for c in check_files(
+        [(folder / r.file, r.digest) for r in point.segment()]) if c.status not in ("ok", "unrecorded")]
+    if damaged:
+        raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
+                             "shows which points are intact)" for line in damaged])
+    log.debug("%s: chain %s checked (%d files)", point.disk_id, point.chain_id, len(used))
     return images
 
 
-def _check_problems(point: RestorePoint) -> list[str]:
+def _check_problems(folder: Path, records: list[BackupRecord]) -> list[str]:
     problems = []
-    for record in point.records:
-        path = point.folder / record.file
+    for record in records:
+        path = folder / record.file
         try:
             result = qemuimg.check(path, fmt="qcow2")
         except QemuImgError as err:

@@ -1,0 +1,268 @@
+"""``qmprestore verify``: is every backup file still what was backed up?
+
+Meant to run unattended (weekly from cron) and long before anyone needs a
+restore: it reads every file of every chain below ``--dir``, recomputes the
+checksum recorded at backup time, runs ``qemu-img check`` and the chain
+rules of :mod:`rules` (names, order, backing links, virtual sizes), and says
+per file ok / damaged / missing / unverifiable (no checksum recorded: a
+backup made before checksums existed) / extra (a backup file no metadata
+lists; restores refuse its folder).  A point is restorable when every file
+it is read from is ok or unverifiable.
+
+It changes nothing and needs no VM.  Backups never re-read old files, so
+this is the one place where rot in an old FULL is found.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tabulate import tabulate
+
+from libqmpbackup import folder_safety
+from libqmpbackup.digests import check_files
+from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, UsageError
+from libqmpbackup.metadata import BackupRecord, Chain
+from libqmpbackup.qemu import qemuimg
+from libqmpbackup.restore.folder import (
+    BackupDir,
+    known_files,
+    note_partial,
+    open_for_listing,
+    refuse_unfinished,
+)
+from libqmpbackup.restore.rules import (
+    WHOLE_LEVELS,
+    image_problems,
+    parent,
+    record_problems,
+    unknown_backup_files,
+)
+
+log = logging.getLogger(__name__)
+
+BAD_STATUSES = ("damaged", "missing", "extra")
+HEADERS = ("chain", "disk", "file", "status", "restorable", "problems")
+
+
+@dataclass
+class FileReport:
+    """One backup file's verdict."""
+
+    chain: str                  # chain id ("<YYYY-MM>/<id>" below a --monthly base)
+    disk: str
+    path: Path
+    level: str
+    time: int
+    status: str = "ok"          # ok, damaged, missing, unverifiable, extra
+    restorable: bool = True     # every file this point is read from is ok or unverifiable
+    problems: list[str] = field(default_factory=list)
+    recorded_digest: Optional[str] = None
+
+    @property
+    def bad(self) -> bool:
+        return self.status in BAD_STATUSES
+
+    def error_line(self) -> str:
+        return f"{self.path}: {self.status}: {'; '.join(self.problems)}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chain": self.chain, "disk": self.disk, "file": self.path.name,
+                "path": str(self.path), "level": self.level, "time": self.time,
+                "status": self.status, "restorable": self.restorable,
+                "problems": self.problems}
+
+
+@dataclass
+class VerifyReport:
+    dir: Path
+    files: list[FileReport] = field(default_factory=list)
+
+    @property
+    def bad(self) -> list[FileReport]:
+        return [f for f in self.files if f.bad]
+
+    def counts(self) -> dict[str, int]:
+        statuses = ("ok", "damaged", "missing", "unverifiable", "extra")
+        return {s: sum(1 for f in self.files if f.status == s) for s in statuses}
+
+    def table(self) -> str:
+        rows = [(f.chain, f.disk, f.path.name, f.status, "yes" if f.restorable else "no",
+                 "; ".join(f.problems)) for f in self.files]
+        return tabulate(rows, headers=HEADERS)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"command": "verify", "dir": str(self.dir), "ok": not self.bad,
+                "counts": self.counts(),
+                "files": [f.to_json() for f in self.files]}
+
+    def raise_if_bad(self, *, with_document: bool = False) -> None:
+        """Damage is an error (exit 11); WITH_DOCUMENT keeps the report for --json beside it."""
+        if self.bad:
+            damaged = BackupDamaged([f.error_line() for f in self.bad])
+            if with_document:
+                damaged.document = self.to_json()
+            raise damaged
+
+
+def verify_dir(path: Path, uuid: Optional[str] = None,
+               name_filter: Optional[str] = None) -> VerifyReport:
+    """Check every backup file below PATH (a --monthly base, a chain folder or a disk folder).
+
+    UUID keeps one chain, NAME_FILTER the disks whose id or image name
+    contains it (the --filter of every restore command).
+    """
+    qemuimg.binary()
+    given = Path(os.path.abspath(path))
+    report = VerifyReport(given)
+    backups = open_for_listing(path, name_filter)
+    if uuid and not any(b.store.find(uuid) for b in backups):
+        known = ", ".join(c.uuid for b in backups for c in b.store.chains) or "none"
+        raise UsageError(f"--uuid {uuid}: no such chain in {given} (chains: {known})")
+    for backup in backups:
+        prefix = "" if given in (backup.folder, backup.root) else f"{backup.root.name}/"
+        report.files += _verify_backup(backup, uuid, prefix)
+    _check_digests(report.files)
+    mark_restorable(report.files)
+    unverifiable = sum(1 for f in report.files if f.status == "unverifiable")
+    if unverifiable:
+        log.warning("%d file(s) have no checksum recorded (backed up before qmpbackup recorded "
+                    "checksums): only qemu-img check and the chain rules could verify them",
+                    unverifiable)
+    return report
+
+
+def _verify_backup(backup: BackupDir, uuid: Optional[str], prefix: str) -> list[FileReport]:
+    wanted = set(backup.disk_ids())
+    reports: list[FileReport] = []
+    folders_seen: set[Path] = set()
+    for chain in backup.store.chains:
+        if uuid and chain.uuid != uuid:
+            continue
+        for disk_id, disk in chain.disks.items():
+            folder = backup.root / chain.folder_of(disk_id)
+            if disk_id not in wanted or (backup.disk_folder is not None
+                                         and folder != backup.folder):
+                continue
+            folder_safety.require_content_folder(folder, backup.root)   # never through a link
+            entries = _entries(folder)
+            refuse_unfinished(folder, entries)
+            reports += _verify_disk(chain, disk_id, disk.backups, folder, entries, prefix)
+            if folder not in folders_seen:
+                folders_seen.add(folder)
+                note_partial(folder, entries)
+                reports += _extra_files(backup, folder, entries, prefix)
+    return reports
+
+
+def _entries(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
+def _verify_disk(chain: Chain, disk_id: str, records: list[BackupRecord], folder: Path,
+                 entries: list[str], prefix: str) -> list[FileReport]:
+    reports = []
+    seen: set[str] = set()
+    for index, record in enumerate(records):
+        # the chain rules judge a whole list; what a record adds to its prefix is its own
+        new = [p for p in record_problems(records[:index + 1]) if p not in seen]
+        seen.update(new)
+        report = FileReport(chain=prefix + chain.uuid, disk=disk_id, path=folder / record.file,
+                            level=record.level, time=record.time, problems=new,
+                            recorded_digest=record.digest)
+        if record.file not in entries:
+            report.status = "missing"
+            report.problems.insert(0, "listed in the chain metadata, not in the folder")
+        else:
+            report.problems += _image_findings(record, _parent_record(records, index), folder)
+        if report.problems and report.status == "ok":
+            report.status = "damaged"
+        reports.append(report)
+    return reports
+
+
+def _parent_record(records: list[BackupRecord], index: int) -> Optional[BackupRecord]:
+    """What RECORDS[INDEX] must back onto; a chain without a FULL first is reported by the rules."""
+    try:
+        backs_onto = parent(records, index)
+    except ChainError:
+        return None
+    return None if backs_onto is None else records[backs_onto]
+
+
+def _image_findings(record: BackupRecord, previous: Optional[BackupRecord],
+                    folder: Path) -> list[str]:
+    path = folder / record.file
+    try:
+        # a symlink, device or hostile header is damage here, not a reason to follow it
+        info = folder_safety.inspect_image(folder, record.file)
+    except ChainError as err:
+        return [str(err)]
+    try:
+        problems = image_problems(record, previous, info, folder)
+        result = qemuimg.check(path, fmt="qcow2", without_backing=True)
+    except QemuImgError as err:
+        return [f"qemu-img cannot read it ({err})"]
+    if result.damaged:
+        problems.append(f"qemu-img check found {result.corruptions} corruption(s) and "
+                        f"{result.check_errors} error(s)")
+    elif result.leaks:
+        log.warning("%s: %d leaked cluster(s) (wasted space, no data lost)", path, result.leaks)
+    return problems
+
+
+def _extra_files(backup: BackupDir, folder: Path, entries: list[str],
+                 prefix: str) -> list[FileReport]:
+    known = known_files(backup.store, folder)
+    return [FileReport(chain=prefix + "-", disk=folder.name, path=folder / name, level="",
+                       time=0, status="extra", restorable=False,
+                       problems=["not in the chain metadata: restores refuse this folder "
+                                 "until it is moved away"])
+            for name in unknown_backup_files(entries, known)]
+
+
+def _check_digests(reports: list[FileReport]) -> None:
+    """Recompute every present file's checksum (in parallel) and judge it."""
+    present = [r for r in reports if r.status not in ("missing", "extra") and _regular(r.path)]
+    for report, check in zip(present, check_files([(r.path, r.recorded_digest)
+                                                   for r in present])):
+        if check.status == "unrecorded":
+            if report.status == "ok":
+                report.status = "unverifiable"
+        elif check.status != "ok":
+            report.status = "damaged"
+            report.problems.append(check.detail)
+
+
+def _regular(path: Path) -> bool:
+    info = folder_safety.entry(path.parent, path.name)
+    return info is not None and stat.S_ISREG(info.st_mode)
+
+
+def mark_restorable(reports: list[FileReport]) -> None:
+    """A point is restorable when every file it is read from is intact.
+
+    Those are the point's file and its parents (:func:`rules.parent`): an INC
+    reads through the point before it, a DIFF through its chain's FULL.
+    """
+    previous: dict[tuple[str, str], bool] = {}    # the point before, per chain and disk
+    whole: dict[tuple[str, str], bool] = {}       # the last FULL (or COPY)
+    for report in reports:
+        if report.status == "extra":
+            continue
+        key = (report.chain, report.disk)
+        good = not report.bad
+        if report.level in WHOLE_LEVELS:
+            report.restorable = whole[key] = good
+        else:
+            below = whole if report.level == "diff" else previous
+            report.restorable = good and below.get(key, False)
+        previous[key] = report.restorable
