@@ -6,7 +6,7 @@
 PYTHON   ?= python3
 VENV     ?= .venv
 VPY      := $(VENV)/bin/python
-APT_PKGS := qemu-system-x86 qemu-utils e2fsprogs
+APT_PKGS := qemu-system-x86 qemu-utils e2fsprogs libfuse3-3
 JOBS     ?= 2
 PYTEST_ARGS ?=
 
@@ -23,6 +23,7 @@ system-deps:
 	  command -v $$tool >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
 	done; \
 	[ -f /usr/share/seabios/bios-256k.bin ] || missing="$$missing seabios"; \
+	/sbin/ldconfig -p 2>/dev/null | grep -q 'libfuse3\.so\.3' || missing="$$missing libfuse3"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" -ne 0 ]; then \
 	    echo "missing:$$missing — run 'sudo apt-get install $(APT_PKGS)' or run make as root" >&2; exit 1; \

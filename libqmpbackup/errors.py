@@ -9,12 +9,15 @@ from the same numbers; keep them stable, scripts depend on them.
 from __future__ import annotations
 
 import signal
+from typing import Any, Optional
 
 
 class QmpBackupError(Exception):
     """Base class: a failure that is reported in one line, without traceback."""
 
     exit_code = 1
+    #: what the command had found before it failed, shown beside the error under --json
+    document: Optional[dict[str, Any]] = None
 
     def lines(self) -> list[str]:
         """The error lines to print: one, unless the error is about several things."""
@@ -95,6 +98,12 @@ class ImageInUseError(QmpBackupError):
     exit_code = 12
 
 
+class FleecingError(QmpBackupError):
+    """Fleecing snapshot broke: the fleecing storage was slower than --cbw-timeout, or full."""
+
+    exit_code = 13
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -128,6 +137,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (AgentError.exit_code, AgentError.__doc__ or ""),
     (BackupDamaged.exit_code, BackupDamaged.__doc__ or ""),
     (ImageInUseError.exit_code, ImageInUseError.__doc__ or ""),
+    (FleecingError.exit_code, FleecingError.__doc__ or ""),
     (129, "interrupted by SIGHUP"),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),

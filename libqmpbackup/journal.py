@@ -38,7 +38,7 @@ class Journal:
     result: str             # the FULL's name once it holds the point
     point: str              # the restored point's file
     point_time: int
-    steps: list[str] = field(default_factory=list)   # the INC files applied, in order
+    steps: list[str] = field(default_factory=list)   # INC/DIFF files after the FULL up to the point
     snapshots: bool = False
     done: int = 0           # steps applied so far (snapshotrebase applies them one by one)
 

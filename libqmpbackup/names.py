@@ -11,6 +11,7 @@ Layout of a chain folder::
     DIR/.qmpbackup.lock      (while a run holds it, or left by a killed run; not data)
     DIR/<disk id>/FULL-<unix time>-<image name>
     DIR/<disk id>/INC-<unix time>-<image name>     (backing file: the previous backup)
+    DIR/<disk id>/DIFF-<unix time>-<image name>    (backing file: the chain's FULL)
     DIR/<disk id>/COPY-<unix time>-<image name>    (level copy, no chain)
     DIR/<disk id>/qmpbackup-disk.json              (this folder's chain records)
 
@@ -42,11 +43,13 @@ LOCK_NAME = ".qmpbackup.lock"
 PARTIAL_SUFFIX = ".partial"
 TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of the tool
 BITMAP_PREFIX = TOOL_PREFIX
-LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "copy": "COPY"}
+LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "diff": "DIFF", "copy": "COPY"}
 PREFIX_LEVEL = {prefix: level for level, prefix in LEVEL_PREFIX.items()}
 MAX_TIMESTAMP_DIGITS = 18          # below 2**63: an untrusted name never makes a giant int
-BACKUP_NAME_RE = re.compile(rf"(FULL|INC|COPY)-(\d{{1,{MAX_TIMESTAMP_DIGITS}}})-(.+)")
+BACKUP_NAME_RE = re.compile(rf"(FULL|INC|DIFF|COPY)-(\d{{1,{MAX_TIMESTAMP_DIGITS}}})-(.+)")
 """Matched with fullmatch: a trailing newline is not part of a name."""
+FLEECING_FOLDER_PREFIX = f"{TOOL_PREFIX}fleecing-"   # + "<pid>-<random>" in --fleecing-dir
+_FLEECING_FOLDER_RE = re.compile(r"qmpbackup-fleecing-(\d{1,10})-[A-Za-z0-9_]+")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -79,6 +82,16 @@ def new_chain_id() -> str:
 
 def bitmap_name(chain_id: str) -> str:
     return f"{BITMAP_PREFIX}{chain_id}"
+
+
+def fleecing_folder_prefix(pid: int) -> str:
+    """Prefix of a run's private folder of fleecing images: the pid tells whether it is stale."""
+    return f"{FLEECING_FOLDER_PREFIX}{pid}-"
+
+
+def fleecing_folder_pid(name: str) -> Optional[int]:
+    match = _FLEECING_FOLDER_RE.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def safe_component(name: str) -> str:
@@ -143,7 +156,7 @@ def is_backup_file_name(name: str) -> bool:
 
 
 def point_label(file_name: str) -> str:
-    """``FULL-<time>`` / ``INC-<time>``: how a point (and its snapshot) is named to users."""
+    """``FULL-<time>`` / ``INC-<time>`` / ``DIFF-<time>``: a point (and its snapshot) as users see it."""
     parsed = parse_backup_name(file_name)
     if parsed is None:
         return file_name

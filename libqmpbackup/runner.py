@@ -5,15 +5,19 @@ stderr (the traceback only with --debug).  SIGINT, SIGTERM and SIGHUP (an ssh
 session or terminal that goes away) are turned into cancellation of the
 running command, so its ``finally`` blocks and exit stacks clean up QEMU and
 the target before the process exits with 128 + the signal number; a second
-signal during that cleanup is ignored.
+signal during that cleanup is ignored.  With ``--json`` the outcome is also
+one document on stdout (see :mod:`libqmpbackup.json_output`): the command's
+result, or the error envelope made here from the same exception that sets
+the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
-import json
+import io
 import logging
 import os
 import signal
@@ -21,13 +25,15 @@ import sys
 import traceback
 from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 
-from libqmpbackup.errors import Interrupted, QmpBackupError
+from libqmpbackup.errors import Interrupted, QmpBackupError, UsageError
+from libqmpbackup.json_output import Document, JsonResult, error_document, json_stdout, wants_json
 from libqmpbackup.logsetup import configure
 from libqmpbackup.units import parse_size
 
 log = logging.getLogger(__name__)
 
-Command = Callable[[argparse.Namespace], Union[int, Awaitable[Optional[int]], None]]
+CommandResult = Union[int, JsonResult, None]
+Command = Callable[[argparse.Namespace], Union[CommandResult, Awaitable[CommandResult]]]
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -45,11 +51,6 @@ def mark_recorded() -> None:
     exists as failed.  The remaining steps are cleanup; they run to the end.
     """
     _Outcome.recorded = True
-
-
-def print_json(document: Any) -> None:
-    """--json of any command: exactly one JSON document on stdout (log lines go to stderr)."""
-    print(json.dumps(document, indent=2))
 
 
 def byte_rate(text: str) -> int:
@@ -107,7 +108,7 @@ class _FirstSignal:
         return True
 
 
-async def _run_cancellable(coro: Awaitable[Optional[int]], first: _FirstSignal) -> Optional[int]:
+async def _run_cancellable(coro: Awaitable[CommandResult], first: _FirstSignal) -> CommandResult:
     """Run CORO; the first signal cancels it, so its ``finally`` blocks clean up."""
     loop = asyncio.get_running_loop()
     _Outcome.recorded = False
@@ -134,7 +135,7 @@ async def _run_cancellable(coro: Awaitable[Optional[int]], first: _FirstSignal) 
             loop.remove_signal_handler(signum)
 
 
-def _dispatch(command: Command, args: argparse.Namespace) -> Optional[int]:
+def _dispatch(command: Command, args: argparse.Namespace) -> CommandResult:
     first = _FirstSignal()
 
     def interrupt(signum: int, _frame: Any) -> None:
@@ -152,27 +153,64 @@ def _dispatch(command: Command, args: argparse.Namespace) -> Optional[int]:
             signal.signal(signum, handler)
 
 
-def run(parser: argparse.ArgumentParser, command_of: Callable[[argparse.Namespace], Command],
-        argv: Optional[Sequence[str]], name: str) -> int:
-    """Parse ARGV, run the chosen command, and map its outcome to an exit code."""
+def _parse(parser: argparse.ArgumentParser,
+           argv: list[str]) -> Union[argparse.Namespace, UsageError]:
+    """The parsed ARGV, or the usage error argparse reported (already shown on stderr)."""
+    captured = io.StringIO()
     try:
-        args = parser.parse_args(argv)
+        with contextlib.redirect_stderr(captured):
+            return parser.parse_args(argv)
     except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
+        error = UsageError(next((line.split(": error: ", 1)[1]
+                                 for line in reversed(captured.getvalue().splitlines())
+                                 if ": error: " in line), "invalid command line"))
+        error.exit_code = exit_.code if isinstance(exit_.code, int) else 2
+        return error
+    finally:
+        sys.stderr.write(captured.getvalue())
+
+
+def _outcome(command_of: Callable[[argparse.Namespace], Command], args: argparse.Namespace,
+             name: str) -> tuple[int, Optional[Document]]:
+    """Run the command: its exit code, and its result or error document (None: nothing to say)."""
     try:
         configure(debug=args.debug, quiet=args.quiet, logfile=args.logfile,
                   syslog=args.syslog, name=name)
-        return _dispatch(command_of(args), args) or 0
+        result = _dispatch(command_of(args), args)
     except BrokenPipeError:
         # `qmprestore list | head`: the reader left; that is not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return 0, None
     except QmpBackupError as err:
         for line in err.lines():
             log.error("%s", line)
         log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
-        return err.exit_code
+        return err.exit_code, {**(err.document or {}), **error_document(err.exit_code, str(err))}
     except Exception as err:  # the last line of defence: never a traceback by default
-        log.error("unexpected %s: %s (run with --debug for details)", type(err).__name__, err)
+        message = f"unexpected {type(err).__name__}: {err}"
+        log.error("%s (run with --debug for details)", message)
         log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
-        return 1
+        return 1, error_document(1, message)
+    if isinstance(result, JsonResult):
+        return result.exit_code, result.document
+    return result or 0, None
+
+
+def run(parser: argparse.ArgumentParser, command_of: Callable[[argparse.Namespace], Command],
+        argv: Optional[Sequence[str]], name: str) -> int:
+    """Parse ARGV, run the chosen command, and map its outcome to an exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parsed = _parse(parser, arguments)
+    if isinstance(parsed, UsageError):
+        if parsed.exit_code and wants_json(None, arguments):
+            with json_stdout() as out:
+                out.write(error_document(parsed.exit_code, str(parsed)))
+        return parsed.exit_code
+    if not wants_json(parsed, None):
+        return _outcome(command_of, parsed, name)[0]
+    with json_stdout() as out:
+        code, document = _outcome(command_of, parsed, name)
+        if document is not None:
+            with contextlib.suppress(BrokenPipeError):
+                out.write(document)
+    return code

@@ -108,7 +108,7 @@ def read_folder(root: Path) -> ChainStore:
                                  (copies, [r for r in records if r.level == "copy"])):
                 if kept:
                     kept.sort(key=lambda r: r.time)
-                    target.disks[disk_id] = DiskChain(kept, folder)
+                    target.disks[disk_id] = DiskChain(backups=kept, folder=folder)
     for found in (chain, copies):
         times = [r.time for d in found.disks.values() for r in d.backups]
         found.created = min(times, default=0)

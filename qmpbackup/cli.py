@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import AsyncContextManager, Awaitable, Optional, Sequence, Union
 
 from libqmpbackup import __version__
-from libqmpbackup.backup import offload
+from libqmpbackup.backup import fleecing, offload
 from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
 from libqmpbackup.backup.image_disks import ImageSpec, chain_stores, daemon_images, parse_image_spec
 from libqmpbackup.backup.jobs import AIO_MODES
@@ -18,14 +18,28 @@ from libqmpbackup.backup.progress import LOG_INTERVAL
 from libqmpbackup.backup.quiesce import check_quiesce_options
 from libqmpbackup.backup.run import run_backup
 from libqmpbackup.backup.session import image_session, locked_session
-from libqmpbackup.backup.vm_info import agent_report, bitmaps_table, blockdev_table
+from libqmpbackup.backup.vm_info import (
+    agent_report,
+    bitmaps_document,
+    bitmaps_table,
+    blockdev_document,
+    blockdev_table,
+)
 from libqmpbackup.errors import UsageError
+from libqmpbackup.json_output import JsonResult, add_json_option
 from libqmpbackup.names import validate_uuid
 from libqmpbackup.prune import PruneOptions, PruneResult, prune
 from libqmpbackup.prune_report import prune_document, prune_table
 from libqmpbackup.qemu.devices import discover
 from libqmpbackup.qemu.qmp import QmpSession
-from libqmpbackup.runner import Command, add_logging_options, byte_rate, positive_seconds, print_json, run
+from libqmpbackup.runner import (
+    Command,
+    CommandResult,
+    add_logging_options,
+    byte_rate,
+    positive_seconds,
+    run,
+)
 
 log = logging.getLogger("qmpbackup")
 
@@ -55,6 +69,8 @@ examples:
   # start a chain in an empty folder, then add incrementals
   qmpbackup --socket /run/vm1.qmp backup --level full --target /backup/vm1
   qmpbackup --socket /run/vm1.qmp backup --level inc --target /backup/vm1
+  # everything since the FULL: restoring it reads two files
+  qmpbackup --socket /run/vm1.qmp backup --level diff --target /backup/vm1
   # from cron: full on first run (and each month), incremental otherwise
   qmpbackup --socket /run/vm1.qmp --quiet backup --level auto --monthly --target /backup/vm1
   # only the system disk, at most 50 MiB/s per disk
@@ -114,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_logging_options(backup, after_command=True)
     backup.add_argument("-l", "--level", required=True, choices=LEVELS,
                         help="full: new chain in an empty folder; inc: changes since the last "
-                             "backup of the chain; auto: full when needed, else inc; "
+                             "backup of the chain; diff: changes since the chain's FULL; "
+                             "auto: full when needed, else inc; "
                              "copy: standalone full copy, no bitmap")
     backup.add_argument("-t", "--target", required=True, type=Path, metavar="DIR",
                         help="backup folder (holds one chain, or one per month with --monthly)")
@@ -171,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "and back up unquiesced")
     backup.add_argument("--quiesce-required", action="store_true",
                         help="like --quiesce, but fail when the guest cannot be frozen")
+    backup.add_argument("--fleecing", action="store_true",
+                        help="guest writes save old data to a local fleecing image, so a slow "
+                             "or hung backup target never makes the guest wait")
+    backup.add_argument("--fleecing-dir", type=Path, metavar="DIR",
+                        help="fast local storage for the temporary fleecing images "
+                             f"(default {fleecing.DEFAULT_DIR}; never the backup target)")
+    backup.add_argument("--cbw-timeout", type=int, metavar="SECONDS",
+                        help="with --fleecing: a guest write waits at most this long for its "
+                             "old data to be saved; then the write goes on and the backup "
+                             f"fails (default {fleecing.DEFAULT_CBW_TIMEOUT})")
+    add_json_option(backup)
 
     info = commands.add_parser(
         "info", help="show the VM's disks or bitmaps",
@@ -181,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_logging_options(info, after_command=True)
     info.add_argument("--show", choices=("blockdev", "bitmaps", "agent"), default="blockdev",
                       help="disks, dirty bitmaps, or the guest agent (needs --agent-socket)")
+    add_json_option(info)
 
     cleanup = commands.add_parser(
         "cleanup", help="remove qmpbackup's bitmaps from the VM",
@@ -203,9 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the N chains with the newest backups (at least 1)")
     prune_.add_argument("--dry-run", action="store_true",
                         help="print what would be removed, change nothing")
-    prune_.add_argument("--json", action="store_true",
-                        help="print one JSON document instead of the table")
+    add_json_option(prune_)
     return parser
+
+
+def _fleecing_options(args: argparse.Namespace) -> Optional[fleecing.FleecingOptions]:
+    if not args.fleecing:
+        for given, option in ((args.fleecing_dir, "--fleecing-dir"),
+                              (args.cbw_timeout, "--cbw-timeout")):
+            if given is not None:
+                raise UsageError(f"{option} only applies with --fleecing")
+        return None
+    return fleecing.check_options(
+        args.fleecing_dir if args.fleecing_dir is not None else fleecing.DEFAULT_DIR,
+        args.cbw_timeout if args.cbw_timeout is not None else fleecing.DEFAULT_CBW_TIMEOUT,
+        args.target)
 
 
 def _session(args: argparse.Namespace,
@@ -223,13 +264,14 @@ def _session(args: argparse.Namespace,
     return locked_session(args.socket)
 
 
-async def backup_command(args: argparse.Namespace) -> int:
+async def backup_command(args: argparse.Namespace) -> CommandResult:
     # Checked here, before planning creates folders or retires bitmaps.
-    _refuse_offline(args, "--quiesce", "--quiesce-required", "--pause")
+    _refuse_offline(args, "--quiesce", "--quiesce-required", "--pause", "--fleecing")
     check_quiesce_options(args.agent_socket, args.quiesce_required)
     offload.check_options(args.copy_offload, args.compress)
     if args.uuid and args.level == "copy":
         raise UsageError("--uuid names a chain, and --level copy makes none: drop one of them")
+    fleecing_options = _fleecing_options(args)
     opts = BackupOptions(
         level=args.level, target=args.target,
         uuid=validate_uuid(args.uuid) if args.uuid else None,
@@ -241,7 +283,7 @@ async def backup_command(args: argparse.Namespace) -> int:
         progress_interval=args.progress_interval,
         target_cache_direct=args.blockdev_disable_cache, target_aio=args.blockdev_aio,
         no_subdir=args.no_subdir, no_timestamp=args.no_timestamp, no_symlink=args.no_symlink,
-        copy_offload=args.copy_offload)
+        fleecing=fleecing_options, copy_offload=args.copy_offload)
     if args.remove_delay is not None:
         log.warning("--remove-delay is not needed and is ignored: qmpbackup closes a backup "
                     "file only after QEMU has ended the job that wrote it")
@@ -249,17 +291,23 @@ async def backup_command(args: argparse.Namespace) -> int:
         result = await run_backup(session, opts)
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
              f" (chain {result.chain_id})" if result.chain_id else "")
-    return 0
+    return JsonResult(result.document()) if args.json else 0
 
 
-async def info_command(args: argparse.Namespace) -> int:
+async def info_command(args: argparse.Namespace) -> CommandResult:
     if args.show == "agent":
         if not args.agent_socket:
             raise UsageError("info --show agent needs --agent-socket")
-        print(await agent_report(args.agent_socket))
+        report = await agent_report(args.agent_socket)
+        if args.json:
+            return JsonResult(report.document())
+        print(report.text())
         return 0
     async with _session(args) as session:
         disks = await discover(session)
+    if args.json:
+        return JsonResult(blockdev_document(disks) if args.show == "blockdev"
+                          else bitmaps_document(disks))
     print(blockdev_table(disks) if args.show == "blockdev" else bitmaps_table(disks))
     return 0
 
@@ -273,28 +321,27 @@ async def cleanup_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_prune(result: PruneResult, as_json: bool) -> None:
+def _prune_output(result: PruneResult, as_json: bool) -> CommandResult:
     if as_json:
-        print_json(prune_document(result))
-    else:
-        print(prune_table(result))
+        return JsonResult(prune_document(result))
+    print(prune_table(result))
+    return 0
 
 
 def _prune_options(args: argparse.Namespace) -> PruneOptions:
     return PruneOptions(target=args.target, keep=args.keep, dry_run=args.dry_run)
 
 
-async def _prune_with_bitmaps(args: argparse.Namespace) -> int:
+async def _prune_with_bitmaps(args: argparse.Namespace) -> CommandResult:
     async with _session(args) as session:
         result = prune(_prune_options(args))
         result.bitmaps = await remove_chain_bitmaps(
             session, result.plan.removed_chain_ids(), result.plan.kept_bitmaps(),
             dry_run=args.dry_run)
-    _print_prune(result, args.json)
-    return 0
+    return _prune_output(result, args.json)
 
 
-def prune_command(args: argparse.Namespace) -> Union[int, Awaitable[int]]:
+def prune_command(args: argparse.Namespace) -> Union[CommandResult, Awaitable[CommandResult]]:
     """Without --socket/--image the folder alone decides, and no VM (nor event loop) is involved."""
     if args.socket or args.image:
         return _prune_with_bitmaps(args)
@@ -302,8 +349,7 @@ def prune_command(args: argparse.Namespace) -> Union[int, Awaitable[int]]:
     if result.plan.removed:
         log.info("the VM may still hold the removed chains' bitmaps: prune with --socket, or "
                  "qmpbackup cleanup --remove-bitmaps --uuid ID")
-    _print_prune(result, args.json)
-    return 0
+    return _prune_output(result, args.json)
 
 
 COMMANDS: dict[str, Command] = {

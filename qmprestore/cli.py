@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from libqmpbackup import __version__
+from libqmpbackup.json_output import JsonResult, add_json_option
 from libqmpbackup.names import validate_uuid
 from libqmpbackup.restore.inplace import commit, rebase, snapshotrebase
-from libqmpbackup.restore.listing import list_table
-from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge
+from libqmpbackup.restore.listing import list_document, list_table
+from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge, merge_document
 from libqmpbackup.restore.rules import RestoreOptions
 from libqmpbackup.restore.verify import verify_dir
-from libqmpbackup.runner import Command, add_logging_options, byte_rate, print_json, run
+from libqmpbackup.runner import Command, CommandResult, add_logging_options, byte_rate, run
 
 EXAMPLES = """\
 examples:
@@ -112,12 +113,12 @@ def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
                         help="the backup folder (holds qmpbackup.json) or one disk folder in it")
     _add_selection_options(parser, skip_check=name not in ("list", "verify"), top=False)
+    if name in ("list", "merge", "verify"):
+        add_json_option(parser)
     if name == "list":
         return parser
     if name == "verify":
         parser.add_argument("--uuid", metavar="ID", help="only this chain")
-        parser.add_argument("--json", action="store_true",
-                            help="print the result as one JSON document (see docs/json.md)")
         return parser
     parser.add_argument("--until", metavar="NAME",
                         help="restore this point instead of the newest: a backup file name, "
@@ -162,26 +163,26 @@ def _options(args: argparse.Namespace) -> RestoreOptions:
                           name_filter=args.name_filter)
 
 
-def list_command(args: argparse.Namespace) -> int:
+def list_command(args: argparse.Namespace) -> CommandResult:
+    if args.json:
+        return JsonResult(list_document(args.dir, args.name_filter))
     print(list_table(args.dir, args.name_filter))
     return 0
 
 
-def verify_command(args: argparse.Namespace) -> int:
+def verify_command(args: argparse.Namespace) -> CommandResult:
     report = verify_dir(args.dir, validate_uuid(args.uuid) if args.uuid else None,
                         args.name_filter)
-    if args.json:
-        print_json(report.to_json())
-    else:
+    if not args.json:
         print(report.table())
-    report.raise_if_bad()
-    return 0
+    report.raise_if_bad(with_document=args.json)
+    return JsonResult(report.to_json()) if args.json else 0
 
 
-def merge_command(args: argparse.Namespace) -> int:
-    merge(_options(args), MergeTarget(file=args.targetfile, directory=args.targetdir,
-                                      fmt=args.fmt))
-    return 0
+def merge_command(args: argparse.Namespace) -> CommandResult:
+    images = merge(_options(args), MergeTarget(file=args.targetfile, directory=args.targetdir,
+                                               fmt=args.fmt))
+    return JsonResult(merge_document(images, args.dry_run)) if args.json else 0
 
 
 def rebase_command(args: argparse.Namespace) -> int:

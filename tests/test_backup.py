@@ -190,7 +190,7 @@ def test_uuid_names_the_chain_and_its_bitmap(cli, vm: TestVM, tmp_path: Path) ->
     backup(cli, vm, target, "full", "--uuid", "nightly-1", "--include", "virtio0").ok()
     assert metadata(target)["chains"][0]["uuid"] == "nightly-1"
     names = [b["name"] for bl in vm.bitmaps().values() for b in bl]
-    assert names == ["qmpbackup-nightly-1"]
+    assert names == ["qmpbackup-nightly-1", "qmpbackup-nightly-1+diff"]
     backup(cli, vm, target, "inc", "--uuid", "other", "--include", "virtio0").failed(6, "other")
     backup(cli, vm, target, "inc", "--uuid", "nightly-1", "--include", "virtio0").ok()
     backup(cli, vm, tmp_path / "bad", "full", "--uuid", "../etc").failed(2, "invalid --uuid")
@@ -264,7 +264,8 @@ def test_cleanup_removes_tool_bitmaps(cli, vm: TestVM, tmp_path: Path) -> None:
     vm.cmd("block-dirty-bitmap-add", node=vm_node(vm, "virtio0"), name="foreign")
     out = cli("qmpbackup", "--socket", vm.tool_socket, "cleanup", "--remove-bitmap",
               "--uuid", "two").ok().out
-    assert out.strip() == "removed virtio0:qmpbackup-two"
+    assert out.split("\n") == ["removed virtio0:qmpbackup-two",
+                                "removed virtio0:qmpbackup-two+diff", ""]
     cli("qmpbackup", "--socket", vm.tool_socket, "cleanup", "--remove-bitmaps").ok()
     names = sorted(b["name"] for bl in vm.bitmaps().values() for b in bl)
     assert names == ["foreign"], "only qmpbackup's bitmaps are removed"

@@ -334,6 +334,30 @@ def test_live_backup_points_restore_consistent(guest: Guest, cli: Cli, tmp_path:
                     tmp_path)
 
 
+def test_fleecing_quiesced_points_restore_clean(guest: Guest, cli: Cli, tmp_path: Path) -> None:
+    """--fleecing --quiesce: the freeze covers the switch onto the filters (the point in time)."""
+    vm = guest.vm
+    target, fleece = tmp_path / "backup", tmp_path / "fleece"
+    fleece.mkdir()
+    known = f"/known-{tmp_path.name}"
+    with churning(vm) as iterations:
+        start = iterations()
+        for point in range(2):
+            write_known(vm, known, point, sync=False)
+            result = backup(cli, vm, "full" if point == 0 else "inc", target, "--quiesce",
+                            "--fleecing", "--fleecing-dir", str(fleece), debug=True).ok()
+            err = result.err
+            assert err.index("guest-fsfreeze-freeze") < err.index('"qom-set"') \
+                < err.index("guest-fsfreeze-thaw"), "devices switched while the guest is frozen"
+            assert freeze_status(vm) == "thawed"
+        assert iterations() > start, "the guest stopped writing during the backups"
+    assert list(fleece.iterdir()) == []
+    records = recorded(target)
+    assert [r["quiesced"] for r in records] == [True, True]
+    for point, record in enumerate(records):
+        check_point(target / "virtio0" / record["file"], known, point, True, 2, tmp_path)
+
+
 def test_pause_with_quiesce_freezes_before_the_pause_and_thaws_after_it(
         guest: Guest, cli: Cli, tmp_path: Path) -> None:
     """A paused guest's agent cannot answer: freeze, stop, copy, cont, thaw — and a clean point."""

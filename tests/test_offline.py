@@ -195,7 +195,8 @@ def test_offline_chain_with_chosen_ids_info_and_cleanup(cli, tmp_path: Path,
     shown = cli("qmpbackup", "--image", str(image(vm, "data1")), "info", "--show", "bitmaps").ok()
     assert bitmap in shown.out and " data1 " in shown.out
     removed = cli("qmpbackup", *image_args(vm), "cleanup", "--remove-bitmaps").ok()
-    assert sorted(removed.out.splitlines()) == sorted(f"removed {d}:{bitmap}" for d in DISKS)
+    assert sorted(removed.out.splitlines()) == sorted(
+        f"removed {d}:{bitmap}{suffix}" for d in DISKS for suffix in ("", "+diff"))
     assert "bitmaps" not in run(["qemu-img", "info", str(image(vm, "virtio0"))]).stdout
     assert_no_daemon(vm.folder, private_dirs)
     # the bitmap is gone: inc refuses, auto starts a new chain in the same folder
@@ -300,6 +301,7 @@ def test_killed_offline_run_stops_the_daemon_and_loses_no_change(
 @pytest.mark.parametrize("global_opts,command,fragment", [
     ((), ("backup", "--level", "inc", "--quiesce"), "--quiesce needs a running VM"),
     ((), ("backup", "--level", "inc", "--quiesce-required"), "--quiesce-required needs"),
+    ((), ("backup", "--level", "inc", "--fleecing"), "--fleecing needs a running VM"),
     (("--agent-socket", "/nonexistent"), ("info", "--show", "agent"),
      "--agent-socket needs a running VM"),
     (("--socket", "/nonexistent"), ("info",), "not allowed with"),
@@ -362,7 +364,7 @@ def test_prune_with_images_removes_the_pruned_chains_bitmaps(cli, tmp_path: Path
     old, new = (metadata(p)["chains"][0]["bitmap"] for p in (root, *root.glob("????-??")))
     result = cli("qmpbackup", *image_args(vm), "prune", "--target", root, "--keep", "1").ok()
     assert sorted(line for line in result.out.splitlines() if line.startswith("removed bitmap")) \
-        == sorted(f"removed bitmap {d}:{old}" for d in DISKS)
+        == sorted(f"removed bitmap {d}:{old}{suffix}" for d in DISKS for suffix in ("", "+diff"))
     for disk in DISKS:
         info = run(["qemu-img", "info", str(image(vm, disk))]).stdout
         assert new in info and old not in info

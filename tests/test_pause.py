@@ -178,7 +178,8 @@ def test_pause_left_by_a_killed_run_is_resumed_by_the_next_run(cli, pvm: TestVM,
     time.sleep(0.1)
     assert status(pvm) == "paused", "SIGKILL: nobody resumed it"
     log = recovers(cli, pvm, root, refs)
-    assert "resumed the VM: an interrupted qmpbackup --pause run had left it paused" in log
+    assert "resumed the VM: an interrupted qmpbackup run (--pause or --fleecing) had left it " \
+        "paused" in log
     assert_resumed(pvm, root)
     # a VM its admin paused is not "left paused by a run": no marker, no resume
     pvm.cmd("stop")

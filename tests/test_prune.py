@@ -27,6 +27,7 @@ from libqmpbackup.locks import LOCK_DIR_ENV, chain_lock
 from libqmpbackup.metadata import BackupRecord, Chain, ChainStore
 from libqmpbackup.names import point_label
 from tests.test_faults import finished, start_backup
+from tests.test_json import documented, key_paths
 from tests.vm import Disk, MiB, TestVM, identical
 
 
@@ -154,10 +155,8 @@ def test_json_is_one_document_with_the_documented_keys(cli, folders: Path) -> No
     assert [c["status"] for c in document["chains"]] == ["removed"] + ["kept"] * 4
     assert document["bytes_freed"] == first["size"]
     assert sorted(document["removed_files"]) == sorted(first["files"])
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "json.md").read_text()
-    section = docs.split("## qmpbackup prune", 1)[1]
-    for key in [*document, *first]:
-        assert f"`{key}`" in section, f"{key} is not documented in docs/json.md"
+    undocumented = key_paths(document) - documented()["qmpbackup prune"]
+    assert not undocumented, f"not documented in docs/json.md: {sorted(undocumented)}"
 
 
 def test_symlinks_are_never_followed(cli, folders: Path, tmp_path: Path) -> None:
@@ -396,11 +395,15 @@ def test_month_folders_and_the_vm_bitmaps_of_pruned_chains(cli, recorder: Record
     status = {c["id"]: c["status"] for c in document["chains"]}
     assert status == {old_in_base: "removed", chain_ids[0]: "removed", chain_ids[1]: "kept",
                       chain_ids[2]: "kept"}
+    # the removed chains' bitmaps: chain_ids[0]'s (put back above), and the +diff old_in_base
+    # kept without its chain bitmap
     assert sorted(document["removed_bitmaps"]) == sorted(
-        f"{d}:qmpbackup-{chain_ids[0]}" for d in DISKS)
+        [f"{d}:qmpbackup-{chain_ids[0]}" for d in DISKS]
+        + [f"{d}:qmpbackup-{old_in_base}+diff" for d in DISKS])
     bitmaps = {b["name"] for bl in vm.bitmaps().values() for b in bl}
-    assert f"qmpbackup-{chain_ids[0]}" not in bitmaps
-    assert f"qmpbackup-{chain_ids[2]}" in bitmaps, "the live chain keeps its bitmap"
+    assert not {f"qmpbackup-{chain_ids[0]}", f"qmpbackup-{chain_ids[0]}+diff"} & bitmaps
+    assert {f"qmpbackup-{chain_ids[2]}", f"qmpbackup-{chain_ids[2]}+diff"} <= bitmaps, \
+        "the live chain keeps its bitmaps"
     assert sorted(p.name for p in base.iterdir()) == ["2001-02", month], \
         "DIR lost its own chain, its metadata and disk folders; the emptied month folder went"
     listing = cli("qmprestore", "list", "--dir", base).ok().out

@@ -105,6 +105,15 @@ def harness_qmp(path: str) -> QEMUMonitorProtocol:
     return QEMUMonitorProtocol(path)
 
 
+def reap(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Wait for a process that was asked to end; kill it if it does not within TIMEOUT."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
 
@@ -119,12 +128,14 @@ class TestVM:
     __test__ = False  # not a pytest test class
 
     def __init__(self, folder: Path, disks: Optional[list[Disk]] = None, *,
-                 prelaunch: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+                 prelaunch: bool = False, extra_args: tuple[str, ...] = (),
+                 firmware_log: bool = False) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.disks = disks if disks is not None else default_disks()
         self.prelaunch = prelaunch
         self.extra_args = extra_args
+        self.firmware_log = folder / "seabios.log" if firmware_log else None
         self.sockdir = Path(tempfile.mkdtemp(prefix="qbt"))
         self.tool_socket = str(self.sockdir / "tool.sock")
         self.test_socket = str(self.sockdir / "test.sock")
@@ -163,6 +174,9 @@ class TestVM:
             argv += ["-qmp", f"unix:{sock},server=on,wait=off"]
         if self.prelaunch:
             argv.append("-S")
+        if self.firmware_log:
+            argv += ["-chardev", f"file,id=seabios,path={self.firmware_log}",
+                     "-device", "isa-debugcon,iobase=0x402,chardev=seabios"]
         return argv + list(self.extra_args)
 
     def start(self) -> TestVM:
@@ -213,11 +227,7 @@ class TestVM:
             self.qmp = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            reap(self.proc)
         self.proc = None
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
@@ -227,6 +237,21 @@ class TestVM:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
         self.stop()
+
+    def wait_for_firmware(self, timeout: float = 60) -> None:
+        """Until SeaBIOS gave up booting (needs ``firmware_log``).
+
+        Its probing resets the virtio disks, and a reset drains the disk's
+        whole block graph, a running backup job included: a write stall of
+        the backup target then stalls the vCPU.  A real guest is long past it.
+        """
+        assert self.firmware_log is not None
+        deadline = time.monotonic() + timeout
+        while "No bootable device" not in (self.firmware_log.read_text(errors="replace")
+                                           if self.firmware_log.exists() else ""):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the firmware did not finish: {self.firmware_log}")
+            time.sleep(0.05)
 
     # -- QMP helpers --------------------------------------------------------
     def cmd(self, command: str, **arguments: Any) -> Any:

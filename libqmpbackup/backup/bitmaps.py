@@ -3,7 +3,8 @@
 A chain's bitmap is named ``qmpbackup-<chain id>`` on every disk of the
 chain.  Only this module creates or removes bitmaps, so the rules (persistent,
 created atomically for all disks, never cleared except by a successful
-grouped job) live in one place.
+grouped job — or at a fleecing switch, under the ``+pending`` copy below —)
+live in one place.
 
 QEMU advances a chain bitmap the moment a grouped job succeeds, but the
 backup only counts once its metadata is committed.  A run that dies in
@@ -23,6 +24,20 @@ changes, so each run brackets its jobs with two kinds of auxiliary bitmaps
 
 Both are persistent so they survive a clean QEMU restart together with the
 chain bitmap they describe.
+
+Differential backups (``--level diff``) need "everything since the FULL",
+which the chain bitmap forgets at every backup.  So each disk of a chain has
+a second persistent bitmap, ``qmpbackup-<id>+diff``, added together with its
+chain bitmap when the disk gets its FULL, and never cleared nor used by a
+job: a new FULL starts a new chain with new bitmaps.  A DIFF run merges it
+into the chain bitmap (after ``+pending`` took its copy) in the preparing
+transaction, and then runs exactly like an incremental with the chain
+bitmap: on success QEMU re-bases the chain bitmap to the DIFF's start, so a
+following INC holds the changes since the DIFF; on failure the merge-back
+leaves the chain bitmap a superset (the next INC copies more, misses
+nothing); a killed run is settled by ``+pending`` as always.  ``+diff`` is
+not auxiliary: recovery never merges it, and it goes with its chain bitmap
+(``+new`` marker, retired chains, cleanup).
 """
 
 from __future__ import annotations
@@ -41,18 +56,28 @@ log = logging.getLogger(__name__)
 PENDING_SUFFIX = "+pending"
 NEW_SUFFIX = "+new"
 AUXILIARY_SUFFIXES = (PENDING_SUFFIX, NEW_SUFFIX)
+DIFF_SUFFIX = "+diff"
 
 Action = dict[str, Any]
 
 
-def split_auxiliary(name: str) -> Optional[tuple[str, str]]:
-    """(chain bitmap, suffix) for an auxiliary bitmap name, else None."""
+def _split(name: str, suffixes: tuple[str, ...]) -> Optional[tuple[str, str]]:
     if not name.startswith(BITMAP_PREFIX):
         return None
-    for suffix in AUXILIARY_SUFFIXES:
+    for suffix in suffixes:
         if name.endswith(suffix) and len(name) > len(BITMAP_PREFIX) + len(suffix):
             return name[:-len(suffix)], suffix
     return None
+
+
+def split_auxiliary(name: str) -> Optional[tuple[str, str]]:
+    """(chain bitmap, suffix) for an auxiliary bitmap name, else None."""
+    return _split(name, AUXILIARY_SUFFIXES)
+
+
+def diff_bitmap(chain_bitmap: str) -> str:
+    """The bitmap holding every change since the disk's FULL in this chain."""
+    return chain_bitmap + DIFF_SUFFIX
 
 
 def add_action(disk: BlockDevice, name: str, *, disabled: bool = False,
@@ -72,6 +97,23 @@ def merge_action(disk: BlockDevice, target: str, source: str) -> Action:
 
 def remove_action(disk: BlockDevice, name: str) -> Action:
     return {"type": "block-dirty-bitmap-remove", "data": {"node": disk.node, "name": name}}
+
+
+def clear_action(disk: BlockDevice, name: str) -> Action:
+    return {"type": "block-dirty-bitmap-clear", "data": {"node": disk.node, "name": name}}
+
+
+def copy_to_node_actions(disk: BlockDevice, name: str, node: str, copy: str) -> list[Action]:
+    """Freeze what bitmap NAME of DISK holds now into a transient bitmap COPY on NODE.
+
+    Used for a node that shows the disk's content (a fleecing snapshot): a
+    job there can only name bitmaps of its own node.
+    """
+    return [{"type": "block-dirty-bitmap-add",
+             "data": {"node": node, "name": copy, "persistent": False}},
+            {"type": "block-dirty-bitmap-merge",
+             "data": {"node": node, "target": copy,
+                      "bitmaps": [{"node": disk.node, "name": name}]}}]
 
 
 async def transaction(session: QmpSession, actions: list[Action]) -> None:
@@ -117,9 +159,14 @@ def tool_bitmaps(disk: BlockDevice, chain_id: Optional[str] = None) -> list[str]
 
 
 def chain_bitmap_of(name: str) -> str:
-    """The chain bitmap an auxiliary bitmap belongs to (a chain bitmap is its own)."""
-    parts = split_auxiliary(name)
+    """The chain bitmap an auxiliary or diff bitmap belongs to (a chain bitmap is its own)."""
+    parts = _split(name, (*AUXILIARY_SUFFIXES, DIFF_SUFFIX))
     return parts[0] if parts else name
+
+
+def chain_bitmaps(disk: BlockDevice, chain_bitmap: str) -> list[str]:
+    """The chain bitmap and its diff bitmap, as far as DISK has them."""
+    return [n for n in (chain_bitmap, diff_bitmap(chain_bitmap)) if disk.bitmap(n)]
 
 
 @dataclass
@@ -127,12 +174,19 @@ class RunBitmaps:
     """The auxiliary bitmaps of one chain run and how each way out of the run settles them.
 
     kept: disks whose chain bitmap exists and is used (they get ``+pending``);
-    added: disks that get the chain bitmap in this run (they get ``+new``).
+    added: disks that get the chain bitmap in this run (they get ``+new``,
+    and ``+diff``);
+    differential: kept disks backed up as DIFF (``+diff`` merged into the
+    chain bitmap after ``+pending`` copied it);
+    diff_added: disks getting their FULL whose chain bitmap already existed
+    (left by an earlier run) but whose ``+diff`` did not.
     """
 
     chain_bitmap: str
     kept: list[BlockDevice] = field(default_factory=list)
     added: list[BlockDevice] = field(default_factory=list)
+    differential: list[BlockDevice] = field(default_factory=list)
+    diff_added: list[BlockDevice] = field(default_factory=list)
     markers_removed: bool = False
 
     @property
@@ -143,16 +197,28 @@ class RunBitmaps:
     def marker(self) -> str:
         return self.chain_bitmap + NEW_SUFFIX
 
+    @property
+    def diff(self) -> str:
+        return diff_bitmap(self.chain_bitmap)
+
+    def _granularity(self, disk: BlockDevice) -> int:
+        current = disk.bitmap(self.chain_bitmap)
+        return current.granularity if current else 0
+
     def prepare_actions(self) -> list[Action]:
+        """In order: QEMU runs a transaction's actions one after the other."""
         actions = []
         for disk in self.kept:
-            current = disk.bitmap(self.chain_bitmap)
-            actions += [add_action(disk, self.pending,
-                                   granularity=current.granularity if current else 0),
+            actions += [add_action(disk, self.pending, granularity=self._granularity(disk)),
                         merge_action(disk, self.pending, self.chain_bitmap)]
+        for disk in self.differential:
+            actions.append(merge_action(disk, self.chain_bitmap, self.diff))
         for disk in self.added:
             actions += [add_action(disk, self.chain_bitmap),
+                        add_action(disk, self.diff),
                         add_action(disk, self.marker, disabled=True)]
+        for disk in self.diff_added:
+            actions.append(add_action(disk, self.diff, granularity=self._granularity(disk)))
         return actions
 
     async def prepare(self, session: QmpSession) -> None:
@@ -190,9 +256,11 @@ class RunBitmaps:
                                                         remove_action(d, self.pending)],
                          "restore bitmap")
         await self._each(session, self.added, lambda d: [
-            remove_action(d, self.chain_bitmap),
+            remove_action(d, self.chain_bitmap), remove_action(d, self.diff),
             *([] if self.markers_removed else [remove_action(d, self.marker)])],
             "remove new bitmap")
+        await self._each(session, self.diff_added, lambda d: [remove_action(d, self.diff)],
+                         "remove new bitmap")
 
     async def _each(self, session: QmpSession, disks: Iterable[BlockDevice],
                     actions_for: Callable[[BlockDevice], list[Action]], what: str) -> None:
@@ -220,21 +288,24 @@ def recovery_steps(disks: Iterable[BlockDevice]) -> list[RecoveryStep]:
             chain_name, suffix = parts
             chain = disk.bitmap(chain_name)
             if suffix == NEW_SUFFIX:
-                steps.append(_drop_uncommitted(disk, bitmap, chain))
+                steps.append(_drop_uncommitted(disk, bitmap, chain_name))
             else:
                 steps.append(_merge_back(disk, bitmap, chain))
     return steps
 
 
-def _drop_uncommitted(disk: BlockDevice, marker: DirtyBitmap,
-                      chain: Optional[DirtyBitmap]) -> RecoveryStep:
-    actions = [remove_action(disk, marker.name)]
+def _drop_uncommitted(disk: BlockDevice, marker: DirtyBitmap, chain_name: str) -> RecoveryStep:
+    """The marker's chain bitmap (and its diff bitmap) never saw a recorded FULL: drop them."""
+    chain = disk.bitmap(chain_name)
+    actions = [remove_action(disk, name) for name in
+               (diff_bitmap(chain_name), marker.name) if disk.bitmap(name)]
     if chain is None:
-        return RecoveryStep(disk, actions, f"removed marker {marker.name} from {disk.disk_id}")
+        return RecoveryStep(disk=disk, actions=actions,
+                            message=f"removed marker {marker.name} from {disk.disk_id}")
     return RecoveryStep(
-        disk, [remove_action(disk, chain.name), *actions],
-        f"removed bitmap {chain.name} from {disk.disk_id}: an interrupted run created it "
-        "and never recorded its full backup")
+        disk=disk, actions=[remove_action(disk, chain.name), *actions],
+        message=f"removed bitmap {chain.name} from {disk.disk_id}: an interrupted run created "
+                "it and never recorded its full backup")
 
 
 def _merge_back(disk: BlockDevice, pending: DirtyBitmap,
@@ -244,9 +315,9 @@ def _merge_back(disk: BlockDevice, pending: DirtyBitmap,
                 else "its chain bitmap is inconsistent" if chain.inconsistent
                 else "it is inconsistent" if pending.inconsistent else "")
     if chain is None or unusable:
-        return RecoveryStep(disk, [remove], f"removed {pending.name} from {disk.disk_id}: "
-                                            f"{unusable}")
+        return RecoveryStep(disk=disk, actions=[remove],
+                            message=f"removed {pending.name} from {disk.disk_id}: {unusable}")
     return RecoveryStep(
-        disk, [merge_action(disk, chain.name, pending.name), remove],
-        f"merged {pending.name} back into {chain.name} on {disk.disk_id}: the next "
-        "incremental also holds the changes of an interrupted run")
+        disk=disk, actions=[merge_action(disk, chain.name, pending.name), remove],
+        message=f"merged {pending.name} back into {chain.name} on {disk.disk_id}: the next "
+                "incremental also holds the changes of an interrupted run")

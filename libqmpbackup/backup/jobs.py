@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 
 from libqmpbackup.backup.offload import OffloadChoice
 from libqmpbackup.backup.run_steps import reached
-from libqmpbackup.errors import JobError, TargetError, UsageError, VMGoneError
+from libqmpbackup.errors import FleecingError, JobError, TargetError, UsageError, VMGoneError
 from libqmpbackup.names import TOOL_PREFIX, safe_component
 from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.qemu.qmp import EventStream, QmpCommandError, QmpSession
@@ -54,12 +56,35 @@ class BackupJob:
     target_node: str = ""
     result: Optional[str] = None    # None while running, "" on success, else error
     target_failed: bool = False     # the error was writing the target (full, unwritable)
+    source_node: str = ""           # the node the job reads, when not the disk's (fleecing)
+    source_failed: bool = False     # the error was reading the source
+    max_workers: int = 0            # bound on the job's parallel copies (0: QEMU's 64)
     digest: Optional[str] = None    # checksum of the finished file (see libqmpbackup.digests)
+    bytes_copied: int = 0           # what the job copied, from its completion event
+    started: float = 0.0            # monotonic clock: transaction sent
+    finished: float = 0.0           # monotonic clock: completion event
+
+    @property
+    def duration(self) -> float:
+        return max(self.finished - self.started, 0.0) if self.finished else 0.0
 
     def assign_names(self, index: int, run_tag: str) -> None:
         """Recognisable names, so leftovers of a killed run can be found and removed."""
         self.job_id = f"{TOOL_PREFIX}{safe_component(self.disk.disk_id)}-{run_tag}"
         self.target_node = f"{TOOL_PREFIX}t{index}-{run_tag}"
+
+    def read_from(self, node: str, bitmap: Optional[str], *, max_workers: int = 0) -> None:
+        """Copy from NODE (a snapshot of the disk) instead, with NODE's own BITMAP if any.
+
+        A whole-disk copy then reads everything (``full``, not ``top``): the
+        snapshot node's block status is not a promise about the disk's allocation.
+        """
+        self.source_node = node
+        if self.sync == "top":
+            self.sync = "full"
+        self.bitmap = bitmap
+        self.bitmap_mode = None
+        self.max_workers = max_workers
 
 
 def new_run_tag() -> str:
@@ -70,7 +95,7 @@ def backup_action(job: BackupJob, *, speed: int = 0, compress: bool = False,
                   x_perf: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     args: dict[str, Any] = {
         "job-id": job.job_id,
-        "device": job.disk.node,
+        "device": job.source_node or job.disk.node,
         "target": job.target_node,
         "sync": job.sync,
         "auto-finalize": True,
@@ -84,8 +109,11 @@ def backup_action(job: BackupJob, *, speed: int = 0, compress: bool = False,
         args["speed"] = speed
     if compress:
         args["compress"] = True
-    if x_perf:
-        args["x-perf"] = x_perf
+    x_perf_args = dict(x_perf or {})
+    if job.max_workers:
+        x_perf_args["max-workers"] = job.max_workers
+    if x_perf_args:
+        args["x-perf"] = x_perf_args
     return {"type": "blockdev-backup", "data": args}
 
 
@@ -152,12 +180,15 @@ async def _watch_job(session: QmpSession, job: BackupJob) -> None:
             name, data = event.name, event.data
             if name == "BLOCK_JOB_COMPLETED":
                 job.result = data.get("error", "")
+                job.bytes_copied = int(data.get("offset", 0))
+                job.finished = time.monotonic()
             elif name == "BLOCK_JOB_CANCELLED":
                 job.result = job.result or "cancelled"
             elif name == "BLOCK_JOB_ERROR":
                 log.debug("job %s: I/O error on %s", job.job_id, data.get("operation"))
                 # a backup job reads only its source and writes only its target
                 job.target_failed = job.target_failed or data.get("operation") == "write"
+                job.source_failed = job.source_failed or data.get("operation") == "read"
             elif name == "JOB_STATUS_CHANGE" and data.get("status") == "null":
                 if job.result is None:
                     job.result = "job vanished without a completion event"
@@ -247,6 +278,12 @@ async def run_transaction(session: QmpSession, jobs: list[BackupJob], *,
         if all(j.target_failed for j in real):
             detail = "; ".join(f"cannot write {j.partial_path}: {j.result}" for j in real)
             raise TargetError(f"backup failed: {detail}; nothing recorded, no bitmap advanced")
+        if all(snapshot_broke(j) for j in real):
+            disks = ", ".join(j.disk.disk_id for j in real)
+            raise FleecingError(
+                f"the fleecing snapshot of {disks} broke: old data could not be saved to the "
+                "fleecing image within --cbw-timeout (fleecing storage too slow or full); "
+                "the guest's writes went through, nothing recorded, no bitmap advanced")
         detail = "; ".join(f"{j.disk.disk_id}: {j.result}" for j in real)
         raise JobError(f"backup job failed ({detail}); nothing recorded, no bitmap advanced")
 
@@ -277,6 +314,8 @@ async def _start_once(session: QmpSession, jobs: list[BackupJob], *, speed: int,
     actions = [backup_action(j, speed=speed, compress=compress, x_perf=x_perf) for j in jobs]
     waiter = asyncio.ensure_future(_wait_for_jobs(session, jobs))
     await asyncio.sleep(0)  # let the watchers register before any event can arrive
+    for job in jobs:
+        job.started = time.monotonic()
     try:
         await session.execute("transaction", {"actions": actions,
                                               "properties": {"completion-mode": "grouped"}})
@@ -285,6 +324,11 @@ async def _start_once(session: QmpSession, jobs: list[BackupJob], *, speed: int,
         await asyncio.gather(waiter, return_exceptions=True)
         raise
     return waiter
+
+
+def snapshot_broke(job: BackupJob) -> bool:
+    """A fleecing snapshot refuses every read (EACCES) once a copy-before-write failed."""
+    return bool(job.source_node) and job.source_failed and job.result == os.strerror(errno.EACCES)
 
 
 async def cancel_jobs(session: QmpSession, job_ids: list[str]) -> None:

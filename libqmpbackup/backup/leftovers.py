@@ -2,7 +2,9 @@
 
 A run killed with SIGKILL (or by a host power loss) cannot undo its steps.
 What it leaves is recognisable by name: block jobs and nodes ``qmpbackup-*``
-in QEMU, auxiliary bitmaps ``qmpbackup-<id>+pending`` / ``+new`` (see
+in QEMU (with ``--fleecing`` also devices switched onto a filter of ours:
+:func:`fleecing.clean_leftovers`), a fleecing
+folder whose process is gone, auxiliary bitmaps ``qmpbackup-<id>+pending`` / ``+new`` (see
 :mod:`bitmaps`), ``*.partial`` backup files and half-written metadata temp
 files in the chain folder (symlinked disk folders are not followed,
 and only regular files are removed).  The caller holds the VM lock and the chain lock,
@@ -14,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import stat
 from pathlib import Path
 
 from libqmpbackup import folder_safety
-from libqmpbackup.backup import bitmaps
+from libqmpbackup.backup import bitmaps, fleecing
 from libqmpbackup.backup.jobs import cancel_jobs, remove_node
 from libqmpbackup.backup.pause import resume_after_killed_run
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
@@ -26,7 +31,7 @@ from libqmpbackup.fsutil import fsync_dir
 from libqmpbackup.intent import load_intent, remove_intent
 from libqmpbackup.layout import partial_files, stale_temp_files
 from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import PARTIAL_SUFFIX, TOOL_PREFIX
+from libqmpbackup.names import PARTIAL_SUFFIX, TOOL_PREFIX, fleecing_folder_pid
 from libqmpbackup.qemu.devices import BlockDevice, named_nodes
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 
@@ -43,7 +48,7 @@ async def clean_vm(session: QmpSession, disks: list[BlockDevice],
     """
     await resume_after_killed_run(session)
     jobs = await _clean_jobs(session)
-    nodes = await _clean_nodes(session)
+    nodes = [*await fleecing.clean_leftovers(session, disks), *await _clean_nodes(session)]
     steps = bitmaps.recovery_steps(disks)
     for step in steps:
         if await bitmaps.try_transaction(session, step.actions, f"settle bitmaps of an "
@@ -117,3 +122,36 @@ def clean_target(root: Path) -> None:
         fsync_dir(root)
         log.warning("removed the intent record of an interrupted run (%s)",
                     "its files were recorded" if not unrecorded else "rolled back")
+
+
+def clean_fleecing_dir(folder: Path) -> None:
+    """Delete fleecing folders of runs whose process is gone (killed before the images were unlinked)."""
+    try:
+        candidates = list(folder.iterdir())
+    except OSError:
+        return
+    for path in candidates:
+        pid = fleecing_folder_pid(path.name)
+        if pid is None or pid == os.getpid() or _alive(pid) or not _own_folder(path):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted run", path)
+
+
+def _own_folder(path: Path) -> bool:
+    """A real folder of this user: another user's look-alike in a shared /var/tmp is not ours."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,4 +1,4 @@
-"""--monthly: a month's first chain retires the previous month's chain bitmap.
+"""--monthly: a month's first chain retires the previous month's chain bitmap (and its +diff).
 
 Each month folder (``DIR/YYYY-MM``) holds a chain with a bitmap of its own.
 Once a month's first full backup is committed, the previous month's chain
@@ -39,6 +39,13 @@ def previous_month_folder(base: Path, current: Path) -> Optional[Path]:
     return months[-1] if months else None
 
 
+async def _remove_chain_bitmaps(session: QmpSession, disk: BlockDevice, chain_bitmap: str) -> bool:
+    """The chain bitmap and its +diff go together; True when both are gone."""
+    results = [await bitmaps.remove(session, disk, name)
+               for name in bitmaps.chain_bitmaps(disk, chain_bitmap)]
+    return all(results)
+
+
 async def retire_previous_month(session: QmpSession, disks: list[BlockDevice], base: Path,
                                 current: Path, current_bitmap: str) -> None:
     """Remove the chain bitmap of the month before CURRENT from every disk that has it."""
@@ -59,8 +66,8 @@ async def retire_previous_month(session: QmpSession, disks: list[BlockDevice], b
                     "remove it with: qmpbackup cleanup --remove-bitmaps --uuid %s",
                     chain.bitmap, folder, err, chain.uuid)
         return
-    holding = [d for d in disks if d.bitmap(chain.bitmap)]
-    removed = [d.disk_id for d in holding if await bitmaps.remove(session, d, chain.bitmap)]
+    holding = [d for d in disks if bitmaps.chain_bitmaps(d, chain.bitmap)]
+    removed = [d.disk_id for d in holding if await _remove_chain_bitmaps(session, d, chain.bitmap)]
     if removed:
         log.info("removed bitmap %s of the previous month's chain (%s) from %s: a new month's "
                  "chain has started, that one is not continued", chain.bitmap, folder,

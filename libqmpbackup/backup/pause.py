@@ -1,5 +1,7 @@
 """--pause: the VM stands still while its disks are copied, and runs again afterwards.
 
+(``--fleecing`` pauses it the same way for the few milliseconds of its switch.)
+
 A VM that a backup left paused is an outage nobody notices until morning,
 so once the tool has paused it, the resume (QMP ``cont``) is attempted on
 every way out of the copy: success, a failed or cancelled job, a refused
@@ -53,7 +55,8 @@ async def resume_after_killed_run(session: QmpSession) -> None:
         return
     if await _status(session) == "paused":
         await session.execute("cont")
-        log.warning("resumed the VM: an interrupted qmpbackup --pause run had left it paused")
+        log.warning("resumed the VM: an interrupted qmpbackup run (--pause or --fleecing) "
+                    "had left it paused")
     await _remove_marker(session)
 
 
@@ -64,18 +67,21 @@ class VmPause:
     run can end with an error after its backup is safely recorded.
     """
 
-    def __init__(self, session: QmpSession) -> None:
+    def __init__(self, session: QmpSession, *, option: str = "--pause",
+                 purpose: str = "the backup") -> None:
         self.session = session
+        self.option = option
+        self.purpose = purpose
         self.paused = False
         self.resume_error: Optional[str] = None
 
     async def __aenter__(self) -> VmPause:
         status = await _status(self.session)
         if status != "running":
-            log.info("--pause: the VM is %s already; it stays so", status)
+            log.info("%s: the VM is %s already; it stays so", self.option, status)
             return self
         await self.session.execute("object-add", {
-            "qom-type": "secret", "id": PAUSE_MARKER, "data": "paused by qmpbackup --pause"})
+            "qom-type": "secret", "id": PAUSE_MARKER, "data": f"paused by qmpbackup {self.option}"})
         # From here on the VM may be paused whatever happens (a cancelled
         # `stop` may still have reached QEMU): resume on every way out.
         self.paused = True
@@ -84,7 +90,7 @@ class VmPause:
         except BaseException:
             await self._resume()
             raise
-        log.info("paused the VM for the backup (--pause)")
+        log.info("paused the VM for %s (%s)", self.purpose, self.option)
         return self
 
     async def __aexit__(self, exc_type: Optional[type[BaseException]],

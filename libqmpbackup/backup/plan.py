@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Optional
 
-from libqmpbackup.backup.bitmaps import tool_bitmaps
+from libqmpbackup.backup.bitmaps import chain_bitmap_of, chain_bitmaps, diff_bitmap, tool_bitmaps
+from libqmpbackup.backup.fleecing import FleecingOptions
 from libqmpbackup.backup.jobs import BackupJob, TargetIO
 from libqmpbackup.backup.progress import LOG_INTERVAL
 from libqmpbackup.errors import ChainError, TargetError, UsageError
@@ -35,7 +36,7 @@ from libqmpbackup.qemu.devices import BlockDevice
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("full", "inc", "auto", "copy")
+LEVELS = ("full", "inc", "diff", "auto", "copy")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class BackupOptions:
     no_subdir: bool = False        # files in the target folder itself, not DIR/<disk id>/
     no_timestamp: bool = False     # a FULL/COPY named exactly like the source image
     no_symlink: bool = False       # with no_timestamp: no FULL-<image> symlink beside it
+    fleecing: Optional[FleecingOptions] = None   # None: plain backup jobs
 
     @property
     def target_io(self) -> TargetIO:
@@ -73,7 +75,7 @@ class BackupOptions:
 class RunPlan:
     """What one run will do, decided before anything in QEMU or on disk changes."""
 
-    level: str                        # the effective level: full, inc or copy
+    level: str                        # the effective level: full, inc, diff or copy
     timestamp: int
     root: Path
     chain: Optional[Chain]            # for copy: the folder's bitmap-less chain of copies
@@ -158,7 +160,7 @@ class Layout:
 
     def plain_name(self, disk: BlockDevice, folder: str, level: str) -> Optional[str]:
         """The source image's name for a FULL/COPY with --no-timestamp, unless it is taken."""
-        if not self.opts.no_timestamp or level == "inc":
+        if not self.opts.no_timestamp or level in ("inc", "diff"):
             return None
         name = image_name(disk.filename)
         taken = {os.path.join(folder, n) for n in (name, link_name(level, name))} & self.existing
@@ -182,15 +184,17 @@ class Layout:
                          bitmap=bitmap, bitmap_mode=bitmap_mode)
 
 
-def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain,
-                timestamp: int) -> tuple[list[BackupJob], list[BlockDevice]]:
-    """Jobs for a chain run: incremental where possible, full where a disk is new.
+def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain, timestamp: int,
+                level: str = "inc") -> tuple[list[BackupJob], list[BlockDevice]]:
+    """Jobs for a chain run: LEVEL (inc or diff) where possible, full where a disk is new.
 
     A disk that cannot hold bitmaps (raw, pflash) is copied in full every time.
     A bitmap-capable disk without a full in the chain gets its full now,
-    with the chain bitmap added beforehand and re-based on success.
-    An INC after one of upstream's (whose INCs name no backing file) names
-    none either, so the folder stays one kind of chain for upstream's tools.
+    with the chain bitmap added beforehand and re-based on success.  An INC
+    backs onto the disk's previous backup, a DIFF onto its FULL; both run
+    with the chain bitmap (see :mod:`bitmaps` for how a DIFF fills it).
+    After one of upstream's INCs (which name no backing file) the new file
+    names none either, so the folder stays one kind of chain for upstream's tools.
     """
     jobs, add = [], []
     for disk in disks:
@@ -200,8 +204,10 @@ def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain,
         history = chain.disks.get(disk.disk_id)
         if history and chain.has_full(disk.disk_id):
             previous = history.backups[-1]
-            jobs.append(layout.job(disk, "inc", timestamp, sync="incremental",
-                                   backing=previous.file if previous.backed else None,
+            base = [b for b in history.backups if b.level == "full"][-1] \
+                if level == "diff" else previous
+            jobs.append(layout.job(disk, level, timestamp, sync="incremental",
+                                   backing=base.file if previous.backed else None,
                                    backed=previous.backed, bitmap=chain.bitmap))
             continue
         if disk.bitmap(chain.bitmap) is None:
@@ -211,19 +217,30 @@ def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain,
     return jobs, add
 
 
-def _bitmap_problems(disks: list[BlockDevice], chain: Chain) -> list[tuple[BlockDevice, str]]:
-    """Disks of the chain whose bitmap can no longer describe the changes since the last backup."""
+def _bitmap_problems(disks: list[BlockDevice], chain: Chain,
+                     differential: bool = False) -> list[tuple[BlockDevice, str]]:
+    """Disks of the chain whose bitmap can no longer describe the changes since the last backup.
+
+    DIFFERENTIAL: the changes since the FULL are needed too (the diff bitmap).
+    """
     problems = []
     for disk in disks:
         if not disk.supports_persistent_bitmaps or not chain.has_full(disk.disk_id):
             continue
         bitmap = disk.bitmap(chain.bitmap)
+        diff = disk.bitmap(diff_bitmap(chain.bitmap))
         if bitmap is None:
-            others = tool_bitmaps(disk)
+            others = sorted({chain_bitmap_of(n) for n in tool_bitmaps(disk)} - {chain.bitmap})
             hint = f" (it has {', '.join(others)} from another chain)" if others else ""
             problems.append((disk, f"disk {disk.disk_id} has no bitmap {chain.bitmap}{hint}"))
         elif bitmap.inconsistent:
             problems.append((disk, f"bitmap {chain.bitmap} on {disk.disk_id} is inconsistent "
+                                   "(QEMU did not shut down cleanly)"))
+        elif differential and diff is None:
+            problems.append((disk, f"disk {disk.disk_id} has no bitmap {diff_bitmap(chain.bitmap)} "
+                                   "(the chain was started without it, or QEMU lost it)"))
+        elif differential and diff is not None and diff.inconsistent:
+            problems.append((disk, f"bitmap {diff.name} on {disk.disk_id} is inconsistent "
                                    "(QEMU did not shut down cleanly)"))
     return problems
 
@@ -276,7 +293,7 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
             raise TargetError(_not_empty(root, chain))
         chain_id = opts.uuid if opts.uuid and not unusable else new_chain_id()
         new = Chain(uuid=chain_id, bitmap=bitmap_name(chain_id), created=timestamp)
-        taken = [d.disk_id for d in disks if d.bitmap(new.bitmap)]
+        taken = [d.disk_id for d in disks if chain_bitmaps(d, new.bitmap)]
         if taken:
             # re-basing it would silently break the chain in the other folder
             raise ChainError(
@@ -290,10 +307,12 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
 
     if chain is None:
         raise ChainError(f"target {root} holds no backup chain: run a full backup first")
-    problems = _bitmap_problems(disks, chain)
+    problems = _bitmap_problems(disks, chain, differential=level == "diff")
     if problems:
-        raise ChainError(f"{problems[0][1]}: an incremental backup is impossible; "
-                         "run --level auto (starts a new chain) or a full backup into a new folder")
-    jobs, add = _chain_jobs(disks, layout, chain, timestamp)
-    return RunPlan(level="inc", timestamp=timestamp, root=root, chain=chain, new_chain=False,
+        kind = "a differential" if level == "diff" else "an incremental"
+        raise ChainError(f"{problems[0][1]}: {kind} backup is impossible; "
+                         "run --level auto (starts a new chain when the bitmap is unusable) or "
+                         "a full backup into a new folder")
+    jobs, add = _chain_jobs(disks, layout, chain, timestamp, level)
+    return RunPlan(level=level, timestamp=timestamp, root=root, chain=chain, new_chain=False,
                    jobs=jobs, bitmaps_to_add=add, reason=reason)

@@ -9,8 +9,10 @@ The order of steps is what keeps data safe:
 3. create ``.partial`` targets and open them in QEMU;
 4. in one transaction: add missing chain bitmaps and the auxiliary bitmaps
    that keep the changes since the last commit (:class:`bitmaps.RunBitmaps`);
-5. start every disk's job in one grouped transaction and wait, with guest
-   shutdowns held back (:mod:`shutdown`);
+5. with ``--fleecing``, switch the devices onto their fleecing filters (the
+   point in time, :mod:`fleecing`); start every disk's job in one grouped
+   transaction and wait, with guest shutdowns held back (:mod:`shutdown`);
+   switch the devices back;
 6. only after all jobs succeeded: close the targets, hash them (checksums for
    the metadata), announce the renames in the intent record, rename, commit
    the metadata, then drop the intent record and the auxiliary bitmaps.
@@ -35,6 +37,7 @@ from typing import Optional
 from libqmpbackup import folder_safety, upstream
 from libqmpbackup.backup import bitmaps, leftovers, monthly, offload
 from libqmpbackup.backup.adopt import adopt_upstream
+from libqmpbackup.backup.fleecing import Fleecing
 from libqmpbackup.backup.jobs import (
     BackupJob,
     TargetIO,
@@ -56,6 +59,7 @@ from libqmpbackup.errors import AgentError, JobError, QmpBackupError, TargetErro
 from libqmpbackup.fsutil import fsync_dir, replace_symlink
 from libqmpbackup.intent import RunIntent, remove_intent
 from libqmpbackup.journal import refuse_unfinished_restores
+from libqmpbackup.json_output import Document
 from libqmpbackup.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord, ChainStore
@@ -69,12 +73,46 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class BackupFile:
+    """One file a run wrote, as reported to scripts (``--json``)."""
+
+    disk_id: str
+    path: Path
+    level: str
+    time: int
+    bytes_written: int      # what QEMU's job copied (for a full: the whole disk)
+    duration: float        # seconds from the transaction to this disk's job completing
+
+    @classmethod
+    def of(cls, job: BackupJob, timestamp: int) -> BackupFile:
+        return cls(disk_id=job.disk.disk_id, path=job.final_path, level=job.level,
+                   time=timestamp, bytes_written=job.bytes_copied, duration=job.duration)
+
+    def document(self) -> Document:
+        try:
+            size: Optional[int] = self.path.stat().st_size
+        except OSError:
+            size = None
+        return {"disk": self.disk_id, "file": str(self.path), "level": self.level,
+                "time": self.time, "bytes_written": self.bytes_written, "file_size": size,
+                "duration": round(self.duration, 3)}
+
+
+@dataclass
 class BackupResult:
     level: str
     root: Path
     chain_id: Optional[str]
-    files: list[Path] = field(default_factory=list)
+    time: int
+    files: list[BackupFile] = field(default_factory=list)
     reason: str = ""
+    quiesced: bool = False
+
+    def document(self) -> Document:
+        """The ``backup --json`` document (keys in docs/json.md)."""
+        return {"command": "backup", "level": self.level, "reason": self.reason,
+                "chain": self.chain_id, "target": str(self.root), "time": self.time,
+                "quiesced": self.quiesced, "files": [f.document() for f in self.files]}
 
 
 def _timestamp_after(last: int) -> int:
@@ -112,6 +150,8 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     if await leftovers.clean_vm(session, disks, guard):
         await refresh_bitmaps(session, selected)
     leftovers.clean_target(root)
+    if opts.fleecing:
+        leftovers.clean_fleecing_dir(opts.fleecing.folder)
     finish_interrupted_prune(ChainStore.load(root))
     refuse_unfinished_restores(root)
     store = ChainStore.load(root)
@@ -123,8 +163,8 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
     if plan.retire_bitmap:
         for disk in selected:
-            if disk.bitmap(plan.retire_bitmap):
-                await bitmaps.remove(session, disk, plan.retire_bitmap)
+            for name in bitmaps.chain_bitmaps(disk, plan.retire_bitmap):
+                await bitmaps.remove(session, disk, name)
     quiescer = (Quiescer(opts.agent_socket, required=opts.quiesce_required)
                 if opts.quiesce else None)
     pause = VmPause(session) if opts.pause else None
@@ -140,7 +180,9 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     if pause and pause.resume_error:
         raise JobError(pause.resume_error)
     chain_id = plan.chain.uuid if plan.chain and not plan.chain.is_copies else None
-    return BackupResult(plan.level, root, chain_id, [j.final_path for j in plan.jobs], plan.reason)
+    return BackupResult(level=plan.level, root=root, chain_id=chain_id, time=plan.timestamp,
+                        files=[BackupFile.of(j, plan.timestamp) for j in plan.jobs],
+                        reason=plan.reason, quiesced=bool(quiescer and quiescer.frozen))
 
 
 @dataclass
@@ -267,6 +309,11 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
         if run_bitmaps:
             await run_bitmaps.prepare(session)
             undo.push_async_callback(run_bitmaps.undo, session)
+        fleecing = (Fleecing(session=session, options=opts.fleecing, jobs=plan.jobs, run_tag=tag)
+                    if opts.fleecing else None)
+        if fleecing:
+            undo.push_async_callback(fleecing.release)
+            await fleecing.prepare()
         undo.push_async_callback(_cancel_if_running, session, plan.jobs)
         reporter = (ProgressReporter(session, log_interval=opts.progress_interval)
                     if opts.progress else None)
@@ -280,9 +327,14 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                     start_guard = None
                 await copying.enter_async_context(pause)
             await copying.enter_async_context(guard.holding())
+            if fleecing:   # the point in time is the switch: the freeze covers it instead
+                await fleecing.switch(start_guard=start_guard)
+                start_guard = None
             await run_transaction(session, plan.jobs, speed=opts.speed_limit,
-                                  compress=opts.compress, offload=copy_path,
-                                  progress=reporter, start_guard=start_guard)
+                                  compress=opts.compress, offload=copy_path, progress=reporter,
+                                  start_guard=start_guard)
+        if fleecing:
+            await fleecing.release(strict=True)
         left_open = await nodes.close()
         if left_open:   # an image QEMU did not close may lack its last metadata writes
             if not session.connected:
@@ -325,8 +377,14 @@ def _run_bitmaps(plan: RunPlan) -> Optional[bitmaps.RunBitmaps]:
     if plan.chain is None or plan.chain.is_copies:
         return None
     added = plan.bitmaps_to_add
+    chain_bitmap = plan.chain.bitmap
     kept = [j.disk for j in plan.jobs if j.bitmap and j.disk not in added]
-    return bitmaps.RunBitmaps(plan.chain.bitmap, kept=kept, added=list(added))
+    return bitmaps.RunBitmaps(
+        chain_bitmap, kept=kept, added=list(added),
+        differential=[j.disk for j in plan.jobs if j.level == "diff"],
+        diff_added=[j.disk for j in plan.jobs if j.level == "full" and j.bitmap
+                    and j.disk not in added
+                    and j.disk.bitmap(bitmaps.diff_bitmap(chain_bitmap)) is None])
 
 
 async def _cancel_if_running(session: QmpSession, jobs: list[BackupJob]) -> None:

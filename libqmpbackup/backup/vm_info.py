@@ -1,22 +1,46 @@
-"""The ``info`` tables: what an admin checks before trusting a VM to cron."""
+"""The ``info`` reports: what an admin checks before trusting a VM to cron.
+
+Each report is built once as data and rendered either as a table or as the
+``--json`` document, so the two can never tell different stories.
+"""
 
 from __future__ import annotations
 
-from libqmpbackup.backup.bitmaps import tool_bitmaps
+from dataclasses import dataclass, field
+from typing import Any
+
+from libqmpbackup.backup.bitmaps import DIFF_SUFFIX, tool_bitmaps
+from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
 from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.tables import table
 
 
+def _bitmaps_possible(disk: BlockDevice) -> str:
+    return "pflash" if disk.is_pflash else ("yes" if disk.supports_persistent_bitmaps else "no")
+
+
+def _chain_bitmaps(disk: BlockDevice) -> list[str]:
+    """qmpbackup's bitmaps on DISK, without the +diff that goes with each chain bitmap."""
+    return sorted(n for n in tool_bitmaps(disk) if not n.endswith(DIFF_SUFFIX))
+
+
 def blockdev_table(disks: list[BlockDevice]) -> str:
     """One row per disk, naming its qmpbackup bitmaps: which chains this disk is part of."""
-    rows = [(d.disk_id, d.node, d.driver, d.virtual_size, d.filename,
-             "pflash" if d.is_pflash else ("yes" if d.supports_persistent_bitmaps else "no"),
-             ", ".join(sorted(tool_bitmaps(d))) or "-")
+    rows = [(d.disk_id, d.node, d.driver, d.virtual_size, d.filename, _bitmaps_possible(d),
+             ", ".join(_chain_bitmaps(d)) or "-")
             for d in disks]
     return table(rows, headers=("disk", "node", "format", "virtual size", "image file",
                                 "bitmaps possible", "qmpbackup bitmaps"))
+
+
+def blockdev_document(disks: list[BlockDevice]) -> Document:
+    return {"command": "info", "show": "blockdev", "disks": [
+        {"disk": d.disk_id, "node": d.node, "format": d.driver, "virtual_size": d.virtual_size,
+         "image": d.filename, "pflash": d.is_pflash,
+         "persistent_bitmaps": d.supports_persistent_bitmaps,
+         "qmpbackup_bitmaps": _chain_bitmaps(d)} for d in disks]}
 
 
 def bitmaps_table(disks: list[BlockDevice]) -> str:
@@ -27,25 +51,55 @@ def bitmaps_table(disks: list[BlockDevice]) -> str:
                                    "inconsistent", "busy", "dirty bytes"))
 
 
-async def agent_report(agent_socket: str) -> str:
+def bitmaps_document(disks: list[BlockDevice]) -> Document:
+    return {"command": "info", "show": "bitmaps", "bitmaps": [
+        {"name": b.name, "disk": d.disk_id, "node": b.node, "recording": b.recording,
+         "persistent": b.persistent, "inconsistent": b.inconsistent, "busy": b.busy,
+         "dirty_bytes": b.dirty_bytes} for d in disks for b in d.bitmaps]}
+
+
+@dataclass
+class AgentReport:
+    """What the guest agent said: its freeze state and the filesystems it would freeze."""
+
+    status: str
+    filesystems: list[dict[str, Any]] = field(default_factory=list)
+
+    def text(self) -> str:
+        head = f"guest agent: answering, filesystems {self.status}"
+        if self.status == "frozen":
+            return (f"{head}\na frozen agent lists no filesystems; unless a backup is starting "
+                    "right now, the guest was left frozen: guest-fsfreeze-thaw ends it")
+        if not self.filesystems:
+            return (f"{head}\nno filesystem the agent could freeze (--quiesce would back up "
+                    "unquiesced)")
+        rows = [(fs["mountpoint"], fs["type"], fs["device"]) for fs in self.filesystems]
+        return f"{head}\n{table(rows, headers=('mountpoint', 'type', 'device'))}"
+
+    def document(self) -> Document:
+        return {"command": "info", "show": "agent", "agent": {
+            "answering": True, "status": self.status, "filesystems": self.filesystems}}
+
+
+async def agent_report(agent_socket: str) -> AgentReport:
     """Whether the guest agent answers (raises if not), its freeze state and the filesystems it would freeze.
 
     A frozen agent refuses everything but a few commands (guest-get-fsinfo
     among the refused), and a frozen guest is exactly what an admin wants
-    to see here, so that state is reported instead of failing.
+    to see here, so that state is reported instead of failing.  The agent's
+    reply is untrusted: only string fields are taken over.
     """
     async with GuestAgent(agent_socket, timeout=agent_module.DEFAULT_TIMEOUT) as agent:
         await agent.ping()
         status = await agent.fsfreeze_status()
         if status == "frozen":
-            return ("guest agent: answering, filesystems frozen\n"
-                    "a frozen agent lists no filesystems; unless a backup is starting right "
-                    "now, the guest was left frozen: guest-fsfreeze-thaw ends it")
+            return AgentReport(status=status)
         filesystems = await agent.get_fsinfo()
-    if not filesystems:
-        return (f"guest agent: answering, filesystems {status}\n"
-                "no filesystem the agent could freeze (--quiesce would back up unquiesced)")
-    rows = [(fs.get("mountpoint", ""), fs.get("type", ""), fs.get("name", ""))
-            for fs in filesystems]
-    listing = table(rows, headers=("mountpoint", "type", "device"))
-    return f"guest agent: answering, filesystems {status}\n{listing}"
+    return AgentReport(status=status, filesystems=[
+        {key: _text(fs.get(field_name)) for key, field_name in
+         (("mountpoint", "mountpoint"), ("type", "type"), ("device", "name"))}
+        for fs in filesystems if isinstance(fs, dict)])
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""

@@ -29,6 +29,7 @@ from libqmpbackup.restore.rules import (
     disks_in,
     folder_problems,
     image_problems,
+    parent,
     partial_leftovers,
     record_problems,
     select_disk_point,
@@ -270,10 +271,12 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
     images = folder_safety.checked_images(folder, [r.file for r in used])
-    previous = None
+    position = {r.file: index for index, r in enumerate(point.records)}
     for record in used:
-        problems += image_problems(record, previous, images[record.file], folder)
-        previous = record
+        backs_onto = parent(point.records, position[record.file])  # record_problems: FULL first
+        problems += image_problems(
+            record, None if backs_onto is None else point.records[backs_onto],
+            images[record.file], folder)
     if not problems:
         problems += _check_problems(folder, used)
     if problems:

@@ -44,15 +44,19 @@ from libqmpbackup.restore.folder import (
     open_backup_dir,
 )
 from libqmpbackup.restore.rules import (
-    BASE_SNAPSHOT,
     RestoreOptions,
     RestorePoint,
     label,
+    last_full,
     matches,
     needs_rebase,
+    parent,
 )
 
 log = logging.getLogger(__name__)
+
+BASE_SNAPSHOT = "FULL-BACKUP"
+"""Internal snapshot snapshotrebase takes of the FULL before applying anything."""
 
 
 def _disk_point(backup: BackupDir, command: str, opts: RestoreOptions) -> RestorePoint:
@@ -64,22 +68,30 @@ def _disk_point(backup: BackupDir, command: str, opts: RestoreOptions) -> Restor
 
 
 def _back_by_metadata(backup: BackupDir, point: RestorePoint, dry_run: bool) -> None:
-    """Give each file up to the point its predecessor in the metadata, by relative name.
+    """Give each file from the point's FULL up to it its parent in the metadata, by relative name.
 
     After the pre-check this only rewrites equivalent names (absolute, ``./``);
     with --skip-check it also repairs wrong ones, so what is restored follows
     the metadata, never a header that disagrees with it.
     """
-    segment = point.segment()
+    records = point.records
     rewritten = []
-    for previous, record in zip(segment, segment[1:]):
-        if needs_rebase(folder_safety.inspect_image(point.folder, record.file), previous.file):
-            qemuimg.rebase_unsafe(point.folder / record.file, previous.file, dry_run=dry_run)
-            rewritten.append(record.file)
-        else:
-            log.debug("%s is already backed by %s", record.file, previous.file)
+    for index in range(last_full(records, point.index) + 1, point.index + 1):
+        backs_onto = parent(records, index)
+        assert backs_onto is not None   # only the FULL has none, and it is not in this range
+        if _rebase_if_needed(point.folder, records[index].file, records[backs_onto].file, dry_run):
+            rewritten.append(records[index].file)
     if rewritten and not dry_run:
         _record_new_digests(backup, point, rewritten)
+
+
+def _rebase_if_needed(folder: Path, name: str, backing: str, dry_run: bool) -> bool:
+    """True when NAME's header had to be rewritten (its checksum changes with it)."""
+    if needs_rebase(folder_safety.inspect_image(folder, name), backing):
+        qemuimg.rebase_unsafe(folder / name, backing, dry_run=dry_run)
+        return True
+    log.debug("%s is already backed by %s", name, backing)
+    return False
 
 
 def _record_new_digests(backup: BackupDir, point: RestorePoint, names: list[str]) -> None:
@@ -165,9 +177,9 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
         log.warning("%s: finishing the interrupted %s up to %s", folder, operation, journal.point)
     else:
         point = _disk_point(backup, operation, opts)
-        segment = point.segment()
-        base = folder / segment[0].file
-        if len(segment) == 1:
+        consumed = point.span()
+        base = folder / consumed[0].file
+        if len(consumed) == 1:
             if snapshots and BASE_SNAPSHOT not in qemuimg.snapshot_names(base):
                 _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
                 if not opts.dry_run:
@@ -179,9 +191,9 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
         # snapshot -l DIR/FULL-<time>-…` after snapshotrebase); the metadata
         # records which point it holds
         journal = Journal(operation=operation, chain=point.chain_id, disk=point.disk_id,
-                          base=segment[0].file, result=segment[0].file,
+                          base=consumed[0].file, result=consumed[0].file,
                           point=point.record.file, point_time=point.record.point_time,
-                          steps=[r.file for r in segment[1:]], snapshots=snapshots)
+                          steps=[r.file for r in consumed[1:]], snapshots=snapshots)
         _back_by_metadata(backup, point, opts.dry_run)
         if not opts.dry_run:
             journal.save(folder)
@@ -265,6 +277,24 @@ def _advance(journal: Journal, folder: Path, done: int, dry_run: bool) -> None:
         journal.save(folder)
 
 
+def _rebase_later_points(records: list[BackupRecord], result: str, folder: Path,
+                         dry_run: bool) -> list[str]:
+    """Back every later point whose parent is now the consolidated FULL onto it by name; return them.
+
+    That is the INC right after the restored point (it held the changes since
+    that point, which the FULL now is) and every later DIFF (it holds every
+    change since the old FULL, so it is right on top of any point between).
+    """
+    names = [r.file for r in records]
+    if result not in names:
+        return []
+    anchor = names.index(result)
+    on_top = [records[i].file for i in range(anchor + 1, len(records)) if parent(records, i) == anchor]
+    for name in on_top:
+        _rebase_if_needed(folder, name, result, dry_run)
+    return on_top
+
+
 def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     """Turn the folder into a consistent chain again: FULL at the point, later INCs on top."""
     folder = backup.folder_of(journal.disk)
@@ -274,29 +304,21 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         raise ChainError(f"chain {journal.chain} of disk {journal.disk} vanished from "
                          f"{store.path}: cannot finish the {journal.operation}")
     records = chain.disks[journal.disk].backups
-    files = [r.file for r in records]
-    anchor = journal.point if journal.point in files else journal.result
-    following = files.index(anchor) + 1 if anchor in files else len(files)
-    later = following < len(records) and records[following].level == "inc"
-    if later:
-        later_name = records[following].file
-        if needs_rebase(folder_safety.inspect_image(folder, later_name), journal.result):
-            qemuimg.rebase_unsafe(folder / later_name, journal.result, dry_run=dry_run)
+    consolidated = [_consolidated(r, journal) if r.file == journal.base else r
+                    for r in records if r.file not in journal.steps]
+    later = _rebase_later_points(consolidated, journal.result, folder, dry_run)
     if journal.result != journal.base and folder_safety.entry(folder, journal.base) is not None:
         # a journal of an older version, which renamed the FULL for the point
         file_steps.rename(folder, journal.base, journal.result, dry_run=dry_run)
-    if journal.base in files:
-        # the FULL now holds the point and the next INC may have been
-        # re-based: both get new checksums, also when a resumed run finds
+    if journal.base in [r.file for r in records]:
+        # the FULL now holds the point and the points on top of it may have
+        # been re-based: all get new checksums, also when a resumed run finds
         # the rebase already done
-        changed = [journal.result] + ([records[following].file] if later else [])
+        changed = [journal.result, *later]
         digests = dict(zip(changed, [None] * len(changed) if dry_run else
                            digest_files([folder / name for name in changed])))
         chain.disks[journal.disk].backups = [
-            dataclasses.replace(_consolidated(r, journal), digest=digests[journal.result])
-            if r.file == journal.base else
-            dataclasses.replace(r, digest=digests.get(r.file, r.digest))
-            for r in records if r.file not in journal.steps]
+            dataclasses.replace(r, digest=digests.get(r.file, r.digest)) for r in consolidated]
         file_steps.note(f"update {store.path}: {journal.result} holds {label(journal.point)}, "
                         f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:

@@ -17,7 +17,9 @@ from typing import Optional
 from libqmpbackup import folder_safety
 from libqmpbackup.errors import QmpBackupError
 from libqmpbackup.journal import JOURNAL_NAME
+from libqmpbackup.json_output import Document
 from libqmpbackup.layout import disk_folders
+from libqmpbackup.metadata import BackupRecord, Chain
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import partial_leftovers, record_label
 from libqmpbackup.tables import table
@@ -28,29 +30,55 @@ log = logging.getLogger(__name__)
 HEADERS = ("chain", "disk", "restore point", "time", "level", "file", "size", "virtual size")
 
 
-def _size(folder: Path, name: str) -> str:
-    """Bytes on disk, read from the entry itself: a symlink is reported, never followed."""
+def _entry(folder: Path, name: str) -> Optional[os.stat_result]:
+    """The entry itself, never followed (a symlink is reported as one); None when missing."""
     try:
-        info = folder_safety.entry(folder, name)
+        return folder_safety.entry(folder, name)
     except QmpBackupError:
-        return "missing"
+        return None
+
+
+def _size(info: Optional[os.stat_result]) -> str:
     if info is None:
         return "missing"
     return str(info.st_size) if stat.S_ISREG(info.st_mode) else f"refused: {folder_safety.kind(info)}"
 
 
+def _disk_ids(backup: BackupDir, chain: Chain) -> list[str]:
+    """The chain's disks --dir (and --filter) chose."""
+    chosen = set(backup.disk_ids())
+    return [d for d in chain.disks if d in chosen and (
+        backup.disk_folder is None or chain.folder_of(d) == backup.disk_folder)]
+
+
+def _point_document(folder: Path, record: BackupRecord) -> Document:
+    info = _entry(folder, record.file)
+    return {"point": record_label(record), "file": str(folder / record.file),
+            "level": record.level, "time": record.point_time,
+            "size": info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None,
+            "virtual_size": record.virtual_size, "compressed": record.compressed,
+            "quiesced": record.quiesced}
+
+
+def _chain_document(backup: BackupDir, chain: Chain) -> Document:
+    disks = []
+    for disk_id in _disk_ids(backup, chain):
+        folder = backup.root / chain.folder_of(disk_id)
+        disks.append({"disk": disk_id, "folder": str(folder), "points": [
+            _point_document(folder, r) for r in chain.disks[disk_id].backups]})
+    return {"chain": chain.uuid, "folder": str(backup.root), "bitmap": chain.bitmap,
+            "created": chain.created, "disks": disks}
+
+
 def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
-    chosen = set(backup.disk_ids())
     for chain in backup.store.chains:
-        for disk_id, disk in chain.disks.items():
-            if disk_id not in chosen or (backup.disk_folder is not None
-                                         and chain.folder_of(disk_id) != backup.disk_folder):
-                continue
-            for record in disk.backups:
+        for disk_id in _disk_ids(backup, chain):
+            folder = backup.root / chain.folder_of(disk_id)
+            for record in chain.disks[disk_id].backups:
                 rows.append((prefix + chain.uuid, disk_id, record_label(record),
                              local_time(record.point_time), record.level, record.file,
-                             _size(backup.root / chain.folder_of(disk_id), record.file),
+                             _size(_entry(folder, record.file)),
                              record.virtual_size or "unknown"))
     return rows
 
@@ -79,3 +107,12 @@ def list_table(path: Path, name_filter: Optional[str] = None) -> str:
         # below a --monthly base, chains are told apart by their month folder
         rows += _rows(backup, "" if backup.folder == given else f"{backup.root.name}/")
     return table(rows, headers=HEADERS)
+
+
+def list_document(path: Path, name_filter: Optional[str] = None) -> Document:
+    """The ``list --json`` document: the same chains, disks and points as the table."""
+    chains = []
+    for backup in open_for_listing(path, name_filter):
+        _warn_leftovers(backup)
+        chains += [_chain_document(backup, c) for c in backup.store.chains]
+    return {"command": "list", "dir": os.path.abspath(path), "chains": chains}

@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 from libqmpbackup.errors import TargetError, UsageError
 from libqmpbackup.fsutil import fsync_dir, make_private_dirs
+from libqmpbackup.json_output import Document
 from libqmpbackup.names import PARTIAL_SUFFIX, safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
@@ -39,6 +40,26 @@ class MergeTarget:
     fmt: str = "qcow2"
 
 
+@dataclass
+class RestoredImage:
+    """One image merge wrote (or, in a dry run, would write)."""
+
+    point: RestorePoint
+    path: Path
+    fmt: str
+
+    def document(self) -> Document:
+        return {"disk": self.point.disk_id, "chain": self.point.chain_id,
+                "point": self.point.label, "level": self.point.record.level,
+                "time": self.point.record.time, "source": str(self.point.path),
+                "image": str(self.path), "format": self.fmt}
+
+
+def merge_document(images: list[RestoredImage], dry_run: bool) -> Document:
+    """The ``merge --json`` document (keys in docs/json.md)."""
+    return {"command": "merge", "dry_run": dry_run, "images": [i.document() for i in images]}
+
+
 def output_format(point: RestorePoint, fmt: str) -> str:
     if fmt != "source":
         return fmt
@@ -50,7 +71,7 @@ def output_format(point: RestorePoint, fmt: str) -> str:
     return "qcow2"
 
 
-def _targets(points: list[RestorePoint], target: MergeTarget) -> list[tuple[RestorePoint, Path, str]]:
+def _targets(points: list[RestorePoint], target: MergeTarget) -> list[RestoredImage]:
     plan = []
     for point in points:
         fmt = output_format(point, target.fmt)
@@ -62,7 +83,7 @@ def _targets(points: list[RestorePoint], target: MergeTarget) -> list[tuple[Rest
         if path.exists() or path.is_symlink():
             raise TargetError(f"{path} already exists: merge never overwrites, "
                               "remove it or choose another target")
-        plan.append((point, path, fmt))
+        plan.append(RestoredImage(point=point, path=path, fmt=fmt))
     return plan
 
 
@@ -90,7 +111,7 @@ def _prepare_directory(target: MergeTarget, dry_run: bool) -> list[Path]:
         raise TargetError(f"cannot create {folder} for {option}: {err.strerror}") from err
 
 
-def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
+def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
     """Restore the chosen point of one disk (--targetfile) or of every disk (--targetdir)."""
     if (target.file is None) == (target.directory is None):
         raise UsageError("merge needs exactly one of --targetfile and --targetdir")
@@ -106,14 +127,14 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[Path]:
     plan = _targets(points, target)
     created = _prepare_directory(target, opts.dry_run)
     try:
-        for point, path, fmt in plan:
-            _convert(point, path, fmt, opts)
+        for image in plan:
+            _convert(image.point, image.path, image.fmt, opts)
     except BaseException:
         for folder in reversed(created):   # a failed first restore leaves no empty folders
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    return [path for _, path, _ in plan]
+    return plan
 
 
 def _source(point: RestorePoint) -> Union[Path, str]:

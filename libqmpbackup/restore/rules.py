@@ -30,10 +30,7 @@ from libqmpbackup.names import (
     safe_component,
 )
 
-BASE_SNAPSHOT = "FULL-BACKUP"
-"""Internal snapshot snapshotrebase takes of the FULL before applying anything."""
-
-CHAIN_LEVELS = ("full", "inc")
+CHAIN_LEVELS = ("full", "inc", "diff")
 WHOLE_LEVELS = ("full", "copy")
 """Levels whose file is a whole image on its own."""
 label = point_label
@@ -64,6 +61,15 @@ class RestorePoint:
     index: int                          # the chosen point
     subdir: Optional[str] = None        # the disk folder below root ("" : root); None: disk id
 
+    @classmethod
+    def of(cls, store: ChainStore, chain: Chain, disk_id: str,
+           index: Optional[int] = None) -> RestorePoint:
+        """Disk DISK_ID of CHAIN at INDEX (default: its newest backup)."""
+        records = tuple(chain.disks[disk_id].backups)
+        return cls(root=store.root, chain_id=chain.uuid, disk_id=disk_id, records=records,
+                   index=len(records) - 1 if index is None else index,
+                   subdir=chain.folder_of(disk_id))
+
     @property
     def folder(self) -> Path:
         return self.root / (safe_component(self.disk_id) if self.subdir is None else self.subdir)
@@ -82,6 +88,9 @@ class RestorePoint:
 
     def segment(self) -> list[BackupRecord]:
         return segment(self.records, self.index)
+
+    def span(self) -> list[BackupRecord]:
+        return span(self.records, self.index)
 
 
 def record_label(record: BackupRecord) -> str:
@@ -116,16 +125,50 @@ def find_point(records: Sequence[BackupRecord], name: str) -> Optional[int]:
     return next((i for i, r in enumerate(records) if record_matches(r, name)), None)
 
 
-def segment(records: Sequence[BackupRecord], index: int) -> list[BackupRecord]:
-    """The files a point is read from: the last FULL at or before it, then the INCs up to it.
-
-    Disks without bitmaps (raw, pflash) get a FULL at every run, so their
-    segment is one file; qcow2 disks have one FULL and a run of INCs.
-    """
+def last_full(records: Sequence[BackupRecord], index: int) -> int:
+    """The index of the last whole image (FULL, or COPY) at or before INDEX."""
     for start in range(index, -1, -1):
         if records[start].level in WHOLE_LEVELS:
-            return list(records[start:index + 1])
+            return start
     raise ChainError(f"{records[index].file} has no FULL backup before it")
+
+
+def parent(records: Sequence[BackupRecord], index: int) -> Optional[int]:
+    """The record a backup file backs onto: an INC its predecessor, a DIFF its FULL, a FULL none."""
+    level = records[index].level
+    if level in WHOLE_LEVELS:
+        return None
+    if level == "diff":
+        return last_full(records, index)
+    if index == 0:
+        raise ChainError(f"{records[index].file} has no FULL backup before it")
+    return index - 1
+
+
+def segment(records: Sequence[BackupRecord], index: int) -> list[BackupRecord]:
+    """The files a point is read from, oldest first: its FULL, then each backing step up to it.
+
+    Disks without bitmaps (raw, pflash) get a FULL at every run, so their
+    segment is one file; a DIFF point needs its FULL and itself; an INC
+    point goes back through INCs to the last DIFF or the FULL.
+    """
+    last_full(records, index)   # a point without a FULL is refused by its own name
+    path: list[BackupRecord] = []
+    current: Optional[int] = index
+    while current is not None:
+        path.append(records[current])
+        current = parent(records, current)
+    return path[::-1]
+
+
+def span(records: Sequence[BackupRecord], index: int) -> list[BackupRecord]:
+    """Every record from the point's FULL up to it: what an in-place restore consumes.
+
+    Applied in this order each one is valid on top of the one before: an INC
+    holds the changes since its predecessor, a DIFF every change since the
+    FULL (so also those of the INCs between).
+    """
+    return list(records[last_full(records, index):index + 1])
 
 
 def _unknown_point(name: str, where: str, labels: Sequence[str]) -> UsageError:
@@ -184,8 +227,7 @@ def select_disk_point(store: ChainStore, disk_id: str, until: Optional[str],
         records = tuple(chain.disks[disk_id].backups)
         index = len(records) - 1 if until is None else find_point(records, until)
         if index is not None:
-            return RestorePoint(store.root, chain.uuid, disk_id, records, index,
-                                chain.folder_of(disk_id))
+            return RestorePoint.of(store, chain, disk_id, index)
     assert until is not None
     raise _unknown_point(until, f"for disk {disk_id}",
                          [record_label(r) for r in chains[-1].disks[disk_id].backups])
@@ -211,8 +253,7 @@ def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[s
         raise ChainError(f"the chain metadata in {store.root} lists no chain with the chosen disks")
     if until is None:
         chain = chains[-1]
-        return [RestorePoint(store.root, chain.uuid, disk_id, tuple(d.backups), len(d.backups) - 1,
-                             chain.folder_of(disk_id))
+        return [RestorePoint.of(store, chain, disk_id)
                 for disk_id, d in chain.disks.items() if d.backups and chosen(disk_id)]
     for chain in reversed(chains):
         hits = [r for d_id, d in chain.disks.items() if chosen(d_id)
@@ -229,8 +270,7 @@ def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[s
                 raise ChainError(f"disk {disk_id} of chain {chain.uuid} has no backup from the "
                                  f"run of {record_label(hits[0])}: restore the other disks one by "
                                  "one with --dir ROOT/<disk id>")
-            points.append(RestorePoint(store.root, chain.uuid, disk_id, tuple(disk.backups), index,
-                                       chain.folder_of(disk_id)))
+            points.append(RestorePoint.of(store, chain, disk_id, index))
         return points
     runs = sorted({(r.point_time, record_label(r)) for c in chains for d in c.disks.values()
                    for r in d.backups})
@@ -307,6 +347,8 @@ def backs_onto(folder: Path, backing: str, expected: str) -> bool:
 def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info: dict[str, Any],
                    folder: Path) -> list[str]:
     """One file's qemu-img info against what the metadata says it must be.
+
+    PREVIOUS is the record it must back onto (see :func:`parent`).
 
     Format, data file and backing format are the folder rule's, checked
     before this (:func:`libqmpbackup.folder_safety.image_problems`).

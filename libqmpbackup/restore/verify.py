@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from tabulate import tabulate
-
 from libqmpbackup import folder_safety
 from libqmpbackup.digests import check_files
 from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, UsageError
@@ -39,9 +37,11 @@ from libqmpbackup.restore.folder import (
 from libqmpbackup.restore.rules import (
     WHOLE_LEVELS,
     image_problems,
+    parent,
     record_problems,
     unknown_backup_files,
 )
+from libqmpbackup.tables import table
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +93,20 @@ class VerifyReport:
     def table(self) -> str:
         rows = [(f.chain, f.disk, f.path.name, f.status, "yes" if f.restorable else "no",
                  "; ".join(f.problems)) for f in self.files]
-        return tabulate(rows, headers=HEADERS)
+        return table(rows, headers=HEADERS)
 
     def to_json(self) -> dict[str, Any]:
-        return {"dir": str(self.dir), "ok": not self.bad, "counts": self.counts(),
+        return {"command": "verify", "dir": str(self.dir), "ok": not self.bad,
+                "counts": self.counts(),
                 "files": [f.to_json() for f in self.files]}
 
-    def raise_if_bad(self) -> None:
+    def raise_if_bad(self, *, with_document: bool = False) -> None:
+        """Damage is an error (exit 11); WITH_DOCUMENT keeps the report for --json beside it."""
         if self.bad:
-            raise BackupDamaged([f.error_line() for f in self.bad])
+            damaged = BackupDamaged([f.error_line() for f in self.bad])
+            if with_document:
+                damaged.document = self.to_json()
+            raise damaged
 
 
 def verify_dir(path: Path, uuid: Optional[str] = None,
@@ -165,7 +170,6 @@ def _verify_disk(chain: Chain, disk_id: str, records: list[BackupRecord], folder
                  entries: list[str], prefix: str) -> list[FileReport]:
     reports = []
     seen: set[str] = set()
-    previous: Optional[BackupRecord] = None
     for index, record in enumerate(records):
         # the chain rules judge a whole list; what a record adds to its prefix is its own
         new = [p for p in record_problems(records[:index + 1]) if p not in seen]
@@ -177,12 +181,20 @@ def _verify_disk(chain: Chain, disk_id: str, records: list[BackupRecord], folder
             report.status = "missing"
             report.problems.insert(0, "listed in the chain metadata, not in the folder")
         else:
-            report.problems += _image_findings(record, previous, folder)
+            report.problems += _image_findings(record, _parent_record(records, index), folder)
         if report.problems and report.status == "ok":
             report.status = "damaged"
         reports.append(report)
-        previous = record
     return reports
+
+
+def _parent_record(records: list[BackupRecord], index: int) -> Optional[BackupRecord]:
+    """What RECORDS[INDEX] must back onto; a chain without a FULL first is reported by the rules."""
+    try:
+        backs_onto = parent(records, index)
+    except ChainError:
+        return None
+    return None if backs_onto is None else records[backs_onto]
 
 
 def _image_findings(record: BackupRecord, previous: Optional[BackupRecord],
@@ -235,12 +247,21 @@ def _regular(path: Path) -> bool:
 
 
 def mark_restorable(reports: list[FileReport]) -> None:
-    """A point is restorable when its FULL (or COPY) and every INC up to it are intact."""
-    intact: dict[tuple[str, str], bool] = {}
+    """A point is restorable when every file it is read from is intact.
+
+    Those are the point's file and its parents (:func:`rules.parent`): an INC
+    reads through the point before it, a DIFF through its chain's FULL.
+    """
+    previous: dict[tuple[str, str], bool] = {}    # the point before, per chain and disk
+    whole: dict[tuple[str, str], bool] = {}       # the last FULL (or COPY)
     for report in reports:
         if report.status == "extra":
             continue
         key = (report.chain, report.disk)
         good = not report.bad
-        intact[key] = good if report.level in WHOLE_LEVELS else intact.get(key, False) and good
-        report.restorable = intact[key]
+        if report.level in WHOLE_LEVELS:
+            report.restorable = whole[key] = good
+        else:
+            below = whole if report.level == "diff" else previous
+            report.restorable = good and below.get(key, False)
+        previous[key] = report.restorable

@@ -134,3 +134,20 @@ def test_a_point_is_restorable_when_its_whole_segment_is_intact() -> None:
     with pytest.raises(BackupDamaged) as err:
         verdict.raise_if_bad()
     assert len(err.value.lines()) == 2
+
+
+def test_a_point_is_restorable_when_every_file_it_is_read_from_is_intact() -> None:
+    from libqmpbackup.restore.verify import FileReport, mark_restorable
+
+    def report(level: str, status: str) -> FileReport:
+        return FileReport(chain="c", disk="d", path=Path(f"/b/{level}"), level=level, time=0,
+                          status=status)
+
+    chain = [report("full", "ok"), report("inc", "damaged"), report("diff", "ok"),
+             report("inc", "unverifiable"), report("inc", "ok")]
+    mark_restorable(chain)
+    assert [r.restorable for r in chain] == [True, False, True, True, True], \
+        "a DIFF reads through the FULL only, and the INCs after it through the DIFF"
+    broken_full = [report("full", "missing"), report("diff", "ok"), report("inc", "ok")]
+    mark_restorable(broken_full)
+    assert [r.restorable for r in broken_full] == [False, False, False]

@@ -98,11 +98,33 @@ def test_run_bitmaps_prepare_in_one_transaction() -> None:
         ("block-dirty-bitmap-add", f"{CHAIN}+pending"),
         ("block-dirty-bitmap-merge", f"{CHAIN}+pending"),
         ("block-dirty-bitmap-add", CHAIN),
+        ("block-dirty-bitmap-add", f"{CHAIN}+diff"),
         ("block-dirty-bitmap-add", f"{CHAIN}+new")]
-    pending, _, chain, marker = (a["data"] for a in run.prepare_actions())
+    pending, _, chain, diff, marker = (a["data"] for a in run.prepare_actions())
     assert pending["granularity"] == 131072 and pending["persistent"]
     assert "disabled" not in pending, "+pending keeps recording guest writes"
     assert marker["disabled"] and marker["persistent"] and chain["persistent"]
+    assert diff["persistent"] and "disabled" not in diff, "+diff records every write"
+
+
+def test_a_diff_run_fills_the_chain_bitmap_after_pending_copied_it() -> None:
+    kept = disk(bitmap(CHAIN), bitmap(f"{CHAIN}+diff"))
+    run = RunBitmaps(CHAIN, kept=[kept], differential=[kept])
+    assert [(a["type"], a["data"].get("name", a["data"].get("target")), a["data"].get("bitmaps"))
+            for a in run.prepare_actions()] == [
+        ("block-dirty-bitmap-add", f"{CHAIN}+pending", None),
+        ("block-dirty-bitmap-merge", f"{CHAIN}+pending", [CHAIN]),
+        ("block-dirty-bitmap-merge", CHAIN, [f"{CHAIN}+diff"])]
+
+
+def test_diff_bitmap_is_never_settled_as_a_leftover_but_goes_with_an_uncommitted_chain() -> None:
+    assert recovery_steps([disk(bitmap(CHAIN), bitmap(f"{CHAIN}+diff"))]) == []
+    steps = recovery_steps([disk(bitmap(CHAIN), bitmap(f"{CHAIN}+diff"), bitmap(f"{CHAIN}+new"))])
+    assert actions("block-dirty-bitmap-remove", steps) == [
+        {"node": "n0", "name": CHAIN}, {"node": "n0", "name": f"{CHAIN}+diff"},
+        {"node": "n0", "name": f"{CHAIN}+new"}]
+    assert tool_bitmaps(disk(bitmap(CHAIN), bitmap(f"{CHAIN}+diff"), bitmap("qmpbackup-c2")),
+                        "c1") == [CHAIN, f"{CHAIN}+diff"]
 
 
 # -- shutdown action ----------------------------------------------------------------------

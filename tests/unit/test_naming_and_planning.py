@@ -178,3 +178,31 @@ def test_plan_refuses_foreign_uuid_and_copy_into_chain() -> None:
         plan_backup([disk("virtio0")], store_with_chain("virtio0"), opts("inc", uuid="x"), 100, False)
     with pytest.raises(TargetError, match="holds a backup chain"):
         plan_backup([disk("virtio0")], store_with_chain("virtio0"), opts("copy"), 100, False)
+
+
+def test_plan_diff_backs_onto_the_full_and_needs_the_diff_bitmap() -> None:
+    store = store_with_chain("virtio0")
+    store.chains[0].disks["virtio0"].backups.append(
+        BackupRecord("INC-2-virtio0.qcow2", "inc", 2, 1, "x"))
+    both = (bitmap("qmpbackup-c1"), bitmap("qmpbackup-c1+diff"))
+    plan = plan_backup([disk("virtio0", bitmaps=both)], store, opts("diff"), 100, False)
+    (job,) = plan.jobs
+    assert (plan.level, job.level, job.sync, job.backing, job.bitmap) == \
+        ("diff", "diff", "incremental", "FULL-1-virtio0.qcow2", "qmpbackup-c1")
+    assert job.final_path.name == "DIFF-100-virtio0.qcow2"
+    for bitmaps, message in (((bitmap("qmpbackup-c1"),), "has no bitmap qmpbackup-c1\\+diff"),
+                             ((bitmap("qmpbackup-c1"), bitmap("qmpbackup-c1+diff", True)),
+                              "inconsistent")):
+        with pytest.raises(ChainError, match=message):
+            plan_backup([disk("virtio0", bitmaps=bitmaps)], store, opts("diff"), 100, False)
+    # an incremental does not need the diff bitmap (chains made before --level diff)
+    assert plan_backup([disk("virtio0", bitmaps=both[:1])], store, opts("inc"), 100,
+                       False).level == "inc"
+    with pytest.raises(ChainError, match="no backup chain"):
+        plan_backup([disk("virtio0")], ChainStore(Path("/b")), opts("diff"), 100, True)
+
+
+def test_plan_full_refuses_a_uuid_whose_diff_bitmap_exists() -> None:
+    with pytest.raises(ChainError, match="another backup folder"):
+        plan_backup([disk("virtio0", bitmaps=(bitmap("qmpbackup-u+diff"),))],
+                    ChainStore(Path("/b")), opts("full", uuid="u"), 100, True)

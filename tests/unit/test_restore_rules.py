@@ -27,13 +27,14 @@ from libqmpbackup.restore.rules import (
     segment,
     select_disk_point,
     select_root_points,
+    span,
 )
 
 SIZE = 1 << 20
 
 
 def rec(level: str, time: int, image: str = "disk.qcow2", **kw) -> BackupRecord:
-    prefix = {"full": "FULL", "inc": "INC", "copy": "COPY"}[level]
+    prefix = {"full": "FULL", "inc": "INC", "diff": "DIFF", "copy": "COPY"}[level]
     return BackupRecord(f"{prefix}-{time}-{image}", level, time, SIZE, f"/vm/{image}", **kw)
 
 
@@ -82,6 +83,29 @@ def test_segment_starts_at_the_last_full_before_the_point() -> None:
     mixed = [rec("full", 1), rec("inc", 2), rec("full", 3), rec("inc", 4), rec("inc", 5)]
     assert [r.time for r in segment(mixed, 4)] == [3, 4, 5]
     assert [r.time for r in segment(mixed, 1)] == [1, 2]
+
+
+MIXED = [rec("full", 10), rec("inc", 20), rec("diff", 30), rec("inc", 40), rec("diff", 50),
+         rec("inc", 60)]
+
+
+def test_segment_of_a_diff_is_its_full_and_itself_and_incs_go_back_to_it() -> None:
+    assert [r.time for r in segment(MIXED, 2)] == [10, 30]
+    assert [r.time for r in segment(MIXED, 3)] == [10, 30, 40]
+    assert [r.time for r in segment(MIXED, 5)] == [10, 50, 60]
+    assert [r.time for r in segment(MIXED, 1)] == [10, 20]
+    assert [r.time for r in span(MIXED, 3)] == [10, 20, 30, 40], "in-place restores take all"
+    assert record_problems(MIXED) == []
+    assert find_point(MIXED, "DIFF-30") == 2
+
+
+def test_a_diff_must_back_onto_its_full() -> None:
+    folder = Path("/b/virtio0")
+    good = {"format": "qcow2", "virtual-size": SIZE, "backing-filename": MIXED[0].file}
+    assert image_problems(MIXED[2], MIXED[0], good, folder) == []
+    wrong = dict(good, **{"backing-filename": MIXED[1].file})
+    assert image_problems(MIXED[2], MIXED[0], wrong, folder) == [
+        f"{MIXED[2].file} is backed by {MIXED[1].file}, expected {MIXED[0].file}"]
 
 
 def test_segment_without_full_is_a_chain_error() -> None:

@@ -1,0 +1,50 @@
+"""The import rules each subpackage's docstring states, checked on the source itself."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "libqmpbackup"
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+FORBIDDEN = {
+    # restores work on files only: no QMP client, no backup run
+    "restore": ("libqmpbackup.backup", "libqmpbackup.qemu.qmp", "libqmpbackup.qemu.agent",
+                "qemu.qmp"),
+    # the backup side never depends on how restores read folders
+    "backup": ("libqmpbackup.restore",),
+    # talking to QEMU knows nothing of runs or restores
+    "qemu": ("libqmpbackup.backup", "libqmpbackup.restore"),
+}
+
+
+@pytest.mark.parametrize("subpackage", sorted(FORBIDDEN))
+def test_subpackages_keep_their_import_rules(subpackage: str) -> None:
+    broken = {f"{path.relative_to(PACKAGE.parent)} imports {name}"
+              for path in sorted((PACKAGE / subpackage).glob("*.py"))
+              for name in imported_modules(path)
+              if name.startswith(FORBIDDEN[subpackage])}
+    assert not broken
+
+
+def test_shared_modules_import_no_side() -> None:
+    """The top-level modules serve both sides, so neither side's package may leak into them."""
+    broken = {f"{path.name} imports {name}" for path in sorted(PACKAGE.glob("*.py"))
+              for name in imported_modules(path)
+              if name.startswith(("libqmpbackup.backup", "libqmpbackup.restore", "qemu.qmp",
+                                  "libqmpbackup.qemu.qmp"))}
+    assert not broken
