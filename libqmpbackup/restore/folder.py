@@ -29,7 +29,7 @@ from libqmpbackup.restore.rules import (
     disks_in,
     folder_problems,
     image_problems,
-    parent,
+    parent_record,
     partial_leftovers,
     record_problems,
     select_disk_point,
@@ -273,10 +273,9 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
     images = folder_safety.checked_images(folder, [r.file for r in used])
     position = {r.file: index for index, r in enumerate(point.records)}
     for record in used:
-        backs_onto = parent(point.records, position[record.file])  # record_problems: FULL first
-        problems += image_problems(
-            record, None if backs_onto is None else point.records[backs_onto],
-            images[record.file], folder)
+        problems += image_problems(   # record_problems made sure a FULL comes first
+            record, parent_record(point.records, position[record.file]), images[record.file],
+            folder)
     if not problems:
         problems += _check_problems(folder, used)
     if problems:

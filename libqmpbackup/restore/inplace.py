@@ -51,6 +51,7 @@ from libqmpbackup.restore.rules import (
     matches,
     needs_rebase,
     parent,
+    parent_record,
 )
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,9 @@ def _back_by_metadata(backup: BackupDir, point: RestorePoint, dry_run: bool) -> 
     records = point.records
     rewritten = []
     for index in range(last_full(records, point.index) + 1, point.index + 1):
-        backs_onto = parent(records, index)
-        assert backs_onto is not None   # only the FULL has none, and it is not in this range
-        if _rebase_if_needed(point.folder, records[index].file, records[backs_onto].file, dry_run):
+        backing = parent_record(records, index)
+        assert backing is not None   # only the FULL has none, and it is not in this range
+        if _rebase_if_needed(point.folder, records[index].file, backing.file, dry_run):
             rewritten.append(records[index].file)
     if rewritten and not dry_run:
         _record_new_digests(backup, point, rewritten)

@@ -145,6 +145,12 @@ def parent(records: Sequence[BackupRecord], index: int) -> Optional[int]:
     return index - 1
 
 
+def parent_record(records: Sequence[BackupRecord], index: int) -> Optional[BackupRecord]:
+    """The record RECORDS[INDEX] must back onto (see :func:`parent`); None for a whole image."""
+    backs_onto = parent(records, index)
+    return None if backs_onto is None else records[backs_onto]
+
+
 def segment(records: Sequence[BackupRecord], index: int) -> list[BackupRecord]:
     """The files a point is read from, oldest first: its FULL, then each backing step up to it.
 

@@ -37,7 +37,7 @@ from libqmpbackup.restore.folder import (
 from libqmpbackup.restore.rules import (
     WHOLE_LEVELS,
     image_problems,
-    parent,
+    parent_record,
     record_problems,
     unknown_backup_files,
 )
@@ -191,10 +191,9 @@ def _verify_disk(chain: Chain, disk_id: str, records: list[BackupRecord], folder
 def _parent_record(records: list[BackupRecord], index: int) -> Optional[BackupRecord]:
     """What RECORDS[INDEX] must back onto; a chain without a FULL first is reported by the rules."""
     try:
-        backs_onto = parent(records, index)
+        return parent_record(records, index)
     except ChainError:
         return None
-    return None if backs_onto is None else records[backs_onto]
 
 
 def _image_findings(record: BackupRecord, previous: Optional[BackupRecord],
