@@ -33,7 +33,7 @@ from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.journal import Journal, unfinished_error
 from libqmpbackup.locks import chain_lock
 from libqmpbackup.metadata import BackupRecord
-from libqmpbackup.names import IMAGE_LINK, parse_backup_name
+from libqmpbackup.names import IMAGE_LINK, parse_backup_name, point_label
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import (
@@ -46,7 +46,6 @@ from libqmpbackup.restore.folder import (
 from libqmpbackup.restore.rules import (
     RestoreOptions,
     RestorePoint,
-    label,
     last_full,
     matches,
     needs_rebase,
@@ -208,7 +207,7 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
                         journal.rerun_command(folder))
         raise
     log.info("%s: %s %s %s", journal.disk, folder / journal.result,
-             "would hold" if opts.dry_run else "now holds", label(journal.point))
+             "would hold" if opts.dry_run else "now holds", point_label(journal.point))
     return folder / journal.result
 
 
@@ -268,7 +267,7 @@ def _apply(journal: Journal, folder: Path, opts: RestoreOptions) -> None:
             # each commit copies one incremental, not all of them again.
             qemuimg.rebase_unsafe(step, journal.base, dry_run=opts.dry_run)
         qemuimg.commit(step, rate_limit=opts.rate_limit, dry_run=opts.dry_run)
-        _ensure_snapshot(base, label(step.name), opts.dry_run)
+        _ensure_snapshot(base, point_label(step.name), opts.dry_run)
         _advance(journal, folder, index + 1, opts.dry_run)
 
 
@@ -320,7 +319,7 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
                            digest_files([folder / name for name in changed])))
         chain.disks[journal.disk].backups = [
             dataclasses.replace(r, digest=digests.get(r.file, r.digest)) for r in consolidated]
-        file_steps.note(f"update {store.path}: {journal.result} holds {label(journal.point)}, "
+        file_steps.note(f"update {store.path}: {journal.result} holds {point_label(journal.point)}, "
                         f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
             backup.save(store)

@@ -33,7 +33,6 @@ from libqmpbackup.names import (
 CHAIN_LEVELS = ("full", "inc", "diff")
 WHOLE_LEVELS = ("full", "copy")
 """Levels whose file is a whole image on its own."""
-label = point_label
 _SHOWN_POINTS = 8
 
 
@@ -106,7 +105,7 @@ def record_label(record: BackupRecord) -> str:
 
 def matches(file_name: str, name: str) -> bool:
     """--until accepts the file name, the name without extension, or the FULL-/INC-<time> label."""
-    return name in (file_name, os.path.splitext(file_name)[0], label(file_name))
+    return name in (file_name, os.path.splitext(file_name)[0], point_label(file_name))
 
 
 def record_matches(record: BackupRecord, name: str) -> bool:

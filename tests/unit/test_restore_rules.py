@@ -11,6 +11,7 @@ import pytest
 from libqmpbackup.errors import ChainError, TargetError, UsageError
 from libqmpbackup.journal import Journal
 from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.names import point_label
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.merge import output_format
 from libqmpbackup.restore.rules import (
@@ -19,7 +20,6 @@ from libqmpbackup.restore.rules import (
     find_point,
     folder_problems,
     image_problems,
-    label,
     matches,
     needs_rebase,
     record_label,
@@ -64,8 +64,8 @@ def test_until_rejects_near_misses(name: str) -> None:
 
 
 def test_label_of_odd_names_is_the_name() -> None:
-    assert label("INC-20-disk.qcow2") == "INC-20"
-    assert label("notes.txt") == "notes.txt"
+    assert point_label("INC-20-disk.qcow2") == "INC-20"
+    assert point_label("notes.txt") == "notes.txt"
 
 
 # -- segments ------------------------------------------------------------------------------------
