@@ -104,7 +104,11 @@ def test_an_intact_folder_verifies(cli, folders: Folders) -> None:
     assert all(f["restorable"] for f in document["files"])
     meta = json.loads((folders.main / "qmpbackup.json").read_text())
     digests = [r["digest"] for c in meta["chains"] for d in c["disks"].values() for r in d["backups"]]
-    assert all(d.startswith("sha256:") and len(d) == 7 + 64 for d in digests)
+    assert all(d.startswith("sha256x64m:") and len(d) == 11 + 64 for d in digests)
+    full = folders.main / "virtio0" / names(folders.main)[0]
+    by_hand = subprocess.run(f"split -b 64M --filter=sha256sum {full} | sha256sum", shell=True,
+                             capture_output=True, text=True, check=True).stdout.split()[0]
+    assert f"sha256x64m:{by_hand}" in digests, "the README's check with coreutils"
 
 
 def test_copies_are_checksummed_too(cli, folders: Folders, tmp_path: Path) -> None:
@@ -232,6 +236,35 @@ def test_older_metadata_without_checksums_is_unverifiable_not_damaged(
     cli("qmprestore", "merge", "--dir", root / "virtio0", "--targetfile",
         tmp_path / "out.qcow2").ok()
     assert identical(tmp_path / "out.qcow2", folders.refs[2])
+
+
+def with_whole_file_sha256(root: Path) -> None:
+    """Record every digest as versions before the piece digest did: ``sha256:`` of the file."""
+    for meta_path in [root / "qmpbackup.json", *root.glob("*/qmpbackup-disk.json")]:
+        meta = json.loads(meta_path.read_text())
+        for chain in meta["chains"]:
+            for disk_id, disk in chain["disks"].items():
+                for record in disk["backups"]:
+                    plain = subprocess.run(["sha256sum", str(root / disk_id / record["file"])],
+                                           capture_output=True, text=True, check=True)
+                    record["digest"] = "sha256:" + plain.stdout.split()[0]
+        meta_path.write_text(json.dumps(meta))
+
+
+def test_older_whole_file_sha256_checksums_still_verify(cli, folders: Folders,
+                                                        tmp_path: Path) -> None:
+    root = copy_of(folders.main, tmp_path / "copy")
+    with_whole_file_sha256(root)
+    document = verify_json(cli, "--dir", root)
+    assert document["ok"] and {f["status"] for f in document["files"]} == {"ok"}, document
+    cli("qmprestore", "merge", "--dir", root / "virtio0", "--targetfile",
+        tmp_path / "out.qcow2").ok()
+    assert identical(tmp_path / "out.qcow2", folders.refs[2])
+    flip_data_byte(root / "virtio0" / names(root)[1])
+    cli("qmprestore", "verify", "--dir", root).failed(11, names(root)[1], "checksum mismatch",
+                                                     "sha256 of the file")
+    cli("qmprestore", "merge", "--dir", root / "virtio0", "--targetfile",
+        tmp_path / "out2.qcow2").failed(11, "checksum mismatch", names(root)[1])
 
 
 def test_a_symlink_in_place_of_a_backup_file_is_damage_and_never_followed(

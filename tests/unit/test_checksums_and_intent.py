@@ -18,11 +18,12 @@ from libqmpbackup.names import INTENT_NAME
 from libqmpbackup.restore.verify import FileReport, VerifyReport, mark_restorable
 
 
-def test_file_digest_is_sha256_of_the_bytes(tmp_path: Path) -> None:
+def test_old_sha256_digests_are_the_plain_hash_of_the_bytes(tmp_path: Path) -> None:
     data = bytes(range(256)) * 9000   # spans several read chunks
     path = tmp_path / "f"
     path.write_bytes(data)
-    assert file_digest(path) == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert file_digest(path, "sha256") == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert file_digest(path).startswith("sha256x64m:"), "new backups record the piece digest"
     paths = [tmp_path / f"f{i}" for i in range(5)]
     for i, p in enumerate(paths):
         p.write_bytes(bytes([i]) * 1000)
@@ -32,8 +33,11 @@ def test_file_digest_is_sha256_of_the_bytes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("recorded, algorithm", [
     ("sha256:" + "0" * 64, "sha256"),
+    ("sha256x64m:" + "0" * 64, "sha256x64m"),
     ("blake2b:" + "a" * 128, "blake2b"),
     ("sha256:" + "0" * 63, None),          # wrong length
+    ("sha256x64m:" + "0" * 65, None),
+    ("sha256x64m:" + "A" * 64, None),      # sha256sum prints lower case only
     ("sha256:" + "G" * 64, None),          # not hex
     ("md4:" + "0" * 32, None),             # not an algorithm we recompute
     ("sha256", None),
@@ -45,15 +49,17 @@ def test_only_wellformed_digests_are_recomputed(recorded: object, algorithm: obj
     assert algorithm_of(recorded) == algorithm   # type: ignore[arg-type]
 
 
-def test_check_files_judges_each_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["sha256x64m", "sha256"])   # sha256: records of old backups
+def test_check_files_judges_each_file(tmp_path: Path, algorithm: str) -> None:
     good, bad, gone, old = (tmp_path / n for n in ("good", "bad", "gone", "old"))
     for path in (good, bad, old):
         path.write_bytes(b"backup data")
-    recorded = file_digest(good)
+    recorded = file_digest(good, algorithm)
     bad.write_bytes(b"backup dat\x00")
     results = check_files([(good, recorded), (bad, recorded), (gone, recorded), (old, None)])
     assert [r.status for r in results] == ["ok", "mismatch", "unreadable", "unrecorded"]
-    assert "checksum mismatch" in results[1].detail and results[2].detail
+    assert "checksum mismatch" in results[1].detail and algorithm in results[1].detail
+    assert results[2].detail
 
 
 def test_backup_damaged_prints_one_line_per_file() -> None:

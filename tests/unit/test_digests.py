@@ -1,0 +1,112 @@
+"""The piece digest is exactly what coreutils prints, and hashing stays within its bounds (no QEMU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from libqmpbackup import digests
+from libqmpbackup.digests import PIECE_SIZE, check_files, digest_files, file_digest
+
+MiB = 1 << 20
+
+
+def coreutils_digest(path: Path, piece: str = "64M") -> str:
+    """The by-hand check the README gives: split … --filter=sha256sum FILE | sha256sum."""
+    split = subprocess.run(f"split -b {piece} --filter=sha256sum {path} | sha256sum", shell=True,
+                           check=True, capture_output=True, text=True, cwd=path.parent)
+    hexdigest, dash = split.stdout.split()
+    assert dash == "-"
+    return f"sha256x64m:{hexdigest}"
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    """SIZE bytes, mostly a hole, with marks so that each piece's content differs."""
+    with open(path, "wb") as handle:
+        os.truncate(handle.fileno(), size)
+        for offset in (0, size // 2, size - 1):
+            if 0 <= offset < size:
+                handle.seek(offset)
+                handle.write(b"\x5a")
+    return path
+
+
+@pytest.mark.parametrize("size", [0, 1, PIECE_SIZE, PIECE_SIZE + 1])
+def test_the_digest_is_what_split_and_sha256sum_print(tmp_path: Path, size: int) -> None:
+    path = sparse_file(tmp_path / "FULL-1-disk.qcow2", size)
+    assert file_digest(path) == coreutils_digest(path)
+
+
+def test_small_pieces_follow_the_same_rule(tmp_path: Path) -> None:
+    """Many pieces, cut at every edge, for files hashed together in one pool."""
+    sizes = [0, 1, 1023, 1024, 1025, 5 * 1024, 5 * 1024 + 7]   # split forks once per piece
+    paths = []
+    for index, size in enumerate(sizes):
+        path = tmp_path / f"f{index}"
+        path.write_bytes(os.urandom(size))
+        paths.append(path)
+    assert digest_files(paths, piece_size=1024) == [coreutils_digest(p, "1K") for p in paths]
+
+
+def test_old_and_new_algorithms_mix_in_one_call(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(3 * MiB + 1))
+    new, old = digest_files([path, path], ["sha256x64m", "sha256"], piece_size=MiB)
+    assert new == coreutils_digest(path, "1M")
+    plain = subprocess.run(["sha256sum", str(path)], check=True, capture_output=True, text=True)
+    assert old == "sha256:" + plain.stdout.split()[0]
+
+
+def test_workers_follow_the_cpu_affinity_up_to_eight(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert digests.worker_count() == 1, "taskset / CPUAffinity= limit the pool"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert digests.worker_count() == 8
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert digests.worker_count() == 2
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_many_files_need_few_descriptors_and_none_stay_open(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = []
+    for index in range(60):
+        path = tmp_path / f"f{index}"
+        path.write_bytes(bytes([index]) * (index * 100))
+        paths.append(path)
+    opened = 0
+    most = 0
+    real_open = digests.folder_safety.open_file
+
+    def counting_open(*args: object, **kwargs: object) -> int:
+        nonlocal opened, most
+        opened += 1
+        most = max(most, open_descriptors())
+        return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    before = open_descriptors()
+    monkeypatch.setattr(digests.folder_safety, "open_file", counting_open)
+    assert len(set(digest_files(paths, piece_size=1024))) == 60
+    assert opened == 60, "each file is opened once"
+    assert most - before <= 2 * digests.worker_count() + 2, "only a few files open at a time"
+    assert open_descriptors() == before
+
+
+def test_a_symlink_or_a_fifo_is_not_hashed(tmp_path: Path) -> None:
+    """The folder rule holds for checksums too: never read through a link, never hang on a FIFO."""
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"secret")
+    (tmp_path / "link").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo")
+    recorded = file_digest(target)
+    results = check_files([(tmp_path / "link", recorded), (tmp_path / "fifo", recorded),
+                           (target, recorded)])
+    assert [r.status for r in results] == ["unreadable", "unreadable", "ok"]
+    assert "symlink" in results[0].detail and "FIFO" in results[1].detail
