@@ -152,11 +152,10 @@ class _FileHashing:
         try:
             if os.fstat(self.fd).st_size != self.size and self.failure is None:
                 self.failure = OSError(errno.EIO, "file changed size while it was being hashed")
+            os.close(self.fd)
         except OSError as err:
             self.failure = self.failure or err
-        finally:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd = -1
 
     def result(self) -> Union[str, DigestFailure]:
         if self.failure is not None:
@@ -183,7 +182,9 @@ def _hash_all(items: Sequence[tuple[Path, str]], piece_size: int) -> list[Union[
 
     The files are opened in order, each only when a slot is free, so at most
     twice the workers are open at a time; their pieces queue behind those of
-    the files before them, which keeps every worker busy to the end.
+    the files before them, which keeps every worker busy to the end.  A signal
+    (the runner raises in this thread) drops the queued pieces: the command
+    stops after the pieces in flight instead of hashing every file first.
     """
     files = [_FileHashing(path=path, algorithm=algorithm) for path, algorithm in items]
     workers = worker_count()
@@ -194,24 +195,30 @@ def _hash_all(items: Sequence[tuple[Path, str]], piece_size: int) -> list[Union[
             slots.release()
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="digest") as pool:
-        for hashing in files:
-            slots.acquire()
-            hashing.open()
-            if hashing.failure is not None:
-                slots.release()
-                continue
-            ranges = _ranges(hashing.size, hashing.algorithm, piece_size)
-            if not ranges:
-                hashing.close()
-                slots.release()
-                continue
-            hashing.pending = len(ranges)
-            for offset, length in ranges:
-                piece = pool.submit(_hash_range, hashing.fd, offset, length,
-                                    hash_name(hashing.algorithm))
-                hashing.pieces.append(piece)
-            for piece in hashing.pieces:   # after all are counted: the last one closes the file
-                piece.add_done_callback(functools.partial(piece_done, hashing))
+        try:
+            for hashing in files:
+                slots.acquire()
+                hashing.open()
+                if hashing.failure is not None:
+                    slots.release()
+                    continue
+                ranges = _ranges(hashing.size, hashing.algorithm, piece_size)
+                if not ranges:
+                    hashing.close()
+                    slots.release()
+                    continue
+                hashing.pending = len(ranges)   # before any piece can finish and count down
+                for offset, length in ranges:
+                    piece = pool.submit(_hash_range, hashing.fd, offset, length,
+                                        hash_name(hashing.algorithm))
+                    piece.add_done_callback(functools.partial(piece_done, hashing))
+                    hashing.pieces.append(piece)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)   # cancelled pieces close their files
+            for hashing in files:
+                if hashing.fd != -1:    # interrupted before all its pieces were queued
+                    hashing.close()
+            raise
     return [hashing.result() for hashing in files]
 
 

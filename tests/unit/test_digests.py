@@ -99,6 +99,31 @@ def test_many_files_need_few_descriptors_and_none_stay_open(tmp_path: Path,
     assert open_descriptors() == before
 
 
+def test_an_interruption_stops_hashing_and_closes_every_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner raises in the main thread on SIGINT/SIGTERM: no file stays open behind it."""
+    paths = []
+    for index in range(40):
+        path = tmp_path / f"f{index}"
+        path.write_bytes(os.urandom(64 * 1024))
+        paths.append(path)
+    real_open = digests.folder_safety.open_file
+    opened = 0
+
+    def interrupted_open(*args: object, **kwargs: object) -> int:
+        nonlocal opened
+        opened += 1
+        if opened == 12:
+            raise KeyboardInterrupt
+        return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    before = open_descriptors()
+    monkeypatch.setattr(digests.folder_safety, "open_file", interrupted_open)
+    with pytest.raises(KeyboardInterrupt):
+        digest_files(paths, piece_size=1024)
+    assert opened == 12 and open_descriptors() == before
+
+
 def test_a_symlink_or_a_fifo_is_not_hashed(tmp_path: Path) -> None:
     """The folder rule holds for checksums too: never read through a link, never hang on a FIFO."""
     target = tmp_path / "elsewhere"
