@@ -673,6 +673,9 @@ class Bench:
         add("full", "python -m qmpbackup backup --level full (subprocess, end to end; "
             "default --copy-offload auto)", baseline="convert", data=self.size)
         steps.append(("full", self.full_step(vm, "full")))
+        add("full-no-checksum", "same with --no-checksum (no hashing of the written file)",
+            baseline="convert", data=self.size)
+        steps.append(("full-no-checksum", self.full_step(vm, "full-no-checksum", "--no-checksum")))
         add("full-no-offload", "same with --copy-offload off", baseline="convert",
             data=self.size)
         steps.append(("full-no-offload", self.full_step(vm, "full-no-offload", "--copy-offload", "off")))
