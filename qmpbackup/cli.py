@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "auto uses it for full copies where QEMU offers it and falls "
                              "back if QEMU refuses it; on insists; off never "
                              "(default auto; never with --compress)")
+    backup.add_argument("--no-checksum", action="store_true",
+                        help="record no checksum of the written files (they verify as "
+                             "unverifiable): for targets whose filesystem checksums data "
+                             "itself, such as ZFS or btrfs")
     backup.add_argument("--no-subdir", action="store_true",
                         help="write the backup files into DIR itself, not DIR/<disk id>/")
     backup.add_argument("--no-timestamp", action="store_true",
@@ -283,7 +287,8 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
         progress_interval=args.progress_interval,
         target_cache_direct=args.blockdev_disable_cache, target_aio=args.blockdev_aio,
         no_subdir=args.no_subdir, no_timestamp=args.no_timestamp, no_symlink=args.no_symlink,
-        fleecing=fleecing_options, copy_offload=args.copy_offload)
+        fleecing=fleecing_options, copy_offload=args.copy_offload,
+        checksum=not args.no_checksum)
     if args.remove_delay is not None:
         log.warning("--remove-delay is not needed and is ignored: qmpbackup closes a backup "
                     "file only after QEMU has ended the job that wrote it")

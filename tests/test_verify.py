@@ -120,6 +120,24 @@ def test_copies_are_checksummed_too(cli, folders: Folders, tmp_path: Path) -> No
     cli("qmprestore", "verify", "--dir", root).failed(11, "checksum mismatch")
 
 
+def test_no_checksum_records_none_and_restores_identical(cli, tmp_path: Path) -> None:
+    target = tmp_path / "backups"
+    with TestVM(tmp_path / "vm", [Disk("virtio0", "virtio", "qcow2", 16 * MiB)]) as vm:
+        vm.write("virtio0", 0x41, 0, MiB)
+        run_backup(vm, target, "full", "--no-checksum")
+        vm.write("virtio0", 0x42, 2 * MiB, MiB)
+        reference = vm.reference("virtio0", tmp_path / "ref.raw")
+        run_backup(vm, target, "inc")
+    records = json.loads((target / "qmpbackup.json").read_text())["chains"][0]["disks"]["virtio0"]
+    assert [r.get("digest") is not None for r in records["backups"]] == [False, True]  # per run
+    document = verify_json(cli, "--dir", target)
+    assert [f["status"] for f in document["files"]] == ["unverifiable", "ok"]
+    assert document["ok"] is True
+    cli("qmprestore", "merge", "--dir", target / "virtio0", "--targetfile",
+        tmp_path / "out.qcow2").ok()
+    assert identical(tmp_path / "out.qcow2", reference)
+
+
 def test_verify_selects_by_folder_uuid_and_filter(cli, folders: Folders) -> None:
     months = verify_json(cli, "--dir", folders.monthly)
     assert months["ok"] and len(months["files"]) == 2

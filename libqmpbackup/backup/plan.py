@@ -65,6 +65,7 @@ class BackupOptions:
     no_timestamp: bool = False     # a FULL/COPY named exactly like the source image
     no_symlink: bool = False       # with no_timestamp: no FULL-<image> symlink beside it
     fleecing: Optional[FleecingOptions] = None   # None: plain backup jobs
+    checksum: bool = True          # hash each written file and record its digest
 
     @property
     def target_io(self) -> TargetIO:

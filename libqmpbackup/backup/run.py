@@ -343,7 +343,7 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
             raise JobError(f"QEMU could not close backup node(s) {', '.join(left_open)}; "
                            "the backup was discarded, nothing was recorded")
         reached("jobs-done")
-        if plan.chain is not None:
+        if plan.chain is not None and opts.checksum:
             await files.compute_digests()
         files.finish()
         reached("renamed")

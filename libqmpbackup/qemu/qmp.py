@@ -212,6 +212,18 @@ class QmpSession:
             log.debug("ignoring error on disconnect: %s", err)
 
     @property
+    def qemu_version(self) -> Optional[tuple[int, int]]:
+        """(major, minor) from QEMU's greeting; None when it is missing or malformed."""
+        greeting = self.client.greeting
+        qemu = greeting.QMP.version.get("qemu") if greeting is not None else None
+        if not isinstance(qemu, dict):
+            return None
+        major, minor = qemu.get("major"), qemu.get("minor")
+        if isinstance(major, int) and isinstance(minor, int):
+            return major, minor
+        return None
+
+    @property
     def has_guest(self) -> bool:
         """False for a qemu-storage-daemon: no guest to quiesce, pause or shut down."""
         return self.image_nodes is None
