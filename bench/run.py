@@ -446,6 +446,13 @@ class Report:
         ratios = self.ratios(name)
         return statistics.median(ratios) if ratios else None
 
+    def median_ratio_to(self, name: str, base: str) -> Optional[float]:
+        """Median per-round ratio of NAME to another row than its baseline (same rounds)."""
+        if name not in self.series or base not in self.series:
+            return None
+        pairs = zip(self.series[name].seconds, self.series[base].seconds)
+        return statistics.median(mine / theirs for mine, theirs in pairs)
+
     def median_cpu_ratio(self, name: str) -> Optional[float]:
         """Like :meth:`median_ratio` for CPU seconds, which other load inflates far less."""
         series = self.series[name]
@@ -469,6 +476,7 @@ class Report:
             "foreign_qemu_cpu_seconds": self.foreign_cpu, "shared_machine": self.shared,
             "load_average_max": self.load_max,
             "median_ratio_backup_convert": self.median_ratio("full"),
+            "median_ratio_backup_convert_flushed": self.median_ratio_to("full", "convert-flushed"),
             "ratios_backup_convert": self.ratio_backup_convert,
             "series": {},
         }
@@ -609,12 +617,12 @@ class Bench:
                         "machine is not shared)").seconds.append(float(match.group(2)))
 
     # -- the steps of a rotating round
-    def convert_step(self, vm: BenchVM) -> Callable[[], float]:
+    def convert_step(self, vm: BenchVM, *extra: str) -> Callable[[], float]:
         def measure() -> float:
             out = self.fresh("convert.qcow2")
             out.parent.mkdir(parents=True, exist_ok=True)
             self.drop()
-            seconds = timed(lambda: run(["qemu-img", "convert", "-U", "-O", "qcow2",
+            seconds = timed(lambda: run(["qemu-img", "convert", "-U", *extra, "-O", "qcow2",
                                          str(vm.image), str(out)]))
             out.unlink()
             return seconds
@@ -676,6 +684,10 @@ class Bench:
         add = self.report.add
         add("convert", "qemu-img convert -U -O qcow2 of the running VM's image", data=self.size)
         steps: list[Step] = [("convert", self.convert_step(vm))]
+        add("convert-flushed", "qemu-img convert -t writeback: its data flushed to the disk at the "
+            "end, as a backup's is (plain convert leaves it in the page cache)",
+            baseline="convert", data=self.size)
+        steps.append(("convert-flushed", self.convert_step(vm, "-t", "writeback")))
         add("full", "python -m qmpbackup backup --level full (subprocess, end to end; "
             "default --copy-offload auto)", baseline="convert", data=self.size)
         steps.append(("full", self.full_step(vm, "full")))
@@ -755,7 +767,14 @@ class Bench:
         add("sparse-full", "sparse disk: backup --level full (default: sync=top, offload)",
             baseline="sparse-convert", data=data)
         add(SPARSE_DIRECT.name, SPARSE_DIRECT.description, baseline="sparse-convert", data=data)
+        add("sparse-convert-flushed", "sparse disk: qemu-img convert -t writeback (data flushed)",
+            baseline="sparse-convert", data=data)
+        add("sparse-full-no-checksum", "sparse disk: backup --level full --no-checksum",
+            baseline="sparse-convert", data=data)
         steps: list[Step] = [("sparse-convert", self.convert_step(vm)),
+                             ("sparse-convert-flushed", self.convert_step(vm, "-t", "writeback")),
+                             ("sparse-full-no-checksum",
+                              self.full_step(vm, "sparse-full-no-checksum", "--no-checksum")),
                              ("sparse-full", self.full_step(vm, "sparse-full")),
                              (SPARSE_DIRECT.name, self.direct_step(vm, SPARSE_DIRECT))]
         self.rotate(vm, steps, self.args.rounds, "sparse")
@@ -869,6 +888,13 @@ def print_report(report: Report) -> None:
     convert = report.series["convert"].median
     print(f"median ratio backup/convert (per round): {report.median_ratio('full'):.2f}x "
           f"(ratio of medians {full / convert:.2f}x)")
+    flushed = report.median_ratio_to("full", "convert-flushed")
+    if flushed is not None:
+        line = f"full / convert-flushed (both leave the data on the disk) per round: {flushed:.2f}x"
+        no_checksum = report.median_ratio_to("full-no-checksum", "convert-flushed")
+        if no_checksum is not None:
+            line += f"; full-no-checksum {no_checksum:.2f}x"
+        print(line)
     if "checksum" in report.series:
         checksum = report.series["checksum"].median
         print(f"checksums: median {checksum:.3f} s per full = {checksum / full:.0%} of it; "
@@ -883,9 +909,11 @@ def print_report(report: Report) -> None:
           f"median {report.series['overhead-full'].median:.3f} s, of which interpreter + imports "
           f"{report.series['python-startup'].median:.3f} s")
     if "sparse-full" in report.series:
+        flushed = report.median_ratio_to("sparse-full", "sparse-convert-flushed")
         print(f"sparse disk ({report.sparse_size // MiB} MiB virtual, "
               f"{report.sparse_data // MiB} MiB data): full/convert "
-              f"{report.median_ratio('sparse-full'):.2f}x per round")
+              f"{report.median_ratio('sparse-full'):.2f}x per round"
+              + (f", full/convert-flushed {flushed:.2f}x" if flushed is not None else ""))
     print()
     for name, series in report.series.items():
         print(f"  {name:19} {series.description}")
