@@ -611,8 +611,8 @@ class Bench:
         match = CHECKSUM_LOG.search(self.last_log)
         if match is None:
             return
-        self.report.add("checksum", "of which: hashing the finished FULL (SHA-256, page cache "
-                        "warm), from the run's log").seconds.append(float(match.group(1)))
+        self.report.add("checksum", "of which: hashing the finished FULL (SHA-256 of 64 MiB "
+                        "pieces, page cache warm), from the run's log").seconds.append(float(match.group(1)))
         self.report.add("checksum-cpu", "CPU seconds of that hashing (what it costs when the "
                         "machine is not shared)").seconds.append(float(match.group(2)))
 
