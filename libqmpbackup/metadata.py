@@ -66,6 +66,17 @@ class BackupRecord:
         """
         return self.holds if self.holds is not None else self.time
 
+    @property
+    def label(self) -> str:
+        """How users see the point: ``FULL-<time>`` / ``INC-<time>``, whatever the file is named.
+
+        Also for files named like their source image (--no-timestamp); a FULL
+        that commit/snapshotrebase made hold a later point is named for that point.
+        """
+        if self.holds is not None:
+            return f"{LEVEL_PREFIX['full']}-{self.holds}"
+        return f"{LEVEL_PREFIX.get(self.level, self.level.upper())}-{self.time}"
+
 
 @dataclass
 class DiskChain:

@@ -26,7 +26,6 @@ from libqmpbackup.names import (
     bitmap_name,
     is_backup_file_name,
     is_plain_file_name,
-    point_label,
     safe_component,
 )
 
@@ -90,11 +89,11 @@ class ChainSummary:
 
     @property
     def first_point(self) -> str:
-        return point_label(self.first.file) if self.first else ""
+        return self.first.label if self.first else ""
 
     @property
     def last_point(self) -> str:
-        return point_label(self.last.file) if self.last else ""
+        return self.last.label if self.last else ""
 
 
 def summarize(store: ChainStore, position: int) -> ChainSummary:

@@ -21,7 +21,7 @@ from libqmpbackup.json_output import Document
 from libqmpbackup.layout import disk_folders
 from libqmpbackup.metadata import BackupRecord, Chain
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
-from libqmpbackup.restore.rules import partial_leftovers, record_label
+from libqmpbackup.restore.rules import partial_leftovers
 from libqmpbackup.tables import table
 from libqmpbackup.units import local_time
 
@@ -53,7 +53,7 @@ def _disk_ids(backup: BackupDir, chain: Chain) -> list[str]:
 
 def _point_document(folder: Path, record: BackupRecord) -> Document:
     info = _entry(folder, record.file)
-    return {"point": record_label(record), "file": str(folder / record.file),
+    return {"point": record.label, "file": str(folder / record.file),
             "level": record.level, "time": record.point_time,
             "size": info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None,
             "virtual_size": record.virtual_size, "compressed": record.compressed,
@@ -76,7 +76,7 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
         for disk_id in _disk_ids(backup, chain):
             folder = backup.root / chain.folder_of(disk_id)
             for record in chain.disks[disk_id].backups:
-                rows.append((prefix + chain.uuid, disk_id, record_label(record),
+                rows.append((prefix + chain.uuid, disk_id, record.label,
                              local_time(record.point_time), record.level, record.file,
                              _size(_entry(folder, record.file)),
                              record.virtual_size or "unknown"))

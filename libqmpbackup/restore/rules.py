@@ -83,24 +83,13 @@ class RestorePoint:
 
     @property
     def label(self) -> str:
-        return record_label(self.record)
+        return self.record.label
 
     def segment(self) -> list[BackupRecord]:
         return segment(self.records, self.index)
 
     def span(self) -> list[BackupRecord]:
         return span(self.records, self.index)
-
-
-def record_label(record: BackupRecord) -> str:
-    """How a record's point is named to users: ``FULL-<time>`` / ``INC-<time>``.
-
-    Also for files named like their source image (--no-timestamp); a FULL
-    that commit/snapshotrebase made hold a later point is named for that point.
-    """
-    if record.holds is not None:
-        return f"{LEVEL_PREFIX['full']}-{record.holds}"
-    return f"{LEVEL_PREFIX.get(record.level, record.level.upper())}-{record.time}"
 
 
 def matches(file_name: str, name: str) -> bool:
@@ -115,8 +104,8 @@ def record_matches(record: BackupRecord, name: str) -> bool:
     ``INC-<time>``; its own original label no longer does: that moment is gone.
     """
     if record.holds is None:
-        return matches(record.file, name) or name == record_label(record)
-    return name in (record.file, os.path.splitext(record.file)[0], record_label(record),
+        return matches(record.file, name) or name == record.label
+    return name in (record.file, os.path.splitext(record.file)[0], record.label,
                     f"{LEVEL_PREFIX['inc']}-{record.holds}")
 
 
@@ -235,7 +224,7 @@ def select_disk_point(store: ChainStore, disk_id: str, until: Optional[str],
             return RestorePoint.of(store, chain, disk_id, index)
     assert until is not None
     raise _unknown_point(until, f"for disk {disk_id}",
-                         [record_label(r) for r in chains[-1].disks[disk_id].backups])
+                         [r.label for r in chains[-1].disks[disk_id].backups])
 
 
 def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[str],
@@ -273,11 +262,11 @@ def select_root_points(store: ChainStore, until: Optional[str], uuid: Optional[s
             index = next((i for i, r in enumerate(disk.backups) if r.point_time == when), None)
             if index is None:
                 raise ChainError(f"disk {disk_id} of chain {chain.uuid} has no backup from the "
-                                 f"run of {record_label(hits[0])}: restore the other disks one by "
+                                 f"run of {hits[0].label}: restore the other disks one by "
                                  "one with --dir ROOT/<disk id>")
             points.append(RestorePoint.of(store, chain, disk_id, index))
         return points
-    runs = sorted({(r.point_time, record_label(r)) for c in chains for d in c.disks.values()
+    runs = sorted({(r.point_time, r.label) for c in chains for d in c.disks.values()
                    for r in d.backups})
     raise _unknown_point(until, f"in {store.root}", [name for _, name in runs])
 

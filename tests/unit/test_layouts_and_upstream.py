@@ -13,7 +13,7 @@ from libqmpbackup.backup.plan import plan_backup, select_disks
 from libqmpbackup.errors import ChainError, UsageError
 from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.restore.folder import open_backup_dir
-from libqmpbackup.restore.rules import image_problems, record_label, record_problems, select_root_points
+from libqmpbackup.restore.rules import image_problems, record_problems, select_root_points
 from libqmpbackup.retention import chain_files, pruning_entry
 from tests.unit.test_naming_and_planning import bitmap, disk, opts, store_with_chain
 
@@ -71,7 +71,7 @@ def test_copy_and_untimestamped_records_pass_the_rules() -> None:
     copies = [BackupRecord("COPY-1-a.qcow2", "copy", 1, 1, "a"), BackupRecord("a.qcow2", "copy", 2, 1, "a",
                                                                                timestamped=False)]
     assert record_problems(copies) == []
-    assert record_label(copies[1]) == "COPY-2"
+    assert copies[1].label == "COPY-2"
     plain_full = [BackupRecord("a.qcow2", "full", 1, 1, "a", timestamped=False),
                   BackupRecord("INC-2-a.qcow2", "inc", 2, 1, "a")]
     assert record_problems(plain_full) == []

@@ -22,7 +22,6 @@ from libqmpbackup.restore.rules import (
     image_problems,
     matches,
     needs_rebase,
-    record_label,
     record_problems,
     segment,
     select_disk_point,
@@ -248,7 +247,7 @@ def test_rebase_is_needed_only_for_other_spellings_or_formats() -> None:
 def test_committed_full_keeps_its_name_and_answers_to_its_point() -> None:
     committed = rec("full", 10, holds=30)
     later = [committed, rec("inc", 40)]
-    assert committed.point_time == 30 and record_label(committed) == "FULL-30"
+    assert committed.point_time == 30 and committed.label == "FULL-30"
     assert record_problems(later) == [], "name and time stay the backup's own"
     for name in ("FULL-10-disk.qcow2", "FULL-10-disk", "FULL-30", "INC-30"):
         assert find_point(later, name) == 0, name

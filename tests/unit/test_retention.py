@@ -128,3 +128,14 @@ def test_a_removed_chain_never_takes_a_kept_chains_bitmap() -> None:
     plan = plan_retention([old, new], keep=1)
     assert plan.removed_chain_ids() == ["x", "y"]
     assert plan.kept_bitmaps() == {"qmpbackup-x"}
+
+
+def test_points_are_named_by_their_records_not_their_file_names() -> None:
+    """A --no-timestamp FULL is named like its image; a committed FULL holds a later point."""
+    untimed = chain("u", [10, 11], files=["vm1.qcow2", "INC-11-vm1.qcow2"])
+    untimed.disks["virtio0"].backups[0].timestamped = False
+    committed = chain("c", [20])
+    committed.disks["virtio0"].backups[0].holds = 25
+    plan = plan_retention([ChainStore(ROOT, [untimed, committed])], keep=2)
+    assert [(s.first_point, s.last_point) for s in plan.chains] == \
+        [("FULL-10", "INC-11"), ("FULL-25", "FULL-25")]
