@@ -434,24 +434,18 @@ class Report:
         return self.series.setdefault(name, Series(name, description, baseline=baseline,
                                                    data=data))
 
-    def ratios(self, name: str) -> list[float]:
-        """Per-round ratios of NAME to its baseline row (same rounds, same positions)."""
-        series = self.series[name]
-        if series.baseline is None:
+    def ratios(self, name: str, base: Optional[str] = None) -> list[float]:
+        """Per-round ratios of NAME to BASE, by default its baseline row (same rounds, same
+        positions); none when either row was not measured (a skipped step, an older tool)."""
+        series = self.series.get(name)
+        base = base or (series.baseline if series else None)
+        if series is None or base not in self.series:
             return []
-        base = self.series[series.baseline].seconds
-        return [mine / theirs for mine, theirs in zip(series.seconds, base)]
+        return [mine / theirs for mine, theirs in zip(series.seconds, self.series[base].seconds)]
 
-    def median_ratio(self, name: str) -> Optional[float]:
-        ratios = self.ratios(name)
+    def median_ratio(self, name: str, base: Optional[str] = None) -> Optional[float]:
+        ratios = self.ratios(name, base)
         return statistics.median(ratios) if ratios else None
-
-    def median_ratio_to(self, name: str, base: str) -> Optional[float]:
-        """Median per-round ratio of NAME to another row than its baseline (same rounds)."""
-        if name not in self.series or base not in self.series:
-            return None
-        pairs = zip(self.series[name].seconds, self.series[base].seconds)
-        return statistics.median(mine / theirs for mine, theirs in pairs)
 
     def median_cpu_ratio(self, name: str) -> Optional[float]:
         """Like :meth:`median_ratio` for CPU seconds, which other load inflates far less."""
@@ -476,7 +470,7 @@ class Report:
             "foreign_qemu_cpu_seconds": self.foreign_cpu, "shared_machine": self.shared,
             "load_average_max": self.load_max,
             "median_ratio_backup_convert": self.median_ratio("full"),
-            "median_ratio_backup_convert_flushed": self.median_ratio_to("full", "convert-flushed"),
+            "median_ratio_backup_convert_flushed": self.median_ratio("full", "convert-flushed"),
             "ratios_backup_convert": self.ratio_backup_convert,
             "series": {},
         }
@@ -888,10 +882,10 @@ def print_report(report: Report) -> None:
     convert = report.series["convert"].median
     print(f"median ratio backup/convert (per round): {report.median_ratio('full'):.2f}x "
           f"(ratio of medians {full / convert:.2f}x)")
-    flushed = report.median_ratio_to("full", "convert-flushed")
+    flushed = report.median_ratio("full", "convert-flushed")
     if flushed is not None:
         line = f"full / convert-flushed (both leave the data on the disk) per round: {flushed:.2f}x"
-        no_checksum = report.median_ratio_to("full-no-checksum", "convert-flushed")
+        no_checksum = report.median_ratio("full-no-checksum", "convert-flushed")
         if no_checksum is not None:
             line += f"; full-no-checksum {no_checksum:.2f}x"
         print(line)
@@ -909,7 +903,7 @@ def print_report(report: Report) -> None:
           f"median {report.series['overhead-full'].median:.3f} s, of which interpreter + imports "
           f"{report.series['python-startup'].median:.3f} s")
     if "sparse-full" in report.series:
-        flushed = report.median_ratio_to("sparse-full", "sparse-convert-flushed")
+        flushed = report.median_ratio("sparse-full", "sparse-convert-flushed")
         print(f"sparse disk ({report.sparse_size // MiB} MiB virtual, "
               f"{report.sparse_data // MiB} MiB data): full/convert "
               f"{report.median_ratio('sparse-full'):.2f}x per round"
