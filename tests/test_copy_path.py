@@ -165,14 +165,20 @@ def test_on_without_x_perf_in_the_schema_fails_before_anything_exists(
     assert identical(backups(target, "virtio0")[-1], vm.reference("virtio0", tmp_path / "a.raw"))
 
 
+def known_release(vm: TestVM) -> tuple[int, int]:
+    """The VM's QEMU (major, minor); the test is skipped for a release the table lacks."""
+    version = vm.cmd("query-version")["qemu"]
+    release = (version["major"], version["minor"])
+    if release not in capabilities.KNOWN_X_PERF:
+        pytest.skip(f"QEMU {release} is not in the table: runs ask its schema")
+    return release
+
+
 def test_known_release_table_agrees_with_the_running_qemus_schema(tmp_path: Path) -> None:
     """KNOWN_X_PERF spares QEMU its schema query: it must say what the schema says."""
     with TestVM(tmp_path / "vm", [Disk("virtio0", "virtio", "qcow2", 1 * MiB)],
                 prelaunch=True) as vm:
-        version = vm.cmd("query-version")["qemu"]
-        release = (version["major"], version["minor"])
-        if release not in capabilities.KNOWN_X_PERF:
-            pytest.skip(f"QEMU {release} is not in the table: runs ask its schema")
+        release = known_release(vm)
         from_schema = capabilities.from_schema(vm.cmd("query-qmp-schema"))
     assert from_schema.x_perf_members == capabilities.KNOWN_X_PERF[release]
 
@@ -180,9 +186,7 @@ def test_known_release_table_agrees_with_the_running_qemus_schema(tmp_path: Path
 def test_a_known_release_is_not_asked_for_its_schema(cli, sparse_vm: TestVM,
                                                      tmp_path: Path) -> None:
     vm, target = sparse_vm, tmp_path / "backup"
-    release = tuple(vm.cmd("query-version")["qemu"][k] for k in ("major", "minor"))
-    if release not in capabilities.KNOWN_X_PERF:
-        pytest.skip(f"QEMU {release} is not in the table: runs ask its schema")
+    release = known_release(vm)
     result = backup(cli, vm, target, "full", "--copy-offload", "on", "--debug").ok()
     assert "query-qmp-schema" not in result.err
     assert f"known for QEMU {release[0]}.{release[1]}" in result.err
