@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench.run import ForeignLoad, machine_description, make_random_image, size_arg
-from libqmpbackup.locks import LOCK_DIR_ENV
+from libqmpbackup.store.locks import LOCK_DIR_ENV
 from tests.slowfs import SlowFS
 from tests.vm import Disk, TestVM
 

@@ -27,9 +27,6 @@ from libqmpbackup.backup.vm_info import (
 )
 from libqmpbackup.errors import UsageError
 from libqmpbackup.json_output import JsonResult, add_json_option
-from libqmpbackup.names import validate_uuid
-from libqmpbackup.prune import PruneOptions, PruneResult, prune
-from libqmpbackup.prune_report import prune_document, prune_table
 from libqmpbackup.qemu.devices import discover
 from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.runner import (
@@ -40,6 +37,9 @@ from libqmpbackup.runner import (
     positive_seconds,
     run,
 )
+from libqmpbackup.store.names import validate_uuid
+from libqmpbackup.store.prune import PruneOptions, PruneResult, prune
+from libqmpbackup.store.prune_report import prune_document, prune_table
 
 log = logging.getLogger("qmpbackup")
 

@@ -9,13 +9,13 @@ from typing import Any, Optional, Sequence
 
 from libqmpbackup import __version__
 from libqmpbackup.json_output import JsonResult, add_json_option
-from libqmpbackup.names import validate_uuid
 from libqmpbackup.restore.inplace import commit, rebase, snapshotrebase
 from libqmpbackup.restore.listing import list_document, list_table
 from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge, merge_document
 from libqmpbackup.restore.rules import RestoreOptions
 from libqmpbackup.restore.verify import verify_dir
 from libqmpbackup.runner import Command, CommandResult, add_logging_options, byte_rate, run
+from libqmpbackup.store.names import validate_uuid
 
 EXAMPLES = """\
 examples:

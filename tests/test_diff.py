@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from libqmpbackup.names import DISK_METADATA_NAME
+from libqmpbackup.store.names import DISK_METADATA_NAME
 from tests.test_faults import (  # noqa: F401  (private_lock_dir: autouse fixture)
     DIRTY,
     assert_clean,

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from libqmpbackup.locks import LOCK_DIR_ENV
+from libqmpbackup.store.locks import LOCK_DIR_ENV
 from tests.guestvm import GuestImages, GuestVM, make_data_disk
 from tests.vm import Disk, MiB, TestVM, identical
 

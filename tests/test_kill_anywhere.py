@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from libqmpbackup.backup.run_steps import STEPS
-from libqmpbackup.names import INTENT_NAME
+from libqmpbackup.store.names import INTENT_NAME
 from tests import test_faults
 from tests.test_faults import DISKS, REPO, assert_clean, backup, listed, recovers, write_round
 from tests.vm import TestVM, identical

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from libqmpbackup.locks import LOCK_DIR_ENV
+from libqmpbackup.store.locks import LOCK_DIR_ENV
 from tests.test_faults import (
     DIRTY,
     DISKS,

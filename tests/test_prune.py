@@ -22,10 +22,10 @@ from typing import Any, Iterator
 import pytest
 
 from libqmpbackup.errors import Interrupted
-from libqmpbackup.journal import Journal
-from libqmpbackup.locks import LOCK_DIR_ENV, chain_lock
-from libqmpbackup.metadata import BackupRecord, Chain, ChainStore
-from libqmpbackup.names import point_label
+from libqmpbackup.store.journal import Journal
+from libqmpbackup.store.locks import LOCK_DIR_ENV, chain_lock
+from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
+from libqmpbackup.store.names import point_label
 from tests.test_faults import finished, start_backup
 from tests.test_json import documented, key_paths
 from tests.vm import Disk, MiB, TestVM, identical
@@ -193,7 +193,7 @@ def test_metadata_naming_a_file_outside_its_disk_folder_stops_the_prune(cli, fol
 
 def test_a_killed_prune_leaves_only_listed_files_and_the_next_prune_removes_them(
         cli, folders: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from libqmpbackup import prune as prune_module
+    from libqmpbackup.store import prune as prune_module
     real_delete = prune_module._delete
     calls: list[str] = []
 
@@ -420,7 +420,7 @@ def test_month_folders_and_the_vm_bitmaps_of_pruned_chains(cli, recorder: Record
 
 def test_a_backup_run_finishes_an_interrupted_prune(cli, recorder: Recorder, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from libqmpbackup import prune as prune_module
+    from libqmpbackup.store import prune as prune_module
     vm, root = recorder.vm, tmp_path / "backup"
     old, _ = recorder.backup(root, "full")
     recorder.lose_bitmap(old)

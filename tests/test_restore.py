@@ -619,8 +619,8 @@ def test_help_of_every_command_shows_examples(cli) -> None:
 
 def test_backup_and_in_place_restore_exclude_each_other(cli, chains: Chains, tmp_path: Path) -> None:
     """A backup never extends a chain an in-place restore is rewriting, and vice versa."""
-    from libqmpbackup.journal import Journal
-    from libqmpbackup.locks import chain_lock
+    from libqmpbackup.store.journal import Journal
+    from libqmpbackup.store.locks import chain_lock
     folder = copy_disk(chains.main, "virtio0", tmp_path / "copy")
     before = digests(folder)
     with chain_lock(folder.parent):   # what a running backup holds

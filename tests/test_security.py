@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from libqmpbackup.locks import LOCK_DIR_ENV
+from libqmpbackup.store.locks import LOCK_DIR_ENV
 from qmpbackup.cli import main as qmpbackup_main
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from libqmpbackup.locks import LOCK_DIR_ENV
+from libqmpbackup.store.locks import LOCK_DIR_ENV
 from tests.test_faults import fault_disks
 from tests.vm import MiB, TestVM, identical
 

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from libqmpbackup.backup.jobs import aio_modes_of
-from libqmpbackup.layout import month_folder
+from libqmpbackup.store.layout import month_folder
 from tests.test_faults import (
     assert_clean,
     finished,

@@ -7,6 +7,7 @@ their disk ids); the run itself does not tell the two apart.
 ``run`` drives a run: plan (pure, :mod:`.plan`), leftovers of killed runs
 (:mod:`.leftovers`), bitmaps (:mod:`.bitmaps`), the grouped transaction and
 its jobs (:mod:`.jobs`), quiesce and the shutdown guard around them.  May
-import :mod:`libqmpbackup.qemu` and the shared top-level modules; never
+import :mod:`libqmpbackup.qemu` and :mod:`libqmpbackup.store` (the backup folder)
+and the shared top-level modules; never
 :mod:`libqmpbackup.restore`.
 """

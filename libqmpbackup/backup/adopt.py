@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from libqmpbackup import upstream
-from libqmpbackup.metadata import ChainStore, DiskChain
-from libqmpbackup.names import image_name
 from libqmpbackup.qemu.devices import BlockDevice
+from libqmpbackup.store import upstream
+from libqmpbackup.store.metadata import ChainStore, DiskChain
+from libqmpbackup.store.names import image_name
 
 log = logging.getLogger(__name__)
 

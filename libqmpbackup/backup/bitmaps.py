@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from libqmpbackup.errors import VMGoneError
-from libqmpbackup.names import BITMAP_PREFIX, bitmap_name
 from libqmpbackup.qemu.devices import BlockDevice, DirtyBitmap
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
+from libqmpbackup.store.names import BITMAP_PREFIX, bitmap_name
 
 log = logging.getLogger(__name__)
 

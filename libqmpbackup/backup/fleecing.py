@@ -53,10 +53,10 @@ from libqmpbackup.backup import bitmaps
 from libqmpbackup.backup.jobs import BackupJob, remove_node
 from libqmpbackup.backup.pause import VmPause
 from libqmpbackup.errors import JobError, UsageError, VMGoneError
-from libqmpbackup.names import TOOL_PREFIX, fleecing_folder_prefix, safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, named_nodes
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
+from libqmpbackup.store.names import TOOL_PREFIX, fleecing_folder_prefix, safe_component
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, TargetError, UsageError
-from libqmpbackup.layout import month_folders
-from libqmpbackup.metadata import ChainStore, DiskChain
-from libqmpbackup.names import validate_disk_id
 from libqmpbackup.qemu.storage_daemon import DaemonImage
+from libqmpbackup.store.layout import month_folders
+from libqmpbackup.store.metadata import ChainStore, DiskChain
+from libqmpbackup.store.names import validate_disk_id
 
 log = logging.getLogger(__name__)
 

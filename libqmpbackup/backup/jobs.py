@@ -22,9 +22,9 @@ from typing import Any, AsyncContextManager, Awaitable, Callable, Optional
 from libqmpbackup.backup.offload import OffloadChoice
 from libqmpbackup.backup.run_steps import reached
 from libqmpbackup.errors import FleecingError, JobError, TargetError, UsageError, VMGoneError
-from libqmpbackup.names import TOOL_PREFIX, safe_component
 from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.qemu.qmp import EventStream, QmpCommandError, QmpSession
+from libqmpbackup.store.names import TOOL_PREFIX, safe_component
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class BackupJob:
     source_node: str = ""           # the node the job reads, when not the disk's (fleecing)
     source_failed: bool = False     # the error was reading the source
     max_workers: int = 0            # bound on the job's parallel copies (0: QEMU's 64)
-    digest: Optional[str] = None    # checksum of the finished file (see libqmpbackup.digests)
+    digest: Optional[str] = None    # checksum of the finished file (see libqmpbackup.store.digests)
     bytes_copied: int = 0           # what the job copied, from its completion event
     started: float = 0.0            # monotonic clock: transaction sent
     finished: float = 0.0           # monotonic clock: completion event

@@ -21,19 +21,19 @@ import shutil
 import stat
 from pathlib import Path
 
-from libqmpbackup import folder_safety
 from libqmpbackup.backup import bitmaps, fleecing
 from libqmpbackup.backup.jobs import cancel_jobs, remove_node
 from libqmpbackup.backup.pause import resume_after_killed_run
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import TargetError
-from libqmpbackup.fsutil import fsync_dir
-from libqmpbackup.intent import load_intent, remove_intent
-from libqmpbackup.layout import partial_files, stale_temp_files
-from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import PARTIAL_SUFFIX, TOOL_PREFIX, fleecing_folder_pid
 from libqmpbackup.qemu.devices import BlockDevice, named_nodes
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store.fsutil import fsync_dir
+from libqmpbackup.store.intent import load_intent, remove_intent
+from libqmpbackup.store.layout import partial_files, stale_temp_files
+from libqmpbackup.store.metadata import ChainStore
+from libqmpbackup.store.names import PARTIAL_SUFFIX, TOOL_PREFIX, fleecing_folder_pid
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def clean_target(root: Path) -> None:
     """Delete what an interrupted run left in ROOT: unfinished and unrecorded files, temp files.
 
     Unrecorded files are those the run's intent record names and the metadata
-    does not (:mod:`libqmpbackup.intent`): complete copies of a backup that
+    does not (:mod:`libqmpbackup.store.intent`): complete copies of a backup that
     was never committed.  Their changes are still in the dirty bitmaps (the
     VM side was settled by :func:`clean_vm` first), so this run backs them up
     again.  The record goes last, once the deletions are on disk.

@@ -19,11 +19,11 @@ from typing import Optional
 
 from libqmpbackup.backup import bitmaps
 from libqmpbackup.errors import ChainError, VMGoneError
-from libqmpbackup.layout import MONTH_FOLDER_RE
-from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import METADATA_NAME
 from libqmpbackup.qemu.devices import BlockDevice, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
+from libqmpbackup.store.layout import MONTH_FOLDER_RE
+from libqmpbackup.store.metadata import ChainStore
+from libqmpbackup.store.names import METADATA_NAME
 
 log = logging.getLogger(__name__)
 

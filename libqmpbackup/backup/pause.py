@@ -24,8 +24,8 @@ from types import TracebackType
 from typing import Optional
 
 from libqmpbackup.errors import VMGoneError
-from libqmpbackup.names import TOOL_PREFIX
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
+from libqmpbackup.store.names import TOOL_PREFIX
 
 log = logging.getLogger(__name__)
 

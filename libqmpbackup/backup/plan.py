@@ -19,9 +19,10 @@ from libqmpbackup.backup.fleecing import FleecingOptions
 from libqmpbackup.backup.jobs import BackupJob, TargetIO
 from libqmpbackup.backup.progress import LOG_INTERVAL
 from libqmpbackup.errors import ChainError, TargetError, UsageError
-from libqmpbackup.layout import month_folder
-from libqmpbackup.metadata import COPIES_ID, Chain, ChainStore
-from libqmpbackup.names import (
+from libqmpbackup.qemu.devices import BlockDevice
+from libqmpbackup.store.layout import month_folder
+from libqmpbackup.store.metadata import COPIES_ID, Chain, ChainStore
+from libqmpbackup.store.names import (
     METADATA_NAME,
     PARTIAL_SUFFIX,
     RESERVED_FILE_NAMES,
@@ -32,7 +33,6 @@ from libqmpbackup.names import (
     new_chain_id,
     safe_component,
 )
-from libqmpbackup.qemu.devices import BlockDevice
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ The order of steps is what keeps data safe:
 1. plan (pure, may refuse before anything exists);
 2. under the VM lock (taken by the caller) and the chain lock: remove what an
    interrupted run left (:mod:`leftovers`) and the files an interrupted prune
-   had already dropped from the metadata (:mod:`libqmpbackup.prune`);
+   had already dropped from the metadata (:mod:`libqmpbackup.store.prune`);
 3. create ``.partial`` targets and open them in QEMU;
 4. in one transaction: add missing chain bitmaps and the auxiliary bitmaps
    that keep the changes since the last commit (:class:`bitmaps.RunBitmaps`);
@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup import folder_safety, upstream
 from libqmpbackup.backup import bitmaps, leftovers, monthly, offload
 from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.fleecing import Fleecing
@@ -54,20 +53,21 @@ from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.run_steps import reached
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
-from libqmpbackup.digests import digest_files
 from libqmpbackup.errors import AgentError, JobError, QmpBackupError, TargetError, VMGoneError
-from libqmpbackup.fsutil import fsync_dir, replace_symlink
-from libqmpbackup.intent import RunIntent, remove_intent
-from libqmpbackup.journal import refuse_unfinished_restores
 from libqmpbackup.json_output import Document
-from libqmpbackup.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
-from libqmpbackup.locks import chain_lock
-from libqmpbackup.metadata import BackupRecord, ChainStore
-from libqmpbackup.prune import finish_interrupted_prune
 from libqmpbackup.qemu import capabilities, qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.runner import mark_recorded
+from libqmpbackup.store import folder_safety, upstream
+from libqmpbackup.store.digests import digest_files
+from libqmpbackup.store.fsutil import fsync_dir, replace_symlink
+from libqmpbackup.store.intent import RunIntent, remove_intent
+from libqmpbackup.store.journal import refuse_unfinished_restores
+from libqmpbackup.store.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
+from libqmpbackup.store.locks import chain_lock
+from libqmpbackup.store.metadata import BackupRecord, ChainStore
+from libqmpbackup.store.prune import finish_interrupted_prune
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class _TargetFiles:
     """The backup files of one run: created as .partial, renamed when complete, else deleted.
 
     When the run is recorded the renames are announced first in the intent record
-    (:mod:`libqmpbackup.intent`), so a kill between rename and metadata commit
+    (:mod:`libqmpbackup.store.intent`), so a kill between rename and metadata commit
     leaves files the next run knows to remove and restores know to ignore.
     """
 

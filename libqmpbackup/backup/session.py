@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 from typing import AsyncIterator, Sequence
 
-from libqmpbackup.locks import hold, image_lock, lock_dir, vm_lock
 from libqmpbackup.qemu.qmp import QmpSession, check_unix_socket
 from libqmpbackup.qemu.storage_daemon import DaemonImage, StorageDaemon
+from libqmpbackup.store.locks import hold, image_lock, lock_dir, vm_lock
 
 
 @contextlib.asynccontextmanager

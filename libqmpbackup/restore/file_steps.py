@@ -14,9 +14,9 @@ import os
 import stat
 from pathlib import Path
 
-from libqmpbackup import folder_safety
 from libqmpbackup.errors import TargetError
-from libqmpbackup.fsutil import fsync_dir
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from libqmpbackup import folder_safety, upstream
-from libqmpbackup.digests import check_files
 from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, TargetError, UsageError
-from libqmpbackup.intent import load_intent
-from libqmpbackup.journal import JOURNAL_NAME, Journal, unfinished_error
-from libqmpbackup.layout import existing_backup_folder, month_folders
-from libqmpbackup.metadata import BackupRecord, ChainStore
-from libqmpbackup.names import DISK_METADATA_NAME, METADATA_NAME, link_name, safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.rules import (
     RestorePoint,
@@ -35,7 +28,14 @@ from libqmpbackup.restore.rules import (
     select_disk_point,
     select_root_points,
 )
-from libqmpbackup.retention import pruning_entry
+from libqmpbackup.store import folder_safety, upstream
+from libqmpbackup.store.digests import check_files
+from libqmpbackup.store.intent import load_intent
+from libqmpbackup.store.journal import JOURNAL_NAME, Journal, unfinished_error
+from libqmpbackup.store.layout import existing_backup_folder, month_folders
+from libqmpbackup.store.metadata import BackupRecord, ChainStore
+from libqmpbackup.store.names import DISK_METADATA_NAME, METADATA_NAME, link_name, safe_component
+from libqmpbackup.store.retention import pruning_entry
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def known_files(store: ChainStore, folder: Path) -> set[str]:
 
     The last are named by the run's intent record in the chain folder; they
     are complete but were never committed, so no point refers to them (see
-    libqmpbackup.intent).
+    libqmpbackup.store.intent).
     """
     known = {parts[1] for parts in map(pruning_entry, store.pruning)
              if parts and store.root / parts[0] == folder}

@@ -27,13 +27,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from libqmpbackup import folder_safety
-from libqmpbackup.digests import digest_files
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
-from libqmpbackup.journal import Journal, unfinished_error
-from libqmpbackup.locks import chain_lock
-from libqmpbackup.metadata import BackupRecord
-from libqmpbackup.names import IMAGE_LINK, parse_backup_name, point_label
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import (
@@ -52,6 +46,12 @@ from libqmpbackup.restore.rules import (
     parent,
     parent_record,
 )
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store.digests import digest_files
+from libqmpbackup.store.journal import Journal, unfinished_error
+from libqmpbackup.store.locks import chain_lock
+from libqmpbackup.store.metadata import BackupRecord
+from libqmpbackup.store.names import IMAGE_LINK, parse_backup_name, point_label
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup import folder_safety
 from libqmpbackup.errors import QmpBackupError
-from libqmpbackup.journal import JOURNAL_NAME
 from libqmpbackup.json_output import Document
-from libqmpbackup.layout import disk_folders
-from libqmpbackup.metadata import BackupRecord, Chain
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import partial_leftovers
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store.journal import JOURNAL_NAME
+from libqmpbackup.store.layout import disk_folders
+from libqmpbackup.store.metadata import BackupRecord, Chain
 from libqmpbackup.tables import table
 from libqmpbackup.units import local_time
 

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 from libqmpbackup.errors import TargetError, UsageError
-from libqmpbackup.fsutil import fsync_dir, make_private_dirs
 from libqmpbackup.json_output import Document
-from libqmpbackup.names import PARTIAL_SUFFIX, safe_component
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import check_before_restore, open_backup_dir
 from libqmpbackup.restore.rules import RestoreOptions, RestorePoint
+from libqmpbackup.store.fsutil import fsync_dir, make_private_dirs
+from libqmpbackup.store.names import PARTIAL_SUFFIX, safe_component
 
 log = logging.getLogger(__name__)
 

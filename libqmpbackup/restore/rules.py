@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Collection, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, UsageError
-from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
-from libqmpbackup.names import (
+from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.store.names import (
     LEVEL_PREFIX,
     PARTIAL_SUFFIX,
     is_plain_file_name,
@@ -345,7 +345,7 @@ def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info:
     PREVIOUS is the record it must back onto (see :func:`parent`).
 
     Format, data file and backing format are the folder rule's, checked
-    before this (:func:`libqmpbackup.folder_safety.image_problems`).
+    before this (:func:`libqmpbackup.store.folder_safety.image_problems`).
     """
     problems = []
     name = record.file

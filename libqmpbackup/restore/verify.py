@@ -22,10 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from libqmpbackup import folder_safety
-from libqmpbackup.digests import check_files
 from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, UsageError
-from libqmpbackup.metadata import BackupRecord, Chain
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.folder import (
     BackupDir,
@@ -41,6 +38,9 @@ from libqmpbackup.restore.rules import (
     record_problems,
     unknown_backup_files,
 )
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store.digests import check_files
+from libqmpbackup.store.metadata import BackupRecord, Chain
 from libqmpbackup.tables import table
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from libqmpbackup.backup.leftovers import clean_target
-from libqmpbackup.digests import algorithm_of, check_files, digest_files, file_digest
 from libqmpbackup.errors import BackupDamaged, ChainError
-from libqmpbackup.intent import RunIntent, load_intent
-from libqmpbackup.layout import is_empty_dir, stale_temp_files
-from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
-from libqmpbackup.names import INTENT_NAME
 from libqmpbackup.restore.verify import FileReport, VerifyReport, mark_restorable
+from libqmpbackup.store.digests import algorithm_of, check_files, digest_files, file_digest
+from libqmpbackup.store.intent import RunIntent, load_intent
+from libqmpbackup.store.layout import is_empty_dir, stale_temp_files
+from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.store.names import INTENT_NAME
 
 
 def test_old_sha256_digests_are_the_plain_hash_of_the_bytes(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ import pytest
 from libqmpbackup.backup import offload
 from libqmpbackup.backup.plan import BackupOptions, plan_backup, whole_disk_sync
 from libqmpbackup.errors import UsageError
-from libqmpbackup.metadata import ChainStore
 from libqmpbackup.qemu.capabilities import from_schema
 from libqmpbackup.qemu.devices import BlockDevice
+from libqmpbackup.store.metadata import ChainStore
 
 
 def schema(x_perf_members: tuple[str, ...] = ("use-copy-range", "max-workers", "max-chunk"),

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from libqmpbackup import digests
-from libqmpbackup.digests import PIECE_SIZE, check_files, digest_files, file_digest
+from libqmpbackup.store import digests
+from libqmpbackup.store.digests import PIECE_SIZE, check_files, digest_files, file_digest
 
 MiB = 1 << 20
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from libqmpbackup import locks
 from libqmpbackup.backup.bitmaps import (
     RunBitmaps,
     chain_bitmap_of,
@@ -20,10 +19,11 @@ from libqmpbackup.backup.bitmaps import (
 from libqmpbackup.backup.leftovers import clean_target
 from libqmpbackup.backup.shutdown_guard import configured_shutdown_action
 from libqmpbackup.errors import LockBusyError, TargetError, UsageError
-from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.layout import is_empty_dir, partial_files, prepare_root, stale_temp_files
-from libqmpbackup.names import LOCK_NAME
 from libqmpbackup.qemu.devices import BlockDevice, DirtyBitmap, below_filters
+from libqmpbackup.store import locks
+from libqmpbackup.store.fsutil import write_atomically
+from libqmpbackup.store.layout import is_empty_dir, partial_files, prepare_root, stale_temp_files
+from libqmpbackup.store.names import LOCK_NAME
 
 CHAIN = "qmpbackup-c1"
 

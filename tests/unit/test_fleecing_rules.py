@@ -12,8 +12,8 @@ from libqmpbackup.backup import fleecing
 from libqmpbackup.backup.jobs import BackupJob, backup_action, snapshot_broke
 from libqmpbackup.backup.leftovers import clean_fleecing_dir
 from libqmpbackup.errors import UsageError
-from libqmpbackup.names import fleecing_folder_pid, fleecing_folder_prefix
 from libqmpbackup.qemu.devices import BlockDevice
+from libqmpbackup.store.names import fleecing_folder_pid, fleecing_folder_prefix
 
 
 def disk(qdev: str = "/machine/peripheral-anon/device[0]/virtio-backend",

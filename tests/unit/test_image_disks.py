@@ -15,8 +15,8 @@ from libqmpbackup.backup.image_disks import (
     recorded_disk_ids,
 )
 from libqmpbackup.errors import ConnectError, ImageInUseError, UsageError
-from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.qemu.storage_daemon import DaemonImage, command_line, startup_error
+from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
 
 
 @pytest.mark.parametrize("text,spec", [

@@ -29,6 +29,9 @@ FORBIDDEN = {
     "backup": ("libqmpbackup.restore",),
     # talking to QEMU knows nothing of runs or restores
     "qemu": ("libqmpbackup.backup", "libqmpbackup.restore"),
+    # the backup folder serves both sides and never loads the QMP client
+    "store": ("libqmpbackup.backup", "libqmpbackup.restore", "libqmpbackup.qemu.qmp",
+              "libqmpbackup.qemu.agent", "qemu.qmp"),
 }
 
 

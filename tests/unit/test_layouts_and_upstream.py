@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from libqmpbackup import upstream
 from libqmpbackup.backup.plan import plan_backup, select_disks
 from libqmpbackup.errors import ChainError, UsageError
-from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.restore.folder import open_backup_dir
 from libqmpbackup.restore.rules import image_problems, record_problems, select_root_points
-from libqmpbackup.retention import chain_files, pruning_entry
+from libqmpbackup.store import upstream
+from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.store.retention import chain_files, pruning_entry
 from tests.unit.test_naming_and_planning import bitmap, disk, opts, store_with_chain
 
 

@@ -8,11 +8,17 @@ import pytest
 
 from libqmpbackup.backup.plan import BackupOptions, plan_backup, select_disks
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
-from libqmpbackup.layout import month_folder
-from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
-from libqmpbackup.names import backup_file_name, bitmap_name, parse_backup_name, safe_component, validate_uuid
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, DirtyBitmap, disk_id_for, qdev_id
+from libqmpbackup.store.layout import month_folder
+from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.store.names import (
+    backup_file_name,
+    bitmap_name,
+    parse_backup_name,
+    safe_component,
+    validate_uuid,
+)
 from libqmpbackup.units import parse_size
 
 

@@ -9,9 +9,6 @@ from typing import Optional
 import pytest
 
 from libqmpbackup.errors import ChainError, TargetError, UsageError
-from libqmpbackup.journal import Journal
-from libqmpbackup.metadata import BackupRecord, Chain, ChainStore, DiskChain
-from libqmpbackup.names import point_label
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.merge import output_format
 from libqmpbackup.restore.rules import (
@@ -28,6 +25,9 @@ from libqmpbackup.restore.rules import (
     select_root_points,
     span,
 )
+from libqmpbackup.store.journal import Journal
+from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.store.names import point_label
 
 SIZE = 1 << 20
 

@@ -8,8 +8,8 @@ from typing import Optional
 import pytest
 
 from libqmpbackup.errors import ChainError, UsageError
-from libqmpbackup.metadata import BackupRecord, Chain, ChainStore
-from libqmpbackup.retention import plan_retention, pruning_entry
+from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
+from libqmpbackup.store.retention import plan_retention, pruning_entry
 
 ROOT = Path("/backup/vm1")
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from libqmpbackup import folder_safety
 from libqmpbackup.errors import AgentError, ChainError, QmpBackupError
-from libqmpbackup.fsutil import make_private_dirs
-from libqmpbackup.journal import JOURNAL_NAME, Journal
-from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import METADATA_NAME
 from libqmpbackup.qemu.agent import READ_LIMIT, GuestAgent
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store.fsutil import make_private_dirs
+from libqmpbackup.store.journal import JOURNAL_NAME, Journal
+from libqmpbackup.store.metadata import ChainStore
+from libqmpbackup.store.names import METADATA_NAME
 
 VALID_METADATA: dict[str, Any] = {"version": 1, "chains": [{
     "uuid": "c1", "bitmap": "qmpbackup-c1", "created": 100,

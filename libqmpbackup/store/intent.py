@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from libqmpbackup import folder_safety
 from libqmpbackup.errors import ChainError
-from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.metadata import ChainStore, is_folder_name
-from libqmpbackup.names import INTENT_NAME, PARTIAL_SUFFIX, RESERVED_FILE_NAMES
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store.fsutil import write_atomically
+from libqmpbackup.store.metadata import ChainStore, is_folder_name
+from libqmpbackup.store.names import INTENT_NAME, PARTIAL_SUFFIX, RESERVED_FILE_NAMES
 
 log = logging.getLogger(__name__)
 

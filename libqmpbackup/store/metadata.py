@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from libqmpbackup import folder_safety
-from libqmpbackup import json_shape as shape
-from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.names import (
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store import json_shape as shape
+from libqmpbackup.store.fsutil import write_atomically
+from libqmpbackup.store.names import (
     BITMAP_PREFIX,
     DISK_METADATA_NAME,
     LEVEL_PREFIX,

@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from libqmpbackup import folder_safety
-from libqmpbackup import json_shape as shape
 from libqmpbackup.errors import ChainError
-from libqmpbackup.fsutil import write_atomically
-from libqmpbackup.layout import disk_folders
-from libqmpbackup.names import JOURNAL_NAME, is_chain_id
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store import json_shape as shape
+from libqmpbackup.store.fsutil import write_atomically
+from libqmpbackup.store.layout import disk_folders
+from libqmpbackup.store.names import JOURNAL_NAME, is_chain_id
 
 __all__ = ["JOURNAL_NAME", "Journal", "refuse_unfinished_restores", "unfinished_error"]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from libqmpbackup.errors import ChainError, UsageError
-from libqmpbackup.metadata import BackupRecord, Chain, ChainStore
-from libqmpbackup.names import (
+from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
+from libqmpbackup.store.names import (
     bitmap_name,
     is_backup_file_name,
     is_plain_file_name,

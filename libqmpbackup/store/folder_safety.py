@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError
-from libqmpbackup.fsutil import fsync_dir
-from libqmpbackup.names import is_backup_file_name, is_plain_file_name
 from libqmpbackup.qemu import qemuimg
+from libqmpbackup.store.fsutil import fsync_dir
+from libqmpbackup.store.names import is_backup_file_name, is_plain_file_name
 
 MAX_JSON_BYTES = 16 << 20
 """Metadata of thousands of backups is a few MiB; more is not metadata."""

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from libqmpbackup.prune import PruneResult
-from libqmpbackup.retention import ChainSummary
+from libqmpbackup.store.prune import PruneResult
+from libqmpbackup.store.retention import ChainSummary
 from libqmpbackup.tables import table
 from libqmpbackup.units import local_time
 

@@ -22,10 +22,10 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup import folder_safety
 from libqmpbackup.errors import ChainError, UsageError
-from libqmpbackup.metadata import COPIES_ID, BackupRecord, Chain, ChainStore, DiskChain
-from libqmpbackup.names import (
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store.metadata import COPIES_ID, BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.store.names import (
     PARTIAL_SUFFIX,
     UPSTREAM_UUID_NAME,
     bitmap_name,

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.errors import TargetError
-from libqmpbackup.fsutil import TEMP_SUFFIX, make_private_dirs
-from libqmpbackup.names import (
+from libqmpbackup.store.fsutil import TEMP_SUFFIX, make_private_dirs
+from libqmpbackup.store.names import (
     DISK_METADATA_NAME,
     INTENT_NAME,
     LOCK_NAME,

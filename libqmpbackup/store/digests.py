@@ -55,8 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from libqmpbackup import folder_safety
 from libqmpbackup.errors import ChainError
+from libqmpbackup.store import folder_safety
 
 log = logging.getLogger(__name__)
 

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from libqmpbackup.errors import ChainError, TargetError
-from libqmpbackup.fsutil import fsync_dir
-from libqmpbackup.journal import refuse_unfinished_restores
-from libqmpbackup.layout import MONTH_FOLDER_RE, existing_backup_folder
-from libqmpbackup.locks import chain_lock
-from libqmpbackup.metadata import ChainStore
-from libqmpbackup.names import METADATA_NAME
-from libqmpbackup.retention import (
+from libqmpbackup.store.fsutil import fsync_dir
+from libqmpbackup.store.journal import refuse_unfinished_restores
+from libqmpbackup.store.layout import MONTH_FOLDER_RE, existing_backup_folder
+from libqmpbackup.store.locks import chain_lock
+from libqmpbackup.store.metadata import ChainStore
+from libqmpbackup.store.names import METADATA_NAME
+from libqmpbackup.store.retention import (
     ROOT_FOLDER,
     ChainSummary,
     FolderChange,

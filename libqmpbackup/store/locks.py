@@ -46,7 +46,7 @@ from libqmpbackup.errors import (
     TargetError,
     UsageError,
 )
-from libqmpbackup.names import LOCK_NAME
+from libqmpbackup.store.names import LOCK_NAME
 
 log = logging.getLogger(__name__)
 
