@@ -42,11 +42,13 @@ def binary() -> str:
 
 
 def run(args: Sequence[str], *, dry_run: bool = False,
-        accepted: Collection[int] = (0,)) -> str:
+        accepted: Collection[int] = (0,), pass_fds: Collection[int] = ()) -> str:
     """Run qemu-img with ARGS and return its stdout; raise with its stderr.
 
     ACCEPTED lists the exit codes that still carry a usable answer (``check``
     reports leaked clusters with 3, which is not a failure of the image).
+    PASS_FDS are descriptors the arguments name as ``/dev/fd/N``: files of a
+    backup folder reach qemu-img only that way (:mod:`libqmpbackup.store.handles`).
     """
     argv = [binary(), *[str(a) for a in args]]
     cmd = command_line(args)
@@ -56,7 +58,7 @@ def run(args: Sequence[str], *, dry_run: bool = False,
     log.debug("running: %s", cmd)
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds))
     except OSError as err:
         raise QemuImgError(f"cannot run {cmd}: {err}") from err
     if proc.returncode not in accepted:

@@ -25,7 +25,6 @@ has been changed when it is raised.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import stat
@@ -35,6 +34,7 @@ from typing import Any, Iterator, Optional, Sequence
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.store.fsutil import fsync_dir
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.names import is_backup_file_name, is_plain_file_name
 
 MAX_JSON_BYTES = 16 << 20
@@ -137,22 +137,17 @@ def require_regular(folder: Path, name: str, what: str = "backup file") -> os.st
 
 def open_file(folder: Path, name: str, flags: int, mode: int = 0o600,
               what: str = "file") -> int:
-    """Open FOLDER/NAME relative to the folder without following a symlink; a regular file only."""
-    plain_name(name, what)
-    with opened_folder(folder) as dir_fd:
-        try:
-            fd = os.open(name, flags | _FILE_FLAGS, mode, dir_fd=dir_fd)
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise ChainError(f"{what} {folder / name} is a symlink: refused") from err
-            raise
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise ChainError(f"{what} {folder / name} is {kind(info)}, not a regular file: refused")
-    os.set_blocking(fd, True)
-    return fd
+    """Open FOLDER/NAME relative to the folder without following a symlink; a regular file only.
 
+    An existing file is checked before it is opened for I/O (:meth:`Folder.open`:
+    a device or FIFO is never opened); O_CREAT|O_EXCL makes a new private file.
+    """
+    with Folder.open_root(folder) as opened:
+        if flags & os.O_CREAT:
+            handle = opened.create(name, what, mode)
+        else:
+            handle = opened.open(name, what, write=bool(flags & (os.O_WRONLY | os.O_RDWR)))
+    return handle.fd
 
 def create_exclusive(folder: Path, name: str, mode: int = 0o600, what: str = "file") -> None:
     """Create FOLDER/NAME as a new empty file, private from the first byte; never an existing path."""
