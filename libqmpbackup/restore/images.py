@@ -132,11 +132,14 @@ def image_findings(files: ChainFiles, record: BackupRecord,
     refuses the chain when there are any.
     """
     try:
-        info = files.inspect(record.file)
+        handle = files.handle(record.file)
     except ChainError as err:
         return [str(err)]
+    info, problems = folder_safety.image_report(handle, files.path)
+    if problems:
+        return problems
+    files.infos[record.file] = info
     problems = image_problems(record, previous, info, files.path)
-    handle = files.handle(record.file)
     try:
         result = qemuimg.check(handle.dev_path, fmt="qcow2", without_backing=True,
                                pass_fds=[handle.fd])

@@ -281,7 +281,15 @@ def image_problems(folder: Path, name: str, info: Any) -> list[str]:
 
 
 def inspect_image(handle: FileHandle, folder: Path) -> Any:
-    """``qemu-img info`` of the open backup file HANDLE alone, after the rule allowed it.
+    """``qemu-img info`` of the open backup file HANDLE alone, after the rule allowed it."""
+    info, problems = image_report(handle, folder)
+    if problems:
+        raise ChainError(f"{folder}: {'; '.join(problems)}")
+    return info
+
+
+def image_report(handle: FileHandle, folder: Path) -> tuple[Any, list[str]]:
+    """``qemu-img info`` of the open backup file HANDLE alone, and what the rule finds wrong.
 
     The header is read from the same descriptor first: an external data file
     is refused before qemu-img could open the name it gives, and the backing
@@ -294,21 +302,18 @@ def inspect_image(handle: FileHandle, folder: Path) -> Any:
     try:
         header = read_header(handle.fd)
     except OSError as err:
-        raise ChainError(f"{folder}: {name} is unreadable ({err.strerror})") from err
+        return None, [f"{name} is unreadable ({err.strerror})"]
     if header is None:
-        raise ChainError(f"{folder}: {name} is not a qcow2 image: refused")
+        return None, [f"{name} is not in qcow2 format: refused"]
     if header.data_file:
-        raise ChainError(f"{folder}: {name} has an external data file: refused")
+        return None, [f"{name} has an external data file: refused"]
     try:
         info = qemuimg.info_alone(handle.dev_path, pass_fds=[handle.fd])
     except QemuImgError as err:
-        raise ChainError(f"{folder}: {name} is unreadable ({err})") from err
+        return None, [f"{name} is unreadable ({err})"]
     if not isinstance(info, dict):
-        raise ChainError(f"{folder}: {name}: qemu-img info gave no image description")
+        return None, [f"{name}: qemu-img info gave no image description"]
     info.pop("backing-filename", None)
     if header.backing is not None:
         info["backing-filename"] = header.backing
-    problems = image_problems(folder, name, info)
-    if problems:
-        raise ChainError(f"{folder}: {'; '.join(problems)}")
-    return info
+    return info, image_problems(folder, name, info)
