@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from libqmpbackup.qemu import qemuimg
+from libqmpbackup.store import digests
 from libqmpbackup.store.locks import LOCK_DIR_ENV
 from qmpbackup.cli import main as qmpbackup_main
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
@@ -385,3 +387,124 @@ def test_malformed_metadata_is_a_chain_error_naming_the_file(cli, tmp_path: Path
     for argv in (["list", "--dir", folder], ["merge", "--dir", folder / DISK, "--targetfile",
                                             tmp_path / "o.qcow2"], ["commit", "--dir", folder / DISK]):
         cli("qmprestore", *argv).failed(6, str(folder / "qmpbackup.json"))
+
+
+# -- descriptors, not names: what a restore checked is what qemu-img reads -------------------------
+
+def set_record(folder: Path, index: int, **fields: object) -> None:
+    """Change what the metadata records for the disk's INDEX-th backup (the attacker can)."""
+    meta_path = folder.parent / "qmpbackup.json"
+    meta = json.loads(meta_path.read_text())
+    meta["chains"][-1]["disks"][DISK]["backups"][index].update(fields)
+    meta_path.write_text(json.dumps(meta))
+
+
+def backed_by_secret(path: Path, secret: Victim) -> None:
+    """A valid qcow2 at PATH (bytes allowed) that reads a root-only host file as its backing."""
+    subprocess.run([b"qemu-img", b"create", b"-q", b"-f", b"qcow2", b"-b", bytes(secret.path),
+                    b"-F", b"raw", os.fsencode(path), str(8 * MiB).encode()], check=True)
+
+
+def secret(tmp_path: Path) -> Victim:
+    victim = Victim.make(tmp_path / "root-only-secret", b"TOP-SECRET-HOST-DATA" * (MiB // 20 * 8))
+    victim.path.chmod(0o600)
+    return victim
+
+
+def test_invalid_utf8_backing_name_never_chooses_a_file(cli, chain: Chain, tmp_path: Path) -> None:
+    """Finding 2: qemu-img shows b'\\xffULL-…' as '\\ufffdULL-…', the name of the recorded FULL."""
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    hidden = secret(tmp_path)
+    before = hidden.state()
+    shown = "\ufffd" + names[0][1:]                  # harmless, recorded (a --no-timestamp FULL)
+    (folder / names[0]).rename(folder / shown)
+    set_record(folder, 0, file=shown, timestamped=False)
+    lookalike = b"\xff" + names[0][1:].encode()      # unrecorded, reads the host file
+    backed_by_secret(os.fsencode(folder) + b"/" + lookalike, hidden)
+    subprocess.run([b"qemu-img", b"rebase", b"-q", b"-u", b"-f", b"qcow2", b"-b", lookalike,
+                    b"-F", b"qcow2", os.fsencode(folder / names[1])], check=True)
+    set_record(folder, 1, digest=digests.file_digest(folder / names[1]))
+    out = tmp_path / "out.raw"
+    cli("qmprestore", "merge", "--dir", folder, "--format", "raw", "--targetfile", out).failed(
+        6, "is backed by")
+    cli("qmprestore", "merge", "--dir", folder, "--format", "raw", "--targetfile", out,
+        "--skip-check").ok()
+    assert identical(out, chain.refs[-1]) and b"TOP-SECRET" not in out.read_bytes()
+    cli("qmprestore", "snapshotrebase", "--dir", folder, "--skip-check").ok()
+    assert identical(folder / shown, chain.refs[-1])
+    assert hidden.state() == before
+
+
+def test_a_file_swapped_after_the_check_is_never_read(cli, chain: Chain, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 3: an INC replaced between its checksum and qemu-img's open (an inotify race)."""
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    hidden = secret(tmp_path)
+    real_convert = qemuimg.convert
+
+    def swap_then_convert(*args: object, **kwargs: object) -> None:
+        backed_by_secret(folder / "swapped", hidden)
+        (folder / "swapped").rename(folder / names[1])
+        real_convert(*args, **kwargs)   # type: ignore[arg-type]
+
+    monkeypatch.setattr(qemuimg, "convert", swap_then_convert)
+    out = tmp_path / "out.raw"
+    cli("qmprestore", "merge", "--dir", folder, "--format", "raw", "--targetfile", out).ok()
+    assert identical(out, chain.refs[-1]) and b"TOP-SECRET" not in out.read_bytes()
+
+
+def test_json_and_protocol_names_in_the_metadata_are_refused(cli, chain: Chain,
+                                                             tmp_path: Path) -> None:
+    """Finding 4: a no-timestamp FULL named like a JSON block spec (one path component)."""
+    victim = Victim.make(tmp_path / "victim", os.urandom(MiB))
+    before = victim.state()
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    spec = json.dumps({"driver": "raw", "file": {"driver": "file", "filename": str(victim.path)}})
+    name = "json:" + spec.replace("/", "\\u002f")
+    (folder / names[0]).rename(folder / name)
+    set_record(folder, 0, file=name, timestamped=False)
+    for argv in (["snapshotrebase", "--skip-check"], ["merge", "--targetfile", tmp_path / "o"],
+                 ["list"]):
+        cli("qmprestore", argv[0], "--dir", folder, *argv[1:]).failed(
+            6, "qmpbackup.json", "QEMU would read as a protocol")
+    assert victim.state() == before
+
+
+def test_merge_into_a_folder_another_user_owns(cli, chain: Chain, tmp_path: Path,
+                                               public_tmp: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 5: the output folder's owner swaps the new partial file for a symlink."""
+    victim = Victim.make(tmp_path / "root-owned.conf")
+    before = victim.state()
+    out = public_tmp / "out"
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    real_convert = qemuimg.convert
+
+    def swap_then_convert(*args: object, **kwargs: object) -> None:
+        for partial in out.glob(".restored.qcow2.*.partial"):
+            as_nobody("ln", "-sfn", str(victim.path), str(partial))
+        real_convert(*args, **kwargs)   # type: ignore[arg-type]
+
+    monkeypatch.setattr(qemuimg, "convert", swap_then_convert)
+    cli("qmprestore", "merge", "--dir", chain.root / DISK, "--targetfile",
+        out / "restored.qcow2").failed(6, "not a file the tool wrote")
+    assert victim.state() == before
+    assert not (out / "restored.qcow2").exists()
+
+
+def test_commit_never_writes_through_a_hard_link(cli, chain: Chain, tmp_path: Path) -> None:
+    """Finding 7: a backup file hard-linked to a host file (protected_hardlinks off, or root's)."""
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    for linked in (names[0], names[2]):
+        victim = Victim(tmp_path / f"host-{linked}")
+        os.link(folder / linked, victim.path)
+        before = victim.state()
+        for command in ("commit", "snapshotrebase"):
+            cli("qmprestore", command, "--dir", folder, "--skip-check").failed(6, "hard links")
+        assert victim.state() == before
+        victim.path.unlink()
