@@ -1,4 +1,4 @@
-"""Backup folder contents and guest agent replies are untrusted: the pure checks, without QEMU.
+"""Backup folder contents and guest agent replies are untrusted: the pure checks, without a VM.
 
 The fuzz test mutates valid metadata and journals at random (fixed seed, so a
 failure reproduces): whatever the shape, loading either succeeds with
@@ -14,6 +14,7 @@ import json
 import os
 import random
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,15 @@ from typing import Any
 import pytest
 
 from libqmpbackup.errors import AgentError, ChainError, QmpBackupError
+from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.agent import READ_LIMIT, GuestAgent
 from libqmpbackup.store import folder_safety
 from libqmpbackup.store.fsutil import make_private_dirs
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.journal import JOURNAL_NAME, Journal
 from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import METADATA_NAME
+from libqmpbackup.store.qcow2_header import read_header
 
 VALID_METADATA: dict[str, Any] = {"version": 1, "chains": [{
     "uuid": "c1", "bitmap": "qmpbackup-c1", "created": 100,
@@ -165,6 +169,37 @@ def test_image_problems() -> None:
     outside = {**good, "backing-filename": "/var/lib/vm/other.qcow2"}
     assert "not a backup file next to it" in folder_safety.image_problems(folder, "I", outside)[0]
     assert "not qcow2" in folder_safety.image_problems(folder, "F", {"format": "raw"})[0]
+
+
+@pytest.mark.parametrize("name", ['json:{"driver":"file"}', "nbd:localhost:10809",
+                                  "FULL-1-a:b.qcow2", "disk:1.qcow2"])
+def test_names_qemu_reads_as_a_protocol_are_never_recorded_nor_written(name: str) -> None:
+    """Finding 4: with no '/', any ':' makes QEMU read a name as a protocol or a JSON spec."""
+    with pytest.raises(ChainError, match="protocol"):
+        folder_safety.recorded_file(name, "file")
+    with pytest.raises(ChainError, match="not a plain file name QEMU reads as a file"):
+        qemuimg.header_name(name)
+    assert qemuimg.header_name("FULL-1-disk.qcow2") == "FULL-1-disk.qcow2"
+
+
+def test_the_header_gives_the_exact_backing_name_and_the_data_file_bit(tmp_path: Path) -> None:
+    """Finding 2: qemu-img prints b'\\xff' as U+FFFD; the header's bytes tell the names apart."""
+    image = tmp_path / "INC-2-x.qcow2"
+    subprocess.run([b"qemu-img", b"create", b"-q", b"-f", b"qcow2", b"-u", b"-b", b"\xffULL-1-x",
+                    b"-F", b"qcow2", bytes(image), b"1M"], check=True)
+    with Folder.open_root(tmp_path) as folder, folder.open(image.name) as handle:
+        header = read_header(handle.fd)
+        assert header is not None and header.backing == "\udcffULL-1-x" and not header.data_file
+        info = folder_safety.inspect_image(handle, tmp_path)
+        assert info["backing-filename"] == "\udcffULL-1-x" != "\ufffdULL-1-x"
+    with_data = tmp_path / "FULL-1-x.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={tmp_path / 'host.raw'}", str(with_data), "1M"], check=True)
+    with Folder.open_root(tmp_path) as folder, folder.open(with_data.name) as handle:
+        header = read_header(handle.fd)
+        assert header is not None and header.data_file
+        with pytest.raises(ChainError, match="external data file"):
+            folder_safety.inspect_image(handle, tmp_path)
 
 
 def test_file_steps_refuse_symlinks_devices_and_fifos(tmp_path: Path) -> None:
