@@ -436,22 +436,28 @@ def test_invalid_utf8_backing_name_never_chooses_a_file(cli, chain: Chain, tmp_p
     assert hidden.state() == before
 
 
+@pytest.mark.parametrize("command", ["merge", "commit"])
 def test_a_file_swapped_after_the_check_is_never_read(cli, chain: Chain, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      command: str) -> None:
     """Finding 3: an INC replaced between its checksum and qemu-img's open (an inotify race)."""
     folder = chain.copy(tmp_path / "c")
     names = chain.files()
     hidden = secret(tmp_path)
-    real_convert = qemuimg.convert
+    real = getattr(qemuimg, command if command == "commit" else "convert")
 
-    def swap_then_convert(*args: object, **kwargs: object) -> None:
+    def swap_then_run(*args: object, **kwargs: object) -> None:
         backed_by_secret(folder / "swapped", hidden)
         (folder / "swapped").rename(folder / names[1])
-        real_convert(*args, **kwargs)   # type: ignore[arg-type]
+        real(*args, **kwargs)
 
-    monkeypatch.setattr(qemuimg, "convert", swap_then_convert)
+    monkeypatch.setattr(qemuimg, real.__name__, swap_then_run)
     out = tmp_path / "out.raw"
-    cli("qmprestore", "merge", "--dir", folder, "--format", "raw", "--targetfile", out).ok()
+    if command == "merge":
+        cli("qmprestore", "merge", "--dir", folder, "--format", "raw", "--targetfile", out).ok()
+    else:
+        cli("qmprestore", "commit", "--dir", folder).ok()
+        out = folder / names[0]
     assert identical(out, chain.refs[-1]) and b"TOP-SECRET" not in out.read_bytes()
 
 

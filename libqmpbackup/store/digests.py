@@ -34,11 +34,16 @@ records verifiable: ``sha256:`` records of earlier versions (and the other
 whole-file algorithms) are recomputed as one plain hash of the file, still in
 the same pool as everybody's pieces.
 
-Files are opened like every other file a folder names (``folder_safety``:
-relative to the folder, never through a symlink, regular files only), once
-each, and read with ``os.preadv`` into one reused 1 MiB buffer per worker, so
-memory stays at workers × 1 MiB whatever the files' sizes; only a few files
-are open at a time, so a verify of thousands of files needs few descriptors.
+Restores and ``verify`` hash the descriptors they checked and hand to
+qemu-img (:func:`digest_handles`, :func:`check_handles`): the bytes hashed
+are the bytes restored, whatever the name leads to by then.  The backup run
+hashes its own new files by name (:func:`digest_files`), opened like every
+other file a folder names (``folder_safety``: relative to the folder, never
+through a symlink, regular files only).  Each file is read with
+``os.preadv`` into one reused 1 MiB buffer per worker, so memory stays at
+workers × 1 MiB whatever the files' sizes, and a piece that lies in a hole
+(``SEEK_DATA``) is not read at all: it hashes as that many zero bytes, so a
+huge sparse file (planted, or a mostly empty FULL) costs nothing.
 """
 
 from __future__ import annotations
