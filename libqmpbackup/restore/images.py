@@ -15,8 +15,10 @@ every restore's pre-check alike.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -47,6 +49,16 @@ def open_disk_folder(root: Path, folder: Path) -> Folder:
     return opened
 
 
+def _allow_open_files() -> None:
+    """Every file of a chain stays open from its check to its use: a year of daily INCs on
+    several disks needs more descriptors than the usual soft limit of 1024 (the hard limit is
+    the admin's)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class ChainFiles:
     """Backup files of one disk folder, open and checked, kept open from the check to their use.
 
@@ -65,6 +77,7 @@ class ChainFiles:
     @classmethod
     def open(cls, root: Path, folder: Path, *, writable: bool = False,
              dry_run: bool = False) -> ChainFiles:
+        _allow_open_files()
         return cls(open_disk_folder(root, folder), writable=writable, dry_run=dry_run)
 
     @property
