@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -27,6 +24,7 @@ from libqmpbackup.store import locks
 from libqmpbackup.store.fsutil import write_atomically
 from libqmpbackup.store.layout import is_empty_dir, partial_files, prepare_root, stale_temp_files
 from libqmpbackup.store.names import LOCK_NAME
+from tests.hostile import NOBODY, blocked_writer
 
 CHAIN = "qmpbackup-c1"
 
@@ -280,23 +278,6 @@ def test_a_lock_file_that_is_no_regular_file_is_a_usage_error_for_vms_and_a_chai
 # -- issue 20: lock directories nobody else can plant (finding 6), lock files nobody else can
 # -- aim at a host file (finding 7) or a device / FIFO (finding 11) ----------------------------
 
-NOBODY = 65534
-
-
-@pytest.fixture
-def system_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """/run, /run/lock and /tmp as they are on a host, moved below TMP_PATH; no explicit lock dir."""
-    run, run_lock, tmp = tmp_path / "run", tmp_path / "run" / "lock", tmp_path / "tmp"
-    for folder, mode in ((run, 0o755), (run_lock, 0o1777), (tmp, 0o1777)):
-        folder.mkdir()
-        folder.chmod(mode)
-    monkeypatch.delenv(locks.LOCK_DIR_ENV, raising=False)
-    monkeypatch.setattr(locks, "RUN_DIR", run, raising=False)
-    monkeypatch.setattr(locks, "RUN_LOCK", run_lock, raising=False)   # the old places
-    monkeypatch.setattr("tempfile.tempdir", str(tmp))
-    return run
-
-
 def planted_by_nobody(path: Path) -> None:
     path.mkdir(mode=0o700)
     os.chown(path, NOBODY, NOBODY)
@@ -375,38 +356,3 @@ def test_a_fifo_as_lock_file_is_refused_without_being_opened(tmp_path: Path) -> 
             pass
         assert writer.still_blocked(), "the tool opened the FIFO"
     assert "is a FIFO, not a regular file" in str(err.value)
-
-
-class BlockedWriter(threading.Thread):
-    """A thread opening a FIFO for writing: it blocks until somebody opens the FIFO to read.
-
-    Still blocked after a command ran means the command never opened the FIFO.
-    """
-
-    def __init__(self, fifo: Path) -> None:
-        super().__init__(daemon=True)
-        self.fifo = fifo
-        self.fd = -1
-
-    def run(self) -> None:
-        self.fd = os.open(self.fifo, os.O_WRONLY)
-
-    def still_blocked(self) -> bool:
-        self.join(0.5)      # a writer that was let through needs a moment to return
-        return self.is_alive()
-
-
-@contextlib.contextmanager
-def blocked_writer(fifo: Path) -> Iterator[BlockedWriter]:
-    """A :class:`BlockedWriter` on FIFO; on the way out the FIFO is opened here to let it finish."""
-    writer = BlockedWriter(fifo)
-    writer.start()
-    assert writer.still_blocked()
-    try:
-        yield writer
-    finally:
-        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        writer.join(10)
-        os.close(reader)
-        if writer.fd >= 0:
-            os.close(writer.fd)
