@@ -202,13 +202,12 @@ def test_lock_dir_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_default_lock_dir_is_the_same_with_or_without_a_session(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """cron at 3 a.m. has no XDG_RUNTIME_DIR: the lock must not depend on it."""
-    monkeypatch.delenv(locks.LOCK_DIR_ENV, raising=False)
+        system_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cron at 3 a.m. has no XDG_RUNTIME_DIR: root's lock must not depend on it."""
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     without = locks.lock_dir()
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/nonexistent")
-    assert locks.lock_dir() == without
+    assert locks.lock_dir() == without == system_dirs / "qmpbackup"
 
 
 # -- target folder ------------------------------------------------------------------------
