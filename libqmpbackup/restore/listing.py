@@ -3,9 +3,7 @@
 Listing reads only metadata and file sizes, so it works without qemu-img
 and on a damaged folder; files the metadata names but the folder lacks are
 shown as missing, and leftovers (``.partial``, an unfinished in-place
-restore) are reported as warnings.  Every text cell is printed escaped
-(:func:`~libqmpbackup.printable.escape`): folder and file names come from
-the folder, and no name may forge a row or drive the terminal.
+restore) are reported as warnings.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from typing import Optional
 
 from libqmpbackup.errors import QmpBackupError
 from libqmpbackup.json_output import Document
-from libqmpbackup.printable import escape
 from libqmpbackup.restore.folder import BackupDir, open_for_listing
 from libqmpbackup.restore.rules import partial_leftovers
 from libqmpbackup.store import folder_safety
@@ -79,15 +76,11 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
         for disk_id in _disk_ids(backup, chain):
             folder = backup.root / chain.folder_of(disk_id)
             for record in chain.disks[disk_id].backups:
-                rows.append(_printable((prefix + chain.uuid, disk_id, record.label,
-                                        local_time(record.point_time), record.level, record.file,
-                                        _size(_entry(folder, record.file)),
-                                        record.virtual_size or "unknown")))
+                rows.append((prefix + chain.uuid, disk_id, record.label,
+                             local_time(record.point_time), record.level, record.file,
+                             _size(_entry(folder, record.file)),
+                             record.virtual_size or "unknown"))
     return rows
-
-
-def _printable(row: tuple[object, ...]) -> tuple[object, ...]:
-    return tuple(escape(cell) if isinstance(cell, str) else cell for cell in row)
 
 
 def _warn_leftovers(backup: BackupDir) -> None:

@@ -28,6 +28,7 @@ from libqmpbackup.store.intent import load_intent
 from libqmpbackup.store.journal import JOURNAL_NAME, Journal
 from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import INTENT_NAME, METADATA_NAME
+from libqmpbackup.tables import table
 
 VALID_METADATA: dict[str, Any] = {"version": 1, "chains": [{
     "uuid": "c1", "bitmap": "qmpbackup-c1", "created": 100,
@@ -185,6 +186,13 @@ def test_log_lines_escape_names_from_the_folder(cli, tmp_path: Path) -> None:
         assert [line for line in text.splitlines() if "forged" in line] == [
             line for line in text.splitlines() if "unfinished backup file" in line], text
     assert "INC-300-d.qcow2\\x0aqmprestore: error: forged\\x1b[2J.partial" in result.err
+
+
+def test_table_cells_are_printed_escaped() -> None:
+    """Every table (list, verify, prune, info) prints a name from a folder or guest on its row."""
+    printed = table([("virtio0", f"FULL-1-x{FORGED}", 5), ("ide0", "y", None)], ("disk", "file", "n"))
+    assert len(printed.splitlines()) == 4 and "\x1b" not in printed
+    assert "FULL-1-x\\x0aqmprestore: error: forged\\x1b[2J" in printed
 
 
 # -- the folder rule --------------------------------------------------------------------------
