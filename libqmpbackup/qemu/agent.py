@@ -45,6 +45,8 @@ READ_LIMIT = 1 << 20
 #: stays silent, and each run that meets one pays this wait once.
 DEFAULT_TIMEOUT = 5.0
 
+FSFREEZE_STATUSES = ("thawed", "frozen")
+
 
 def encode_command(command: str, args: Optional[dict[str, Any]] = None) -> bytes:
     """Serialise one agent command as the single line the agent expects."""
@@ -226,7 +228,7 @@ class GuestAgent:
     async def fsfreeze_status(self) -> str:
         """Return ``"frozen"`` or ``"thawed"`` as the agent sees it."""
         status = await self.execute("guest-fsfreeze-status")
-        if not isinstance(status, str):
+        if not isinstance(status, str) or status not in FSFREEZE_STATUSES:   # qemu-ga: no other
             raise AgentError("guest agent sent an unexpected reply to guest-fsfreeze-status: "
                              f"{_shorten_value(status)}")
         return status

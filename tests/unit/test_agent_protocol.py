@@ -20,7 +20,13 @@ import pytest
 
 from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.errors import AgentError, QmpBackupError
-from libqmpbackup.qemu.agent import READ_LIMIT, decode_reply, encode_command, sync_reply_id
+from libqmpbackup.qemu.agent import (
+    READ_LIMIT,
+    GuestAgent,
+    decode_reply,
+    encode_command,
+    sync_reply_id,
+)
 
 DEEP = b"[" * 200_000 + b"]" * 200_000
 """400 KB of nesting, under the agent's line limit: the JSON parser raises RecursionError on it."""
@@ -194,3 +200,14 @@ def test_a_deeply_nested_agent_reply_is_a_warning_or_a_clean_refusal(
         assert outcome == [False], outcome
         assert "backing up without filesystem quiesce" in caplog.text
         assert "unreadable reply to guest-fsfreeze-status" in caplog.text
+
+
+@pytest.mark.parametrize("status", [b'"thawing\\u001b[2J"', b"1", b"[]"])
+def test_an_fsfreeze_status_outside_the_documented_two_is_an_unexpected_reply(status: bytes) -> None:
+    async def scenario(path: str) -> None:
+        async with GuestAgent(path, timeout=2) as agent:
+            with pytest.raises(AgentError, match="unexpected reply to guest-fsfreeze-status") as err:
+                await agent.fsfreeze_status()
+        assert "\x1b" not in str(err.value)
+
+    with_hostile_agent({"guest-fsfreeze-status": b'{"return": ' + status + b"}\n"}, scenario)
