@@ -8,7 +8,7 @@ Messages carry data the tool does not control (disk ids and file names from
 a backup folder, qemu-img output, guest agent replies): every handler's
 formatter escapes control characters in the message (:func:`one_line`), so
 no data can forge a log line or send escape sequences to a terminal.  Only
-a traceback (``exc_info``, with --debug) keeps its lines.
+a traceback (``exc_info``, with --debug) keeps its line breaks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from libqmpbackup.errors import UsageError
 from libqmpbackup.printable import escape
@@ -40,6 +40,10 @@ class _EscapingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(one_line(record))
+
+    def formatException(self, ei: Any) -> str:
+        """A traceback keeps its lines; no other control character reaches the terminal."""
+        return "\n".join(escape(line) for line in super().formatException(ei).split("\n"))
 
 
 class _ConsoleFormatter(_EscapingFormatter):
