@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 LOCK_DIR_ENV = "QMPBACKUP_LOCK_DIR"
 RUN_DIR = Path("/run")
-"""root's lock directory is ``qmpbackup`` here (a module value so tests can move it)."""
+"""Where root's lock directory and users' runtime directories are (tests move it)."""
 LOCK_ATTEMPTS = 5
 
 
@@ -105,8 +105,8 @@ def _checked_lock_dir(path: Path, how: str) -> Path:
 
 def _runtime_dir() -> Path:
     """A non-root user's own runtime directory (see the module docstring)."""
-    candidates = [Path(p) for p in (os.environ.get("XDG_RUNTIME_DIR"),
-                                    f"/run/user/{os.geteuid()}") if p]
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    candidates = [*([Path(xdg)] if xdg else []), RUN_DIR / "user" / str(os.geteuid())]
     for candidate in candidates:
         try:
             problem = _owned_dir_problem(candidate.lstat())
