@@ -28,10 +28,17 @@ SYSLOG_SOCKET = "/dev/log"
 DEBUG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+STRUCTURED_LOGGERS = ("qemu.qmp",)
+"""Loggers whose messages keep their line breaks: qemu.qmp prints each QMP message (--debug
+only) as JSON indented over several lines; JSON spells every control character of the data
+inside its strings, so the line breaks are its own."""
+
+
 def one_line(record: logging.LogRecord) -> logging.LogRecord:
     """A copy of RECORD whose message (arguments filled in) has every control character escaped."""
     escaped = logging.makeLogRecord(record.__dict__)
-    escaped.msg, escaped.args = escape(record.getMessage()), None
+    keep = "\n" if record.name.startswith(STRUCTURED_LOGGERS) else ""
+    escaped.msg, escaped.args = escape(record.getMessage(), keep), None
     return escaped
 
 
@@ -43,7 +50,7 @@ class _EscapingFormatter(logging.Formatter):
 
     def formatException(self, ei: Any) -> str:
         """A traceback keeps its lines; no other control character reaches the terminal."""
-        return "\n".join(escape(line) for line in super().formatException(ei).split("\n"))
+        return escape(super().formatException(ei), keep="\n")
 
 
 class _ConsoleFormatter(_EscapingFormatter):

@@ -22,11 +22,11 @@ def has_control(text: str) -> bool:
     return CONTROL.search(text) is not None
 
 
-def _spelled(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def escape(text: str) -> str:
-    """TEXT with every control character spelled out, so it prints as what it is, on one line."""
-    return _UNPRINTABLE.sub(_spelled, text)
+def escape(text: str, keep: str = "") -> str:
+    """TEXT with every control character (but those in KEEP) spelled out: it prints as what it is."""
+    def spelled(match: re.Match[str]) -> str:
+        char = match.group()
+        if char in keep:
+            return char
+        return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    return _UNPRINTABLE.sub(spelled, text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import os
 import random
 import stat
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from libqmpbackup.errors import AgentError, ChainError, QmpBackupError
+from libqmpbackup.logsetup import configure
 from libqmpbackup.qemu.agent import READ_LIMIT, GuestAgent
 from libqmpbackup.store import folder_safety
 from libqmpbackup.store.fsutil import make_private_dirs
@@ -193,6 +195,22 @@ def test_table_cells_are_printed_escaped() -> None:
     printed = table([("virtio0", f"FULL-1-x{FORGED}", 5), ("ide0", "y", None)], ("disk", "file", "n"))
     assert len(printed.splitlines()) == 4 and "\x1b" not in printed
     assert "FULL-1-x\\x0aqmprestore: error: forged\\x1b[2J" in printed
+
+
+def test_debug_log_keeps_only_the_line_breaks_of_qmp_json(tmp_path: Path) -> None:
+    """--debug prints QMP messages as indented JSON (data escaped inside its strings): kept."""
+    log = tmp_path / "log"
+    configure(debug=True, logfile=str(log))
+    try:
+        logging.getLogger("qemu.qmp.protocol").debug("<-- %s", '{\n  "return": "a\\nb"\n}')
+        logging.getLogger("libqmpbackup.test").warning("file %s", "x" + FORGED)
+    finally:
+        configure()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4, lines
+    assert lines[0].endswith("DEBUG qemu.qmp.protocol: <-- {")
+    assert lines[1:3] == ['  "return": "a\\nb"', "}"]
+    assert lines[3].endswith("WARNING libqmpbackup.test: file x\\x0aqmprestore: error: forged\\x1b[2J")
 
 
 # -- the folder rule --------------------------------------------------------------------------
