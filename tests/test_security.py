@@ -24,11 +24,12 @@ import pytest
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.store import digests
 from libqmpbackup.store.locks import LOCK_DIR_ENV
+from libqmpbackup.store.names import DISK_METADATA_NAME, JOURNAL_NAME, LOCK_NAME, METADATA_NAME
 from qmpbackup.cli import main as qmpbackup_main
+from tests.hostile import NOBODY, blocked_writer
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
 
 DISK = "virtio0"
-NOBODY = 65534
 
 
 @dataclass
@@ -142,8 +143,88 @@ def test_foreign_owned_lock_file_is_refused(cli, chain: Chain, tmp_path: Path) -
     lock = folder.parent / ".qmpbackup.lock"
     lock.write_text("1 planted\n")
     os.chown(lock, NOBODY, NOBODY)
-    cli("qmprestore", "rebase", "--dir", folder).failed(6, "belongs to uid 65534")
+    cli("qmprestore", "rebase", "--dir", folder).failed(6, "owned by uid 65534")
     assert lock.read_text() == "1 planted\n"
+
+
+def test_a_hard_link_to_a_host_file_as_lock_file_is_refused_and_never_written(
+        cli, chain: Chain, tmp_path: Path) -> None:
+    """Issue 20, finding 7: where protected_hardlinks is off a user links a root-owned file there."""
+    victim = Victim.make(tmp_path / "root-owned.conf")
+    before = victim.state()
+    folder = chain.copy(tmp_path / "c")
+    os.link(victim.path, folder.parent / LOCK_NAME)
+    for command in ("rebase", "commit", "snapshotrebase"):
+        cli("qmprestore", command, "--dir", folder).failed(6, LOCK_NAME, "2 hard links")
+    assert victim.state() == before
+    assert (folder.parent / LOCK_NAME).stat().st_ino == victim.path.stat().st_ino
+
+
+FOLDER_FILES = [("disk folder", JOURNAL_NAME, ("verify", "merge", "commit")),
+                ("disk folder alone", DISK_METADATA_NAME, ("verify", "merge")),
+                ("chain folder", METADATA_NAME, ("verify", "merge")),
+                ("chain folder", LOCK_NAME, ("rebase", "commit"))]
+
+
+@pytest.mark.parametrize("where, name, commands", FOLDER_FILES,
+                         ids=[name for _, name, _ in FOLDER_FILES])
+def test_a_fifo_named_like_a_folder_file_is_refused_without_being_opened(
+        cli, chain: Chain, tmp_path: Path, where: str, name: str,
+        commands: tuple[str, ...]) -> None:
+    """Issue 20, finding 11: opening a FIFO or device at all (O_NONBLOCK or not) is a side effect.
+
+    A writer blocked on the FIFO is let through by the first reader: still
+    blocked after each command means no command opened it.
+    """
+    folder = chain.copy(tmp_path / "c")
+    if where == "disk folder alone":      # copied on its own: it has only its own records
+        folder = Path(shutil.copytree(folder, tmp_path / "alone", symlinks=True))
+    place = folder.parent if where == "chain folder" else folder
+    fifo = place / name
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    with blocked_writer(fifo) as writer:
+        for command in commands:
+            extra = ("--targetfile", tmp_path / "restored.qcow2") if command == "merge" else ()
+            given = place if name == METADATA_NAME else folder
+            result = cli("qmprestore", command, "--dir", given, *extra)
+            assert writer.still_blocked(), f"qmprestore {command} opened the FIFO {name}"
+            if name in (JOURNAL_NAME, LOCK_NAME):
+                result.failed(6, name, "a FIFO")
+            else:
+                # the folder probe (restore/folder.py, stat without opening) takes metadata
+                # that is no regular file as absent: not opened, the folder is read as upstream's
+                assert "Traceback" not in result.err
+    if name in (JOURNAL_NAME, LOCK_NAME):
+        assert not (tmp_path / "restored.qcow2").exists()
+
+
+def test_a_backup_neither_opens_a_fifo_nor_is_blocked_by_lock_dirs_others_planted(
+        cli, tmp_path: Path, system_dirs: Path) -> None:
+    """Issue 20, findings 6 and 11, as a real backup run sees them (locks in the default place)."""
+    # where root's locks used to be: /run/lock/qmpbackup, else /tmp/qmpbackup-0
+    for planted in (system_dirs / "lock" / "qmpbackup", system_dirs.parent / "tmp" / "qmpbackup-0"):
+        planted.mkdir(mode=0o700)
+        os.chown(planted, NOBODY, NOBODY)
+    target = tmp_path / "backup"
+    with TestVM(tmp_path / "vm", one_disk()) as vm:
+        run = ("qmpbackup", "--socket", vm.tool_socket, "backup", "--target", target,
+               "--no-progress")
+        cli(*run, "--level", "full").ok()
+        assert (system_dirs / "qmpbackup").stat().st_uid == 0
+        for fifo in (target / DISK / JOURNAL_NAME, target / LOCK_NAME, target / METADATA_NAME):
+            kept = fifo.with_name("kept")
+            if fifo.exists():
+                fifo.rename(kept)
+            os.mkfifo(fifo)
+            with blocked_writer(fifo) as writer:
+                result = cli(*run, "--level", "inc")
+                assert writer.still_blocked(), f"the backup opened the FIFO {fifo.name}"
+                result.failed(6, fifo.name, "a FIFO")
+            fifo.unlink()
+            if kept.exists():
+                kept.rename(fifo)
+        cli(*run, "--level", "inc").ok()
 
 
 def test_backup_run_refuses_planted_lock_symlink_and_symlinked_folders(
@@ -318,9 +399,11 @@ def test_skip_check_never_skips_the_name_rule(cli, chain: Chain, tmp_path: Path,
     meta = json.loads(meta_path.read_text())
     meta["chains"][-1]["disks"][DISK]["backups"][1]["file"] = bad_name
     meta_path.write_text(json.dumps(meta))
-    every_restore_command_refuses(cli, folder, tmp_path, 6, "qmpbackup.json",
-                                  "is not a backup file name", extra=("--skip-check",))
-    cli("qmprestore", "list", "--dir", folder).failed(6, "is not a backup file name")
+    # a newline is refused in any string of the metadata, before names are looked at
+    reason = "holds a control character" if "\n" in bad_name else "is not a backup file name"
+    every_restore_command_refuses(cli, folder, tmp_path, 6, "qmpbackup.json", reason,
+                                  extra=("--skip-check",))
+    cli("qmprestore", "list", "--dir", folder).failed(6, reason)
     assert victim.state() == before
 
 

@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError
+from libqmpbackup.printable import escape, has_control
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.store.fsutil import fsync_dir
 from libqmpbackup.store.handles import FileHandle, Folder
+from libqmpbackup.store.json_shape import malformed
 from libqmpbackup.store.names import is_backup_file_name, is_plain_file_name
 from libqmpbackup.store.qcow2_header import read_header
 
@@ -192,15 +194,38 @@ def read_bytes(folder: Path, name: str, what: str, limit: int) -> Optional[bytes
 
 
 def read_json(folder: Path, name: str, what: str) -> Any:
-    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error."""
+    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error.
+
+    No string in it (names, ids, paths, keys) may hold a control character
+    (:func:`refuse_control`): the tools print them.
+    """
     data = read_bytes(folder, name, what, MAX_JSON_BYTES)
     if data is None:
         return ABSENT
     try:
-        return json.loads(data.decode("utf-8"))
+        document = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as err:   # RecursionError: nesting a parser cannot follow
         raise ChainError(f"cannot read {what} {folder / name}: {type(err).__name__}: "
-                         f"{str(err)[:200]}") from err
+                         f"{escape(str(err)[:200])}") from err
+    refuse_control(document, f"{what} {folder / name}")
+    return document
+
+
+def refuse_control(document: Any, where: str) -> None:
+    """Refuse a document any of whose strings holds a C0/C1 control character or DEL.
+
+    The tool never writes one; printed, a newline or ESC in a disk id or file
+    name forges a line of the log or ``list``, or drives the admin's terminal.
+    """
+    pending = [document]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            pending += item
+        elif isinstance(item, str) and has_control(item):
+            raise malformed(where, f"it holds a control character in '{escape(item[:80])}'")
 
 
 def remove(folder: Path, name: str) -> bool:
