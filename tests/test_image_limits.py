@@ -1,0 +1,75 @@
+"""qemu-img on folder content runs under limits: an image bomb is damage, not a hang.
+
+A 34 MB qcow2 whose 4 M L1 entries all share one L2 table keeps a plain
+``qemu-img check`` busy for most of an hour (finding 8 of issue 20).  With
+the CPU budget lowered through the environment, ``verify`` must call it
+damaged (exit 11) and a restore must refuse it in one line, both within
+seconds; pytest-timeout turns a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.hostile_images import write_cluster_bomb
+
+BOMB = "FULL-100-bomb.qcow2"
+DISK = "virtio0"
+
+
+def bomb_folder(root: Path) -> Path:
+    """A backup folder whose only chain records the bomb as its FULL (no checksum recorded)."""
+    (root / DISK).mkdir(parents=True)
+    size = write_cluster_bomb(root / DISK / BOMB)
+    record = {"file": BOMB, "level": "full", "time": 100, "virtual_size": size,
+              "source_image": "/vm/bomb.qcow2", "source_format": "qcow2"}
+    metadata = {"version": 1, "chains": [{"uuid": "c1", "bitmap": "qmpbackup-c1", "created": 100,
+                                          "disks": {DISK: {"backups": [record]}}}]}
+    (root / "qmpbackup.json").write_text(json.dumps(metadata))
+    return root
+
+
+@pytest.fixture
+def low_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QMPBACKUP_QEMU_IMG_CPU_SECONDS", "3")
+    monkeypatch.setenv("QMPBACKUP_QEMU_IMG_TIMEOUT", "6")
+
+
+def test_the_bomb_is_a_bomb(tmp_path: Path) -> None:
+    """Without limits qemu-img check is still busy after 30 s (the reason for the limits)."""
+    bomb_folder(tmp_path)
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run(["qemu-img", "check", "-f", "qcow2", str(tmp_path / DISK / BOMB)],
+                       capture_output=True, timeout=30)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("low_limits")
+def test_verify_calls_an_image_bomb_damaged(cli, tmp_path: Path) -> None:
+    folder = bomb_folder(tmp_path / "bomb")
+    started = time.monotonic()
+    result = cli("qmprestore", "verify", "--json", "--dir", folder)
+    assert time.monotonic() - started < 30
+    assert result.rc == 11, result.err
+    assert "Traceback" not in result.err
+    report = json.loads(result.out)
+    (bomb,) = report["files"]
+    assert bomb["status"] == "damaged" and not bomb["restorable"]
+    assert any("limit" in problem for problem in bomb["problems"]), bomb["problems"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("low_limits")
+def test_restore_refuses_an_image_bomb_in_one_line(cli, tmp_path: Path) -> None:
+    folder = bomb_folder(tmp_path / "bomb")
+    started = time.monotonic()
+    result = cli("qmprestore", "merge", "--dir", folder / DISK, "--targetfile",
+                 tmp_path / "restored.qcow2")
+    assert time.monotonic() - started < 30
+    result.failed(6, BOMB, "limit")
+    assert not (tmp_path / "restored.qcow2").exists()
