@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Optional, Sequence, Union
 
-from libqmpbackup.errors import QemuImgError
+from libqmpbackup.errors import QemuImgError, QemuImgLimitError
+from libqmpbackup.qemu import img_limits
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +43,41 @@ def binary() -> str:
 
 
 def run(args: Sequence[str], *, dry_run: bool = False,
-        accepted: Collection[int] = (0,), pass_fds: Collection[int] = ()) -> str:
+        accepted: Collection[int] = (0,), pass_fds: Collection[int] = (),
+        budget: Optional[img_limits.Budget] = None) -> str:
     """Run qemu-img with ARGS and return its stdout; raise with its stderr.
 
     ACCEPTED lists the exit codes that still carry a usable answer (``check``
     reports leaked clusters with 3, which is not a failure of the image).
     PASS_FDS are descriptors the arguments name as ``/dev/fd/N``: files of a
     backup folder reach qemu-img only that way (:mod:`libqmpbackup.store.handles`).
+    BUDGET limits the run (:mod:`img_limits`); without one it is a data call
+    whose time scales with the size of the files it is given.  A run stopped
+    at a limit raises :class:`QemuImgLimitError`.
     """
     argv = [binary(), *[str(a) for a in args]]
     cmd = command_line(args)
     if dry_run:
         print(cmd)
         return ""
-    log.debug("running: %s", cmd)
+    if budget is None:
+        budget = img_limits.data(img_limits.input_bytes(argv[1:], pass_fds))
+    log.debug("running: %s (%s)", cmd, budget)
     try:
+        # the limits are set in the child between fork and exec: qemu-img never runs without them
         proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                              stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds))
+                              stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds),
+                              preexec_fn=budget.apply, timeout=budget.wall_clock)
+    except subprocess.TimeoutExpired as err:   # subprocess.run killed and reaped the child
+        raise QemuImgLimitError(f"{cmd}: stopped at {budget.timed_out()}: a crafted or "
+                                "damaged image, or raise the limit") from err
     except OSError as err:
         raise QemuImgError(f"cannot run {cmd}: {err}") from err
     if proc.returncode not in accepted:
+        limit = budget.exceeded(proc.returncode, proc.stderr)
+        if limit:
+            raise QemuImgLimitError(f"{cmd}: stopped at {limit}: a crafted or damaged image, "
+                                    "or raise the limit")
         message = " ".join(proc.stderr.split()) or f"exit code {proc.returncode}"
         raise QemuImgError(f"{cmd}: {message}")
     return proc.stdout
@@ -95,7 +111,7 @@ def info(path: Path, *, backing_chain: bool = False, fmt: Optional[str] = None) 
     if backing_chain:
         args.append("--backing-chain")
     args.append(str(path))
-    return _parse_json(args, run(args))
+    return _parse_json(args, run(args, budget=img_limits.inspection()))
 
 
 def _parse_json(args: Sequence[str], out: str) -> Any:
@@ -139,7 +155,8 @@ def check(path: Path, *, fmt: Optional[str] = None, without_backing: bool = Fals
         if fmt:
             args += ["-f", fmt]
         args.append(str(path))
-    report = _parse_json(args, run(args, accepted=(0, CHECK_FOUND_CORRUPTION, CHECK_FOUND_LEAKS)))
+    report = _parse_json(args, run(args, accepted=(0, CHECK_FOUND_CORRUPTION, CHECK_FOUND_LEAKS),
+                                      budget=img_limits.inspection()))
     return CheckResult(corruptions=int(report.get("corruptions", 0)),
                        leaks=int(report.get("leaks", 0)),
                        check_errors=int(report.get("check-errors", 0)))
@@ -169,7 +186,15 @@ def commit(path: Path, *, base: Optional[Path] = None, rate_limit: int = 0,
         args += ["-b", str(base)]
     if rate_limit:
         args += ["-r", str(rate_limit)]
-    run([*args, str(path)], dry_run=dry_run)
+    args.append(str(path))
+    run(args, dry_run=dry_run, budget=_rated(args, rate_limit))
+
+
+def _rated(args: Sequence[str], rate_limit: int) -> Optional[img_limits.Budget]:
+    """A data call's budget slowed to RATE_LIMIT bytes/s (None: run's default budget)."""
+    if not rate_limit:
+        return None
+    return img_limits.data(img_limits.input_bytes(args), rate_limit)
 
 
 def chain_source(files: Sequence[Path]) -> str:
@@ -193,7 +218,8 @@ def convert(source: Union[Path, str], target: Path, *, out_format: str = "qcow2"
     args = ["convert", "-q", "-f", "qcow2", "-O", out_format]
     if rate_limit:
         args += ["-r", str(rate_limit)]
-    run([*args, str(source), str(target)], dry_run=dry_run)
+    args += [str(source), str(target)]
+    run(args, dry_run=dry_run, budget=_rated(args, rate_limit))
 
 
 def snapshot_names(path: Path) -> list[str]:
