@@ -59,8 +59,10 @@ ENV_TIMEOUT = "QMPBACKUP_QEMU_IMG_TIMEOUT"
 ENV_DATA_TIMEOUT = "QMPBACKUP_QEMU_IMG_DATA_TIMEOUT"
 ENV_MEMORY = "QMPBACKUP_QEMU_IMG_MEMORY"
 
-#: how qemu-img reports an allocation refused by RLIMIT_AS (it then exits 1 or aborts)
-_OUT_OF_MEMORY = ("Cannot allocate memory", "failed to allocate")
+#: how qemu-img reports an allocation refused by RLIMIT_AS (it then exits 1 or aborts):
+#: "Cannot allocate memory" (ENOMEM), GLib's and qemu_memalign's "failed to allocate N bytes",
+#: or no room for a new thread's stack
+_OUT_OF_MEMORY = ("Cannot allocate memory", "failed to allocate", "qemu_thread_create")
 
 
 def _setting(name: str, default: int, *, size: bool = False) -> int:
@@ -104,8 +106,8 @@ class Budget:
         """Which limit ended a run that exited with RETURNCODE, or None if none did."""
         if self.cpu_seconds and returncode in (-signal.SIGXCPU, -signal.SIGKILL):
             return f"its limit of {self.cpu_seconds} CPU seconds ({ENV_CPU_SECONDS})"
-        if self.memory and (returncode == -signal.SIGABRT
-                            or any(text in stderr for text in _OUT_OF_MEMORY)):
+        # by its message only: qemu-img also aborts on a failed assertion, which is no limit
+        if self.memory and any(text in stderr for text in _OUT_OF_MEMORY):
             return f"its limit of {self.memory >> 20} MiB of address space ({ENV_MEMORY})"
         return None
 

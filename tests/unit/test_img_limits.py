@@ -49,6 +49,9 @@ def test_which_limit_ended_a_run() -> None:
     assert "1024 MiB" in (budget.exceeded(1, "qemu-img: Cannot allocate memory") or "")
     assert budget.exceeded(1, "qemu-img: Could not open 'x': No such file") is None
     assert budget.exceeded(2, "") is None
+    assert budget.exceeded(-signal.SIGABRT, "qemu-img: ../block/qcow2.c:9: assertion failed") is None
+    assert "1024 MiB" in (budget.exceeded(-signal.SIGABRT, "qemu_memalign: failed to allocate "
+                                          "2097152 bytes at alignment 4096") or "")
     assert img_limits.Budget("data", 0, 0, 0).exceeded(-signal.SIGKILL, "") is None
 
 
