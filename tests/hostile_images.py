@@ -66,3 +66,20 @@ def write_cluster_bomb(path: Path, l1_entries: int = MAX_L1_ENTRIES) -> int:
         out.write(entry * (l1_entries % L2_ENTRIES))
         out.truncate(l1_at + l1_clusters * CLUSTER)
     return virtual_size
+
+
+def write_error_flood(path: Path, l1_entries: int = 1 << 16) -> int:
+    """Like :func:`write_cluster_bomb` with 16-bit refcounts all 1: ``check`` prints an error per reference.
+
+    Every reference past the 65535th of the shared L2 table and data cluster
+    overflows, and ``qemu-img check`` writes two lines to stderr for each:
+    over 100 MB in the first seconds.  Returns the virtual size.
+    """
+    virtual_size = write_cluster_bomb(path, l1_entries)
+    clusters = 5 + -(-l1_entries * 8 // CLUSTER)
+    with open(path, "r+b") as image:
+        image.seek(_HEADER.size - 8)             # refcount_order, before header_length
+        image.write(struct.pack(">I", 4))
+        image.seek(2 * CLUSTER)                 # the refcount block, now of 16-bit entries
+        image.write(struct.pack(f">{clusters}H", *[1] * clusters).ljust(CLUSTER, b"\0"))
+    return virtual_size

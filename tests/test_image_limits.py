@@ -15,21 +15,22 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from libqmpbackup.errors import QemuImgLimitError
 from libqmpbackup.qemu import qemuimg
-from tests.hostile_images import write_cluster_bomb
+from tests.hostile_images import write_cluster_bomb, write_error_flood
 
 BOMB = "FULL-100-bomb.qcow2"
 DISK = "virtio0"
 
 
-def bomb_folder(root: Path) -> Path:
+def bomb_folder(root: Path, write: Callable[[Path], int] = write_cluster_bomb) -> Path:
     """A backup folder whose only chain records the bomb as its FULL (no checksum recorded)."""
     (root / DISK).mkdir(parents=True)
-    size = write_cluster_bomb(root / DISK / BOMB)
+    size = write(root / DISK / BOMB)
     record = {"file": BOMB, "level": "full", "time": 100, "virtual_size": size,
               "source_image": "/vm/bomb.qcow2", "source_format": "qcow2"}
     metadata = {"version": 1, "chains": [{"uuid": "c1", "bitmap": "qmpbackup-c1", "created": 100,
@@ -57,6 +58,19 @@ def test_verify_calls_an_image_bomb_damaged(cli, tmp_path: Path) -> None:
     (bomb,) = report["files"]
     assert bomb["status"] == "damaged" and not bomb["restorable"]
     assert any("limit" in problem for problem in bomb["problems"]), bomb["problems"]
+
+
+@pytest.mark.timeout(60)
+def test_an_error_flood_is_cut_at_the_output_limit(cli, tmp_path: Path) -> None:
+    """Over 100 MB of error lines per second from check never pile up in the tool's memory."""
+    folder = bomb_folder(tmp_path / "flood", write_error_flood)
+    started = time.monotonic()
+    result = cli("qmprestore", "verify", "--json", "--dir", folder)   # the default limits
+    assert time.monotonic() - started < 30
+    assert result.rc == 11, result.err
+    (flood,) = json.loads(result.out)["files"]
+    assert flood["status"] == "damaged"
+    assert any("MiB of output" in problem for problem in flood["problems"]), flood["problems"]
 
 
 @pytest.mark.timeout(60)

@@ -15,9 +15,13 @@ fitting the kind of call:
   budget of a base plus one second per :data:`DATA_MIN_RATE` bytes of the
   input files (their size on disk: a real image stores each cluster once).
 
-A run stopped at a limit raises :class:`~libqmpbackup.errors.QemuImgLimitError`
-(``verify`` lists the file as damaged, other commands refuse in one line).
-On timeout the child is killed and reaped.
+What qemu-img prints is kept up to :data:`OUTPUT_LIMIT` per stream: an
+image can make ``check`` print an error per cluster reference, hundreds of
+MB a second, which must not fill this process's memory; past the limit the
+child is killed.  A run stopped at any limit raises
+:class:`~libqmpbackup.errors.QemuImgLimitError` (``verify`` lists the file
+as damaged, other commands refuse in one line).  A killed child is always
+reaped.
 
 Admins and tests override the defaults through the environment (whole
 numbers; ``0`` switches that limit off; the memory takes ``512M``, ``4G``):
@@ -37,10 +41,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import selectors
 import signal
 import stat
+import subprocess
+import time
 from dataclasses import dataclass
-from typing import Collection, Optional, Sequence, Union
+from typing import IO, Collection, Optional, Sequence, Union
 
 from libqmpbackup.errors import UsageError
 from libqmpbackup.units import parse_size
@@ -51,6 +58,8 @@ DATA_TIMEOUT = 3600
 MEMORY = 2 << 30
 #: the slowest rate a data call is allowed on top of DATA_TIMEOUT (bytes of input per second)
 DATA_MIN_RATE = 4 << 20
+#: bytes of stdout and of stderr kept; more ends the run (``info`` of a real image prints KiBs)
+OUTPUT_LIMIT = 16 << 20
 #: after the soft CPU limit's SIGXCPU, the kernel's SIGKILL follows this many seconds later
 CPU_GRACE = 5
 
@@ -114,6 +123,69 @@ class Budget:
     def timed_out(self) -> str:
         env = ENV_TIMEOUT if self.kind == "inspection" else ENV_DATA_TIMEOUT
         return f"its time limit of {self.timeout:.0f} s ({env})"
+
+
+@dataclass
+class Finished:
+    """How a limited run ended: exit code, the output kept, and LIMIT: the time or output
+    limit that stopped it (CPU and memory show in the exit: :meth:`Budget.exceeded`)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    limit: Optional[str] = None
+
+
+def run(argv: Sequence[str], budget: Budget, pass_fds: Collection[int] = ()) -> Finished:
+    """Run ARGV under BUDGET (limits set in the child between fork and exec); never raises at a limit.
+
+    OSError when the program cannot be started.  However the run ends, the
+    child is gone when this returns: killed if still running, always reaped.
+    """
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, pass_fds=tuple(pass_fds),
+                            preexec_fn=budget.apply)
+    deadline = time.monotonic() + budget.timeout if budget.timeout else None
+    try:
+        out, err, limit = _collect(proc, budget, deadline)
+        if limit is None:
+            try:
+                proc.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                limit = budget.timed_out()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    stdout, stderr = (data.decode("utf-8", "surrogateescape") for data in (out, err))
+    return Finished(proc.returncode, stdout, stderr, limit)
+
+
+def _collect(proc: subprocess.Popen[bytes], budget: Budget, deadline: Optional[float]
+             ) -> tuple[bytes, bytes, Optional[str]]:
+    """PROC's stdout and stderr until both close, or the limit (time, output) hit first."""
+    streams: list[IO[bytes]] = [s for s in (proc.stdout, proc.stderr) if s is not None]
+    kept = {stream.fileno(): bytearray() for stream in streams}
+    with selectors.DefaultSelector() as selector:
+        for stream in streams:
+            selector.register(stream, selectors.EVENT_READ)
+        while selector.get_map():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return b"", b"", budget.timed_out()
+            for key, _ in selector.select(left):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                    continue
+                kept[key.fd] += chunk
+                if len(kept[key.fd]) > OUTPUT_LIMIT:
+                    return b"", b"", f"its limit of {OUTPUT_LIMIT >> 20} MiB of output"
+    stdout, stderr = (bytes(kept[stream.fileno()]) for stream in streams)
+    return stdout, stderr, None
 
 
 def inspection() -> Budget:

@@ -14,7 +14,6 @@ import logging
 import os
 import shlex
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Optional, Sequence, Union
@@ -64,23 +63,18 @@ def run(args: Sequence[str], *, dry_run: bool = False,
         budget = img_limits.data(img_limits.input_bytes(argv[1:], pass_fds))
     log.debug("running: %s (%s)", cmd, budget)
     try:
-        # the limits are set in the child between fork and exec: qemu-img never runs without them
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                              stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds),
-                              preexec_fn=budget.apply, timeout=budget.wall_clock)
-    except subprocess.TimeoutExpired as err:   # subprocess.run killed and reaped the child
-        raise QemuImgLimitError(f"{cmd}: stopped at {budget.timed_out()}: a crafted or "
-                                "damaged image, or raise the limit") from err
+        done = img_limits.run(argv, budget, pass_fds)
     except OSError as err:
         raise QemuImgError(f"cannot run {cmd}: {err}") from err
-    if proc.returncode not in accepted:
-        limit = budget.exceeded(proc.returncode, proc.stderr)
-        if limit:
-            raise QemuImgLimitError(f"{cmd}: stopped at {limit}: a crafted or damaged image, "
-                                    "or raise the limit")
-        message = " ".join(proc.stderr.split()) or f"exit code {proc.returncode}"
+    failed = done.returncode not in accepted
+    limit = done.limit or (budget.exceeded(done.returncode, done.stderr) if failed else None)
+    if limit:
+        raise QemuImgLimitError(f"{cmd}: stopped at {limit}: a crafted or damaged image, "
+                                "or a limit set too low for it")
+    if failed:
+        message = " ".join(done.stderr.split()) or f"exit code {done.returncode}"
         raise QemuImgError(f"{cmd}: {message}")
-    return proc.stdout
+    return done.stdout
 
 
 def create(path: Path, size: int, *, backing: Optional[str] = None) -> None:
