@@ -98,13 +98,13 @@ class Budget:
     timeout: float
     memory: int
 
-    @property
-    def wall_clock(self) -> Optional[float]:
-        """The subprocess timeout, or None for none."""
-        return self.timeout or None
-
     def apply(self) -> None:
-        """Set the limits on the current process: run in the child between fork and exec."""
+        """Set the limits on the current process: run in the child between fork and exec.
+
+        No core file either: a qemu-img killed at its CPU limit or aborted on
+        a refused allocation would otherwise dump gigabytes into the working directory.
+        """
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if self.memory:
             resource.setrlimit(resource.RLIMIT_AS, (self.memory, self.memory))
         if self.cpu_seconds:

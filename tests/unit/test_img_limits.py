@@ -17,12 +17,12 @@ def test_defaults_fit_the_kind_of_call(monkeypatch: pytest.MonkeyPatch) -> None:
                  img_limits.ENV_DATA_TIMEOUT, img_limits.ENV_MEMORY):
         monkeypatch.delenv(name, raising=False)
     inspection = img_limits.inspection()
-    assert (inspection.cpu_seconds, inspection.wall_clock, inspection.memory) == (
+    assert (inspection.cpu_seconds, inspection.timeout, inspection.memory) == (
         img_limits.CPU_SECONDS, img_limits.TIMEOUT, img_limits.MEMORY)
     data = img_limits.data(40 << 30)
     assert data.cpu_seconds == 0, "moving data may take CPU for as long as it takes"
-    assert data.wall_clock == img_limits.DATA_TIMEOUT + (40 << 30) / img_limits.DATA_MIN_RATE
-    assert img_limits.data(1 << 30, rate_limit=1 << 20).wall_clock == img_limits.DATA_TIMEOUT + 1024
+    assert data.timeout == img_limits.DATA_TIMEOUT + (40 << 30) / img_limits.DATA_MIN_RATE
+    assert img_limits.data(1 << 30, rate_limit=1 << 20).timeout == img_limits.DATA_TIMEOUT + 1024
 
 
 def test_environment_overrides_and_switches_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,8 +31,8 @@ def test_environment_overrides_and_switches_off(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(img_limits.ENV_MEMORY, "512M")
     monkeypatch.setenv(img_limits.ENV_DATA_TIMEOUT, "0")
     inspection = img_limits.inspection()
-    assert (inspection.cpu_seconds, inspection.wall_clock, inspection.memory) == (0, 7, 512 << 20)
-    assert img_limits.data(1 << 40).wall_clock is None
+    assert (inspection.cpu_seconds, inspection.timeout, inspection.memory) == (0, 7, 512 << 20)
+    assert img_limits.data(1 << 40).timeout == 0, "0: no time limit"
 
 
 @pytest.mark.parametrize("value", ["-1", "ten", "1.5", "4X"])
