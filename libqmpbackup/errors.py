@@ -72,6 +72,10 @@ class QemuImgError(QmpBackupError):
     exit_code = 9
 
 
+class QemuImgLimitError(QemuImgError):
+    """qemu-img was stopped at its CPU, memory or time limit: the image is crafted or damaged."""
+
+
 class AgentError(QmpBackupError):
     """The QEMU guest agent did not answer or refused a command."""
 
