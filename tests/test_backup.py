@@ -442,3 +442,12 @@ def test_two_runs_on_two_sockets_of_one_vm_exclude_each_other(cli, tmp_path: Pat
         assert proc.returncode == 0, err
         assert identical(backups(tmp_path / "a", "virtio0")[-1],
                          vm.reference("virtio0", tmp_path / "ref.raw"))
+
+
+def test_a_refused_discovery_query_is_its_own_error_not_a_failed_job(cli, tmp_path: Path) -> None:
+    """A VM still in --preconfig refuses the tool's qom-list: exit 14, not 7 "job failed"."""
+    disks = [Disk("virtio0", "virtio", "qcow2", 8 * MiB)]
+    with TestVM(tmp_path / "vm-images", disks, extra_args=("--preconfig",)) as early:
+        result = backup(cli, early, tmp_path / "backup", "full").failed(14, "QEMU refused qom-list")
+    assert "job" not in result.err
+    assert not (tmp_path / "backup").exists() or not any((tmp_path / "backup").iterdir())
