@@ -33,6 +33,19 @@ class UsageError(QmpBackupError):
     exit_code = 2
 
 
+class CommandLineError(UsageError):
+    """What argparse found wrong in the command line, shown under the usage text as argparse does."""
+
+    def __init__(self, message: str, *, usage: str, prog: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.prog = prog
+
+    def report(self) -> str:
+        """argparse's own wording: the usage, then ``PROG: error: MESSAGE``."""
+        return f"{self.usage}{self.prog}: error: {self}\n"
+
+
 class ConnectError(QmpBackupError):
     """QMP/agent socket missing, not QMP, refused or busy; or qemu-storage-daemon cannot open an --image."""
 

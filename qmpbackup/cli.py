@@ -30,6 +30,7 @@ from libqmpbackup.json_output import JsonResult, add_json_option
 from libqmpbackup.qemu.devices import discover
 from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.runner import (
+    ArgumentParser,
     Command,
     CommandResult,
     add_logging_options,
@@ -104,7 +105,7 @@ def _refuse_offline(args: argparse.Namespace, *options: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qmpbackup",
         description="Full and incremental backups of QEMU VMs over QMP: running (--socket), "
                     "or shut down (--image, through qemu-storage-daemon).",
