@@ -265,7 +265,7 @@ def test_missing_socket_and_not_a_socket(cli, tmp_path: Path) -> None:
 
 
 def test_busy_socket_times_out_with_a_clear_message(cli, vm: TestVM) -> None:
-    from tests.vm import harness_qmp
+    from harness.qemu_vm import harness_qmp
     holder = harness_qmp(vm.tool_socket)
     holder.connect()
     try:

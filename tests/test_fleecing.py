@@ -16,6 +16,7 @@ from typing import Iterator
 
 import pytest
 
+from harness.slowfs import SlowFS
 from tests.helpers import (
     DIRTY,
     DISKS,
@@ -31,7 +32,6 @@ from tests.helpers import (
     start_backup,
     tool_bitmaps,
 )
-from tests.slowfs import SlowFS
 from tests.vm import MiB, TestVM, identical
 
 pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
