@@ -33,6 +33,7 @@ def fault_disks() -> list[Disk]:
     return [Disk("virtio0", "virtio", "qcow2", 64 * MiB),
             Disk("data1", "blockdev", "qcow2", 8 * MiB)]
 
+
 DISKS = ("virtio0", "data1")
 
 
@@ -69,7 +70,6 @@ class CliResult:
 
 
 # -- running the tool ---------------------------------------------------------------------
-
 
 def backup(cli, vm: Any, target: Path, level: str, *extra: object,
            head: Sequence[object] = ()) -> CliResult:
@@ -138,7 +138,6 @@ def kill_and_let_qemu_finish(vm: TestVM, proc: subprocess.Popen) -> None:
 
 # -- reading a backup folder --------------------------------------------------------------
 
-
 def metadata(root: Path, name: str = "qmpbackup.json") -> dict:
     """The folder's chain metadata (or a disk folder's NAME); none yet: no chains."""
     path = root / name
@@ -201,7 +200,6 @@ def snapshot_tags(image: Path) -> list[str]:
 
 
 # -- QEMU's state and what every fault case checks ----------------------------------------
-
 
 def node_of(vm: TestVM, device: str) -> str:
     return next(b["inserted"]["node-name"] for b in vm.cmd("query-block") if b["device"] == device)
