@@ -17,14 +17,13 @@ import argparse
 import asyncio
 import contextlib
 import inspect
-import io
 import logging
 import os
 import signal
 import sys
-from typing import Any, Awaitable, Callable, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, NoReturn, Optional, Sequence, Union
 
-from libqmpbackup.errors import Interrupted, QmpBackupError, UsageError
+from libqmpbackup.errors import CommandLineError, Interrupted, QmpBackupError
 from libqmpbackup.json_output import Document, JsonResult, error_document, json_stdout, wants_json
 from libqmpbackup.logsetup import configure
 from libqmpbackup.units import parse_size
@@ -152,21 +151,37 @@ def _dispatch(command: Command, args: argparse.Namespace) -> CommandResult:
             signal.signal(signum, handler)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises its errors as :class:`CommandLineError` instead of exiting.
+
+    The runner maps that like any other error (exit 2, the ``--json`` error
+    document) from the exception itself; argparse's own ``error()`` prints and
+    calls ``sys.exit``, which left only its stderr to read the message from.
+    Subcommand parsers are made of the same class (argparse's default).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(message, usage=self.format_usage(), prog=self.prog)
+
+
 def _parse(parser: argparse.ArgumentParser,
-           argv: list[str]) -> Union[argparse.Namespace, UsageError]:
-    """The parsed ARGV, or the usage error argparse reported (already shown on stderr)."""
-    captured = io.StringIO()
+           argv: list[str]) -> Union[argparse.Namespace, int]:
+    """The parsed ARGV, or the exit code of a command line that runs nothing.
+
+    That is a usage error (printed as argparse prints it, plus the ``--json``
+    error document), or ``--help``/``--version``, which argparse prints and
+    ends with ``parser.exit()``.
+    """
     try:
-        with contextlib.redirect_stderr(captured):
-            return parser.parse_args(argv)
+        return parser.parse_args(argv)
+    except CommandLineError as err:
+        sys.stderr.write(err.report())
+        if wants_json(None, argv):
+            with json_stdout() as out:
+                out.write(error_document(err.exit_code, str(err)))
+        return err.exit_code
     except SystemExit as exit_:
-        error = UsageError(next((line.split(": error: ", 1)[1]
-                                 for line in reversed(captured.getvalue().splitlines())
-                                 if ": error: " in line), "invalid command line"))
-        error.exit_code = exit_.code if isinstance(exit_.code, int) else 2
-        return error
-    finally:
-        sys.stderr.write(captured.getvalue())
+        return exit_.code if isinstance(exit_.code, int) else 2
 
 
 def _outcome(command_of: Callable[[argparse.Namespace], Command], args: argparse.Namespace,
@@ -200,11 +215,8 @@ def run(parser: argparse.ArgumentParser, command_of: Callable[[argparse.Namespac
     """Parse ARGV, run the chosen command, and map its outcome to an exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     parsed = _parse(parser, arguments)
-    if isinstance(parsed, UsageError):
-        if parsed.exit_code and wants_json(None, arguments):
-            with json_stdout() as out:
-                out.write(error_document(parsed.exit_code, str(parsed)))
-        return parsed.exit_code
+    if isinstance(parsed, int):
+        return parsed
     if not wants_json(parsed, None):
         return _outcome(command_of, parsed, name)[0]
     with json_stdout() as out:

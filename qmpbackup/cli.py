@@ -13,7 +13,7 @@ from libqmpbackup.backup import fleecing, offload
 from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
 from libqmpbackup.backup.image_disks import ImageSpec, chain_stores, daemon_images, parse_image_spec
 from libqmpbackup.backup.jobs import AIO_MODES
-from libqmpbackup.backup.plan import LEVELS, BackupOptions
+from libqmpbackup.backup.plan import LEVELS, BackupOptions, level_help
 from libqmpbackup.backup.progress import LOG_INTERVAL
 from libqmpbackup.backup.quiesce import check_quiesce_options
 from libqmpbackup.backup.run import run_backup
@@ -30,6 +30,7 @@ from libqmpbackup.json_output import JsonResult, add_json_option
 from libqmpbackup.qemu.devices import discover
 from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.runner import (
+    ArgumentParser,
     Command,
     CommandResult,
     add_logging_options,
@@ -104,7 +105,7 @@ def _refuse_offline(args: argparse.Namespace, *options: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qmpbackup",
         description="Full and incremental backups of QEMU VMs over QMP: running (--socket), "
                     "or shut down (--image, through qemu-storage-daemon).",
@@ -129,10 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_logging_options(backup, after_command=True)
     backup.add_argument("-l", "--level", required=True, choices=LEVELS,
-                        help="full: new chain in an empty folder; inc: changes since the last "
-                             "backup of the chain; diff: changes since the chain's FULL; "
-                             "auto: full when needed, else inc; "
-                             "copy: standalone full copy, no bitmap")
+                        help=level_help())
     backup.add_argument("-t", "--target", required=True, type=Path, metavar="DIR",
                         help="backup folder (holds one chain, or one per month with --monthly)")
     backup.add_argument("--uuid", metavar="ID",

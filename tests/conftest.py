@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -12,28 +11,8 @@ import pytest
 
 from libqmpbackup.store import locks
 from tests.guestvm import GuestImages, GuestUnavailable, ensure_guest
+from tests.helpers import CliResult, fault_disks
 from tests.vm import TestVM, default_disks
-
-
-@dataclass
-class CliResult:
-    rc: int
-    out: str
-    err: str
-
-    def ok(self) -> CliResult:
-        assert self.rc == 0, f"rc={self.rc}\nstdout:\n{self.out}\nstderr:\n{self.err}"
-        return self
-
-    def failed(self, rc: int, *fragments: str) -> CliResult:
-        """A clean failure: the documented code, the message, one error line, no traceback."""
-        assert self.rc == rc, f"rc={self.rc} (want {rc})\nstderr:\n{self.err}"
-        assert "Traceback" not in self.err, self.err
-        errors = [line for line in self.err.splitlines() if ": error: " in line]
-        assert len(errors) == 1, self.err
-        for fragment in fragments:
-            assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
-        return self
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -93,3 +72,21 @@ def system_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(locks, "RUN_LOCK", run_lock, raising=False)   # the old places
     monkeypatch.setattr("tempfile.tempdir", str(tmp))
     return run
+
+
+@pytest.fixture
+def fvm(tmp_path: Path) -> Iterator[TestVM]:
+    """The fault matrix's VM: one disk big enough for a slow job, one small."""
+    with TestVM(tmp_path / "img", fault_disks()) as machine:
+        yield machine
+
+
+@pytest.fixture
+def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VM locks of these runs (in-process and subprocesses alike) in the test's folder.
+
+    Killed runs leave their lock files by design; they belong in tmp_path,
+    not in the host's /run/lock.  Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("private_lock_dir")``.
+    """
+    monkeypatch.setenv(locks.LOCK_DIR_ENV, str(tmp_path / "locks"))

@@ -34,9 +34,9 @@ from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from harness.qemu_vm import die_with_parent, harness_qmp
 from libqmpbackup.errors import AgentError, ConnectError
 from libqmpbackup.qemu.agent import GuestAgent
-from tests.vm import die_with_parent, harness_qmp
 
 log = logging.getLogger(__name__)
 

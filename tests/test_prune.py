@@ -23,17 +23,13 @@ import pytest
 
 from libqmpbackup.errors import Interrupted
 from libqmpbackup.store.journal import Journal
-from libqmpbackup.store.locks import LOCK_DIR_ENV, chain_lock
+from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
 from libqmpbackup.store.names import point_label
-from tests.test_faults import finished, start_backup
-from tests.test_json import documented, key_paths
+from tests.helpers import documented, finished, key_paths, start_backup
 from tests.vm import Disk, MiB, TestVM, identical
 
-
-@pytest.fixture(autouse=True)
-def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
+pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
 
 
 def prune(cli, target: Path, keep: object, *extra: object, socket: str = ""):

@@ -25,9 +25,11 @@ from libqmpbackup.qemu import qemuimg
 from libqmpbackup.store import digests
 from libqmpbackup.store.locks import LOCK_DIR_ENV
 from libqmpbackup.store.names import DISK_METADATA_NAME, JOURNAL_NAME, LOCK_NAME, METADATA_NAME
-from qmpbackup.cli import main as qmpbackup_main
+from tests.helpers import run_backup
 from tests.hostile import NOBODY, blocked_writer
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
+
+pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
 
 DISK = "virtio0"
 
@@ -69,17 +71,6 @@ def one_disk() -> list[Disk]:
     return [Disk(DISK, "virtio", "qcow2", 8 * MiB)]
 
 
-def backup(vm: TestVM, target: Path, level: str) -> None:
-    rc = qmpbackup_main(["--socket", vm.tool_socket, "--quiet", "backup", "--level", level,
-                         "--target", str(target), "--no-progress"])
-    assert rc == 0, f"backup {level} into {target} failed"
-
-
-@pytest.fixture(autouse=True)
-def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     """FULL + 2 INCs of one qcow2 disk, built once; tests work on copies."""
@@ -92,7 +83,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
             for point, level in enumerate(("full", "inc", "inc")):
                 vm.write(DISK, 0x41 + point, point * MiB, 512 * 1024)
                 built.refs.append(vm.reference(DISK, base / f"ref{point}.raw"))
-                backup(vm, built.root, level)
+                run_backup(vm, built.root, level)
     finally:
         if old is None:
             os.environ.pop(LOCK_DIR_ENV, None)
@@ -236,11 +227,11 @@ def test_backup_run_refuses_planted_lock_symlink_and_symlinked_folders(
     before, stray_before = victim.state(), stray.state()
     target = tmp_path / "backup"
     with TestVM(tmp_path / "vm", one_disk()) as vm:
-        backup(vm, target, "full")
+        run_backup(vm, target, "full")
 
         # leftover cleanup never follows a symlinked folder
         (target / "evil").symlink_to(outside)
-        backup(vm, target, "inc")
+        run_backup(vm, target, "inc")
         assert stray.state() == stray_before
 
         lock = target / ".qmpbackup.lock"

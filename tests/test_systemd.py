@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from libqmpbackup.store.locks import LOCK_DIR_ENV
-from tests.test_faults import fault_disks
+from tests.helpers import fault_disks
 from tests.vm import MiB, TestVM, identical
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,6 +26,7 @@ from libqmpbackup.store.names import (
     METADATA_NAME,
     PARTIAL_SUFFIX,
     RESERVED_FILE_NAMES,
+    Level,
     backup_file_name,
     bitmap_name,
     image_name,
@@ -36,7 +37,14 @@ from libqmpbackup.store.names import (
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("full", "inc", "diff", "auto", "copy")
+AUTO_LEVEL = "auto"   # a --level choice, not a level: full or inc, decided by the run
+LEVELS = (Level.FULL.value, Level.INC.value, Level.DIFF.value, AUTO_LEVEL, Level.COPY.value)
+
+
+def level_help() -> str:
+    """``--level``'s help: each choice with its one description (store.names.LEVEL_DESCRIPTIONS)."""
+    return "; ".join(f"{choice}: " + ("full when needed, else inc" if choice == AUTO_LEVEL
+                                       else Level(choice).description) for choice in LEVELS)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from qemu.qmp import (
     StateError,
 )
 
-from libqmpbackup.errors import ConnectError, JobError, UsageError, VMGoneError
+from libqmpbackup.errors import CommandRefused, ConnectError, UsageError, VMGoneError
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ class EventStream:
         return [QmpEvent.of(m) for m in self._listener.clear()]
 
 
-class QmpCommandError(JobError):
-    """QEMU answered a command with an error."""
+class QmpCommandError(CommandRefused):
+    """QEMU answered a command with an error; the layer that sent it decides what that means."""
 
     def __init__(self, command: str, error_class: str, desc: str) -> None:
         super().__init__(f"QEMU refused {command}: {desc}")

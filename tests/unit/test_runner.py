@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import signal
 from typing import Optional
 
 import pytest
 
+from libqmpbackup.errors import UsageError
 from libqmpbackup.runner import add_logging_options, run
 
 
@@ -50,3 +52,20 @@ def test_sighup_cancels_the_asynchronous_command_and_its_cleanup_completes() -> 
 
     assert run(parser(), lambda _args: lambda _a: command(), [], "test") == 129
     assert cleaned == ["done"]
+
+
+@pytest.mark.parametrize("build, argv, prog, message", [
+    ("qmpbackup", ["backup", "--level", "x", "--target", "t"], "qmpbackup backup",
+     "argument -l/--level: invalid choice: 'x'"),
+    ("qmpbackup", [], "qmpbackup", "the following arguments are required: COMMAND"),
+    ("qmprestore", ["merge", "--dir", "d"], "qmprestore merge",
+     "one of the arguments --targetfile --targetdir is required"),
+])
+def test_the_parsers_raise_the_usage_error_itself(build: str, argv: list[str], prog: str,
+                                                  message: str) -> None:
+    """No scraping of argparse's stderr: the parser (and each subcommand's) raises UsageError."""
+    built = importlib.import_module(f"{build}.cli").build_parser()
+    with pytest.raises(UsageError) as info:
+        built.parse_args(argv)
+    assert info.value.exit_code == 2 and str(info.value).startswith(message)
+    assert info.value.lines() == [str(info.value)] and vars(info.value).get("prog") == prog
