@@ -23,28 +23,10 @@ import pytest
 
 from libqmpbackup.store.locks import LOCK_DIR_ENV
 from qmpbackup.cli import main as qmpbackup_main
+from tests.hostile import NOBODY, Victim, as_nobody
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
 
 DISK = "virtio0"
-NOBODY = 65534
-
-
-@dataclass
-class Victim:
-    """A host file outside the backup folder; what must never change about it."""
-
-    path: Path
-
-    @classmethod
-    def make(cls, path: Path, content: bytes = b"precious host data\n") -> Victim:
-        path.write_bytes(content)
-        path.chmod(0o640)
-        return cls(path)
-
-    def state(self) -> tuple[object, ...]:
-        info = os.lstat(self.path)
-        return (file_digest(self.path), info.st_size, stat.S_IMODE(info.st_mode),
-                stat.S_IFMT(info.st_mode))
 
 
 @dataclass
@@ -96,12 +78,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         else:
             os.environ[LOCK_DIR_ENV] = old
     yield built
-
-
-def as_nobody(*argv: str) -> None:
-    """Run ARGV as an unprivileged user: the attacker who can write the shared folder."""
-    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                    *argv], check=True)
 
 
 RESTORE_COMMANDS: list[Callable[[Path, Path], list[object]]] = [

@@ -25,8 +25,9 @@ FORBIDDEN = {
     # restores work on files only: no QMP client, no backup run
     "restore": ("libqmpbackup.backup", "libqmpbackup.qemu.qmp", "libqmpbackup.qemu.agent",
                 "qemu.qmp"),
-    # the backup side never depends on how restores read folders
-    "backup": ("libqmpbackup.restore",),
+    # the backup side never depends on how restores read folders, and never calls back into
+    # the runner: a run returns what it recorded
+    "backup": ("libqmpbackup.restore", "libqmpbackup.runner"),
     # talking to QEMU knows nothing of runs or restores
     "qemu": ("libqmpbackup.backup", "libqmpbackup.restore"),
     # the backup folder serves both sides and never loads the QMP client
