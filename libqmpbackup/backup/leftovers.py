@@ -47,7 +47,8 @@ async def clean_vm(session: QmpSession, disks: list[BlockDevice],
     """
     await resume_after_killed_run(session)
     jobs = await _clean_jobs(session)
-    nodes = [*await fleecing.clean_leftovers(session, disks), *await _clean_nodes(session)]
+    nodes = [*await fleecing.clean_leftovers(session, disks), *await _clean_nodes(session),
+             *await _clean_fdsets(session)]
     steps = bitmaps.recovery_steps(disks)
     for step in steps:
         if await bitmaps.try_transaction(session, step.actions, f"settle bitmaps of an "
@@ -83,6 +84,19 @@ async def _clean_nodes(session: QmpSession) -> list[str]:
         if await remove_node(session, node):
             log.warning("removed block node %s of an interrupted run", node)
     return nodes
+
+
+async def _clean_fdsets(session: QmpSession) -> list[str]:
+    """The fdsets of a killed run's targets (their opaque is the node name, qmpbackup-…)."""
+    if not session.has_guest:
+        return []    # a qemu-storage-daemon has no fdsets (and lives only as long as its run)
+    stale = [fdset["fdset-id"] for fdset in await session.execute("query-fdsets")
+             if any(str(fd.get("opaque", "")).startswith(TOOL_PREFIX)
+                    for fd in fdset.get("fds", []))]
+    for fdset in stale:
+        if await session.remove_fdset(fdset):
+            log.warning("removed fdset %s of an interrupted run", fdset)
+    return [f"fdset {fdset}" for fdset in stale]
 
 
 def clean_target(root: Path) -> None:
