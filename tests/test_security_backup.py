@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,30 @@ def test_image_named_like_the_intent_record_keeps_the_full_it_recorded(
     assert len(files) == 1 and files[0].name != "qmpbackup-intent.json"
     assert files[0].is_file(), f"the recorded FULL {files[0].name} is gone"
     assert identical(files[0], reference)
+
+
+# -- QMP over tcp: carries no descriptors, so QEMU gets names only in private folders ---------
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_tcp_qmp_writes_only_into_folders_no_other_user_can_change(cli, tmp_path: Path) -> None:
+    address = f"tcp:127.0.0.1:{free_port()}"
+    shared = user_owned_target(tmp_path)
+    private = tmp_path / "private"
+    with TestVM(tmp_path / "vm", [Disk(DISK, "virtio", "qcow2", 8 * MiB)],
+                extra_args=("-qmp", f"{address},server=on,wait=off")) as vm:
+        vm.write(DISK, 0x71, 0, MiB)
+        reference = vm.reference(DISK, tmp_path / "ref.raw")
+        for target in (shared, shared / "sub"):
+            cli("qmpbackup", "--socket", address, "backup", "--level", "full", "--target",
+                target, "--no-progress").failed(5, "owned by uid 65534", "tcp:")
+        assert sorted(os.listdir(shared)) == [DISK] and os.listdir(shared / DISK) == []
+        cli("qmpbackup", "--socket", address, "backup", "--level", "full", "--target",
+            private, "--no-progress").ok()
+        assert vm.tool_leftovers() == []
+    (full,) = recorded(private)
+    assert identical(full, reference)

@@ -27,7 +27,7 @@ QMP over ``tcp:`` cannot carry descriptors (SCM_RIGHTS needs a unix socket):
 QEMU then opens the ``.partial`` by name.  That is allowed only where nobody
 but root and this user can change a name on the way (:func:`require_private`):
 the chain folder and its disk folders (checked on their descriptors) and every
-folder above them; else the run is refused (exit 5) before anything is created.
+folder above them; else the run is refused (exit 5) before any backup file is created.
 """
 
 from __future__ import annotations
