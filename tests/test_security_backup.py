@@ -98,8 +98,9 @@ def test_forged_intent_through_a_symlinked_folder_deletes_nothing_outside(
         (target / "evil").symlink_to(outside)
         (target / "qmpbackup-intent.json").write_text(
             json.dumps({"time": 1, "files": ["evil/FULL-1-host.qcow2"]}))
-        backup(cli, vm, target, "inc").failed(6, "evil", "is a symlink, not a folder")
+        result = backup(cli, vm, target, "inc")
         assert victim.state() == before
+        result.failed(6, "evil", "is a symlink, not a folder")
         assert vm.tool_leftovers() == []
     assert all(path.is_file() for path in recorded(target))
 

@@ -52,3 +52,14 @@ def test_shared_modules_import_no_side() -> None:
               if name.startswith(("libqmpbackup.backup", "libqmpbackup.restore", "qemu.qmp",
                                   "libqmpbackup.qemu.qmp"))}
     assert not broken
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_every_module_stays_readable_in_one_sitting() -> None:
+    """Modules <= 400 lines: past that a module does more than one thing (split it by concern)."""
+    long = {f"{path.relative_to(PACKAGE.parent)}: {lines} lines"
+            for path in sorted(PACKAGE.rglob("*.py"))
+            if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long
