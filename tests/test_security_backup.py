@@ -14,12 +14,13 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from libqmpbackup.store.locks import LOCK_DIR_ENV
 from tests.hostile import NOBODY, Swapper, Victim
-from tests.vm import Disk, MiB, TestVM, identical
+from tests.vm import Disk, MiB, TestVM, identical, run
 
 DISK = "virtio0"
 
@@ -53,13 +54,8 @@ def user_owned_target(tmp_path: Path) -> Path:
 
 # -- finding 3: the new .partial swapped right after it was created ----------------------------
 
-@pytest.mark.parametrize("swap", ["symlink", "readable file"])
-def test_partial_swapped_after_creation_is_neither_written_nor_published(
-        cli, tmp_path: Path, swap: str) -> None:
-    victim = Victim.make(tmp_path / "victim.conf")
-    before = victim.state()
-    target = user_owned_target(tmp_path)
-
+def swapped_in(swap: str, victim: Victim) -> Callable[[Path], None]:
+    """What the user puts where the new .partial was: a symlink to a host file, or their file."""
     def replace(path: Path) -> None:
         if swap == "symlink":
             path.symlink_to(victim.path)
@@ -67,21 +63,52 @@ def test_partial_swapped_after_creation_is_neither_written_nor_published(
             path.touch(mode=0o644)
             os.chown(path, NOBODY, NOBODY)
             os.link(path, path.with_name(path.name + ".copy.stolen"))   # kept by the user
+    return replace
 
+
+def assert_nothing_leaked_or_published(target: Path) -> None:
+    for entry in os.scandir(target / DISK):
+        info = entry.stat(follow_symlinks=False)
+        if info.st_uid != 0 or info.st_mode & 0o044:
+            assert info.st_size == 0 or entry.is_symlink(), f"{entry.name} got the disk"
+        assert entry.name.endswith((".partial", ".stolen")), f"{entry.name} was published"
+    assert not (target / "qmpbackup.json").exists() or recorded(target) == []
+
+
+@pytest.mark.parametrize("swap", ["symlink", "readable file"])
+def test_partial_swapped_after_creation_is_neither_written_nor_published(
+        cli, tmp_path: Path, swap: str) -> None:
+    victim = Victim.make(tmp_path / "victim.conf")
+    before = victim.state()
+    target = user_owned_target(tmp_path)
     with TestVM(tmp_path / "vm", [Disk(DISK, "virtio", "qcow2", 8 * MiB)]) as vm:
         vm.write(DISK, 0x5A, 0, MiB)
-        with Swapper(target / DISK, replace) as swapper:
+        with Swapper(target / DISK, swapped_in(swap, victim)) as swapper:
             result = backup(cli, vm, target, "full")
         assert swapper.swapped, "the watcher never saw the .partial"
         assert victim.state() == before
-        for entry in os.scandir(target / DISK):
-            info = entry.stat(follow_symlinks=False)
-            if info.st_uid != 0 or info.st_mode & 0o044:
-                assert info.st_size == 0 or entry.is_symlink(), f"{entry.name} got the disk"
-            assert entry.name.endswith((".partial", ".stolen")), f"{entry.name} was published"
+        assert_nothing_leaked_or_published(target)
         result.failed(6, "was replaced")
         assert vm.tool_leftovers() == [], "no node, job or fdset stays in QEMU"
-    assert not (target / "qmpbackup.json").exists() or recorded(target) == []
+
+
+@pytest.mark.parametrize("swap", ["symlink", "readable file"])
+def test_offline_partial_swap_is_neither_written_nor_published(
+        cli, tmp_path: Path, swap: str) -> None:
+    """--image: the private qemu-storage-daemon, too, writes only the file the run created."""
+    victim = Victim.make(tmp_path / "victim.conf")
+    before = victim.state()
+    target = user_owned_target(tmp_path)
+    image = tmp_path / "disk.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(8 * MiB)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", str(image)])
+    with Swapper(target / DISK, swapped_in(swap, victim)) as swapper:
+        result = cli("qmpbackup", "--image", f"{DISK}={image}", "backup", "--level", "full",
+                     "--target", target, "--no-progress")
+    assert swapper.swapped, "the watcher never saw the .partial"
+    assert victim.state() == before
+    assert_nothing_leaked_or_published(target)
+    result.failed(6, "was replaced")
 
 
 # -- finding 1: the intent record names a file behind a symlinked folder -----------------------
