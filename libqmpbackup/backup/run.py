@@ -185,7 +185,8 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
     tag = new_run_tag()
     copy_path = await _copy_path(session, plan, opts)   # may refuse: before anything exists
     with TargetFiles(jobs=plan.jobs, root=plan.root, recorded=plan.chain is not None,
-                     names_for_qemu=not session.passes_fds) as files:
+                     names_for_qemu=not session.passes_fds,
+                     month_base=opts.target if opts.monthly else None) as files:
         async with contextlib.AsyncExitStack() as undo:
             undo.callback(files.discard)
             targets = []

@@ -40,6 +40,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from libqmpbackup.backup.jobs import BackupJob, TargetIO, add_target_node, remove_node
 from libqmpbackup.backup.run_steps import reached
@@ -90,12 +91,17 @@ class TargetFiles:
     root: Path                  # the chain folder (--target or its month): the admin's path
     recorded: bool = True       # False: nothing is recorded, so no intent record
     names_for_qemu: bool = False   # tcp: QMP, QEMU opens names (see the module docstring)
+    month_base: Optional[Path] = None   # --monthly: ROOT is a folder below it, never a symlink
     targets: list[Target] = field(default_factory=list)
     created_folders: list[str] = field(default_factory=list)
     folders: dict[str, Folder] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        top = Folder.open_root(self.root)
+        if self.month_base is None:
+            top = Folder.open_root(self.root)
+        else:
+            with Folder.open_root(self.month_base) as base:
+                top = base.sub(self.root.name, "month folder")
         self.folders[""] = top
         if self.names_for_qemu:
             try:

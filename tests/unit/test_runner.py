@@ -10,6 +10,7 @@ from typing import Optional
 
 import pytest
 
+from libqmpbackup.backup.run_steps import finish_regardless
 from libqmpbackup.runner import add_logging_options, run
 
 
@@ -50,3 +51,23 @@ def test_sighup_cancels_the_asynchronous_command_and_its_cleanup_completes() -> 
 
     assert run(parser(), lambda _args: lambda _a: command(), [], "test") == 129
     assert cleaned == ["done"]
+
+
+def test_a_signal_after_the_record_lets_the_run_finish_and_exit_0(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The run absorbs a cancellation once recorded; the runner learns it from the result."""
+    finished: list[str] = []
+
+    async def after_commit() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.05)                 # the signal arrives while this step awaits
+        finished.append("cleanup")
+
+    async def command() -> Optional[int]:
+        await finish_regardless(after_commit())
+        finished.append("returned")
+        return 0
+
+    assert run(parser(), lambda _args: lambda _a: command(), [], "test") == 0
+    assert finished == ["cleanup", "returned"]
+    assert "received SIGTERM after the backup was recorded" in capsys.readouterr().err
