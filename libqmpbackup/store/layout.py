@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Optional
@@ -66,20 +67,22 @@ def is_empty_dir(root: Path) -> bool:
     """True when ROOT holds nothing but (maybe) its lock file and empty disk folders.
 
     An empty folder is what a run killed while undoing its first full may
-    leave; it holds no backup, so it must not block the next full.
+    leave; it holds no backup, so it must not block the next full.  Read
+    through the folder's descriptor; a symlinked disk folder counts as content.
     """
-    def holds_something(path: Path) -> bool:
-        if path.name == LOCK_NAME:
-            return False
-        if path.is_dir() and not path.is_symlink():
-            return any(path.iterdir())
+    if not os.path.lexists(root):
         return True
-    try:
-        return not any(holds_something(p) for p in root.iterdir())
-    except FileNotFoundError:
-        return True
-    except OSError as err:
-        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+    with Folder.open_root(root) as top:
+        for name in top.names():
+            info = top.entry(name)
+            if name == LOCK_NAME or info is None:
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                return False
+            with top.sub(name) as folder:
+                if folder.names():
+                    return False
+    return True
 
 
 def disk_folders(root: Path) -> list[Path]:
