@@ -6,7 +6,8 @@ The order of steps is what keeps data safe:
 2. under the VM lock (taken by the caller) and the chain lock: remove what an
    interrupted run left (:mod:`leftovers`) and the files an interrupted prune
    had already dropped from the metadata (:mod:`libqmpbackup.store.prune`);
-3. create ``.partial`` targets and open them in QEMU;
+3. create ``.partial`` targets and hand them to QEMU as descriptors, never by
+   name (:mod:`targets`: a user who can write the folder cannot redirect them);
 4. in one transaction: add missing chain bitmaps and the auxiliary bitmaps
    that keep the changes since the last commit (:class:`bitmaps.RunBitmaps`);
 5. with ``--fleecing``, switch the devices onto their fleecing filters (the
@@ -15,7 +16,8 @@ The order of steps is what keeps data safe:
    switch the devices back;
 6. only after all jobs succeeded: close the targets, hash them (checksums for
    the metadata), announce the renames in the intent record, rename, commit
-   the metadata, then drop the intent record and the auxiliary bitmaps.
+   the metadata, then drop the intent record and the auxiliary bitmaps; a
+   signal after the commit no longer fails the run (the result is returned).
 
 Every step registers its undo; on any failure or signal the undo runs in
 reverse, so QEMU is left without our nodes and jobs, the folder without
