@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import sys
-import traceback
 from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 
 from libqmpbackup.errors import Interrupted, QmpBackupError, UsageError
@@ -168,12 +167,12 @@ def _outcome(command_of: Callable[[argparse.Namespace], Command], args: argparse
     except QmpBackupError as err:
         for line in err.lines():
             log.error("%s", line)
-        log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
+        log.debug("where it failed:", exc_info=True)
         return err.exit_code, {**(err.document or {}), **error_document(err.exit_code, str(err))}
     except Exception as err:  # the last line of defence: never a traceback by default
         message = f"unexpected {type(err).__name__}: {err}"
         log.error("%s (run with --debug for details)", message)
-        log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
+        log.debug("where it failed:", exc_info=True)
         return 1, error_document(1, message)
     if isinstance(result, JsonResult):
         return result.exit_code, result.document

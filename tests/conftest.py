@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from libqmpbackup.store import locks
 from tests.guestvm import GuestImages, GuestUnavailable, ensure_guest
 from tests.vm import TestVM, default_disks
 
@@ -78,3 +79,17 @@ def vm(tmp_path: Path) -> Iterator[TestVM]:
     """A running VM with the default disk zoo (qcow2 virtio/ide/-blockdev, raw, pflash)."""
     with TestVM(tmp_path / "vm-images", default_disks()) as machine:
         yield machine
+
+
+@pytest.fixture
+def system_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """/run, /run/lock and /tmp as they are on a host, moved below TMP_PATH; no explicit lock dir."""
+    run, run_lock, tmp = tmp_path / "run", tmp_path / "run" / "lock", tmp_path / "tmp"
+    for folder, mode in ((run, 0o755), (run_lock, 0o1777), (tmp, 0o1777)):
+        folder.mkdir()
+        folder.chmod(mode)
+    monkeypatch.delenv(locks.LOCK_DIR_ENV, raising=False)
+    monkeypatch.setattr(locks, "RUN_DIR", run, raising=False)
+    monkeypatch.setattr(locks, "RUN_LOCK", run_lock, raising=False)   # the old places
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    return run

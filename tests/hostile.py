@@ -1,12 +1,14 @@
 """What the attacker of the security tests does: an unprivileged user who can write the folder.
 
 Shared by the hostile tests (tests/test_security*.py): the host files that
-must never change (:class:`Victim`), running a command as that user, and a
-watcher that swaps a file the tool has just created (:class:`Swapper`).
+must never change (:class:`Victim`), running a command as that user, a FIFO
+nobody may open (:class:`BlockedWriter`), and a watcher that swaps a file the
+tool has just created (:class:`Swapper`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -15,11 +17,12 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from tests.vm import file_digest
 
 NOBODY = 65534
+"""The unprivileged user who can write the shared folder."""
 IN_CREATE = 0x100
 IN_NONBLOCK = os.O_NONBLOCK
 
@@ -100,3 +103,38 @@ class Swapper:
                         continue
                     self.replace(path)
                     self.swapped.append(name)
+
+
+class BlockedWriter(threading.Thread):
+    """A thread opening a FIFO for writing: it blocks until somebody opens the FIFO to read.
+
+    Still blocked after a command ran means the command never opened the FIFO.
+    """
+
+    def __init__(self, fifo: Path) -> None:
+        super().__init__(daemon=True)
+        self.fifo = fifo
+        self.fd = -1
+
+    def run(self) -> None:
+        self.fd = os.open(self.fifo, os.O_WRONLY)
+
+    def still_blocked(self) -> bool:
+        self.join(0.5)      # a writer that was let through needs a moment to return
+        return self.is_alive()
+
+
+@contextlib.contextmanager
+def blocked_writer(fifo: Path) -> Iterator[BlockedWriter]:
+    """A :class:`BlockedWriter` on FIFO; on the way out the FIFO is opened here to let it finish."""
+    writer = BlockedWriter(fifo)
+    writer.start()
+    assert writer.still_blocked()
+    try:
+        yield writer
+    finally:
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(10)
+        os.close(reader)
+        if writer.fd >= 0:
+            os.close(writer.fd)

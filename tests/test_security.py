@@ -21,9 +21,12 @@ from typing import Callable, Iterator
 
 import pytest
 
+from libqmpbackup.qemu import qemuimg
+from libqmpbackup.store import digests
 from libqmpbackup.store.locks import LOCK_DIR_ENV
+from libqmpbackup.store.names import DISK_METADATA_NAME, JOURNAL_NAME, LOCK_NAME, METADATA_NAME
 from qmpbackup.cli import main as qmpbackup_main
-from tests.hostile import NOBODY, Victim, as_nobody
+from tests.hostile import NOBODY, Victim, as_nobody, blocked_writer
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
 
 DISK = "virtio0"
@@ -116,8 +119,88 @@ def test_foreign_owned_lock_file_is_refused(cli, chain: Chain, tmp_path: Path) -
     lock = folder.parent / ".qmpbackup.lock"
     lock.write_text("1 planted\n")
     os.chown(lock, NOBODY, NOBODY)
-    cli("qmprestore", "rebase", "--dir", folder).failed(6, "belongs to uid 65534")
+    cli("qmprestore", "rebase", "--dir", folder).failed(6, "owned by uid 65534")
     assert lock.read_text() == "1 planted\n"
+
+
+def test_a_hard_link_to_a_host_file_as_lock_file_is_refused_and_never_written(
+        cli, chain: Chain, tmp_path: Path) -> None:
+    """Issue 20, finding 7: where protected_hardlinks is off a user links a root-owned file there."""
+    victim = Victim.make(tmp_path / "root-owned.conf")
+    before = victim.state()
+    folder = chain.copy(tmp_path / "c")
+    os.link(victim.path, folder.parent / LOCK_NAME)
+    for command in ("rebase", "commit", "snapshotrebase"):
+        cli("qmprestore", command, "--dir", folder).failed(6, LOCK_NAME, "2 hard links")
+    assert victim.state() == before
+    assert (folder.parent / LOCK_NAME).stat().st_ino == victim.path.stat().st_ino
+
+
+FOLDER_FILES = [("disk folder", JOURNAL_NAME, ("verify", "merge", "commit")),
+                ("disk folder alone", DISK_METADATA_NAME, ("verify", "merge")),
+                ("chain folder", METADATA_NAME, ("verify", "merge")),
+                ("chain folder", LOCK_NAME, ("rebase", "commit"))]
+
+
+@pytest.mark.parametrize("where, name, commands", FOLDER_FILES,
+                         ids=[name for _, name, _ in FOLDER_FILES])
+def test_a_fifo_named_like_a_folder_file_is_refused_without_being_opened(
+        cli, chain: Chain, tmp_path: Path, where: str, name: str,
+        commands: tuple[str, ...]) -> None:
+    """Issue 20, finding 11: opening a FIFO or device at all (O_NONBLOCK or not) is a side effect.
+
+    A writer blocked on the FIFO is let through by the first reader: still
+    blocked after each command means no command opened it.
+    """
+    folder = chain.copy(tmp_path / "c")
+    if where == "disk folder alone":      # copied on its own: it has only its own records
+        folder = Path(shutil.copytree(folder, tmp_path / "alone", symlinks=True))
+    place = folder.parent if where == "chain folder" else folder
+    fifo = place / name
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    with blocked_writer(fifo) as writer:
+        for command in commands:
+            extra = ("--targetfile", tmp_path / "restored.qcow2") if command == "merge" else ()
+            given = place if name == METADATA_NAME else folder
+            result = cli("qmprestore", command, "--dir", given, *extra)
+            assert writer.still_blocked(), f"qmprestore {command} opened the FIFO {name}"
+            if name in (JOURNAL_NAME, LOCK_NAME):
+                result.failed(6, name, "a FIFO")
+            else:
+                # the folder probe (restore/folder.py, stat without opening) takes metadata
+                # that is no regular file as absent: not opened, the folder is read as upstream's
+                assert "Traceback" not in result.err
+    if name in (JOURNAL_NAME, LOCK_NAME):
+        assert not (tmp_path / "restored.qcow2").exists()
+
+
+def test_a_backup_neither_opens_a_fifo_nor_is_blocked_by_lock_dirs_others_planted(
+        cli, tmp_path: Path, system_dirs: Path) -> None:
+    """Issue 20, findings 6 and 11, as a real backup run sees them (locks in the default place)."""
+    # where root's locks used to be: /run/lock/qmpbackup, else /tmp/qmpbackup-0
+    for planted in (system_dirs / "lock" / "qmpbackup", system_dirs.parent / "tmp" / "qmpbackup-0"):
+        planted.mkdir(mode=0o700)
+        os.chown(planted, NOBODY, NOBODY)
+    target = tmp_path / "backup"
+    with TestVM(tmp_path / "vm", one_disk()) as vm:
+        run = ("qmpbackup", "--socket", vm.tool_socket, "backup", "--target", target,
+               "--no-progress")
+        cli(*run, "--level", "full").ok()
+        assert (system_dirs / "qmpbackup").stat().st_uid == 0
+        for fifo in (target / DISK / JOURNAL_NAME, target / LOCK_NAME, target / METADATA_NAME):
+            kept = fifo.with_name("kept")
+            if fifo.exists():
+                fifo.rename(kept)
+            os.mkfifo(fifo)
+            with blocked_writer(fifo) as writer:
+                result = cli(*run, "--level", "inc")
+                assert writer.still_blocked(), f"the backup opened the FIFO {fifo.name}"
+                result.failed(6, fifo.name, "a FIFO")
+            fifo.unlink()
+            if kept.exists():
+                kept.rename(fifo)
+        cli(*run, "--level", "inc").ok()
 
 
 def test_backup_run_refuses_planted_lock_symlink_and_symlinked_folders(
@@ -292,9 +375,11 @@ def test_skip_check_never_skips_the_name_rule(cli, chain: Chain, tmp_path: Path,
     meta = json.loads(meta_path.read_text())
     meta["chains"][-1]["disks"][DISK]["backups"][1]["file"] = bad_name
     meta_path.write_text(json.dumps(meta))
-    every_restore_command_refuses(cli, folder, tmp_path, 6, "qmpbackup.json",
-                                  "is not a backup file name", extra=("--skip-check",))
-    cli("qmprestore", "list", "--dir", folder).failed(6, "is not a backup file name")
+    # a newline is refused in any string of the metadata, before names are looked at
+    reason = "holds a control character" if "\n" in bad_name else "is not a backup file name"
+    every_restore_command_refuses(cli, folder, tmp_path, 6, "qmpbackup.json", reason,
+                                  extra=("--skip-check",))
+    cli("qmprestore", "list", "--dir", folder).failed(6, reason)
     assert victim.state() == before
 
 
@@ -361,3 +446,130 @@ def test_malformed_metadata_is_a_chain_error_naming_the_file(cli, tmp_path: Path
     for argv in (["list", "--dir", folder], ["merge", "--dir", folder / DISK, "--targetfile",
                                             tmp_path / "o.qcow2"], ["commit", "--dir", folder / DISK]):
         cli("qmprestore", *argv).failed(6, str(folder / "qmpbackup.json"))
+
+
+# -- descriptors, not names: what a restore checked is what qemu-img reads -------------------------
+
+def set_record(folder: Path, index: int, **fields: object) -> None:
+    """Change what the metadata records for the disk's INDEX-th backup (the attacker can)."""
+    meta_path = folder.parent / "qmpbackup.json"
+    meta = json.loads(meta_path.read_text())
+    meta["chains"][-1]["disks"][DISK]["backups"][index].update(fields)
+    meta_path.write_text(json.dumps(meta))
+
+
+def backed_by_secret(path: Path, secret: Victim) -> None:
+    """A valid qcow2 at PATH (bytes allowed) that reads a root-only host file as its backing."""
+    subprocess.run([b"qemu-img", b"create", b"-q", b"-f", b"qcow2", b"-b", bytes(secret.path),
+                    b"-F", b"raw", os.fsencode(path), str(8 * MiB).encode()], check=True)
+
+
+def secret(tmp_path: Path) -> Victim:
+    victim = Victim.make(tmp_path / "root-only-secret", b"TOP-SECRET-HOST-DATA" * (MiB // 20 * 8))
+    victim.path.chmod(0o600)
+    return victim
+
+
+def test_invalid_utf8_backing_name_never_chooses_a_file(cli, chain: Chain, tmp_path: Path) -> None:
+    """Finding 2: qemu-img shows b'\\xffULL-…' as '\\ufffdULL-…', the name of the recorded FULL."""
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    hidden = secret(tmp_path)
+    before = hidden.state()
+    shown = "\ufffd" + names[0][1:]                  # harmless, recorded (a --no-timestamp FULL)
+    (folder / names[0]).rename(folder / shown)
+    set_record(folder, 0, file=shown, timestamped=False)
+    lookalike = b"\xff" + names[0][1:].encode()      # unrecorded, reads the host file
+    backed_by_secret(os.fsencode(folder) + b"/" + lookalike, hidden)
+    subprocess.run([b"qemu-img", b"rebase", b"-q", b"-u", b"-f", b"qcow2", b"-b", lookalike,
+                    b"-F", b"qcow2", os.fsencode(folder / names[1])], check=True)
+    set_record(folder, 1, digest=digests.file_digest(folder / names[1]))
+    out = tmp_path / "out.raw"
+    cli("qmprestore", "merge", "--dir", folder, "--format", "raw", "--targetfile", out).failed(
+        6, "is backed by")
+    cli("qmprestore", "merge", "--dir", folder, "--format", "raw", "--targetfile", out,
+        "--skip-check").ok()
+    assert identical(out, chain.refs[-1]) and b"TOP-SECRET" not in out.read_bytes()
+    cli("qmprestore", "snapshotrebase", "--dir", folder, "--skip-check").ok()
+    assert identical(folder / shown, chain.refs[-1])
+    assert hidden.state() == before
+
+
+@pytest.mark.parametrize("command", ["merge", "commit"])
+def test_a_file_swapped_after_the_check_is_never_read(cli, chain: Chain, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      command: str) -> None:
+    """Finding 3: an INC replaced between its checksum and qemu-img's open (an inotify race)."""
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    hidden = secret(tmp_path)
+    real = getattr(qemuimg, command if command == "commit" else "convert")
+
+    def swap_then_run(*args: object, **kwargs: object) -> None:
+        backed_by_secret(folder / "swapped", hidden)
+        (folder / "swapped").rename(folder / names[1])
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(qemuimg, real.__name__, swap_then_run)
+    out = tmp_path / "out.raw"
+    if command == "merge":
+        cli("qmprestore", "merge", "--dir", folder, "--format", "raw", "--targetfile", out).ok()
+    else:
+        cli("qmprestore", "commit", "--dir", folder).ok()
+        out = folder / names[0]
+    assert identical(out, chain.refs[-1]) and b"TOP-SECRET" not in out.read_bytes()
+
+
+def test_json_and_protocol_names_in_the_metadata_are_refused(cli, chain: Chain,
+                                                             tmp_path: Path) -> None:
+    """Finding 4: a no-timestamp FULL named like a JSON block spec (one path component)."""
+    victim = Victim.make(tmp_path / "victim", os.urandom(MiB))
+    before = victim.state()
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    spec = json.dumps({"driver": "raw", "file": {"driver": "file", "filename": str(victim.path)}})
+    name = "json:" + spec.replace("/", "\\u002f")
+    (folder / names[0]).rename(folder / name)
+    set_record(folder, 0, file=name, timestamped=False)
+    for argv in (["snapshotrebase", "--skip-check"], ["merge", "--targetfile", tmp_path / "o"],
+                 ["list"]):
+        cli("qmprestore", argv[0], "--dir", folder, *argv[1:]).failed(
+            6, "qmpbackup.json", "QEMU would read as a protocol")
+    assert victim.state() == before
+
+
+def test_merge_into_a_folder_another_user_owns(cli, chain: Chain, tmp_path: Path,
+                                               public_tmp: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 5: the output folder's owner swaps the new partial file for a symlink."""
+    victim = Victim.make(tmp_path / "root-owned.conf")
+    before = victim.state()
+    out = public_tmp / "out"
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    real_convert = qemuimg.convert
+
+    def swap_then_convert(*args: object, **kwargs: object) -> None:
+        for partial in out.glob(".restored.qcow2.*.partial"):
+            as_nobody("ln", "-sfn", str(victim.path), str(partial))
+        real_convert(*args, **kwargs)   # type: ignore[arg-type]
+
+    monkeypatch.setattr(qemuimg, "convert", swap_then_convert)
+    cli("qmprestore", "merge", "--dir", chain.root / DISK, "--targetfile",
+        out / "restored.qcow2").failed(6, "not a file the tool wrote")
+    assert victim.state() == before
+    assert not (out / "restored.qcow2").exists()
+
+
+def test_commit_never_writes_through_a_hard_link(cli, chain: Chain, tmp_path: Path) -> None:
+    """Finding 7: a backup file hard-linked to a host file (protected_hardlinks off, or root's)."""
+    folder = chain.copy(tmp_path / "c")
+    names = chain.files()
+    for linked in (names[0], names[2]):
+        victim = Victim(tmp_path / f"host-{linked}")
+        os.link(folder / linked, victim.path)
+        before = victim.state()
+        for command in ("commit", "snapshotrebase"):
+            cli("qmprestore", command, "--dir", folder, "--skip-check").failed(6, "hard links")
+        assert victim.state() == before
+        victim.path.unlink()

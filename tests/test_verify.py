@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,3 +297,31 @@ def test_a_symlink_in_place_of_a_backup_file_is_damage_and_never_followed(
     verdict = {f["file"]: f for f in verify_json(cli, "--dir", root)["files"]}
     assert verdict[inc.name]["status"] == "damaged"
     assert not any("checksum" in p for p in verdict[inc.name]["problems"]), "not hashed"
+
+
+def corrupt_l1_entry(path: Path) -> None:
+    """Point the first L2 table half a sector off: qemu-img check counts corruptions."""
+    with open(path, "r+b") as handle:
+        header = handle.read(48)
+        (l1_offset,) = struct.unpack_from(">Q", header, 40)
+        handle.seek(l1_offset)
+        (entry,) = struct.unpack(">Q", handle.read(8))
+        handle.seek(l1_offset)
+        handle.write(struct.pack(">Q", entry + 512))
+
+
+def test_verify_and_the_restore_pre_check_report_the_same_finding(cli, folders: Folders,
+                                                                   tmp_path: Path) -> None:
+    """One image check for both: the same damage is worded the same way by either."""
+    root = copy_of(folders.main, tmp_path / "copy")
+    bad = root / "virtio0" / names(root)[1]
+    corrupt_l1_entry(bad)
+    meta = json.loads((root / "qmpbackup.json").read_text())
+    meta["chains"][-1]["disks"]["virtio0"]["backups"][1]["digest"] = None   # only the image
+    (root / "qmpbackup.json").write_text(json.dumps(meta))
+    document = verify_json(cli, "--dir", root)
+    found = next(f["problems"] for f in document["files"] if f["file"] == bad.name)
+    assert len(found) == 1 and "corruption" in found[0]
+    restore = cli("qmprestore", "merge", "--dir", root / "virtio0", "--targetfile",
+                  tmp_path / "out.qcow2").failed(6, "corruption")
+    assert found[0] in restore.err.strip().split("): ", 1)[1].split("; ")

@@ -47,7 +47,7 @@ from libqmpbackup.backup.run_steps import reached
 from libqmpbackup.errors import ChainError, QmpBackupError, TargetError
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.qmp import QmpSession
-from libqmpbackup.store.digests import digest_files
+from libqmpbackup.store.digests import digest_handles
 from libqmpbackup.store.fsutil import TEMP_SUFFIX
 from libqmpbackup.store.handles import FileHandle, Folder, trusted_owner
 from libqmpbackup.store.intent import RunIntent, remove_intent
@@ -161,16 +161,14 @@ class TargetFiles:
     async def compute_digests(self) -> None:
         """Hash every file now, while QEMU's writes are still in the page cache.
 
-        The hashing opens the names (the digest API takes paths), so the names
-        are checked to still be this run's files before and after.
+        Through the descriptors QEMU wrote: whatever the names in the folder
+        have become meanwhile, the checksum is of the file that gets recorded.
         """
         started, cpu = time.monotonic(), time.process_time()
-        self.require_unchanged()
-        paths = [job.partial_path for job in self.jobs]
-        for job, digest in zip(self.jobs, await asyncio.to_thread(digest_files, paths)):
-            job.digest = digest
-        self.require_unchanged()
-        log.info("checksums of %d file(s) in %.3f s (%.3f CPU s)", len(paths),
+        digests = await asyncio.to_thread(digest_handles, [t.handle for t in self.targets])
+        for target, digest in zip(self.targets, digests):
+            target.job.digest = digest
+        log.info("checksums of %d file(s) in %.3f s (%.3f CPU s)", len(digests),
                  time.monotonic() - started, time.process_time() - cpu)
 
     def finish(self) -> None:

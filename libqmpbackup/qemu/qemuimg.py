@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Optional, Sequence, Union
 
-from libqmpbackup.errors import QemuImgError
+from libqmpbackup.errors import ChainError, QemuImgError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ def _create_args(target: str, size: int, backing: Optional[str]) -> list[str]:
     return [*args, target, str(size)]
 
 
-def info(path: Path, *, backing_chain: bool = False, fmt: Optional[str] = None) -> Any:
+def info(path: Path, *, backing_chain: bool = False, fmt: Optional[str] = None,
+         pass_fds: Collection[int] = ()) -> Any:
     """qemu-img info as parsed JSON (a list of images with backing_chain).
 
     Give FMT for files whose format is known: a probed format lets a
@@ -103,7 +104,17 @@ def info(path: Path, *, backing_chain: bool = False, fmt: Optional[str] = None) 
     if backing_chain:
         args.append("--backing-chain")
     args.append(str(path))
-    return _parse_json(args, run(args))
+    return _parse_json(args, run(args, pass_fds=pass_fds))
+
+
+def info_alone(layer: str, *, pass_fds: Collection[int] = ()) -> Any:
+    """``qemu-img info`` of one qcow2 LAYER (``/dev/fd/N``) by itself: ``backing: null``.
+
+    The header's backing name is reported, never opened: which file backs a
+    layer is the chain metadata's decision (:func:`chain_source`).
+    """
+    args = ["info", "--output=json", chain_source([layer])]
+    return _parse_json(args, run(args, pass_fds=pass_fds))
 
 
 def _parse_json(args: Sequence[str], out: str) -> Any:
@@ -130,7 +141,8 @@ CHECK_FOUND_CORRUPTION = 2
 CHECK_FOUND_LEAKS = 3
 
 
-def check(path: Path, *, fmt: Optional[str] = None, without_backing: bool = False) -> CheckResult:
+def check(path: Union[Path, str], *, fmt: Optional[str] = None, without_backing: bool = False,
+          pass_fds: Collection[int] = ()) -> CheckResult:
     """Run qemu-img check (read-only) and report corruptions and leaks.
 
     Findings come back as numbers for the caller to judge (leaked clusters,
@@ -147,46 +159,62 @@ def check(path: Path, *, fmt: Optional[str] = None, without_backing: bool = Fals
         if fmt:
             args += ["-f", fmt]
         args.append(str(path))
-    report = _parse_json(args, run(args, accepted=(0, CHECK_FOUND_CORRUPTION, CHECK_FOUND_LEAKS)))
+    report = _parse_json(args, run(args, accepted=(0, CHECK_FOUND_CORRUPTION, CHECK_FOUND_LEAKS),
+                                   pass_fds=pass_fds))
     return CheckResult(corruptions=int(report.get("corruptions", 0)),
                        leaks=int(report.get("leaks", 0)),
                        check_errors=int(report.get("check-errors", 0)))
 
 
-def rebase_unsafe(path: Path, backing: str, *, backing_format: str = "qcow2",
-                  dry_run: bool = False) -> None:
+def header_name(name: str) -> str:
+    """NAME when QEMU reads it, written as a backing file name, as a plain sibling file.
+
+    A ``:`` before any ``/`` makes QEMU parse a name as a protocol (``nbd:``)
+    or a whole block spec (``json:{…}``): such a name is never written.
+    """
+    if not name or "/" in name or ":" in name or "\0" in name or name in (".", ".."):
+        raise ChainError(f"backing name {name!r} is not a plain file name QEMU reads as a "
+                         "file: refused")
+    return name
+
+
+def rebase_unsafe(path: Union[Path, str], backing: str, *, backing_format: str = "qcow2",
+                  dry_run: bool = False, pass_fds: Collection[int] = ()) -> None:
     """Rewrite only the backing file name in PATH's header (``rebase -u``).
 
     Only valid when BACKING holds exactly the data PATH was written against;
     the restore code knows that from the chain metadata, and ``-u`` neither
     reads nor writes guest data, so it is quick and can be repeated.
     """
-    run(["rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", backing_format, str(path)],
-        dry_run=dry_run)
+    run(["rebase", "-q", "-u", "-f", "qcow2", "-b", header_name(backing), "-F", backing_format,
+         str(path)], dry_run=dry_run, pass_fds=pass_fds)
 
 
-def commit(path: Path, *, base: Optional[Path] = None, rate_limit: int = 0,
-           dry_run: bool = False) -> None:
+def commit(path: Union[Path, str], *, base: Union[Path, str, None] = None, rate_limit: int = 0,
+           dry_run: bool = False, pass_fds: Collection[int] = ()) -> None:
     """Copy the data of PATH (and of images between it and BASE) into BASE.
 
     ``-d`` keeps PATH as it is: an interrupted commit can then simply be run
     again, because every cluster it writes comes unchanged from PATH's chain.
+    PATH may be a :func:`chain_source` spec; BASE is then named as in it
+    (``/dev/fd/N``), which qemu-img finds in the chain it was given.
     """
     args = ["commit", "-q", "-f", "qcow2", "-d"]
     if base is not None:
         args += ["-b", str(base)]
     if rate_limit:
         args += ["-r", str(rate_limit)]
-    run([*args, str(path)], dry_run=dry_run)
+    run([*args, str(path)], dry_run=dry_run, pass_fds=pass_fds)
 
 
-def chain_source(files: Sequence[Path]) -> str:
+def chain_source(files: Sequence[Union[Path, str]]) -> str:
     """A qcow2 chain given explicitly, oldest first, for images whose headers name no backing file.
 
     Upstream qmpbackup writes its incrementals without backing files; this
     ``json:`` filename makes qemu-img read the point through exactly the
     files the chain metadata lists (the last one ends the chain), never
-    through a header.
+    through a header.  FILES are ``/dev/fd/N`` of opened backup files (or,
+    in dry runs, their names, for the admin to read).
     """
     node: Optional[dict[str, Any]] = None
     for path in files:
@@ -195,30 +223,32 @@ def chain_source(files: Sequence[Path]) -> str:
     return "json:" + json.dumps(node)
 
 
-def convert(source: Union[Path, str], target: Path, *, out_format: str = "qcow2",
-            rate_limit: int = 0, dry_run: bool = False) -> None:
+def convert(source: Union[Path, str], target: Union[Path, str], *, out_format: str = "qcow2",
+            rate_limit: int = 0, dry_run: bool = False, pass_fds: Collection[int] = ()) -> None:
     """Write SOURCE (read through its backing chain, opened read-only) as a standalone TARGET."""
     args = ["convert", "-q", "-f", "qcow2", "-O", out_format]
     if rate_limit:
         args += ["-r", str(rate_limit)]
-    run([*args, str(source), str(target)], dry_run=dry_run)
+    run([*args, str(source), str(target)], dry_run=dry_run, pass_fds=pass_fds)
 
 
-def snapshot_names(path: Path) -> list[str]:
-    """Tags of PATH's internal snapshots (qemu-img happily creates duplicates)."""
-    return [s.get("name", "") for s in info(path, fmt="qcow2").get("snapshots", [])]
+def snapshot_names(layer: str, *, pass_fds: Collection[int] = ()) -> list[str]:
+    """Tags of LAYER's internal snapshots (qemu-img happily creates duplicates)."""
+    return [s.get("name", "") for s in info_alone(layer, pass_fds=pass_fds).get("snapshots", [])]
 
 
-def snapshot_create(path: Path, tag: str, *, dry_run: bool = False) -> None:
+def snapshot_create(path: Union[Path, str], tag: str, *, dry_run: bool = False,
+                    pass_fds: Collection[int] = ()) -> None:
     """Add internal snapshot TAG.
 
     qemu-img snapshot has no -f: the format is given in --image-opts, so the
     image is never probed (a probed format is how a file passes itself off
     as something else).
     """
-    run(["snapshot", "-q", "--image-opts", "-c", tag, image_opts(path)], dry_run=dry_run)
+    run(["snapshot", "-q", "--image-opts", "-c", tag, image_opts(path)], dry_run=dry_run,
+        pass_fds=pass_fds)
 
 
-def image_opts(path: Path, fmt: str = "qcow2") -> str:
+def image_opts(path: Union[Path, str], fmt: str = "qcow2") -> str:
     """PATH as --image-opts with an explicit format (commas in option values are doubled)."""
     return f"driver={fmt},file.driver=file,file.filename={str(path).replace(',', ',,')}"

@@ -10,18 +10,16 @@ the facts (folder listing, ``qemu-img info`` and ``check`` of every file).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, TargetError, UsageError
-from libqmpbackup.qemu import qemuimg
+from libqmpbackup.errors import BackupDamaged, ChainError, UsageError
+from libqmpbackup.restore.images import ChainFiles, image_findings
 from libqmpbackup.restore.rules import (
     RestorePoint,
     disks_in,
     folder_problems,
-    image_problems,
     parent_record,
     partial_leftovers,
     record_problems,
@@ -29,11 +27,12 @@ from libqmpbackup.restore.rules import (
     select_root_points,
 )
 from libqmpbackup.store import folder_safety, upstream
-from libqmpbackup.store.digests import check_files
+from libqmpbackup.store.digests import check_handles
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.intent import load_intent
 from libqmpbackup.store.journal import JOURNAL_NAME, Journal, unfinished_error
 from libqmpbackup.store.layout import existing_backup_folder, month_folders
-from libqmpbackup.store.metadata import BackupRecord, ChainStore
+from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import DISK_METADATA_NAME, METADATA_NAME, link_name, safe_component
 from libqmpbackup.store.retention import pruning_entry
 
@@ -185,13 +184,10 @@ def open_for_listing(path: Path, name_filter: Optional[str] = None) -> list[Back
     return [BackupDir(_load(m), None, name_filter) for m in months]
 
 
-def folder_entries(folder: Path) -> list[str]:
-    try:
-        return os.listdir(folder)
-    except FileNotFoundError as err:
-        raise ChainError(f"disk folder {folder} is missing") from err
-    except OSError as err:
-        raise TargetError(f"cannot read {folder}: {err.strerror}") from err
+def folder_names(folder: Path) -> list[str]:
+    """Every entry of FOLDER (the admin's folder or a real folder below it), by descriptor."""
+    with Folder.open_root(folder) as opened:
+        return opened.names()
 
 
 def note_partial(folder: Path, entries: list[str]) -> None:
@@ -241,7 +237,8 @@ def known_files(store: ChainStore, folder: Path) -> set[str]:
 
 
 def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: bool = False,
-                         whole_chain: bool = False) -> dict[str, Any]:
+                         whole_chain: bool = False, writable: bool = False,
+                         dry_run: bool = False) -> ChainFiles:
     """Refuse a chain that does not match its metadata, or whose files are damaged.
 
     Only the files the point is read from (its FULL and the INCs up to it)
@@ -253,55 +250,49 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
     --skip-check skips all of it except the refusal of a half-done in-place
     restore and the folder rule (:mod:`folder_safety`): restoring past a
     half-done commit is never what the admin wants, and no folder content
-    may lead the restore outside the folder.  Returns the checked
-    ``qemu-img info`` of every image the point is read through.
+    may lead the restore outside the folder.  Returns the checked files,
+    open: the restore reads exactly those descriptors (the caller closes them).
     """
     folder = point.folder
     folder_safety.require_content_folder(folder, point.root)
-    entries = folder_entries(folder)
+    files = ChainFiles.open(point.root, folder, writable=writable, dry_run=dry_run)
+    try:
+        _check_files(point, store, files, skip_check=skip_check, whole_chain=whole_chain)
+    except BaseException:
+        files.close()
+        raise
+    return files
+
+
+def _check_files(point: RestorePoint, store: ChainStore, files: ChainFiles, *, skip_check: bool,
+                 whole_chain: bool) -> None:
+    folder = files.path
+    entries = files.names()
     refuse_unfinished(folder, entries)
     note_partial(folder, entries)
+    used = list(point.records) if whole_chain else point.segment()
     if skip_check:
         log.warning("%s: --skip-check: restoring %s without checking the chain",
                     point.disk_id, point.label)
-        return folder_safety.checked_images(folder, [r.file for r in point.segment()])
-    used = list(point.records) if whole_chain else point.segment()
+        for record in used:
+            files.inspect(record.file)
+        return
     problems = record_problems(point.records)
     problems += folder_problems(entries, [r.file for r in used], known_files(store, folder))
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
-    images = folder_safety.checked_images(folder, [r.file for r in used])
     position = {r.file: index for index, r in enumerate(point.records)}
     for record in used:
-        problems += image_problems(   # record_problems made sure a FULL comes first
-            record, parent_record(point.records, position[record.file]), images[record.file],
-            folder)
-    if not problems:
-        problems += _check_problems(folder, used)
+        files.handle(record.file)   # a missing or unsafe file is refused before any is read
+    for record in used:   # record_problems made sure a FULL comes first
+        problems += image_findings(files, record,
+                                   parent_record(point.records, position[record.file]))
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
-    damaged = [f"{c.path}: {c.detail}" for c in check_files(
-        [(folder / r.file, r.digest) for r in point.segment()]) if c.status not in ("ok", "unrecorded")]
+    damaged = [f"{c.path}: {c.detail}" for c in check_handles(
+        [(files.handle(r.file), r.digest) for r in point.segment()])
+        if c.status not in ("ok", "unrecorded")]
     if damaged:
         raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
                              "shows which points are intact)" for line in damaged])
     log.debug("%s: chain %s checked (%d files)", point.disk_id, point.chain_id, len(used))
-    return images
-
-
-def _check_problems(folder: Path, records: list[BackupRecord]) -> list[str]:
-    problems = []
-    for record in records:
-        path = folder / record.file
-        try:
-            result = qemuimg.check(path, fmt="qcow2")
-        except QemuImgError as err:
-            problems.append(f"{record.file} failed qemu-img check ({err})")
-            continue
-        if result.damaged:
-            problems.append(f"qemu-img check found {result.corruptions} corruption(s) and "
-                            f"{result.check_errors} error(s) in {record.file}")
-        elif result.leaks:
-            log.warning("%s: %d leaked cluster(s) (wasted space, no data lost; "
-                        "`qemu-img check -r leaks` reclaims them)", path, result.leaks)
-    return problems

@@ -25,18 +25,13 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
-from libqmpbackup.restore.folder import (
-    BackupDir,
-    check_before_restore,
-    folder_entries,
-    note_partial,
-    open_backup_dir,
-)
+from libqmpbackup.restore.folder import BackupDir, check_before_restore, note_partial, open_backup_dir
+from libqmpbackup.restore.images import ChainFiles
 from libqmpbackup.restore.rules import (
     RestoreOptions,
     RestorePoint,
@@ -45,9 +40,10 @@ from libqmpbackup.restore.rules import (
     needs_rebase,
     parent,
     parent_record,
+    segment,
 )
 from libqmpbackup.store import folder_safety
-from libqmpbackup.store.digests import digest_files
+from libqmpbackup.store.digests import digest_handles
 from libqmpbackup.store.journal import Journal, unfinished_error
 from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import BackupRecord
@@ -59,15 +55,19 @@ BASE_SNAPSHOT = "FULL-BACKUP"
 """Internal snapshot snapshotrebase takes of the FULL before applying anything."""
 
 
-def _disk_point(backup: BackupDir, command: str, opts: RestoreOptions) -> RestorePoint:
+def _disk_point(backup: BackupDir, command: str,
+                opts: RestoreOptions) -> tuple[RestorePoint, ChainFiles]:
+    """The point and its chain's files, checked and open for writing (the caller closes them)."""
     backup.require_disk_folder(command)
     point = backup.points(opts.until, opts.uuid)[0]
-    check_before_restore(point, backup.store, skip_check=opts.skip_check,
-                         whole_chain=command in ("commit", "snapshotrebase"))
-    return point
+    files = check_before_restore(point, backup.store, skip_check=opts.skip_check,
+                                 whole_chain=command in ("commit", "snapshotrebase"),
+                                 writable=True, dry_run=opts.dry_run)
+    return point, files
 
 
-def _back_by_metadata(backup: BackupDir, point: RestorePoint, dry_run: bool) -> None:
+def _back_by_metadata(backup: BackupDir, point: RestorePoint, files: ChainFiles,
+                      dry_run: bool) -> None:
     """Give each file from the point's FULL up to it its parent in the metadata, by relative name.
 
     After the pre-check this only rewrites equivalent names (absolute, ``./``);
@@ -79,29 +79,35 @@ def _back_by_metadata(backup: BackupDir, point: RestorePoint, dry_run: bool) -> 
     for index in range(last_full(records, point.index) + 1, point.index + 1):
         backing = parent_record(records, index)
         assert backing is not None   # only the FULL has none, and it is not in this range
-        if _rebase_if_needed(point.folder, records[index].file, backing.file, dry_run):
+        if _rebase_if_needed(files, records[index].file, backing.file, dry_run):
             rewritten.append(records[index].file)
     if rewritten and not dry_run:
-        _record_new_digests(backup, point, rewritten)
+        _record_new_digests(backup, point, files, rewritten)
 
 
-def _rebase_if_needed(folder: Path, name: str, backing: str, dry_run: bool) -> bool:
-    """True when NAME's header had to be rewritten (its checksum changes with it)."""
-    if needs_rebase(folder_safety.inspect_image(folder, name), backing):
-        qemuimg.rebase_unsafe(folder / name, backing, dry_run=dry_run)
+def _rebase_if_needed(files: ChainFiles, name: str, backing: str, dry_run: bool) -> bool:
+    """True when NAME's header had to be rewritten (its checksum changes with it).
+
+    The header's exact bytes are compared (:func:`folder_safety.inspect_image`):
+    a name that only looks like BACKING in qemu-img's output is rewritten.
+    """
+    if needs_rebase(files.inspect(name), backing):
+        qemuimg.rebase_unsafe(files.layer(name), backing, dry_run=dry_run, pass_fds=files.fds)
+        files.header_changed(name)
         return True
     log.debug("%s is already backed by %s", name, backing)
     return False
 
 
-def _record_new_digests(backup: BackupDir, point: RestorePoint, names: list[str]) -> None:
+def _record_new_digests(backup: BackupDir, point: RestorePoint, files: ChainFiles,
+                        names: list[str]) -> None:
     """Files this command changed on purpose get new checksums, or they would look damaged."""
     store = backup.reload()
     chain = store.find(point.chain_id)
     if chain is None or point.disk_id not in chain.disks:
         return
     records = [r for r in chain.disks[point.disk_id].backups if r.file in names]
-    for record, digest in zip(records, digest_files([point.folder / r.file for r in records])):
+    for record, digest in zip(records, digest_handles([files.handle(r.file) for r in records])):
         record.digest = digest
     backup.save(store)
 
@@ -128,8 +134,9 @@ def rebase(opts: RestoreOptions) -> Path:
 
 
 def _rebase(backup: BackupDir, opts: RestoreOptions) -> Path:
-    point = _disk_point(backup, "rebase", opts)
-    _back_by_metadata(backup, point, opts.dry_run)
+    point, files = _disk_point(backup, "rebase", opts)
+    with files:
+        _back_by_metadata(backup, point, files, opts.dry_run)
     file_steps.link(point.folder, IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
     log.info("%s: %s/%s -> %s (%s)", point.disk_id, point.folder, IMAGE_LINK,
              point.record.file, "dry run" if opts.dry_run else "ready to use")
@@ -146,24 +153,38 @@ def snapshotrebase(opts: RestoreOptions) -> Path:
     return _consolidate(opts, "snapshotrebase", snapshots=True)
 
 
-def _ensure_snapshot(image: Path, tag: str, dry_run: bool) -> None:
-    """Create snapshot TAG unless it exists: qemu-img would add a duplicate on a re-run."""
-    if tag in qemuimg.snapshot_names(image):
-        log.debug("%s already has snapshot %s", image.name, tag)
-        return
-    qemuimg.snapshot_create(image, tag, dry_run=dry_run)
+def _ensure_snapshot(files: ChainFiles, name: str, tag: str, dry_run: bool) -> bool:
+    """Create snapshot TAG unless it exists (qemu-img would add a duplicate on a re-run).
+
+    True when it was created (or would be, in a dry run).
+    """
+    image = files.handle(name)
+    if tag in qemuimg.snapshot_names(image.dev_path, pass_fds=[image.fd]):
+        log.debug("%s already has snapshot %s", name, tag)
+        return False
+    qemuimg.snapshot_create(files.layer(name), tag, dry_run=dry_run, pass_fds=[image.fd])
+    return True
 
 
 def _consolidate(opts: RestoreOptions, operation: str, *, snapshots: bool) -> Path:
     qemuimg.binary()
     backup = open_backup_dir(opts.dir, opts.name_filter)
     with _exclusive(backup, opts.dry_run):
-        return _consolidate_locked(backup, opts, operation, snapshots)
+        folder = backup.folder_of(backup.require_disk_folder(operation))
+        journal = Journal.load(folder)
+        if journal is None:
+            point, files = _disk_point(backup, operation, opts)
+        else:
+            folder_safety.require_content_folder(folder, backup.root)
+            point, files = None, ChainFiles.open(backup.root, folder, writable=True,
+                                                 dry_run=opts.dry_run)
+        with files:
+            return _consolidate_locked(backup, opts, operation, snapshots, point, files)
 
 
 def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
-                        snapshots: bool) -> Path:
-    folder = backup.folder_of(backup.require_disk_folder(operation))
+                        snapshots: bool, point: Optional[RestorePoint], files: ChainFiles) -> Path:
+    folder = files.path
     journal = Journal.load(folder)
     if journal is not None:
         if journal.operation != operation:
@@ -171,19 +192,17 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
         if opts.until and not matches(journal.point, opts.until):
             raise UsageError(f"--until {opts.until}: the interrupted {operation} in {folder} "
                              f"restores {journal.point}; re-run it without --until")
-        folder_safety.require_content_folder(folder, backup.root)
-        note_partial(folder, folder_entries(folder))
-        _check_resumable(journal, backup, folder)
+        note_partial(folder, files.names())
+        _check_resumable(journal, backup, files)
         log.warning("%s: finishing the interrupted %s up to %s", folder, operation, journal.point)
     else:
-        point = _disk_point(backup, operation, opts)
+        assert point is not None    # no journal: _consolidate checked the point
         consumed = point.span()
         base = folder / consumed[0].file
         if len(consumed) == 1:
-            if snapshots and BASE_SNAPSHOT not in qemuimg.snapshot_names(base):
-                _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
-                if not opts.dry_run:
-                    _record_new_digests(backup, point, [base.name])
+            if (snapshots and _ensure_snapshot(files, base.name, BASE_SNAPSHOT, opts.dry_run)
+                    and not opts.dry_run):
+                _record_new_digests(backup, point, files, [base.name])
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
             file_steps.link(folder, IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
@@ -194,12 +213,12 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
                           base=consumed[0].file, result=consumed[0].file,
                           point=point.record.file, point_time=point.record.point_time,
                           steps=[r.file for r in consumed[1:]], snapshots=snapshots)
-        _back_by_metadata(backup, point, opts.dry_run)
+        _back_by_metadata(backup, point, files, opts.dry_run)
         if not opts.dry_run:
             journal.save(folder)
     try:
-        _apply(journal, folder, opts)
-        _finish(journal, backup, opts.dry_run)
+        _apply(journal, files, _applied_chain(backup, journal), opts)
+        _finish(journal, backup, files, opts.dry_run)
     except QmpBackupError:
         if not opts.dry_run:
             log.warning("%s stopped before it finished; %s keeps the progress: fix the cause, "
@@ -211,36 +230,38 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
     return folder / journal.result
 
 
-def _check_resumable(journal: Journal, backup: BackupDir, folder: Path) -> None:
+def _check_resumable(journal: Journal, backup: BackupDir, files: ChainFiles) -> None:
     """A journal found in the folder must describe this folder's chain before it is acted on.
 
     Its names are backup file names already (see :meth:`Journal.load`); here
     they must also be the files the metadata lists, in order, and every file
     still present must pass the image rule before qemu-img touches it.
     """
+    folder = files.path
     chain = backup.store.find(journal.chain)
     disk = chain.disks.get(journal.disk) if chain is not None else None
     if disk is None or backup.folder_of(journal.disk) != folder:
         raise _journal_mismatch(folder, f"chain {journal.chain} has no disk {journal.disk!r} here")
-    files = [r.file for r in disk.backups]
-    if journal.base in files:       # the metadata is not rewritten yet
-        start = files.index(journal.base)
+    recorded = [r.file for r in disk.backups]
+    if journal.base in recorded:       # the metadata is not rewritten yet
+        start = recorded.index(journal.base)
         stop = start + len(journal.steps)
         # an older version renamed the FULL to FULL-<point time>-…; now it keeps its name
         renamed = parse_backup_name(journal.result)
         result_ok = journal.result == journal.base or (
             renamed is not None and renamed.level == "full"
             and renamed.timestamp == journal.point_time)
-        if (files[start + 1:stop + 1] != journal.steps or journal.point != journal.steps[-1]
+        if (recorded[start + 1:stop + 1] != journal.steps or journal.point != journal.steps[-1]
                 or not result_ok or journal.point_time != disk.backups[stop].point_time):
-            raise _journal_mismatch(folder, "its steps are not the chain's files after "
+            raise _journal_mismatch(folder, "its steps are not the chain's recorded after "
                                     f"{journal.base}")
-    elif journal.result not in files:
+    elif journal.result not in recorded:
         raise _journal_mismatch(folder, f"neither {journal.base} nor {journal.result} is in the "
                                 "chain metadata")
-    present = [name for name in (journal.base, journal.result, *journal.steps)
-               if folder_safety.entry(folder, name) is not None]
-    folder_safety.checked_images(folder, present)
+    entries = files.names()
+    for name in (journal.base, journal.result, *journal.steps):
+        if name in entries:
+            files.inspect(name)
 
 
 def _journal_mismatch(folder: Path, why: str) -> ChainError:
@@ -248,27 +269,40 @@ def _journal_mismatch(folder: Path, why: str) -> ChainError:
                       f"({why}): refused; use a fresh copy of the backup")
 
 
-def _apply(journal: Journal, folder: Path, opts: RestoreOptions) -> None:
+def _applied_chain(backup: BackupDir, journal: Journal) -> list[str]:
+    """The files the journal's point is read from, oldest first: what commit copies into the FULL.
+
+    qemu-img gets this chain spelled out by descriptor; the files' headers
+    are never followed (a DIFF among the steps makes the INCs before it
+    unnecessary, exactly as when it is read).
+    """
+    chain = backup.store.find(journal.chain)
+    records = chain.disks[journal.disk].backups if chain and journal.disk in chain.disks else []
+    names = [r.file for r in records]
+    if journal.applied or journal.base not in names or journal.point not in names:
+        return [journal.base, *journal.steps]     # nothing left to copy, or in the journal's order
+    return [r.file for r in segment(records, names.index(journal.point))]
+
+
+def _apply(journal: Journal, files: ChainFiles, chain: list[str], opts: RestoreOptions) -> None:
     """Copy the incrementals into the FULL; safe to repeat from the last recorded step."""
-    base = folder / journal.base
     if journal.applied:
         return
     if not journal.snapshots:
-        qemuimg.commit(folder / journal.steps[-1], base=base, rate_limit=opts.rate_limit,
-                       dry_run=opts.dry_run)
-        _advance(journal, folder, len(journal.steps), opts.dry_run)
+        qemuimg.commit(files.spec(chain), base=files.layer(journal.base),
+                       rate_limit=opts.rate_limit, dry_run=opts.dry_run, pass_fds=files.fds)
+        _advance(journal, files.path, len(journal.steps), opts.dry_run)
         return
-    _ensure_snapshot(base, BASE_SNAPSHOT, opts.dry_run)
+    _ensure_snapshot(files, journal.base, BASE_SNAPSHOT, opts.dry_run)
     for index in range(journal.done, len(journal.steps)):
-        step = folder / journal.steps[index]
-        if index > 0:
-            # the FULL holds the previous point now, exactly what the
-            # previous INC reads as: back this one onto the FULL directly so
-            # each commit copies one incremental, not all of them again.
-            qemuimg.rebase_unsafe(step, journal.base, dry_run=opts.dry_run)
-        qemuimg.commit(step, rate_limit=opts.rate_limit, dry_run=opts.dry_run)
-        _ensure_snapshot(base, point_label(step.name), opts.dry_run)
-        _advance(journal, folder, index + 1, opts.dry_run)
+        step = journal.steps[index]
+        # the FULL holds the previous point now, exactly what this INC was
+        # written against: it is committed on top of the FULL directly
+        # (the chain given explicitly; its header is not rewritten)
+        qemuimg.commit(files.spec([journal.base, step]), rate_limit=opts.rate_limit,
+                       dry_run=opts.dry_run, pass_fds=files.fds)
+        _ensure_snapshot(files, journal.base, point_label(step), opts.dry_run)
+        _advance(journal, files.path, index + 1, opts.dry_run)
 
 
 def _advance(journal: Journal, folder: Path, done: int, dry_run: bool) -> None:
@@ -277,7 +311,7 @@ def _advance(journal: Journal, folder: Path, done: int, dry_run: bool) -> None:
         journal.save(folder)
 
 
-def _rebase_later_points(records: list[BackupRecord], result: str, folder: Path,
+def _rebase_later_points(records: list[BackupRecord], result: str, files: ChainFiles,
                          dry_run: bool) -> list[str]:
     """Back every later point whose parent is now the consolidated FULL onto it by name; return them.
 
@@ -291,13 +325,13 @@ def _rebase_later_points(records: list[BackupRecord], result: str, folder: Path,
     anchor = names.index(result)
     on_top = [records[i].file for i in range(anchor + 1, len(records)) if parent(records, i) == anchor]
     for name in on_top:
-        _rebase_if_needed(folder, name, result, dry_run)
+        _rebase_if_needed(files, name, result, dry_run)
     return on_top
 
 
-def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
+def _finish(journal: Journal, backup: BackupDir, files: ChainFiles, dry_run: bool) -> None:
     """Turn the folder into a consistent chain again: FULL at the point, later INCs on top."""
-    folder = backup.folder_of(journal.disk)
+    folder = files.path
     store = backup.reload()
     chain = store.find(journal.chain)
     if chain is None or journal.disk not in chain.disks:
@@ -306,7 +340,7 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
     records = chain.disks[journal.disk].backups
     consolidated = [_consolidated(r, journal) if r.file == journal.base else r
                     for r in records if r.file not in journal.steps]
-    later = _rebase_later_points(consolidated, journal.result, folder, dry_run)
+    later = _rebase_later_points(consolidated, journal.result, files, dry_run)
     if journal.result != journal.base and folder_safety.entry(folder, journal.base) is not None:
         # a journal of an older version, which renamed the FULL for the point
         file_steps.rename(folder, journal.base, journal.result, dry_run=dry_run)
@@ -316,7 +350,7 @@ def _finish(journal: Journal, backup: BackupDir, dry_run: bool) -> None:
         # the rebase already done
         changed = [journal.result, *later]
         digests = dict(zip(changed, [None] * len(changed) if dry_run else
-                           digest_files([folder / name for name in changed])))
+                           digest_handles([files.handle(name) for name in changed])))
         chain.disks[journal.disk].backups = [
             dataclasses.replace(r, digest=digests.get(r.file, r.digest)) for r in consolidated]
         file_steps.note(f"update {store.path}: {journal.result} holds {point_label(journal.point)}, "

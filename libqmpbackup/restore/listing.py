@@ -16,7 +16,7 @@ from typing import Optional
 
 from libqmpbackup.errors import QmpBackupError
 from libqmpbackup.json_output import Document
-from libqmpbackup.restore.folder import BackupDir, open_for_listing
+from libqmpbackup.restore.folder import BackupDir, folder_names, open_for_listing
 from libqmpbackup.restore.rules import partial_leftovers
 from libqmpbackup.store import folder_safety
 from libqmpbackup.store.journal import JOURNAL_NAME
@@ -91,7 +91,7 @@ def _warn_leftovers(backup: BackupDir) -> None:
     folders = ([backup.folder] if backup.disk_folder is not None
                else [backup.root, *disk_folders(backup.root)])
     for folder in folders:
-        entries = os.listdir(folder)
+        entries = folder_names(folder)
         for name in partial_leftovers(entries):
             log.warning("%s: unfinished backup file %s", folder, name)
         if JOURNAL_NAME in entries:

@@ -1,11 +1,12 @@
 """merge: write a restore point as a new standalone image, leaving the backup untouched.
 
-``qemu-img convert`` opens the backup files read-only and reads the point
-through its backing chain, so not a byte (nor a timestamp) of the backup
-folder changes.  The image is written into a new, unique, 0600
-``.<target>.XXXXXX.partial`` and renamed when complete: an existing file is
-never overwritten nor written through, and an interrupted merge leaves
-nothing that looks like a finished restore.
+``qemu-img convert`` reads the point through the backup files the pre-check
+opened (read-only descriptors, the chain spelled out), so not a byte (nor a
+timestamp) of the backup folder changes.  The image is written into a new,
+unique, 0600 ``.<target>.XXXXXX.partial`` created relative to the output
+folder's descriptor and renamed when complete: an existing file is never
+overwritten nor written through, and an interrupted merge leaves nothing
+that looks like a finished restore.
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
-from libqmpbackup.errors import TargetError, UsageError
+from libqmpbackup.errors import QmpBackupError, TargetError, UsageError
 from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
 from libqmpbackup.restore.folder import check_before_restore, open_backup_dir
+from libqmpbackup.restore.images import ChainFiles
 from libqmpbackup.restore.rules import RestoreOptions, RestorePoint
-from libqmpbackup.store.fsutil import fsync_dir, make_private_dirs
+from libqmpbackup.store.fsutil import make_private_dirs
+from libqmpbackup.store.handles import FileHandle, Folder
 from libqmpbackup.store.names import PARTIAL_SUFFIX, safe_component
 
 log = logging.getLogger(__name__)
@@ -122,67 +125,67 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
                          f"(one image per disk), or one disk with --dir {backup.root}/DISK "
                          f"--targetfile FILE (disks: {backup.disk_names()})")
     points = backup.points(opts.until, opts.uuid)
-    for point in points:
-        check_before_restore(point, backup.store, skip_check=opts.skip_check)
-    plan = _targets(points, target)
-    created = _prepare_directory(target, opts.dry_run)
-    try:
-        for image in plan:
-            _convert(image.point, image.path, image.fmt, opts)
-    except BaseException:
-        for folder in reversed(created):   # a failed first restore leaves no empty folders
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+    with contextlib.ExitStack() as opened:
+        checked = [opened.enter_context(check_before_restore(
+            point, backup.store, skip_check=opts.skip_check, dry_run=opts.dry_run))
+            for point in points]
+        plan = _targets(points, target)
+        created = _prepare_directory(target, opts.dry_run)
+        try:
+            for image, files in zip(plan, checked):
+                _convert(image, files, opts)
+        except BaseException:
+            for folder in reversed(created):   # a failed first restore leaves no empty folders
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
     return plan
 
 
-def _source(point: RestorePoint) -> Union[Path, str]:
-    """The point's file, or its chain spelled out when a header names no backing file."""
-    segment = point.segment()
-    if all(r.backed for r in segment):
-        return point.path
-    return qemuimg.chain_source([point.folder / r.file for r in segment])
+def _convert(image: RestoredImage, files: ChainFiles, opts: RestoreOptions) -> None:
+    """Read the point through the descriptors that were checked; write through a new file's.
 
-
-def _convert(point: RestorePoint, path: Path, fmt: str, opts: RestoreOptions) -> None:
+    The chain is always spelled out (:meth:`ChainFiles.spec`): no header's
+    backing name is followed.  The output is created ``O_EXCL|O_NOFOLLOW``
+    relative to the output folder's descriptor and qemu-img writes into
+    ``/dev/fd/N``, so a symlink swapped in at the new name (the folder may
+    belong to another user) leads nowhere; the rename checks it is still the
+    file written.
+    """
+    point, path = image.point, image.path
     log.info("%s: restoring %s (%s) into %s", point.disk_id, point.label,
              point.record.file, path)
+    source = files.spec([r.file for r in point.segment()])
     if opts.dry_run:
-        qemuimg.convert(_source(point), path.with_name(f".{path.name}.XXXXXX{PARTIAL_SUFFIX}"),
-                        out_format=fmt, rate_limit=opts.rate_limit, dry_run=True)
+        qemuimg.convert(source, path.with_name(f".{path.name}.XXXXXX{PARTIAL_SUFFIX}"),
+                        out_format=image.fmt, rate_limit=opts.rate_limit, dry_run=True)
         file_steps.note(f"rename it to {path}", dry_run=True)
         return
-    partial = _new_partial(path)
-    try:
-        qemuimg.convert(_source(point), partial, out_format=fmt, rate_limit=opts.rate_limit)
-        _publish(partial, path)
-    except BaseException:  # also Interrupted: no half image may stay behind
-        partial.unlink(missing_ok=True)
-        raise
+    with Folder.open_root(path.parent) as out:
+        partial = out.create(f".{path.name}.{secrets.token_hex(8)}{PARTIAL_SUFFIX}",
+                             "restored image")
+        try:
+            qemuimg.convert(source, partial.dev_path, out_format=image.fmt,
+                            rate_limit=opts.rate_limit, pass_fds=[*files.fds, partial.fd])
+            os.fsync(partial.fd)
+            _publish(out, partial, path.name)
+        except BaseException:  # also Interrupted: no half image may stay behind
+            _remove_partial(out, partial)
+            raise
+        finally:
+            partial.close()
 
 
-def _new_partial(path: Path) -> Path:
-    """A new, unique, 0600 file next to PATH for qemu-img to write into.
-
-    Never an existing name: a ``<target>.partial`` left behind (or planted as
-    a symlink) is not reused, and the image is private from the first byte.
-    """
-    try:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                    suffix=PARTIAL_SUFFIX)
-    except OSError as err:
-        raise TargetError(f"cannot create a file next to {path}: {err.strerror}") from err
-    os.close(fd)
-    return Path(name)
+def _remove_partial(out: Folder, partial: FileHandle) -> None:
+    """Remove the unfinished output, if its name still leads to it (never what was swapped in)."""
+    with contextlib.suppress(QmpBackupError):
+        info = out.entry(partial.name)
+        if info is not None and partial.same_file(info):
+            out.remove(partial.name)
 
 
-def _publish(partial: Path, path: Path) -> None:
+def _publish(out: Folder, partial: FileHandle, name: str) -> None:
     """Give the finished image its name; an existing target is never replaced."""
-    if os.path.lexists(path):
-        raise TargetError(f"{path} appeared while restoring: merge never overwrites")
-    try:
-        os.rename(partial, path)
-    except OSError as err:
-        raise TargetError(f"cannot rename {partial} to {path}: {err.strerror}") from err
-    fsync_dir(path.parent)
+    if out.entry(name) is not None:
+        raise TargetError(f"{out.path / name} appeared while restoring: merge never overwrites")
+    out.rename(partial.name, name, expect=partial)

@@ -348,7 +348,7 @@ def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info:
     before this (:func:`libqmpbackup.store.folder_safety.image_problems`).
     """
     problems = []
-    name = record.file
+    name = shown(record.file)
     size = info.get("virtual-size")
     if record.virtual_size and size != record.virtual_size:
         problems.append(f"{name} has virtual size {size}, the metadata says {record.virtual_size}")
@@ -357,15 +357,20 @@ def image_problems(record: BackupRecord, previous: Optional[BackupRecord], info:
     backing = info.get("backing-filename")
     if record.level in WHOLE_LEVELS:
         if backing:
-            problems.append(f"{name} is a FULL backup but has backing file {backing}")
+            problems.append(f"{name} is a FULL backup but has backing file {shown(backing)}")
     elif previous is not None:
         if not backing and not record.backed:
             pass    # upstream's INCs name no backing file: the metadata gives the order
         elif not backing:
-            problems.append(f"{name} has no backing file (expected {previous.file})")
+            problems.append(f"{name} has no backing file (expected {shown(previous.file)})")
         elif not backs_onto(folder, backing, previous.file):
-            problems.append(f"{name} is backed by {backing}, expected {previous.file}")
+            problems.append(f"{name} is backed by {shown(backing)}, expected {shown(previous.file)}")
     return problems
+
+
+def shown(name: str) -> str:
+    """NAME for a message: as it is when printable, else escaped (a header's bytes are anything)."""
+    return name if name.isprintable() else ascii(name)
 
 
 def needs_rebase(info: dict[str, Any], expected: str) -> bool:

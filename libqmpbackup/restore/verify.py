@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from libqmpbackup.errors import BackupDamaged, ChainError, QemuImgError, UsageError
+from libqmpbackup.errors import BackupDamaged, ChainError, UsageError
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.folder import (
     BackupDir,
@@ -31,15 +30,15 @@ from libqmpbackup.restore.folder import (
     open_for_listing,
     refuse_unfinished,
 )
+from libqmpbackup.restore.images import ChainFiles, image_findings
 from libqmpbackup.restore.rules import (
     WHOLE_LEVELS,
-    image_problems,
     parent_record,
     record_problems,
     unknown_backup_files,
 )
 from libqmpbackup.store import folder_safety
-from libqmpbackup.store.digests import check_files
+from libqmpbackup.store.digests import check_handles
 from libqmpbackup.store.metadata import BackupRecord, Chain
 from libqmpbackup.tables import table
 
@@ -126,7 +125,6 @@ def verify_dir(path: Path, uuid: Optional[str] = None,
     for backup in backups:
         prefix = "" if given in (backup.folder, backup.root) else f"{backup.root.name}/"
         report.files += _verify_backup(backup, uuid, prefix)
-    _check_digests(report.files)
     mark_restorable(report.files)
     unverifiable = sum(1 for f in report.files if f.status == "unverifiable")
     if unverifiable:
@@ -149,9 +147,13 @@ def _verify_backup(backup: BackupDir, uuid: Optional[str], prefix: str) -> list[
                                          and folder != backup.folder):
                 continue
             folder_safety.require_content_folder(folder, backup.root)   # never through a link
-            entries = _entries(folder)
-            refuse_unfinished(folder, entries)
-            reports += _verify_disk(chain, disk_id, disk.backups, folder, entries, prefix)
+            # one folder's files are open at a time: checked, hashed, closed
+            with ChainFiles.open(backup.root, folder) as files:
+                entries = files.names()
+                refuse_unfinished(folder, entries)
+                found = _verify_disk(chain, disk_id, disk.backups, files, entries, prefix)
+                _check_digests(files, found)
+            reports += found
             if folder not in folders_seen:
                 folders_seen.add(folder)
                 note_partial(folder, entries)
@@ -159,14 +161,7 @@ def _verify_backup(backup: BackupDir, uuid: Optional[str], prefix: str) -> list[
     return reports
 
 
-def _entries(folder: Path) -> list[str]:
-    try:
-        return os.listdir(folder)
-    except FileNotFoundError:
-        return []
-
-
-def _verify_disk(chain: Chain, disk_id: str, records: list[BackupRecord], folder: Path,
+def _verify_disk(chain: Chain, disk_id: str, records: list[BackupRecord], files: ChainFiles,
                  entries: list[str], prefix: str) -> list[FileReport]:
     reports = []
     seen: set[str] = set()
@@ -174,14 +169,15 @@ def _verify_disk(chain: Chain, disk_id: str, records: list[BackupRecord], folder
         # the chain rules judge a whole list; what a record adds to its prefix is its own
         new = [p for p in record_problems(records[:index + 1]) if p not in seen]
         seen.update(new)
-        report = FileReport(chain=prefix + chain.uuid, disk=disk_id, path=folder / record.file,
+        report = FileReport(chain=prefix + chain.uuid, disk=disk_id, path=files.path / record.file,
                             level=record.level, time=record.time, problems=new,
                             recorded_digest=record.digest)
         if record.file not in entries:
             report.status = "missing"
             report.problems.insert(0, "listed in the chain metadata, not in the folder")
         else:
-            report.problems += _image_findings(record, _parent_record(records, index), folder)
+            # a symlink, device or hostile header is damage here, not a reason to follow it
+            report.problems += image_findings(files, record, _parent_record(records, index))
         if report.problems and report.status == "ok":
             report.status = "damaged"
         reports.append(report)
@@ -196,27 +192,6 @@ def _parent_record(records: list[BackupRecord], index: int) -> Optional[BackupRe
         return None
 
 
-def _image_findings(record: BackupRecord, previous: Optional[BackupRecord],
-                    folder: Path) -> list[str]:
-    path = folder / record.file
-    try:
-        # a symlink, device or hostile header is damage here, not a reason to follow it
-        info = folder_safety.inspect_image(folder, record.file)
-    except ChainError as err:
-        return [str(err)]
-    try:
-        problems = image_problems(record, previous, info, folder)
-        result = qemuimg.check(path, fmt="qcow2", without_backing=True)
-    except QemuImgError as err:
-        return [f"qemu-img cannot read it ({err})"]
-    if result.damaged:
-        problems.append(f"qemu-img check found {result.corruptions} corruption(s) and "
-                        f"{result.check_errors} error(s)")
-    elif result.leaks:
-        log.warning("%s: %d leaked cluster(s) (wasted space, no data lost)", path, result.leaks)
-    return problems
-
-
 def _extra_files(backup: BackupDir, folder: Path, entries: list[str],
                  prefix: str) -> list[FileReport]:
     known = known_files(backup.store, folder)
@@ -227,22 +202,17 @@ def _extra_files(backup: BackupDir, folder: Path, entries: list[str],
             for name in unknown_backup_files(entries, known)]
 
 
-def _check_digests(reports: list[FileReport]) -> None:
-    """Recompute every present file's checksum (in parallel) and judge it."""
-    present = [r for r in reports if r.status not in ("missing", "extra") and _regular(r.path)]
-    for report, check in zip(present, check_files([(r.path, r.recorded_digest)
-                                                   for r in present])):
+def _check_digests(files: ChainFiles, reports: list[FileReport]) -> None:
+    """Recompute the checksum of every file that could be opened (through its descriptor)."""
+    present = [r for r in reports if r.status != "missing" and r.path.name in files.handles]
+    for report, check in zip(present, check_handles([(files.handles[r.path.name],
+                                                      r.recorded_digest) for r in present])):
         if check.status == "unrecorded":
             if report.status == "ok":
                 report.status = "unverifiable"
         elif check.status != "ok":
             report.status = "damaged"
             report.problems.append(check.detail)
-
-
-def _regular(path: Path) -> bool:
-    info = folder_safety.entry(path.parent, path.name)
-    return info is not None and stat.S_ISREG(info.st_mode)
 
 
 def mark_restorable(reports: list[FileReport]) -> None:

@@ -34,11 +34,16 @@ records verifiable: ``sha256:`` records of earlier versions (and the other
 whole-file algorithms) are recomputed as one plain hash of the file, still in
 the same pool as everybody's pieces.
 
-Files are opened like every other file a folder names (``folder_safety``:
-relative to the folder, never through a symlink, regular files only), once
-each, and read with ``os.preadv`` into one reused 1 MiB buffer per worker, so
-memory stays at workers × 1 MiB whatever the files' sizes; only a few files
-are open at a time, so a verify of thousands of files needs few descriptors.
+Restores and ``verify`` hash the descriptors they checked and hand to
+qemu-img (:func:`digest_handles`, :func:`check_handles`): the bytes hashed
+are the bytes restored, whatever the name leads to by then.  The backup run
+hashes its own new files by name (:func:`digest_files`), opened like every
+other file a folder names (``folder_safety``: relative to the folder, never
+through a symlink, regular files only).  Each file is read with
+``os.preadv`` into one reused 1 MiB buffer per worker, so memory stays at
+workers × 1 MiB whatever the files' sizes, and a piece that lies in a hole
+(``SEEK_DATA``) is not read at all: it hashes as that many zero bytes, so a
+huge sparse file (planted, or a mostly empty FULL) costs nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from typing import Optional, Sequence, Union
 
 from libqmpbackup.errors import ChainError
 from libqmpbackup.store import folder_safety
+from libqmpbackup.store.handles import FileHandle
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +100,33 @@ def worker_count() -> int:
 _buffers = threading.local()
 
 
+def _only_hole(fd: int, offset: int, length: int) -> bool:
+    """True when FD holds no data from OFFSET for LENGTH bytes: a hole reads as zeros."""
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)   # lseek only: the pieces are read with preadv
+    except OSError as err:
+        return err.errno == errno.ENXIO     # no data after OFFSET; EINVAL: no hole support
+    return data >= offset + length
+
+
+@functools.lru_cache(maxsize=4)
+def zeros_digest(length: int, algorithm: str) -> str:
+    """Hex digest of LENGTH zero bytes: what a piece lying in a hole hashes to (computed once)."""
+    digest = hashlib.new(algorithm)
+    chunk = bytes(min(CHUNK, length))
+    for offset in range(0, length, CHUNK):
+        digest.update(chunk[:min(CHUNK, length - offset)])
+    return digest.hexdigest()
+
+
 def _hash_range(fd: int, offset: int, length: int, algorithm: str) -> str:
-    """Hex digest of LENGTH bytes of FD from OFFSET, read through this thread's buffer."""
+    """Hex digest of LENGTH bytes of FD from OFFSET, read through this thread's buffer.
+
+    A range that lies in a hole is not read: a huge sparse file (planted, or
+    a mostly empty FULL) costs nothing, and its digest is the same.
+    """
+    if _only_hole(fd, offset, length):
+        return zeros_digest(length, algorithm)
     buffer: Optional[bytearray] = getattr(_buffers, "chunk", None)
     if buffer is None:
         buffer = _buffers.chunk = bytearray(CHUNK)
@@ -123,6 +154,7 @@ class _FileHashing:
 
     path: Path
     algorithm: str
+    source_fd: int = -1     # an open, checked file (a FileHandle's): hashed through a copy of it
     fd: int = -1
     size: int = 0
     pieces: list[Future[str]] = field(default_factory=list)
@@ -132,8 +164,9 @@ class _FileHashing:
 
     def open(self) -> None:
         try:
-            self.fd = folder_safety.open_file(self.path.parent, self.path.name, os.O_RDONLY,
-                                              what="backup file")
+            self.fd = (os.dup(self.source_fd) if self.source_fd >= 0 else
+                       folder_safety.open_file(self.path.parent, self.path.name, os.O_RDONLY,
+                                               what="backup file"))
             self.size = os.fstat(self.fd).st_size
         except (OSError, ChainError) as err:
             self.failure = err
@@ -177,7 +210,8 @@ def _ranges(size: int, algorithm: str, piece_size: int) -> list[tuple[int, int]]
     return [(offset, min(piece_size, size - offset)) for offset in range(0, size, piece_size)]
 
 
-def _hash_all(items: Sequence[tuple[Path, str]], piece_size: int) -> list[Union[str, DigestFailure]]:
+def _hash_all(items: Sequence[tuple[Path, str, int]],
+              piece_size: int) -> list[Union[str, DigestFailure]]:
     """Digest or failure of each (path, algorithm), every piece of every file in one pool.
 
     The files are opened in order, each only when a slot is free, so at most
@@ -186,7 +220,8 @@ def _hash_all(items: Sequence[tuple[Path, str]], piece_size: int) -> list[Union[
     (the runner raises in this thread) drops the queued pieces: the command
     stops after the pieces in flight instead of hashing every file first.
     """
-    files = [_FileHashing(path=path, algorithm=algorithm) for path, algorithm in items]
+    files = [_FileHashing(path=path, algorithm=algorithm, source_fd=fd)
+             for path, algorithm, fd in items]
     workers = worker_count()
     slots = threading.BoundedSemaphore(2 * workers)
 
@@ -236,9 +271,21 @@ def digest_files(paths: Sequence[Path], algorithms: Optional[Sequence[str]] = No
     if not paths:
         return []
     chosen = list(algorithms) if algorithms is not None else [ALGORITHM] * len(paths)
+    return _digests([(path, algorithm, -1) for path, algorithm in zip(paths, chosen)],
+                    piece_size)
+
+
+def digest_handles(handles: Sequence[FileHandle]) -> list[str]:
+    """:func:`digest_files` of files already open and checked: hashed through their descriptors."""
+    return _digests([(h.path, ALGORITHM, h.fd) for h in handles], PIECE_SIZE)
+
+
+def _digests(items: Sequence[tuple[Path, str, int]], piece_size: int) -> list[str]:
+    if not items:
+        return []
     started = time.monotonic()
-    results = _hash_all(list(zip(paths, chosen)), piece_size)
-    log.debug("digests of %d file(s) in %.2f s", len(paths), time.monotonic() - started)
+    results = _hash_all(items, piece_size)
+    log.debug("digests of %d file(s) in %.2f s", len(items), time.monotonic() - started)
     digests = []
     for result in results:
         if not isinstance(result, str):
@@ -274,13 +321,22 @@ class DigestCheck:
     detail: str = ""
 
 
+def check_handles(files: Sequence[tuple[FileHandle, Optional[str]]]) -> list[DigestCheck]:
+    """:func:`check_files` of files already open and checked, through their descriptors."""
+    return _check([(h.path, recorded, h.fd) for h, recorded in files])
+
+
 def check_files(files: Sequence[tuple[Path, Optional[str]]]) -> list[DigestCheck]:
     """Recompute the digest of each (path, recorded digest) pair, in parallel; never raises."""
-    checkable = [(path, recorded, algorithm_of(recorded)) for path, recorded in files]
-    todo = [(path, algorithm) for path, _, algorithm in checkable if algorithm]
+    return _check([(path, recorded, -1) for path, recorded in files])
+
+
+def _check(files: Sequence[tuple[Path, Optional[str], int]]) -> list[DigestCheck]:
+    checkable = [(path, recorded, algorithm_of(recorded), fd) for path, recorded, fd in files]
+    todo = [(path, algorithm, fd) for path, _, algorithm, fd in checkable if algorithm]
     computed = iter(_hash_all(todo, PIECE_SIZE))
     results = []
-    for path, recorded, algorithm in checkable:
+    for path, recorded, algorithm, _ in checkable:
         if algorithm is None:
             results.append(DigestCheck(path=path, status="unrecorded",
                                        detail="no checksum recorded"))

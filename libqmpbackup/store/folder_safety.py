@@ -14,9 +14,10 @@ outside it.  The rule, enforced here for every command:
 * it is opened without following symlinks (``O_NOFOLLOW``, ``lstat``, and
   operations relative to a descriptor of the folder), and it is a regular
   file or directory: never a symlink, device, FIFO or socket;
-* an image is used only when ``qemu-img info`` shows no external data file
-  and no backing file but a sibling backup file declared as qcow2, each image
-  checked before its backing file is followed (:func:`checked_images`).
+* an image is used only when its header declares no external data file and
+  no backing file but a sibling backup file declared as qcow2
+  (:func:`inspect_image`), and it is used through the descriptor it was
+  checked on; qemu-img never follows a header's backing name.
 
 A refusal is a :class:`ChainError` (exit 6) naming the file, and nothing
 has been changed when it is raised.
@@ -29,13 +30,16 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError
+from libqmpbackup.printable import escape, has_control
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.store.fsutil import fsync_dir
-from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.handles import FileHandle, Folder
+from libqmpbackup.store.json_shape import malformed
 from libqmpbackup.store.names import is_backup_file_name, is_plain_file_name
+from libqmpbackup.store.qcow2_header import read_header
 
 MAX_JSON_BYTES = 16 << 20
 """Metadata of thousands of backups is a few MiB; more is not metadata."""
@@ -65,14 +69,23 @@ def backup_file(name: object, what: str) -> str:
     """NAME when it follows the backup-file grammar (``FULL-<time>-<image>``, ...)."""
     if not isinstance(name, str) or not is_backup_file_name(name):
         raise ChainError(f"{what} {name!r} is not a backup file name: refused")
-    return plain_name(name, what)
+    return _qemu_plain(plain_name(name, what), what)
 
 
 def recorded_file(name: object, what: str) -> str:
     """NAME as a chain may record it: a backup file name, or (--no-timestamp) a plain file name."""
     if not isinstance(name, str) or not (is_backup_file_name(name) or is_plain_file_name(name)):
         raise ChainError(f"{what} {name!r} is not a backup file name: refused")
-    return plain_name(name, what)
+    return _qemu_plain(plain_name(name, what), what)
+
+
+def _qemu_plain(name: str, what: str) -> str:
+    """A backup file name may end up in a qcow2 header, where QEMU reads ``x:…`` as a protocol
+    (``json:{…}`` as a whole block spec): the tool never writes such names, so none is read."""
+    if ":" in name:
+        raise ChainError(f"{what} {name!r} holds a ':', which QEMU would read as a protocol or "
+                         "block spec, not a file: refused")
+    return name
 
 
 @contextlib.contextmanager
@@ -181,15 +194,38 @@ def read_bytes(folder: Path, name: str, what: str, limit: int) -> Optional[bytes
 
 
 def read_json(folder: Path, name: str, what: str) -> Any:
-    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error."""
+    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error.
+
+    No string in it (names, ids, paths, keys) may hold a control character
+    (:func:`refuse_control`): the tools print them.
+    """
     data = read_bytes(folder, name, what, MAX_JSON_BYTES)
     if data is None:
         return ABSENT
     try:
-        return json.loads(data.decode("utf-8"))
+        document = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as err:   # RecursionError: nesting a parser cannot follow
         raise ChainError(f"cannot read {what} {folder / name}: {type(err).__name__}: "
-                         f"{str(err)[:200]}") from err
+                         f"{escape(str(err)[:200])}") from err
+    refuse_control(document, f"{what} {folder / name}")
+    return document
+
+
+def refuse_control(document: Any, where: str) -> None:
+    """Refuse a document any of whose strings holds a C0/C1 control character or DEL.
+
+    The tool never writes one; printed, a newline or ESC in a disk id or file
+    name forges a line of the log or ``list``, or drives the admin's terminal.
+    """
+    pending = [document]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            pending += item
+        elif isinstance(item, str) and has_control(item):
+            raise malformed(where, f"it holds a control character in '{escape(item[:80])}'")
 
 
 def remove(folder: Path, name: str) -> bool:
@@ -269,36 +305,40 @@ def image_problems(folder: Path, name: str, info: Any) -> list[str]:
     return problems
 
 
-def inspect_image(folder: Path, name: str) -> Any:
-    """``qemu-img info`` of the regular file FOLDER/NAME alone, after the rule allowed it."""
-    require_regular(folder, recorded_file(name, "image"))
-    try:
-        info = qemuimg.info(folder / name, fmt="qcow2")
-    except QemuImgError as err:
-        raise ChainError(f"{folder}: {name} is unreadable ({err})") from err
-    problems = image_problems(folder, name, info)
+def inspect_image(handle: FileHandle, folder: Path) -> Any:
+    """``qemu-img info`` of the open backup file HANDLE alone, after the rule allowed it."""
+    info, problems = image_report(handle, folder)
     if problems:
         raise ChainError(f"{folder}: {'; '.join(problems)}")
     return info
 
 
-def checked_images(folder: Path, tops: Sequence[str]) -> dict[str, Any]:
-    """``qemu-img info`` of every image TOPS read through, by name; each checked before use.
+def image_report(handle: FileHandle, folder: Path) -> tuple[Any, list[str]]:
+    """``qemu-img info`` of the open backup file HANDLE alone, and what the rule finds wrong.
 
-    This is ``qemu-img info --backing-chain`` done one image at a time:
-    qemu-img itself would open a hostile backing name before anything could
-    refuse it, here each image's header is checked before its backing file
-    is looked at.  Chains shared by several TOPS are inspected once.
+    The header is read from the same descriptor first: an external data file
+    is refused before qemu-img could open the name it gives, and the backing
+    name reported is the header's exact one (qemu-img shows invalid UTF-8 as
+    U+FFFD, which made two names look alike).  qemu-img reads the file as
+    ``/dev/fd/N`` with ``backing: null``: a header's backing name is
+    compared with the metadata, never opened.
     """
-    checked: dict[str, Any] = {}
-    for top in tops:
-        walked: list[str] = []
-        name: Optional[str] = top
-        while name is not None and name not in checked:
-            if name in walked:
-                raise ChainError(f"{folder}: the backing chain of {top} loops at {name}: refused")
-            walked.append(name)
-            checked[name] = inspect_image(folder, name)
-            backing = checked[name].get("backing-filename")
-            name = sibling_name(folder, backing) if backing else None
-    return checked
+    name = handle.name
+    try:
+        header = read_header(handle.fd)
+    except OSError as err:
+        return None, [f"{name} is unreadable ({err.strerror})"]
+    if header is None:
+        return None, [f"{name} is not in qcow2 format: refused"]
+    if header.data_file:
+        return None, [f"{name} has an external data file: refused"]
+    try:
+        info = qemuimg.info_alone(handle.dev_path, pass_fds=[handle.fd])
+    except QemuImgError as err:
+        return None, [f"{name} is unreadable ({err})"]
+    if not isinstance(info, dict):
+        return None, [f"{name}: qemu-img info gave no image description"]
+    info.pop("backing-filename", None)
+    if header.backing is not None:
+        info["backing-filename"] = header.backing
+    return info, image_problems(folder, name, info)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from libqmpbackup.store import digests
 from libqmpbackup.store.digests import PIECE_SIZE, check_files, digest_files, file_digest
+from libqmpbackup.store.handles import Folder
 
 MiB = 1 << 20
 
@@ -145,3 +147,31 @@ def test_a_symlink_or_a_fifo_is_not_hashed(tmp_path: Path) -> None:
                            (target, recorded)])
     assert [r.status for r in results] == ["unreadable", "unreadable", "ok"]
     assert "symlink" in results[0].detail and "FIFO" in results[1].detail
+
+
+def test_pieces_in_holes_are_not_read_and_hash_as_zeros(tmp_path: Path) -> None:
+    """Finding 8: a planted 64 GiB sparse file costs nothing; the digest is still coreutils'."""
+    huge = tmp_path / "FULL-1-huge.qcow2"
+    with open(huge, "wb") as handle:
+        os.truncate(handle.fileno(), 64 << 30)
+    started = time.monotonic()
+    digest = file_digest(huge)
+    assert time.monotonic() - started < 10, "a hole must not be read"
+    zeros = digests.zeros_digest(PIECE_SIZE, "sha256")
+    assert digest == f"sha256x64m:{digests.combine_pieces([zeros] * 1024)}"
+    middle_hole = sparse_file(tmp_path / "INC-2-disk.qcow2", 3 * PIECE_SIZE)
+    with open(middle_hole, "r+b") as handle:   # data in the first and last piece only
+        handle.seek(PIECE_SIZE // 2)
+        handle.write(b"\x00")
+    assert file_digest(middle_hole) == coreutils_digest(middle_hole)
+
+
+def test_open_files_are_hashed_through_their_descriptor(tmp_path: Path) -> None:
+    """Hashing by descriptor: what was opened and checked is what is hashed, not the name."""
+    original = sparse_file(tmp_path / "FULL-1-disk.qcow2", 3 * MiB)
+    expected = file_digest(original)
+    with Folder.open_root(tmp_path) as folder, folder.open(original.name) as handle:
+        original.rename(tmp_path / "elsewhere")
+        sparse_file(tmp_path / original.name, MiB)   # a different file under the same name
+        assert digests.digest_handles([handle]) == [expected]
+        assert [c.status for c in digests.check_handles([(handle, expected)])] == ["ok"]

@@ -1,0 +1,167 @@
+"""The backup files a restore reads: each opened once, checked on its descriptor, used through it.
+
+A name checked and then opened again by qemu-img can lead elsewhere by
+then (a file swapped between the checksum and qemu-img's open, a header's
+backing name that only *looks* like the recorded one).  So a restore opens
+every file it reads by its recorded name, relative to the disk folder's
+descriptor (:mod:`libqmpbackup.store.handles`), checks and hashes that
+descriptor, and hands the same descriptors to qemu-img as ``/dev/fd/N``
+with the whole chain spelled out (:func:`qemuimg.chain_source`): what was
+checked is what is read, and no header chooses a file.
+
+:func:`image_findings` is the one image check, used by ``verify`` and by
+every restore's pre-check alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from libqmpbackup.errors import ChainError, QemuImgError
+from libqmpbackup.qemu import qemuimg
+from libqmpbackup.restore.rules import image_problems
+from libqmpbackup.store import folder_safety
+from libqmpbackup.store.handles import FileHandle, Folder
+from libqmpbackup.store.metadata import BackupRecord
+
+log = logging.getLogger(__name__)
+
+
+def open_disk_folder(root: Path, folder: Path) -> Folder:
+    """FOLDER (ROOT itself, or a real folder below it: never through a symlink) as a descriptor."""
+    relative = os.path.relpath(folder, root)
+    opened = Folder.open_root(root)
+    if relative == ".":
+        return opened
+    try:
+        for part in Path(relative).parts:
+            inner = opened.sub(part, "disk folder")
+            opened.close()
+            opened = inner
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def _allow_open_files() -> None:
+    """Every file of a chain stays open from its check to its use: a year of daily INCs on
+    several disks needs more descriptors than the usual soft limit of 1024 (the hard limit is
+    the admin's)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class ChainFiles:
+    """Backup files of one disk folder, open and checked, kept open from the check to their use.
+
+    WRITABLE: the files are opened for writing too (in-place restores).
+    DRY_RUN: commands are shown with the files' names, for the admin to read,
+    while every check still reads the descriptors.
+    """
+
+    def __init__(self, folder: Folder, *, writable: bool = False, dry_run: bool = False) -> None:
+        self.folder = folder
+        self.writable = writable
+        self.dry_run = dry_run
+        self.handles: dict[str, FileHandle] = {}
+        self.infos: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, root: Path, folder: Path, *, writable: bool = False,
+             dry_run: bool = False) -> ChainFiles:
+        _allow_open_files()
+        return cls(open_disk_folder(root, folder), writable=writable, dry_run=dry_run)
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
+
+    def names(self) -> list[str]:
+        return self.folder.names()
+
+    def handle(self, name: str) -> FileHandle:
+        """NAME (a recorded file name) opened after the rule, once: later calls return it."""
+        if name not in self.handles:
+            folder_safety.recorded_file(name, "backup file")
+            self.handles[name] = self.folder.open_existing(name, write=self.writable)
+        return self.handles[name]
+
+    def inspect(self, name: str) -> Any:
+        """``qemu-img info`` of NAME alone, checked against the folder rule (cached)."""
+        if name not in self.infos:
+            self.infos[name] = folder_safety.inspect_image(self.handle(name), self.path)
+        return self.infos[name]
+
+    def header_changed(self, name: str) -> None:
+        """NAME's header was rewritten on purpose: the next :meth:`inspect` reads it again."""
+        self.infos.pop(name, None)
+
+    def layer(self, name: str) -> str:
+        """How a qemu-img command line names NAME: its descriptor (its name in a dry run)."""
+        return str(self.path / name) if self.dry_run else self.handle(name).dev_path
+
+    def spec(self, names: Sequence[str]) -> str:
+        """The chain NAMES (oldest first) as one ``json:`` image: every layer by descriptor.
+
+        Each layer passed the image rule on its descriptor first.
+        """
+        for name in names:
+            self.inspect(name)
+        return qemuimg.chain_source([self.layer(name) for name in names])
+
+    @property
+    def fds(self) -> list[int]:
+        return [handle.fd for handle in self.handles.values()]
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+        self.folder.close()
+
+    def __enter__(self) -> ChainFiles:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def image_findings(files: ChainFiles, record: BackupRecord,
+                   previous: Optional[BackupRecord]) -> list[str]:
+    """Everything wrong with one backup file by itself; empty when it may be read.
+
+    The folder rule (a regular file of the folder, qcow2, no data file, a
+    backing name that is a sibling declared qcow2), the metadata's facts
+    (size, backing name = PREVIOUS's file) and ``qemu-img check`` of the
+    file alone.  ``verify`` reports the findings per file; a restore
+    refuses the chain when there are any.
+    """
+    try:
+        handle = files.handle(record.file)
+    except ChainError as err:
+        return [str(err)]
+    info, problems = folder_safety.image_report(handle, files.path)
+    if problems:
+        return problems
+    files.infos[record.file] = info
+    problems = image_problems(record, previous, info, files.path)
+    try:
+        result = qemuimg.check(handle.dev_path, fmt="qcow2", without_backing=True,
+                               pass_fds=[handle.fd])
+    except QemuImgError as err:
+        return [*problems, f"qemu-img cannot check {record.file} ({err})"]
+    if result.damaged:
+        problems.append(f"qemu-img check found {result.corruptions} corruption(s) and "
+                        f"{result.check_errors} error(s) in {record.file}")
+    elif result.leaks:
+        log.warning("%s: %d leaked cluster(s) (wasted space, no data lost; "
+                    "`qemu-img check -r leaks` reclaims them)", handle.path, result.leaks)
+    return problems
