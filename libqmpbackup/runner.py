@@ -35,22 +35,6 @@ Command = Callable[[argparse.Namespace], Union[CommandResult, Awaitable[CommandR
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-class _Outcome:
-    """Whether the running command has already recorded what it promised."""
-
-    recorded = False
-
-
-def mark_recorded() -> None:
-    """From here on a signal no longer cancels the command: its result is on disk.
-
-    Cancelling now would undo nothing (the backup is recorded) but would turn
-    a success into exit 130/143, and a cron job would report a backup that
-    exists as failed.  The remaining steps are cleanup; they run to the end.
-    """
-    _Outcome.recorded = True
-
-
 def byte_rate(text: str) -> int:
     """argparse type for sizes and rates such as ``50M``: bad input is a usage error."""
     try:
@@ -109,21 +93,21 @@ class _FirstSignal:
 async def _run_cancellable(coro: Awaitable[CommandResult], first: _FirstSignal) -> CommandResult:
     """Run CORO; the first signal cancels it, so its ``finally`` blocks clean up."""
     loop = asyncio.get_running_loop()
-    _Outcome.recorded = False
     task = asyncio.ensure_future(coro)
 
     def on_signal(signum: int) -> None:
-        if _Outcome.recorded:
-            log.warning("received %s after the backup was recorded: finishing the run "
-                        "(the backup stands)", signal.Signals(signum).name)
-            return
         if first.take(signum):
             task.cancel()
 
     for signum in HANDLED_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        return await task
+        result = await task
+        if first.signum is not None:
+            # the command absorbed the cancellation: what it promised was on disk already
+            log.warning("received %s after the backup was recorded: the run finished "
+                        "(the backup stands)", signal.Signals(first.signum).name)
+        return result
     except asyncio.CancelledError:
         if first.signum is not None:
             raise Interrupted(first.signum) from None

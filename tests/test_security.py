@@ -26,30 +26,12 @@ from libqmpbackup.store import digests
 from libqmpbackup.store.locks import LOCK_DIR_ENV
 from libqmpbackup.store.names import DISK_METADATA_NAME, JOURNAL_NAME, LOCK_NAME, METADATA_NAME
 from tests.helpers import run_backup
-from tests.hostile import NOBODY, blocked_writer
+from tests.hostile import NOBODY, Victim, as_nobody, blocked_writer
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
 
 pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
 
 DISK = "virtio0"
-
-
-@dataclass
-class Victim:
-    """A host file outside the backup folder; what must never change about it."""
-
-    path: Path
-
-    @classmethod
-    def make(cls, path: Path, content: bytes = b"precious host data\n") -> Victim:
-        path.write_bytes(content)
-        path.chmod(0o640)
-        return cls(path)
-
-    def state(self) -> tuple[object, ...]:
-        info = os.lstat(self.path)
-        return (file_digest(self.path), info.st_size, stat.S_IMODE(info.st_mode),
-                stat.S_IFMT(info.st_mode))
 
 
 @dataclass
@@ -90,12 +72,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         else:
             os.environ[LOCK_DIR_ENV] = old
     yield built
-
-
-def as_nobody(*argv: str) -> None:
-    """Run ARGV as an unprivileged user: the attacker who can write the shared folder."""
-    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                    *argv], check=True)
 
 
 RESTORE_COMMANDS: list[Callable[[Path, Path], list[object]]] = [

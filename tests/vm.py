@@ -56,7 +56,8 @@ class TestVM(QemuVM):
         nodes = [n["node-name"] for n in self.cmd("query-named-block-nodes", flat=True)
                  if n["node-name"].startswith("qmpbackup-")]
         jobs = [j["id"] for j in self.cmd("query-jobs")]
-        return nodes + jobs
+        fdsets = [f"fdset {f['fdset-id']}" for f in self.cmd("query-fdsets")]
+        return nodes + jobs + fdsets
 
 
 def identical(a: Path, b: Path) -> bool:

@@ -147,9 +147,14 @@ def aio_modes_of(schema: list[dict[str, Any]]) -> set[str]:
     return {"threads"}
 
 
-async def add_target_node(session: QmpSession, job: BackupJob, io: TargetIO = TargetIO()) -> None:
-    """Open the target in QEMU without its backing file: the job writes only new clusters."""
-    file: dict[str, Any] = {"driver": "file", "filename": str(job.partial_path)}
+async def add_target_node(session: QmpSession, job: BackupJob, filename: str,
+                          io: TargetIO = TargetIO()) -> None:
+    """Open the target in QEMU without its backing file: the job writes only new clusters.
+
+    FILENAME is ``/dev/fdset/N`` for a target handed over as a descriptor
+    (:mod:`libqmpbackup.backup.targets`).
+    """
+    file: dict[str, Any] = {"driver": "file", "filename": filename}
     if io.aio:
         file["aio"] = io.aio
     node: dict[str, Any] = {"driver": "qcow2", "node-name": job.target_node, "file": file,

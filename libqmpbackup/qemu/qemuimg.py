@@ -83,14 +83,22 @@ def create(path: Path, size: int, *, backing: Optional[str] = None) -> None:
     The size must match the source disk exactly or blockdev-backup refuses
     the target; 64 KiB clusters keep incremental backups small.
     """
+    run(_create_args(str(path), size, backing))
+
+
+def create_fd(fd: int, size: int, *, backing: Optional[str] = None) -> None:
+    """:func:`create` into the file open as FD (``/dev/fd/N``): the name is never looked up."""
+    run(_create_args(f"/dev/fd/{fd}", size, backing), pass_fds=(fd,))
+
+
+def _create_args(target: str, size: int, backing: Optional[str]) -> list[str]:
     args: list[str] = ["create", "-q", "-f", "qcow2", "-o",
                        f"cluster_size={BACKUP_CLUSTER_SIZE}"]
     if backing is not None:
         # every backup file is qcow2: never probe; -u: the name is only written, the
         # previous backup is never opened here
         args += ["-u", "-b", backing, "-F", "qcow2"]
-    args += [str(path), str(size)]
-    run(args)
+    return [*args, target, str(size)]
 
 
 def info(path: Path, *, backing_chain: bool = False, fmt: Optional[str] = None,

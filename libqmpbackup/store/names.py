@@ -161,9 +161,11 @@ def link_name(level: str, file_name: str) -> str:
     return f"{LEVEL_PREFIX[level]}-{file_name}"
 
 
-RESERVED_FILE_NAMES = frozenset({METADATA_NAME, DISK_METADATA_NAME, LOCK_NAME,
+RESERVED_FILE_NAMES = frozenset({METADATA_NAME, INTENT_NAME, DISK_METADATA_NAME, LOCK_NAME,
                                  UPSTREAM_UUID_NAME, IMAGE_LINK, JOURNAL_NAME})
-"""Names an untimestamped backup file may never take: they mean something else in a folder."""
+"""Every fixed name the tool writes or reads in a folder: the one list planning, the intent
+record and the name rules use.  An untimestamped backup file may never take one (a FULL named
+``qmpbackup-intent.json`` would be deleted with the intent record right after its commit)."""
 
 
 def is_plain_file_name(name: str) -> bool:

@@ -22,6 +22,7 @@ from libqmpbackup.errors import ChainError, LockBusyError, UsageError
 from libqmpbackup.qemu.devices import BlockDevice, DirtyBitmap, below_filters
 from libqmpbackup.store import locks
 from libqmpbackup.store.fsutil import write_atomically
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.layout import is_empty_dir, partial_files, prepare_root, stale_temp_files
 from libqmpbackup.store.names import LOCK_NAME
 from tests.hostile import NOBODY, blocked_writer
@@ -235,7 +236,9 @@ def test_clean_target_removes_partials_and_metadata_temp_files(tmp_path: Path) -
     temp = tmp_path / ".qmpbackup.json.abc123.tmp"
     temp.write_text("{")
     write_atomically(tmp_path / "qmpbackup.json", "{}\n")
-    assert partial_files(tmp_path) == [partial] and stale_temp_files(tmp_path) == [temp]
+    with Folder.open_root(tmp_path) as top:
+        assert partial_files(top) == [f"virtio0/{partial.name}"]
+        assert stale_temp_files(top) == [temp.name]
     clean_target(tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["FULL-1-a.qcow2", "qmpbackup.json",
                                                            "virtio0"]

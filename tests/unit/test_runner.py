@@ -11,6 +11,7 @@ from typing import Optional
 
 import pytest
 
+from libqmpbackup.backup.run_steps import finish_regardless
 from libqmpbackup.errors import UsageError
 from libqmpbackup.runner import add_logging_options, run
 
@@ -69,3 +70,21 @@ def test_the_parsers_raise_the_usage_error_itself(build: str, argv: list[str], p
         built.parse_args(argv)
     assert info.value.exit_code == 2 and str(info.value).startswith(message)
     assert info.value.lines() == [str(info.value)] and vars(info.value).get("prog") == prog
+def test_a_signal_after_the_record_lets_the_run_finish_and_exit_0(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The run absorbs a cancellation once recorded; the runner learns it from the result."""
+    finished: list[str] = []
+
+    async def after_commit() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.05)                 # the signal arrives while this step awaits
+        finished.append("cleanup")
+
+    async def command() -> Optional[int]:
+        await finish_regardless(after_commit())
+        finished.append("returned")
+        return 0
+
+    assert run(parser(), lambda _args: lambda _a: command(), [], "test") == 0
+    assert finished == ["cleanup", "returned"]
+    assert "received SIGTERM after the backup was recorded" in capsys.readouterr().err
