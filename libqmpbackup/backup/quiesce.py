@@ -11,6 +11,7 @@ timeouts and signals, and a failed thaw is retried and reported loudly.
 from __future__ import annotations
 
 import logging
+import time
 from types import TracebackType
 from typing import Optional
 
@@ -21,7 +22,12 @@ from libqmpbackup.qemu.agent import GuestAgent
 log = logging.getLogger(__name__)
 
 FREEZE_TIMEOUT = 30.0
+#: A freeze longer than this stalls every writer in the guest that long; it is
+#: almost always the guest's fsfreeze hooks (databases) being slow, so say so.
+SLOW_FREEZE = 10.0
 THAW_ATTEMPTS = 3
+SLOW_FREEZE_HINT = ("writes in the guest stall for that long; its fsfreeze hooks run inside "
+                    "the freeze: see their log in the guest (/var/log/qga-fsfreeze-hook.log)")
 
 
 def check_quiesce_options(agent_socket: Optional[str], required: bool) -> None:
@@ -86,6 +92,7 @@ class Quiescer:
         # agent is kept for the thaw: __aexit__ does it, or the handlers
         # below when __aenter__ itself fails (then __aexit__ never runs).
         self._agent = agent
+        started = time.monotonic()
         try:
             count = await agent.fsfreeze_freeze(timeout=FREEZE_TIMEOUT)
         except AgentError as err:
@@ -107,7 +114,11 @@ class Quiescer:
                 raise
             return self
         self.frozen = True
-        log.info("froze %d guest filesystem(s)", count)
+        took = time.monotonic() - started
+        log.info("froze %d guest filesystem(s) in %.2f s", count, took)
+        if took > SLOW_FREEZE:
+            log.warning("the guest agent took %.1f s to freeze (more than %g s): %s",
+                        took, SLOW_FREEZE, SLOW_FREEZE_HINT)
         return self
 
     async def __aexit__(self, exc_type: Optional[type[BaseException]],
