@@ -6,7 +6,7 @@
 PYTHON   ?= python3
 VENV     ?= .venv
 VPY      := $(VENV)/bin/python
-APT_PKGS := qemu-system-x86 qemu-utils e2fsprogs libfuse3-3
+APT_PKGS := qemu-system-x86 qemu-utils e2fsprogs libfuse3-3 sqlite3 busybox
 JOBS     ?= 2
 PYTEST_ARGS ?=
 
@@ -16,10 +16,12 @@ all: test
 
 deps: system-deps venv
 
-# QEMU and qemu-img come from Debian; install them only when missing.
+# QEMU and qemu-img come from Debian; install them only when missing.  sqlite3
+# and busybox are for the fsfreeze hook tests (a real database; the hooks under
+# busybox sh as well as dash).
 system-deps:
 	@missing=""; \
-	for tool in qemu-system-x86_64 qemu-img qemu-io mkfs.ext4; do \
+	for tool in qemu-system-x86_64 qemu-img qemu-io mkfs.ext4 sqlite3 busybox; do \
 	  command -v $$tool >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
 	done; \
 	[ -f /usr/share/seabios/bios-256k.bin ] || missing="$$missing seabios"; \

@@ -171,7 +171,7 @@ hook_hold_wait() {
 
 # What the client printed, on one line, for the log.
 hook_hold_output() {
-    tr '\n' ' ' <"$HOOK_STATE/$1/out" 2>/dev/null | cut -c1-500
+    tr '\n' ' ' <"$HOOK_STATE/$1/out" 2>/dev/null | sed 's/ *$//' | cut -c1-500
 }
 
 # hook_release ID: let the client send its release statements and end;
