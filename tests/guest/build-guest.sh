@@ -28,7 +28,7 @@ readonly MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev
 readonly EXIT_UNAVAILABLE=77
 # sqlite3 and the libraries it links beyond libc (which comes from the host,
 # as qemu-ga's does): all fetched, so a host without them builds the same guest.
-readonly SQLITE_PKGS="sqlite3 libsqlite3-0 libreadline8 libtinfo6 zlib1g"
+readonly SQLITE_PKGS=(sqlite3 libsqlite3-0 libreadline8 libtinfo6 zlib1g)
 
 log() { echo "build-guest: $*" >&2; }
 unavailable() { log "guest unavailable: $*"; exit "$EXIT_UNAVAILABLE"; }
@@ -44,10 +44,9 @@ done
 # key must name that one, since it is what changes the kernel we boot.
 resolve_packages() {
     local info pkg="" line
-    KERNEL_PKG="" KERNEL_VER="" BUSYBOX_VER="" QGA_VER="" SQLITE_PINS=""
-    # shellcheck disable=SC2086
+    KERNEL_PKG="" KERNEL_VER="" BUSYBOX_VER="" QGA_VER="" SQLITE_PINS=()
     info=$(apt-cache show --no-all-versions linux-image-cloud-amd64 busybox-static qemu-guest-agent \
-        $SQLITE_PKGS 2>/dev/null) || true
+        "${SQLITE_PKGS[@]}" 2>/dev/null) || true
     while IFS= read -r line; do
         case "$line" in
             "Package: "*) pkg=${line#Package: } ;;
@@ -55,8 +54,8 @@ resolve_packages() {
                 case "$pkg" in
                     busybox-static) BUSYBOX_VER=${line#Version: } ;;
                     qemu-guest-agent) QGA_VER=${line#Version: } ;;
-                    *) case " $SQLITE_PKGS " in
-                           *" $pkg "*) SQLITE_PINS="$SQLITE_PINS $pkg=${line#Version: }" ;;
+                    *) case " ${SQLITE_PKGS[*]} " in
+                           *" $pkg "*) SQLITE_PINS+=("$pkg=${line#Version: }") ;;
                        esac ;;
                 esac ;;
             "Depends: "*)
@@ -75,27 +74,26 @@ resolve_packages() {
             | sed -n 's/^Version: //p' | head -n1)
     fi
     [ -n "$KERNEL_VER" ] && [ -n "$BUSYBOX_VER" ] && [ -n "$QGA_VER" ] \
-        && [ "$(echo $SQLITE_PINS | wc -w)" -eq "$(echo $SQLITE_PKGS | wc -w)" ]
+        && [ "${#SQLITE_PINS[@]}" -eq "${#SQLITE_PKGS[@]}" ]
 }
 
 if ! resolve_packages; then
     if [ "$(id -u)" -eq 0 ]; then
         log "package lists lack the guest packages; running apt-get update"
         apt-get update -qq >&2 || unavailable "apt-get update failed"
-        resolve_packages || unavailable "apt knows no linux-image-cloud-amd64, busybox-static, qemu-guest-agent or $SQLITE_PKGS"
+        resolve_packages || unavailable "apt knows no linux-image-cloud-amd64, busybox-static, qemu-guest-agent or ${SQLITE_PKGS[*]}"
     else
-        unavailable "apt knows no linux-image-cloud-amd64, busybox-static, qemu-guest-agent or $SQLITE_PKGS (run apt-get update as root)"
+        unavailable "apt knows no linux-image-cloud-amd64, busybox-static, qemu-guest-agent or ${SQLITE_PKGS[*]} (run apt-get update as root)"
     fi
 fi
 
 script_sum=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-64)
-# shellcheck disable=SC2086
 KEY=$({ printf '%s=%s\n' \
         "$KERNEL_PKG" "$KERNEL_VER" \
         busybox-static "$BUSYBOX_VER" \
         qemu-guest-agent "$QGA_VER" \
         build-guest.sh "$script_sum"
-      printf '%s\n' $SQLITE_PINS; } \
+      printf '%s\n' "${SQLITE_PINS[@]}"; } \
     | sha256sum | cut -c1-16)
 
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/qmpbackup/test-guest"
@@ -120,7 +118,7 @@ fi
 
 WORK=$(mktemp -d "$CACHE_ROOT/.build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
-log "building guest $KEY ($KERNEL_PKG $KERNEL_VER, busybox-static $BUSYBOX_VER, qemu-guest-agent $QGA_VER,$SQLITE_PINS)"
+log "building guest $KEY ($KERNEL_PKG $KERNEL_VER, busybox-static $BUSYBOX_VER, qemu-guest-agent $QGA_VER, ${SQLITE_PINS[*]})"
 
 # --- fetch and unpack -------------------------------------------------------
 mkdir "$WORK/debs" "$WORK/pkg"
@@ -130,7 +128,7 @@ apt_opts=()
 [ "$(id -u)" -eq 0 ] && apt_opts+=(-o APT::Sandbox::User=root)
 if ! (cd "$WORK/debs" && apt-get "${apt_opts[@]}" -q download \
         "$KERNEL_PKG=$KERNEL_VER" "busybox-static=$BUSYBOX_VER" "qemu-guest-agent=$QGA_VER" \
-        $SQLITE_PINS >&2); then
+        "${SQLITE_PINS[@]}" >&2); then
     unavailable "apt-get download failed (no network or package mirror?)"
 fi
 for deb in "$WORK"/debs/*.deb; do
@@ -290,7 +288,7 @@ cp "$KERNEL" "$OUT/vmlinuz"
 (cd "$ROOT" && find . | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc -R 0:0 2>/dev/null) \
     | gzip -6 -n >"$OUT/initramfs.gz"
 { printf '%s=%s\n' "$KERNEL_PKG" "$KERNEL_VER" busybox-static "$BUSYBOX_VER" \
-    qemu-guest-agent "$QGA_VER"; printf '%s\n' $SQLITE_PINS; } >"$OUT/packages"
+    qemu-guest-agent "$QGA_VER"; printf '%s\n' "${SQLITE_PINS[@]}"; } >"$OUT/packages"
 
 # An incomplete directory of this key (someone deleted a file from the
 # cache) is replaced; we hold the lock, so nobody is reading a half of it.
