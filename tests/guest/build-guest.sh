@@ -210,6 +210,7 @@ copy_with_libs "$SQLITE3" /usr/bin/sqlite3
 mkdir -p "$ROOT/etc/qemu/fsfreeze-hook.d"
 cp "$FSFREEZE_HOOK" "$ROOT/etc/qemu/fsfreeze-hook"
 chmod 755 "$ROOT/etc/qemu/fsfreeze-hook"
+printf '[general]\nfsfreeze-hook=/etc/qemu/fsfreeze-hook\n' >"$ROOT/etc/qemu/qemu-ga.conf"
 
 cat >"$ROOT/init" <<EOF
 #!/bin/sh
@@ -265,9 +266,8 @@ wait_for find_port || fail "no virtio-serial port named $AGENT_PORT"
 mkdir -p /run/qemu-ga
 # -t: the state dir (freeze state, pid file) must be writable; the default
 # lives under /var which only exists here as a link to /run.
-# --fsfreeze-hook: freeze and thaw run /etc/qemu/fsfreeze-hook first/after.
-qemu-ga -m virtio-serial -p "/dev/\$port" -t /run/qemu-ga -f /run/qemu-ga/qemu-ga.pid \
-    --fsfreeze-hook=/etc/qemu/fsfreeze-hook &
+# /etc/qemu/qemu-ga.conf enables the fsfreeze hook, as the README tells admins.
+qemu-ga -m virtio-serial -p "/dev/\$port" -t /run/qemu-ga -f /run/qemu-ga/qemu-ga.pid &
 qga_pid=\$!
 echo "$READY_LINE agent-port=/dev/\$port"
 
