@@ -201,6 +201,30 @@ def test_transaction_in_progress_commits_before_the_freeze(vm: GuestVM, cli: Cli
     assert len(waited) == 1 and waited[0] >= 1, "the hook waited for the open transaction"
 
 
+def test_stuck_database_does_not_hold_the_freeze(vm: GuestVM, cli: Cli, tmp_path: Path) -> None:
+    """A transaction that outlasts HOOK_FREEZE_TIMEOUT: the hook gives up in time, the freeze goes on."""
+    conf = (HOOKS / "qmpbackup-fsfreeze.conf").read_text()
+    fresh_database(vm)
+    vm.write_file("/etc/qemu/qmpbackup-fsfreeze.conf", conf + "HOOK_FREEZE_TIMEOUT=2\n")
+    try:
+        guest_ok(vm, "sh /run/writer.sh once 1 5 </dev/null >/dev/null 2>&1 &")
+        guest_ok(vm, "i=0; while [ ! -s /mnt/db/app.db-journal ] && [ $i -lt 200 ]; do "
+                     "sleep 0.05; i=$((i + 1)); done; [ -s /mnt/db/app.db-journal ]")
+        result = backup(cli, vm, "full", tmp_path / "backup", "--quiesce").ok()
+    finally:
+        vm.write_file("/etc/qemu/qmpbackup-fsfreeze.conf", conf)
+    froze = [line for line in result.err.splitlines() if " guest filesystem(s) in " in line]
+    assert len(froze) == 1 and float(froze[0].split(" in ")[1].rstrip(" s")) < 2 + 3, result.err
+    hook_log = guest_ok(vm, f"cat {HOOK_LOG}")
+    # sqlite3's busy timeout or, on a slow guest, the hook's deadline ends the wait.
+    assert (f"sqlite.1: {DB}: not locked within 2 s: frozen unlocked" in hook_log
+            or f"sqlite.1: {DB}: could not lock: Runtime error near line 2: database is locked"
+            in hook_log), hook_log
+    assert "qmpbackup-sqlite freeze\n" in hook_log and "qmpbackup-sqlite finished with status=1" in hook_log
+    guest_ok(vm, "while [ -e /mnt/db/app.db-journal ]; do sleep 0.05; done")
+    assert guest_ok(vm, "cat /mnt/db/committed") == "1\n", "the writer was not held up"
+
+
 def test_slow_freeze_is_reported(vm: GuestVM, cli: Cli, tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A hook that takes long shows in the tool's output: the freeze time, and a warning."""
