@@ -35,7 +35,7 @@ import pytest
 
 from libqmpbackup.backup import quiesce
 from tests.guestvm import GuestImages, GuestVM, make_data_disk
-from tests.test_guest_e2e import Cli, backup, recorded, restore_point, run
+from tests.test_guest_e2e import Cli, guest_backup, recorded, restore_point, run
 
 pytestmark = pytest.mark.guest
 
@@ -165,7 +165,7 @@ def test_sqlite_hook_keeps_quiesced_points_consistent(vm: GuestVM, cli: Cli, tmp
     try:
         for level in ("full", "inc", "inc"):
             seen = wait_for_commits(vm, seen + 3)
-            result = backup(cli, vm, level, target, "--quiesce").ok()
+            result = guest_backup(cli, vm, level, target, "--quiesce").ok()
             assert "qmpbackup: froze 1 guest filesystem(s) in " in result.err, result.err
             assert "warning" not in result.err, result.err
         seen = wait_for_commits(vm, seen)
@@ -191,7 +191,7 @@ def test_transaction_in_progress_commits_before_the_freeze(vm: GuestVM, cli: Cli
     guest_ok(vm, "sh /run/writer.sh once 1 4 </dev/null >/dev/null 2>&1 &")
     guest_ok(vm, "i=0; while [ ! -s /mnt/db/app.db-journal ] && [ $i -lt 200 ]; do "
                  "sleep 0.05; i=$((i + 1)); done; [ -s /mnt/db/app.db-journal ]")
-    backup(cli, vm, "full", tmp_path / "backup", "--quiesce").ok()
+    guest_backup(cli, vm, "full", tmp_path / "backup", "--quiesce").ok()
     guest_ok(vm, "while [ -e /mnt/db/app.db-journal ]; do sleep 0.05; done")
     assert guest_ok(vm, "cat /run/writer.err 2>/dev/null") == ""
     [raw] = restored_points(tmp_path / "backup", tmp_path)
@@ -210,7 +210,7 @@ def test_stuck_database_does_not_hold_the_freeze(vm: GuestVM, cli: Cli, tmp_path
         guest_ok(vm, "sh /run/writer.sh once 1 5 </dev/null >/dev/null 2>&1 &")
         guest_ok(vm, "i=0; while [ ! -s /mnt/db/app.db-journal ] && [ $i -lt 200 ]; do "
                      "sleep 0.05; i=$((i + 1)); done; [ -s /mnt/db/app.db-journal ]")
-        result = backup(cli, vm, "full", tmp_path / "backup", "--quiesce").ok()
+        result = guest_backup(cli, vm, "full", tmp_path / "backup", "--quiesce").ok()
     finally:
         vm.write_file("/etc/qemu/qmpbackup-fsfreeze.conf", conf)
     froze = [line for line in result.err.splitlines() if " guest filesystem(s) in " in line]
@@ -231,7 +231,7 @@ def test_slow_freeze_is_reported(vm: GuestVM, cli: Cli, tmp_path: Path,
     monkeypatch.setattr(quiesce, "SLOW_FREEZE", 1.0)
     vm.write_file(f"{HOOK_D}/zz-slow", '#!/bin/sh\n[ "$1" = freeze ] && sleep 2\nexit 0\n', 0o755)
     try:
-        result = backup(cli, vm, "full", tmp_path / "backup", "--quiesce").ok()
+        result = guest_backup(cli, vm, "full", tmp_path / "backup", "--quiesce").ok()
     finally:
         guest_ok(vm, f"rm -f {HOOK_D}/zz-slow")
     lines = result.err.splitlines()
