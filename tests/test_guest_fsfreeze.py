@@ -35,7 +35,7 @@ import pytest
 
 from libqmpbackup.backup import quiesce
 from tests.guestvm import GuestImages, GuestVM, make_data_disk
-from tests.test_guest_e2e import Cli, guest_backup, recorded, restore_point, run
+from tests.helpers import Cli, guest_backup, recorded, restore_point, run
 
 pytestmark = pytest.mark.guest
 
