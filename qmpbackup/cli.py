@@ -11,7 +11,13 @@ from typing import AsyncContextManager, Awaitable, Optional, Sequence, Union
 from libqmpbackup import __version__
 from libqmpbackup.backup import fleecing, offload
 from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
-from libqmpbackup.backup.image_disks import ImageSpec, chain_stores, daemon_images, parse_image_spec
+from libqmpbackup.backup.image_disks import (
+    ImageSpec,
+    chain_disks_without_image,
+    chain_stores,
+    daemon_images,
+    parse_image_spec,
+)
 from libqmpbackup.backup.jobs import AIO_MODES
 from libqmpbackup.backup.plan import LEVELS, BackupOptions, level_help
 from libqmpbackup.backup.progress import LOG_INTERVAL
@@ -24,10 +30,12 @@ from libqmpbackup.backup.vm_info import (
     bitmaps_table,
     blockdev_document,
     blockdev_table,
+    known_chain_bitmaps,
+    orphan_bitmaps,
 )
 from libqmpbackup.errors import UsageError
 from libqmpbackup.json_output import JsonResult, add_json_option
-from libqmpbackup.qemu.devices import discover
+from libqmpbackup.qemu.devices import BlockDevice, discover
 from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.runner import (
     ArgumentParser,
@@ -38,7 +46,7 @@ from libqmpbackup.runner import (
     positive_seconds,
     run,
 )
-from libqmpbackup.store.names import validate_uuid
+from libqmpbackup.store.names import BITMAP_PREFIX, validate_uuid
 from libqmpbackup.store.prune import PruneOptions, PruneResult, prune
 from libqmpbackup.store.prune_report import prune_document, prune_table
 
@@ -211,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_logging_options(info, after_command=True)
     info.add_argument("--show", choices=("blockdev", "bitmaps", "agent"), default="blockdev",
                       help="disks, dirty bitmaps, or the guest agent (needs --agent-socket)")
+    info.add_argument("--target", action="append", type=Path, default=[], metavar="DIR",
+                      help="a backup folder of this VM (repeatable): warn about qmpbackup "
+                           "bitmaps whose chain is in none of them (nor their YYYY-MM folders)")
     add_json_option(info)
 
     cleanup = commands.add_parser(
@@ -259,7 +270,13 @@ def _session(args: argparse.Namespace,
     """
     if args.image:
         stores = chain_stores(backup.target, backup.monthly) if backup else []
-        return image_session(daemon_images(args.image, stores))
+        images = daemon_images(args.image, stores)
+        left_out = chain_disks_without_image(images, stores)
+        if backup and left_out and not (backup.include or backup.exclude):
+            log.warning("the chain also has disk(s) %s, which no --image names: this backup "
+                        "leaves them out (a whole-VM restore of this point lacks them); give "
+                        "--image for each (or --include the disks meant)", ", ".join(left_out))
+        return image_session(images)
     if not args.socket:
         raise UsageError(f"{args.command} needs --socket PATH (the VM's QMP socket), or "
                          "--image [ID=]PATH (its images, when it is shut down)")
@@ -308,11 +325,22 @@ async def info_command(args: argparse.Namespace) -> CommandResult:
         return 0
     async with _session(args) as session:
         disks = await discover(session)
+    if args.target:
+        _hint_orphan_bitmaps(args, disks)
     if args.json:
         return JsonResult(blockdev_document(disks) if args.show == "blockdev"
                           else bitmaps_document(disks))
     print(blockdev_table(disks) if args.show == "blockdev" else bitmaps_table(disks))
     return 0
+
+
+def _hint_orphan_bitmaps(args: argparse.Namespace, disks: list[BlockDevice]) -> None:
+    """One warning per chain bitmap that no chain of the given folders has."""
+    for bitmap, disk_ids in orphan_bitmaps(disks, known_chain_bitmaps(args.target)).items():
+        log.warning("bitmap %s on %s belongs to no chain in %s: if that chain is gone, remove "
+                    "it (it costs a little on every guest write): qmpbackup cleanup "
+                    "--remove-bitmaps --uuid %s", bitmap, ", ".join(disk_ids),
+                    ", ".join(map(str, args.target)), bitmap[len(BITMAP_PREFIX):])
 
 
 async def cleanup_command(args: argparse.Namespace) -> int:

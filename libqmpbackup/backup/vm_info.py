@@ -7,9 +7,12 @@ Each report is built once as data and rendered either as a table or as the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
-from libqmpbackup.backup.bitmaps import DIFF_SUFFIX, tool_bitmaps
+from libqmpbackup.backup.bitmaps import DIFF_SUFFIX, chain_bitmap_of, tool_bitmaps
+from libqmpbackup.backup.image_disks import chain_stores
+from libqmpbackup.errors import UsageError
 from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
@@ -103,3 +106,30 @@ async def agent_report(agent_socket: str) -> AgentReport:
 
 def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
+
+
+def known_chain_bitmaps(folders: Sequence[Path]) -> set[str]:
+    """The chain bitmaps of every chain in FOLDERS and their YYYY-MM month folders."""
+    known: set[str] = set()
+    for folder in folders:
+        if not folder.is_dir():
+            raise UsageError(f"--target {folder} is not a folder")
+        for store in (*chain_stores(folder, False), *chain_stores(folder, True)):
+            known.update(chain.bitmap for chain in store.chains if chain.bitmap)
+    return known
+
+
+def orphan_bitmaps(disks: list[BlockDevice], known: set[str]) -> dict[str, list[str]]:
+    """Chain bitmap -> its disks, for qmpbackup's bitmaps whose chain is in none of KNOWN.
+
+    Such a bitmap is left by a chain whose folder was deleted or moved (or by
+    a folder ``info`` was not told about): it costs a little on every guest
+    write, and nothing will ever remove it by itself.
+    """
+    found: dict[str, set[str]] = {}
+    for disk in disks:
+        for name in tool_bitmaps(disk):
+            chain_bitmap = chain_bitmap_of(name)
+            if chain_bitmap not in known:
+                found.setdefault(chain_bitmap, set()).add(disk.disk_id)
+    return {bitmap: sorted(ids) for bitmap, ids in sorted(found.items())}

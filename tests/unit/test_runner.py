@@ -69,3 +69,33 @@ def test_the_parsers_raise_the_usage_error_itself(build: str, argv: list[str], p
         built.parse_args(argv)
     assert info.value.exit_code == 2 and str(info.value).startswith(message)
     assert info.value.lines() == [str(info.value)] and vars(info.value).get("prog") == prog
+
+
+@pytest.mark.parametrize("program, argv, line", [
+    ("qmpbackup", ["--sock", "/run/x", "info"],
+     "qmpbackup: error: unrecognized option --sock; did you mean --socket? "
+     "(see qmpbackup --help)"),
+    ("qmpbackup", ["--socket", "/run/x", "backup", "--levle", "full", "-t", "/b"],
+     "qmpbackup backup: error: unrecognized option --levle; did you mean --level? "
+     "(see qmpbackup backup --help)"),
+    ("qmpbackup", ["prune", "--target=/b", "--kep", "2"],
+     "qmpbackup prune: error: unrecognized option --kep; did you mean --keep? "
+     "(see qmpbackup prune --help)"),
+    ("qmprestore", ["list", "--frobnicate"],
+     "qmprestore list: error: unrecognized option --frobnicate (see qmprestore list --help)"),
+    ("qmprestore", ["merge", "--dir", "d"],
+     "qmprestore merge: error: one of the arguments --targetfile --targetdir is required "
+     "(see qmprestore merge --help)"),
+])
+def test_a_bad_command_line_is_one_line_naming_the_option(
+        program: str, argv: list[str], line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """No abbreviations, the unknown option first (not the option it was meant to be), no usage page."""
+    main = importlib.import_module(f"{program}.cli").main
+    assert main(argv) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_values_that_look_like_options_are_left_to_argparse() -> None:
+    built = importlib.import_module("qmpbackup.cli").build_parser()
+    args = built.parse_args(["prune", "--target", "/b", "--keep", "-1"])
+    assert args.keep == -1
