@@ -23,7 +23,7 @@ import os
 import re
 import signal
 import sys
-from typing import Any, Awaitable, Callable, NoReturn, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, ClassVar, NoReturn, Optional, Sequence, Union
 
 from libqmpbackup.errors import CommandLineError, Interrupted, QmpBackupError
 from libqmpbackup.json_output import Document, JsonResult, error_document, json_stdout, wants_json
@@ -39,9 +39,30 @@ NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")    # a value, as argparse itself
 
 
 class _Outcome:
-    """Whether the running command has already recorded what it promised."""
+    """Whether the running command has already recorded what it promised; who wants its exit code."""
 
     recorded = False
+    at_exit: ClassVar[list[Callable[[int], None]]] = []
+
+
+def at_exit(callback: Callable[[int], None]) -> None:
+    """Call CALLBACK with the run's exit code once it is final (``--metrics-file``).
+
+    Whatever the way out, signals and unexpected errors included: the code is
+    the one the process exits with.  A failing callback is a warning; it never
+    changes that code.
+    """
+    _Outcome.at_exit.append(callback)
+
+
+def _report_exit(code: int) -> None:
+    callbacks, _Outcome.at_exit = _Outcome.at_exit, []
+    for callback in callbacks:
+        try:
+            callback(code)
+        except Exception as err:
+            log.warning("could not record the outcome: %s", err)
+            log.debug("where it failed:", exc_info=True)
 
 
 def mark_recorded() -> None:
@@ -268,9 +289,12 @@ def run(parser: argparse.ArgumentParser, command_of: Callable[[argparse.Namespac
     if isinstance(parsed, int):
         return parsed
     if not wants_json(parsed, None):
-        return _outcome(command_of, parsed, name)[0]
+        code = _outcome(command_of, parsed, name)[0]
+        _report_exit(code)
+        return code
     with json_stdout() as out:
         code, document = _outcome(command_of, parsed, name)
+        _report_exit(code)
         if document is not None:
             with contextlib.suppress(BrokenPipeError):
                 out.write(document)

@@ -30,12 +30,12 @@ from libqmpbackup.backup.vm_info import (
     bitmaps_table,
     blockdev_document,
     blockdev_table,
-    known_chain_bitmaps,
-    orphan_bitmaps,
+    warn_orphan_bitmaps,
 )
 from libqmpbackup.errors import UsageError
 from libqmpbackup.json_output import JsonResult, add_json_option
-from libqmpbackup.qemu.devices import BlockDevice, discover
+from libqmpbackup.metrics import DiskOutcome, RunMetrics, add_metrics_option, track
+from libqmpbackup.qemu.devices import discover
 from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.runner import (
     ArgumentParser,
@@ -46,7 +46,7 @@ from libqmpbackup.runner import (
     positive_seconds,
     run,
 )
-from libqmpbackup.store.names import BITMAP_PREFIX, validate_uuid
+from libqmpbackup.store.names import validate_uuid
 from libqmpbackup.store.prune import PruneOptions, PruneResult, prune
 from libqmpbackup.store.prune_report import prune_document, prune_table
 
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --fleecing: a guest write waits at most this long for its "
                              "old data to be saved; then the write goes on and the backup "
                              f"fails (default {fleecing.DEFAULT_CBW_TIMEOUT})")
+    add_metrics_option(backup)
     add_json_option(backup)
 
     info = commands.add_parser(
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the N chains with the newest backups (at least 1)")
     prune_.add_argument("--dry-run", action="store_true",
                         help="print what would be removed, change nothing")
+    add_metrics_option(prune_)
     add_json_option(prune_)
     return parser
 
@@ -284,6 +286,7 @@ def _session(args: argparse.Namespace,
 
 
 async def backup_command(args: argparse.Namespace) -> CommandResult:
+    metrics = track(args, "backup")
     # Checked here, before planning creates folders or retires bitmaps.
     _refuse_offline(args, "--quiesce", "--quiesce-required", "--pause", "--fleecing")
     check_quiesce_options(args.agent_socket, args.quiesce_required)
@@ -309,6 +312,8 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
                     "file only after QEMU has ended the job that wrote it")
     async with _session(args, opts) as session:
         result = await run_backup(session, opts)
+    if metrics is not None:
+        metrics.disks = [DiskOutcome(f.disk_id, f.level, f.bytes_written) for f in result.files]
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
              f" (chain {result.chain_id})" if result.chain_id else "")
     return JsonResult(result.document()) if args.json else 0
@@ -326,21 +331,12 @@ async def info_command(args: argparse.Namespace) -> CommandResult:
     async with _session(args) as session:
         disks = await discover(session)
     if args.target:
-        _hint_orphan_bitmaps(args, disks)
+        warn_orphan_bitmaps(disks, args.target)
     if args.json:
         return JsonResult(blockdev_document(disks) if args.show == "blockdev"
                           else bitmaps_document(disks))
     print(blockdev_table(disks) if args.show == "blockdev" else bitmaps_table(disks))
     return 0
-
-
-def _hint_orphan_bitmaps(args: argparse.Namespace, disks: list[BlockDevice]) -> None:
-    """One warning per chain bitmap that no chain of the given folders has."""
-    for bitmap, disk_ids in orphan_bitmaps(disks, known_chain_bitmaps(args.target)).items():
-        log.warning("bitmap %s on %s belongs to no chain in %s: if that chain is gone, remove "
-                    "it (it costs a little on every guest write): qmpbackup cleanup "
-                    "--remove-bitmaps --uuid %s", bitmap, ", ".join(disk_ids),
-                    ", ".join(map(str, args.target)), bitmap[len(BITMAP_PREFIX):])
 
 
 async def cleanup_command(args: argparse.Namespace) -> int:
@@ -352,8 +348,11 @@ async def cleanup_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune_output(result: PruneResult, as_json: bool) -> CommandResult:
-    if as_json:
+def _prune_output(result: PruneResult, args: argparse.Namespace,
+                  metrics: Optional[RunMetrics]) -> CommandResult:
+    if metrics is not None:
+        metrics.chains = (len(result.plan.kept), len(result.plan.removed))
+    if args.json:
         return JsonResult(prune_document(result))
     print(prune_table(result))
     return 0
@@ -363,24 +362,26 @@ def _prune_options(args: argparse.Namespace) -> PruneOptions:
     return PruneOptions(target=args.target, keep=args.keep, dry_run=args.dry_run)
 
 
-async def _prune_with_bitmaps(args: argparse.Namespace) -> CommandResult:
+async def _prune_with_bitmaps(args: argparse.Namespace,
+                              metrics: Optional[RunMetrics]) -> CommandResult:
     async with _session(args) as session:
         result = prune(_prune_options(args))
         result.bitmaps = await remove_chain_bitmaps(
             session, result.plan.removed_chain_ids(), result.plan.kept_bitmaps(),
             dry_run=args.dry_run)
-    return _prune_output(result, args.json)
+    return _prune_output(result, args, metrics)
 
 
 def prune_command(args: argparse.Namespace) -> Union[CommandResult, Awaitable[CommandResult]]:
     """Without --socket/--image the folder alone decides, and no VM (nor event loop) is involved."""
+    metrics = None if args.dry_run else track(args, "prune")
     if args.socket or args.image:
-        return _prune_with_bitmaps(args)
+        return _prune_with_bitmaps(args, metrics)
     result = prune(_prune_options(args))
     if result.plan.removed:
         log.info("the VM may still hold the removed chains' bitmaps: prune with --socket, or "
                  "qmpbackup cleanup --remove-bitmaps --uuid ID")
-    return _prune_output(result, args.json)
+    return _prune_output(result, args, metrics)
 
 
 COMMANDS: dict[str, Command] = {

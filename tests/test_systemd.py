@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -76,13 +77,18 @@ def test_rendered_unit_backs_up_a_real_vm(tmp_path: Path, monkeypatch: pytest.Mo
     with TestVM(tmp_path / "img", fault_disks()) as vm:
         # IMAGES too: the offline try meets the running VM's image lock (exit 12), silently
         images = " ".join(f"{d}={vm.disk(d).path}" for d in DISKS)
-        sample_config(configs, "vm1", SOCKET=vm.tool_socket, TARGET=str(target), IMAGES=images)
+        prom = tmp_path / "qmpbackup.prom"
+        sample_config(configs, "vm1", SOCKET=vm.tool_socket, TARGET=str(target), IMAGES=images,
+                      METRICS_FILE=str(prom))
         argv = render_exec_start("vm1", configs)
         for pattern in (0x21, 0x22):   # the daily timer twice: auto makes a FULL, then an INC
             vm.write("virtio0", pattern, pattern * 64 * 1024, 64 * 1024)
             proc = run_unit(argv)
             assert proc.returncode == 0, proc.stderr
             assert (proc.stdout, proc.stderr) == ("", ""), "a normal night prints nothing"
+            codes = re.findall(r'^qmpbackup_last_exit_code\{disk="(\w+)",.*\} (\d+)$',
+                               prom.read_text(), re.MULTILINE)
+            assert sorted(codes) == sorted((d, "0") for d in DISKS), "the live run's, not exit 12"
         ref = vm.reference("virtio0", tmp_path / "ref.raw")
         assert vm.tool_leftovers() == []
     (month,) = target.iterdir()

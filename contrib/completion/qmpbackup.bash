@@ -7,10 +7,10 @@
 
 _shtab_qmpbackup_subparsers=(backup info cleanup prune)
 
-_shtab_qmpbackup_backup_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet -l --level -t --target --uuid --monthly -i --include -e --exclude --include-raw --compress --speed-limit --copy-offload --no-checksum --no-subdir --no-timestamp --no-symlink --no-progress --progress-interval --pause --blockdev-disable-cache --blockdev-aio --remove-delay --quiesce --quisce --quiesce-required --fleecing --fleecing-dir --cbw-timeout --json)
+_shtab_qmpbackup_backup_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet -l --level -t --target --uuid --monthly -i --include -e --exclude --include-raw --compress --speed-limit --copy-offload --no-checksum --no-subdir --no-timestamp --no-symlink --no-progress --progress-interval --pause --blockdev-disable-cache --blockdev-aio --remove-delay --quiesce --quisce --quiesce-required --fleecing --fleecing-dir --cbw-timeout --metrics-file --json)
 _shtab_qmpbackup_info_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --show --target --json)
 _shtab_qmpbackup_cleanup_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --remove-bitmaps --remove-bitmap --uuid)
-_shtab_qmpbackup_prune_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --target --keep --dry-run --json)
+_shtab_qmpbackup_prune_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --target --keep --dry-run --metrics-file --json)
 _shtab_qmpbackup_option_strings=(-h --help --version --socket --image --agent-socket --debug --verbose -L --logfile --syslog --quiet)
 
 _shtab_qmpbackup_backup__L_COMPGEN=_shtab_compgen_files
@@ -18,6 +18,7 @@ _shtab_qmpbackup_backup___logfile_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_backup__t_COMPGEN=_shtab_compgen_dirs
 _shtab_qmpbackup_backup___target_COMPGEN=_shtab_compgen_dirs
 _shtab_qmpbackup_backup___fleecing_dir_COMPGEN=_shtab_compgen_dirs
+_shtab_qmpbackup_backup___metrics_file_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_info__L_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_info___logfile_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_info___target_COMPGEN=_shtab_compgen_dirs
@@ -26,6 +27,7 @@ _shtab_qmpbackup_cleanup___logfile_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_prune__L_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_prune___logfile_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_prune___target_COMPGEN=_shtab_compgen_dirs
+_shtab_qmpbackup_prune___metrics_file_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup___socket_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup___image_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup___agent_socket_COMPGEN=_shtab_compgen_files

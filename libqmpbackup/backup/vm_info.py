@@ -6,6 +6,7 @@ Each report is built once as data and rendered either as a table or as the
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +18,10 @@ from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
 from libqmpbackup.qemu.devices import BlockDevice
+from libqmpbackup.store.names import BITMAP_PREFIX
 from libqmpbackup.tables import table
+
+log = logging.getLogger(__name__)
 
 
 def _bitmaps_possible(disk: BlockDevice) -> str:
@@ -133,3 +137,12 @@ def orphan_bitmaps(disks: list[BlockDevice], known: set[str]) -> dict[str, list[
             if chain_bitmap not in known:
                 found.setdefault(chain_bitmap, set()).add(disk.disk_id)
     return {bitmap: sorted(ids) for bitmap, ids in sorted(found.items())}
+
+
+def warn_orphan_bitmaps(disks: list[BlockDevice], folders: Sequence[Path]) -> None:
+    """One warning per chain bitmap that no chain of FOLDERS has (``info --target``)."""
+    for bitmap, disk_ids in orphan_bitmaps(disks, known_chain_bitmaps(folders)).items():
+        log.warning("bitmap %s on %s belongs to no chain in %s: if that chain is gone, remove "
+                    "it (it costs a little on every guest write): qmpbackup cleanup "
+                    "--remove-bitmaps --uuid %s", bitmap, ", ".join(disk_ids),
+                    ", ".join(map(str, folders)), bitmap[len(BITMAP_PREFIX):])

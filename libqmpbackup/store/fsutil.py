@@ -11,14 +11,18 @@ TEMP_SUFFIX = ".tmp"
 
 
 def write_atomically(path: Path, text: str,
-                     before_replace: Optional[Callable[[], None]] = None) -> None:
+                     before_replace: Optional[Callable[[], None]] = None,
+                     mode: Optional[int] = None) -> None:
     """Replace PATH with TEXT so that readers see the old or the new file, never a mix.
 
     BEFORE_REPLACE runs when the new text is safely on disk but not yet in
     place (the tests stop a run there, to prove a kill at that instant).
+    MODE: the new file's permissions instead of mkstemp's 0600.
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
