@@ -6,7 +6,7 @@
 PYTHON   ?= python3
 VENV     ?= .venv
 VPY      := $(VENV)/bin/python
-APT_PKGS := qemu-system-x86 qemu-utils e2fsprogs libfuse3-3
+APT_PKGS := qemu-system-x86 qemu-utils e2fsprogs libfuse3-3 systemd
 JOBS     ?= 2
 PYTEST_ARGS ?=
 
@@ -22,7 +22,7 @@ ZSHCOMPDIR  ?= $(LOCALDIR)/share/zsh/site-functions
 UNITDIR     ?= $(LOCALDIR)/lib/systemd/system
 CONFDIR     ?= /etc/qmpbackup
 COMMANDS    := qmpbackup qmprestore qmpbackup-vm
-UNITS       := qmpbackup@.service qmpbackup@.timer
+UNITS       := qmpbackup@.service qmpbackup@.timer qmpbackup-failed@.service
 
 .PHONY: all deps system-deps venv demo test unit lint bench clean install uninstall man completion
 
@@ -30,10 +30,11 @@ all: test
 
 deps: system-deps venv
 
-# QEMU and qemu-img come from Debian; install them only when missing.
+# QEMU and qemu-img come from Debian; install them only when missing. systemd-analyze
+# (package systemd) checks the shipped units in the tests.
 system-deps:
 	@missing=""; \
-	for tool in qemu-system-x86_64 qemu-img qemu-io mkfs.ext4; do \
+	for tool in qemu-system-x86_64 qemu-img qemu-io mkfs.ext4 systemd-analyze; do \
 	  command -v $$tool >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
 	done; \
 	[ -f /usr/share/seabios/bios-256k.bin ] || missing="$$missing seabios"; \

@@ -150,10 +150,15 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     """systemd's own check; ExecStart must name an existing program, so it gets the checkout's."""
     service = (UNITS / "qmpbackup@.service").read_text()
     assert f"ExecStart={INSTALLED_SCRIPT} " in service
+    assert "\n#OnFailure=qmpbackup-failed@%n.service\n" in service
+    # checked with the OnFailure= example enabled, and the alert unit it names
     (tmp_path / "qmpbackup@.service").write_text(
-        service.replace(f"ExecStart={INSTALLED_SCRIPT} ", f"ExecStart={SCRIPT} "))
+        service.replace(f"ExecStart={INSTALLED_SCRIPT} ", f"ExecStart={SCRIPT} ")
+        .replace("#OnFailure=", "OnFailure="))
     shutil.copy(UNITS / "qmpbackup@.timer", tmp_path)
+    shutil.copy(UNITS / "qmpbackup-failed@.service", tmp_path)
     proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "qmpbackup@vm1.service"),
-                           str(tmp_path / "qmpbackup@vm1.timer")],
+                           str(tmp_path / "qmpbackup@vm1.timer"),
+                           str(tmp_path / "qmpbackup-failed@qmpbackup@vm1.service.service")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
