@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="show the VM's disks or bitmaps",
         epilog="examples:\n  qmpbackup --socket /run/vm1.qmp info --show blockdev\n"
                "  qmpbackup --socket /run/vm1.qmp info --show bitmaps\n"
-               "  qmpbackup --socket /run/vm1.qmp --agent-socket /run/vm1.qga info --show agent\n",
+               "  qmpbackup --socket /run/vm1.qmp --agent-socket /run/vm1.qga info --show agent\n"
+               "  # warn about bitmaps of chains none of these folders holds any more\n"
+               "  qmpbackup --socket /run/vm1.qmp info --target /backup/vm1 --target /backup/vm1-copy\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_logging_options(info, after_command=True)
     info.add_argument("--show", choices=("blockdev", "bitmaps", "agent"), default="blockdev",
