@@ -12,14 +12,16 @@ __all__ = ["TEMP_SUFFIX", "fsync_dir", "make_private_dirs", "replace_symlink", "
 
 
 def write_atomically(path: Path, text: str,
-                     before_replace: Optional[Callable[[], None]] = None) -> None:
+                     before_replace: Optional[Callable[[], None]] = None,
+                     mode: Optional[int] = None) -> None:
     """Replace PATH with TEXT atomically, in the folder PATH's parent names (the caller's path).
 
     Folder content is written with :meth:`Folder.write_atomically` on a
-    folder the caller holds; this is for paths the admin gave.
+    folder the caller holds; this is for paths the admin gave.  MODE: the
+    new file's permissions instead of 0600.
     """
     with Folder.open_root(path.parent) as folder:
-        folder.write_atomically(path.name, text, before_replace)
+        folder.write_atomically(path.name, text, before_replace, mode=0o600 if mode is None else mode)
 
 
 def fsync_dir(path: Path) -> None:

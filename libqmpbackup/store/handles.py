@@ -273,7 +273,8 @@ class Folder:
         self.fsync()
 
     def write_atomically(self, name: str, text: str,
-                         before_replace: Optional[Callable[[], None]] = None) -> None:
+                         before_replace: Optional[Callable[[], None]] = None, *,
+                         mode: int = 0o600) -> None:
         """Replace NAME with TEXT so that readers see the old or the new file, never a mix.
 
         The temporary ``.NAME.<random>.tmp`` is created O_EXCL relative to this
@@ -285,6 +286,7 @@ class Folder:
         plain_name(name, "file")
         temporary = self.create(f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}", "temporary file")
         try:
+            os.fchmod(temporary.fd, mode)     # exactly MODE, whatever the umask
             with os.fdopen(temporary.fd, "w", closefd=False) as handle:
                 handle.write(text)
                 handle.flush()
