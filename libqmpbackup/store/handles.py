@@ -98,6 +98,11 @@ class FileHandle:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def reopen(self) -> FileHandle:
+        """The same inode read through a new open file description (its own flags and offset)."""
+        fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return FileHandle(fd, self.name, self.path, os.fstat(fd))
+
     def same_file(self, info: os.stat_result) -> bool:
         return (info.st_dev, info.st_ino) == (self.info.st_dev, self.info.st_ino)
 
