@@ -104,6 +104,12 @@ class FleecingError(QmpBackupError):
     exit_code = 13
 
 
+class MountError(QmpBackupError):
+    """mount/umount: no /dev/fuse or qemu-storage-daemon, the daemon failed, or a mount stays busy."""
+
+    exit_code = 14
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -138,6 +144,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (BackupDamaged.exit_code, BackupDamaged.__doc__ or ""),
     (ImageInUseError.exit_code, ImageInUseError.__doc__ or ""),
     (FleecingError.exit_code, FleecingError.__doc__ or ""),
+    (MountError.exit_code, MountError.__doc__ or ""),
     (129, "interrupted by SIGHUP"),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),

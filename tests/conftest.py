@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ class CliResult:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # mount records and the verification record of tests stay out of the machine's own
+    for variable, prefix in (("QMPBACKUP_RUNTIME_DIR", "qmpbackup-test-run-"),
+                             ("QMPBACKUP_CACHE_DIR", "qmpbackup-test-cache-")):
+        if variable not in os.environ:
+            os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
     config.addinivalue_line("markers", "guest: needs the tiny Linux test guest (built on demand)")
 
 

@@ -68,6 +68,7 @@ from libqmpbackup.store.layout import existing_names, is_empty_dir, latest_backu
 from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import BackupRecord, ChainStore
 from libqmpbackup.store.prune import finish_interrupted_prune
+from libqmpbackup.store.verified import remember_written
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ class _TargetFiles:
             folder_safety.rename(job.final_path.parent, job.partial_path.name, job.final_path.name)
             self.renamed.append(job.final_path)
             log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
+        remember_written([(job.final_path, job.digest) for job in self.jobs])
 
     def link(self) -> None:
         """The FULL-<image> symlinks of --no-timestamp: for people, so a failure only warns."""
