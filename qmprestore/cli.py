@@ -262,10 +262,9 @@ def mount_command(args: argparse.Namespace) -> CommandResult:
     if not args.foreground:
         return JsonResult(mount_document(record)) if args.json else _printed(describe(record))
     if args.json:
-        print(json.dumps(mount_document(record), indent=2), flush=True)
+        stay(record, lambda: print(json.dumps(mount_document(record), indent=2), flush=True))
     else:
-        _printed(describe(record))
-    stay(record)
+        stay(record, lambda: _printed(describe(record)))
     return 0
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from libqmpbackup.store import mounts
 from tests.test_restore import digests, run_backup
-from tests.vm import MiB, Disk, TestVM, identical
+from tests.vm import Disk, MiB, TestVM, identical
 
 WRITES = [[("virtio0", 0x11, 0, 4 * MiB), ("data1", 0x12, 0, 1 * MiB)],
           [("virtio0", 0x21, 2 * MiB, 128 * 1024), ("data1", 0x22, 64 * 1024, 8192)],
@@ -124,3 +124,121 @@ def test_raw_view_equals_a_merge_and_one_disk_folder_gives_one_file(
     assert (mountpoint / "data1.raw").read_bytes() == (tmp_path / "m.raw").read_bytes()
     assert identical(mountpoint / "data1.raw", backup.refs[("data1", 1)])
     cli("qmprestore", "umount", mountpoint).ok()
+
+
+def chain_ids(root: Path) -> list[str]:
+    return [c["uuid"] for c in json.loads((root / "qmpbackup.json").read_text())["chains"]]
+
+
+def test_changing_commands_refuse_a_mounted_chain_reading_ones_go_on(
+        cli, backup: Backup, mountpoint: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", backup.root, copy], check=True)
+    first = chain_ids(copy)[0]
+    bitmap = json.loads((copy / "qmpbackup.json").read_text())["chains"][0]["bitmap"]
+    for node, bitmaps in backup.vm.bitmaps().items():   # the chain loses its bitmap: auto
+        if any(b["name"] == bitmap for b in bitmaps):    # starts a second one
+            backup.vm.cmd("block-dirty-bitmap-remove", node=node, name=bitmap)
+    run_backup(backup.vm, copy, "auto")           # prune --keep 1 deletes the first chain now
+    cli("qmprestore", "mount", "--dir", copy, "--uuid", first, mountpoint).ok()
+    before = digests(copy)
+    for command in ("rebase", "commit", "snapshotrebase"):
+        cli("qmprestore", command, "--dir", copy / "virtio0", "--uuid", first).failed(
+            4, str(mountpoint), "qmprestore umount")
+    cli("qmpbackup", "prune", "--target", copy, "--keep", "1").failed(4, str(mountpoint))
+    assert digests(copy) == before
+    listed = cli("qmprestore", "list", "--dir", copy).ok().out
+    assert f"mounted at {mountpoint}" in listed
+    document = json.loads(cli("qmprestore", "list", "--dir", copy, "--json").ok().out)
+    assert [m["mountpoint"] for m in document["mounts"]] == [str(mountpoint)]
+    cli("qmprestore", "verify", "--dir", copy).ok()
+    cli("qmprestore", "merge", "--dir", copy / "data1", "--uuid", first,
+        "--targetfile", tmp_path / "out.qcow2").ok()
+    run_backup(backup.vm, copy, "inc")           # backups only add files
+    cli("qmprestore", "umount", mountpoint).ok()
+    assert "mounted at" not in cli("qmprestore", "list", "--dir", copy).ok().out
+    cli("qmpbackup", "prune", "--target", copy, "--keep", "1").ok()
+    assert chain_ids(copy) != [first] and first not in chain_ids(copy)
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(
+        cli, backup: Backup, mountpoint: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cli("qmprestore", "mount", "--dir", backup.root, tmp_path / "missing").failed(
+        5, "not an existing folder")
+    (mountpoint / "x").write_text("")
+    cli("qmprestore", "mount", "--dir", backup.root, mountpoint).failed(5, "not empty")
+    (mountpoint / "x").unlink()
+    cli("qmprestore", "mount", "--dir", backup.root, "--until", "INC-1", mountpoint).failed(
+        2, "no such restore point")
+    cli("qmprestore", "umount", mountpoint).failed(2, "not mounted by qmprestore")
+    cli("qmprestore", "mount", "--dir", backup.root, mountpoint).ok()
+    cli("qmprestore", "mount", "--dir", backup.root, mountpoint).failed(4, "already mounted")
+    cli("qmprestore", "umount", mountpoint).ok()
+    with monkeypatch.context() as patched:
+        patched.setenv("PATH", str(tmp_path))
+        cli("qmprestore", "mount", "--dir", backup.root, mountpoint).failed(
+            14, "qemu-storage-daemon is not installed")
+    with monkeypatch.context() as patched:
+        patched.setattr("libqmpbackup.restore.mount.FUSE_DEVICE", tmp_path / "fuse")
+        cli("qmprestore", "mount", "--dir", backup.root, mountpoint).failed(14, "is missing")
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "geteuid", lambda: 1000)
+        cli("qmprestore", "mount", "--dir", backup.root, "--filesystems", mountpoint).failed(
+            2, "--filesystems needs root")
+    assert leftovers(mountpoint) == []
+
+
+def test_a_damaged_chain_is_refused_before_anything_is_mounted(
+        cli, backup: Backup, mountpoint: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", backup.root, copy], check=True)
+    last = copy / "data1" / backup.files("data1")[1]
+    with open(last, "r+b") as handle:    # data, not the header: only the checksum sees it
+        handle.seek(os.path.getsize(last) - 4096)
+        handle.write(b"\xff" * 16)
+    cli("qmprestore", "mount", "--dir", copy, "--until", backup.files("data1")[1],
+        mountpoint).failed(11, "checksum mismatch")
+    assert leftovers(mountpoint) == []
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def foreground(backup: Backup, mountpoint: Path) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-m", "qmprestore", "mount", "--dir", backup.root,
+                             "--foreground", mountpoint], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("daemon pid"):
+            return proc, int(line.split()[2].rstrip(";"))
+    raise AssertionError(f"foreground mount ended: {proc.wait()}")
+
+
+def test_foreground_ends_on_sigterm_and_a_sigkill_leaves_what_umount_cleans(
+        cli, backup: Backup, mountpoint: Path) -> None:
+    proc, _ = foreground(backup, mountpoint)
+    assert (mountpoint / "virtio0.raw").stat().st_size == 16 * MiB
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert leftovers(mountpoint) == []
+    proc, daemon = foreground(backup, mountpoint)
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: mounts.process_start(daemon) is None)   # it died with the tool
+    cli("qmprestore", "umount", mountpoint).ok()
+    assert leftovers(mountpoint) == []
+
+
+def test_umount_cleans_up_after_a_daemon_that_died(cli, backup: Backup, mountpoint: Path) -> None:
+    shown = json.loads(cli("qmprestore", "mount", "--dir", backup.root, "--json",
+                           mountpoint).ok().out)
+    os.kill(shown["daemon_pid"], signal.SIGKILL)
+    wait_for(lambda: mounts.process_start(shown["daemon_pid"]) is None)
+    assert "mounted at" not in cli("qmprestore", "list", "--dir", backup.root).ok().out
+    cli("qmprestore", "umount", mountpoint).ok()
+    assert leftovers(mountpoint) == []

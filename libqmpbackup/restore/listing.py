@@ -22,6 +22,7 @@ from libqmpbackup.store import folder_safety
 from libqmpbackup.store.journal import JOURNAL_NAME
 from libqmpbackup.store.layout import disk_folders
 from libqmpbackup.store.metadata import BackupRecord, Chain
+from libqmpbackup.store.mounts import MountRecord, active_on
 from libqmpbackup.tables import table
 from libqmpbackup.units import local_time
 
@@ -106,13 +107,27 @@ def list_table(path: Path, name_filter: Optional[str] = None) -> str:
         _warn_leftovers(backup)
         # below a --monthly base, chains are told apart by their month folder
         rows += _rows(backup, "" if backup.folder == given else f"{backup.root.name}/")
-    return table(rows, headers=HEADERS)
+    found = _mounts(open_for_listing(path, name_filter))
+    lines = [f"mounted at {r.mountpoint} (daemon pid {r.pid}): "
+             + ", ".join(f"{d.disk} {d.point}" for d in r.disks) for r in found]
+    return "\n".join([table(rows, headers=HEADERS), *lines])
+
+
+def _mounts(backups: list[BackupDir]) -> list[MountRecord]:
+    """Live ``qmprestore mount``s of these chain folders (each once)."""
+    found: dict[str, MountRecord] = {}
+    for backup in backups:
+        for record in active_on(backup.root):
+            found.setdefault(record.mountpoint, record)
+    return list(found.values())
 
 
 def list_document(path: Path, name_filter: Optional[str] = None) -> Document:
     """The ``list --json`` document: the same chains, disks and points as the table."""
     chains = []
-    for backup in open_for_listing(path, name_filter):
+    backups = open_for_listing(path, name_filter)
+    for backup in backups:
         _warn_leftovers(backup)
         chains += [_chain_document(backup, c) for c in backup.store.chains]
-    return {"command": "list", "dir": os.path.abspath(path), "chains": chains}
+    return {"command": "list", "dir": os.path.abspath(path), "chains": chains,
+            "mounts": [r.document() for r in _mounts(backups)]}

@@ -30,7 +30,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from libqmpbackup.errors import (
     Interrupted,
@@ -216,9 +216,13 @@ def _wait_ready(record: MountRecord, proc: subprocess.Popen[bytes]) -> None:
              ", ".join(f"{d.file} ({d.chain} {d.point})" for d in record.disks))
 
 
-def stay(record: MountRecord) -> None:
-    """--foreground: serve until SIGINT/SIGTERM (or the daemon dies), then unmount."""
+def stay(record: MountRecord, announce: Callable[[], object]) -> None:
+    """--foreground: ANNOUNCE the mount, serve until SIGINT/SIGTERM (or the daemon dies), unmount.
+
+    The announcement is inside: a signal right after it must still unmount.
+    """
     try:
+        announce()
         while mounts.alive(record):
             time.sleep(0.2)
         raise MountError(f"{DAEMON} (pid {record.pid}) died: {_daemon_said(record)}")
