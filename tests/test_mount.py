@@ -242,3 +242,46 @@ def test_umount_cleans_up_after_a_daemon_that_died(cli, backup: Backup, mountpoi
     assert "mounted at" not in cli("qmprestore", "list", "--dir", backup.root).ok().out
     cli("qmprestore", "umount", mountpoint).ok()
     assert leftovers(mountpoint) == []
+
+
+def partitioned_disk(folder: Path) -> Path:
+    """A qcow2 disk with an MBR: p1 ext4 holding /hello, p2 swap, p3 nothing."""
+    raw = folder / "disk.raw"
+    with open(raw, "wb") as disk:
+        disk.truncate(40 * MiB)
+        table = b""
+        for start, size, kind in ((2048, 16384, 0x83), (18432, 8192, 0x82), (26624, 8192, 0x83)):
+            table += bytes([0, 0, 0, 0, kind, 0, 0, 0]) + start.to_bytes(4, "little") \
+                + size.to_bytes(4, "little")
+        disk.seek(0x1BE)
+        disk.write(table + b"\0" * 16 + b"\x55\xaa")
+    content = folder / "content"
+    content.mkdir()
+    (content / "hello").write_text("hello from p1\n")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", content, "-E", f"offset={2048 * 512}", raw,
+                    "8M"], check=True)
+    swap = folder / "swap"
+    swap.write_bytes(b"\0" * 4 * MiB)
+    subprocess.run(["mkswap", swap], check=True, capture_output=True)
+    with open(raw, "r+b") as disk:
+        disk.seek(18432 * 512)
+        disk.write(swap.read_bytes())
+    image = folder / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, image], check=True)
+    return image
+
+
+def test_filesystems_of_every_partition_and_what_is_not_mounted(
+        cli, mountpoint: Path, tmp_path: Path) -> None:
+    image = partitioned_disk(tmp_path)
+    cli("qmpbackup", "--image", f"disk0={image}", "backup", "--level", "full", "--target",
+        tmp_path / "backup", "--no-progress").ok()
+    shown = json.loads(cli("qmprestore", "mount", "--dir", tmp_path / "backup", "--filesystems",
+                           "--json", mountpoint).ok().out)
+    found = {f["partition"]: (f["type"], f.get("mounted"), f.get("error"))
+             for f in shown["disks"][0]["filesystems"]}
+    assert found == {"p1": ("ext4", "yes", None), "p2": ("swap", None, "swap space"),
+                     "p3": ("", None, "no filesystem found")}
+    assert (mountpoint / "disk0" / "p1" / "hello").read_text() == "hello from p1\n"
+    text = cli("qmprestore", "umount", mountpoint).ok()
+    assert text.rc == 0 and leftovers(mountpoint) == []

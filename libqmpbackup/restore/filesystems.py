@@ -14,7 +14,6 @@ here is written into the mount record first, so ``umount`` undoes it.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -25,7 +24,8 @@ from libqmpbackup.errors import MountError, UsageError
 from libqmpbackup.store.mounts import ExposedDisk, MountRecord
 from libqmpbackup.store.names import safe_component
 
-TOOLS = ("losetup", "blkid", "mount", "umount")
+TOOLS = ("losetup", "partx", "blkid", "mount", "umount")
+SECTOR = 512
 OPTIONS = {"ext3": "ro,noload", "ext4": "ro,noload", "xfs": "ro,norecovery"}
 DEVICE_WAIT = 2.0
 
@@ -50,18 +50,45 @@ def _said(result: subprocess.CompletedProcess[str]) -> str:
             ).splitlines()[-1]
 
 
-def partitions(loop: str) -> list[tuple[str, str]]:
-    """(partition label ``p<N>``, device) of LOOP, by number; empty for a disk without table."""
-    name = os.path.basename(loop)
+def partitions(loop: str) -> list[tuple[str, int, int]]:
+    """(label ``p<N>``, start, size in bytes) of each partition on LOOP; empty without a table.
+
+    Read with ``partx`` rather than from the kernel's partition devices:
+    where partition scanning is unavailable (some containers) the table is
+    still read, and each partition gets a loop device of its own.
+    """
+    result = _run(["partx", "-g", "-o", "NR,START,SECTORS", loop])
     found = []
-    for entry in Path("/sys/block", name).glob(f"{name}p*"):
-        match = re.fullmatch(rf"{re.escape(name)}p(\d+)", entry.name)
-        if match:
-            found.append((int(match.group(1)), f"p{match.group(1)}", f"/dev/{entry.name}"))
-    return [(label, device) for _, label, device in sorted(found)]
+    for line in result.stdout.splitlines() if result.returncode == 0 else []:
+        fields = line.split()
+        if len(fields) == 3 and all(f.isdigit() for f in fields):
+            found.append((f"p{fields[0]}", int(fields[1]) * SECTOR, int(fields[2]) * SECTOR))
+    return found
+
+
+def _partition_device(record: MountRecord, disk: ExposedDisk, loop: str, label: str,
+                      start: int, size: int, save: Save) -> str:
+    """The kernel's LOOPpN when it scanned the table, else a loop device on just that range."""
+    name = f"{os.path.basename(loop)}{label}"
+    if Path("/sys/block", os.path.basename(loop), name).exists():
+        _wait_for(f"/dev/{name}")
+        return f"/dev/{name}"
+    return _loop(record, disk, save, "-o", str(start), "--sizelimit", str(size))
+
+
+def _loop(record: MountRecord, disk: ExposedDisk, save: Save, *options: str) -> str:
+    """A new read-only loop device on the exposed file, recorded before anything else happens."""
+    result = _run(["losetup", "-r", "-f", "--show", *options, disk.file])
+    if result.returncode != 0:
+        raise MountError(f"losetup of {disk.file} failed: {_said(result)}")
+    device = result.stdout.strip()
+    disk.loops.append(device)
+    save(record)
+    return device
 
 
 def _wait_for(device: str) -> None:
+    """devtmpfs makes the node of a scanned partition a moment after the scan."""
     deadline = time.monotonic() + DEVICE_WAIT
     while not os.path.exists(device) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -74,15 +101,13 @@ def fstype(device: str) -> Optional[str]:
 
 def attach(record: MountRecord, save: Save) -> None:
     for disk in record.disks:
-        result = _run(["losetup", "-r", "-P", "-f", "--show", disk.file])
-        if result.returncode != 0:
-            raise MountError(f"losetup of {disk.file} failed: {_said(result)}")
-        disk.loop = result.stdout.strip()
-        save(record)
+        loop = _loop(record, disk, save, "-P")
         base = _make_dir(record, os.path.join(record.mountpoint, safe_component(disk.disk)))
-        found = partitions(disk.loop) or [("disk", disk.loop)]
-        for label, device in found:
-            _wait_for(device)
+        found = partitions(loop)
+        if not found:   # a filesystem on the whole disk
+            _mount_one(record, disk, os.path.join(base, "disk"), loop, save)
+        for label, start, size in found:
+            device = _partition_device(record, disk, loop, label, start, size, save)
             _mount_one(record, disk, os.path.join(base, label), device, save)
 
 
@@ -133,13 +158,14 @@ def detach(record: MountRecord, save: Save) -> list[str]:
         for entry in disk.filesystems:
             if entry.get("mounted") and os.path.ismount(entry["path"]):
                 problems += unmount(entry["path"])
-        if problems or disk.loop is None:
+        if problems:
             continue
-        if _backing_file(disk.loop) == disk.file:   # never a loop device reused since
-            result = _run(["losetup", "-d", disk.loop])
-            if result.returncode != 0:
-                problems.append(f"cannot detach {disk.loop}: {_said(result)}")
-                continue
-        disk.loop = None
-        save(record)
+        for loop in reversed(disk.loops):
+            if _backing_file(loop) == disk.file:   # never a loop device reused since
+                result = _run(["losetup", "-d", loop])
+                if result.returncode != 0:
+                    problems.append(f"cannot detach {loop}: {_said(result)}")
+                    continue
+            disk.loops.remove(loop)
+            save(record)
     return problems

@@ -45,7 +45,7 @@ class ExposedDisk:
     point: str
     folder: str                     # the disk folder read
     filesystems: list[dict[str, str]] = field(default_factory=list)   # partition, path, type, error
-    loop: Optional[str] = None      # /dev/loopN under --filesystems
+    loops: list[str] = field(default_factory=list)   # --filesystems: the disk's, then partitions'
 
 
 @dataclass
@@ -66,7 +66,7 @@ class MountRecord:
         return {"mountpoint": self.mountpoint, "folder": self.root, "daemon_pid": self.pid,
                 "alive": alive(self),
                 "disks": [{"disk": d.disk, "file": d.file, "chain": d.chain, "point": d.point,
-                           "loop": d.loop, "filesystems": d.filesystems} for d in self.disks]}
+                           "loops": d.loops, "filesystems": d.filesystems} for d in self.disks]}
 
 
 def _key(mountpoint: str) -> str:
