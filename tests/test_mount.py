@@ -285,3 +285,31 @@ def test_filesystems_of_every_partition_and_what_is_not_mounted(
     assert (mountpoint / "disk0" / "p1" / "hello").read_text() == "hello from p1\n"
     text = cli("qmprestore", "umount", mountpoint).ok()
     assert text.rc == 0 and leftovers(mountpoint) == []
+
+
+def test_remembered_verification_skips_unchanged_files_only(
+        cli, backup: Backup, mountpoint: Path, tmp_path: Path) -> None:
+    skipped = "verified within 86400 s and unchanged: not hashed again"
+    # the backup run remembered what it wrote: no pass over the data before the first byte
+    assert skipped in cli("qmprestore", "mount", "--dir", backup.root / "data1",
+                          mountpoint).ok().err
+    cli("qmprestore", "umount", mountpoint).ok()
+    assert "not hashed again" not in cli("qmprestore", "merge", "--dir", backup.root / "data1",
+                                         "--verified-within", "0", "--targetfile",
+                                         tmp_path / "a.qcow2").ok().err
+    shown = json.loads(cli("qmprestore", "verify", "--dir", backup.root, "--json").ok().out)
+    assert all(f["last_verified"] and f["last_verified"] > time.time() - 600
+               for f in shown["files"])
+    assert "never" not in cli("qmprestore", "verify", "--dir", backup.root).ok().out
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", backup.root, copy], check=True)
+    first = cli("qmprestore", "merge", "--dir", copy / "data1", "--targetfile",
+                tmp_path / "b.qcow2").ok().err
+    assert "not hashed again" not in first           # a copy is other files
+    last = copy / "data1" / backup.files("data1")[-1]
+    with open(last, "r+b") as handle:                # rot after a remembered check...
+        handle.seek(os.path.getsize(last) - 4096)
+        handle.write(b"\xff" * 16)
+    cli("qmprestore", "mount", "--dir", copy / "data1", mountpoint).failed(
+        11, "checksum mismatch")                     # ...is a changed file: hashed and refused
+    assert leftovers(mountpoint) == []

@@ -63,7 +63,8 @@ def _disk_point(backup: BackupDir, command: str,
     point = backup.points(opts.until, opts.uuid)[0]
     files = check_before_restore(point, backup.store, skip_check=opts.skip_check,
                                  whole_chain=command in ("commit", "snapshotrebase"),
-                                 writable=True, dry_run=opts.dry_run)
+                                 writable=True, dry_run=opts.dry_run,
+                                 verified_within=opts.verified_within)
     return point, files
 
 
