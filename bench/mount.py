@@ -91,7 +91,7 @@ class MountBench:
                      "--level", "full" if number == 0 else "inc", "--target", str(self.backup),
                      "--no-progress")
         meta = json.loads((self.backup / "qmpbackup.json").read_text())
-        files = [r["file"] for r in meta["chains"][-1]["disks"]["virtio0"]["backups"]]
+        files: list[str] = [r["file"] for r in meta["chains"][-1]["disks"]["virtio0"]["backups"]]
         return self.backup / "virtio0" / files[-1]
 
     def steps(self, top: Path) -> list[tuple[str, Callable[[], float]]]:

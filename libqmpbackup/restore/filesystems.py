@@ -140,7 +140,11 @@ def _mount_one(record: MountRecord, disk: ExposedDisk, path: str, device: str,
 
 
 def unmount(path: str, lazy: bool = False) -> list[str]:
-    result = _run(["umount", *(["-l"] if lazy else []), path])
+    """LAZY: a FUSE file whose daemon died; a user's FUSE mount goes through fusermount3."""
+    if lazy and os.geteuid() != 0 and shutil.which("fusermount3"):
+        result = _run(["fusermount3", "-u", "-z", path])
+    else:
+        result = _run(["umount", *(["-l"] if lazy else []), path])
     return [] if result.returncode == 0 else [f"cannot unmount {path}: {_said(result)}"]
 
 
