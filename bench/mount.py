@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -176,6 +177,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # the finally below cleans up
     work = Path(tempfile.mkdtemp(prefix="qmpbackup-bench-mount-", dir=args.workdir))
     bench = MountBench(args, work)
     try:

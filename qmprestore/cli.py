@@ -205,6 +205,9 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                         help="also mount every filesystem found read-only at "
                              "MOUNTPOINT/<disk id>/p<N>/ (or /disk/ without partition table); "
                              "needs root")
+    parser.add_argument("--check-first", action="store_true",
+                        help="hash the files not remembered as verified before exposing them "
+                             "(default: while they are served; damage ends the mount)")
     parser.add_argument("--foreground", action="store_true",
                         help="stay until SIGINT/SIGTERM, then unmount (default: return, the "
                              "mount stays until qmprestore umount)")
@@ -258,7 +261,8 @@ def snapshotrebase_command(args: argparse.Namespace) -> int:
 
 def mount_command(args: argparse.Namespace) -> CommandResult:
     record = mount(_options(args), MountRequest(args.mountpoint, filesystems=args.filesystems,
-                                                foreground=args.foreground))
+                                                foreground=args.foreground,
+                                                check_first=args.check_first))
     if not args.foreground:
         return JsonResult(mount_document(record)) if args.json else _printed(describe(record))
     if args.json:

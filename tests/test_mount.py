@@ -59,7 +59,7 @@ def backup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backup]:
 def leftovers(mountpoint: Path) -> list[str]:
     """What a finished mount may not leave: records, daemons, mounts, files."""
     found = [f"record {r.mountpoint}" for r in mounts.records()]
-    found += [f"daemon {pid}" for pid in daemons()]
+    found += [f"process {pid}" for pid in daemons()]
     with open("/proc/self/mountinfo") as info:
         found += [line for line in info if str(mountpoint) in line]
     if mountpoint.exists():
@@ -75,8 +75,9 @@ def daemons() -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if cmdline.startswith(b"qemu-storage-daemon") and b"fuse" in cmdline \
-                    and mounts.process_start(int(entry.name)) is not None:
+            ours = ((cmdline.startswith(b"qemu-storage-daemon") and b"fuse" in cmdline)
+                    or b"libqmpbackup.restore.mount_check" in cmdline)
+            if ours and mounts.process_start(int(entry.name)) is not None:
                 pids.append(int(entry.name))
     return pids
 
@@ -189,17 +190,49 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     assert leftovers(mountpoint) == []
 
 
-def test_a_damaged_chain_is_refused_before_anything_is_mounted(
-        cli, backup: Backup, mountpoint: Path, tmp_path: Path) -> None:
+def damaged_copy(backup: Backup, tmp_path: Path) -> tuple[Path, str]:
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-a", backup.root, copy], check=True)
     last = copy / "data1" / backup.files("data1")[1]
     with open(last, "r+b") as handle:    # data, not the header: only the checksum sees it
         handle.seek(os.path.getsize(last) - 4096)
         handle.write(b"\xff" * 16)
-    cli("qmprestore", "mount", "--dir", copy, "--until", backup.files("data1")[1],
+    return copy, backup.files("data1")[1]
+
+
+def test_check_first_refuses_a_damaged_chain_before_anything_is_mounted(
+        cli, backup: Backup, mountpoint: Path, tmp_path: Path) -> None:
+    copy, point = damaged_copy(backup, tmp_path)
+    cli("qmprestore", "mount", "--dir", copy, "--until", point, "--check-first",
         mountpoint).failed(11, "checksum mismatch")
     assert leftovers(mountpoint) == []
+
+
+def test_damage_found_while_mounted_ends_the_mount_loudly(
+        cli, backup: Backup, mountpoint: Path, tmp_path: Path) -> None:
+    copy, point = damaged_copy(backup, tmp_path)
+    shown = json.loads(cli("qmprestore", "mount", "--dir", copy, "--until", point, "--json",
+                           mountpoint).ok().out)
+    wait_for(lambda: mounts.process_start(shown["daemon_pid"]) is None)
+    with pytest.raises(OSError):
+        (mountpoint / "data1.raw").read_bytes()
+    assert "ENDED, DAMAGED" in cli("qmprestore", "list", "--dir", copy).ok().out
+    cli("qmprestore", "umount", mountpoint).failed(11, "checksum mismatch", point)
+    assert leftovers(mountpoint) == []
+
+
+def test_files_hashed_while_mounted_are_remembered(
+        cli, backup: Backup, mountpoint: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", backup.root, copy], check=True)     # new inodes: not remembered
+    err = cli("qmprestore", "mount", "--dir", copy / "data1", mountpoint).ok().err
+    assert "hashing them while mounted" in err
+    wait_for(lambda: not any(mounts.checking(r) for r in mounts.records()))
+    assert mounts.alive(mounts.load(str(mountpoint)))
+    cli("qmprestore", "umount", mountpoint).ok()
+    err = cli("qmprestore", "mount", "--dir", copy / "data1", mountpoint).ok().err
+    assert "not hashed again" in err and "while mounted" not in err
+    cli("qmprestore", "umount", mountpoint).ok()
 
 
 def wait_for(condition, timeout: float = 10) -> None:
@@ -239,7 +272,8 @@ def test_umount_cleans_up_after_a_daemon_that_died(cli, backup: Backup, mountpoi
                            mountpoint).ok().out)
     os.kill(shown["daemon_pid"], signal.SIGKILL)
     wait_for(lambda: mounts.process_start(shown["daemon_pid"]) is None)
-    assert "mounted at" not in cli("qmprestore", "list", "--dir", backup.root).ok().out
+    assert "the daemon died, run qmprestore umount" in cli("qmprestore", "list", "--dir",
+                                                           backup.root).ok().out
     cli("qmprestore", "umount", mountpoint).ok()
     assert leftovers(mountpoint) == []
 
@@ -310,6 +344,6 @@ def test_remembered_verification_skips_unchanged_files_only(
     with open(last, "r+b") as handle:                # rot after a remembered check...
         handle.seek(os.path.getsize(last) - 4096)
         handle.write(b"\xff" * 16)
-    cli("qmprestore", "mount", "--dir", copy / "data1", mountpoint).failed(
+    cli("qmprestore", "mount", "--dir", copy / "data1", "--check-first", mountpoint).failed(
         11, "checksum mismatch")                     # ...is a changed file: hashed and refused
     assert leftovers(mountpoint) == []

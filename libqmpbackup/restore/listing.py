@@ -22,7 +22,7 @@ from libqmpbackup.store import folder_safety
 from libqmpbackup.store.journal import JOURNAL_NAME
 from libqmpbackup.store.layout import disk_folders
 from libqmpbackup.store.metadata import BackupRecord, Chain
-from libqmpbackup.store.mounts import MountRecord, active_on
+from libqmpbackup.store.mounts import MountRecord, alive, checking, records
 from libqmpbackup.tables import table
 from libqmpbackup.units import local_time
 
@@ -108,18 +108,23 @@ def list_table(path: Path, name_filter: Optional[str] = None) -> str:
         # below a --monthly base, chains are told apart by their month folder
         rows += _rows(backup, "" if backup.folder == given else f"{backup.root.name}/")
     found = _mounts(open_for_listing(path, name_filter))
-    lines = [f"mounted at {r.mountpoint} (daemon pid {r.pid}): "
-             + ", ".join(f"{d.disk} {d.point}" for d in r.disks) for r in found]
-    return "\n".join([table(rows, headers=HEADERS), *lines])
+    return "\n".join([table(rows, headers=HEADERS), *map(_mount_line, found)])
+
+
+def _mount_line(record: MountRecord) -> str:
+    line = (f"mounted at {record.mountpoint} (daemon pid {record.pid}): "
+            + ", ".join(f"{d.disk} {d.point}" for d in record.disks))
+    if record.damaged:
+        return f"{line}: ENDED, DAMAGED: {'; '.join(record.damaged)}"
+    if not alive(record):
+        return f"{line}: the daemon died, run qmprestore umount {record.mountpoint}"
+    return line + (" (checksums being verified)" if checking(record) else "")
 
 
 def _mounts(backups: list[BackupDir]) -> list[MountRecord]:
-    """Live ``qmprestore mount``s of these chain folders (each once)."""
-    found: dict[str, MountRecord] = {}
-    for backup in backups:
-        for record in active_on(backup.root):
-            found.setdefault(record.mountpoint, record)
-    return list(found.values())
+    """``qmprestore mount``s of these chain folders (each once): live, or to be unmounted."""
+    roots = {os.path.realpath(b.root) for b in backups}
+    return [r for r in records() if r.root in roots]
 
 
 def list_document(path: Path, name_filter: Optional[str] = None) -> Document:

@@ -27,12 +27,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from libqmpbackup.errors import (
+    BackupDamaged,
     Interrupted,
     LockBusyError,
     MountError,
@@ -40,11 +42,12 @@ from libqmpbackup.errors import (
     UsageError,
 )
 from libqmpbackup.qemu.daemon_process import DAEMON, die_with_parent_hook
-from libqmpbackup.restore import filesystems
+from libqmpbackup.restore import filesystems, mount_check
 from libqmpbackup.restore.folder import check_before_restore, open_backup_dir
 from libqmpbackup.restore.images import ChainFiles
 from libqmpbackup.restore.rules import RestoreOptions, RestorePoint
 from libqmpbackup.store import mounts
+from libqmpbackup.store.handles import FileHandle
 from libqmpbackup.store.locks import hold
 from libqmpbackup.store.mounts import ExposedDisk, MountRecord
 from libqmpbackup.store.names import safe_component
@@ -62,6 +65,7 @@ class MountRequest:
     mountpoint: Path
     filesystems: bool = False
     foreground: bool = False
+    check_first: bool = False     # hash before exposing instead of while serving
 
 
 def layer_options(prefix: str, dev_paths: Sequence[str]) -> list[str]:
@@ -136,10 +140,13 @@ def mount(opts: RestoreOptions, request: MountRequest) -> MountRecord:
         _check_mountpoint(request.mountpoint)   # another mount may have won the race
         checked = [opened.enter_context(check_before_restore(
             point, backup.store, skip_check=opts.skip_check,
-            verified_within=opts.verified_within)) for point in points]
+            verified_within=opts.verified_within, defer_digests=not request.check_first))
+            for point in points]
         record = MountRecord(mountpoint=real, root=os.path.realpath(backup.root))
         try:
             proc = _start(record, points, checked, request.foreground)
+            _start_checker(record, [d for files in checked for d in files.deferred],
+                           request.foreground)
             opened.close()   # the daemon holds its own copies of the descriptors
             _wait_ready(record, proc)
             if request.filesystems:
@@ -178,6 +185,27 @@ def _start(record: MountRecord, points: list[RestorePoint], checked: list[ChainF
     record.start = mounts.process_start(proc.pid) or ""
     mounts.save(record)
     return proc
+
+
+def _start_checker(record: MountRecord, files: list[tuple[FileHandle, Optional[str]]],
+                   foreground: bool) -> None:
+    """Hash the files not remembered as verified while they are served (:mod:`mount_check`)."""
+    if not files:
+        return
+    package = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [package, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    with open(record.log, "ab") as output:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "libqmpbackup.restore.mount_check",
+             mount_check.spec(record.mountpoint, files)],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=env,
+            pass_fds=[h.fd for h, _ in files], start_new_session=True,
+            preexec_fn=die_with_parent_hook() if foreground else None)
+    record.checker, record.checker_start = proc.pid, mounts.process_start(proc.pid) or ""
+    mounts.save(record)
+    log.info("%d file(s) not verified within --verified-within: hashing them while mounted "
+             "(pid %d); damage ends the mount", len(files), proc.pid)
 
 
 def _create_export_file(record: MountRecord, name: str) -> str:
@@ -225,13 +253,14 @@ def stay(record: MountRecord, announce: Callable[[], object]) -> None:
         announce()
         while mounts.alive(record):
             time.sleep(0.2)
-        raise MountError(f"{DAEMON} (pid {record.pid}) died: {_daemon_said(record)}")
+        if not (mounts.load(record.mountpoint) or record).damaged:
+            raise MountError(f"{DAEMON} (pid {record.pid}) died: {_daemon_said(record)}")
     except Interrupted:
         log.info("unmounting %s", record.mountpoint)
     finally:
         with hold(mounts.lock_path(record.mountpoint), f"mountpoint {record.mountpoint}",
                   record.mountpoint):
-            _cleanup(record)
+            _cleanup(mounts.load(record.mountpoint) or record)
 
 
 def umount(mountpoint: Path) -> MountRecord:
@@ -251,7 +280,8 @@ def _cleanup(record: MountRecord, quiet: bool = False) -> None:
     problems = filesystems.detach(record, mounts.save)
     if problems and not quiet:   # a busy filesystem: its loop device and daemon stay too
         raise MountError("; ".join(problems))
-    _stop_daemon(record)
+    _stop(record.checker, lambda: mounts.checking(record), "checksum process")
+    _stop(record.pid, lambda: mounts.alive(record), DAEMON)
     for disk in record.disks:
         if os.path.ismount(disk.file):   # the daemon died without unmounting
             problems += filesystems.unmount(disk.file, lazy=True)
@@ -269,22 +299,28 @@ def _cleanup(record: MountRecord, quiet: bool = False) -> None:
     with contextlib.suppress(OSError):
         os.unlink(record.log)
     mounts.forget(record)
+    if record.damaged and not quiet:
+        raise BackupDamaged([f"{line}; the mount was ended when this was found"
+                             for line in record.damaged])
 
 
-def _stop_daemon(record: MountRecord) -> None:
-    """SIGTERM (the daemon closes the images and ends its exports), SIGKILL if it hangs."""
-    if not mounts.alive(record):
+def _stop(pid: int, running: Callable[[], bool], what: str) -> None:
+    """SIGTERM (the daemon closes the images and ends its exports), SIGKILL if it hangs.
+
+    RUNNING checks the pid is still the process the record names.
+    """
+    if not running():
         return
     for signum in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(record.pid, signum)
+            os.kill(pid, signum)
         deadline = time.monotonic() + STOP_TIMEOUT
-        while mounts.alive(record) and time.monotonic() < deadline:
-            _reap(record.pid)
+        while running() and time.monotonic() < deadline:
+            _reap(pid)
             time.sleep(POLL)
-        if not mounts.alive(record):
+        if not running():
             return
-    raise MountError(f"{DAEMON} (pid {record.pid}) does not stop")
+    raise MountError(f"{what} (pid {pid}) does not stop")
 
 
 def _reap(pid: int) -> None:

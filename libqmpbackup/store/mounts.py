@@ -57,6 +57,9 @@ class MountRecord:
     log: str = ""
     disks: list[ExposedDisk] = field(default_factory=list)
     created: list[str] = field(default_factory=list)   # files and folders the mount made
+    checker: int = 0                # the process hashing files while they are served
+    checker_start: str = ""
+    damaged: list[str] = field(default_factory=list)   # what it found: the daemon was stopped
 
     @property
     def chains(self) -> set[str]:
@@ -64,7 +67,7 @@ class MountRecord:
 
     def document(self) -> dict[str, Any]:
         return {"mountpoint": self.mountpoint, "folder": self.root, "daemon_pid": self.pid,
-                "alive": alive(self),
+                "alive": alive(self), "checking": checking(self), "damaged": self.damaged,
                 "disks": [{"disk": d.disk, "file": d.file, "chain": d.chain, "point": d.point,
                            "loops": d.loops, "filesystems": d.filesystems} for d in self.disks]}
 
@@ -138,6 +141,10 @@ def process_start(pid: int) -> Optional[str]:
 
 def alive(record: MountRecord) -> bool:
     return record.pid > 0 and process_start(record.pid) == record.start
+
+
+def checking(record: MountRecord) -> bool:
+    return record.checker > 0 and process_start(record.checker) == record.checker_start
 
 
 def active_on(root: Path, chains: Optional[Iterable[str]] = None) -> list[MountRecord]:
