@@ -87,12 +87,12 @@ def mountpoint(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "mnt"
     path.mkdir()
     yield path
-    for record in mounts.records():   # a failed test still leaves nothing running
-        subprocess.run([sys.executable, "-m", "qmprestore", "umount", record.mountpoint],
-                       capture_output=True, check=False)
+    said = [subprocess.run([sys.executable, "-m", "qmprestore", "umount", record.mountpoint],
+                           capture_output=True, text=True, check=False).stderr
+            for record in mounts.records()]   # a failed test still leaves nothing running
     for pid in daemons():
         os.kill(pid, signal.SIGKILL)
-    assert leftovers(path) == []
+    assert leftovers(path) == [], said
 
 
 def test_every_point_reads_as_the_disk_was_and_the_folder_is_untouched(
@@ -273,7 +273,7 @@ def test_umount_cleans_up_after_a_daemon_that_died(cli, backup: Backup, mountpoi
     os.kill(shown["daemon_pid"], signal.SIGKILL)
     wait_for(lambda: mounts.process_start(shown["daemon_pid"]) is None)
     assert "the daemon died, run qmprestore umount" in cli("qmprestore", "list", "--dir",
-                                                           backup.root).ok().out
+                                                       backup.root).ok().out
     cli("qmprestore", "umount", mountpoint).ok()
     assert leftovers(mountpoint) == []
 

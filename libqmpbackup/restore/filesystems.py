@@ -14,6 +14,7 @@ here is written into the mount record first, so ``umount`` undoes it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -139,6 +140,21 @@ def _mount_one(record: MountRecord, disk: ExposedDisk, path: str, device: str,
     save(record)
 
 
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounted(path: str) -> bool:
+    """PATH is a mount point, by /proc/self/mountinfo: asking the file itself may fail or
+    answer from a cache when its FUSE daemon is dead (``Transport endpoint is not connected``)."""
+    try:
+        with open("/proc/self/mountinfo") as info:
+            return any(_unescape(line.split()[4]) == path for line in info)
+    except (OSError, IndexError):
+        return os.path.ismount(path)
+
+
 def unmount(path: str, lazy: bool = False) -> list[str]:
     """LAZY: a FUSE file whose daemon died; a user's FUSE mount goes through fusermount3."""
     if lazy and os.geteuid() != 0 and shutil.which("fusermount3"):
@@ -160,7 +176,7 @@ def detach(record: MountRecord, save: Save) -> list[str]:
     problems: list[str] = []
     for disk in record.disks:
         for entry in disk.filesystems:
-            if entry.get("mounted") and os.path.ismount(entry["path"]):
+            if entry.get("mounted") and mounted(entry["path"]):
                 problems += unmount(entry["path"])
         if problems:
             continue

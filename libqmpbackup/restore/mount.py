@@ -283,7 +283,7 @@ def _cleanup(record: MountRecord, quiet: bool = False) -> None:
     _stop(record.checker, lambda: mounts.checking(record), "checksum process")
     _stop(record.pid, lambda: mounts.alive(record), DAEMON)
     for disk in record.disks:
-        if os.path.ismount(disk.file):   # the daemon died without unmounting
+        if filesystems.mounted(disk.file):   # the daemon died without unmounting
             problems += filesystems.unmount(disk.file, lazy=True)
     for path in reversed(record.created):
         with contextlib.suppress(FileNotFoundError):
