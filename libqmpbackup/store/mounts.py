@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from libqmpbackup.errors import LockBusyError
+from libqmpbackup.errors import LockBusyError, QmpBackupError
 from libqmpbackup.store.fsutil import write_atomically
 from libqmpbackup.store.statedirs import runtime_dir
 
@@ -119,8 +119,17 @@ def forget(record: MountRecord) -> None:
 
 
 def records() -> Iterator[MountRecord]:
-    """Every recorded mount of this user, active or left by a daemon that died."""
-    for path in sorted(mounts_dir().glob(f"*{SUFFIX}")):
+    """Every recorded mount of this user, active or left by a daemon that died.
+
+    No usable runtime folder means no mount could have been made: none (list,
+    prune and in-place restores must not fail on it).
+    """
+    try:
+        folder = mounts_dir()
+    except QmpBackupError as err:
+        log.debug("no mount records: %s", err)
+        return
+    for path in sorted(folder.glob(f"*{SUFFIX}")):
         with contextlib.suppress(OSError):
             record = _parse(path.read_text())
             if record is not None:

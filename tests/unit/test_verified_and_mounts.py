@@ -153,3 +153,15 @@ def test_a_mount_is_active_while_its_daemon_lives(tmp_path: Path) -> None:
     assert mounts.active_on(tmp_path / "backup") == []   # died: umount cleans, nothing refuses
     assert [r.mountpoint for r in mounts.records()] == [record.mountpoint]
     assert mounts.runtime_dir().stat().st_mode & 0o777 == 0o700
+
+
+def test_an_unusable_runtime_folder_blocks_no_prune_or_list(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    monkeypatch.setenv("QMPBACKUP_RUNTIME_DIR", str(shared))
+    with pytest.raises(UsageError):
+        mounts.mounts_dir()          # mount itself refuses to keep state there
+    assert list(mounts.records()) == []
+    mounts.refuse_if_mounted(tmp_path, "prune")
