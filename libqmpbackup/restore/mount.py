@@ -58,6 +58,7 @@ FUSE_DEVICE = Path("/dev/fuse")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 POLL = 0.005
+READ_AHEAD_KB = 4096
 
 
 @dataclass
@@ -240,8 +241,23 @@ def _wait_ready(record: MountRecord, proc: subprocess.Popen[bytes]) -> None:
             raise MountError(f"{DAEMON} did not serve {waiting[0]} within {READY_TIMEOUT:g} s")
         if waiting:
             time.sleep(POLL)
+    for disk in record.disks:
+        _read_ahead(disk.file)
     log.info("%s (pid %d) serves %s", DAEMON, proc.pid,
              ", ".join(f"{d.file} ({d.chain} {d.point})" for d in record.disks))
+
+
+def _read_ahead(file: str) -> None:
+    """A larger kernel read-ahead for the export (root only; best effort).
+
+    QEMU 7.2's FUSE export serves one request at a time, so a sequential
+    reader waits a round trip per request: 128 KiB of read-ahead (the
+    default) made ``cp`` of a mounted disk ≈ 1.6× slower here than 4 MiB.
+    """
+    device = os.stat(file).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    with contextlib.suppress(OSError):
+        knob.write_text(f"{READ_AHEAD_KB}\n")
 
 
 def stay(record: MountRecord, announce: Callable[[], object]) -> None:
