@@ -21,6 +21,7 @@ from typing import Iterator
 import pytest
 
 from libqmpbackup.store import mounts
+from tests.test_json import Seen, seen  # noqa: F401  (a fixture)
 from tests.test_restore import digests, run_backup
 from tests.vm import Disk, MiB, TestVM, identical
 
@@ -306,12 +307,13 @@ def partitioned_disk(folder: Path) -> Path:
 
 
 def test_filesystems_of_every_partition_and_what_is_not_mounted(
-        cli, mountpoint: Path, tmp_path: Path) -> None:
+        cli, mountpoint: Path, tmp_path: Path, seen: Seen) -> None:  # noqa: F811
     image = partitioned_disk(tmp_path)
     cli("qmpbackup", "--image", f"disk0={image}", "backup", "--level", "full", "--target",
         tmp_path / "backup", "--no-progress").ok()
-    shown = json.loads(cli("qmprestore", "mount", "--dir", tmp_path / "backup", "--filesystems",
-                           "--json", mountpoint).ok().out)
+    shown = seen.add("qmprestore mount", json.loads(cli(
+        "qmprestore", "mount", "--dir", tmp_path / "backup", "--filesystems", "--json",
+        mountpoint).ok().out))
     found = {f["partition"]: (f["type"], f.get("mounted"), f.get("error"))
              for f in shown["disks"][0]["filesystems"]}
     assert found == {"p1": ("ext4", "yes", None), "p2": ("swap", None, "swap space"),
