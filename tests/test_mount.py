@@ -174,6 +174,12 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     cli("qmprestore", "mount", "--dir", backup.root, "--until", "INC-1", mountpoint).failed(
         2, "no such restore point")
     cli("qmprestore", "umount", mountpoint).failed(2, "not mounted by qmprestore")
+    inside = backup.root / "data1" / "mnt"
+    inside.mkdir()
+    try:
+        cli("qmprestore", "mount", "--dir", backup.root, inside).failed(5, "inside the backup")
+    finally:
+        inside.rmdir()
     cli("qmprestore", "mount", "--dir", backup.root, mountpoint).ok()
     cli("qmprestore", "mount", "--dir", backup.root, mountpoint).failed(4, "already mounted")
     cli("qmprestore", "umount", mountpoint).ok()

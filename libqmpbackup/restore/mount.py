@@ -135,6 +135,10 @@ def mount(opts: RestoreOptions, request: MountRequest) -> MountRecord:
     _check_tools(request)
     real = _check_mountpoint(request.mountpoint)
     backup = open_backup_dir(opts.dir, opts.name_filter)
+    root = os.path.realpath(backup.root)
+    if os.path.commonpath([real, root]) == root:
+        raise TargetError(f"mountpoint {request.mountpoint} is inside the backup folder {root}: "
+                          "a mount never writes there, choose a folder outside it")
     points = backup.points(opts.until, opts.uuid)
     with hold(mounts.lock_path(real), f"mountpoint {real}", real), \
             contextlib.ExitStack() as opened:
@@ -143,7 +147,7 @@ def mount(opts: RestoreOptions, request: MountRequest) -> MountRecord:
             point, backup.store, skip_check=opts.skip_check,
             verified_within=opts.verified_within, defer_digests=not request.check_first))
             for point in points]
-        record = MountRecord(mountpoint=real, root=os.path.realpath(backup.root))
+        record = MountRecord(mountpoint=real, root=root)
         try:
             proc = _start(record, points, checked, request.foreground)
             _start_checker(record, [d for files in checked for d in files.deferred],
