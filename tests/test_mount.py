@@ -355,3 +355,16 @@ def test_remembered_verification_skips_unchanged_files_only(
     cli("qmprestore", "mount", "--dir", copy / "data1", "--check-first", mountpoint).failed(
         11, "checksum mismatch")                     # ...is a changed file: hashed and refused
     assert leftovers(mountpoint) == []
+
+
+def test_umount_finds_a_daemon_whose_pid_was_never_recorded(
+        cli, backup: Backup, mountpoint: Path) -> None:
+    """The tool killed right after starting the daemon: the record has no pid yet."""
+    cli("qmprestore", "mount", "--dir", backup.root / "data1", mountpoint).ok()
+    record = mounts.load(str(mountpoint))
+    assert record is not None and mounts.alive(record)
+    daemon = record.pid
+    record.pid, record.start = 0, ""
+    mounts.save(record)
+    cli("qmprestore", "umount", mountpoint).ok()
+    assert mounts.process_start(daemon) is None and leftovers(mountpoint) == []

@@ -301,6 +301,8 @@ def _cleanup(record: MountRecord, quiet: bool = False) -> None:
     if problems and not quiet:   # a busy filesystem: its loop device and daemon stay too
         raise MountError("; ".join(problems))
     _stop(record.checker, lambda: mounts.checking(record), "checksum process")
+    if not record.pid:   # killed between starting the daemon and recording its pid
+        _adopt_daemon(record)
     _stop(record.pid, lambda: mounts.alive(record), DAEMON)
     for disk in record.disks:
         if filesystems.mounted(disk.file):   # the daemon died without unmounting
@@ -322,6 +324,21 @@ def _cleanup(record: MountRecord, quiet: bool = False) -> None:
     if record.damaged and not quiet:
         raise BackupDamaged([f"{line}; the mount was ended when this was found"
                              for line in record.damaged])
+
+
+def _adopt_daemon(record: MountRecord) -> None:
+    """Find the daemon whose command line exports this mount's first file (a pid never recorded)."""
+    if not record.disks:
+        return
+    wanted = json.dumps(record.disks[0].file).encode()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if argv[0] == DAEMON.encode() and any(b'"type": "fuse"' in a and wanted in a
+                                                   for a in argv):
+                record.pid = int(entry.name)
+                record.start = mounts.process_start(record.pid) or ""
+                return
 
 
 def _stop(pid: int, running: Callable[[], bool], what: str) -> None:
