@@ -159,7 +159,7 @@ def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     parser.add_argument("--uuid", metavar="ID",
                         help="the chain to use when the folder holds several (default: newest)")
     parser.add_argument("--verified-within", type=duration, default=DEFAULT_WITHIN,
-                        metavar="SECONDS",
+                        metavar="AGE",
                         help="do not hash again a file verified this recently and unchanged "
                              "since (suffixes m, h, d; 0: hash every file; default 24h)")
     if name == "mount":
