@@ -17,6 +17,7 @@ from libqmpbackup.restore.mount import MountRequest, describe, mount, mount_docu
 from libqmpbackup.restore.rules import RestoreOptions
 from libqmpbackup.restore.verify import verify_dir
 from libqmpbackup.runner import (
+    ArgumentParser,
     Command,
     CommandResult,
     add_logging_options,
@@ -132,7 +133,7 @@ def _add_selection_options(parser: argparse.ArgumentParser, *, skip_check: bool,
                                  "anyway)")
 
 
-def _new_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+def _new_command(commands: argparse._SubParsersAction[ArgumentParser],
                  name: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=HELP[name], epilog=COMMAND_EXAMPLES[name],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +141,7 @@ def _new_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     return parser
 
 
-def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+def _add_command(commands: argparse._SubParsersAction[ArgumentParser],
                  name: str) -> argparse.ArgumentParser:
     parser = _new_command(commands, name)
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
@@ -173,7 +174,7 @@ def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qmprestore", description="Restore points of qmpbackup chains as usable disk images.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -21,8 +21,7 @@ from typing import Iterator
 import pytest
 
 from libqmpbackup.store import mounts
-from tests.test_json import Seen, seen  # noqa: F401  (a fixture)
-from tests.test_restore import digests, run_backup
+from tests.helpers import digests, leftovers, partitioned_disk, run_backup
 from tests.vm import Disk, MiB, TestVM, identical
 
 WRITES = [[("virtio0", 0x11, 0, 4 * MiB), ("data1", 0x12, 0, 1 * MiB)],
@@ -55,45 +54,6 @@ def backup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backup]:
                 built.refs[(disk, point)] = vm.reference(disk, base / f"{disk}-{point}.raw")
             run_backup(vm, built.root, "full" if point == 0 else "inc")
         yield built
-
-
-def leftovers(mountpoint: Path) -> list[str]:
-    """What a finished mount may not leave: records, daemons, mounts, files."""
-    found = [f"record {r.mountpoint}" for r in mounts.records()]
-    found += [f"process {pid}" for pid in daemons()]
-    with open("/proc/self/mountinfo") as info:
-        found += [line for line in info if str(mountpoint) in line]
-    if mountpoint.exists():
-        found += [str(p) for p in mountpoint.iterdir()]
-    return found
-
-
-def daemons() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            ours = ((cmdline.startswith(b"qemu-storage-daemon") and b"fuse" in cmdline)
-                    or b"libqmpbackup.restore.mount_check" in cmdline)
-            if ours and mounts.process_start(int(entry.name)) is not None:
-                pids.append(int(entry.name))
-    return pids
-
-
-@pytest.fixture
-def mountpoint(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    said = [subprocess.run([sys.executable, "-m", "qmprestore", "umount", record.mountpoint],
-                           capture_output=True, text=True, check=False).stderr
-            for record in mounts.records()]   # a failed test still leaves nothing running
-    for pid in daemons():
-        os.kill(pid, signal.SIGKILL)
-    assert leftovers(path) == [], said
 
 
 def test_every_point_reads_as_the_disk_was_and_the_folder_is_untouched(
@@ -186,10 +146,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     with monkeypatch.context() as patched:
         patched.setenv("PATH", str(tmp_path))
         cli("qmprestore", "mount", "--dir", backup.root, mountpoint).failed(
-            14, "qemu-storage-daemon is not installed")
+            15, "qemu-storage-daemon is not installed")
     with monkeypatch.context() as patched:
         patched.setattr("libqmpbackup.restore.mount.FUSE_DEVICE", tmp_path / "fuse")
-        cli("qmprestore", "mount", "--dir", backup.root, mountpoint).failed(14, "is missing")
+        cli("qmprestore", "mount", "--dir", backup.root, mountpoint).failed(15, "is missing")
     with monkeypatch.context() as patched:
         patched.setattr(os, "geteuid", lambda: 1000)
         cli("qmprestore", "mount", "--dir", backup.root, "--filesystems", mountpoint).failed(
@@ -285,41 +245,13 @@ def test_umount_cleans_up_after_a_daemon_that_died(cli, backup: Backup, mountpoi
     assert leftovers(mountpoint) == []
 
 
-def partitioned_disk(folder: Path) -> Path:
-    """A qcow2 disk with an MBR: p1 ext4 holding /hello, p2 swap, p3 nothing."""
-    raw = folder / "disk.raw"
-    with open(raw, "wb") as disk:
-        disk.truncate(40 * MiB)
-        table = b""
-        for start, size, kind in ((2048, 16384, 0x83), (18432, 8192, 0x82), (26624, 8192, 0x83)):
-            table += bytes([0, 0, 0, 0, kind, 0, 0, 0]) + start.to_bytes(4, "little") \
-                + size.to_bytes(4, "little")
-        disk.seek(0x1BE)
-        disk.write(table + b"\0" * 16 + b"\x55\xaa")
-    content = folder / "content"
-    content.mkdir()
-    (content / "hello").write_text("hello from p1\n")
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", content, "-E", f"offset={2048 * 512}", raw,
-                    "8M"], check=True)
-    swap = folder / "swap"
-    swap.write_bytes(b"\0" * 4 * MiB)
-    subprocess.run(["mkswap", swap], check=True, capture_output=True)
-    with open(raw, "r+b") as disk:
-        disk.seek(18432 * 512)
-        disk.write(swap.read_bytes())
-    image = folder / "disk.qcow2"
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, image], check=True)
-    return image
-
-
 def test_filesystems_of_every_partition_and_what_is_not_mounted(
-        cli, mountpoint: Path, tmp_path: Path, seen: Seen) -> None:  # noqa: F811
+        cli, mountpoint: Path, tmp_path: Path) -> None:
     image = partitioned_disk(tmp_path)
     cli("qmpbackup", "--image", f"disk0={image}", "backup", "--level", "full", "--target",
         tmp_path / "backup", "--no-progress").ok()
-    shown = seen.add("qmprestore mount", json.loads(cli(
-        "qmprestore", "mount", "--dir", tmp_path / "backup", "--filesystems", "--json",
-        mountpoint).ok().out))
+    shown = json.loads(cli("qmprestore", "mount", "--dir", tmp_path / "backup", "--filesystems",
+                           "--json", mountpoint).ok().out)
     found = {f["partition"]: (f["type"], f.get("mounted"), f.get("error"))
              for f in shown["disks"][0]["filesystems"]}
     assert found == {"p1": ("ext4", "yes", None), "p2": ("swap", None, "swap space"),

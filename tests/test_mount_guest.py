@@ -16,8 +16,7 @@ import pytest
 
 from qmpbackup.cli import main as qmpbackup_main
 from tests.guestvm import GuestImages, GuestVM, make_data_disk
-from tests.test_mount import leftovers, mountpoint  # noqa: F401  (a fixture)
-from tests.test_restore import digests
+from tests.helpers import digests, leftovers
 
 pytestmark = pytest.mark.guest
 
@@ -52,7 +51,7 @@ def files_below(folder: Path) -> dict[str, str]:
 
 
 def test_each_point_shows_exactly_its_files(cli, guest_backup: Path,
-                                            mountpoint: Path) -> None:  # noqa: F811
+                                            mountpoint: Path) -> None:
     before = digests(guest_backup)
     points = [r["file"] for r in json.loads((guest_backup / "qmpbackup.json").read_text())
               ["chains"][-1]["disks"]["virtio0"]["backups"]]

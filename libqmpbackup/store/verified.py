@@ -138,6 +138,6 @@ class Verified:
             os.close(lock)
 
 
-def remember_written(files: Iterable[tuple[Path, Optional[str]]]) -> None:
+def remember_written(files: Iterable[tuple[Target, Optional[str]]]) -> None:
     """A backup run's files, hashed as they were written and now in place: remembered as verified."""
     Verified().remember(files)
