@@ -27,8 +27,8 @@ from libqmpbackup.restore.rules import (
     select_root_points,
 )
 from libqmpbackup.store import folder_safety, upstream
-from libqmpbackup.store.digests import check_handles
-from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.digests import DigestCheck, check_handles
+from libqmpbackup.store.handles import FileHandle, Folder
 from libqmpbackup.store.intent import load_intent
 from libqmpbackup.store.journal import JOURNAL_NAME, Journal, unfinished_error
 from libqmpbackup.store.layout import existing_backup_folder, month_folders
@@ -238,7 +238,7 @@ def known_files(store: ChainStore, folder: Path) -> set[str]:
 
 def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: bool = False,
                          whole_chain: bool = False, writable: bool = False,
-                         dry_run: bool = False) -> ChainFiles:
+                         dry_run: bool = False, defer_digests: bool = False) -> ChainFiles:
     """Refuse a chain that does not match its metadata, or whose files are damaged.
 
     Only the files the point is read from (its FULL and the INCs up to it)
@@ -252,12 +252,18 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
     half-done commit is never what the admin wants, and no folder content
     may lead the restore outside the folder.  Returns the checked files,
     open: the restore reads exactly those descriptors (the caller closes them).
+    DEFER_DIGESTS (merge: it writes nothing into the folder) leaves the
+    content digests to the caller, which hashes :func:`digest_sources`
+    while it copies and publishes nothing before :func:`refuse_damaged`
+    passed; the in-place commands hash here, before they write anything.
     """
     folder = point.folder
     folder_safety.require_content_folder(folder, point.root)
     files = ChainFiles.open(point.root, folder, writable=writable, dry_run=dry_run)
     try:
         _check_files(point, store, files, skip_check=skip_check, whole_chain=whole_chain)
+        if not skip_check and not defer_digests:
+            refuse_damaged(check_handles(digest_sources(point, files)))
     except BaseException:
         files.close()
         raise
@@ -289,10 +295,18 @@ def _check_files(point: RestorePoint, store: ChainStore, files: ChainFiles, *, s
                                    parent_record(point.records, position[record.file]))
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
-    damaged = [f"{c.path}: {c.detail}" for c in check_handles(
-        [(files.handle(r.file), r.digest) for r in point.segment()])
-        if c.status not in ("ok", "unrecorded")]
+    log.debug("%s: chain %s checked (%d files)", point.disk_id, point.chain_id, len(used))
+
+
+def digest_sources(point: RestorePoint,
+                   files: ChainFiles) -> list[tuple[FileHandle, Optional[str]]]:
+    """The files a restore of POINT reads, by descriptor, with the digests recorded for them."""
+    return [(files.handle(r.file), r.digest) for r in point.segment()]
+
+
+def refuse_damaged(checks: list[DigestCheck]) -> None:
+    """BackupDamaged (exit 11) when a file's content differs from its recorded digest."""
+    damaged = [f"{c.path}: {c.detail}" for c in checks if c.status not in ("ok", "unrecorded")]
     if damaged:
         raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
                              "shows which points are intact)" for line in damaged])
-    log.debug("%s: chain %s checked (%d files)", point.disk_id, point.chain_id, len(used))
