@@ -6,7 +6,7 @@ writes, above all when the backup target is slow or stalls?  A plain
 ``blockdev-backup`` makes a guest write to a cluster it has not copied yet
 wait for the copy to reach the target; fleecing saves that old data locally.
 
-Each scenario boots the tests' VM (tests/vm.py ``TestVM``, no guest OS) on a
+Each scenario boots the shared harness VM (harness/qemu_vm.py ``QemuVM``, no guest OS) on a
 qcow2 disk full of random data and times small writes (4 KiB at distinct
 random clusters, each through QEMU's block layer as ``qemu-io`` over HMP,
 like a guest write; the time includes one monitor round trip, equally in
@@ -17,7 +17,7 @@ window:
 * ``idle``: no backup;
 * ``plain`` / ``fleecing`` with the target on local disk;
 * ``plain`` / ``fleecing`` with the target on a FUSE passthrough
-  (tests/slowfs.py) whose writes stall for ``--stall`` seconds (default 10)
+  (harness/slowfs.py) whose writes stall for ``--stall`` seconds (default 10)
   starting right after the job started — a NAS that hangs.
 
 Reported per scenario: p50, p99 and max over all writes of all rounds, the
@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench.run import ForeignLoad, machine_description, make_random_image, size_arg
+from harness.qemu_vm import Disk, QemuVM
+from harness.slowfs import SlowFS
 from libqmpbackup.store.locks import LOCK_DIR_ENV
-from tests.slowfs import SlowFS
-from tests.vm import Disk, TestVM
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -114,7 +114,7 @@ class Writer:
 
     INTERVAL = 0.02
 
-    def __init__(self, vm: TestVM, size: int, rng: random.Random) -> None:
+    def __init__(self, vm: QemuVM, size: int, rng: random.Random) -> None:
         self.vm = vm
         self.clusters = rng.sample(range(size // CLUSTER), size // CLUSTER)
         self.pattern = 0
@@ -166,7 +166,7 @@ class Bench:
         folder = self.fresh("vm")
         disk = Disk("virtio0", "virtio", "qcow2", self.args.size, path=self.workdir / "run.qcow2")
         shutil.copyfile(self.image, disk.path)   # every scenario starts from the same disk
-        with TestVM(folder, [disk], firmware_log=True) as vm:
+        with QemuVM(folder, [disk], firmware_log=True) as vm:
             vm.wait_for_firmware()
             writer = Writer(vm, self.args.size, self.rng)
             if not scenario.backup:
@@ -181,7 +181,7 @@ class Bench:
         result.latencies += latencies
         result.round_p99.append(percentile(sorted(latencies), 99))
 
-    def during_backup(self, vm: TestVM, writer: Writer, scenario: Scenario, result: Result,
+    def during_backup(self, vm: QemuVM, writer: Writer, scenario: Scenario, result: Result,
                       target: Path, slow: Optional[SlowFS]) -> list[float]:
         argv = [sys.executable, "-m", "qmpbackup", "--socket", vm.tool_socket,
                 *(["--debug"] if self.args.debug else []), "backup",
@@ -224,7 +224,7 @@ class Bench:
         return latencies
 
 
-def wait_for_job(vm: TestVM, proc: subprocess.Popen[str]) -> None:
+def wait_for_job(vm: QemuVM, proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 60
     while not vm.cmd("query-jobs"):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -26,7 +26,7 @@ Unless ``--no-baselines``, two raw QMP ``blockdev-backup`` runs (QEMU's default
 copy path and ``x-perf`` with ``use-copy-range``) are added to a)/b) rounds, so
 the report can tell QEMU's block-job cost apart from the tool's own cost.
 
-The VM is the tests' real-QEMU helper (tests/vm.py ``TestVM``: no guest OS,
+The VM is the real-QEMU harness the tests use too (harness/qemu_vm.py ``QemuVM``: no guest OS,
 ``-nodefaults -display none``, kvm:tcg, one QMP socket for the tool and one for
 this harness); only a tiny starter lives here.
 """
@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from bench import restore
+from harness.qemu_vm import Disk, QemuVM
 from libqmpbackup.runner import byte_rate
-from tests.vm import Disk, TestVM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -295,10 +295,8 @@ class ForeignLoad:
 
 
 # --------------------------------------------------------------------------- the VM
-class BenchVM(TestVM):
-    """TestVM with one qcow2 virtio disk on a given image, plus the harness' QMP calls."""
-
-    __test__ = False
+class BenchVM(QemuVM):
+    """The shared harness VM with one qcow2 virtio disk on a given image, plus the bench's QMP calls."""
 
     def __init__(self, folder: Path, image: Path, size: int) -> None:
         # named threads ("CPU 0/KVM"): io_cpu() tells vCPU time from the block layer's

@@ -2,7 +2,10 @@
 
 Every error a user can cause or meet carries its exit code on the class, so
 the command-line entry points map exceptions to exit codes in exactly one
-place (:func:`libqmpbackup.runner.run`).  The table in the README is generated
+place (:func:`libqmpbackup.runner.run`).  Each layer wraps the error of the
+layer below with its cause (``raise X(...) from err``, as qemu.qmp does): a
+refused QMP command is a :class:`CommandRefused` until the job layer, and only
+there, turns a refused job start into a :class:`JobError`.  The table in the README is generated
 from the same numbers; keep them stable, scripts depend on them.
 """
 
@@ -30,6 +33,19 @@ class UsageError(QmpBackupError):
     exit_code = 2
 
 
+class CommandLineError(UsageError):
+    """What argparse found wrong in the command line: one line, pointing at ``--help``."""
+
+    def __init__(self, message: str, *, usage: str, prog: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.prog = prog
+
+    def report(self) -> str:
+        """``PROG: error: MESSAGE``, like every other error; not argparse's page of usage."""
+        return f"{self.prog}: error: {self} (see {self.prog} --help)\n"
+
+
 class ConnectError(QmpBackupError):
     """QMP/agent socket missing, not QMP, refused or busy; or qemu-storage-daemon cannot open an --image."""
 
@@ -55,7 +71,7 @@ class ChainError(QmpBackupError):
 
 
 class JobError(QmpBackupError):
-    """QEMU rejected a command, or a block job failed (not on its target) or was cancelled."""
+    """QEMU refused to start the backup jobs, or a block job failed (not on its target) or was cancelled."""
 
     exit_code = 7
 
@@ -70,6 +86,10 @@ class QemuImgError(QmpBackupError):
     """qemu-img is missing or one of its commands failed."""
 
     exit_code = 9
+
+
+class QemuImgLimitError(QemuImgError):
+    """qemu-img was stopped at its CPU, memory or time limit: the image is crafted or damaged."""
 
 
 class AgentError(QmpBackupError):
@@ -102,6 +122,12 @@ class FleecingError(QmpBackupError):
     """Fleecing snapshot broke: the fleecing storage was slower than --cbw-timeout, or full."""
 
     exit_code = 13
+
+
+class CommandRefused(QmpBackupError):
+    """QEMU refused a QMP command outside a block job (a query, a node, a bitmap, pause/resume)."""
+
+    exit_code = 14
 
 
 def _signal_name(signum: int) -> str:
@@ -138,6 +164,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (BackupDamaged.exit_code, BackupDamaged.__doc__ or ""),
     (ImageInUseError.exit_code, ImageInUseError.__doc__ or ""),
     (FleecingError.exit_code, FleecingError.__doc__ or ""),
+    (CommandRefused.exit_code, CommandRefused.__doc__ or ""),
     (129, "interrupted by SIGHUP"),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),

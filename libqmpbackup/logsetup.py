@@ -3,6 +3,12 @@
 --debug also turns on qemu.qmp's own DEBUG logging, which prints every QMP
 message sent and received; without it that library is silenced, because it
 logs connection failures at ERROR that the tool reports itself in one line.
+
+Messages carry data the tool does not control (disk ids and file names from
+a backup folder, qemu-img output, guest agent replies): every handler's
+formatter escapes control characters in the message (:func:`one_line`), so
+no data can forge a log line or send escape sequences to a terminal.  Only
+a traceback (``exc_info``, with --debug) keeps its line breaks.
 """
 
 from __future__ import annotations
@@ -13,23 +19,50 @@ import logging
 import os
 import stat
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from libqmpbackup.errors import UsageError
+from libqmpbackup.printable import escape
 
 SYSLOG_SOCKET = "/dev/log"
+DEBUG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class _ConsoleFormatter(logging.Formatter):
+STRUCTURED_LOGGERS = ("qemu.qmp",)
+"""Loggers whose messages keep their line breaks: qemu.qmp prints each QMP message (--debug
+only) as JSON indented over several lines; JSON spells every control character of the data
+inside its strings, so the line breaks are its own."""
+
+
+def one_line(record: logging.LogRecord) -> logging.LogRecord:
+    """A copy of RECORD whose message (arguments filled in) has every control character escaped."""
+    escaped = logging.makeLogRecord(record.__dict__)
+    keep = "\n" if record.name.startswith(STRUCTURED_LOGGERS) else ""
+    escaped.msg, escaped.args = escape(record.getMessage(), keep), None
+    return escaped
+
+
+class _EscapingFormatter(logging.Formatter):
+    """A formatter of one line per message, whatever the message's data holds."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(one_line(record))
+
+    def formatException(self, ei: Any) -> str:
+        """A traceback keeps its lines; no other control character reaches the terminal."""
+        return escape(super().formatException(ei), keep="\n")
+
+
+class _ConsoleFormatter(_EscapingFormatter):
     """``qmpbackup: message`` for information, ``qmpbackup: error: message`` for problems."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
 
-    def format(self, record: logging.LogRecord) -> str:
+    def formatMessage(self, record: logging.LogRecord) -> str:
         label = "" if record.levelno < logging.WARNING else record.levelname.lower() + ": "
-        return f"{self.name}: {label}{record.getMessage()}"
+        return f"{self.name}: {label}{record.message}"
 
 
 class _PrivateFileHandler(logging.FileHandler):
@@ -68,14 +101,12 @@ def configure(*, debug: bool = False, quiet: bool = False, logfile: Optional[str
 
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
-    console.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s") if debug else _ConsoleFormatter(name))
+    console.setFormatter(_EscapingFormatter(DEBUG_FORMAT) if debug else _ConsoleFormatter(name))
     root.addHandler(console)
 
     if logfile:
         file_handler = _PrivateFileHandler(logfile)
-        file_handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        file_handler.setFormatter(_EscapingFormatter(DEBUG_FORMAT))
         root.addHandler(file_handler)
     if syslog:
         if not os.path.exists(SYSLOG_SOCKET):
@@ -84,7 +115,7 @@ def configure(*, debug: bool = False, quiet: bool = False, logfile: Optional[str
 
         syslog_handler = SysLogHandler(address=SYSLOG_SOCKET)
         syslog_handler.setFormatter(
-            logging.Formatter(f"{name}[%(process)d]: %(levelname)s %(message)s"))
+            _EscapingFormatter(f"{name}[%(process)d]: %(levelname)s %(message)s"))
         root.addHandler(syslog_handler)
 
     qmp_logger = logging.getLogger("qemu.qmp")

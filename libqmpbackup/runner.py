@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import inspect
-import io
 import logging
 import os
+import re
 import signal
 import sys
-import traceback
-from typing import Any, Awaitable, Callable, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, NoReturn, Optional, Sequence, Union
 
-from libqmpbackup.errors import Interrupted, QmpBackupError, UsageError
+from libqmpbackup.errors import CommandLineError, Interrupted, QmpBackupError
 from libqmpbackup.json_output import Document, JsonResult, error_document, json_stdout, wants_json
 from libqmpbackup.logsetup import configure
 from libqmpbackup.units import parse_size
@@ -35,22 +35,32 @@ log = logging.getLogger(__name__)
 CommandResult = Union[int, JsonResult, None]
 Command = Callable[[argparse.Namespace], Union[CommandResult, Awaitable[CommandResult]]]
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")    # a value, as argparse itself reads it
 
 
-class _Outcome:
-    """Whether the running command has already recorded what it promised."""
-
-    recorded = False
+_AT_EXIT: list[Callable[[int], None]] = []
+"""Who wants the process's final exit code (``--metrics-file``), in order."""
 
 
-def mark_recorded() -> None:
-    """From here on a signal no longer cancels the command: its result is on disk.
+def at_exit(callback: Callable[[int], None]) -> None:
+    """Call CALLBACK with the run's exit code once it is final (``--metrics-file``).
 
-    Cancelling now would undo nothing (the backup is recorded) but would turn
-    a success into exit 130/143, and a cron job would report a backup that
-    exists as failed.  The remaining steps are cleanup; they run to the end.
+    Whatever the way out, signals and unexpected errors included: the code is
+    the one the process exits with.  A failing callback is a warning; it never
+    changes that code.
     """
-    _Outcome.recorded = True
+    _AT_EXIT.append(callback)
+
+
+def _report_exit(code: int) -> None:
+    callbacks = list(_AT_EXIT)
+    _AT_EXIT.clear()
+    for callback in callbacks:
+        try:
+            callback(code)
+        except Exception as err:
+            log.warning("could not record the outcome: %s", err)
+            log.debug("where it failed:", exc_info=True)
 
 
 def byte_rate(text: str) -> int:
@@ -111,21 +121,21 @@ class _FirstSignal:
 async def _run_cancellable(coro: Awaitable[CommandResult], first: _FirstSignal) -> CommandResult:
     """Run CORO; the first signal cancels it, so its ``finally`` blocks clean up."""
     loop = asyncio.get_running_loop()
-    _Outcome.recorded = False
     task = asyncio.ensure_future(coro)
 
     def on_signal(signum: int) -> None:
-        if _Outcome.recorded:
-            log.warning("received %s after the backup was recorded: finishing the run "
-                        "(the backup stands)", signal.Signals(signum).name)
-            return
         if first.take(signum):
             task.cancel()
 
     for signum in HANDLED_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        return await task
+        result = await task
+        if first.signum is not None:
+            # the command absorbed the cancellation: what it promised was on disk already
+            log.warning("received %s after the backup was recorded: the run finished "
+                        "(the backup stands)", signal.Signals(first.signum).name)
+        return result
     except asyncio.CancelledError:
         if first.signum is not None:
             raise Interrupted(first.signum) from None
@@ -153,21 +163,84 @@ def _dispatch(command: Command, args: argparse.Namespace) -> CommandResult:
             signal.signal(signum, handler)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises its errors as :class:`CommandLineError` instead of exiting.
+
+    The runner maps that like any other error (exit 2, the ``--json`` error
+    document) from the exception itself; argparse's own ``error()`` prints and
+    calls ``sys.exit``, which left only its stderr to read the message from.
+    Subcommand parsers are made of the same class (argparse's default).
+
+    Abbreviations are refused (``--sock`` is not ``--socket``: a crontab must
+    say what it means, and a later option would change what it meant), and
+    an unknown option is reported first, by name, with the closest known one:
+    argparse itself would first complain that the option the typo was meant
+    to be (``--levle`` for ``--level``) is missing.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(message, usage=self.format_usage(), prog=self.prog)
+
+    def parse_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
+                   namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+        argv = list(sys.argv[1:] if args is None else args)
+        _refuse_unknown_options(self, argv)
+        return super().parse_args(argv, namespace)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse offers no public walk over subcommands
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Raise for the first option token that neither PARSER nor the chosen subcommand knows."""
+    known, subs, current = _option_strings(parser), _subcommands(parser), parser
+    for token in argv:
+        if token == "--":
+            return
+        if current is parser and token in subs:
+            current = subs[token]
+            known = _option_strings(current)
+            continue
+        if not token.startswith("-") or token == "-" or NEGATIVE_NUMBER.fullmatch(token):
+            continue
+        name = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        current.error(f"unrecognized option {name}{hint}")
+
+
 def _parse(parser: argparse.ArgumentParser,
-           argv: list[str]) -> Union[argparse.Namespace, UsageError]:
-    """The parsed ARGV, or the usage error argparse reported (already shown on stderr)."""
-    captured = io.StringIO()
+           argv: list[str]) -> Union[argparse.Namespace, int]:
+    """The parsed ARGV, or the exit code of a command line that runs nothing.
+
+    That is a usage error (printed as argparse prints it, plus the ``--json``
+    error document), or ``--help``/``--version``, which argparse prints and
+    ends with ``parser.exit()``.
+    """
     try:
-        with contextlib.redirect_stderr(captured):
-            return parser.parse_args(argv)
+        return parser.parse_args(argv)
+    except CommandLineError as err:
+        sys.stderr.write(err.report())
+        if wants_json(None, argv):
+            with json_stdout() as out:
+                out.write(error_document(err.exit_code, str(err)))
+        return err.exit_code
     except SystemExit as exit_:
-        error = UsageError(next((line.split(": error: ", 1)[1]
-                                 for line in reversed(captured.getvalue().splitlines())
-                                 if ": error: " in line), "invalid command line"))
-        error.exit_code = exit_.code if isinstance(exit_.code, int) else 2
-        return error
-    finally:
-        sys.stderr.write(captured.getvalue())
+        return exit_.code if isinstance(exit_.code, int) else 2
 
 
 def _outcome(command_of: Callable[[argparse.Namespace], Command], args: argparse.Namespace,
@@ -184,12 +257,12 @@ def _outcome(command_of: Callable[[argparse.Namespace], Command], args: argparse
     except QmpBackupError as err:
         for line in err.lines():
             log.error("%s", line)
-        log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
+        log.debug("where it failed:", exc_info=True)
         return err.exit_code, {**(err.document or {}), **error_document(err.exit_code, str(err))}
     except Exception as err:  # the last line of defence: never a traceback by default
         message = f"unexpected {type(err).__name__}: {err}"
         log.error("%s (run with --debug for details)", message)
-        log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())))
+        log.debug("where it failed:", exc_info=True)
         return 1, error_document(1, message)
     if isinstance(result, JsonResult):
         return result.exit_code, result.document
@@ -201,15 +274,15 @@ def run(parser: argparse.ArgumentParser, command_of: Callable[[argparse.Namespac
     """Parse ARGV, run the chosen command, and map its outcome to an exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     parsed = _parse(parser, arguments)
-    if isinstance(parsed, UsageError):
-        if parsed.exit_code and wants_json(None, arguments):
-            with json_stdout() as out:
-                out.write(error_document(parsed.exit_code, str(parsed)))
-        return parsed.exit_code
+    if isinstance(parsed, int):
+        return parsed
     if not wants_json(parsed, None):
-        return _outcome(command_of, parsed, name)[0]
+        code = _outcome(command_of, parsed, name)[0]
+        _report_exit(code)
+        return code
     with json_stdout() as out:
         code, document = _outcome(command_of, parsed, name)
+        _report_exit(code)
         if document is not None:
             with contextlib.suppress(BrokenPipeError):
                 out.write(document)

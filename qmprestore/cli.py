@@ -14,7 +14,14 @@ from libqmpbackup.restore.listing import list_document, list_table
 from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge, merge_document
 from libqmpbackup.restore.rules import RestoreOptions
 from libqmpbackup.restore.verify import verify_dir
-from libqmpbackup.runner import Command, CommandResult, add_logging_options, byte_rate, run
+from libqmpbackup.runner import (
+    ArgumentParser,
+    Command,
+    CommandResult,
+    add_logging_options,
+    byte_rate,
+    run,
+)
 from libqmpbackup.store.names import validate_uuid
 
 EXAMPLES = """\
@@ -105,7 +112,7 @@ def _add_selection_options(parser: argparse.ArgumentParser, *, skip_check: bool,
                                  "anyway)")
 
 
-def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+def _add_command(commands: argparse._SubParsersAction[ArgumentParser],
                  name: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=HELP[name], epilog=COMMAND_EXAMPLES[name],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,7 +141,7 @@ def _add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qmprestore", description="Restore points of qmpbackup chains as usable disk images.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

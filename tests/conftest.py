@@ -4,35 +4,15 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
+from libqmpbackup.store import locks
 from tests.guestvm import GuestImages, GuestUnavailable, ensure_guest
+from tests.helpers import CliResult, fault_disks
 from tests.vm import TestVM, default_disks
-
-
-@dataclass
-class CliResult:
-    rc: int
-    out: str
-    err: str
-
-    def ok(self) -> CliResult:
-        assert self.rc == 0, f"rc={self.rc}\nstdout:\n{self.out}\nstderr:\n{self.err}"
-        return self
-
-    def failed(self, rc: int, *fragments: str) -> CliResult:
-        """A clean failure: the documented code, the message, one error line, no traceback."""
-        assert self.rc == rc, f"rc={self.rc} (want {rc})\nstderr:\n{self.err}"
-        assert "Traceback" not in self.err, self.err
-        errors = [line for line in self.err.splitlines() if ": error: " in line]
-        assert len(errors) == 1, self.err
-        for fragment in fragments:
-            assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
-        return self
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -78,3 +58,35 @@ def vm(tmp_path: Path) -> Iterator[TestVM]:
     """A running VM with the default disk zoo (qcow2 virtio/ide/-blockdev, raw, pflash)."""
     with TestVM(tmp_path / "vm-images", default_disks()) as machine:
         yield machine
+
+
+@pytest.fixture
+def system_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """/run, /run/lock and /tmp as they are on a host, moved below TMP_PATH; no explicit lock dir."""
+    run, run_lock, tmp = tmp_path / "run", tmp_path / "run" / "lock", tmp_path / "tmp"
+    for folder, mode in ((run, 0o755), (run_lock, 0o1777), (tmp, 0o1777)):
+        folder.mkdir()
+        folder.chmod(mode)
+    monkeypatch.delenv(locks.LOCK_DIR_ENV, raising=False)
+    monkeypatch.setattr(locks, "RUN_DIR", run, raising=False)
+    monkeypatch.setattr(locks, "RUN_LOCK", run_lock, raising=False)   # the old places
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    return run
+
+
+@pytest.fixture
+def fvm(tmp_path: Path) -> Iterator[TestVM]:
+    """The fault matrix's VM: one disk big enough for a slow job, one small."""
+    with TestVM(tmp_path / "img", fault_disks()) as machine:
+        yield machine
+
+
+@pytest.fixture
+def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VM locks of these runs (in-process and subprocesses alike) in the test's folder.
+
+    Killed runs leave their lock files by design; they belong in tmp_path,
+    not in the host's /run/lock.  Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("private_lock_dir")``.
+    """
+    monkeypatch.setenv(locks.LOCK_DIR_ENV, str(tmp_path / "locks"))

@@ -34,9 +34,9 @@ from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from harness.qemu_vm import die_with_parent, harness_qmp
 from libqmpbackup.errors import AgentError, ConnectError
 from libqmpbackup.qemu.agent import GuestAgent
-from tests.vm import die_with_parent, harness_qmp
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +410,23 @@ class GuestVM:
             return ExecResult(code, _b64(status.get("out-data")), _b64(status.get("err-data")))
 
         return self.agent_call(run)
+
+    def write_file(self, path: str, data: Union[str, bytes], mode: int = 0o644) -> None:
+        """Create (or replace) PATH in the guest with DATA, then set its MODE."""
+        raw = data.encode() if isinstance(data, str) else data
+
+        async def run(ga: GuestAgent) -> None:
+            handle = await ga.execute("guest-file-open", {"path": path, "mode": "w"})
+            try:
+                await ga.execute("guest-file-write", {
+                    "handle": handle, "buf-b64": base64.b64encode(raw).decode()})
+            finally:
+                await ga.execute("guest-file-close", {"handle": handle})
+
+        self.agent_call(run)
+        code, _, err = self.exec(f"chmod {mode:o} '{path}'")
+        if code != 0:
+            raise GuestVMError(f"chmod {mode:o} {path} in the guest failed: {err}")
 
     # --- diagnostics ---------------------------------------------------------------
     def _read_serial(self) -> str:

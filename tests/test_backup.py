@@ -10,20 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import backup, backups, metadata, node_of
 from tests.vm import Disk, MiB, TestVM, identical
 
 QCOW2_DISKS = ("virtio0", "ide0-hd0", "data1")
-
-
-def backups(root: Path, disk: str, prefix: str = "") -> list[Path]:
-    """The backup files of a disk folder (not its qmpbackup-disk.json), oldest first."""
-    found = [p for p in (root / disk).glob(f"{prefix}*")
-             if p.name.split("-")[0] in ("FULL", "INC", "COPY")]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def metadata(root: Path) -> dict:
-    return json.loads((root / "qmpbackup.json").read_text())
 
 
 def assert_chain_top_matches(vm: TestVM, root: Path, refs: Path, disks=QCOW2_DISKS) -> None:
@@ -38,11 +28,6 @@ def assert_chain_top_matches(vm: TestVM, root: Path, refs: Path, disks=QCOW2_DIS
 # test runs with the default (auto: on for full copies where QEMU offers it).
 OFFLOAD = pytest.mark.parametrize("offload", [("--copy-offload", "on"), ("--copy-offload", "off")],
                                   ids=["offload-on", "offload-off"])
-
-
-def backup(cli, vm: TestVM, target: Path, level: str, *extra: object):
-    return cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", level,
-               "--target", target, "--no-progress", *extra)
 
 
 @OFFLOAD
@@ -261,7 +246,7 @@ def test_info_tables(cli, vm: TestVM, tmp_path: Path) -> None:
 def test_cleanup_removes_tool_bitmaps(cli, vm: TestVM, tmp_path: Path) -> None:
     backup(cli, vm, tmp_path / "a", "full", "--uuid", "one").ok()
     backup(cli, vm, tmp_path / "b", "full", "--uuid", "two", "--include", "virtio0").ok()
-    vm.cmd("block-dirty-bitmap-add", node=vm_node(vm, "virtio0"), name="foreign")
+    vm.cmd("block-dirty-bitmap-add", node=node_of(vm, "virtio0"), name="foreign")
     out = cli("qmpbackup", "--socket", vm.tool_socket, "cleanup", "--remove-bitmap",
               "--uuid", "two").ok().out
     assert out.split("\n") == ["removed virtio0:qmpbackup-two",
@@ -269,10 +254,6 @@ def test_cleanup_removes_tool_bitmaps(cli, vm: TestVM, tmp_path: Path) -> None:
     cli("qmpbackup", "--socket", vm.tool_socket, "cleanup", "--remove-bitmaps").ok()
     names = sorted(b["name"] for bl in vm.bitmaps().values() for b in bl)
     assert names == ["foreign"], "only qmpbackup's bitmaps are removed"
-
-
-def vm_node(vm: TestVM, device: str) -> str:
-    return next(b["inserted"]["node-name"] for b in vm.cmd("query-block") if b["device"] == device)
 
 
 # -- errors: one line, documented exit code, nothing created ---------------------------------
@@ -284,7 +265,7 @@ def test_missing_socket_and_not_a_socket(cli, tmp_path: Path) -> None:
 
 
 def test_busy_socket_times_out_with_a_clear_message(cli, vm: TestVM) -> None:
-    from tests.vm import harness_qmp
+    from harness.qemu_vm import harness_qmp
     holder = harness_qmp(vm.tool_socket)
     holder.connect()
     try:
@@ -315,7 +296,7 @@ def test_inc_without_chain_or_bitmap_fails_clearly(cli, vm: TestVM, tmp_path: Pa
     backup(cli, vm, target, "inc").failed(6, "no backup chain")
     backup(cli, vm, target, "full", "--include", "virtio0").ok()
     bitmap = metadata(target)["chains"][0]["bitmap"]
-    vm.cmd("block-dirty-bitmap-remove", node=vm_node(vm, "virtio0"), name=bitmap)
+    vm.cmd("block-dirty-bitmap-remove", node=node_of(vm, "virtio0"), name=bitmap)
     backup(cli, vm, target, "inc", "--include", "virtio0").failed(6, "has no bitmap")
     assert len(backups(target, "virtio0")) == 1
 
@@ -442,3 +423,12 @@ def test_two_runs_on_two_sockets_of_one_vm_exclude_each_other(cli, tmp_path: Pat
         assert proc.returncode == 0, err
         assert identical(backups(tmp_path / "a", "virtio0")[-1],
                          vm.reference("virtio0", tmp_path / "ref.raw"))
+
+
+def test_a_refused_discovery_query_is_its_own_error_not_a_failed_job(cli, tmp_path: Path) -> None:
+    """A VM still in --preconfig refuses the tool's qom-list: exit 14, not 7 "job failed"."""
+    disks = [Disk("virtio0", "virtio", "qcow2", 8 * MiB)]
+    with TestVM(tmp_path / "vm-images", disks, extra_args=("--preconfig",)) as early:
+        result = backup(cli, early, tmp_path / "backup", "full").failed(14, "QEMU refused qom-list")
+    assert "job" not in result.err
+    assert not (tmp_path / "backup").exists() or not any((tmp_path / "backup").iterdir())

@@ -13,7 +13,7 @@ import pytest
 
 from libqmpbackup.backup import offload
 from libqmpbackup.qemu import capabilities
-from tests.test_backup import backup, backups
+from tests.helpers import backup, backups
 from tests.vm import Disk, MiB, TestVM, identical, run
 
 SHM = Path("/dev/shm")

@@ -18,21 +18,29 @@ from typing import Iterator
 import pytest
 
 from libqmpbackup.store.names import DISK_METADATA_NAME
-from tests.test_faults import (  # noqa: F401  (private_lock_dir: autouse fixture)
+from tests.helpers import (
     DIRTY,
     assert_clean,
     backup,
     chain_with_dirty_data,
+    copy_disk,
+    digests,
+    fault_disks,
+    files,
     finished,
     kill_and_let_qemu_finish,
     metadata,
-    private_lock_dir,
+    node_of,
+    prefix,
+    records,
     recovers,
+    snapshot_tags,
     start_backup,
     tool_bitmaps,
 )
-from tests.test_restore import copy_disk, digests, files, node_of, prefix, records, snapshot_tags
 from tests.vm import Disk, MiB, TestVM, identical
+
+pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
 
 DISKS = ("virtio0", "data1")
 LEVELS = ("full", "inc", "diff", "inc", "diff", "inc")
@@ -180,7 +188,6 @@ def test_snapshotrebase_keeps_every_point(cli, chain: DiffChain, tmp_path: Path)
 # -- bitmaps keep every change, whatever happens to a run ----------------------------------
 
 def fault_vm(tmp_path: Path) -> TestVM:
-    from tests.test_faults import fault_disks
     return TestVM(tmp_path / "img", fault_disks())
 
 

@@ -14,191 +14,46 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import pytest
 
-from libqmpbackup.store.locks import LOCK_DIR_ENV
 from tests.guestvm import GuestImages, GuestVM, make_data_disk
+from tests.helpers import (
+    DIRTY,
+    DISKS,
+    assert_clean,
+    assert_top_matches,
+    backup,
+    chain_with_dirty_data,
+    fault_disks,
+    finished,
+    kill_and_let_qemu_finish,
+    listed,
+    metadata,
+    recovers,
+    restart,
+    small_tmpfs,
+    start_backup,
+    tool_bitmaps,
+    wait_until_no_jobs,
+    write_round,
+)
 from tests.vm import Disk, MiB, TestVM, identical
 
-REPO = Path(__file__).resolve().parents[1]
-SLOW = "16M"
-DIRTY = 48 * MiB
-
-
-def fault_disks() -> list[Disk]:
-    """One disk big enough for a slow job, one small: every run is a grouped two-disk run."""
-    return [Disk("virtio0", "virtio", "qcow2", 64 * MiB),
-            Disk("data1", "blockdev", "qcow2", 8 * MiB)]
-
-
-DISKS = ("virtio0", "data1")
-
-
-@pytest.fixture
-def fvm(tmp_path: Path) -> Iterator[TestVM]:
-    with TestVM(tmp_path / "img", fault_disks()) as machine:
-        yield machine
-
-
-def restart(vm: TestVM) -> TestVM:
-    """The same images in a new QEMU process (a still running old one is stopped cleanly)."""
-    vm.stop()
-    new = TestVM(vm.folder, vm.disks, extra_args=vm.extra_args)
-    try:
-        return new.start()
-    except BaseException:
-        new.stop()   # never leave a QEMU behind
-        raise
-
-
-@pytest.fixture(autouse=True)
-def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """VM locks of these runs (in-process and subprocesses alike) in the test's folder.
-
-    Killed runs leave their lock files by design; they belong in tmp_path,
-    not in the host's /run/lock.
-    """
-    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
+pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
 
 
 # -- running the tool ---------------------------------------------------------------------
 
-def backup(cli, vm: TestVM, target: Path, level: str, *extra: object):
-    return cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", level,
-               "--target", target, "--no-progress", *extra)
-
-
-def start_backup(vm: Any, target: Path, level: str, *extra: str) -> subprocess.Popen:
-    """A rate-limited backup in its own process, returned once its jobs are copying.
-
-    VM: anything with ``tool_socket`` and ``cmd(command, **arguments)``.
-    """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qmpbackup", "--socket", vm.tool_socket, "backup",
-         "--level", level, "--target", str(target), "--no-progress", "--speed-limit", SLOW,
-         *extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while not any(j["id"].startswith("qmpbackup-") and j.get("current-progress", 0) > 0
-                  for j in vm.cmd("query-jobs")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"no job started: {proc.communicate()[1]}")
-        time.sleep(0.02)
-    return proc
-
-
-def finished(proc: subprocess.Popen, rc: int, *fragments: str) -> str:
-    """The process ended with RC, one error line holding FRAGMENTS, no traceback."""
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == rc, f"rc={proc.returncode} (want {rc})\n{err}"
-    assert "Traceback" not in err, err
-    if rc:
-        errors = [line for line in err.splitlines() if ": error: " in line]
-        assert len(errors) == 1, err
-        for fragment in fragments:
-            assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
-    return err
-
-
-def wait_until_no_jobs(vm: TestVM, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while vm.cmd("query-jobs"):
-        assert time.monotonic() < deadline, vm.cmd("query-jobs")
-        time.sleep(0.05)
-
-
-def kill_and_let_qemu_finish(vm: TestVM, proc: subprocess.Popen) -> None:
-    """SIGKILL the tool mid-job; QEMU then finishes its jobs (at full speed) on its own."""
-    proc.kill()
-    proc.wait()
-    for job in vm.cmd("query-jobs"):
-        if job["status"] == "running":
-            try:
-                vm.cmd("block-job-set-speed", device=job["id"], speed=0)
-            except RuntimeError as err:   # it finished copying between the two commands
-                assert "cannot accept command verb" in str(err), err
-    wait_until_no_jobs(vm)
-
 
 # -- what every case checks ---------------------------------------------------------------
-
-def metadata(root: Path) -> dict:
-    path = root / "qmpbackup.json"
-    return json.loads(path.read_text()) if path.exists() else {"chains": []}
-
-
-def listed(root: Path) -> dict[str, list[str]]:
-    """disk -> backup files the metadata lists, over all chains, in order."""
-    files: dict[str, list[str]] = {}
-    for chain in metadata(root)["chains"]:
-        for disk, history in chain["disks"].items():
-            files.setdefault(disk, []).extend(b["file"] for b in history["backups"])
-    return files
-
-
-def tool_bitmaps(vm: TestVM) -> dict[str, dict]:
-    """name@node -> bitmap, for qmpbackup's bitmaps."""
-    return {f"{b['name']}@{node}": b for node, bl in vm.bitmaps().items() for b in bl
-            if b["name"].startswith("qmpbackup-")}
-
-
-def assert_clean(vm: Optional[TestVM], root: Path) -> None:
-    """No leftovers in QEMU, and no file that looks finished without being in the chain."""
-    if vm is not None:
-        assert vm.tool_leftovers() == []
-        auxiliary = [n for n in tool_bitmaps(vm) if "+pending@" in n or "+new@" in n]
-        assert not auxiliary, tool_bitmaps(vm)
-    if not root.exists():
-        return
-    assert not list(root.glob("*/*.partial"))
-    known = listed(root)
-    for folder in (p for p in root.iterdir() if p.is_dir()):
-        expected = known.get(folder.name, [])
-        expected += ["qmpbackup-disk.json"] if expected else []
-        assert sorted(p.name for p in folder.iterdir()) == sorted(expected), \
-            f"{folder} holds files the chain metadata does not list"
-
-
-def write_round(vm: TestVM, pattern: int) -> None:
-    vm.write("virtio0", pattern, (pattern % 32) * MiB, 256 * 1024)
-    vm.write("data1", pattern, (pattern % 4) * MiB, 64 * 1024)
-
-
-def assert_top_matches(vm: TestVM, root: Path, refs: Path, disks=DISKS) -> None:
-    """The newest backup of each disk, read through its backing chain, equals the disk now."""
-    refs.mkdir(exist_ok=True)
-    files = listed(root)
-    for disk in disks:
-        top = root / disk / files[disk][-1]
-        ref = vm.reference(disk, refs / f"{disk}-{time.monotonic_ns()}.raw")
-        assert identical(top, ref), f"{disk}: {top.name} differs from the disk"
-
-
-def recovers(cli, vm: TestVM, root: Path, refs: Path, level: str = "inc", *extra: object) -> str:
-    """More writes, the next backup, content compare; returns the run's log."""
-    write_round(vm, 0x6D)
-    result = backup(cli, vm, root, level, *extra).ok()
-    assert_clean(vm, root)
-    assert_top_matches(vm, root, refs)
-    return result.err
-
-
-def chain_with_dirty_data(cli, vm: TestVM, root: Path) -> None:
-    """A committed full, then enough new data that the next job lasts a few seconds."""
-    backup(cli, vm, root, "full").ok()
-    vm.write("virtio0", 0x3C, 0, DIRTY)
-    vm.write("data1", 0x3D, 0, 2 * MiB)
 
 
 # -- the tool dies or is stopped ----------------------------------------------------------
@@ -431,20 +286,6 @@ def test_shutdown_action_is_restored_after_a_backup(cli, fvm: TestVM, tmp_path: 
 
 
 # -- the target fails ---------------------------------------------------------------------
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                              str(path)], capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount tmpfs: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_full_target_fails_clearly_and_the_next_inc_catches_up(cli, fvm: TestVM,

@@ -16,8 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.slowfs import SlowFS
-from tests.test_faults import (  # noqa: F401  (private_lock_dir: autouse fixture)
+from harness.slowfs import SlowFS
+from tests.helpers import (
     DIRTY,
     DISKS,
     assert_clean,
@@ -27,13 +27,14 @@ from tests.test_faults import (  # noqa: F401  (private_lock_dir: autouse fixtur
     finished,
     listed,
     metadata,
-    private_lock_dir,
     recovers,
     small_tmpfs,
     start_backup,
     tool_bitmaps,
 )
 from tests.vm import MiB, TestVM, identical
+
+pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
 
 QCOW2_DISKS = ("virtio0", "ide0-hd0", "data1")
 

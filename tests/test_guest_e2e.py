@@ -43,20 +43,27 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import pytest
 
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
-from tests.conftest import CliResult
 from tests.guestvm import GuestImages, GuestVM, GuestVMError, make_data_disk
+from tests.helpers import (
+    Cli,
+    CliResult,
+    agent_options,
+    guest_backup,
+    recorded,
+    restore_point,
+    run,
+)
 
 pytestmark = pytest.mark.guest
 
 log = logging.getLogger(__name__)
 
-Cli = Callable[..., CliResult]
 
 #: The guest's writer: random data into eight rotating files, an iteration
 #: counter (renamed into place, so a reader never sees it empty), a sync,
@@ -100,23 +107,8 @@ def guest(guest_images: GuestImages, tmp_path_factory: pytest.TempPathFactory) -
 # --- running the tool ---------------------------------------------------------------
 
 def qmpbackup(cli: Cli, vm: GuestVM, *argv: object, agent: Optional[str] = "qga") -> CliResult:
-    """Run qmpbackup against the guest; AGENT is the agent socket ("qga" for the real one)."""
-    head: list[object] = ["--socket", vm.tool_socket]
-    if agent is not None:
-        head += ["--agent-socket", vm.qga_socket if agent == "qga" else agent]
-    return cli("qmpbackup", *head, *argv)
-
-
-def backup(cli: Cli, vm: GuestVM, level: str, target: Path, *options: str,
-           agent: Optional[str] = "qga", debug: bool = False) -> CliResult:
-    return qmpbackup(cli, vm, *(["--debug"] if debug else []), "backup", "--level", level,
-                     "--target", target, "--no-progress", *options, agent=agent)
-
-
-def recorded(target: Path) -> list[dict[str, Any]]:
-    """The backup records of the guest disk in the target's chain metadata."""
-    meta = json.loads((target / "qmpbackup.json").read_text())
-    return meta["chains"][-1]["disks"]["virtio0"]["backups"]
+    """Run qmpbackup against the guest, with its agent socket unless AGENT says otherwise."""
+    return cli("qmpbackup", "--socket", vm.tool_socket, *agent_options(vm, agent), *argv)
 
 
 def files_in(folder: Path) -> list[Path]:
@@ -228,19 +220,6 @@ def write_known(vm: GuestVM, known: str, point: int, sync: bool) -> None:
 
 # --- the host's side: restore and check ---------------------------------------------------
 
-def run(*argv: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False)
-
-
-def restore_point(backup_file: Path, out: Path) -> Path:
-    """The guest disk at BACKUP_FILE's point in time, as a raw image, restored by qmprestore."""
-    from qmprestore.cli import main as qmprestore_main
-    rc = qmprestore_main(["--quiet", "merge", "--dir", str(backup_file.parent), "--until",
-                          backup_file.name, "--format", "raw", "--targetfile", str(out)])
-    assert rc == 0, f"qmprestore merge --until {backup_file.name} failed with {rc}"
-    return out
-
-
 def fs_features(image: Path) -> set[str]:
     done = run("dumpe2fs", "-h", image)
     for line in done.stdout.splitlines():
@@ -316,7 +295,7 @@ def test_live_backup_points_restore_consistent(guest: Guest, cli: Cli, tmp_path:
         start = iterations()
         for point, quiesced in enumerate(quiesce):
             write_known(vm, known, point, sync=not quiesced)
-            result = backup(cli, vm, "full" if point == 0 else "inc", target,
+            result = guest_backup(cli, vm, "full" if point == 0 else "inc", target,
                             *(["--quiesce"] if quiesced else []), debug=True).ok()
             events = quiesce_events(result.err)
             if quiesced:
@@ -344,7 +323,7 @@ def test_fleecing_quiesced_points_restore_clean(guest: Guest, cli: Cli, tmp_path
         start = iterations()
         for point in range(2):
             write_known(vm, known, point, sync=False)
-            result = backup(cli, vm, "full" if point == 0 else "inc", target, "--quiesce",
+            result = guest_backup(cli, vm, "full" if point == 0 else "inc", target, "--quiesce",
                             "--fleecing", "--fleecing-dir", str(fleece), debug=True).ok()
             err = result.err
             assert err.index("guest-fsfreeze-freeze") < err.index('"qom-set"') \
@@ -365,7 +344,7 @@ def test_pause_with_quiesce_freezes_before_the_pause_and_thaws_after_it(
     target = tmp_path / "backup"
     known = f"/known-{tmp_path.name}"
     write_known(vm, known, 0, sync=False)
-    result = backup(cli, vm, "full", target, "--quiesce", "--pause", debug=True).ok()
+    result = guest_backup(cli, vm, "full", target, "--quiesce", "--pause", debug=True).ok()
     assert quiesce_events(result.err) == [
         "freeze", "freeze: 1", "stop", "transaction", "transaction: accepted", "cont",
         "thaw", "thaw: 1"]
@@ -405,9 +384,9 @@ def test_transaction_refused_after_freeze_thaws_and_keeps_chain(guest: Guest, cl
     """QEMU refuses the transaction while the guest is frozen: exit 7, guest thawed, chain intact."""
     vm = guest.vm
     target = tmp_path / "backup"
-    backup(cli, vm, "full", target).ok()
+    guest_backup(cli, vm, "full", target).ok()
     with mirror_running(vm):
-        result = backup(cli, vm, "inc", target, "--quiesce", debug=True)
+        result = guest_backup(cli, vm, "inc", target, "--quiesce", debug=True)
         assert result.rc == 7, result.err
         errors = [(logger, msg) for level, logger, msg in log_records(result.err) if level == "ERROR"]
         assert len(errors) == 1 and "in use by block job: mirror" in errors[0][1], errors
@@ -420,7 +399,7 @@ def test_transaction_refused_after_freeze_thaws_and_keeps_chain(guest: Guest, cl
     assert not [p for p in files_in(target) if p.name.endswith(".partial")]
     # Nothing of the chain was spent: the next incremental works (and the
     # old spelling --quisce still means --quiesce).
-    backup(cli, vm, "inc", target, "--quisce").ok()
+    guest_backup(cli, vm, "inc", target, "--quisce").ok()
     assert [r["quiesced"] for r in recorded(target)] == [False, True]
 
 
@@ -442,7 +421,7 @@ def test_signal_during_freeze_thaws(guest: Guest, cli: Cli, tmp_path: Path,
 
     monkeypatch.setattr(GuestAgent, "fsfreeze_freeze", freeze_then_sigterm)
     target = tmp_path / "backup"
-    backup(cli, guest.vm, "full", target, "--quiesce").failed(
+    guest_backup(cli, guest.vm, "full", target, "--quiesce").failed(
         143, "interrupted by signal 15")
     monkeypatch.undo()
     assert freeze_status(guest.vm) == "thawed"
@@ -467,13 +446,13 @@ def test_unreachable_agent(guest: Guest, cli: Cli, tmp_path: Path,
     socket = guest.silent_socket if kind == "silent" else str(tmp_path / "no-agent.sock")
     vm = guest.vm
 
-    warned = backup(cli, vm, "full", tmp_path / "warned", "--quiesce", agent=socket).ok()
+    warned = guest_backup(cli, vm, "full", tmp_path / "warned", "--quiesce", agent=socket).ok()
     assert "qmpbackup: warning: backing up without filesystem quiesce: " in warned.err
     assert reason in warned.err
     assert [r["quiesced"] for r in recorded(tmp_path / "warned")] == [False]
 
     strict = tmp_path / "strict"
-    backup(cli, vm, "full", strict, "--quiesce-required", agent=socket).failed(
+    guest_backup(cli, vm, "full", strict, "--quiesce-required", agent=socket).failed(
         required_rc, "--quiesce-required: cannot freeze the guest filesystems: ", reason)
     assert files_in(strict) == []
 
@@ -482,10 +461,10 @@ def test_unreachable_agent(guest: Guest, cli: Cli, tmp_path: Path,
 
 def test_quiesce_without_agent_socket(guest: Guest, cli: Cli, tmp_path: Path) -> None:
     """--quiesce alone warns; --quiesce-required alone is a usage error before anything exists."""
-    warned = backup(cli, guest.vm, "full", tmp_path / "warned", "--quiesce", agent=None).ok()
+    warned = guest_backup(cli, guest.vm, "full", tmp_path / "warned", "--quiesce", agent=None).ok()
     assert "warning: backing up without filesystem quiesce: no --agent-socket given" in warned.err
     assert [r["quiesced"] for r in recorded(tmp_path / "warned")] == [False]
-    backup(cli, guest.vm, "full", tmp_path / "strict", "--quiesce-required", agent=None).failed(
+    guest_backup(cli, guest.vm, "full", tmp_path / "strict", "--quiesce-required", agent=None).failed(
         2, "--quiesce-required needs --agent-socket")
     assert not (tmp_path / "strict").exists()
 
@@ -498,12 +477,12 @@ def test_guest_frozen_by_someone_else_stays_frozen(guest: Guest, cli: Cli, tmp_p
         info = qmpbackup(cli, vm, "info", "--show", "agent").ok()
         assert info.out.startswith("guest agent: answering, filesystems frozen\n")
 
-        warned = backup(cli, vm, "full", tmp_path / "warned", "--quiesce").ok()
+        warned = guest_backup(cli, vm, "full", tmp_path / "warned", "--quiesce").ok()
         assert "already frozen by someone else" in warned.err
         assert [r["quiesced"] for r in recorded(tmp_path / "warned")] == [False]
         assert freeze_status(vm) == "frozen"
 
-        backup(cli, vm, "full", tmp_path / "strict", "--quiesce-required").failed(
+        guest_backup(cli, vm, "full", tmp_path / "strict", "--quiesce-required").failed(
             10, "--quiesce-required: ", "already frozen by someone else")
         assert freeze_status(vm) == "frozen"
     finally:
@@ -525,7 +504,7 @@ def test_nothing_freezable_is_not_quiesced(guest: Guest, cli: Cli, tmp_path: Pat
     try:
         info = qmpbackup(cli, vm, "info", "--show", "agent").ok()
         assert "no filesystem the agent could freeze" in info.out
-        warned = backup(cli, vm, "full", tmp_path / "backup", "--quiesce").ok()
+        warned = guest_backup(cli, vm, "full", tmp_path / "backup", "--quiesce").ok()
         assert "found no filesystem to freeze" in warned.err
         assert [r["quiesced"] for r in recorded(tmp_path / "backup")] == [False]
         assert freeze_status(vm) == "thawed"

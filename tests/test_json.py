@@ -3,43 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
 from tests.guestvm import GuestImages, GuestVM, make_data_disk
-from tests.test_faults import fault_disks
+from tests.helpers import REPO, documented, fault_disks, key_paths
 from tests.vm import MiB, TestVM, identical
-
-REPO = Path(__file__).resolve().parents[1]
-DOCS = (REPO / "docs" / "json.md").read_text()
-
-
-def documented() -> dict[str, set[str]]:
-    """Section heading ('qmpbackup backup', 'Errors (every command)', ...) -> key paths."""
-    sections = {}
-    for section in DOCS.split("\n## ")[1:]:
-        heading, _, body = section.partition("\n")
-        sections[heading.strip()] = set(re.findall(r"^\| `([^`]+)` \|", body, re.MULTILINE))
-    return sections
-
-
-def key_paths(value: Any, prefix: str = "") -> set[str]:
-    """Every key path of a document, arrays as ``[]``: {"a": [{"b": 1}]} -> {a, a[].b}."""
-    paths: set[str] = set()
-    if isinstance(value, dict):
-        for key, item in value.items():
-            path = f"{prefix}.{key}" if prefix else key
-            paths |= {path} | key_paths(item, path)
-    elif isinstance(value, list):
-        for item in value:
-            paths |= key_paths(item, prefix + "[]")
-    return paths
 
 
 def document(result) -> dict:

@@ -20,13 +20,12 @@ import pytest
 
 from libqmpbackup.backup.run_steps import STEPS
 from libqmpbackup.store.names import INTENT_NAME
-from tests import test_faults
-from tests.test_faults import DISKS, REPO, assert_clean, backup, listed, recovers, write_round
+from tests.helpers import DISKS, REPO, assert_clean, backup, listed, recovers, write_round
 from tests.vm import TestVM, identical
 
+pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
+
 RECORDED_FROM = STEPS.index("committed")
-fvm = test_faults.fvm                             # the two-disk VM of the fault matrix
-private_lock_dir = test_faults.private_lock_dir   # killed runs' VM locks stay in tmp_path
 
 
 def paused_backup(vm: TestVM, root: Path, step: str, ready: Path, level: str = "inc",

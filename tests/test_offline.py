@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import pytest
 
 from libqmpbackup.store.locks import LOCK_DIR_ENV
-from tests.test_faults import (
+from tests.helpers import (
     DIRTY,
     DISKS,
     REPO,

@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from libqmpbackup.backup.pause import PAUSE_MARKER
-from tests.test_faults import (
+from tests.helpers import (
     DIRTY,
     assert_clean,
     assert_top_matches,
@@ -26,7 +26,6 @@ from tests.test_faults import (
     fault_disks,
     finished,
     metadata,
-    private_lock_dir,  # noqa: F401  (autouse: VM locks in tmp_path)
     recovers,
     small_tmpfs,
     start_backup,
@@ -34,6 +33,8 @@ from tests.test_faults import (
     wait_until_no_jobs,
 )
 from tests.vm import MiB, TestVM, identical
+
+pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
 
 
 @pytest.fixture

@@ -23,17 +23,13 @@ import pytest
 
 from libqmpbackup.errors import Interrupted
 from libqmpbackup.store.journal import Journal
-from libqmpbackup.store.locks import LOCK_DIR_ENV, chain_lock
+from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
 from libqmpbackup.store.names import point_label
-from tests.test_faults import finished, start_backup
-from tests.test_json import documented, key_paths
+from tests.helpers import documented, finished, key_paths, start_backup
 from tests.vm import Disk, MiB, TestVM, identical
 
-
-@pytest.fixture(autouse=True)
-def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
+pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
 
 
 def prune(cli, target: Path, keep: object, *extra: object, socket: str = ""):
@@ -179,6 +175,52 @@ def test_symlinks_are_never_followed(cli, folders: Path, tmp_path: Path) -> None
     assert not (folders / "virtio0" / "INC-101-virtio0.qcow2").exists()
 
 
+def test_a_forged_pruning_entry_through_a_symlinked_folder_deletes_nothing_outside(
+        cli, folders: Path, tmp_path: Path) -> None:
+    """``pruning`` naming ``evil/<file>`` with ``evil`` a symlink out of the folder (a regression test)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "FULL-1-victim.qcow2"
+    victim.write_bytes(b"precious host data")
+    (folders / "evil").symlink_to(outside)
+    meta = json.loads((folders / "qmpbackup.json").read_text())
+    meta["pruning"] = ["evil/FULL-1-victim.qcow2", "./FULL-1-victim.qcow2"]
+    (folders / "qmpbackup.json").write_text(json.dumps(meta))
+    result = prune(cli, folders, 5).ok()
+    assert victim.read_bytes() == b"precious host data"
+    assert f"{folders / 'evil'} is not a directory" in result.err
+    assert ChainStore.load(folders).pruning == []
+
+
+def test_a_month_folder_swapped_for_a_symlink_during_the_prune_leads_nowhere(
+        cli, folders: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files go from the folder that was looked at, held open, never from a name looked up again."""
+    from libqmpbackup.store import prune as prune_module
+    decoy = tmp_path / "decoy"
+    doomed = ("FULL-50-virtio0.qcow2", "INC-51-virtio0.qcow2")
+    (decoy / "virtio0").mkdir(parents=True)
+    for name in doomed:
+        (decoy / "virtio0" / name).write_bytes(b"precious host data")
+    month = folders / "2026-09"
+    real_plan = prune_module.plan_retention
+
+    def swap_then_plan(*args: Any, **kwargs: Any) -> Any:
+        # the attacker's watcher, perfectly timed: the month folder was checked and read
+        month.rename(tmp_path / "moved")
+        month.symlink_to(decoy)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "plan_retention", swap_then_plan)
+    result = prune(cli, folders, 2)
+    assert "Traceback" not in result.err
+    assert {p.name: p.read_bytes() for p in (decoy / "virtio0").iterdir()} == {
+        name: b"precious host data" for name in doomed}
+    assert not any((tmp_path / "moved" / "virtio0" / name).exists() for name in doomed), \
+        "the files of the pruned chain went from the folder that was held open"
+    assert not (decoy / "qmpbackup.json").exists(), \
+        "the metadata went to the folder that was held open, not through the symlink"
+
+
 def test_metadata_naming_a_file_outside_its_disk_folder_stops_the_prune(cli, folders: Path,
                                                                          tmp_path: Path) -> None:
     victim = tmp_path / "victim"
@@ -197,7 +239,7 @@ def test_a_killed_prune_leaves_only_listed_files_and_the_next_prune_removes_them
     real_delete = prune_module._delete
     calls: list[str] = []
 
-    def killed_after_one(root: Path, disk_folder: str, name: str) -> bool:
+    def killed_after_one(root: Any, disk_folder: str, name: str) -> bool:
         if calls:
             raise Interrupted(signal.SIGTERM)
         calls.append(name)

@@ -21,7 +21,17 @@ import pytest
 
 from libqmpbackup.errors import QemuImgError
 from libqmpbackup.qemu import qemuimg
-from qmpbackup.cli import main as qmpbackup_main
+from tests.helpers import (
+    copy_disk,
+    digests,
+    files,
+    metadata,
+    node_of,
+    prefix,
+    records,
+    run_backup,
+    snapshot_tags,
+)
 from tests.vm import Disk, MiB, TestVM, default_disks, file_digest, identical
 
 QCOW2 = ("virtio0", "data1")
@@ -58,53 +68,6 @@ class Chains:
 
     def ref(self, disk: str, point: int) -> Path:
         return self.refs[(disk, point)]
-
-
-def metadata(root: Path) -> dict:
-    return json.loads((root / "qmpbackup.json").read_text())
-
-
-def records(root: Path, disk: str, chain: int = -1) -> list[dict]:
-    return metadata(root)["chains"][chain]["disks"][disk]["backups"]
-
-
-def files(root: Path, disk: str, chain: int = -1) -> list[str]:
-    return [r["file"] for r in records(root, disk, chain)]
-
-
-def prefix(name: str) -> str:
-    """FULL-<time> / INC-<time> of a backup file name."""
-    return "-".join(name.split("-")[:2])
-
-
-def digests(folder: Path) -> dict[str, tuple]:
-    """Content and timestamps of every file below FOLDER: what 'unchanged' means."""
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_symlink():
-            out[str(path)] = ("link", os.readlink(path))
-        elif path.is_file():
-            st = path.stat()
-            out[str(path)] = (file_digest(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return out
-
-
-def copy_disk(root: Path, disk: str, dest: Path) -> Path:
-    """A copy of the chain metadata and one disk folder; returns the copied disk folder."""
-    dest.mkdir(parents=True)
-    shutil.copy2(root / "qmpbackup.json", dest / "qmpbackup.json")
-    shutil.copytree(root / disk, dest / disk, symlinks=True)
-    return dest / disk
-
-
-def node_of(vm: TestVM, device: str) -> str:
-    return next(b["inserted"]["node-name"] for b in vm.cmd("query-block") if b["device"] == device)
-
-
-def run_backup(vm: TestVM, target: Path, level: str, *extra: str) -> None:
-    rc = qmpbackup_main(["--socket", vm.tool_socket, "--quiet", "backup", "--level", level,
-                         "--target", str(target), "--no-progress", *extra])
-    assert rc == 0, f"backup {level} into {target} failed"
 
 
 def rate_limited_backup_with_writes_during_the_job(vm: TestVM, target: Path) -> None:
@@ -333,12 +296,6 @@ def test_commit_in_a_live_backup_folder_keeps_the_chain_going(cli, tmp_path: Pat
         cli("qmprestore", "merge", "--dir", target / "virtio0", "--until", name,
             "--targetfile", out).ok()
         assert identical(out, expected[point]), name
-
-
-def snapshot_tags(image: Path) -> list[str]:
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)],
-                                     capture_output=True, text=True, check=True).stdout)
-    return [s["name"] for s in info.get("snapshots", [])]
 
 
 def test_snapshotrebase_keeps_every_point_as_a_snapshot(cli, chains: Chains, tmp_path: Path) -> None:

@@ -24,29 +24,14 @@ import pytest
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.store import digests
 from libqmpbackup.store.locks import LOCK_DIR_ENV
-from qmpbackup.cli import main as qmpbackup_main
+from libqmpbackup.store.names import DISK_METADATA_NAME, JOURNAL_NAME, LOCK_NAME, METADATA_NAME
+from tests.helpers import run_backup
+from tests.hostile import NOBODY, Victim, as_nobody, blocked_writer
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
 
+pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
+
 DISK = "virtio0"
-NOBODY = 65534
-
-
-@dataclass
-class Victim:
-    """A host file outside the backup folder; what must never change about it."""
-
-    path: Path
-
-    @classmethod
-    def make(cls, path: Path, content: bytes = b"precious host data\n") -> Victim:
-        path.write_bytes(content)
-        path.chmod(0o640)
-        return cls(path)
-
-    def state(self) -> tuple[object, ...]:
-        info = os.lstat(self.path)
-        return (file_digest(self.path), info.st_size, stat.S_IMODE(info.st_mode),
-                stat.S_IFMT(info.st_mode))
 
 
 @dataclass
@@ -68,17 +53,6 @@ def one_disk() -> list[Disk]:
     return [Disk(DISK, "virtio", "qcow2", 8 * MiB)]
 
 
-def backup(vm: TestVM, target: Path, level: str) -> None:
-    rc = qmpbackup_main(["--socket", vm.tool_socket, "--quiet", "backup", "--level", level,
-                         "--target", str(target), "--no-progress"])
-    assert rc == 0, f"backup {level} into {target} failed"
-
-
-@pytest.fixture(autouse=True)
-def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     """FULL + 2 INCs of one qcow2 disk, built once; tests work on copies."""
@@ -91,19 +65,13 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
             for point, level in enumerate(("full", "inc", "inc")):
                 vm.write(DISK, 0x41 + point, point * MiB, 512 * 1024)
                 built.refs.append(vm.reference(DISK, base / f"ref{point}.raw"))
-                backup(vm, built.root, level)
+                run_backup(vm, built.root, level)
     finally:
         if old is None:
             os.environ.pop(LOCK_DIR_ENV, None)
         else:
             os.environ[LOCK_DIR_ENV] = old
     yield built
-
-
-def as_nobody(*argv: str) -> None:
-    """Run ARGV as an unprivileged user: the attacker who can write the shared folder."""
-    subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                    *argv], check=True)
 
 
 RESTORE_COMMANDS: list[Callable[[Path, Path], list[object]]] = [
@@ -142,8 +110,88 @@ def test_foreign_owned_lock_file_is_refused(cli, chain: Chain, tmp_path: Path) -
     lock = folder.parent / ".qmpbackup.lock"
     lock.write_text("1 planted\n")
     os.chown(lock, NOBODY, NOBODY)
-    cli("qmprestore", "rebase", "--dir", folder).failed(6, "belongs to uid 65534")
+    cli("qmprestore", "rebase", "--dir", folder).failed(6, "owned by uid 65534")
     assert lock.read_text() == "1 planted\n"
+
+
+def test_a_hard_link_to_a_host_file_as_lock_file_is_refused_and_never_written(
+        cli, chain: Chain, tmp_path: Path) -> None:
+    """Issue 20, finding 7: where protected_hardlinks is off a user links a root-owned file there."""
+    victim = Victim.make(tmp_path / "root-owned.conf")
+    before = victim.state()
+    folder = chain.copy(tmp_path / "c")
+    os.link(victim.path, folder.parent / LOCK_NAME)
+    for command in ("rebase", "commit", "snapshotrebase"):
+        cli("qmprestore", command, "--dir", folder).failed(6, LOCK_NAME, "2 hard links")
+    assert victim.state() == before
+    assert (folder.parent / LOCK_NAME).stat().st_ino == victim.path.stat().st_ino
+
+
+FOLDER_FILES = [("disk folder", JOURNAL_NAME, ("verify", "merge", "commit")),
+                ("disk folder alone", DISK_METADATA_NAME, ("verify", "merge")),
+                ("chain folder", METADATA_NAME, ("verify", "merge")),
+                ("chain folder", LOCK_NAME, ("rebase", "commit"))]
+
+
+@pytest.mark.parametrize("where, name, commands", FOLDER_FILES,
+                         ids=[name for _, name, _ in FOLDER_FILES])
+def test_a_fifo_named_like_a_folder_file_is_refused_without_being_opened(
+        cli, chain: Chain, tmp_path: Path, where: str, name: str,
+        commands: tuple[str, ...]) -> None:
+    """Issue 20, finding 11: opening a FIFO or device at all (O_NONBLOCK or not) is a side effect.
+
+    A writer blocked on the FIFO is let through by the first reader: still
+    blocked after each command means no command opened it.
+    """
+    folder = chain.copy(tmp_path / "c")
+    if where == "disk folder alone":      # copied on its own: it has only its own records
+        folder = Path(shutil.copytree(folder, tmp_path / "alone", symlinks=True))
+    place = folder.parent if where == "chain folder" else folder
+    fifo = place / name
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    with blocked_writer(fifo) as writer:
+        for command in commands:
+            extra = ("--targetfile", tmp_path / "restored.qcow2") if command == "merge" else ()
+            given = place if name == METADATA_NAME else folder
+            result = cli("qmprestore", command, "--dir", given, *extra)
+            assert writer.still_blocked(), f"qmprestore {command} opened the FIFO {name}"
+            if name in (JOURNAL_NAME, LOCK_NAME):
+                result.failed(6, name, "a FIFO")
+            else:
+                # the folder probe (restore/folder.py, stat without opening) takes metadata
+                # that is no regular file as absent: not opened, the folder is read as upstream's
+                assert "Traceback" not in result.err
+    if name in (JOURNAL_NAME, LOCK_NAME):
+        assert not (tmp_path / "restored.qcow2").exists()
+
+
+def test_a_backup_neither_opens_a_fifo_nor_is_blocked_by_lock_dirs_others_planted(
+        cli, tmp_path: Path, system_dirs: Path) -> None:
+    """Issue 20, findings 6 and 11, as a real backup run sees them (locks in the default place)."""
+    # where root's locks used to be: /run/lock/qmpbackup, else /tmp/qmpbackup-0
+    for planted in (system_dirs / "lock" / "qmpbackup", system_dirs.parent / "tmp" / "qmpbackup-0"):
+        planted.mkdir(mode=0o700)
+        os.chown(planted, NOBODY, NOBODY)
+    target = tmp_path / "backup"
+    with TestVM(tmp_path / "vm", one_disk()) as vm:
+        run = ("qmpbackup", "--socket", vm.tool_socket, "backup", "--target", target,
+               "--no-progress")
+        cli(*run, "--level", "full").ok()
+        assert (system_dirs / "qmpbackup").stat().st_uid == 0
+        for fifo in (target / DISK / JOURNAL_NAME, target / LOCK_NAME, target / METADATA_NAME):
+            kept = fifo.with_name("kept")
+            if fifo.exists():
+                fifo.rename(kept)
+            os.mkfifo(fifo)
+            with blocked_writer(fifo) as writer:
+                result = cli(*run, "--level", "inc")
+                assert writer.still_blocked(), f"the backup opened the FIFO {fifo.name}"
+                result.failed(6, fifo.name, "a FIFO")
+            fifo.unlink()
+            if kept.exists():
+                kept.rename(fifo)
+        cli(*run, "--level", "inc").ok()
 
 
 def test_backup_run_refuses_planted_lock_symlink_and_symlinked_folders(
@@ -155,11 +203,11 @@ def test_backup_run_refuses_planted_lock_symlink_and_symlinked_folders(
     before, stray_before = victim.state(), stray.state()
     target = tmp_path / "backup"
     with TestVM(tmp_path / "vm", one_disk()) as vm:
-        backup(vm, target, "full")
+        run_backup(vm, target, "full")
 
         # leftover cleanup never follows a symlinked folder
         (target / "evil").symlink_to(outside)
-        backup(vm, target, "inc")
+        run_backup(vm, target, "inc")
         assert stray.state() == stray_before
 
         lock = target / ".qmpbackup.lock"
@@ -318,9 +366,11 @@ def test_skip_check_never_skips_the_name_rule(cli, chain: Chain, tmp_path: Path,
     meta = json.loads(meta_path.read_text())
     meta["chains"][-1]["disks"][DISK]["backups"][1]["file"] = bad_name
     meta_path.write_text(json.dumps(meta))
-    every_restore_command_refuses(cli, folder, tmp_path, 6, "qmpbackup.json",
-                                  "is not a backup file name", extra=("--skip-check",))
-    cli("qmprestore", "list", "--dir", folder).failed(6, "is not a backup file name")
+    # a newline is refused in any string of the metadata, before names are looked at
+    reason = "holds a control character" if "\n" in bad_name else "is not a backup file name"
+    every_restore_command_refuses(cli, folder, tmp_path, 6, "qmpbackup.json", reason,
+                                  extra=("--skip-check",))
+    cli("qmprestore", "list", "--dir", folder).failed(6, reason)
     assert victim.state() == before
 
 

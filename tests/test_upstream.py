@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tests.test_restore import digests
+from tests.helpers import backup, digests, metadata
 from tests.vm import Disk, MiB, TestVM, identical, run
 
 DISKS = ("virtio0", "ide0-hd0")
@@ -31,11 +31,6 @@ def small_vm(folder: Path) -> TestVM:
                            Disk("ide0-hd0", "ide", "qcow2", 8 * MiB)])
 
 
-def backup(cli, vm: TestVM, target: Path, level: str, *extra: object):
-    return cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", level,
-               "--target", target, "--no-progress", *extra)
-
-
 def point(vm: TestVM, refs: Path, index: int) -> None:
     """Write point INDEX's data and keep a reference of every disk."""
     for disk, pattern, offset, length in WRITES[index]:
@@ -47,10 +42,6 @@ def point(vm: TestVM, refs: Path, index: int) -> None:
 
 def ref(refs: Path, disk: str, index: int) -> Path:
     return refs / f"{disk}-{index}.raw"
-
-
-def metadata(root: Path, name: str = "qmpbackup.json") -> dict:
-    return json.loads((root / name).read_text())
 
 
 def labels(root: Path, disk: str, name: str = "qmpbackup.json") -> list[str]:

@@ -15,15 +15,10 @@ import pytest
 
 from libqmpbackup.backup.jobs import aio_modes_of
 from libqmpbackup.store.layout import month_folder
-from tests.test_faults import (
-    assert_clean,
-    finished,
-    metadata,
-    private_lock_dir,  # noqa: F401  (autouse: VM locks in tmp_path)
-    start_backup,
-    tool_bitmaps,
-)
+from tests.helpers import assert_clean, finished, metadata, start_backup, tool_bitmaps
 from tests.vm import Disk, MiB, TestVM, identical
+
+pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
 
 DISKS = ("virtio0", "data1")
 

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from qmpbackup.cli import main as qmpbackup_main
+from tests.helpers import run_backup
 from tests.vm import Disk, MiB, TestVM, identical
 
 DISKS = ("virtio0", "data1")
@@ -34,12 +34,6 @@ class Folders:
     monthly: Path
     copies: Path
     refs: dict[int, Path] = field(default_factory=dict)   # virtio0 at point 0, 1, 2
-
-
-def run_backup(vm: TestVM, target: Path, level: str, *extra: str) -> None:
-    rc = qmpbackup_main(["--socket", vm.tool_socket, "--quiet", "backup", "--level", level,
-                         "--target", str(target), "--no-progress", *extra])
-    assert rc == 0, f"backup {level} into {target} failed"
 
 
 @pytest.fixture(scope="module")

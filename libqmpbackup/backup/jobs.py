@@ -147,9 +147,14 @@ def aio_modes_of(schema: list[dict[str, Any]]) -> set[str]:
     return {"threads"}
 
 
-async def add_target_node(session: QmpSession, job: BackupJob, io: TargetIO = TargetIO()) -> None:
-    """Open the target in QEMU without its backing file: the job writes only new clusters."""
-    file: dict[str, Any] = {"driver": "file", "filename": str(job.partial_path)}
+async def add_target_node(session: QmpSession, job: BackupJob, filename: str,
+                          io: TargetIO = TargetIO()) -> None:
+    """Open the target in QEMU without its backing file: the job writes only new clusters.
+
+    FILENAME is ``/dev/fdset/N`` for a target handed over as a descriptor
+    (:mod:`libqmpbackup.backup.targets`).
+    """
+    file: dict[str, Any] = {"driver": "file", "filename": filename}
     if io.aio:
         file["aio"] = io.aio
     node: dict[str, Any] = {"driver": "qcow2", "node-name": job.target_node, "file": file,
@@ -294,18 +299,22 @@ async def _start(session: QmpSession, jobs: list[BackupJob], *, speed: int, comp
 
     A refused transaction is atomic (no job, no bitmap change), so the retry
     starts from the same state and still fixes one point in time for all disks.
+    A refusal that stands is the jobs failing to start: a :class:`JobError`.
     """
     x_perf = offload.x_perf if offload else None
     try:
         return await _start_once(session, jobs, speed=speed, compress=compress, x_perf=x_perf)
     except QmpCommandError as err:
         if x_perf is None or (offload is not None and offload.required):
-            raise
+            raise JobError(str(err)) from err
         log.warning("QEMU refused copy offload (%s); backing up with its default copy path",
                     err.desc)
     for job in jobs:
         job.result, job.target_failed = None, False
-    return await _start_once(session, jobs, speed=speed, compress=compress, x_perf=None)
+    try:
+        return await _start_once(session, jobs, speed=speed, compress=compress, x_perf=None)
+    except QmpCommandError as err:
+        raise JobError(str(err)) from err
 
 
 async def _start_once(session: QmpSession, jobs: list[BackupJob], *, speed: int,

@@ -28,12 +28,11 @@ from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import TargetError
 from libqmpbackup.qemu.devices import BlockDevice, named_nodes
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
-from libqmpbackup.store import folder_safety
-from libqmpbackup.store.fsutil import fsync_dir
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.intent import load_intent, remove_intent
 from libqmpbackup.store.layout import partial_files, stale_temp_files
 from libqmpbackup.store.metadata import ChainStore
-from libqmpbackup.store.names import PARTIAL_SUFFIX, TOOL_PREFIX, fleecing_folder_pid
+from libqmpbackup.store.names import TOOL_PREFIX, fleecing_folder_pid
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,8 @@ async def clean_vm(session: QmpSession, disks: list[BlockDevice],
     """
     await resume_after_killed_run(session)
     jobs = await _clean_jobs(session)
-    nodes = [*await fleecing.clean_leftovers(session, disks), *await _clean_nodes(session)]
+    nodes = [*await fleecing.clean_leftovers(session, disks), *await _clean_nodes(session),
+             *await _clean_fdsets(session)]
     steps = bitmaps.recovery_steps(disks)
     for step in steps:
         if await bitmaps.try_transaction(session, step.actions, f"settle bitmaps of an "
@@ -86,6 +86,19 @@ async def _clean_nodes(session: QmpSession) -> list[str]:
     return nodes
 
 
+async def _clean_fdsets(session: QmpSession) -> list[str]:
+    """The fdsets of a killed run's targets (their opaque is the node name, qmpbackup-…)."""
+    if not session.has_guest:
+        return []    # a qemu-storage-daemon has no fdsets (and lives only as long as its run)
+    stale = [fdset["fdset-id"] for fdset in await session.execute("query-fdsets")
+             if any(str(fd.get("opaque", "")).startswith(TOOL_PREFIX)
+                    for fd in fdset.get("fds", []))]
+    for fdset in stale:
+        if await session.remove_fdset(fdset):
+            log.warning("removed fdset %s of an interrupted run", fdset)
+    return [f"fdset {fdset}" for fdset in stale]
+
+
 def clean_target(root: Path) -> None:
     """Delete what an interrupted run left in ROOT: unfinished and unrecorded files, temp files.
 
@@ -94,34 +107,49 @@ def clean_target(root: Path) -> None:
     was never committed.  Their changes are still in the dirty bitmaps (the
     VM side was settled by :func:`clean_vm` first), so this run backs them up
     again.  The record goes last, once the deletions are on disk.
+
+    The folder is walked through its descriptor: a disk folder is opened
+    relative to it without following symlinks, so a record naming
+    ``evil/<file>`` with ``evil`` a symlink to a host folder is refused, and
+    nothing outside the folder can be deleted.
     """
     intent = load_intent(root)
     unrecorded = intent.unrecorded(ChainStore.load(root)) if intent else []
-    leftovers = [*partial_files(root), *stale_temp_files(root), *(root / n for n in unrecorded)]
-    folders = set()
-    for path in leftovers:
+    with Folder.open_root(root) as top:
+        leftovers = [*partial_files(top), *stale_temp_files(top), *unrecorded]
+        touched: dict[str, Folder] = {}
         try:
-            removed = folder_safety.remove(path.parent, path.name)
-        except TargetError as err:
-            raise TargetError(f"{err}, left by an interrupted run") from err
-        if not removed:
-            continue
-        folders.add(path.parent)
-        if path.name.endswith(PARTIAL_SUFFIX) or path.parent == root:
-            log.warning("removed %s, left by an interrupted run", path)
-        else:
-            log.warning("removed %s, left by an interrupted run that never recorded it: "
-                        "its changes go into this backup", path)
-    for folder in folders:
-        fsync_dir(folder)
-        if folder != root:
-            with contextlib.suppress(OSError):   # kept when it holds other files
-                folder.rmdir()
-    if intent is not None:
-        remove_intent(root)
-        fsync_dir(root)
-        log.warning("removed the intent record of an interrupted run (%s)",
-                    "its files were recorded" if not unrecorded else "rolled back")
+            for name in leftovers:
+                sub, _, file = name.rpartition("/")
+                folder = touched.get(sub) or (top.sub(sub, "disk folder") if sub else top)
+                touched[sub] = folder
+                _remove_leftover(folder, file, unrecorded=name in unrecorded and bool(sub))
+            for sub, folder in touched.items():
+                folder.fsync()   # the deletions are on disk before the record goes
+                if sub:
+                    with contextlib.suppress(OSError):   # kept when it holds other files
+                        os.rmdir(sub, dir_fd=top.fd)
+        finally:
+            for sub, folder in touched.items():
+                if sub:
+                    folder.close()
+        if intent is not None:
+            remove_intent(root)
+            top.fsync()
+            log.warning("removed the intent record of an interrupted run (%s)",
+                        "its files were recorded" if not unrecorded else "rolled back")
+
+
+def _remove_leftover(folder: Folder, name: str, *, unrecorded: bool) -> None:
+    try:
+        removed = folder.remove(name, "file")
+    except TargetError as err:
+        raise TargetError(f"{err}, left by an interrupted run") from err
+    if removed and unrecorded:
+        log.warning("removed %s, left by an interrupted run that never recorded it: "
+                    "its changes go into this backup", folder.path / name)
+    elif removed:
+        log.warning("removed %s, left by an interrupted run", folder.path / name)
 
 
 def clean_fleecing_dir(folder: Path) -> None:

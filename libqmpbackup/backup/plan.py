@@ -26,6 +26,7 @@ from libqmpbackup.store.names import (
     METADATA_NAME,
     PARTIAL_SUFFIX,
     RESERVED_FILE_NAMES,
+    Level,
     backup_file_name,
     bitmap_name,
     image_name,
@@ -36,7 +37,14 @@ from libqmpbackup.store.names import (
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("full", "inc", "diff", "auto", "copy")
+AUTO_LEVEL = "auto"   # a --level choice, not a level: full or inc, decided by the run
+LEVELS = (Level.FULL.value, Level.INC.value, Level.DIFF.value, AUTO_LEVEL, Level.COPY.value)
+
+
+def level_help() -> str:
+    """``--level``'s help: each choice with its one description (store.names.LEVEL_DESCRIPTIONS)."""
+    return "; ".join(f"{choice}: " + ("full when needed, else inc" if choice == AUTO_LEVEL
+                                       else Level(choice).description) for choice in LEVELS)
 
 
 @dataclass
@@ -284,8 +292,9 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
             if unusable:
                 level = "full"
                 reason = f"auto: {unusable[0][1]}; starting a new chain"
-                for _, problem in unusable:
-                    log.warning("%s", problem)
+                # one warning per run, not one per disk: a lost bitmap is one event
+                log.warning("%s; starting a new chain in %s",
+                            "; ".join(problem for _, problem in unusable), root)
             else:
                 level, reason = "inc", f"auto: continuing chain {chain.uuid}"
 

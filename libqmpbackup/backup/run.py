@@ -6,7 +6,8 @@ The order of steps is what keeps data safe:
 2. under the VM lock (taken by the caller) and the chain lock: remove what an
    interrupted run left (:mod:`leftovers`) and the files an interrupted prune
    had already dropped from the metadata (:mod:`libqmpbackup.store.prune`);
-3. create ``.partial`` targets and open them in QEMU;
+3. create ``.partial`` targets and hand them to QEMU as descriptors, never by
+   name (:mod:`targets`: a user who can write the folder cannot redirect them);
 4. in one transaction: add missing chain bitmaps and the auxiliary bitmaps
    that keep the changes since the last commit (:class:`bitmaps.RunBitmaps`);
 5. with ``--fleecing``, switch the devices onto their fleecing filters (the
@@ -15,7 +16,8 @@ The order of steps is what keeps data safe:
    switch the devices back;
 6. only after all jobs succeeded: close the targets, hash them (checksums for
    the metadata), announce the renames in the intent record, rename, commit
-   the metadata, then drop the intent record and the auxiliary bitmaps.
+   the metadata, then drop the intent record and the auxiliary bitmaps; a
+   signal after the commit no longer fails the run (the result is returned).
 
 Every step registers its undo; on any failure or signal the undo runs in
 reverse, so QEMU is left without our nodes and jobs, the folder without
@@ -25,7 +27,6 @@ committed backup.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -39,30 +40,25 @@ from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.fleecing import Fleecing
 from libqmpbackup.backup.jobs import (
     BackupJob,
-    TargetIO,
-    add_target_node,
     cancel_jobs,
     check_target_io,
     new_run_tag,
-    remove_node,
     run_transaction,
 )
 from libqmpbackup.backup.pause import VmPause
 from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
-from libqmpbackup.backup.run_steps import reached
+from libqmpbackup.backup.run_steps import finish_regardless, reached
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
-from libqmpbackup.errors import AgentError, JobError, QmpBackupError, TargetError, VMGoneError
+from libqmpbackup.backup.targets import TargetFiles, TargetNodes
+from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
 from libqmpbackup.json_output import Document
-from libqmpbackup.qemu import capabilities, qemuimg
+from libqmpbackup.qemu import capabilities
 from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpSession
-from libqmpbackup.runner import mark_recorded
 from libqmpbackup.store import folder_safety, upstream
-from libqmpbackup.store.digests import digest_files
-from libqmpbackup.store.fsutil import fsync_dir, replace_symlink
-from libqmpbackup.store.intent import RunIntent, remove_intent
+from libqmpbackup.store.intent import remove_intent
 from libqmpbackup.store.journal import refuse_unfinished_restores
 from libqmpbackup.store.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
 from libqmpbackup.store.locks import chain_lock
@@ -185,174 +181,79 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
                         reason=plan.reason, quiesced=bool(quiescer and quiescer.frozen))
 
 
-@dataclass
-class _TargetFiles:
-    """The backup files of one run: created as .partial, renamed when complete, else deleted.
-
-    When the run is recorded the renames are announced first in the intent record
-    (:mod:`libqmpbackup.store.intent`), so a kill between rename and metadata commit
-    leaves files the next run knows to remove and restores know to ignore.
-    """
-
-    jobs: list[BackupJob]
-    root: Path                      # the chain folder (--target or its month): the admin's path
-    recorded: bool = True           # False: nothing is recorded, so no intent record
-    created_folders: list[Path] = field(default_factory=list)
-    renamed: list[Path] = field(default_factory=list)
-
-    def create(self, job: BackupJob) -> None:
-        folder = job.partial_path.parent
-        existing = None if folder == self.root else folder_safety.entry(folder.parent, folder.name)
-        if folder == self.root:
-            pass                    # --no-subdir: the files go into the chain folder itself
-        elif existing is None:
-            try:
-                folder.mkdir(mode=0o700)
-            except OSError as err:
-                raise TargetError(f"cannot create folder {folder}: {err.strerror}") from err
-            self.created_folders.append(folder)
-        else:
-            folder_safety.require_folder(folder)   # never a symlink to elsewhere
-        # 0600 from the first byte: the file will hold a whole disk
-        folder_safety.create_exclusive(folder, job.partial_path.name, what="backup file")
-        qemuimg.create(job.partial_path, job.disk.virtual_size, backing=job.backing)
-
-    async def compute_digests(self) -> None:
-        """Hash every file now, while QEMU's writes are still in the page cache."""
-        started, cpu = time.monotonic(), time.process_time()
-        paths = [job.partial_path for job in self.jobs]
-        for job, digest in zip(self.jobs, await asyncio.to_thread(digest_files, paths)):
-            job.digest = digest
-        log.info("checksums of %d file(s) in %.3f s (%.3f CPU s)", len(paths),
-                 time.monotonic() - started, time.process_time() - cpu)
-
-    def finish(self) -> None:
-        if self.recorded:
-            RunIntent(time=int(time.time()), files=[
-                j.final_path.relative_to(self.root).as_posix() for j in self.jobs]).save(self.root)
-            reached("intent-written")
-        for job in self.jobs:
-            folder_safety.rename(job.final_path.parent, job.partial_path.name, job.final_path.name)
-            self.renamed.append(job.final_path)
-            log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
-
-    def link(self) -> None:
-        """The FULL-<image> symlinks of --no-timestamp: for people, so a failure only warns."""
-        for job in self.jobs:
-            if job.link is None:
-                continue
-            path = job.final_path.with_name(job.link)
-            if path.exists() and not path.is_symlink():
-                log.warning("%s exists and is not a symlink: not linking it to %s", path,
-                            job.final_path.name)
-                continue
-            try:
-                replace_symlink(path, job.final_path.name)
-            except OSError as err:
-                log.warning("cannot create symlink %s: %s", path, err.strerror)
-
-    def discard(self) -> None:
-        """Nothing of a failed run may look like a finished backup."""
-        for path in [*(j.partial_path for j in self.jobs), *self.renamed]:
-            with contextlib.suppress(QmpBackupError):
-                if folder_safety.remove(path.parent, path.name):
-                    log.info("removed unfinished %s", path)
-        if self.recorded:
-            # the renamed files must be gone for good before the record that names them
-            for folder in {path.parent for path in self.renamed}:
-                with contextlib.suppress(OSError):
-                    fsync_dir(folder)
-            remove_intent(self.root)
-        for folder in self.created_folders:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
-@dataclass
-class _TargetNodes:
-    """The target images as QEMU block nodes."""
-
-    session: QmpSession
-    names: list[str] = field(default_factory=list)
-
-    async def open(self, job: BackupJob, io: TargetIO) -> None:
-        await add_target_node(self.session, job, io)
-        self.names.append(job.target_node)
-
-    async def close(self) -> list[str]:
-        """Close every target (QEMU flushes an image as it closes it); return those left open."""
-        left_open = []
-        while self.names:
-            name = self.names.pop()
-            if not await remove_node(self.session, name):
-                left_open.append(name)
-        return left_open
-
-
 async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: BackupOptions,
                    guard: ShutdownGuard, quiescer: Optional[Quiescer],
                    pause: Optional[VmPause]) -> None:
     tag = new_run_tag()
     copy_path = await _copy_path(session, plan, opts)   # may refuse: before anything exists
-    async with contextlib.AsyncExitStack() as undo:
-        files = _TargetFiles(jobs=plan.jobs, root=plan.root, recorded=plan.chain is not None)
-        undo.callback(files.discard)
-        for index, job in enumerate(plan.jobs):
-            job.assign_names(index, tag)
-            files.create(job)
-        reached("targets-created")
-        nodes = _TargetNodes(session)
-        undo.push_async_callback(nodes.close)
-        for job in plan.jobs:
-            await nodes.open(job, opts.target_io)
-        run_bitmaps = _run_bitmaps(plan)
-        if run_bitmaps:
-            await run_bitmaps.prepare(session)
-            undo.push_async_callback(run_bitmaps.undo, session)
-        fleecing = (Fleecing(session=session, options=opts.fleecing, jobs=plan.jobs, run_tag=tag)
-                    if opts.fleecing else None)
-        if fleecing:
-            undo.push_async_callback(fleecing.release)
-            await fleecing.prepare()
-        undo.push_async_callback(_cancel_if_running, session, plan.jobs)
-        reporter = (ProgressReporter(session, log_interval=opts.progress_interval)
-                    if opts.progress else None)
-        async with contextlib.AsyncExitStack() as copying:
-            start_guard = quiescer
-            if pause is not None:
-                # a paused guest's agent cannot answer: freeze before the
-                # pause, thaw after it (the guest sees no time pass between)
-                if quiescer is not None:
-                    await copying.enter_async_context(quiescer)
+    with TargetFiles(jobs=plan.jobs, root=plan.root, recorded=plan.chain is not None,
+                     names_for_qemu=not session.passes_fds,
+                     month_base=opts.target if opts.monthly else None) as files:
+        async with contextlib.AsyncExitStack() as undo:
+            undo.callback(files.discard)
+            targets = []
+            for index, job in enumerate(plan.jobs):
+                job.assign_names(index, tag)
+                targets.append(files.create(job))
+            reached("targets-created")
+            nodes = TargetNodes(session)
+            undo.push_async_callback(nodes.close)
+            for target in targets:
+                await nodes.open(target, opts.target_io)
+            run_bitmaps = _run_bitmaps(plan)
+            if run_bitmaps:
+                await run_bitmaps.prepare(session)
+                undo.push_async_callback(run_bitmaps.undo, session)
+            fleecing = (Fleecing(session=session, options=opts.fleecing, jobs=plan.jobs, run_tag=tag)
+                        if opts.fleecing else None)
+            if fleecing:
+                undo.push_async_callback(fleecing.release)
+                await fleecing.prepare()
+            undo.push_async_callback(_cancel_if_running, session, plan.jobs)
+            reporter = (ProgressReporter(session, log_interval=opts.progress_interval)
+                        if opts.progress else None)
+            async with contextlib.AsyncExitStack() as copying:
+                start_guard = quiescer
+                if pause is not None:
+                    # a paused guest's agent cannot answer: freeze before the
+                    # pause, thaw after it (the guest sees no time pass between)
+                    if quiescer is not None:
+                        await copying.enter_async_context(quiescer)
+                        start_guard = None
+                    await copying.enter_async_context(pause)
+                await copying.enter_async_context(guard.holding())
+                if fleecing:   # the point in time is the switch: the freeze covers it instead
+                    await fleecing.switch(start_guard=start_guard)
                     start_guard = None
-                await copying.enter_async_context(pause)
-            await copying.enter_async_context(guard.holding())
-            if fleecing:   # the point in time is the switch: the freeze covers it instead
-                await fleecing.switch(start_guard=start_guard)
-                start_guard = None
-            await run_transaction(session, plan.jobs, speed=opts.speed_limit,
-                                  compress=opts.compress, offload=copy_path, progress=reporter,
-                                  start_guard=start_guard)
-        if fleecing:
-            await fleecing.release(strict=True)
-        left_open = await nodes.close()
-        if left_open:   # an image QEMU did not close may lack its last metadata writes
-            if not session.connected:
-                raise VMGoneError("QEMU went away before it closed the backup files; "
-                                  "they were discarded, nothing was recorded")
-            raise JobError(f"QEMU could not close backup node(s) {', '.join(left_open)}; "
-                           "the backup was discarded, nothing was recorded")
-        reached("jobs-done")
-        if plan.chain is not None and opts.checksum:
-            await files.compute_digests()
-        files.finish()
-        reached("renamed")
-        if run_bitmaps:
-            await run_bitmaps.before_commit(session)
-        if plan.chain is not None:
-            _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
-        undo.pop_all()  # committed: from here on nothing may be undone
-        mark_recorded()
+                await run_transaction(session, plan.jobs, speed=opts.speed_limit,
+                                      compress=opts.compress, offload=copy_path, progress=reporter,
+                                      start_guard=start_guard)
+            if fleecing:
+                await fleecing.release(strict=True)
+            left_open = await nodes.close()
+            if left_open:   # an image QEMU did not close may lack its last metadata writes
+                if not session.connected:
+                    raise VMGoneError("QEMU went away before it closed the backup files; "
+                                      "they were discarded, nothing was recorded")
+                raise JobError(f"QEMU could not close backup node(s) {', '.join(left_open)}; "
+                               "the backup was discarded, nothing was recorded")
+            reached("jobs-done")
+            if plan.chain is not None and opts.checksum:
+                await files.compute_digests()
+            files.finish()
+            reached("renamed")
+            if run_bitmaps:
+                await run_bitmaps.before_commit(session)
+            if plan.chain is not None:
+                _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
+            undo.pop_all()  # committed: from here on nothing may be undone
+        # a signal from here on no longer fails the run: the backup is recorded
+        await finish_regardless(_after_commit(session, plan, files, run_bitmaps))
+
+
+async def _after_commit(session: QmpSession, plan: RunPlan, files: TargetFiles,
+                        run_bitmaps: Optional[bitmaps.RunBitmaps]) -> None:
+    """What is left once the backup is recorded: cleanup, never undone, never a failure."""
     reached("committed")
     if plan.chain is not None:
         remove_intent(plan.root)

@@ -9,11 +9,15 @@ then SIGKILLs the process once the ready file appears.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Coroutine, Optional
+
+log = logging.getLogger(__name__)
 
 STEPS = (
     "targets-created",     # .partial files exist, QEMU nodes and bitmaps not yet touched
@@ -49,3 +53,27 @@ def reached(step: str) -> None:
     while True:   # the test kills the process here; blocking the event loop is the point
         time.sleep(60)
 
+
+
+async def finish_regardless(step: Coroutine[Any, Any, None]) -> None:
+    """Run STEP to its end even when the run is cancelled (a signal) meanwhile.
+
+    Used once the backup is recorded: cancelling then would undo nothing but
+    turn a success into exit 130/143, and a cron job would report a backup
+    that exists as failed.  The cancellation is absorbed here, so the run
+    returns its result and the runner learns from that (a command that
+    returns after a signal finished what it had recorded).
+    """
+    task = asyncio.ensure_future(step)
+    while True:
+        try:
+            await asyncio.shield(task)
+            return
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            current = asyncio.current_task()
+            uncancel = getattr(current, "uncancel", None)   # Python >= 3.11
+            if uncancel is not None:
+                uncancel()
+            log.warning("interrupted after the backup was recorded: finishing the run")

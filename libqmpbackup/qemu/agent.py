@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any, Optional
 
 from libqmpbackup.errors import AgentError, ConnectError
+from libqmpbackup.printable import escape
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ READ_LIMIT = 1 << 20
 #: stays silent, and each run that meets one pays this wait once.
 DEFAULT_TIMEOUT = 5.0
 
+FSFREEZE_STATUSES = ("thawed", "frozen")
+
 
 def encode_command(command: str, args: Optional[dict[str, Any]] = None) -> bytes:
     """Serialise one agent command as the single line the agent expects."""
@@ -51,6 +54,21 @@ def encode_command(command: str, args: Optional[dict[str, Any]] = None) -> bytes
     if args:
         message["arguments"] = args
     return json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def parse_line(line: bytes) -> Any:
+    """The JSON value of one reply line; any line that is not UTF-8 JSON raises ValueError.
+
+    The guest is untrusted and chooses every byte: besides garbage
+    (ValueError) and bytes that are not UTF-8 (UnicodeDecodeError), a line of
+    deeply nested ``[[[…]]]`` well under :data:`READ_LIMIT` makes the JSON
+    parser raise RecursionError.  All of them are one thing here, an
+    unreadable reply, so no caller ever sees a parser's own exception.
+    """
+    try:
+        return json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError) as err:    # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{type(err).__name__}: {str(err)[:80]}") from err
 
 
 def decode_reply(command: str, line: bytes) -> Any:
@@ -61,7 +79,7 @@ def decode_reply(command: str, line: bytes) -> Any:
     failed.
     """
     try:
-        reply = json.loads(line)
+        reply = parse_line(line)
     except ValueError as err:
         raise AgentError(
             f"guest agent sent an unreadable reply to {command}: {_shorten(line)}"
@@ -74,16 +92,27 @@ def decode_reply(command: str, line: bytes) -> Any:
             desc = error.get("desc", "no description")
             cls = error.get("class", "GenericError")
         else:
-            desc, cls = str(error), "GenericError"
-        raise AgentError(f"guest agent refused {command}: {desc} ({cls})")
+            desc, cls = error, "GenericError"
+        raise AgentError(f"guest agent refused {command}: {_shorten_value(desc)} "
+                         f"({_shorten_value(cls)})")
     if "return" not in reply:
         raise AgentError(f"guest agent sent an unexpected reply to {command}: {_shorten(line)}")
     return reply["return"]
 
 
 def _shorten(data: bytes, limit: int = 120) -> str:
-    text = data.decode("utf-8", errors="replace").strip()
-    return text if len(text) <= limit else text[:limit] + "…"
+    """At most LIMIT characters of what the guest sent, printable (its bytes are untrusted)."""
+    text = data[:4 * limit].decode("utf-8", errors="replace").strip()
+    return escape(text[:limit]) + ("…" if len(text) > limit or len(data) > 4 * limit else "")
+
+
+def _shorten_value(value: Any) -> str:
+    """A value from a reply, for a message: a string or number as it is, else just its type."""
+    if isinstance(value, str):
+        return _shorten(value.encode())
+    if value is None or isinstance(value, (bool, int, float)):
+        return _shorten(repr(value).encode())
+    return f"a JSON {type(value).__name__}"
 
 
 def _format_seconds(seconds: float) -> str:
@@ -199,22 +228,24 @@ class GuestAgent:
     async def fsfreeze_status(self) -> str:
         """Return ``"frozen"`` or ``"thawed"`` as the agent sees it."""
         status = await self.execute("guest-fsfreeze-status")
-        if not isinstance(status, str):
-            raise AgentError(f"guest agent sent an unexpected reply to guest-fsfreeze-status: {status!r}")
+        if not isinstance(status, str) or status not in FSFREEZE_STATUSES:   # qemu-ga: no other
+            raise AgentError("guest agent sent an unexpected reply to guest-fsfreeze-status: "
+                             f"{_shorten_value(status)}")
         return status
 
     async def get_fsinfo(self) -> list[Any]:
         """Return the agent's list of mounted guest filesystems."""
         info = await self.execute("guest-get-fsinfo")
         if not isinstance(info, list):
-            raise AgentError(f"guest agent sent an unexpected reply to guest-get-fsinfo: {info!r}")
+            raise AgentError("guest agent sent an unexpected reply to guest-get-fsinfo: "
+                             f"{_shorten_value(info)}")
         return info
 
     @staticmethod
     def _expect_int(command: str, value: Any) -> int:
         # bool is an int subclass but never a valid count.
         if not isinstance(value, int) or isinstance(value, bool):
-            raise AgentError(f"guest agent sent an unexpected reply to {command}: {value!r}")
+            raise AgentError(f"guest agent sent an unexpected reply to {command}: {_shorten_value(value)}")
         return value
 
     async def _roundtrip(self, command: str, data: bytes, timeout: float) -> bytes:
@@ -294,7 +325,7 @@ def sync_reply_id(line: bytes) -> Optional[int]:
     the caller keeps looking for its own reply instead of failing on noise.
     """
     try:
-        reply = json.loads(line)
+        reply = parse_line(line)
     except ValueError:
         return None
     if isinstance(reply, dict):

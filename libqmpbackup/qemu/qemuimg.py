@@ -14,12 +14,12 @@ import logging
 import os
 import shlex
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Optional, Sequence, Union
 
-from libqmpbackup.errors import ChainError, QemuImgError
+from libqmpbackup.errors import ChainError, QemuImgError, QemuImgLimitError
+from libqmpbackup.qemu import img_limits
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +42,39 @@ def binary() -> str:
 
 
 def run(args: Sequence[str], *, dry_run: bool = False,
-        accepted: Collection[int] = (0,), pass_fds: Collection[int] = ()) -> str:
+        accepted: Collection[int] = (0,), pass_fds: Collection[int] = (),
+        budget: Optional[img_limits.Budget] = None) -> str:
     """Run qemu-img with ARGS and return its stdout; raise with its stderr.
 
     ACCEPTED lists the exit codes that still carry a usable answer (``check``
     reports leaked clusters with 3, which is not a failure of the image).
     PASS_FDS are descriptors the arguments name as ``/dev/fd/N``: files of a
     backup folder reach qemu-img only that way (:mod:`libqmpbackup.store.handles`).
+    BUDGET limits the run (:mod:`img_limits`); without one it is a data call
+    whose time scales with the size of the files it is given.  A run stopped
+    at a limit raises :class:`QemuImgLimitError`.
     """
     argv = [binary(), *[str(a) for a in args]]
     cmd = command_line(args)
     if dry_run:
         print(cmd)
         return ""
-    log.debug("running: %s", cmd)
+    if budget is None:
+        budget = img_limits.data(img_limits.input_bytes(argv[1:], pass_fds))
+    log.debug("running: %s (%s)", cmd, budget)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                              stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds))
+        done = img_limits.run(argv, budget, pass_fds)
     except OSError as err:
         raise QemuImgError(f"cannot run {cmd}: {err}") from err
-    if proc.returncode not in accepted:
-        message = " ".join(proc.stderr.split()) or f"exit code {proc.returncode}"
+    failed = done.returncode not in accepted
+    limit = done.limit or (budget.exceeded(done.returncode, done.stderr) if failed else None)
+    if limit:
+        raise QemuImgLimitError(f"{cmd}: stopped at {limit}: a crafted or damaged image, "
+                                "or a limit set too low for it")
+    if failed:
+        message = " ".join(done.stderr.split()) or f"exit code {done.returncode}"
         raise QemuImgError(f"{cmd}: {message}")
-    return proc.stdout
+    return done.stdout
 
 
 def create(path: Path, size: int, *, backing: Optional[str] = None) -> None:
@@ -73,14 +83,22 @@ def create(path: Path, size: int, *, backing: Optional[str] = None) -> None:
     The size must match the source disk exactly or blockdev-backup refuses
     the target; 64 KiB clusters keep incremental backups small.
     """
+    run(_create_args(str(path), size, backing))
+
+
+def create_fd(fd: int, size: int, *, backing: Optional[str] = None) -> None:
+    """:func:`create` into the file open as FD (``/dev/fd/N``): the name is never looked up."""
+    run(_create_args(f"/dev/fd/{fd}", size, backing), pass_fds=(fd,))
+
+
+def _create_args(target: str, size: int, backing: Optional[str]) -> list[str]:
     args: list[str] = ["create", "-q", "-f", "qcow2", "-o",
                        f"cluster_size={BACKUP_CLUSTER_SIZE}"]
     if backing is not None:
         # every backup file is qcow2: never probe; -u: the name is only written, the
         # previous backup is never opened here
         args += ["-u", "-b", backing, "-F", "qcow2"]
-    args += [str(path), str(size)]
-    run(args)
+    return [*args, target, str(size)]
 
 
 def info(path: Path, *, backing_chain: bool = False, fmt: Optional[str] = None,
@@ -96,7 +114,7 @@ def info(path: Path, *, backing_chain: bool = False, fmt: Optional[str] = None,
     if backing_chain:
         args.append("--backing-chain")
     args.append(str(path))
-    return _parse_json(args, run(args, pass_fds=pass_fds))
+    return _parse_json(args, run(args, pass_fds=pass_fds, budget=img_limits.inspection()))
 
 
 def info_alone(layer: str, *, pass_fds: Collection[int] = ()) -> Any:
@@ -106,7 +124,7 @@ def info_alone(layer: str, *, pass_fds: Collection[int] = ()) -> Any:
     layer is the chain metadata's decision (:func:`chain_source`).
     """
     args = ["info", "--output=json", chain_source([layer])]
-    return _parse_json(args, run(args, pass_fds=pass_fds))
+    return _parse_json(args, run(args, pass_fds=pass_fds, budget=img_limits.inspection()))
 
 
 def _parse_json(args: Sequence[str], out: str) -> Any:
@@ -152,7 +170,7 @@ def check(path: Union[Path, str], *, fmt: Optional[str] = None, without_backing:
             args += ["-f", fmt]
         args.append(str(path))
     report = _parse_json(args, run(args, accepted=(0, CHECK_FOUND_CORRUPTION, CHECK_FOUND_LEAKS),
-                                   pass_fds=pass_fds))
+                                   pass_fds=pass_fds, budget=img_limits.inspection()))
     return CheckResult(corruptions=int(report.get("corruptions", 0)),
                        leaks=int(report.get("leaks", 0)),
                        check_errors=int(report.get("check-errors", 0)))
@@ -196,7 +214,16 @@ def commit(path: Union[Path, str], *, base: Union[Path, str, None] = None, rate_
         args += ["-b", str(base)]
     if rate_limit:
         args += ["-r", str(rate_limit)]
-    run([*args, str(path)], dry_run=dry_run, pass_fds=pass_fds)
+    args.append(str(path))
+    run(args, dry_run=dry_run, pass_fds=pass_fds, budget=_rated(args, rate_limit, pass_fds))
+
+
+def _rated(args: Sequence[str], rate_limit: int,
+           pass_fds: Collection[int] = ()) -> Optional[img_limits.Budget]:
+    """A data call's budget slowed to RATE_LIMIT bytes/s (None: run's default budget)."""
+    if not rate_limit:
+        return None
+    return img_limits.data(img_limits.input_bytes(args, pass_fds), rate_limit)
 
 
 def chain_source(files: Sequence[Union[Path, str]]) -> str:
@@ -221,7 +248,8 @@ def convert(source: Union[Path, str], target: Union[Path, str], *, out_format: s
     args = ["convert", "-q", "-f", "qcow2", "-O", out_format]
     if rate_limit:
         args += ["-r", str(rate_limit)]
-    run([*args, str(source), str(target)], dry_run=dry_run, pass_fds=pass_fds)
+    args += [str(source), str(target)]
+    run(args, dry_run=dry_run, pass_fds=pass_fds, budget=_rated(args, rate_limit, pass_fds))
 
 
 def snapshot_names(layer: str, *, pass_fds: Collection[int] = ()) -> list[str]:

@@ -30,7 +30,7 @@ from qemu.qmp import (
     StateError,
 )
 
-from libqmpbackup.errors import ConnectError, JobError, UsageError, VMGoneError
+from libqmpbackup.errors import CommandRefused, ConnectError, UsageError, VMGoneError
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ class EventStream:
         return [QmpEvent.of(m) for m in self._listener.clear()]
 
 
-class QmpCommandError(JobError):
-    """QEMU answered a command with an error."""
+class QmpCommandError(CommandRefused):
+    """QEMU answered a command with an error; the layer that sent it decides what that means."""
 
     def __init__(self, command: str, error_class: str, desc: str) -> None:
         super().__init__(f"QEMU refused {command}: {desc}")
@@ -241,6 +241,37 @@ class QmpSession:
             raise VMGoneError(
                 f"lost the connection to {self.peer} during {command}: "
                 "QEMU quit or was killed") from err
+
+    @property
+    def passes_fds(self) -> bool:
+        """A unix socket carries descriptors (SCM_RIGHTS); over ``tcp:`` QEMU only gets names."""
+        return isinstance(self.address, str)
+
+    async def add_fd(self, fd: int, opaque: str) -> int:
+        """Hand FD to QEMU in a new fdset; its id (QEMU then opens the file as ``/dev/fdset/N``).
+
+        OPAQUE is shown by ``query-fdsets``: it lets the next run recognise
+        and remove an fdset a killed run left behind.
+        """
+        try:
+            self.client.send_fd_scm(fd)
+        except (QMPError, StateError, OSError) as err:
+            raise VMGoneError(f"cannot pass a file descriptor to {self.peer}: {err}") from err
+        reply = await self.execute("add-fd", {"opaque": opaque})
+        return int(reply["fdset-id"])
+
+    async def remove_fdset(self, fdset: int) -> bool:
+        """Drop fdset FDSET (QEMU closes its copy once no node uses it); False if that failed."""
+        if not self.connected:
+            return False
+        try:
+            await self.execute("remove-fd", {"fdset-id": fdset})
+        except QmpCommandError as err:
+            log.warning("could not remove fdset %d: %s", fdset, err.desc)
+            return False
+        except VMGoneError:
+            return False
+        return True
 
     async def wait_disconnected(self) -> None:
         """Return once the connection is gone (QEMU quit, crashed or closed the socket)."""

@@ -37,6 +37,7 @@ from libqmpbackup.restore.rules import (
     record_problems,
     unknown_backup_files,
 )
+from libqmpbackup.restore.status import FileStatus
 from libqmpbackup.store import folder_safety
 from libqmpbackup.store.digests import check_handles
 from libqmpbackup.store.metadata import BackupRecord, Chain
@@ -44,7 +45,7 @@ from libqmpbackup.tables import table
 
 log = logging.getLogger(__name__)
 
-BAD_STATUSES = ("damaged", "missing", "extra")
+BAD_STATUSES = tuple(s for s in FileStatus if s.bad)
 HEADERS = ("chain", "disk", "file", "status", "restorable", "problems")
 
 
@@ -86,8 +87,7 @@ class VerifyReport:
         return [f for f in self.files if f.bad]
 
     def counts(self) -> dict[str, int]:
-        statuses = ("ok", "damaged", "missing", "unverifiable", "extra")
-        return {s: sum(1 for f in self.files if f.status == s) for s in statuses}
+        return {s.value: sum(1 for f in self.files if f.status == s) for s in FileStatus}
 
     def table(self) -> str:
         rows = [(f.chain, f.disk, f.path.name, f.status, "yes" if f.restorable else "no",

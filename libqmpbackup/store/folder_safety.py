@@ -33,34 +33,18 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError
+from libqmpbackup.printable import escape, has_control
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.store.fsutil import fsync_dir
 from libqmpbackup.store.handles import FileHandle, Folder
+from libqmpbackup.store.handles import kind as kind  # the name rule lives with the handles
+from libqmpbackup.store.handles import plain_name as plain_name
+from libqmpbackup.store.json_shape import malformed
 from libqmpbackup.store.names import is_backup_file_name, is_plain_file_name
 from libqmpbackup.store.qcow2_header import read_header
 
 MAX_JSON_BYTES = 16 << 20
 """Metadata of thousands of backups is a few MiB; more is not metadata."""
-_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK   # NONBLOCK: a FIFO must not hang us
-
-
-def kind(info: os.stat_result) -> str:
-    """What a directory entry is, in the words of a refusal."""
-    mode = info.st_mode
-    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return name
-    return "a regular file" if stat.S_ISREG(mode) else "a special file"
-
-
-def plain_name(name: object, what: str) -> str:
-    """NAME when it is one path component that stays in its folder; else a chain error."""
-    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name
-            or len(name.encode(errors="surrogateescape")) > 255):
-        raise ChainError(f"{what} {name!r} is not a plain file name: refused")
-    return name
 
 
 def backup_file(name: object, what: str) -> str:
@@ -192,15 +176,38 @@ def read_bytes(folder: Path, name: str, what: str, limit: int) -> Optional[bytes
 
 
 def read_json(folder: Path, name: str, what: str) -> Any:
-    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error."""
+    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error.
+
+    No string in it (names, ids, paths, keys) may hold a control character
+    (:func:`refuse_control`): the tools print them.
+    """
     data = read_bytes(folder, name, what, MAX_JSON_BYTES)
     if data is None:
         return ABSENT
     try:
-        return json.loads(data.decode("utf-8"))
+        document = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as err:   # RecursionError: nesting a parser cannot follow
         raise ChainError(f"cannot read {what} {folder / name}: {type(err).__name__}: "
-                         f"{str(err)[:200]}") from err
+                         f"{escape(str(err)[:200])}") from err
+    refuse_control(document, f"{what} {folder / name}")
+    return document
+
+
+def refuse_control(document: Any, where: str) -> None:
+    """Refuse a document any of whose strings holds a C0/C1 control character or DEL.
+
+    The tool never writes one; printed, a newline or ESC in a disk id or file
+    name forges a line of the log or ``list``, or drives the admin's terminal.
+    """
+    pending = [document]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            pending += item
+        elif isinstance(item, str) and has_control(item):
+            raise malformed(where, f"it holds a control character in '{escape(item[:80])}'")
 
 
 def remove(folder: Path, name: str) -> bool:

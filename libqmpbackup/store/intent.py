@@ -73,7 +73,7 @@ def _valid_name(name: Any) -> bool:
     parts = name.split("/")
     return (all(part and is_folder_name(part) for part in parts)
             and not parts[-1].endswith(PARTIAL_SUFFIX)
-            and parts[-1] not in (*RESERVED_FILE_NAMES, INTENT_NAME))
+            and parts[-1] not in RESERVED_FILE_NAMES)
 
 
 def load_intent(root: Path) -> Optional[RunIntent]:

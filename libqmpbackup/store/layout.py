@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.errors import TargetError
 from libqmpbackup.store.fsutil import TEMP_SUFFIX, make_private_dirs
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.names import (
     DISK_METADATA_NAME,
     INTENT_NAME,
@@ -64,20 +67,22 @@ def is_empty_dir(root: Path) -> bool:
     """True when ROOT holds nothing but (maybe) its lock file and empty disk folders.
 
     An empty folder is what a run killed while undoing its first full may
-    leave; it holds no backup, so it must not block the next full.
+    leave; it holds no backup, so it must not block the next full.  Read
+    through the folder's descriptor; a symlinked disk folder counts as content.
     """
-    def holds_something(path: Path) -> bool:
-        if path.name == LOCK_NAME:
-            return False
-        if path.is_dir() and not path.is_symlink():
-            return any(path.iterdir())
+    if not os.path.lexists(root):
         return True
-    try:
-        return not any(holds_something(p) for p in root.iterdir())
-    except FileNotFoundError:
-        return True
-    except OSError as err:
-        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
+    with Folder.open_root(root) as top:
+        for name in top.names():
+            info = top.entry(name)
+            if name == LOCK_NAME or info is None:
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                return False
+            with top.sub(name) as folder:
+                if folder.names():
+                    return False
+    return True
 
 
 def disk_folders(root: Path) -> list[Path]:
@@ -89,49 +94,43 @@ def disk_folders(root: Path) -> list[Path]:
         raise TargetError(f"cannot read folder {root}: {err.strerror}") from err
 
 
-def _names(folder: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(folder))
-    except OSError as err:
-        raise TargetError(f"cannot read folder {folder}: {err.strerror}") from err
-
-
 def latest_backup_time(root: Path) -> int:
     """The newest time in any backup file name in or below ROOT (chains and copies alike)."""
-    times = [parsed.timestamp for name in _names_in_and_below(root)
-             if (parsed := parse_backup_name(os.path.basename(name).removesuffix(PARTIAL_SUFFIX)))]
+    with Folder.open_root(root) as top:
+        names = names_in_and_below(top)
+    times = [parsed.timestamp for name in names
+             if (parsed := parse_backup_name(posixpath.basename(name).removesuffix(PARTIAL_SUFFIX)))]
     return max(times, default=0)
 
 
 def existing_names(root: Path) -> set[str]:
     """Every name in ROOT and its disk folders, relative to ROOT: names a new file must avoid."""
-    names: set[str] = set()
-    try:
-        with os.scandir(root) as entries:
-            for entry in entries:
-                names.add(entry.name)
-                if entry.is_dir(follow_symlinks=False):
-                    names.update(os.path.join(entry.name, n) for n in os.listdir(entry.path))
-    except OSError as err:
-        raise TargetError(f"cannot read target {root}: {err.strerror}") from err
-    return names
+    with Folder.open_root(root) as top:
+        return set(names_in_and_below(top))
 
 
-def partial_files(root: Path) -> list[Path]:
-    """Leftover .partial files in ROOT (--no-subdir) and its real disk folders."""
-    return [root / name for name in _names_in_and_below(root) if name.endswith(PARTIAL_SUFFIX)]
+def partial_files(top: Folder) -> list[str]:
+    """Leftover .partial files in TOP (--no-subdir) and its real disk folders, relative to TOP."""
+    return [name for name in names_in_and_below(top) if name.endswith(PARTIAL_SUFFIX)]
 
 
-def stale_temp_files(root: Path) -> list[Path]:
+def stale_temp_files(top: Folder) -> list[str]:
     """Half-written metadata or intent files of a run killed inside :func:`write_atomically`."""
-    return ([root / name for name in _names(root)
-             if name.startswith((f".{METADATA_NAME}.", f".{INTENT_NAME}."))
-             and name.endswith(TEMP_SUFFIX)]
-            + [folder / name for folder in disk_folders(root) for name in _names(folder)
-               if name.startswith(f".{DISK_METADATA_NAME}.") and name.endswith(TEMP_SUFFIX)])
+    return [name for name in names_in_and_below(top)
+            if name.endswith(TEMP_SUFFIX) and (
+                posixpath.basename(name).startswith(f".{DISK_METADATA_NAME}.") if "/" in name
+                else name.startswith((f".{METADATA_NAME}.", f".{INTENT_NAME}.")))]
 
 
-def _names_in_and_below(root: Path) -> list[str]:
-    """Names in ROOT and, as ``<folder>/<name>``, in its real sub-folders (symlinks not followed)."""
-    return [*_names(root), *(os.path.join(folder.name, name) for folder in disk_folders(root)
-                             for name in _names(folder))]
+def names_in_and_below(top: Folder) -> list[str]:
+    """Names in TOP and, as ``<folder>/<name>``, in its real sub-folders.
+
+    Every sub-folder is opened relative to TOP's descriptor without following
+    symlinks (:meth:`Folder.sub`): a symlinked folder is skipped here and
+    refused wherever a name below it is to be used.
+    """
+    names = top.names()
+    for sub in top.subfolder_names():
+        with top.sub(sub) as folder:
+            names += [f"{sub}/{name}" for name in folder.names()]
+    return names

@@ -6,7 +6,7 @@ either race the first (two writers of one chain, one bitmap cleared twice) or
 hang.  Both locks are ``flock`` locks taken without waiting: the kernel drops
 them when the process dies, so a lock file left by a killed run is harmless.
 A run deletes its lock file before releasing it, and a run that acquires a
-lock checks that the file it locked is still the one the path names, so
+lock checks that the file it locked is still the one the name names, so
 deleting never lets two runs in.
 
 An offline run (``--image``) takes one lock per image file instead, keyed
@@ -15,13 +15,28 @@ by the image's real path, in the same directory.
 Where the VM lock lives (one file per QMP socket, named by a hash of the
 socket's real path, so every path to the same socket shares one lock):
 
-1. ``$QMPBACKUP_LOCK_DIR`` when set;
-2. ``/run/lock/qmpbackup`` for root, ``/run/lock/qmpbackup-<uid>`` for others
-   (a tmpfs that exists at 3 a.m. without a login session);
-3. ``<tmp>/qmpbackup-<uid>`` when /run/lock is missing.
+1. ``$QMPBACKUP_LOCK_DIR`` when set (created 0700; it must be this user's
+   and writable by nobody else);
+2. for root, ``/run/qmpbackup``: created 0700 by root in ``/run``, where only
+   root can create anything, so no other user can plant it first (a
+   predictable name in ``/run/lock`` or ``/tmp``, both world-writable, let any
+   user create it before root and block every backup);
+3. for other users, ``qmpbackup`` in their own runtime directory:
+   ``$XDG_RUNTIME_DIR``, else ``/run/user/<uid>`` (the same folder when a
+   session exists; cron without one still finds it while the user lingers).
+
+A lock directory (or runtime directory) that is a symlink, is owned by
+anyone else, or is writable by group or others is refused with one line
+(exit 2): another user could plant or remove lock files in it.
 
 The chain lock is ``.qmpbackup.lock`` inside the chain folder, so it follows
-the folder to whatever host mounts it.
+the folder to whatever host mounts it.  That folder may be writable by
+others, so the lock file is reached like any folder content
+(:class:`~libqmpbackup.store.handles.Folder`): never through a symlink,
+type and owner checked on an ``O_PATH`` descriptor before it is opened for
+I/O (a FIFO or device is never opened), one link only (a hard link to a
+host file is refused, not written), and never truncated: the holder's pid
+is written over the start of the checked file.
 """
 
 from __future__ import annotations
@@ -34,7 +49,6 @@ import logging
 import os
 import socket
 import stat
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -46,53 +60,73 @@ from libqmpbackup.errors import (
     TargetError,
     UsageError,
 )
+from libqmpbackup.store.handles import Folder, kind
 from libqmpbackup.store.names import LOCK_NAME
 
 log = logging.getLogger(__name__)
 
 LOCK_DIR_ENV = "QMPBACKUP_LOCK_DIR"
-RUN_LOCK = Path("/run/lock")
+RUN_DIR = Path("/run")
+"""Where root's lock directory and users' runtime directories are (tests move it)."""
 LOCK_ATTEMPTS = 5
 
 
-def _usable_private_dir(path: Path) -> bool:
-    """Create PATH 0700 if needed; True only if it is our own directory nobody else can write.
+def _private_dir_problem(path: Path) -> str:
+    """Why PATH (created 0700 if missing) is no lock directory of ours; "" when it is.
 
-    A lock directory another user controls could hold symlinks or files that
-    block our locks forever, so anything else is rejected.
+    Another user's directory, or one others can write, could hold files or
+    symlinks that block our locks forever, or have them removed under us.
     """
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
-    info = path.lstat()
-    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
-            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    return _owned_dir_problem(path.lstat())
+
+
+def _owned_dir_problem(info: os.stat_result) -> str:
+    if not stat.S_ISDIR(info.st_mode):
+        return f"is {kind(info)}, not a directory"
+    if info.st_uid != os.geteuid():
+        return f"is owned by uid {info.st_uid}, not by this user"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return "is writable by other users"
+    return ""
+
+
+def _checked_lock_dir(path: Path, how: str) -> Path:
+    try:
+        problem = _private_dir_problem(path)
+    except OSError as err:
+        raise UsageError(f"lock directory {path} ({how}): {err.strerror}") from err
+    if problem:
+        raise UsageError(f"lock directory {path} ({how}) {problem}: refused (remove it, "
+                         f"or set {LOCK_DIR_ENV} to a directory only this user can write)")
+    return path
+
+
+def _runtime_dir() -> Path:
+    """A non-root user's own runtime directory (see the module docstring)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    candidates = [*([Path(xdg)] if xdg else []), RUN_DIR / "user" / str(os.geteuid())]
+    for candidate in candidates:
+        try:
+            problem = _owned_dir_problem(candidate.lstat())
+        except OSError:
+            continue
+        if not problem:
+            return candidate
+        log.warning("ignoring runtime directory %s: it %s", candidate, problem)
+    raise UsageError(f"no private runtime directory for the VM locks (tried "
+                     f"{', '.join(map(str, candidates))}); set {LOCK_DIR_ENV}")
 
 
 def lock_dir() -> Path:
     """The directory of VM locks (see the module docstring for the order)."""
     explicit = os.environ.get(LOCK_DIR_ENV)
     if explicit:
-        try:
-            if _usable_private_dir(Path(explicit)):
-                return Path(explicit)
-        except OSError as err:
-            raise UsageError(f"{LOCK_DIR_ENV}={explicit}: {err.strerror}") from err
-        raise UsageError(f"{LOCK_DIR_ENV}={explicit} is not a directory owned by this user "
-                         "and writable only by it")
-    uid = os.geteuid()
-    candidates = [RUN_LOCK / ("qmpbackup" if uid == 0 else f"qmpbackup-{uid}"),
-                  Path(tempfile.gettempdir()) / f"qmpbackup-{uid}"]
-    for candidate in candidates:
-        try:
-            if _usable_private_dir(candidate):
-                return candidate
-        except OSError as err:
-            log.debug("lock directory %s unusable: %s", candidate, err.strerror)
-            continue
-        log.warning("ignoring lock directory %s: not owned by this user or writable by others",
-                    candidate)
-    raise UsageError(f"no usable lock directory (tried {', '.join(map(str, candidates))}); "
-                     f"set {LOCK_DIR_ENV}")
+        return _checked_lock_dir(Path(explicit), LOCK_DIR_ENV)
+    if os.geteuid() == 0:
+        return _checked_lock_dir(RUN_DIR / "qmpbackup", "root's lock directory")
+    return _checked_lock_dir(_runtime_dir() / "qmpbackup", "in the runtime directory")
 
 
 def vm_lock_keys(address: str) -> list[str]:
@@ -113,9 +147,9 @@ def vm_lock_keys(address: str) -> list[str]:
     return sorted({":".join(("tcp", str(info[4][0]), str(info[4][1]))) for info in found})
 
 
-def _keyed_lock_path(kind: str, key: str, directory: Optional[Path]) -> Path:
+def _keyed_lock_path(kind_: str, key: str, directory: Optional[Path]) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return (directory or lock_dir()) / f"{kind}-{digest}.lock"
+    return (directory or lock_dir()) / f"{kind_}-{digest}.lock"
 
 
 def vm_lock_path(key: str, directory: Optional[Path] = None) -> Path:
@@ -131,49 +165,53 @@ def _holder(fd: int) -> str:
     return f" (pid {pid})" if pid.isdigit() else ""
 
 
-def _open_lock_file(path: Path, unusable: type[QmpBackupError]) -> int:
-    """Open PATH as a lock file: new and exclusive when absent, never through a symlink.
+def _open_lock_file(folder: Folder, name: str, unusable: type[QmpBackupError],
+                    refused: type[QmpBackupError]) -> Optional[int]:
+    """The lock file NAME of FOLDER, opened read-write after the folder rule; None: try again.
 
-    The folder of a chain lock may be writable by others: a planted symlink
-    would make root truncate and write the file it points to, and a file
-    someone else owns is not ours to trust, so both are refused.
+    An existing file must be a regular file with one link owned by this
+    user or root, checked before it is opened for I/O
+    (:meth:`Folder.open`): a planted symlink, hard link, FIFO or device is
+    refused (REFUSED) and nothing is written to it.  A missing one is
+    created ``O_EXCL``.
     """
-    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            fd = os.open(path, flags)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise ChainError(f"lock file {path} is a symlink: refused (remove it once no "
-                             "backup runs)") from err
-        raise unusable(f"cannot open lock file {path}: {err.strerror}") from err
-    info = os.fstat(fd)
-    problem = ("is not a regular file" if not stat.S_ISREG(info.st_mode)
-               else f"belongs to uid {info.st_uid}, not to this user"
-               if info.st_uid != os.geteuid() else "")
-    if problem:
-        os.close(fd)
-        raise ChainError(f"lock file {path} {problem}: refused (remove it once no backup runs)")
-    os.set_blocking(fd, True)
-    return fd
+        return folder.open(name, "lock file", write=True).fd
+    except FileNotFoundError:
+        pass
+    except ChainError as err:
+        raise refused(f"{err} (remove it once no backup runs)") from err
+    except TargetError as err:
+        raise unusable(str(err)) from err
+    try:
+        return folder.create(name, "lock file").fd
+    except TargetError as err:
+        if folder.entry(name) is not None:
+            return None     # another run created it meanwhile
+        raise unusable(str(err)) from err
 
 
-def _try_lock(path: Path, what: str, unusable: type[QmpBackupError]) -> Optional[int]:
-    """A descriptor holding the lock on the file PATH names now, or None to try again.
+def _same_entry(folder: Folder, name: str, fd: int) -> bool:
+    """Whether NAME in FOLDER (the entry itself, never followed) is the file FD holds."""
+    named = folder.entry(name)
+    opened = os.fstat(fd)
+    return named is not None and (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _try_lock(folder: Folder, name: str, what: str, unusable: type[QmpBackupError],
+              refused: type[QmpBackupError]) -> Optional[int]:
+    """A descriptor holding the lock on the file NAME names now, or None to try again.
 
     A holder that releases unlinks the file, so the file we opened may be
-    gone by the time our flock succeeds; only a lock on the file PATH still
-    names (lstat: the name itself, never what a symlink there points to) counts.
+    gone by the time our flock succeeds; only a lock on the file NAME still
+    names counts.
     """
-    fd = _open_lock_file(path, unusable)
+    fd = _open_lock_file(folder, name, unusable, refused)
+    if fd is None:
+        return None
+    path = folder.path / name
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        opened, named = os.fstat(fd), os.lstat(path)
-    except FileNotFoundError:
-        os.close(fd)
-        return None
     except OSError as err:
         holder = _holder(fd)
         os.close(fd)
@@ -181,46 +219,42 @@ def _try_lock(path: Path, what: str, unusable: type[QmpBackupError]) -> Optional
             raise unusable(f"cannot lock {path}: {err.strerror}") from err
         raise LockBusyError(f"another backup is running on {what}{holder}; "
                             f"lock {path}") from err
-    if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+    if not _same_entry(folder, name, fd):
         os.close(fd)
         return None
     return fd
 
 
 @contextlib.contextmanager
-def hold(path: Path, what: str, owner: str,
-         unusable: type[QmpBackupError] = UsageError) -> Iterator[None]:
+def hold(path: Path, what: str, owner: str, unusable: type[QmpBackupError] = UsageError,
+         refused: type[QmpBackupError] = UsageError) -> Iterator[None]:
     """Hold an exclusive lock on PATH or fail at once with LockBusyError.
 
     The file exists only while held (or after a killed holder, harmlessly).
     WHAT names the locked thing in messages; OWNER is written into the file
     after the pid, for admins.  A lock file that cannot be opened raises
-    UNUSABLE: a usage error for the lock directory, a target error for a
-    chain folder.
+    UNUSABLE, one that breaks the folder rule REFUSED: usage errors in the
+    lock directory (the admin's own), a target error and a chain error in a
+    chain folder (folder content).
     """
-    for _ in range(LOCK_ATTEMPTS):
-        fd = _try_lock(path, what, unusable)
-        if fd is not None:
-            break
-    else:
-        raise LockBusyError(f"another backup is running on {what}: lock {path} keeps changing")
-    try:
-        with contextlib.suppress(OSError):  # the pid is a courtesy: a full disk must not block
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {owner}\n".encode())
-        log.debug("locked %s", path)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            _unlink_if_same(path, fd)   # while still held: see _try_lock
-        os.close(fd)                    # releases the flock
-
-
-def _unlink_if_same(path: Path, fd: int) -> None:
-    """Remove PATH only while it still names the file we hold (unlink never follows a symlink)."""
-    opened, named = os.fstat(fd), os.lstat(path)
-    if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino):
-        path.unlink()
+    with Folder.open_root(path.parent) as folder:
+        for _ in range(LOCK_ATTEMPTS):
+            fd = _try_lock(folder, path.name, what, unusable, refused)
+            if fd is not None:
+                break
+        else:
+            raise LockBusyError(f"another backup is running on {what}: lock {path} keeps "
+                                "changing")
+        try:
+            with contextlib.suppress(OSError):  # a courtesy: a full disk must not block
+                os.pwrite(fd, f"{os.getpid()} {owner}\n".encode(), 0)
+            log.debug("locked %s", path)
+            yield
+        finally:
+            with contextlib.suppress(OSError, QmpBackupError):
+                if _same_entry(folder, path.name, fd):  # while still held: see _try_lock
+                    os.unlink(path.name, dir_fd=folder.fd)
+            os.close(fd)                                 # releases the flock
 
 
 @contextlib.contextmanager
@@ -246,5 +280,5 @@ def image_lock(real_path: str) -> Iterator[None]:
 @contextlib.contextmanager
 def chain_lock(root: Path) -> Iterator[None]:
     """Exclusive use of one chain folder (whatever VM writes to it)."""
-    with hold(root / LOCK_NAME, f"target {root}", str(root), TargetError):
+    with hold(root / LOCK_NAME, f"target {root}", str(root), TargetError, ChainError):
         yield

@@ -27,6 +27,7 @@ import os
 import re
 import uuid as uuidlib
 from dataclasses import dataclass
+from enum import Enum
 from typing import Optional
 
 from libqmpbackup.errors import UsageError
@@ -43,10 +44,52 @@ LOCK_NAME = ".qmpbackup.lock"
 PARTIAL_SUFFIX = ".partial"
 TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of the tool
 BITMAP_PREFIX = TOOL_PREFIX
-LEVEL_PREFIX = {"full": "FULL", "inc": "INC", "diff": "DIFF", "copy": "COPY"}
-PREFIX_LEVEL = {prefix: level for level, prefix in LEVEL_PREFIX.items()}
+
+
+class WordEnum(str, Enum):
+    """An enum whose members are the words files, JSON and users spell (``"full"``, ``"ok"``).
+
+    A ``str`` enum: a member compares, hashes and serialises as its word, so
+    ``Level.FULL == "full"`` and JSON output is unchanged; ``str()`` and
+    f-strings print the word too (a plain ``(str, Enum)`` prints ``Level.FULL``).
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Level(WordEnum):
+    """A backup's level as metadata, JSON and ``--level`` spell it; in capitals it starts the file name."""
+
+    FULL = "full"
+    INC = "inc"
+    DIFF = "diff"
+    COPY = "copy"
+
+    @property
+    def prefix(self) -> str:
+        """``FULL``, ``INC``, ``DIFF``, ``COPY``: how the level starts a backup file's name."""
+        return str(self.value).upper()
+
+    @property
+    def description(self) -> str:
+        return LEVEL_DESCRIPTIONS[self]
+
+
+LEVEL_DESCRIPTIONS: dict[str, str] = {
+    Level.FULL: "new chain in an empty folder",
+    Level.INC: "changes since the last backup of the chain",
+    Level.DIFF: "changes since the chain's FULL",
+    Level.COPY: "standalone full copy, no bitmap",
+}
+"""The one description of each level (``--level`` help; the README's table says more)."""
+LEVEL_PREFIX = {level.value: level.prefix for level in Level}
+PREFIX_LEVEL = {level.prefix: level for level in Level}
 MAX_TIMESTAMP_DIGITS = 18          # below 2**63: an untrusted name never makes a giant int
-BACKUP_NAME_RE = re.compile(rf"(FULL|INC|DIFF|COPY)-(\d{{1,{MAX_TIMESTAMP_DIGITS}}})-(.+)")
+BACKUP_NAME_RE = re.compile(rf"({'|'.join(PREFIX_LEVEL)})-(\d{{1,{MAX_TIMESTAMP_DIGITS}}})-(.+)")
 """Matched with fullmatch: a trailing newline is not part of a name."""
 FLEECING_FOLDER_PREFIX = f"{TOOL_PREFIX}fleecing-"   # + "<pid>-<random>" in --fleecing-dir
 _FLEECING_FOLDER_RE = re.compile(r"qmpbackup-fleecing-(\d{1,10})-[A-Za-z0-9_]+")
@@ -118,9 +161,11 @@ def link_name(level: str, file_name: str) -> str:
     return f"{LEVEL_PREFIX[level]}-{file_name}"
 
 
-RESERVED_FILE_NAMES = frozenset({METADATA_NAME, DISK_METADATA_NAME, LOCK_NAME,
+RESERVED_FILE_NAMES = frozenset({METADATA_NAME, INTENT_NAME, DISK_METADATA_NAME, LOCK_NAME,
                                  UPSTREAM_UUID_NAME, IMAGE_LINK, JOURNAL_NAME})
-"""Names an untimestamped backup file may never take: they mean something else in a folder."""
+"""Every fixed name the tool writes or reads in a folder: the one list planning, the intent
+record and the name rules use.  An untimestamped backup file may never take one (a FULL named
+``qmpbackup-intent.json`` would be deleted with the intent record right after its commit)."""
 
 
 def is_plain_file_name(name: str) -> bool:
@@ -132,7 +177,7 @@ def is_plain_file_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class ParsedName:
-    level: str
+    level: Level
     timestamp: int
     image: str
 

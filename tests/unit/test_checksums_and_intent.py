@@ -12,6 +12,7 @@ from libqmpbackup.backup.leftovers import clean_target
 from libqmpbackup.errors import BackupDamaged, ChainError
 from libqmpbackup.restore.verify import FileReport, VerifyReport, mark_restorable
 from libqmpbackup.store.digests import algorithm_of, check_files, digest_files, file_digest
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.intent import RunIntent, load_intent
 from libqmpbackup.store.layout import is_empty_dir, stale_temp_files
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
@@ -106,12 +107,12 @@ def test_clean_target_rolls_back_what_the_intent_names_and_keeps_what_was_record
     assert intent.unrecorded_paths(store) == [folder / "INC-3-a.qcow2",
                                               tmp_path / "data1" / "FULL-3-b.qcow2"]
     (tmp_path / f".{INTENT_NAME}.x1.tmp").write_text("{")
-    assert len(stale_temp_files(tmp_path)) == 1
+    assert len(stale_temp_files(Folder.open_root(tmp_path))) == 1
 
     clean_target(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["FULL-1-a.qcow2", "INC-2-a.qcow2"]
     assert not (tmp_path / "data1").exists(), "a folder left empty goes too"
-    assert not (tmp_path / INTENT_NAME).exists() and stale_temp_files(tmp_path) == []
+    assert not (tmp_path / INTENT_NAME).exists() and stale_temp_files(Folder.open_root(tmp_path)) == []
 
     # killed after the commit: the record is stale, every file it names stays
     RunIntent(time=2, files=["virtio0/INC-2-a.qcow2"]).save(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from qmprestore.cli import build_parser as restore_parser
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 # options of other programs that the README quotes
-FOREIGN = {"--output", "--backing-chain", "--dist", "--strict", "--image-opts"}
+FOREIGN = {"--output", "--backing-chain", "--dist", "--strict", "--image-opts", "--now",
+           "--help"}
+MISTYPED = {"--sock", "--levle"}              # the README's examples of refused command lines
 UPSTREAM_SECTION = "## Coming from upstream qmpbackup"
 FIRST_CELL = r"^\|((?:[^|\\]|\\.)*)\|"     # a table row's first cell (``\|`` stays inside)
 
@@ -36,7 +39,7 @@ def without_upstream_spellings(readme: str) -> str:
 
 
 def options_in(text: str) -> set[str]:
-    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", text)) - FOREIGN
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", text)) - FOREIGN - MISTYPED
 
 
 def test_every_option_is_documented_and_every_documented_option_exists() -> None:
@@ -69,3 +72,20 @@ def test_upstream_table_names_every_upstream_option() -> None:
     assert sorted(upstream - options_in(first_column)) == []
     for short in ("-l", "-t", "-i", "-e", "-L"):
         assert re.search(rf"[` ]{short} ", first_column), short
+
+
+def test_levels_and_statuses_are_enums_that_print_and_serialise_as_their_words() -> None:
+    """One enum each, one description table each; output stays byte-identical to the strings."""
+    from libqmpbackup.restore.status import STATUS_DESCRIPTIONS, FileStatus
+    from libqmpbackup.store.names import LEVEL_DESCRIPTIONS, Level, parse_backup_name
+    parsed = parse_backup_name("INC-12-disk.qcow2")
+    assert parsed is not None and parsed.level is Level.INC and parsed.level == "inc"
+    assert json.dumps({Level.DIFF: [Level.FULL, FileStatus.UNVERIFIABLE]}) == \
+        '{"diff": ["full", "unverifiable"]}'
+    assert f"{Level.COPY}|{FileStatus.EXTRA:>6}|{Level.FULL.prefix}" == "copy| extra|FULL"
+    assert set(LEVEL_DESCRIPTIONS) == set(Level) and set(STATUS_DESCRIPTIONS) == set(FileStatus)
+    json_md = (Path(__file__).resolve().parents[2] / "docs" / "json.md").read_text()
+    status_row = next(line for line in json_md.splitlines() if line.startswith("| `files[].status`"))
+    statuses = status_row.split("|")[3].split("(")[0]
+    assert re.findall(r"`(\w+)`", statuses) == [s.value for s in FileStatus]
+    assert set(re.findall(r"^\| `counts\.(\w+)`", json_md, re.M)) == {s.value for s in FileStatus}

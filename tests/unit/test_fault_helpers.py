@@ -18,12 +18,14 @@ from libqmpbackup.backup.bitmaps import (
 )
 from libqmpbackup.backup.leftovers import clean_target
 from libqmpbackup.backup.shutdown_guard import configured_shutdown_action
-from libqmpbackup.errors import LockBusyError, TargetError, UsageError
+from libqmpbackup.errors import ChainError, LockBusyError, UsageError
 from libqmpbackup.qemu.devices import BlockDevice, DirtyBitmap, below_filters
 from libqmpbackup.store import locks
 from libqmpbackup.store.fsutil import write_atomically
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.layout import is_empty_dir, partial_files, prepare_root, stale_temp_files
 from libqmpbackup.store.names import LOCK_NAME
+from tests.hostile import NOBODY, blocked_writer
 
 CHAIN = "qmpbackup-c1"
 
@@ -193,7 +195,7 @@ def test_lock_dir_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     shared.mkdir()
     shared.chmod(0o777)
     monkeypatch.setenv(locks.LOCK_DIR_ENV, str(shared))
-    with pytest.raises(UsageError, match="writable only by it"):
+    with pytest.raises(UsageError, match="is writable by other users: refused"):
         locks.lock_dir()
     monkeypatch.setenv(locks.LOCK_DIR_ENV, str(tmp_path / "new"))
     assert locks.lock_dir() == tmp_path / "new"
@@ -201,13 +203,12 @@ def test_lock_dir_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_default_lock_dir_is_the_same_with_or_without_a_session(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """cron at 3 a.m. has no XDG_RUNTIME_DIR: the lock must not depend on it."""
-    monkeypatch.delenv(locks.LOCK_DIR_ENV, raising=False)
+        system_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cron at 3 a.m. has no XDG_RUNTIME_DIR: root's lock must not depend on it."""
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     without = locks.lock_dir()
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/nonexistent")
-    assert locks.lock_dir() == without
+    assert locks.lock_dir() == without == system_dirs / "qmpbackup"
 
 
 # -- target folder ------------------------------------------------------------------------
@@ -235,7 +236,9 @@ def test_clean_target_removes_partials_and_metadata_temp_files(tmp_path: Path) -
     temp = tmp_path / ".qmpbackup.json.abc123.tmp"
     temp.write_text("{")
     write_atomically(tmp_path / "qmpbackup.json", "{}\n")
-    assert partial_files(tmp_path) == [partial] and stale_temp_files(tmp_path) == [temp]
+    with Folder.open_root(tmp_path) as top:
+        assert partial_files(top) == [f"virtio0/{partial.name}"]
+        assert stale_temp_files(top) == [temp.name]
     clean_target(tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["FULL-1-a.qcow2", "qmpbackup.json",
                                                            "virtio0"]
@@ -260,13 +263,98 @@ def test_disk_under_a_copy_before_write_filter() -> None:
     assert below_filters(plain, nodes)[:2] == ("#block1", "qcow2")
 
 
-def test_a_lock_file_that_cannot_be_opened_is_a_usage_error_for_vms_and_a_target_error_for_folders(
+def test_a_lock_file_that_is_no_regular_file_is_a_usage_error_for_vms_and_a_chain_error_in_folders(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "locks").mkdir(mode=0o700)
     monkeypatch.setenv(locks.LOCK_DIR_ENV, str(tmp_path / "locks"))
-    locks.vm_lock_path("/some/socket").mkdir()          # a directory cannot be opened O_RDWR
-    with pytest.raises(UsageError, match="cannot open lock file"), locks.vm_lock("/some/socket"):
+    locks.vm_lock_path("/some/socket").mkdir()
+    with pytest.raises(UsageError, match="is a directory, not a regular file"), \
+            locks.vm_lock("/some/socket"):
         pass
     (tmp_path / "chain" / LOCK_NAME).mkdir(parents=True)
-    with pytest.raises(TargetError, match="cannot open lock file"), locks.chain_lock(tmp_path / "chain"):
+    with pytest.raises(ChainError, match="is a directory, not a regular file"), \
+            locks.chain_lock(tmp_path / "chain"):
         pass
+
+
+# -- issue 20: lock directories nobody else can plant (finding 6), lock files nobody else can
+# -- aim at a host file (finding 7) or a device / FIFO (finding 11) ----------------------------
+
+def planted_by_nobody(path: Path) -> None:
+    path.mkdir(mode=0o700)
+    os.chown(path, NOBODY, NOBODY)
+
+
+def test_lock_dirs_another_user_planted_at_the_old_places_do_not_block_root(
+        system_dirs: Path) -> None:
+    planted_by_nobody(system_dirs / "lock" / "qmpbackup")
+    planted_by_nobody(system_dirs.parent / "tmp" / f"qmpbackup-{os.geteuid()}")
+    with locks.vm_lock("/some/socket"):
+        pass
+    assert locks.lock_dir() == system_dirs / "qmpbackup"
+    info = (system_dirs / "qmpbackup").lstat()
+    assert (info.st_uid, info.st_mode & 0o777) == (0, 0o700)
+
+
+@pytest.mark.parametrize("how", ["owned by uid 65534", "writable by other users", "a symlink"])
+def test_a_run_qmpbackup_not_roots_alone_is_refused_in_one_line(system_dirs: Path,
+                                                                how: str) -> None:
+    folder = system_dirs / "qmpbackup"
+    if how == "a symlink":
+        (system_dirs / "elsewhere").mkdir(mode=0o700)
+        folder.symlink_to(system_dirs / "elsewhere")
+    elif "uid" in how:
+        planted_by_nobody(folder)
+    else:
+        folder.mkdir()
+        folder.chmod(0o770)
+    with pytest.raises(UsageError, match=f"lock directory {folder} .*{how}.*: refused") as err:
+        locks.lock_dir()
+    assert "\n" not in str(err.value)
+
+
+def test_non_root_users_lock_in_their_own_runtime_directory(tmp_path: Path,
+                                                           public_tmp: Path) -> None:
+    """As an unprivileged user: $XDG_RUNTIME_DIR when it is theirs, else a clear refusal."""
+    theirs, foreign = public_tmp / "xdg", public_tmp / "foreign"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, NOBODY, NOBODY)
+    foreign.mkdir(mode=0o700)
+    code = "from libqmpbackup.store.locks import lock_dir; print(lock_dir())"
+    env = {k: v for k, v in os.environ.items() if k != locks.LOCK_DIR_ENV}
+
+    def as_nobody(runtime: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                               "--clear-groups", sys.executable, "-c", code],
+                              env={**env, "XDG_RUNTIME_DIR": str(runtime),
+                                   "PYTHONPATH": str(Path(locks.__file__).parents[2])},
+                              capture_output=True, text=True, check=False)
+    found = as_nobody(theirs)
+    assert found.stdout.strip() == str(theirs / "qmpbackup"), found.stderr
+    assert (theirs / "qmpbackup").stat().st_uid == NOBODY
+    refused = as_nobody(foreign)
+    assert refused.returncode != 0 and "no private runtime directory" in refused.stderr
+
+
+def test_a_hard_link_to_a_host_file_as_chain_lock_is_refused_and_never_written(
+        tmp_path: Path) -> None:
+    host_file = tmp_path / "root-owned.conf"
+    host_file.write_text("precious host data\n")
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    os.link(host_file, chain / LOCK_NAME)    # what a user can do where protected_hardlinks is off
+    with pytest.raises(ChainError, match="2 hard links"), locks.chain_lock(chain):
+        pass
+    assert host_file.read_text() == "precious host data\n"
+    assert (chain / LOCK_NAME).stat().st_ino == host_file.stat().st_ino, "the evidence stays"
+
+
+def test_a_fifo_as_lock_file_is_refused_without_being_opened(tmp_path: Path) -> None:
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    os.mkfifo(chain / LOCK_NAME)
+    with blocked_writer(chain / LOCK_NAME) as writer:
+        with pytest.raises(ChainError) as err, locks.chain_lock(chain):
+            pass
+        assert writer.still_blocked(), "the tool opened the FIFO"
+    assert "is a FIFO, not a regular file" in str(err.value)

@@ -15,7 +15,7 @@ from libqmpbackup.restore.rules import image_problems, record_problems, select_r
 from libqmpbackup.store import upstream
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.store.retention import chain_files, pruning_entry
-from tests.unit.test_naming_and_planning import bitmap, disk, opts, store_with_chain
+from tests.unit.helpers import bitmap, disk, opts, store_with_chain
 
 
 def names(plan_jobs: list) -> list[str]:

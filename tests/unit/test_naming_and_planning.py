@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from libqmpbackup.backup.plan import BackupOptions, plan_backup, select_disks
+from libqmpbackup.backup.plan import plan_backup, select_disks
 from libqmpbackup.errors import ChainError, QemuImgError, TargetError, UsageError
 from libqmpbackup.qemu import qemuimg
-from libqmpbackup.qemu.devices import BlockDevice, DirtyBitmap, disk_id_for, qdev_id
+from libqmpbackup.qemu.devices import DirtyBitmap, disk_id_for, qdev_id
 from libqmpbackup.store.layout import month_folder
-from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
 from libqmpbackup.store.names import (
     backup_file_name,
     bitmap_name,
@@ -20,6 +20,7 @@ from libqmpbackup.store.names import (
     validate_uuid,
 )
 from libqmpbackup.units import parse_size
+from tests.unit.helpers import bitmap, disk, opts, store_with_chain
 
 
 def test_backup_names_round_trip() -> None:
@@ -101,28 +102,6 @@ def test_qemu_img_missing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) ->
 
 
 # -- planning -----------------------------------------------------------------------------
-
-def disk(name: str, driver: str = "qcow2", bitmaps: tuple[DirtyBitmap, ...] = (),
-         device: str = "", **kwargs: object) -> BlockDevice:
-    return BlockDevice(disk_id=name, device=device or name, qdev="", node=f"#{name}",
-                       driver=driver, filename=f"/img/{name}.{driver}", virtual_size=1 << 20,
-                       read_only=False, removable=False, bitmaps=list(bitmaps), **kwargs)  # type: ignore[arg-type]
-
-
-def bitmap(name: str, inconsistent: bool = False) -> DirtyBitmap:
-    return DirtyBitmap(name, "#n", True, True, False, inconsistent, 0, 65536)
-
-
-def opts(level: str, **kwargs: object) -> BackupOptions:
-    return BackupOptions(level=level, target=Path("/b"), **kwargs)  # type: ignore[arg-type]
-
-
-def store_with_chain(*disk_ids: str) -> ChainStore:
-    chain = Chain("c1", "qmpbackup-c1", 1)
-    for disk_id in disk_ids:
-        chain.disks[disk_id] = DiskChain([BackupRecord(f"FULL-1-{disk_id}.qcow2", "full", 1, 1, "x")])
-    return ChainStore(Path("/b"), [chain])
-
 
 def test_select_skips_raw_unless_included_but_keeps_pflash() -> None:
     disks = [disk("virtio0"), disk("virtio1", "raw"), disk("pflash0", "raw", device="pflash0")]

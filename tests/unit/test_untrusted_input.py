@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import os
 import random
 import stat
@@ -22,15 +23,18 @@ from typing import Any
 import pytest
 
 from libqmpbackup.errors import AgentError, ChainError, QmpBackupError
+from libqmpbackup.logsetup import configure
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.agent import READ_LIMIT, GuestAgent
 from libqmpbackup.store import folder_safety
 from libqmpbackup.store.fsutil import make_private_dirs
 from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.intent import load_intent
 from libqmpbackup.store.journal import JOURNAL_NAME, Journal
 from libqmpbackup.store.metadata import ChainStore
-from libqmpbackup.store.names import METADATA_NAME
+from libqmpbackup.store.names import INTENT_NAME, METADATA_NAME
 from libqmpbackup.store.qcow2_header import read_header
+from libqmpbackup.tables import table
 
 VALID_METADATA: dict[str, Any] = {"version": 1, "chains": [{
     "uuid": "c1", "bitmap": "qmpbackup-c1", "created": 100,
@@ -125,6 +129,92 @@ def test_metadata_and_journal_are_never_read_through_a_symlink(tmp_path: Path) -
         ChainStore.load(tmp_path)
     with pytest.raises(ChainError, match="is a symlink"):
         Journal.load(tmp_path)
+
+
+# -- control characters (issue 20, finding 10) -------------------------------------------------
+
+FORGED = "\nqmprestore: error: forged\x1b[2J"
+
+
+def _with(document: dict[str, Any], path: tuple[Any, ...], value: Any, *, key: bool = False) -> Any:
+    """A copy of DOCUMENT with the value (or with KEY, the key) at PATH replaced by VALUE."""
+    changed = copy.deepcopy(document)
+    parent = changed
+    for step in path[:-1]:
+        parent = parent[step]
+    if key:
+        parent[value] = parent.pop(path[-1])
+    else:
+        parent[path[-1]] = value
+    return changed
+
+
+DISKS = ("chains", 0, "disks", "virtio0")
+RECORD = (*DISKS[:-1], "virtio0", "backups", 0)
+
+
+@pytest.mark.parametrize("name, document, load", [
+    (METADATA_NAME, _with(VALID_METADATA, DISKS, "virtio0" + FORGED, key=True), ChainStore.load),
+    (METADATA_NAME, _with(_with(VALID_METADATA, (*RECORD, "timestamped"), False),
+                          (*RECORD, "file"), "d\x1b[31m.qcow2"), ChainStore.load),
+    (METADATA_NAME, _with(VALID_METADATA, (*RECORD, "source_image"), "/vm/d\x85.qcow2"),
+     ChainStore.load),
+    (JOURNAL_NAME, {**VALID_JOURNAL, "disk": "virtio0\x7f"}, Journal.load),
+    (INTENT_NAME, {"time": 1, "files": ["virtio0/FULL-1-x\x9b"]}, load_intent),
+], ids=["disk-id", "file", "source-image", "journal-disk", "intent-file"])
+def test_names_and_ids_with_control_characters_are_refused(tmp_path: Path, name: str,
+                                                           document: Any, load: Any) -> None:
+    _write(tmp_path, name, document)
+    with pytest.raises(ChainError, match=f"{name} is malformed: it holds a control character") as info:
+        load(tmp_path)
+    assert not any(c in str(info.value) for c in "\n\x1b\x7f\x85\x9b")
+
+
+def test_list_refuses_a_disk_id_that_would_forge_a_line(cli, tmp_path: Path) -> None:
+    _write(tmp_path, METADATA_NAME, _with(VALID_METADATA, DISKS, "virtio0" + FORGED, key=True))
+    result = cli("qmprestore", "list", "--dir", tmp_path).failed(6, "control character")
+    lines = (result.out + result.err).splitlines()
+    assert not any(line.startswith("qmprestore: error: forged") for line in lines), lines
+    assert "\x1b" not in result.out + result.err
+
+
+def test_log_lines_escape_names_from_the_folder(cli, tmp_path: Path) -> None:
+    """A file name (read from the folder, not its metadata) is printed escaped: one line each."""
+    folder = tmp_path / "backup"
+    (folder / "virtio0").mkdir(parents=True)
+    _write(folder, METADATA_NAME, VALID_METADATA)
+    (folder / "virtio0" / f"INC-300-d.qcow2{FORGED}.partial").write_text("")
+    log = tmp_path / "log"
+    result = cli("qmprestore", "--logfile", log, "list", "--dir", folder).ok()
+    logged = log.read_text()
+    for text in (result.err, logged):
+        assert "\x1b" not in text
+        assert [line for line in text.splitlines() if "forged" in line] == [
+            line for line in text.splitlines() if "unfinished backup file" in line], text
+    assert "INC-300-d.qcow2\\x0aqmprestore: error: forged\\x1b[2J.partial" in result.err
+
+
+def test_table_cells_are_printed_escaped() -> None:
+    """Every table (list, verify, prune, info) prints a name from a folder or guest on its row."""
+    printed = table([("virtio0", f"FULL-1-x{FORGED}", 5), ("ide0", "y", None)], ("disk", "file", "n"))
+    assert len(printed.splitlines()) == 4 and "\x1b" not in printed
+    assert "FULL-1-x\\x0aqmprestore: error: forged\\x1b[2J" in printed
+
+
+def test_debug_log_keeps_only_the_line_breaks_of_qmp_json(tmp_path: Path) -> None:
+    """--debug prints QMP messages as indented JSON (data escaped inside its strings): kept."""
+    log = tmp_path / "log"
+    configure(debug=True, logfile=str(log))
+    try:
+        logging.getLogger("qemu.qmp.protocol").debug("<-- %s", '{\n  "return": "a\\nb"\n}')
+        logging.getLogger("libqmpbackup.test").warning("file %s", "x" + FORGED)
+    finally:
+        configure()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4, lines
+    assert lines[0].endswith("DEBUG qemu.qmp.protocol: <-- {")
+    assert lines[1:3] == ['  "return": "a\\nb"', "}"]
+    assert lines[3].endswith("WARNING libqmpbackup.test: file x\\x0aqmprestore: error: forged\\x1b[2J")
 
 
 # -- the folder rule --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A FUSE passthrough whose writes can be stalled: a backup target (or fleecing
 storage) that hangs like a busy NAS, for tests and the latency benchmark only.
 
-``python -m tests.slowfs SOURCE MOUNTPOINT CONTROL`` serves SOURCE at
+``python -m harness.slowfs SOURCE MOUNTPOINT CONTROL`` serves SOURCE at
 MOUNTPOINT.  While the file CONTROL exists, every write, fsync, truncate and
 fallocate waits until it is removed (a stalled target); if CONTROL holds a
 number, each such call sleeps that many seconds instead (a slow target).
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from tests.vm import reap
+from harness.qemu_vm import reap
 
 POLL = 0.01
 
@@ -176,7 +176,7 @@ class SlowFS:
         self.backing.mkdir(parents=True)
         self.mount.mkdir()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.slowfs", str(self.backing), str(self.mount),
+            [sys.executable, "-m", "harness.slowfs", str(self.backing), str(self.mount),
              str(self.control)], cwd=Path(__file__).resolve().parents[1],
             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10

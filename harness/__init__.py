@@ -1,0 +1,1 @@
+"""Real-QEMU harness shared by tests/ and bench/ (not part of the installed package)."""

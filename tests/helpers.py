@@ -1,0 +1,338 @@
+"""What the test modules share: running the tool, reading a backup folder, the fault checks.
+
+One place for these helpers: no test module imports another (each would also
+import that module's tests and fixtures).  Fixtures live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import pytest
+
+from qmpbackup.cli import main as qmpbackup_main
+from tests.guestvm import GuestVM
+from tests.vm import Disk, MiB, TestVM, file_digest, identical
+
+REPO = Path(__file__).resolve().parents[1]
+SLOW = "16M"
+DIRTY = 48 * MiB
+
+
+def fault_disks() -> list[Disk]:
+    """One disk big enough for a slow job, one small: every run is a grouped two-disk run."""
+    return [Disk("virtio0", "virtio", "qcow2", 64 * MiB),
+            Disk("data1", "blockdev", "qcow2", 8 * MiB)]
+
+
+DISKS = ("virtio0", "data1")
+
+
+def restart(vm: TestVM) -> TestVM:
+    """The same images in a new QEMU process (a still running old one is stopped cleanly)."""
+    vm.stop()
+    new = TestVM(vm.folder, vm.disks, extra_args=vm.extra_args)
+    try:
+        return new.start()
+    except BaseException:
+        new.stop()   # never leave a QEMU behind
+        raise
+
+
+@dataclass
+class CliResult:
+    rc: int
+    out: str
+    err: str
+
+    def ok(self) -> CliResult:
+        assert self.rc == 0, f"rc={self.rc}\nstdout:\n{self.out}\nstderr:\n{self.err}"
+        return self
+
+    def failed(self, rc: int, *fragments: str) -> CliResult:
+        """A clean failure: the documented code, the message, one error line, no traceback."""
+        assert self.rc == rc, f"rc={self.rc} (want {rc})\nstderr:\n{self.err}"
+        assert "Traceback" not in self.err, self.err
+        errors = [line for line in self.err.splitlines() if ": error: " in line]
+        assert len(errors) == 1, self.err
+        for fragment in fragments:
+            assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+        return self
+
+
+# -- running the tool ---------------------------------------------------------------------
+
+def backup(cli, vm: Any, target: Path, level: str, *extra: object,
+           head: Sequence[object] = ()) -> CliResult:
+    """``qmpbackup backup`` in-process (the ``cli`` fixture); HEAD: options before the command."""
+    return cli("qmpbackup", "--socket", vm.tool_socket, *head, "backup", "--level", level,
+               "--target", target, "--no-progress", *extra)
+
+
+def run_backup(vm: TestVM, target: Path, level: str, *extra: str) -> None:
+    rc = qmpbackup_main(["--socket", vm.tool_socket, "--quiet", "backup", "--level", level,
+                         "--target", str(target), "--no-progress", *extra])
+    assert rc == 0, f"backup {level} into {target} failed"
+
+
+def start_backup(vm: Any, target: Path, level: str, *extra: str) -> subprocess.Popen:
+    """A rate-limited backup in its own process, returned once its jobs are copying.
+
+    VM: anything with ``tool_socket`` and ``cmd(command, **arguments)``.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qmpbackup", "--socket", vm.tool_socket, "backup",
+         "--level", level, "--target", str(target), "--no-progress", "--speed-limit", SLOW,
+         *extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not any(j["id"].startswith("qmpbackup-") and j.get("current-progress", 0) > 0
+                  for j in vm.cmd("query-jobs")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no job started: {proc.communicate()[1]}")
+        time.sleep(0.02)
+    return proc
+
+
+def finished(proc: subprocess.Popen, rc: int, *fragments: str) -> str:
+    """The process ended with RC, one error line holding FRAGMENTS, no traceback."""
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == rc, f"rc={proc.returncode} (want {rc})\n{err}"
+    assert "Traceback" not in err, err
+    if rc:
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert len(errors) == 1, err
+        for fragment in fragments:
+            assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+    return err
+
+
+def wait_until_no_jobs(vm: TestVM, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while vm.cmd("query-jobs"):
+        assert time.monotonic() < deadline, vm.cmd("query-jobs")
+        time.sleep(0.05)
+
+
+def kill_and_let_qemu_finish(vm: TestVM, proc: subprocess.Popen) -> None:
+    """SIGKILL the tool mid-job; QEMU then finishes its jobs (at full speed) on its own."""
+    proc.kill()
+    proc.wait()
+    for job in vm.cmd("query-jobs"):
+        if job["status"] == "running":
+            try:
+                vm.cmd("block-job-set-speed", device=job["id"], speed=0)
+            except RuntimeError as err:   # it finished copying between the two commands
+                assert "cannot accept command verb" in str(err), err
+    wait_until_no_jobs(vm)
+
+
+# -- reading a backup folder --------------------------------------------------------------
+
+def metadata(root: Path, name: str = "qmpbackup.json") -> dict:
+    """The folder's chain metadata (or a disk folder's NAME); none yet: no chains."""
+    path = root / name
+    return json.loads(path.read_text()) if path.exists() else {"chains": []}
+
+
+def listed(root: Path) -> dict[str, list[str]]:
+    """disk -> backup files the metadata lists, over all chains, in order."""
+    files: dict[str, list[str]] = {}
+    for chain in metadata(root)["chains"]:
+        for disk, history in chain["disks"].items():
+            files.setdefault(disk, []).extend(b["file"] for b in history["backups"])
+    return files
+
+
+def backups(root: Path, disk: str, prefix: str = "") -> list[Path]:
+    """The backup files of a disk folder (not its qmpbackup-disk.json), oldest first."""
+    found = [p for p in (root / disk).glob(f"{prefix}*")
+             if p.name.split("-")[0] in ("FULL", "INC", "COPY")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def records(root: Path, disk: str, chain: int = -1) -> list[dict]:
+    return metadata(root)["chains"][chain]["disks"][disk]["backups"]
+
+
+def files(root: Path, disk: str, chain: int = -1) -> list[str]:
+    return [r["file"] for r in records(root, disk, chain)]
+
+
+def prefix(name: str) -> str:
+    """FULL-<time> / INC-<time> of a backup file name."""
+    return "-".join(name.split("-")[:2])
+
+
+def digests(folder: Path) -> dict[str, tuple]:
+    """Content and timestamps of every file below FOLDER: what 'unchanged' means."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            out[str(path)] = ("link", os.readlink(path))
+        elif path.is_file():
+            st = path.stat()
+            out[str(path)] = (file_digest(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+def copy_disk(root: Path, disk: str, dest: Path) -> Path:
+    """A copy of the chain metadata and one disk folder; returns the copied disk folder."""
+    dest.mkdir(parents=True)
+    shutil.copy2(root / "qmpbackup.json", dest / "qmpbackup.json")
+    shutil.copytree(root / disk, dest / disk, symlinks=True)
+    return dest / disk
+
+
+def snapshot_tags(image: Path) -> list[str]:
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)],
+                                     capture_output=True, text=True, check=True).stdout)
+    return [s["name"] for s in info.get("snapshots", [])]
+
+
+# -- QEMU's state and what every fault case checks ----------------------------------------
+
+def node_of(vm: TestVM, device: str) -> str:
+    return next(b["inserted"]["node-name"] for b in vm.cmd("query-block") if b["device"] == device)
+
+
+def tool_bitmaps(vm: TestVM) -> dict[str, dict]:
+    """name@node -> bitmap, for qmpbackup's bitmaps."""
+    return {f"{b['name']}@{node}": b for node, bl in vm.bitmaps().items() for b in bl
+            if b["name"].startswith("qmpbackup-")}
+
+
+def assert_clean(vm: Optional[TestVM], root: Path) -> None:
+    """No leftovers in QEMU, and no file that looks finished without being in the chain."""
+    if vm is not None:
+        assert vm.tool_leftovers() == []
+        auxiliary = [n for n in tool_bitmaps(vm) if "+pending@" in n or "+new@" in n]
+        assert not auxiliary, tool_bitmaps(vm)
+    if not root.exists():
+        return
+    assert not list(root.glob("*/*.partial"))
+    known = listed(root)
+    for folder in (p for p in root.iterdir() if p.is_dir()):
+        expected = known.get(folder.name, [])
+        expected += ["qmpbackup-disk.json"] if expected else []
+        assert sorted(p.name for p in folder.iterdir()) == sorted(expected), \
+            f"{folder} holds files the chain metadata does not list"
+
+
+def write_round(vm: TestVM, pattern: int) -> None:
+    vm.write("virtio0", pattern, (pattern % 32) * MiB, 256 * 1024)
+    vm.write("data1", pattern, (pattern % 4) * MiB, 64 * 1024)
+
+
+def assert_top_matches(vm: TestVM, root: Path, refs: Path, disks=DISKS) -> None:
+    """The newest backup of each disk, read through its backing chain, equals the disk now."""
+    refs.mkdir(exist_ok=True)
+    files = listed(root)
+    for disk in disks:
+        top = root / disk / files[disk][-1]
+        ref = vm.reference(disk, refs / f"{disk}-{time.monotonic_ns()}.raw")
+        assert identical(top, ref), f"{disk}: {top.name} differs from the disk"
+
+
+def recovers(cli, vm: TestVM, root: Path, refs: Path, level: str = "inc", *extra: object) -> str:
+    """More writes, the next backup, content compare; returns the run's log."""
+    write_round(vm, 0x6D)
+    result = backup(cli, vm, root, level, *extra).ok()
+    assert_clean(vm, root)
+    assert_top_matches(vm, root, refs)
+    return result.err
+
+
+def chain_with_dirty_data(cli, vm: TestVM, root: Path) -> None:
+    """A committed full, then enough new data that the next job lasts a few seconds."""
+    backup(cli, vm, root, "full").ok()
+    vm.write("virtio0", 0x3C, 0, DIRTY)
+    vm.write("data1", 0x3D, 0, 2 * MiB)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                              str(path)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+# -- docs/json.md -------------------------------------------------------------------------
+
+DOCS = (REPO / "docs" / "json.md").read_text()
+
+
+def documented() -> dict[str, set[str]]:
+    """Section heading ('qmpbackup backup', 'Errors (every command)', ...) -> key paths."""
+    sections = {}
+    for section in DOCS.split("\n## ")[1:]:
+        heading, _, body = section.partition("\n")
+        sections[heading.strip()] = set(re.findall(r"^\| `([^`]+)` \|", body, re.MULTILINE))
+    return sections
+
+
+def key_paths(value: Any, prefix: str = "") -> set[str]:
+    """Every key path of a document, arrays as ``[]``: {"a": [{"b": 1}]} -> {a, a[].b}."""
+    paths: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            paths |= {path} | key_paths(item, path)
+    elif isinstance(value, list):
+        for item in value:
+            paths |= key_paths(item, prefix + "[]")
+    return paths
+
+
+# -- the tiny real guest -------------------------------------------------------------------
+
+Cli = Callable[..., CliResult]
+
+
+def agent_options(vm: GuestVM, agent: Optional[str]) -> list[object]:
+    """AGENT is the agent socket ("qga" for the real one, None for none)."""
+    return [] if agent is None else ["--agent-socket", vm.qga_socket if agent == "qga" else agent]
+
+
+def guest_backup(cli: Cli, vm: GuestVM, level: str, target: Path, *options: str,
+                 agent: Optional[str] = "qga", debug: bool = False) -> CliResult:
+    """The shared :func:`tests.helpers.backup` with the guest's agent socket (and --debug)."""
+    return backup(cli, vm, target, level, *options,
+                  head=[*agent_options(vm, agent), *(["--debug"] if debug else [])])
+
+
+def recorded(target: Path) -> list[dict[str, Any]]:
+    """The backup records of the guest disk in the target's chain metadata."""
+    meta = json.loads((target / "qmpbackup.json").read_text())
+    return meta["chains"][-1]["disks"]["virtio0"]["backups"]
+
+
+def run(*argv: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False)
+
+
+def restore_point(backup_file: Path, out: Path) -> Path:
+    """The guest disk at BACKUP_FILE's point in time, as a raw image, restored by qmprestore."""
+    from qmprestore.cli import main as qmprestore_main
+    rc = qmprestore_main(["--quiet", "merge", "--dir", str(backup_file.parent), "--until",
+                          backup_file.name, "--format", "raw", "--targetfile", str(out)])
+    assert rc == 0, f"qmprestore merge --until {backup_file.name} failed with {rc}"
+    return out
