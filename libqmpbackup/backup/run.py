@@ -309,6 +309,5 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesce
             backed=job.backed, timestamped=job.timestamped, digest=job.digest))
     try:
         store.save(before_replace=lambda: reached("commit-written"))
-    except OSError as err:
-        raise TargetError(f"cannot write chain metadata {store.path}: {err.strerror}; "
-                          "the backup was discarded") from err
+    except TargetError as err:
+        raise TargetError(f"{err}; the backup was discarded") from err

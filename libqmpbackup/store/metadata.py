@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from libqmpbackup.errors import ChainError
+from libqmpbackup.errors import ChainError, TargetError
 from libqmpbackup.store import folder_safety
 from libqmpbackup.store import json_shape as shape
 from libqmpbackup.store.handles import Folder
@@ -182,6 +182,15 @@ class ChainStore:
 
     def save(self, before_replace: Optional[Callable[[], None]] = None, *,
              held: Optional[Folder] = None) -> None:
+        """:meth:`_save`; any failure is a TargetError naming the metadata file."""
+        try:
+            self._save(before_replace, held)
+        except TargetError as err:
+            raise TargetError(f"cannot write chain metadata {self.path}: {err}") from err
+        except OSError as err:
+            raise TargetError(f"cannot write chain metadata {self.path}: {err.strerror}") from err
+
+    def _save(self, before_replace: Optional[Callable[[], None]], held: Optional[Folder]) -> None:
         """Write each disk folder's records, then the folder's metadata (the commit point).
 
         Every write goes through the chain folder's descriptor (HELD: the one

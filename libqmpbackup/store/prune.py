@@ -243,9 +243,8 @@ def _commit(change: FolderChange, held: Folder) -> None:
     store.pruning = change.delete
     try:
         store.save(held=held)
-    except OSError as err:
-        raise TargetError(f"cannot write chain metadata {store.path}: {err.strerror}; "
-                          f"nothing was deleted in {store.root}") from err
+    except TargetError as err:
+        raise TargetError(f"{err}; nothing was deleted in {store.root}") from err
 
 
 def _leftovers(stores: list[ChainStore], held: dict[Path, Folder], sizes: dict[Path, int],
