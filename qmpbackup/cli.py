@@ -292,7 +292,7 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
                     "file only after QEMU has ended the job that wrote it")
     async with _session(args, opts) as session:
         result = await run_backup(session, opts)
-    log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
+    log.info("%s backup done: %s in %s%s", result.level, result.per_disk(), result.root,
              f" (chain {result.chain_id})" if result.chain_id else "")
     return JsonResult(result.document()) if args.json else 0
 

@@ -181,16 +181,18 @@ class Layout:
 
     def job(self, disk: BlockDevice, level: str, timestamp: int, *, sync: Optional[str] = None,
             backing: Optional[str] = None, backed: bool = True, bitmap: Optional[str] = None,
-            bitmap_mode: Optional[str] = None) -> BackupJob:
+            bitmap_mode: Optional[str] = None, image: Optional[str] = None,
+            note: str = "") -> BackupJob:
+        """IMAGE: the image name the file is named after (default: the disk's image file)."""
         folder_name = self.folder(disk)
         folder = self.root / folder_name
         plain = self.plain_name(disk, folder_name, level)
-        name = plain or backup_file_name(level, timestamp, disk.filename)
+        name = plain or backup_file_name(level, timestamp, image or disk.filename)
         link = link_name(level, plain) if plain and not self.opts.no_symlink else None
         return BackupJob(disk=disk, level=level, sync=sync or whole_disk_sync(disk),
                          partial_path=folder / (name + PARTIAL_SUFFIX), final_path=folder / name,
                          backing=backing, backed=backed, timestamped=plain is None, link=link,
-                         bitmap=bitmap, bitmap_mode=bitmap_mode)
+                         bitmap=bitmap, bitmap_mode=bitmap_mode, note=note)
 
 
 def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain, timestamp: int,
@@ -203,26 +205,37 @@ def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain, timestam
     backs onto the disk's previous backup, a DIFF onto its FULL; both run
     with the chain bitmap (see :mod:`bitmaps` for how a DIFF fills it).
     After one of upstream's INCs (which name no backing file) the new file
-    names none either, so the folder stays one kind of chain for upstream's tools.
+    names none either, and is named after the chain's image like upstream's
+    files (also when an overlay now sits on top), so the folder stays one
+    kind of chain for upstream's tools.  A full where LEVEL was asked for
+    carries a note saying why, for the run's summary.
     """
     jobs, add = [], []
+    continuing = level in ("inc", "diff")
     for disk in disks:
         if not disk.supports_persistent_bitmaps:
-            jobs.append(layout.job(disk, "full", timestamp))
+            jobs.append(layout.job(disk, "full", timestamp,
+                                   note=f"{disk.driver}: copied in full every run"
+                                   if continuing else ""))
             continue
         history = chain.disks.get(disk.disk_id)
         if history and chain.has_full(disk.disk_id):
             previous = history.backups[-1]
-            base = [b for b in history.backups if b.level == "full"][-1] \
-                if level == "diff" else previous
+            full = [b for b in history.backups if b.level == "full"][-1]
+            base = full if level == "diff" else previous
             jobs.append(layout.job(disk, level, timestamp, sync="incremental",
                                    backing=base.file if previous.backed else None,
-                                   backed=previous.backed, bitmap=chain.bitmap))
+                                   backed=previous.backed, bitmap=chain.bitmap,
+                                   image=None if previous.backed else full.source_image))
             continue
         if disk.bitmap(chain.bitmap) is None:
             add.append(disk)
+        note = ("hot-added" if history is None else "no full in the chain") if continuing else ""
+        if note:
+            log.info("%s: not in chain %s yet: a new full instead of %s (%s)", disk.disk_id,
+                        chain.uuid, level, note)
         jobs.append(layout.job(disk, "full", timestamp, bitmap=chain.bitmap,
-                               bitmap_mode="on-success"))
+                               bitmap_mode="on-success", note=note))
     return jobs, add
 
 
