@@ -196,7 +196,7 @@ class Layout:
 
 
 def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain, timestamp: int,
-                level: str = "inc") -> tuple[list[BackupJob], list[BlockDevice]]:
+                level: str) -> tuple[list[BackupJob], list[BlockDevice]]:
     """Jobs for a chain run: LEVEL (inc or diff) where possible, full where a disk is new.
 
     A disk that cannot hold bitmaps (raw, pflash) is copied in full every time.
@@ -322,7 +322,7 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
                 f"disk {taken[0]} already has bitmap {new.bitmap}: chain {chain_id} belongs "
                 f"to another backup folder; choose another --uuid, or remove that chain's "
                 f"bitmaps with: qmpbackup cleanup --remove-bitmaps --uuid {chain_id}")
-        jobs, add = _chain_jobs(disks, layout, new, timestamp)
+        jobs, add = _chain_jobs(disks, layout, new, timestamp, "full")
         retire = chain.bitmap if unusable and chain else None
         return RunPlan(level="full", timestamp=timestamp, root=root, chain=new, new_chain=True,
                        jobs=jobs, bitmaps_to_add=add, retire_bitmap=retire, reason=reason)

@@ -191,3 +191,14 @@ def test_plan_full_refuses_a_uuid_whose_diff_bitmap_exists() -> None:
     with pytest.raises(ChainError, match="another backup folder"):
         plan_backup([disk("virtio0", bitmaps=(bitmap("qmpbackup-u+diff"),))],
                     ChainStore(Path("/b")), opts("full", uuid="u"), 100, True)
+
+
+def test_a_run_says_which_disks_did_not_get_the_asked_level() -> None:
+    """inc: the disk new to the chain and the raw one get a full, each with the reason."""
+    disks = [disk("virtio0", bitmaps=(bitmap("qmpbackup-c1"),)), disk("virtio1"),
+             disk("pflash1", "raw", device="pflash1")]
+    plan = plan_backup(disks, store_with_chain("virtio0"), opts("inc"), 100, False)
+    assert [(j.level, j.note) for j in plan.jobs] == [
+        ("inc", ""), ("full", "hot-added"), ("full", "raw: copied in full every run")]
+    full = plan_backup(disks, ChainStore(Path("/b")), opts("full"), 100, True)
+    assert [(j.level, j.note) for j in full.jobs] == [("full", "")] * 3, "a full is as asked"
