@@ -366,3 +366,23 @@ def test_auto_into_a_folder_without_chain_names_the_real_problem(cli, tmp_path: 
     with small_vm(tmp_path / "vm") as vm:
         result = backup(cli, vm, target, "auto").failed(5, "not empty", "holds no chain")
         assert "--level inc" not in result.err
+
+
+def test_metadata_that_is_no_file_is_refused_not_read_as_upstream(cli, tmp_path: Path) -> None:
+    """A FIFO or symlink named qmpbackup.json is refused by the metadata reader (exit 6)."""
+    for kind in ("fifo", "link"):
+        folder = tmp_path / kind
+        (folder / "disk-a.qcow2").mkdir(parents=True)
+        run(["qemu-img", "create", "-q", "-f", "qcow2",
+             str(folder / "disk-a.qcow2" / "FULL-100-disk-a.qcow2"), str(MiB)])
+        (folder / "uuid").write_text("testme\n")
+        if kind == "fifo":
+            os.mkfifo(folder / "qmpbackup.json")
+        else:
+            (tmp_path / "elsewhere.json").write_text('{"version": 1, "chains": []}')
+            os.symlink(tmp_path / "elsewhere.json", folder / "qmpbackup.json")
+        for command in ("list", "verify"):
+            cli("qmprestore", command, "--dir", folder).failed(6, "qmpbackup.json")
+        cli("qmprestore", "merge", "--dir", folder / "disk-a.qcow2", "--targetfile",
+            tmp_path / "out.qcow2").failed(6, "qmpbackup.json")
+        assert not (tmp_path / "out.qcow2").exists()

@@ -60,7 +60,14 @@ from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.store import folder_safety, upstream
 from libqmpbackup.store.intent import remove_intent
 from libqmpbackup.store.journal import refuse_unfinished_restores
-from libqmpbackup.store.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
+from libqmpbackup.store.layout import (
+    existing_names,
+    holds_metadata,
+    is_empty_dir,
+    latest_backup_time,
+    prepare_root,
+    refuse_mixed,
+)
 from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import BackupRecord, ChainStore
 from libqmpbackup.store.prune import finish_interrupted_prune
@@ -153,6 +160,9 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
     selected = select_disks(disks, opts)
     await check_target_io(session, opts.target_io)
     root = chain_root(opts)
+    if opts.level != "copy" and os.path.isdir(opts.target):
+        refuse_mixed(opts.target, opts.monthly, plain_chain=holds_metadata(opts.target)
+                     or upstream.chain_id(opts.target) is not None)
     if opts.monthly and os.path.lexists(root):
         folder_safety.require_folder(root)   # the month folder is folder content, not --target
     created = prepare_root(root)
