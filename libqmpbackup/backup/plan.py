@@ -135,6 +135,33 @@ def select_disks(disks: list[BlockDevice], opts: BackupOptions) -> list[BlockDev
     return selected
 
 
+def left_out(disks: list[BlockDevice], opts: BackupOptions) -> list[str]:
+    """Disk ids --include/--exclude leave out: a new chain records them (:attr:`Chain.excluded`)."""
+    return sorted(d.disk_id for d in disks
+                  if (opts.include and not d.names() & set(opts.include))
+                  or d.names() & set(opts.exclude))
+
+
+def chain_selection(disks: list[BlockDevice], chain: Chain,
+                    opts: BackupOptions) -> list[BlockDevice]:
+    """DISKS without those CHAIN left out when it started, unless --include names them.
+
+    Without this a disk excluded at the first run would join every later run
+    that forgot the --exclude, as if hot-added, with a new full.
+    """
+    kept = []
+    for disk in disks:
+        if (disk.disk_id in chain.excluded and disk.disk_id not in chain.disks
+                and not disk.names() & set(opts.include)):
+            log.info("skipping %s: left out when chain %s started (name it with --include to "
+                     "add it)", disk.disk_id, chain.uuid)
+            continue
+        kept.append(disk)
+    if not kept:
+        raise UsageError(f"no disk left to back up: chain {chain.uuid} left out the others")
+    return kept
+
+
 def chain_root(opts: BackupOptions) -> Path:
     return month_folder(opts.target) if opts.monthly else opts.target
 
@@ -230,13 +257,19 @@ def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain, timestam
             continue
         if disk.bitmap(chain.bitmap) is None:
             add.append(disk)
-        note = ("hot-added" if history is None else "no full in the chain") if continuing else ""
+        note = _why_full(chain, disk.disk_id, history is None) if continuing else ""
         if note:
             log.info("%s: not in chain %s yet: a new full instead of %s (%s)", disk.disk_id,
                         chain.uuid, level, note)
         jobs.append(layout.job(disk, "full", timestamp, bitmap=chain.bitmap,
                                bitmap_mode="on-success", note=note))
     return jobs, add
+
+
+def _why_full(chain: Chain, disk_id: str, new_to_chain: bool) -> str:
+    if not new_to_chain:
+        return "no full in the chain"
+    return "named by --include" if disk_id in chain.excluded else "hot-added"
 
 
 def _bitmap_problems(disks: list[BlockDevice], chain: Chain,
@@ -278,7 +311,8 @@ def _not_empty(root: Path, chain: Optional[Chain]) -> str:
 
 def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions,
                 timestamp: int, root_is_empty: bool,
-                existing: Collection[str] = ()) -> RunPlan:
+                existing: Collection[str] = (), excluded: Collection[str] = ()) -> RunPlan:
+    """EXCLUDED: disk ids of the VM the options leave out (:func:`left_out`), for a new chain."""
     root = store.root
     level = opts.level
     layout = Layout(root, store, opts, frozenset(existing))
@@ -295,6 +329,10 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
     chain = store.current
     if chain and opts.uuid and chain.uuid != opts.uuid:
         raise ChainError(f"target {root} holds chain {chain.uuid}, not --uuid {opts.uuid}")
+    if chain and level != "full":
+        selected = chain_selection(disks, chain, opts)
+        excluded = sorted({*excluded, *(d.disk_id for d in disks if d not in selected)})
+        disks = selected
     reason = "--level " + level
     unusable: list[tuple[BlockDevice, str]] = []
     if level == "auto":
@@ -314,7 +352,8 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
         if not root_is_empty and not unusable:
             raise TargetError(_not_empty(root, chain))
         chain_id = opts.uuid if opts.uuid and not unusable else new_chain_id()
-        new = Chain(uuid=chain_id, bitmap=bitmap_name(chain_id), created=timestamp)
+        new = Chain(uuid=chain_id, bitmap=bitmap_name(chain_id), created=timestamp,
+                    excluded=sorted(excluded))
         taken = [d.disk_id for d in disks if chain_bitmaps(d, new.bitmap)]
         if taken:
             # re-basing it would silently break the chain in the other folder

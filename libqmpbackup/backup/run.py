@@ -46,7 +46,14 @@ from libqmpbackup.backup.jobs import (
     run_transaction,
 )
 from libqmpbackup.backup.pause import VmPause
-from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
+from libqmpbackup.backup.plan import (
+    BackupOptions,
+    RunPlan,
+    chain_root,
+    left_out,
+    plan_backup,
+    select_disks,
+)
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.run_steps import finish_regardless, reached
@@ -192,7 +199,8 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
         store = adopt_upstream(root, disks)
     first_chain = store.current is None
     timestamp = _timestamp_after(max(latest_backup_time(root), store.latest_time()))
-    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root))
+    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root),
+                       excluded=left_out(disks, opts))
     log.info("level %s: %s into %s (%s)", plan.level,
              per_disk_levels([(j.level, j.note) for j in plan.jobs]), root, plan.reason)
     if plan.retire_bitmap:
