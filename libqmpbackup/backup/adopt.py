@@ -76,6 +76,7 @@ def adopt_upstream(root: Path, disks: list[BlockDevice]) -> ChainStore:
                 log.warning("%s: upstream folder %s matches no disk of this VM", root,
                             disk.folder or key)
                 owner = key
+                store.unmatched.append(disk.folder or key)
             adopted[owner] = disk
         chain.disks = adopted
     current = store.current

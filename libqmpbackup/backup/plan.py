@@ -257,7 +257,8 @@ def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain, timestam
             continue
         if disk.bitmap(chain.bitmap) is None:
             add.append(disk)
-        note = _why_full(chain, disk.disk_id, history is None) if continuing else ""
+        note = _why_full(chain, disk.disk_id, history is None,
+                         layout.store.unmatched) if continuing else ""
         if note:
             log.info("%s: not in chain %s yet: a new full instead of %s (%s)", disk.disk_id,
                         chain.uuid, level, note)
@@ -266,10 +267,13 @@ def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain, timestam
     return jobs, add
 
 
-def _why_full(chain: Chain, disk_id: str, new_to_chain: bool) -> str:
+def _why_full(chain: Chain, disk_id: str, new_to_chain: bool, unmatched: list[str]) -> str:
+    """Why a disk of an inc/diff run gets a new full instead (UNMATCHED: see adopt_upstream)."""
     if not new_to_chain:
         return "no full in the chain"
-    return "named by --include" if disk_id in chain.excluded else "hot-added"
+    if disk_id in chain.excluded:
+        return "named by --include"
+    return "matches no upstream folder" if unmatched else "hot-added"
 
 
 def _bitmap_problems(disks: list[BlockDevice], chain: Chain,

@@ -133,6 +133,7 @@ class ChainStore:
     root: Path
     chains: list[Chain] = field(default_factory=list)
     pruning: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)   # upstream folders no disk matched (not saved)
 
     @property
     def path(self) -> Path:

@@ -178,8 +178,13 @@ def test_adoption_matches_upstream_folders_by_image_base_name(tmp_path: Path) ->
     assert chain.disks["b"].folder == "disk1.qcow2" and "a" not in chain.disks
     # no .config, still ambiguous: the folder keeps its name and the disk starts afresh
     (tmp_path / "disk1.qcow2.config").unlink()
-    (chain,) = adopt_upstream(tmp_path, twins).chains
-    assert set(chain.disks) == {"disk1.qcow2", "c"}
+    store = adopt_upstream(tmp_path, twins)
+    assert set(store.chains[0].disks) == {"disk1.qcow2", "c"}
+    assert store.unmatched == ["disk1.qcow2"]
+    plan = plan_backup(twins, store, opts("inc"), 100, False)
+    assert [(j.disk.disk_id, j.level, j.note) for j in plan.jobs] == [
+        ("a", "full", "matches no upstream folder"), ("b", "full", "matches no upstream folder"),
+        ("c", "inc", "")], "the run says why it starts a disk afresh"
 
 
 def test_adoption_of_an_upstream_no_subdir_folder(tmp_path: Path) -> None:
