@@ -211,7 +211,8 @@ def up_point(vm: TestVM, refs: Path, index: int) -> None:
 
 
 def upstream_backup(vm: TestVM, root: Path, level: str, uuid: str, when: int,
-                    overlays: tuple[str, ...] = ("ide0-hd0",)) -> dict[str, str]:
+                    overlays: tuple[str, ...] = ("ide0-hd0",), subdir: bool = True
+                    ) -> dict[str, str]:
     """One run the way upstream 0.67 writes it; returns each test disk's upstream folder name.
 
     The folder and file names are the base name of ``query-block``'s
@@ -219,6 +220,7 @@ def upstream_backup(vm: TestVM, root: Path, level: str, uuid: str, when: int,
     snapshot: ``inserted.image.backing-image.filename``), never QEMU's device
     or node name; ``DIR/<image>.config`` is that image's ``qemu-img info``;
     FULL and INC files name no backing file; bitmap ``qmpbackup-<uuid>``.
+    Without SUBDIR (upstream's ``--no-subdir``) the files sit in ROOT itself.
     """
     actions, targets, folders = [], [], {}
     blocks = [b["inserted"] for b in vm.cmd("query-block") if b.get("inserted")]
@@ -227,7 +229,7 @@ def upstream_backup(vm: TestVM, root: Path, level: str, uuid: str, when: int,
         image = inserted["image"]["backing-image"] if disk in overlays else inserted["image"]
         name = os.path.basename(image["filename"])
         folders[disk] = name
-        folder = root / name
+        folder = root / name if subdir else root    # upstream's --no-subdir: files in DIR
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{level.upper()}-{when}-{name}"
         run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(image["virtual-size"])])
@@ -386,3 +388,28 @@ def test_metadata_that_is_no_file_is_refused_not_read_as_upstream(cli, tmp_path:
         cli("qmprestore", "merge", "--dir", folder / "disk-a.qcow2", "--targetfile",
             tmp_path / "out.qcow2").failed(6, "qmpbackup.json")
         assert not (tmp_path / "out.qcow2").exists()
+
+
+def test_an_upstream_no_subdir_folder_is_continued_in_place(cli, tmp_path: Path) -> None:
+    root, refs = tmp_path / "flat", tmp_path / "refs"
+    now = int(time.time())
+    with upstream_vm(tmp_path / "vm") as vm:
+        up_point(vm, refs, 0)
+        images = upstream_backup(vm, root, "full", "flat", now - 100, subdir=False)
+        up_point(vm, refs, 1)
+        upstream_backup(vm, root, "inc", "flat", now - 50, subdir=False)
+        theirs = digests(root)
+        up_point(vm, refs, 2)
+        done = json.loads(backup(cli, vm, root, "auto", "--json").ok().out)
+        assert done["summary"] == "inc: 3 disks incremental", done
+        up_point(vm, refs, 3)
+        backup(cli, vm, root, "inc").ok()
+    assert {k: v for k, v in digests(root).items() if k in theirs} == theirs
+    assert not [p for p in root.iterdir() if p.is_dir()], "no folder beside upstream's files"
+    assert len(list(root.glob("FULL-*"))) == 3, "no new FULL"
+    for disk in UP_DISKS:
+        names = labels(root, disk)
+        assert len(names) == 4 and names[0] == f"FULL-{now - 100}"
+        for index, name in enumerate(names):
+            out = merged(cli, tmp_path, "--dir", root, "--filter", images[disk], "--until", name)
+            assert identical(out, ref(refs, disk, index)), f"{disk} at {name}"
