@@ -64,13 +64,13 @@ def _month_links(base: Path) -> list[str]:
         return []
 
 
-def chain_folders(base: Path) -> list[Path]:
+def chain_folders(base: Path, warn: bool = True) -> list[Path]:
     """Every folder holding a chain of BASE: BASE itself (when it has metadata), then its months.
 
     A folder holds either one or the other since backups refuse to mix them
     (:func:`refuse_mixed`); one that an older release let mix shows both.
     """
-    for name in _month_links(base):
+    for name in _month_links(base) if warn else []:
         log.warning("%s is a symlink: its chains are neither listed, counted nor pruned",
                     base / name)
     return ([base] if holds_metadata(base) else []) + month_folders(base)
