@@ -3,7 +3,8 @@
 Every restore is proven by content against a reference of the disk taken at
 backup time.  Upstream folders are built the way upstream 0.67 writes them:
 real ``blockdev-backup`` FULL (with bitmap ``qmpbackup-<uuid>``) and INC
-jobs, files without backing files, ``DIR/uuid`` and ``DIR/<disk>.config``.
+jobs, files without backing files, ``DIR/uuid`` and ``DIR/<image>.config``, folders
+named after the image file as upstream names them (never after QEMU's device).
 """
 
 from __future__ import annotations
