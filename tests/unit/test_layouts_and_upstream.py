@@ -187,6 +187,16 @@ def test_adoption_matches_upstream_folders_by_image_base_name(tmp_path: Path) ->
         ("c", "inc", "")], "the run says why it starts a disk afresh"
 
 
+def test_adoption_falls_back_to_device_names(tmp_path: Path) -> None:
+    """A folder renamed after its device by hand still finds its disk."""
+    upstream_folder(tmp_path)
+    (tmp_path / "disk2.qcow2").rename(tmp_path / "ide0-hd1")
+    disks = [vm_disk("ide0-hd1", "/elsewhere/renamed.qcow2"), vm_disk("virtio0", "/vm/disk1.qcow2")]
+    (chain,) = adopt_upstream(tmp_path, disks).chains
+    assert {d: c.folder for d, c in chain.disks.items()} == {
+        "virtio0": "disk1.qcow2", "ide0-hd1": "ide0-hd1"}
+
+
 def test_adoption_of_an_upstream_no_subdir_folder(tmp_path: Path) -> None:
     for name in ("FULL-10-disk1.qcow2", "INC-20-disk1.qcow2", "FULL-10-disk2.qcow2"):
         (tmp_path / name).write_bytes(b"")
