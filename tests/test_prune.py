@@ -307,6 +307,27 @@ def test_list_and_prune_see_the_same_chains_of_a_folder(cli, folders: Path, tmp_
     assert listed_chains(cli, base) == pruned_view(cli, base) == ["m1"]
 
 
+def test_prune_removes_the_links_of_the_untimestamped_files_it_deletes(cli, tmp_path: Path) -> None:
+    """--no-subdir --no-timestamp: FULL-<image> beside the image-named FULL goes with it."""
+    root = tmp_path / "flat"
+    root.mkdir()
+    store = ChainStore(root)
+    for uuid, when, name in (("old", 10, "virtio0.qcow2"), ("new", 20, "FULL-20-virtio0.qcow2")):
+        (root / name).write_bytes(b"x")
+        chain = Chain(uuid, f"qmpbackup-{uuid}", when)
+        chain.disk("virtio0").folder = ""
+        chain.disk("virtio0").backups.append(BackupRecord(
+            name, "full", when, 1, "/vm/virtio0.qcow2", timestamped=uuid == "new"))
+        store.chains.append(chain)
+    store.save()
+    os.symlink("virtio0.qcow2", root / "FULL-virtio0.qcow2")
+    os.symlink("FULL-20-virtio0.qcow2", root / "COPY-virtio0.qcow2")   # not what a run made
+    prune(cli, root, 1).ok()
+    assert not os.path.lexists(root / "virtio0.qcow2")
+    assert not os.path.lexists(root / "FULL-virtio0.qcow2"), "no dead link left"
+    assert os.readlink(root / "COPY-virtio0.qcow2") == "FULL-20-virtio0.qcow2", "not ours: kept"
+
+
 def test_usage_and_folder_errors(cli, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     prune(cli, tmp_path / "empty", 0).failed(2, "keep at least 1")
