@@ -36,6 +36,7 @@ from libqmpbackup.store.layout import existing_backup_folder, holds_metadata, mo
 from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import DISK_METADATA_NAME, METADATA_NAME, link_name, safe_component
 from libqmpbackup.store.retention import pruning_entry
+from libqmpbackup.store.verified import DEFAULT_WITHIN, Verified
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,9 @@ def known_files(store: ChainStore, folder: Path) -> set[str]:
 
 def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: bool = False,
                          whole_chain: bool = False, writable: bool = False,
-                         dry_run: bool = False) -> ChainFiles:
+                         dry_run: bool = False,
+                         verified_within: float = DEFAULT_WITHIN,
+                         defer_digests: bool = False) -> ChainFiles:
     """Refuse a chain that does not match its metadata, or whose files are damaged.
 
     Only the files the point is read from (its FULL and the INCs up to it)
@@ -258,20 +261,42 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
     half-done commit is never what the admin wants, and no folder content
     may lead the restore outside the folder.  Returns the checked files,
     open: the restore reads exactly those descriptors (the caller closes them).
+    A file verified within VERIFIED_WITHIN seconds and unchanged since is
+    not hashed again (:mod:`libqmpbackup.store.verified`).  DEFER_DIGESTS
+    (``mount``): the files still to hash are left in ``files.deferred`` for
+    the caller to hash while it serves them.
     """
     folder = point.folder
     folder_safety.require_content_folder(folder, point.root)
     files = ChainFiles.open(point.root, folder, writable=writable, dry_run=dry_run)
     try:
-        _check_files(point, store, files, skip_check=skip_check, whole_chain=whole_chain)
+        _check_files(point, store, files, skip_check=skip_check, whole_chain=whole_chain,
+                     verified_within=verified_within, defer_digests=defer_digests)
     except BaseException:
         files.close()
         raise
     return files
 
 
+def _check_digests(files: ChainFiles, point: RestorePoint, verified_within: float,
+                   defer: bool) -> list[str]:
+    """Hash the point's files, except those verified recently and unchanged; remember the rest."""
+    record = Verified()
+    pairs = [(files.handle(r.file), r.digest) for r in point.segment()]
+    todo = [(h, d) for h, d in pairs if not record.fresh(h.fd, d, verified_within)]
+    if len(todo) < len(pairs):
+        log.info("%s: %d of %d file(s) verified within %g s and unchanged: not hashed again",
+                 point.disk_id, len(pairs) - len(todo), len(pairs), verified_within)
+    if defer:
+        files.deferred = todo
+        return []
+    checks = check_handles(todo)
+    record.remember((h.fd, d) for (h, d), c in zip(todo, checks) if c.status == "ok")
+    return [f"{c.path}: {c.detail}" for c in checks if c.status not in ("ok", "unrecorded")]
+
+
 def _check_files(point: RestorePoint, store: ChainStore, files: ChainFiles, *, skip_check: bool,
-                 whole_chain: bool) -> None:
+                 whole_chain: bool, verified_within: float, defer_digests: bool) -> None:
     folder = files.path
     entries = files.names()
     refuse_unfinished(folder, entries)
@@ -295,9 +320,7 @@ def _check_files(point: RestorePoint, store: ChainStore, files: ChainFiles, *, s
                                    parent_record(point.records, position[record.file]))
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
-    damaged = [f"{c.path}: {c.detail}" for c in check_handles(
-        [(files.handle(r.file), r.digest) for r in point.segment()])
-        if c.status not in ("ok", "unrecorded")]
+    damaged = _check_digests(files, point, verified_within, defer_digests)
     if damaged:
         raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
                              "shows which points are intact)" for line in damaged])

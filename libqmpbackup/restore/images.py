@@ -73,6 +73,8 @@ class ChainFiles:
         self.dry_run = dry_run
         self.handles: dict[str, FileHandle] = {}
         self.infos: dict[str, Any] = {}
+        #: files whose checksum the caller checks later (``mount`` hashes while it serves)
+        self.deferred: list[tuple[FileHandle, Optional[str]]] = []
 
     @classmethod
     def open(cls, root: Path, folder: Path, *, writable: bool = False,

@@ -127,7 +127,8 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
     points = backup.points(opts.until, opts.uuid)
     with contextlib.ExitStack() as opened:
         checked = [opened.enter_context(check_before_restore(
-            point, backup.store, skip_check=opts.skip_check, dry_run=opts.dry_run))
+            point, backup.store, skip_check=opts.skip_check, dry_run=opts.dry_run,
+            verified_within=opts.verified_within))
             for point in points]
         plan = _targets(points, target)
         created = _prepare_directory(target, opts.dry_run)

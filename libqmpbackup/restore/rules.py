@@ -29,6 +29,7 @@ from libqmpbackup.store.names import (
     point_label,
     safe_component,
 )
+from libqmpbackup.store.verified import DEFAULT_WITHIN
 
 CHAIN_LEVELS = ("full", "inc", "diff")
 WHOLE_LEVELS = ("full", "copy")
@@ -47,6 +48,7 @@ class RestoreOptions:
     dry_run: bool = False
     rate_limit: int = 0
     name_filter: Optional[str] = None
+    verified_within: float = DEFAULT_WITHIN   # seconds; 0: hash every file (store/verified.py)
 
 
 @dataclass(frozen=True)

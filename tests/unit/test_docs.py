@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from libqmpbackup.errors import EXIT_CODES
-from qmpbackup.cli import build_parser as backup_parser
+from qmpbackup.parser import build_parser as backup_parser
 from qmprestore.cli import build_parser as restore_parser
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
