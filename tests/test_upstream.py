@@ -289,8 +289,9 @@ def test_upstream_folder_restores_and_auto_continues_it_in_place(cli, tmp_path: 
         mnt.mkdir()
         cli("qmprestore", "mount", "--dir", root, "--until", f"INC-{now - 50}", mnt).ok()
         try:
-            for disk in DISKS:
-                assert identical(mnt / f"{disk}.raw", ref(refs, disk, 1)), f"mounted {disk}"
+            for disk in UP_DISKS:   # read from names alone: a disk is its upstream folder
+                assert identical(mnt / f"{folders[disk]}.raw", ref(refs, disk, 1)), \
+                    f"mounted {disk}"
         finally:
             cli("qmprestore", "umount", mnt).ok()
         assert list(mnt.iterdir()) == []
