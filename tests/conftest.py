@@ -20,10 +20,14 @@ from tests.vm import TestVM, default_disks
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # mount records and the verification record of tests stay out of the machine's own
+    # mount records and the verification record of tests stay out of the machine's own,
+    # one folder per xdist worker: a test that checks no mount record is left must not see
+    # the mounts of a test running beside it (the controller sets none: workers would inherit it)
+    controller = bool(getattr(config.option, "numprocesses", None)) and \
+        "PYTEST_XDIST_WORKER" not in os.environ
     for variable, prefix in (("QMPBACKUP_RUNTIME_DIR", "qmpbackup-test-run-"),
                              ("QMPBACKUP_CACHE_DIR", "qmpbackup-test-cache-")):
-        if variable not in os.environ:
+        if variable not in os.environ and not controller:
             os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
     config.addinivalue_line("markers", "guest: needs the tiny Linux test guest (built on demand)")
 
@@ -110,6 +114,6 @@ def mountpoint(tmp_path: Path) -> Iterator[Path]:
     said = [subprocess.run([sys.executable, "-m", "qmprestore", "umount", record.mountpoint],
                            capture_output=True, text=True, check=False).stderr
             for record in mounts.records()]   # a failed test still leaves nothing running
-    for pid in daemons():
+    for pid in daemons(path):
         os.kill(pid, signal.SIGKILL)
     assert leftovers(path) == [], said

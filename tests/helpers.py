@@ -344,7 +344,7 @@ def restore_point(backup_file: Path, out: Path) -> Path:
 def leftovers(mountpoint: Path) -> list[str]:
     """What a finished mount may not leave: records, daemons, mounts, files."""
     found = [f"record {r.mountpoint}" for r in mounts.records()]
-    found += [f"process {pid}" for pid in daemons()]
+    found += [f"process {pid}" for pid in daemons(mountpoint)]
     with open("/proc/self/mountinfo") as info:
         found += [line for line in info if str(mountpoint) in line]
     if mountpoint.exists():
@@ -352,7 +352,8 @@ def leftovers(mountpoint: Path) -> list[str]:
     return found
 
 
-def daemons() -> list[int]:
+def daemons(mountpoint: Optional[Path] = None) -> list[int]:
+    """Mount daemons and checkers alive (those of MOUNTPOINT: not another test's beside it)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -362,6 +363,8 @@ def daemons() -> list[int]:
                 continue
             ours = ((cmdline.startswith(b"qemu-storage-daemon") and b"fuse" in cmdline)
                     or b"libqmpbackup.restore.mount_check" in cmdline)
+            if mountpoint is not None and os.fsencode(str(mountpoint)) not in cmdline:
+                continue
             if ours and mounts.process_start(int(entry.name)) is not None:
                 pids.append(int(entry.name))
     return pids

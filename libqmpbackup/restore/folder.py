@@ -28,8 +28,8 @@ from libqmpbackup.restore.rules import (
     select_root_points,
 )
 from libqmpbackup.store import folder_safety, upstream
-from libqmpbackup.store.digests import check_handles
-from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.digests import DigestCheck, check_handles
+from libqmpbackup.store.handles import FileHandle, Folder
 from libqmpbackup.store.intent import load_intent
 from libqmpbackup.store.journal import JOURNAL_NAME, Journal, unfinished_error
 from libqmpbackup.store.layout import existing_backup_folder, holds_metadata, month_folders
@@ -263,8 +263,10 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
     open: the restore reads exactly those descriptors (the caller closes them).
     A file verified within VERIFIED_WITHIN seconds and unchanged since is
     not hashed again (:mod:`libqmpbackup.store.verified`).  DEFER_DIGESTS
-    (``mount``): the files still to hash are left in ``files.deferred`` for
-    the caller to hash while it serves them.
+    (``mount``, ``merge``: they write nothing into the folder): the files
+    still to hash are left in ``files.deferred`` for the caller to hash while
+    it serves or copies them, publishing nothing before :func:`refuse_damaged`
+    passed; the in-place commands hash here, before they write anything.
     """
     folder = point.folder
     folder_safety.require_content_folder(folder, point.root)
@@ -279,10 +281,10 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
 
 
 def _check_digests(files: ChainFiles, point: RestorePoint, verified_within: float,
-                   defer: bool) -> list[str]:
+                   defer: bool) -> list[DigestCheck]:
     """Hash the point's files, except those verified recently and unchanged; remember the rest."""
     record = Verified()
-    pairs = [(files.handle(r.file), r.digest) for r in point.segment()]
+    pairs = digest_sources(point, files)
     todo = [(h, d) for h, d in pairs if not record.fresh(h.fd, d, verified_within)]
     if len(todo) < len(pairs):
         log.info("%s: %d of %d file(s) verified within %g s and unchanged: not hashed again",
@@ -291,8 +293,8 @@ def _check_digests(files: ChainFiles, point: RestorePoint, verified_within: floa
         files.deferred = todo
         return []
     checks = check_handles(todo)
-    record.remember((h.fd, d) for (h, d), c in zip(todo, checks) if c.status == "ok")
-    return [f"{c.path}: {c.detail}" for c in checks if c.status not in ("ok", "unrecorded")]
+    remember_verified(todo, checks, record)
+    return checks
 
 
 def _check_files(point: RestorePoint, store: ChainStore, files: ChainFiles, *, skip_check: bool,
@@ -324,4 +326,24 @@ def _check_files(point: RestorePoint, store: ChainStore, files: ChainFiles, *, s
     if damaged:
         raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
                              "shows which points are intact)" for line in damaged])
-    log.debug("%s: chain %s checked (%d files)", point.disk_id, point.chain_id, len(used))
+
+
+def remember_verified(checked: list[tuple[FileHandle, Optional[str]]], checks: list[DigestCheck],
+                      record: Optional[Verified] = None) -> None:
+    """Remember the files whose content matched, so the next restore need not hash them again."""
+    (record or Verified()).remember((h.fd, d) for (h, d), c in zip(checked, checks)
+                                    if c.status == "ok")
+
+
+def digest_sources(point: RestorePoint,
+                   files: ChainFiles) -> list[tuple[FileHandle, Optional[str]]]:
+    """The files a restore of POINT reads, by descriptor, with the digests recorded for them."""
+    return [(files.handle(r.file), r.digest) for r in point.segment()]
+
+
+def refuse_damaged(checks: list[DigestCheck]) -> None:
+    """BackupDamaged (exit 11) when a file's content differs from its recorded digest."""
+    damaged = [f"{c.path}: {c.detail}" for c in checks if c.status not in ("ok", "unrecorded")]
+    if damaged:
+        raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
+                             "shows which points are intact)" for line in damaged])
