@@ -322,10 +322,7 @@ def _check_files(point: RestorePoint, store: ChainStore, files: ChainFiles, *, s
                                    parent_record(point.records, position[record.file]))
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
-    damaged = _check_digests(files, point, verified_within, defer_digests)
-    if damaged:
-        raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
-                             "shows which points are intact)" for line in damaged])
+    refuse_damaged(_check_digests(files, point, verified_within, defer_digests))
 
 
 def remember_verified(checked: list[tuple[FileHandle, Optional[str]]], checks: list[DigestCheck],
