@@ -24,12 +24,12 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from libqmpbackup.errors import ChainError, ImageInUseError, QmpBackupError, UsageError
 from libqmpbackup.runner import at_exit
 from libqmpbackup.store.fsutil import write_atomically
-from libqmpbackup.store.layout import month_folders
+from libqmpbackup.store.layout import chain_folders
 from libqmpbackup.store.metadata import ChainStore
 
 log = logging.getLogger(__name__)
@@ -238,12 +238,12 @@ def track(args: argparse.Namespace, kind: str) -> Optional[RunMetrics]:
     return record
 
 
-def _chain_folders(target: Path) -> Iterator[Path]:
-    yield target
+def _chain_folders(target: Path) -> list[Path]:
+    """TARGET's chain folders, as every command sees them (:func:`chain_folders`)."""
     try:
-        yield from month_folders(target)
+        return chain_folders(target, warn=False)
     except QmpBackupError:
-        return
+        return []
 
 
 def _restore_points(target: Path) -> dict[str, int]:

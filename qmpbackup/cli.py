@@ -116,7 +116,7 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
         result = await run_backup(session, opts)
     if metrics is not None:
         metrics.disks = [DiskOutcome(f.disk_id, f.level, f.bytes_written) for f in result.files]
-    log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
+    log.info("%s backup done: %s in %s%s", result.level, result.per_disk(), result.root,
              f" (chain {result.chain_id})" if result.chain_id else "")
     return JsonResult(result.document()) if args.json else 0
 

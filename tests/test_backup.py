@@ -170,6 +170,33 @@ def test_include_and_exclude_select_disks_by_any_name(cli, vm: TestVM, tmp_path:
     assert both.rc == 2 and "not allowed with" in both.err
 
 
+def test_a_disk_left_out_when_the_chain_started_stays_out(cli, vm: TestVM, tmp_path: Path) -> None:
+    """--exclude at the first run holds for the chain; only --include brings the disk in."""
+    root, refs = tmp_path / "b", tmp_path / "refs"
+    refs.mkdir()
+
+    def run(target: Path, level: str, *extra: str) -> dict[str, tuple[str, str]]:
+        done = json.loads(backup(cli, vm, target, level, "--json", *extra).ok().out)
+        return {f["disk"]: (f["level"], f["note"]) for f in done["files"]}
+
+    backup(cli, vm, root, "full", "--exclude", "ide0-hd0").ok()
+    assert metadata(root)["chains"][0]["excluded"] == ["ide0-hd0"]
+    vm.write("virtio0", 0x41, 0, 64 * 1024)
+    assert "ide0-hd0" not in run(root, "auto") and not (root / "ide0-hd0").exists()
+    assert run(root, "inc", "--include", "ide0-hd0") == {
+        "ide0-hd0": ("full", "named by --include")}
+    vm.write("ide0-hd0", 0x42, 0, 64 * 1024)
+    assert run(root, "inc")["ide0-hd0"] == ("inc", ""), "once in the chain, it stays"
+    assert_chain_top_matches(vm, root, refs)
+    # a chain written by the previous release records no selection: every disk joins, as before
+    old = tmp_path / "old"
+    backup(cli, vm, old, "full", "--exclude", "ide0-hd0", "--uuid", "old1").ok()
+    data = json.loads((old / "qmpbackup.json").read_text())
+    del data["chains"][0]["excluded"]
+    (old / "qmpbackup.json").write_text(json.dumps(data))
+    assert run(old, "inc")["ide0-hd0"] == ("full", "hot-added")
+
+
 def test_uuid_names_the_chain_and_its_bitmap(cli, vm: TestVM, tmp_path: Path) -> None:
     target = tmp_path / "backup"
     backup(cli, vm, target, "full", "--uuid", "nightly-1", "--include", "virtio0").ok()

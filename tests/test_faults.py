@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import signal
 import socket
 import subprocess
@@ -414,7 +415,12 @@ def test_disk_hot_added_between_backups_gets_its_full_in_the_chain(cli, tmp_path
         vm.disks.append(Disk("hot1", "scsi", "qcow2", 4 * MiB, path=image, qemu_io_id="-d hot1"))
         vm.write("hot1", 0x71, 0, 1 * MiB)
         write_round(vm, 0x72)
-        backup(cli, vm, root, "inc").ok()
+        result = backup(cli, vm, root, "inc", "--json").ok()
+        done = json.loads(result.out)   # the run says what it did, disk by disk
+        assert done["summary"] == "inc: 2 disks incremental, 1 disk new full (hot-added)", done
+        assert "inc backup done: 2 disks incremental, 1 disk new full (hot-added)" in result.err
+        assert {f["disk"]: (f["level"], f["note"]) for f in done["files"]} == {
+            "virtio0": ("inc", ""), "data1": ("inc", ""), "hot1": ("full", "hot-added")}
         chains = metadata(root)["chains"]
         assert len(chains) == 1
         assert [b["level"] for b in chains[0]["disks"]["hot1"]["backups"]] == ["full"]

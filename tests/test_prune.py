@@ -285,6 +285,49 @@ def test_an_unfinished_in_place_restore_is_refused(cli, folders: Path) -> None:
     assert files_below(folders) == files
 
 
+def listed_chains(cli, folder: Path) -> list[str]:
+    return [c["chain"] for c in json.loads(cli("qmprestore", "list", "--dir", folder,
+                                                "--json").ok().out)["chains"]]
+
+
+def pruned_view(cli, folder: Path) -> list[str]:
+    return sorted(c["id"] for c in json.loads(prune(cli, folder, 1, "--dry-run",
+                                                    "--json").ok().out)["chains"])
+
+
+def test_list_and_prune_see_the_same_chains_of_a_folder(cli, folders: Path, tmp_path: Path) -> None:
+    """One answer to 'which chains does this folder hold' (store.layout.chain_folders)."""
+    # a folder an older release let hold a chain of its own and month chains: both are seen
+    assert sorted(listed_chains(cli, folders)) == pruned_view(cli, folders) == [
+        "a", "b", "c", "m1", "m2"]
+    # only YYYY-MM folders are months: a chain folder copied below another is not one
+    base = tmp_path / "monthly"
+    hand_made(base / "2026-09", {"m1": [50, 51]})
+    hand_made(base / "old-copy", {"x": [10]})
+    assert listed_chains(cli, base) == pruned_view(cli, base) == ["m1"]
+
+
+def test_prune_removes_the_links_of_the_untimestamped_files_it_deletes(cli, tmp_path: Path) -> None:
+    """--no-subdir --no-timestamp: FULL-<image> beside the image-named FULL goes with it."""
+    root = tmp_path / "flat"
+    root.mkdir()
+    store = ChainStore(root)
+    for uuid, when, name in (("old", 10, "virtio0.qcow2"), ("new", 20, "FULL-20-virtio0.qcow2")):
+        (root / name).write_bytes(b"x")
+        chain = Chain(uuid, f"qmpbackup-{uuid}", when)
+        chain.disk("virtio0").folder = ""
+        chain.disk("virtio0").backups.append(BackupRecord(
+            name, "full", when, 1, "/vm/virtio0.qcow2", timestamped=uuid == "new"))
+        store.chains.append(chain)
+    store.save()
+    os.symlink("virtio0.qcow2", root / "FULL-virtio0.qcow2")
+    os.symlink("FULL-20-virtio0.qcow2", root / "COPY-virtio0.qcow2")   # not what a run made
+    prune(cli, root, 1).ok()
+    assert not os.path.lexists(root / "virtio0.qcow2")
+    assert not os.path.lexists(root / "FULL-virtio0.qcow2"), "no dead link left"
+    assert os.readlink(root / "COPY-virtio0.qcow2") == "FULL-20-virtio0.qcow2", "not ours: kept"
+
+
 def test_usage_and_folder_errors(cli, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     prune(cli, tmp_path / "empty", 0).failed(2, "keep at least 1")
@@ -406,6 +449,8 @@ def test_month_folders_and_the_vm_bitmaps_of_pruned_chains(cli, recorder: Record
     vm, base = recorder.vm, tmp_path / "backup"
     old_in_base, _ = recorder.backup(base, "full")           # a chain in DIR itself, the oldest
     recorder.lose_bitmap(old_in_base)
+    aside = tmp_path / "aside"   # backups refuse to mix the two kinds now; older releases did not
+    base.rename(aside)
     month = time.strftime("%Y-%m")
     chain_ids = []
     for round_, past in enumerate(("2001-01", "2001-02", None)):
@@ -416,6 +461,9 @@ def test_month_folders_and_the_vm_bitmaps_of_pruned_chains(cli, recorder: Record
         chain_ids.append(chain_id)
         if past:   # this month's chain becomes an older month's: the next auto starts a new one
             (base / month).rename(base / past)
+    for entry in aside.iterdir():
+        if not (base / entry.name).exists():
+            entry.rename(base / entry.name)
     bitmaps = {b["name"] for bl in vm.bitmaps().values() for b in bl}
     # --monthly: each month's first chain retired the previous month's bitmap, so only the
     # newest chain's is left; the oldest month's is put back, as on a VM an older qmpbackup
@@ -458,6 +506,22 @@ def test_month_folders_and_the_vm_bitmaps_of_pruned_chains(cli, recorder: Record
     assert newest == chain_ids[2] and label.startswith("INC-")
     recorder.assert_restores(base / month, newest, tmp_path / "restored-after")
     assert vm.tool_leftovers() == []
+
+
+def test_prune_leaves_no_dead_link_in_a_no_timestamp_folder(cli, recorder: Recorder,
+                                                             tmp_path: Path) -> None:
+    base = tmp_path / "plain"
+    first, _ = recorder.backup(base, "full", "--no-timestamp")
+    assert os.readlink(base / "virtio0" / "FULL-virtio0.qcow2") == "virtio0.qcow2"
+    recorder.lose_bitmap(first)
+    newest, _ = recorder.backup(base, "auto")
+    recorder.backup(base, "auto")
+    prune(cli, base, 1).ok()
+    dead = [p for p in base.rglob("*") if p.is_symlink() and not p.exists()]
+    assert dead == [], f"dead links after prune: {dead}"
+    assert not (base / "virtio0" / "virtio0.qcow2").exists()
+    assert [c.uuid for c in ChainStore.load(base).chains] == [newest]
+    recorder.assert_restores(base, newest, tmp_path / "out")
 
 
 def test_a_backup_run_finishes_an_interrupted_prune(cli, recorder: Recorder, tmp_path: Path,

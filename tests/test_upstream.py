@@ -3,7 +3,8 @@
 Every restore is proven by content against a reference of the disk taken at
 backup time.  Upstream folders are built the way upstream 0.67 writes them:
 real ``blockdev-backup`` FULL (with bitmap ``qmpbackup-<uuid>``) and INC
-jobs, files without backing files, ``DIR/uuid`` and ``DIR/<disk>.config``.
+jobs, files without backing files, ``DIR/uuid`` and ``DIR/<image>.config``, folders
+named after the image file as upstream names them (never after QEMU's device).
 """
 
 from __future__ import annotations
@@ -180,21 +181,60 @@ def test_a_disk_folder_copied_alone_restores_with_every_command(cli, tmp_path: P
 
 # -- folders written by upstream qmpbackup 0.67 -------------------------------------------------
 
-def upstream_backup(vm: TestVM, root: Path, level: str, uuid: str, when: int) -> None:
-    """One run the way upstream 0.67 writes it: FULL/INC files with no backing file."""
-    nodes = {b["device"]: b["inserted"]["node-name"] for b in vm.cmd("query-block")
-             if b.get("inserted")}
-    actions, targets = [], []
-    for disk in DISKS:
-        source = vm.disk(disk).path
-        assert source is not None
-        folder = root / disk
+UP_DISKS = ("virtio0", "data1", "ide0-hd0")   # a -drive disk, a -blockdev disk, one under an overlay
+UP_WRITES = [[(d, 0x10 * (i + 1) + n, (i + n) * 64 * 1024, 64 * 1024) for n, d in enumerate(UP_DISKS)]
+             for i in range(4)]
+
+
+def upstream_vm(folder: Path) -> TestVM:
+    """Disks whose image names are nothing like QEMU's names for them, as on a real host.
+
+    ``ide0-hd0`` runs on an overlay (an active snapshot) whose backing file is
+    the real image ``disk-c.qcow2``: upstream names its folder after that one.
+    """
+    images = folder / "images"
+    images.mkdir(parents=True)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(images / "disk-c.qcow2"), str(8 * MiB)])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+         str(images / "disk-c.qcow2"), str(images / "snap-1.qcow2")])
+    return TestVM(folder, [
+        Disk("virtio0", "virtio", "qcow2", 16 * MiB, path=images / "disk-a.qcow2"),
+        Disk("data1", "blockdev", "qcow2", 8 * MiB, path=images / "disk-b.qcow2"),
+        Disk("ide0-hd0", "ide", "qcow2", path=images / "snap-1.qcow2")])
+
+
+def up_point(vm: TestVM, refs: Path, index: int) -> None:
+    for disk, pattern, offset, length in UP_WRITES[index]:
+        vm.write(disk, pattern, offset, length)
+    refs.mkdir(exist_ok=True)
+    for disk in UP_DISKS:
+        vm.reference(disk, ref(refs, disk, index))
+
+
+def upstream_backup(vm: TestVM, root: Path, level: str, uuid: str, when: int,
+                    overlays: tuple[str, ...] = ("ide0-hd0",), subdir: bool = True
+                    ) -> dict[str, str]:
+    """One run the way upstream 0.67 writes it; returns each test disk's upstream folder name.
+
+    The folder and file names are the base name of ``query-block``'s
+    ``inserted.image.filename`` (for the disks in OVERLAYS, an active
+    snapshot: ``inserted.image.backing-image.filename``), never QEMU's device
+    or node name; ``DIR/<image>.config`` is that image's ``qemu-img info``;
+    FULL and INC files name no backing file; bitmap ``qmpbackup-<uuid>``.
+    Without SUBDIR (upstream's ``--no-subdir``) the files sit in ROOT itself.
+    """
+    actions, targets, folders = [], [], {}
+    blocks = [b["inserted"] for b in vm.cmd("query-block") if b.get("inserted")]
+    for index, disk in enumerate(d.name for d in vm.disks):
+        inserted = next(i for i in blocks if i["image"]["filename"] == str(vm.disk(disk).path))
+        image = inserted["image"]["backing-image"] if disk in overlays else inserted["image"]
+        name = os.path.basename(image["filename"])
+        folders[disk] = name
+        folder = root / name if subdir else root    # upstream's --no-subdir: files in DIR
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{level.upper()}-{when}-{source.name}"
-        size = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(source)]).stdout)[
-            "virtual-size"]
-        run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size)])
-        node = f"up-{disk}"
+        target = folder / f"{level.upper()}-{when}-{name}"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(image["virtual-size"])])
+        node = f"up-{index}"
         vm.cmd("blockdev-add", driver="qcow2", **{"node-name": node, "backing": None,
                                                   "file": {"driver": "file",
                                                            "filename": str(target)}})
@@ -202,14 +242,16 @@ def upstream_backup(vm: TestVM, root: Path, level: str, uuid: str, when: int) ->
         bitmap = f"qmpbackup-{uuid}"
         if level == "full":
             actions.append({"type": "block-dirty-bitmap-add",
-                            "data": {"node": nodes[disk], "name": bitmap, "persistent": True}})
+                            "data": {"node": inserted["node-name"], "name": bitmap,
+                                     "persistent": True}})
             backup_args = {"sync": "full"}
         else:
             backup_args = {"sync": "incremental", "bitmap": bitmap}
         actions.append({"type": "blockdev-backup",
-                        "data": {"device": nodes[disk], "target": node, "job-id": f"up-{disk}",
-                                 **backup_args}})
-        (root / f"{disk}.config").write_text(json.dumps({"node": disk, "filename": str(source)}))
+                        "data": {"device": inserted["node-name"], "target": node,
+                                 "job-id": f"up-{index}", **backup_args}})
+        (root / f"{name}.config").write_text(
+            run(["qemu-img", "info", "-U", "--output=json", image["filename"]]).stdout)
     vm.cmd("transaction", actions=actions)
     deadline = time.monotonic() + 30
     while vm.cmd("query-jobs"):
@@ -218,15 +260,18 @@ def upstream_backup(vm: TestVM, root: Path, level: str, uuid: str, when: int) ->
     for node in targets:
         vm.cmd("blockdev-del", **{"node-name": node})
     (root / "uuid").write_text(uuid + "\n")
+    return folders
 
 
 def test_upstream_folder_restores_and_auto_continues_it_in_place(cli, tmp_path: Path) -> None:
     root, refs = tmp_path / "upstream", tmp_path / "refs"
     now = int(time.time())
-    with small_vm(tmp_path / "vm") as vm:
-        point(vm, refs, 0)
-        upstream_backup(vm, root, "full", "testme", now - 100)
-        point(vm, refs, 1)
+    with upstream_vm(tmp_path / "vm") as vm:
+        up_point(vm, refs, 0)
+        folders = upstream_backup(vm, root, "full", "testme", now - 100)
+        assert folders == {"virtio0": "disk-a.qcow2", "data1": "disk-b.qcow2",
+                           "ide0-hd0": "disk-c.qcow2"}
+        up_point(vm, refs, 1)
         upstream_backup(vm, root, "inc", "testme", now - 50)
         theirs = digests(root)
         infos = [json.loads(run(["qemu-img", "info", "--output=json", str(p)]).stdout)
@@ -236,49 +281,61 @@ def test_upstream_folder_restores_and_auto_continues_it_in_place(cli, tmp_path: 
         # restore: list, merge every point, rebase a copy, commit a disk folder copied alone
         listing = cli("qmprestore", "list", "--dir", root).ok().out
         assert "testme" in listing and f"INC-{now - 50}" in listing
-        for disk in DISKS:
+        for disk in UP_DISKS:
             for index, when in enumerate((f"FULL-{now - 100}", f"INC-{now - 50}")):
-                out = merged(cli, tmp_path, "--dir", root / disk, "--until", when)
+                out = merged(cli, tmp_path, "--dir", root / folders[disk], "--until", when)
                 assert identical(out, ref(refs, disk, index)), f"{disk} at {when}"
         mnt = tmp_path / "mnt"   # mount spells the chain out too: no backing file needed
         mnt.mkdir()
         cli("qmprestore", "mount", "--dir", root, "--until", f"INC-{now - 50}", mnt).ok()
         try:
-            for disk in DISKS:
-                assert identical(mnt / f"{disk}.raw", ref(refs, disk, 1)), f"mounted {disk}"
+            for disk in UP_DISKS:   # read from names alone: a disk is its upstream folder
+                assert identical(mnt / f"{folders[disk]}.raw", ref(refs, disk, 1)), \
+                    f"mounted {disk}"
         finally:
             cli("qmprestore", "umount", mnt).ok()
         assert list(mnt.iterdir()) == []
         copy = tmp_path / "rebase"
-        shutil.copytree(root / "ide0-hd0", copy)     # upstream's test: cp -a DIR/disk/ /tmp/rebase
+        shutil.copytree(root / folders["ide0-hd0"], copy)   # upstream's test: cp -a DIR/disk/ …
         cli("qmprestore", "--skip-check", "rebase", "--dir", copy).ok()
         assert identical(copy / "image", ref(refs, "ide0-hd0", 1))
         alone = tmp_path / "commit"
-        shutil.copytree(root / "virtio0", alone)
+        shutil.copytree(root / folders["virtio0"], alone)
         cli("qmprestore", "commit", "--dir", alone).ok()
         assert identical(alone / "image", ref(refs, "virtio0", 1))
         assert digests(root) == theirs, "restores changed the upstream folder"
 
         # qmpbackup continues the chain in place and adopts it into qmpbackup.json
-        point(vm, refs, 2)
-        result = backup(cli, vm, root, "auto").ok()
+        up_point(vm, refs, 2)
+        result = backup(cli, vm, root, "auto", "--json").ok()
         assert "upstream" in result.err and "continuing" in result.err
+        done = json.loads(result.out)
+        assert done["summary"] == "inc: 3 disks incremental", done
+        assert {(f["disk"], f["level"], f["note"]) for f in done["files"]} == {
+            (d, "inc", "") for d in UP_DISKS}
         chain = metadata(root)["chains"][0]
         assert (chain["uuid"], chain["bitmap"]) == ("testme", "qmpbackup-testme")
-        point(vm, refs, 3)
-        backup(cli, vm, root, "inc").ok()
+        assert {d: v["folder"] for d, v in chain["disks"].items()} == folders
+        up_point(vm, refs, 3)
+        assert "3 disks incremental" in backup(cli, vm, root, "inc").ok().err
         assert {k: v for k, v in digests(root).items() if k in theirs} == theirs, \
             "upstream's files are never changed or deleted"
+        assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(folders.values()), \
+            "no folder beside upstream's"
+        assert len(list(root.glob("*/FULL-*"))) == 3, "no new FULL"
         assert vm.tool_leftovers() == []
-        for disk in DISKS:
+        for disk in UP_DISKS:
             names = labels(root, disk)
             assert names[:2] == [f"FULL-{now - 100}", f"INC-{now - 50}"] and len(names) == 4
             for index, name in enumerate(names):
-                out = merged(cli, tmp_path, "--dir", root / disk, "--until", name)
+                out = merged(cli, tmp_path, "--dir", root / folders[disk], "--until", name)
                 assert identical(out, ref(refs, disk, index)), f"{disk} at {name}"
+            files = sorted(p.name for p in (root / folders[disk]).glob("[FI]*-*"))
+            assert all(f.endswith(f"-{folders[disk]}") for f in files), \
+                f"named after upstream's image, as upstream's own files: {files}"
         blockdev = cli("qmpbackup", "--socket", vm.tool_socket, "info", "--show",
                        "blockdev").ok().out
-        assert blockdev.count("qmpbackup-testme") == 2, blockdev
+        assert blockdev.count("qmpbackup-testme") == 3, blockdev
 
         # a VM that lost the chain's bitmap cannot continue an upstream chain with inc
         other = tmp_path / "other"
@@ -322,3 +379,48 @@ def test_auto_into_a_folder_without_chain_names_the_real_problem(cli, tmp_path: 
     with small_vm(tmp_path / "vm") as vm:
         result = backup(cli, vm, target, "auto").failed(5, "not empty", "holds no chain")
         assert "--level inc" not in result.err
+
+
+def test_metadata_that_is_no_file_is_refused_not_read_as_upstream(cli, tmp_path: Path) -> None:
+    """A FIFO or symlink named qmpbackup.json is refused by the metadata reader (exit 6)."""
+    for kind in ("fifo", "link"):
+        folder = tmp_path / kind
+        (folder / "disk-a.qcow2").mkdir(parents=True)
+        run(["qemu-img", "create", "-q", "-f", "qcow2",
+             str(folder / "disk-a.qcow2" / "FULL-100-disk-a.qcow2"), str(MiB)])
+        (folder / "uuid").write_text("testme\n")
+        if kind == "fifo":
+            os.mkfifo(folder / "qmpbackup.json")
+        else:
+            (tmp_path / "elsewhere.json").write_text('{"version": 1, "chains": []}')
+            os.symlink(tmp_path / "elsewhere.json", folder / "qmpbackup.json")
+        for command in ("list", "verify"):
+            cli("qmprestore", command, "--dir", folder).failed(6, "qmpbackup.json")
+        cli("qmprestore", "merge", "--dir", folder / "disk-a.qcow2", "--targetfile",
+            tmp_path / "out.qcow2").failed(6, "qmpbackup.json")
+        assert not (tmp_path / "out.qcow2").exists()
+
+
+def test_an_upstream_no_subdir_folder_is_continued_in_place(cli, tmp_path: Path) -> None:
+    root, refs = tmp_path / "flat", tmp_path / "refs"
+    now = int(time.time())
+    with upstream_vm(tmp_path / "vm") as vm:
+        up_point(vm, refs, 0)
+        images = upstream_backup(vm, root, "full", "flat", now - 100, subdir=False)
+        up_point(vm, refs, 1)
+        upstream_backup(vm, root, "inc", "flat", now - 50, subdir=False)
+        theirs = digests(root)
+        up_point(vm, refs, 2)
+        done = json.loads(backup(cli, vm, root, "auto", "--json").ok().out)
+        assert done["summary"] == "inc: 3 disks incremental", done
+        up_point(vm, refs, 3)
+        backup(cli, vm, root, "inc").ok()
+    assert {k: v for k, v in digests(root).items() if k in theirs} == theirs
+    assert not [p for p in root.iterdir() if p.is_dir()], "no folder beside upstream's files"
+    assert len(list(root.glob("FULL-*"))) == 3, "no new FULL"
+    for disk in UP_DISKS:
+        names = labels(root, disk)
+        assert len(names) == 4 and names[0] == f"FULL-{now - 100}"
+        for index, name in enumerate(names):
+            out = merged(cli, tmp_path, "--dir", root, "--filter", images[disk], "--until", name)
+            assert identical(out, ref(refs, disk, index)), f"{disk} at {name}"

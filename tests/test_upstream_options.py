@@ -7,6 +7,7 @@ retiring the previous month's bitmap once a new month's chain is recorded.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Iterator
@@ -162,3 +163,26 @@ def test_monthly_failed_new_chain_keeps_the_previous_months_bitmap(cli, uvm: Tes
         "--monthly", "--no-progress").failed(5, "not empty")
     assert {n.split("@")[0] for n in tool_bitmaps(uvm)} == {last, last + "+diff"}, \
         "the old chain stays live"
+
+
+def test_monthly_and_plain_chains_never_share_a_folder(cli, uvm: TestVM, tmp_path: Path) -> None:
+    """Mixed, one kind would hide the other from list, verify and merge of that folder."""
+    plain, months = tmp_path / "plain", tmp_path / "months"
+
+    def run(target: Path, level: str, *extra: str):
+        return cli("qmpbackup", "--socket", uvm.tool_socket, "backup", "-l", level, "-t", target,
+                   "--no-progress", *extra)
+
+    run(plain, "full").ok()
+    before = sorted(p.name for p in plain.rglob("*"))
+    run(plain, "auto", "--monthly").failed(2, "holds a backup chain of its own", "--monthly")
+    assert sorted(p.name for p in plain.rglob("*")) == before, "nothing created"
+    run(months, "auto", "--monthly").ok()
+    for level in ("inc", "auto", "full"):
+        run(months, level).failed(2, "holds --monthly chains", month_folder(months).name,
+                                  "add --monthly")
+    assert sorted(p.name for p in months.iterdir()) == [month_folder(months).name]
+    assert_clean(uvm, month_folder(months))
+    assert [c["chain"] for c in json.loads(cli("qmprestore", "list", "--dir", months,
+                                                "--json").ok().out)["chains"]] == [
+        metadata(month_folder(months))["chains"][0]["uuid"]]

@@ -52,6 +52,7 @@ class BackupJob:
     link: Optional[str] = None      # the convenience symlink to create beside it (FULL-<image>)
     bitmap: Optional[str] = None
     bitmap_mode: Optional[str] = None
+    note: str = ""                  # why LEVEL is not the run's level ("hot-added"), for the summary
     job_id: str = ""
     target_node: str = ""
     result: Optional[str] = None    # None while running, "" on success, else error

@@ -18,23 +18,20 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.backup import bitmaps
-from libqmpbackup.errors import ChainError, VMGoneError
+from libqmpbackup.errors import ChainError, TargetError, VMGoneError
 from libqmpbackup.qemu.devices import BlockDevice, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
-from libqmpbackup.store.layout import MONTH_FOLDER_RE
+from libqmpbackup.store.layout import month_folders
 from libqmpbackup.store.metadata import ChainStore
-from libqmpbackup.store.names import METADATA_NAME
 
 log = logging.getLogger(__name__)
 
 def previous_month_folder(base: Path, current: Path) -> Optional[Path]:
     """The newest month folder of BASE before CURRENT that holds a chain."""
     try:
-        months = sorted(p for p in base.iterdir()
-                        if MONTH_FOLDER_RE.match(p.name) and p.name < current.name
-                        and (p / METADATA_NAME).is_file())
-    except OSError as err:
-        log.warning("cannot read %s to find the previous month's chain: %s", base, err.strerror)
+        months = [p for p in month_folders(base) if p.name < current.name]
+    except TargetError as err:
+        log.warning("cannot find the previous month's chain: %s", err)
         return None
     return months[-1] if months else None
 

@@ -135,6 +135,33 @@ def select_disks(disks: list[BlockDevice], opts: BackupOptions) -> list[BlockDev
     return selected
 
 
+def left_out(disks: list[BlockDevice], opts: BackupOptions) -> list[str]:
+    """Disk ids --include/--exclude leave out: a new chain records them (:attr:`Chain.excluded`)."""
+    return sorted(d.disk_id for d in disks
+                  if (opts.include and not d.names() & set(opts.include))
+                  or d.names() & set(opts.exclude))
+
+
+def chain_selection(disks: list[BlockDevice], chain: Chain,
+                    opts: BackupOptions) -> list[BlockDevice]:
+    """DISKS without those CHAIN left out when it started, unless --include names them.
+
+    Without this a disk excluded at the first run would join every later run
+    that forgot the --exclude, as if hot-added, with a new full.
+    """
+    kept = []
+    for disk in disks:
+        if (disk.disk_id in chain.excluded and disk.disk_id not in chain.disks
+                and not disk.names() & set(opts.include)):
+            log.info("skipping %s: left out when chain %s started (name it with --include to "
+                     "add it)", disk.disk_id, chain.uuid)
+            continue
+        kept.append(disk)
+    if not kept:
+        raise UsageError(f"no disk left to back up: chain {chain.uuid} left out the others")
+    return kept
+
+
 def chain_root(opts: BackupOptions) -> Path:
     return month_folder(opts.target) if opts.monthly else opts.target
 
@@ -181,20 +208,22 @@ class Layout:
 
     def job(self, disk: BlockDevice, level: str, timestamp: int, *, sync: Optional[str] = None,
             backing: Optional[str] = None, backed: bool = True, bitmap: Optional[str] = None,
-            bitmap_mode: Optional[str] = None) -> BackupJob:
+            bitmap_mode: Optional[str] = None, image: Optional[str] = None,
+            note: str = "") -> BackupJob:
+        """IMAGE: the image name the file is named after (default: the disk's image file)."""
         folder_name = self.folder(disk)
         folder = self.root / folder_name
         plain = self.plain_name(disk, folder_name, level)
-        name = plain or backup_file_name(level, timestamp, disk.filename)
+        name = plain or backup_file_name(level, timestamp, image or disk.filename)
         link = link_name(level, plain) if plain and not self.opts.no_symlink else None
         return BackupJob(disk=disk, level=level, sync=sync or whole_disk_sync(disk),
                          partial_path=folder / (name + PARTIAL_SUFFIX), final_path=folder / name,
                          backing=backing, backed=backed, timestamped=plain is None, link=link,
-                         bitmap=bitmap, bitmap_mode=bitmap_mode)
+                         bitmap=bitmap, bitmap_mode=bitmap_mode, note=note)
 
 
 def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain, timestamp: int,
-                level: str = "inc") -> tuple[list[BackupJob], list[BlockDevice]]:
+                level: str) -> tuple[list[BackupJob], list[BlockDevice]]:
     """Jobs for a chain run: LEVEL (inc or diff) where possible, full where a disk is new.
 
     A disk that cannot hold bitmaps (raw, pflash) is copied in full every time.
@@ -203,27 +232,48 @@ def _chain_jobs(disks: list[BlockDevice], layout: Layout, chain: Chain, timestam
     backs onto the disk's previous backup, a DIFF onto its FULL; both run
     with the chain bitmap (see :mod:`bitmaps` for how a DIFF fills it).
     After one of upstream's INCs (which name no backing file) the new file
-    names none either, so the folder stays one kind of chain for upstream's tools.
+    names none either, and is named after the chain's image like upstream's
+    files (also when an overlay now sits on top), so the folder stays one
+    kind of chain for upstream's tools.  A full where LEVEL was asked for
+    carries a note saying why, for the run's summary.
     """
     jobs, add = [], []
+    continuing = level in ("inc", "diff")
     for disk in disks:
         if not disk.supports_persistent_bitmaps:
-            jobs.append(layout.job(disk, "full", timestamp))
+            jobs.append(layout.job(disk, "full", timestamp,
+                                   note=f"{disk.driver}: copied in full every run"
+                                   if continuing else ""))
             continue
         history = chain.disks.get(disk.disk_id)
         if history and chain.has_full(disk.disk_id):
             previous = history.backups[-1]
-            base = [b for b in history.backups if b.level == "full"][-1] \
-                if level == "diff" else previous
+            full = [b for b in history.backups if b.level == "full"][-1]
+            base = full if level == "diff" else previous
             jobs.append(layout.job(disk, level, timestamp, sync="incremental",
                                    backing=base.file if previous.backed else None,
-                                   backed=previous.backed, bitmap=chain.bitmap))
+                                   backed=previous.backed, bitmap=chain.bitmap,
+                                   image=None if previous.backed else full.source_image))
             continue
         if disk.bitmap(chain.bitmap) is None:
             add.append(disk)
+        note = _why_full(chain, disk.disk_id, history is None,
+                         layout.store.unmatched) if continuing else ""
+        if note:
+            log.info("%s: not in chain %s yet: a new full instead of %s (%s)", disk.disk_id,
+                        chain.uuid, level, note)
         jobs.append(layout.job(disk, "full", timestamp, bitmap=chain.bitmap,
-                               bitmap_mode="on-success"))
+                               bitmap_mode="on-success", note=note))
     return jobs, add
+
+
+def _why_full(chain: Chain, disk_id: str, new_to_chain: bool, unmatched: list[str]) -> str:
+    """Why a disk of an inc/diff run gets a new full instead (UNMATCHED: see adopt_upstream)."""
+    if not new_to_chain:
+        return "no full in the chain"
+    if disk_id in chain.excluded:
+        return "named by --include"
+    return "matches no upstream folder" if unmatched else "hot-added"
 
 
 def _bitmap_problems(disks: list[BlockDevice], chain: Chain,
@@ -265,7 +315,8 @@ def _not_empty(root: Path, chain: Optional[Chain]) -> str:
 
 def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions,
                 timestamp: int, root_is_empty: bool,
-                existing: Collection[str] = ()) -> RunPlan:
+                existing: Collection[str] = (), excluded: Collection[str] = ()) -> RunPlan:
+    """EXCLUDED: disk ids of the VM the options leave out (:func:`left_out`), for a new chain."""
     root = store.root
     level = opts.level
     layout = Layout(root, store, opts, frozenset(existing))
@@ -282,6 +333,10 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
     chain = store.current
     if chain and opts.uuid and chain.uuid != opts.uuid:
         raise ChainError(f"target {root} holds chain {chain.uuid}, not --uuid {opts.uuid}")
+    if chain and level != "full":
+        selected = chain_selection(disks, chain, opts)
+        excluded = sorted({*excluded, *(d.disk_id for d in disks if d not in selected)})
+        disks = selected
     reason = "--level " + level
     unusable: list[tuple[BlockDevice, str]] = []
     if level == "auto":
@@ -302,7 +357,8 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
         if not root_is_empty and not unusable:
             raise TargetError(_not_empty(root, chain))
         chain_id = opts.uuid if opts.uuid and not unusable else new_chain_id()
-        new = Chain(uuid=chain_id, bitmap=bitmap_name(chain_id), created=timestamp)
+        new = Chain(uuid=chain_id, bitmap=bitmap_name(chain_id), created=timestamp,
+                    excluded=sorted(excluded))
         taken = [d.disk_id for d in disks if chain_bitmaps(d, new.bitmap)]
         if taken:
             # re-basing it would silently break the chain in the other folder
@@ -310,7 +366,7 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
                 f"disk {taken[0]} already has bitmap {new.bitmap}: chain {chain_id} belongs "
                 f"to another backup folder; choose another --uuid, or remove that chain's "
                 f"bitmaps with: qmpbackup cleanup --remove-bitmaps --uuid {chain_id}")
-        jobs, add = _chain_jobs(disks, layout, new, timestamp)
+        jobs, add = _chain_jobs(disks, layout, new, timestamp, "full")
         retire = chain.bitmap if unusable and chain else None
         return RunPlan(level="full", timestamp=timestamp, root=root, chain=new, new_chain=True,
                        jobs=jobs, bitmaps_to_add=add, retire_bitmap=retire, reason=reason)

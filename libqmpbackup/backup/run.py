@@ -46,7 +46,14 @@ from libqmpbackup.backup.jobs import (
     run_transaction,
 )
 from libqmpbackup.backup.pause import VmPause
-from libqmpbackup.backup.plan import BackupOptions, RunPlan, chain_root, plan_backup, select_disks
+from libqmpbackup.backup.plan import (
+    BackupOptions,
+    RunPlan,
+    chain_root,
+    left_out,
+    plan_backup,
+    select_disks,
+)
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.run_steps import finish_regardless, reached
@@ -60,7 +67,14 @@ from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.store import folder_safety, upstream
 from libqmpbackup.store.intent import remove_intent
 from libqmpbackup.store.journal import refuse_unfinished_restores
-from libqmpbackup.store.layout import existing_names, is_empty_dir, latest_backup_time, prepare_root
+from libqmpbackup.store.layout import (
+    existing_names,
+    holds_metadata,
+    is_empty_dir,
+    latest_backup_time,
+    prepare_root,
+    refuse_mixed,
+)
 from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import BackupRecord, ChainStore
 from libqmpbackup.store.prune import finish_interrupted_prune
@@ -78,11 +92,13 @@ class BackupFile:
     time: int
     bytes_written: int      # what QEMU's job copied (for a full: the whole disk)
     duration: float        # seconds from the transaction to this disk's job completing
+    note: str = ""          # why LEVEL differs from the run's level ("hot-added")
 
     @classmethod
     def of(cls, job: BackupJob, timestamp: int) -> BackupFile:
         return cls(disk_id=job.disk.disk_id, path=job.final_path, level=job.level,
-                   time=timestamp, bytes_written=job.bytes_copied, duration=job.duration)
+                   time=timestamp, bytes_written=job.bytes_copied, duration=job.duration,
+                   note=job.note)
 
     def document(self) -> Document:
         try:
@@ -91,7 +107,7 @@ class BackupFile:
             size = None
         return {"disk": self.disk_id, "file": str(self.path), "level": self.level,
                 "time": self.time, "bytes_written": self.bytes_written, "file_size": size,
-                "duration": round(self.duration, 3)}
+                "duration": round(self.duration, 3), "note": self.note}
 
 
 @dataclass
@@ -107,8 +123,33 @@ class BackupResult:
     def document(self) -> Document:
         """The ``backup --json`` document (keys in docs/json.md)."""
         return {"command": "backup", "level": self.level, "reason": self.reason,
+                "summary": self.summary(),
                 "chain": self.chain_id, "target": str(self.root), "time": self.time,
                 "quiesced": self.quiesced, "files": [f.document() for f in self.files]}
+
+    def summary(self) -> str:
+        """What the run did per disk: ``inc: 1 disk incremental, 1 disk new full (hot-added)``."""
+        return f"{self.level}: {self.per_disk()}"
+
+    def per_disk(self) -> str:
+        return per_disk_levels([(f.level, f.note) for f in self.files])
+
+
+LEVEL_WORDS = {"full": "full", "inc": "incremental", "diff": "differential", "copy": "copy"}
+
+
+def per_disk_levels(done: list[tuple[str, str]]) -> str:
+    """Per (level, note) actually done, how many disks: a run never claims more than it did."""
+    counts: dict[tuple[str, str], int] = {}
+    for item in done:
+        counts[item] = counts.get(item, 0) + 1
+    parts = []
+    for (done_level, note), count in counts.items():
+        word = LEVEL_WORDS.get(done_level, done_level)
+        if note:
+            word = f"new {word} ({note})" if done_level == "full" else f"{word} ({note})"
+        parts.append(f"{count} disk{'s' if count != 1 else ''} {word}")
+    return ", ".join(parts)
 
 
 def _timestamp_after(last: int) -> int:
@@ -126,6 +167,9 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
     selected = select_disks(disks, opts)
     await check_target_io(session, opts.target_io)
     root = chain_root(opts)
+    if opts.level != "copy" and os.path.isdir(opts.target):
+        refuse_mixed(opts.target, opts.monthly, plain_chain=holds_metadata(opts.target)
+                     or upstream.chain_id(opts.target) is not None)
     if opts.monthly and os.path.lexists(root):
         folder_safety.require_folder(root)   # the month folder is folder content, not --target
     created = prepare_root(root)
@@ -155,8 +199,10 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
         store = adopt_upstream(root, disks)
     first_chain = store.current is None
     timestamp = _timestamp_after(max(latest_backup_time(root), store.latest_time()))
-    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root))
-    log.info("level %s for %d disk(s) into %s (%s)", plan.level, len(plan.jobs), root, plan.reason)
+    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root),
+                       excluded=left_out(disks, opts))
+    log.info("level %s: %s into %s (%s)", plan.level,
+             per_disk_levels([(j.level, j.note) for j in plan.jobs]), root, plan.reason)
     if plan.retire_bitmap:
         for disk in selected:
             for name in bitmaps.chain_bitmaps(disk, plan.retire_bitmap):

@@ -57,6 +57,7 @@ class BlockDevice:
     qcow2_compat: Optional[str] = None
     bitmaps: list[DirtyBitmap] = field(default_factory=list)
     has_backing: bool = True     # unknown counts as backed: only a known-flat image is skipped sparsely
+    backing_filename: str = ""   # query-block's backing-image filename: the image below an overlay
 
     @property
     def is_pflash(self) -> bool:
@@ -69,6 +70,14 @@ class BlockDevice:
 
     def bitmap(self, name: str) -> Optional[DirtyBitmap]:
         return next((b for b in self.bitmaps if b.name == name), None)
+
+    def image_files(self) -> list[str]:
+        """The disk's image file, then the one below it when the top is an overlay.
+
+        Upstream qmpbackup names a disk's folder after the base name of one of
+        these (the lower one when an active snapshot's overlay sits on top).
+        """
+        return [f for f in (self.filename, self.backing_filename) if f]
 
     def names(self) -> set[str]:
         """Every name a user may give in --include/--exclude for this disk."""
@@ -154,6 +163,7 @@ def _block_device(disk_id: str, node: dict[str, Any], nodes: dict[str, dict[str,
         removable=removable,
         qcow2_compat=specific.get("compat"),
         has_backing="backing-image" in image or bool(image.get("backing-filename")),
+        backing_filename=image.get("backing-image", {}).get("filename", ""),
         bitmaps=_bitmaps_from_node(nodes.get(node_name, {})),
     )
 

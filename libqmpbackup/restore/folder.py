@@ -10,6 +10,7 @@ the facts (folder listing, ``qemu-img info`` and ``check`` of every file).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,7 +32,7 @@ from libqmpbackup.store.digests import DigestCheck, check_handles
 from libqmpbackup.store.handles import FileHandle, Folder
 from libqmpbackup.store.intent import load_intent
 from libqmpbackup.store.journal import JOURNAL_NAME, Journal, unfinished_error
-from libqmpbackup.store.layout import existing_backup_folder, month_folders
+from libqmpbackup.store.layout import existing_backup_folder, holds_metadata, month_folders
 from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import DISK_METADATA_NAME, METADATA_NAME, link_name, safe_component
 from libqmpbackup.store.retention import pruning_entry
@@ -127,7 +128,7 @@ def _load(root: Path, name: str = METADATA_NAME) -> ChainStore:
 
 def _parent_lists(path: Path) -> Optional[ChainStore]:
     """The parent's metadata, if it keeps disks in PATH (a disk folder in place)."""
-    if not (path.parent / METADATA_NAME).is_file():
+    if not holds_metadata(path.parent):
         return None
     store = _load(path.parent)
     return store if path.name in store.folders() else None
@@ -136,15 +137,15 @@ def _parent_lists(path: Path) -> Optional[ChainStore]:
 def _find_backup(path: Path, name_filter: Optional[str]) -> Optional[BackupDir]:
     """What PATH is, in order: a chain folder, a disk folder in place, a disk folder on its
     own, a disk folder of an upstream folder, an upstream folder (or a copy of its disk folder)."""
-    if (path / METADATA_NAME).is_file():
+    if holds_metadata(path):   # whatever it is: the metadata reader refuses a non-file
         return BackupDir(_load(path), None, name_filter)
     parent = _parent_lists(path)
     if parent is not None:
         return BackupDir(parent, path.name, name_filter)
-    if (path / DISK_METADATA_NAME).is_file():
+    if os.path.lexists(path / DISK_METADATA_NAME):
         log.debug("%s: a disk folder on its own, read from its %s", path, DISK_METADATA_NAME)
         return BackupDir(_load(path, DISK_METADATA_NAME), "", name_filter, DISK_METADATA_NAME)
-    if (path.parent / METADATA_NAME).is_file():
+    if holds_metadata(path.parent):
         # the parent is ours but does not know this folder: its metadata is the truth
         return BackupDir(_load(path.parent), path.name, name_filter)
     if month_folders(path):
@@ -162,9 +163,12 @@ def open_backup_dir(path: Path, name_filter: Optional[str] = None) -> BackupDir:
     """The chain (and disk folder) --dir names; a --monthly base is refused as ambiguous."""
     path = existing_backup_folder(path)
     found = _find_backup(path, name_filter)
-    if found is not None:
-        return found
     months = month_folders(path)
+    if found is not None:
+        if months and found.disk_folder is None:
+            log.warning("%s also holds --monthly chains (%s): give one of them as --dir to "
+                        "restore from it", path, ", ".join(m.name for m in months))
+        return found
     if months:
         raise UsageError(f"{path} holds one chain folder per month "
                          f"({', '.join(m.name for m in months)}): give one of them as --dir")
@@ -173,16 +177,18 @@ def open_backup_dir(path: Path, name_filter: Optional[str] = None) -> BackupDir:
 
 
 def open_for_listing(path: Path, name_filter: Optional[str] = None) -> list[BackupDir]:
-    """Like open_backup_dir, but a --monthly base lists all its months."""
+    """Like open_backup_dir, but a --monthly base lists all its months (after its own chain,
+    in a folder an older release let hold both: no chain of the folder stays unseen)."""
     path = existing_backup_folder(path)
     found = _find_backup(path, name_filter)
-    if found is not None:
+    if found is not None and found.disk_folder is not None:
         return [found]
-    months = month_folders(path)
-    if not months:
+    # a month a killed prune emptied lists no chain, only its leftovers
+    months = [BackupDir(ChainStore.load(m), None, name_filter) for m in month_folders(path)]
+    if found is None and not any(m.store.chains for m in months):
         raise ChainError(f"{path} holds no backup chain (no {METADATA_NAME} in it, its parent "
                          "or its sub-folders)")
-    return [BackupDir(_load(m), None, name_filter) for m in months]
+    return ([found] if found is not None else []) + months
 
 
 def folder_names(folder: Path) -> list[str]:

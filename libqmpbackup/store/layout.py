@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup.errors import TargetError
+from libqmpbackup.errors import TargetError, UsageError
 from libqmpbackup.store.fsutil import TEMP_SUFFIX, make_private_dirs
 from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.names import (
@@ -22,6 +23,8 @@ from libqmpbackup.store.names import (
     parse_backup_name,
 )
 
+log = logging.getLogger(__name__)
+
 MONTH_FOLDER_RE = re.compile(r"^\d{4}-\d{2}$")
 """The names :func:`month_folder` gives."""
 
@@ -31,9 +34,61 @@ def month_folder(base: Path, now: Optional[float] = None) -> Path:
     return base / time.strftime("%Y-%m", time.localtime(now))
 
 
-def month_folders(path: Path) -> list[Path]:
-    """The chain folders of a --monthly base (real sub-folders holding chain metadata)."""
-    return [p for p in disk_folders(path) if (p / METADATA_NAME).is_file()]
+def holds_metadata(folder: Path) -> bool:
+    """FOLDER has an entry named like the chain metadata, whatever it is.
+
+    Not ``is_file()``: a FIFO or symlink named ``qmpbackup.json`` must reach
+    the metadata reader, which refuses it, instead of making the folder look
+    like one without metadata (read as upstream's, or as empty).
+    """
+    return os.path.lexists(folder / METADATA_NAME)
+
+
+def month_folders(base: Path) -> list[Path]:
+    """The --monthly chain folders of BASE, oldest first: the one answer every command uses.
+
+    A month folder is a real sub-folder named ``YYYY-MM`` (:func:`month_folder`)
+    holding chain metadata; list, verify, merge, prune and backup all ask
+    here.  A symlink named like a month is never one (it could lead anywhere).
+    """
+    return [path for path in disk_folders(base)
+            if MONTH_FOLDER_RE.match(path.name) and holds_metadata(path)]
+
+
+def _month_links(base: Path) -> list[str]:
+    try:
+        with os.scandir(base) as entries:
+            return sorted(e.name for e in entries
+                          if MONTH_FOLDER_RE.match(e.name) and e.is_symlink())
+    except OSError:
+        return []
+
+
+def chain_folders(base: Path, warn: bool = True) -> list[Path]:
+    """Every folder holding a chain of BASE: BASE itself (when it has metadata), then its months.
+
+    A folder holds either one or the other since backups refuse to mix them
+    (:func:`refuse_mixed`); one that an older release let mix shows both.
+    """
+    for name in _month_links(base) if warn else []:
+        log.warning("%s is a symlink: its chains are neither listed, counted nor pruned",
+                    base / name)
+    return ([base] if holds_metadata(base) else []) + month_folders(base)
+
+
+def refuse_mixed(base: Path, monthly: bool, plain_chain: bool) -> None:
+    """A --monthly run into a folder with a plain chain, or a plain run into a --monthly base.
+
+    PLAIN_CHAIN: BASE holds a chain of its own (ours or upstream's).  Mixed,
+    the two kinds would hide each other from restores of that folder.
+    """
+    if monthly and plain_chain:
+        raise UsageError(f"{base} holds a backup chain of its own: --monthly chains go into "
+                         "their own folder (choose another --target, or drop --monthly)")
+    months = [] if monthly or plain_chain else month_folders(base)
+    if months:
+        raise UsageError(f"{base} holds --monthly chains ({', '.join(m.name for m in months)}): "
+                         "add --monthly to continue them, or choose another --target")
 
 
 def existing_backup_folder(path: Path) -> Path:

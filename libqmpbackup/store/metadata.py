@@ -88,10 +88,19 @@ class DiskChain:
 
 @dataclass
 class Chain:
+    """One chain: its bitmap, each disk's records, and the disks left out when it started.
+
+    ``excluded`` (disk ids the VM had but --exclude/--include left out at the
+    chain's first run) keeps them out of later runs unless --include names
+    them; only a disk the VM did not have then joins as hot-added.  Metadata
+    of earlier releases has no such list: every disk may join, as before.
+    """
+
     uuid: str
     bitmap: str
     created: int
     disks: dict[str, DiskChain] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)
 
     def disk(self, disk_id: str) -> DiskChain:
         return self.disks.setdefault(disk_id, DiskChain())
@@ -126,6 +135,7 @@ class ChainStore:
     root: Path
     chains: list[Chain] = field(default_factory=list)
     pruning: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)   # upstream folders no disk matched (not saved)
 
     @property
     def path(self) -> Path:
@@ -265,8 +275,11 @@ def _chain_from_dict(value: Any, where: str) -> Chain:
         backups = shape.array(fields, "backups", where)
         disks[disk_id] = DiskChain(backups=[_record_from_dict(b, where) for b in backups],
                                    folder=folder)
+    excluded = shape.array(raw, "excluded", where, default=[])
+    if not all(isinstance(d, str) and 0 < len(d) <= shape.MAX_TEXT for d in excluded):
+        raise shape.malformed(where, "'excluded' must list disk ids")
     return Chain(uuid=chain_id, bitmap=bitmap, created=shape.integer(raw, "created", where),
-                 disks=disks)
+                 disks=disks, excluded=excluded)
 
 
 def _pruning_entry(value: Any, where: str) -> str:

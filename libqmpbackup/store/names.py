@@ -18,7 +18,7 @@ Layout of a chain folder::
 ``--no-subdir`` puts the files in DIR itself; ``--no-timestamp`` names a
 FULL/COPY exactly like the source image, with a ``FULL-<image>`` symlink
 beside it for people (restores never follow it).  Folders written by
-upstream qmpbackup 0.67 hold ``DIR/uuid`` and ``DIR/<disk>.config`` as well.
+upstream qmpbackup 0.67 hold ``DIR/uuid`` and ``DIR/<image>.config`` as well.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ METADATA_NAME = "qmpbackup.json"
 INTENT_NAME = "qmpbackup-intent.json"   # a run's files before they are recorded (see intent.py)
 DISK_METADATA_NAME = "qmpbackup-disk.json"   # a disk folder's own copy of its chain records
 UPSTREAM_UUID_NAME = "uuid"                  # upstream 0.67: the chain id of DIR
-UPSTREAM_CONFIG_SUFFIX = ".config"           # upstream 0.67: DIR/<disk>.config
+UPSTREAM_CONFIG_SUFFIX = ".config"           # upstream 0.67: DIR/<image>.config
 JOURNAL_NAME = "qmprestore-journal.json"     # an in-place restore at work (see journal)
 IMAGE_LINK = "image"
 """Symlink in a disk folder to the image of the last restored point."""

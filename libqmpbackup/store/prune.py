@@ -33,11 +33,11 @@ from typing import Iterator, Optional
 from libqmpbackup.errors import ChainError, TargetError
 from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.journal import refuse_unfinished_restores
-from libqmpbackup.store.layout import MONTH_FOLDER_RE, existing_backup_folder
+from libqmpbackup.store.layout import chain_folders, existing_backup_folder
 from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.mounts import refuse_if_mounted
-from libqmpbackup.store.names import METADATA_NAME
+from libqmpbackup.store.names import METADATA_NAME, Level, is_backup_file_name, link_name
 from libqmpbackup.store.retention import (
     ROOT_FOLDER,
     ChainSummary,
@@ -147,6 +147,33 @@ def _delete(root: Folder, disk_folder: str, name: str) -> bool:
     return removed
 
 
+def _drop_links(root: Folder, disk_folder: str, name: str) -> None:
+    """Remove the ``FULL-<image>``/``COPY-<image>`` links a --no-timestamp backup left beside NAME.
+
+    Only a symlink pointing at exactly NAME (as the backup run made it) goes:
+    once NAME is deleted it would be a dead link, and it would keep the disk
+    folder from being removed as empty.
+    """
+    if is_backup_file_name(name):
+        return      # a timestamped file never gets a link
+    with _disk_folder(root, disk_folder) as folder:
+        if folder is None or folder.entry(name) is not None:
+            return      # NAME is still there (left alone): so is its link
+        for level in (Level.FULL.value, Level.COPY.value):
+            link = link_name(level, name)
+            info = folder.entry(link)
+            if info is None or not stat.S_ISLNK(info.st_mode):
+                continue
+            try:
+                if os.readlink(link, dir_fd=folder.fd) != name:
+                    continue
+                os.unlink(link, dir_fd=folder.fd)
+            except OSError as err:
+                log.warning("cannot remove link %s: %s", folder.path / link, err.strerror)
+                continue
+            log.info("removed link %s", folder.path / link)
+
+
 def _remove_empty_dir(parent: Folder, name: str) -> None:
     """rmdir PARENT/NAME when it is an empty real folder (rmdir never follows a symlink)."""
     path = parent.path / name
@@ -171,6 +198,7 @@ def _delete_pruned_files(store: ChainStore, root: Folder) -> list[Path]:
         folders.add(parts[0])
         if _delete(root, *parts):
             deleted.append(store.root / entry)
+        _drop_links(root, *parts)
     for folder in sorted(folders - {ROOT_FOLDER}):
         _remove_empty_dir(root, folder)
     return deleted
@@ -218,22 +246,6 @@ def finish_interrupted_prune(store: ChainStore, root: Optional[Folder] = None) -
         return []
     log.warning("finishing a prune that was interrupted in %s", store.root)
     return finish_pruning(store, root)
-
-
-def chain_folders(base: Path) -> list[Path]:
-    """BASE if it holds chain metadata, and its YYYY-MM month folders that do (no symlinks)."""
-    folders = [base] if (base / METADATA_NAME).is_file() else []
-    try:
-        names = sorted(os.listdir(base))
-    except OSError as err:
-        raise TargetError(f"cannot read {base}: {err.strerror}") from err
-    for name in filter(MONTH_FOLDER_RE.match, names):
-        path = base / name
-        if path.is_symlink():
-            log.warning("%s is a symlink: its chains are neither counted nor pruned", path)
-        elif path.is_dir() and (path / METADATA_NAME).is_file():
-            folders.append(path)
-    return folders
 
 
 def _commit(change: FolderChange, held: Folder) -> None:

@@ -1,12 +1,14 @@
 """Folders written by upstream qmpbackup 0.67, read as chain metadata.
 
 Upstream keeps no metadata file: ``DIR/uuid`` holds the chain id (bitmap
-``qmpbackup-<uuid>``), each disk has ``DIR/<disk>/FULL-<t>-<image>`` and
+``qmpbackup-<uuid>``), each disk has ``DIR/<image>/FULL-<t>-<image>`` and
 ``INC-<t>-<image>`` files whose headers name no backing file (or, with
-``--no-subdir``, the files sit in DIR itself), and ``DIR/<disk>.config``
-describes the disk.  The order of a chain is all there is to know, and
-upstream's own restore takes it from the names; here it comes from the time
-in each name, never from file modification times.
+``--no-subdir``, the files sit in DIR itself), and ``DIR/<image>.config``
+is the image's ``qemu-img info``; ``<image>`` is the base name of the disk's
+image file (:mod:`libqmpbackup.backup.adopt` matches it to a disk).  The
+order of a chain is all there is to know, and upstream's own restore takes
+it from the names; here it comes from the time in each name, never from
+file modification times.
 
 Only regular files count: a symlink is never taken for a backup, so a
 hostile or stale link cannot smuggle another file into a chain.  Nothing in

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.plan import plan_backup, select_disks
 from libqmpbackup.errors import ChainError, UsageError
+from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.restore.folder import open_backup_dir
 from libqmpbackup.restore.rules import image_problems, record_problems, select_root_points
 from libqmpbackup.store import upstream
@@ -112,31 +114,33 @@ def test_every_disk_folder_gets_its_own_records(tmp_path: Path) -> None:
 
 
 def upstream_folder(root: Path) -> None:
-    for folder, files in {"ide0-hd0": ["FULL-10-disk1.qcow2", "INC-20-disk1.qcow2",
-                                       "INC-15-disk1.qcow2"],
-                          "ide0-hd1": ["FULL-10-disk2.qcow2"]}.items():
+    """As upstream 0.67 writes it: each folder named after its image file's base name."""
+    for folder, files in {"disk1.qcow2": ["FULL-10-disk1.qcow2", "INC-20-disk1.qcow2",
+                                          "INC-15-disk1.qcow2"],
+                          "disk2.qcow2": ["FULL-10-disk2.qcow2"]}.items():
         (root / folder).mkdir(parents=True)
         for name in files:
             (root / folder / name).write_bytes(b"")
+        (root / f"{folder}.config").write_text(json.dumps(
+            {"filename": f"/vm/{folder}", "format": "qcow2", "virtual-size": 1 << 20}))
     (root / "uuid").write_text("testme\n")
-    (root / "ide0-hd0.config").write_text("{}")
 
 
 def test_an_upstream_folder_reads_as_one_chain_ordered_by_the_times_in_the_names(
         tmp_path: Path) -> None:
     upstream_folder(tmp_path)
-    os.symlink("FULL-10-disk1.qcow2", tmp_path / "ide0-hd0" / "INC-30-disk1.qcow2")
-    (tmp_path / "ide0-hd0" / "INC-40-disk1.qcow2.partial").write_bytes(b"")
+    os.symlink("FULL-10-disk1.qcow2", tmp_path / "disk1.qcow2" / "INC-30-disk1.qcow2")
+    (tmp_path / "disk1.qcow2" / "INC-40-disk1.qcow2.partial").write_bytes(b"")
     store = upstream.read_folder(tmp_path)
     (chain,) = store.chains
     assert (chain.uuid, chain.bitmap) == ("testme", "qmpbackup-testme")
-    assert [r.file for r in chain.disks["ide0-hd0"].backups] == [
+    assert [r.file for r in chain.disks["disk1.qcow2"].backups] == [
         "FULL-10-disk1.qcow2", "INC-15-disk1.qcow2", "INC-20-disk1.qcow2"], "no link, no .partial"
-    assert chain.folder_of("ide0-hd1") == "ide0-hd1"
-    points = select_root_points(store, "INC-15", None, ["ide0-hd0"])
-    assert [(p.disk_id, p.record.file) for p in points] == [("ide0-hd0", "INC-15-disk1.qcow2")]
-    alone = open_backup_dir(tmp_path / "ide0-hd0")
-    assert alone.metadata_name is None and alone.disk_ids() == ["ide0-hd0"]
+    assert chain.folder_of("disk2.qcow2") == "disk2.qcow2"
+    points = select_root_points(store, "INC-15", None, ["disk1.qcow2"])
+    assert [(p.disk_id, p.record.file) for p in points] == [("disk1.qcow2", "INC-15-disk1.qcow2")]
+    alone = open_backup_dir(tmp_path / "disk1.qcow2")
+    assert alone.metadata_name is None and alone.disk_ids() == ["disk1.qcow2"]
 
 
 def test_a_hostile_upstream_uuid_is_refused(tmp_path: Path) -> None:
@@ -148,9 +152,62 @@ def test_a_hostile_upstream_uuid_is_refused(tmp_path: Path) -> None:
 
 def test_filter_selects_by_disk_id_or_image_name(tmp_path: Path) -> None:
     upstream_folder(tmp_path)
-    assert open_backup_dir(tmp_path, "disk2").disk_ids() == ["ide0-hd1"]
-    assert open_backup_dir(tmp_path, "hd0").disk_ids() == ["ide0-hd0"]
+    assert open_backup_dir(tmp_path, "disk2").disk_ids() == ["disk2.qcow2"]
     assert open_backup_dir(tmp_path, "nothing").disk_ids() == []
+
+
+def vm_disk(disk_id: str, filename: str, backing: str = "") -> BlockDevice:
+    return BlockDevice(disk_id=disk_id, device=disk_id, qdev="", node=f"#{disk_id}",
+                       driver="qcow2", filename=filename, virtual_size=1 << 20, read_only=False,
+                       removable=False, backing_filename=backing,
+                       bitmaps=[bitmap("qmpbackup-testme")])
+
+
+def test_adoption_matches_upstream_folders_by_image_base_name(tmp_path: Path) -> None:
+    """Folder = image base name; under an overlay the backing image's; device names never."""
+    upstream_folder(tmp_path)
+    disks = [vm_disk("ide0-hd1", "/vm/disk2.qcow2"),
+             vm_disk("virtio0", "/vm/snap.qcow2", backing="/vm/disk1.qcow2")]
+    (chain,) = adopt_upstream(tmp_path, disks).chains
+    assert {d: c.folder for d, c in chain.disks.items()} == {
+        "virtio0": "disk1.qcow2", "ide0-hd1": "disk2.qcow2"}
+    # two disks whose images share a base name: the .config's file name tells them apart
+    twins = [vm_disk("a", "/other/disk1.qcow2"), vm_disk("b", "/vm/disk1.qcow2"),
+             vm_disk("c", "/vm/disk2.qcow2")]
+    (chain,) = adopt_upstream(tmp_path, twins).chains
+    assert chain.disks["b"].folder == "disk1.qcow2" and "a" not in chain.disks
+    # no .config, still ambiguous: the folder keeps its name and the disk starts afresh
+    (tmp_path / "disk1.qcow2.config").unlink()
+    store = adopt_upstream(tmp_path, twins)
+    assert set(store.chains[0].disks) == {"disk1.qcow2", "c"}
+    assert store.unmatched == ["disk1.qcow2"]
+    plan = plan_backup(twins, store, opts("inc"), 100, False)
+    assert [(j.disk.disk_id, j.level, j.note) for j in plan.jobs] == [
+        ("a", "full", "matches no upstream folder"), ("b", "full", "matches no upstream folder"),
+        ("c", "inc", "")], "the run says why it starts a disk afresh"
+
+
+def test_adoption_falls_back_to_device_names(tmp_path: Path) -> None:
+    """A folder renamed after its device by hand still finds its disk."""
+    upstream_folder(tmp_path)
+    (tmp_path / "disk2.qcow2").rename(tmp_path / "ide0-hd1")
+    disks = [vm_disk("ide0-hd1", "/elsewhere/renamed.qcow2"), vm_disk("virtio0", "/vm/disk1.qcow2")]
+    (chain,) = adopt_upstream(tmp_path, disks).chains
+    assert {d: c.folder for d, c in chain.disks.items()} == {
+        "virtio0": "disk1.qcow2", "ide0-hd1": "ide0-hd1"}
+
+
+def test_adoption_of_an_upstream_no_subdir_folder(tmp_path: Path) -> None:
+    for name in ("FULL-10-disk1.qcow2", "INC-20-disk1.qcow2", "FULL-10-disk2.qcow2"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "uuid").write_text("testme\n")
+    disks = [vm_disk("virtio0", "/vm/disk1.qcow2"), vm_disk("data1", "/vm/disk2.qcow2")]
+    (chain,) = adopt_upstream(tmp_path, disks).chains
+    assert {d: (c.folder, len(c.backups)) for d, c in chain.disks.items()} == {
+        "virtio0": ("", 2), "data1": ("", 1)}
+    plan = plan_backup(disks, ChainStore(tmp_path, [chain]), opts("inc"), 100, False)
+    assert [(j.level, j.final_path.name, j.backing) for j in plan.jobs] == [
+        ("inc", "INC-100-disk1.qcow2", None), ("inc", "INC-100-disk2.qcow2", None)]
 
 
 def test_chain_without_folder_field_still_loads(tmp_path: Path) -> None:

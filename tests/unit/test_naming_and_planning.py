@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,48 @@ def test_plan_full_refuses_a_uuid_whose_diff_bitmap_exists() -> None:
     with pytest.raises(ChainError, match="another backup folder"):
         plan_backup([disk("virtio0", bitmaps=(bitmap("qmpbackup-u+diff"),))],
                     ChainStore(Path("/b")), opts("full", uuid="u"), 100, True)
+
+
+def test_a_run_says_which_disks_did_not_get_the_asked_level() -> None:
+    """inc: the disk new to the chain and the raw one get a full, each with the reason."""
+    disks = [disk("virtio0", bitmaps=(bitmap("qmpbackup-c1"),)), disk("virtio1"),
+             disk("pflash1", "raw", device="pflash1")]
+    plan = plan_backup(disks, store_with_chain("virtio0"), opts("inc"), 100, False)
+    assert [(j.level, j.note) for j in plan.jobs] == [
+        ("inc", ""), ("full", "hot-added"), ("full", "raw: copied in full every run")]
+    full = plan_backup(disks, ChainStore(Path("/b")), opts("full"), 100, True)
+    assert [(j.level, j.note) for j in full.jobs] == [("full", "")] * 3, "a full is as asked"
+
+
+def test_a_chain_records_the_disks_its_first_run_left_out(tmp_path: Path) -> None:
+    disks = [disk("virtio0"), disk("virtio1"), disk("virtio2")]
+    plan = plan_backup(disks[:1], ChainStore(tmp_path), opts("full", exclude=("virtio1",)), 100,
+                       True, excluded=["virtio1"])
+    assert plan.chain is not None and plan.chain.excluded == ["virtio1"]
+    store = ChainStore(tmp_path, [plan.chain])
+    plan.chain.disk("virtio0").backups.append(
+        BackupRecord("FULL-100-virtio0.qcow2", "full", 100, 1, "x"))
+    store.save()
+    loaded = ChainStore.load(tmp_path)
+    assert loaded.chains[0].excluded == ["virtio1"]
+    with_bitmaps = [disk(d.disk_id, bitmaps=(bitmap(plan.chain.bitmap),)) for d in disks]
+    later = plan_backup(with_bitmaps, loaded, opts("inc"), 200, False)
+    assert [(j.disk.disk_id, j.level, j.note) for j in later.jobs] == [
+        ("virtio0", "inc", ""), ("virtio2", "full", "hot-added")], "virtio1 stays out"
+    named = plan_backup(with_bitmaps[1:2], loaded, opts("inc", include=("virtio1",)), 200, False)
+    assert [(j.disk.disk_id, j.note) for j in named.jobs] == [("virtio1", "named by --include")]
+
+
+def test_metadata_of_the_previous_release_loads_and_a_bad_selection_is_refused(
+        tmp_path: Path) -> None:
+    record = {"file": "FULL-10-a.qcow2", "level": "full", "time": 10, "virtual_size": 1,
+              "source_image": "a.qcow2"}
+    chain = {"uuid": "u1", "bitmap": "qmpbackup-u1", "created": 10,
+             "disks": {"virtio0": {"backups": [record], "folder": "virtio0"}}}
+    (tmp_path / "qmpbackup.json").write_text(json.dumps({"version": 1, "chains": [chain]}))
+    assert ChainStore.load(tmp_path).chains[0].excluded == [], "no list: every disk may join"
+    for bad in ("virtio1", [""], [3]):
+        (tmp_path / "qmpbackup.json").write_text(json.dumps(
+            {"version": 1, "chains": [{**chain, "excluded": bad}]}))
+        with pytest.raises(ChainError, match="malformed"):
+            ChainStore.load(tmp_path)
