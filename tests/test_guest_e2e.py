@@ -438,9 +438,10 @@ def test_unreachable_agent(guest: Guest, cli: Cli, tmp_path: Path,
                            kind: str, required_rc: int, reason: str) -> None:
     """No agent behind the socket: --quiesce warns and backs up unquiesced, --quiesce-required fails.
 
-    "missing" is a VM started without the agent chardev (exit 3, like any
-    socket that cannot be opened); "silent" a chardev without qemu-ga in
-    the guest (exit 10: the agent does not answer).
+    "missing" is a VM started without the agent chardev (exit 3 for info,
+    like any socket that cannot be opened; --quiesce-required refuses it as
+    a usage error before anything exists); "silent" a chardev without qemu-ga
+    in the guest (exit 10: the agent does not answer).
     """
     monkeypatch.setattr(agent_module, "DEFAULT_TIMEOUT", SHORT_AGENT_TIMEOUT)
     socket = guest.silent_socket if kind == "silent" else str(tmp_path / "no-agent.sock")
@@ -452,8 +453,12 @@ def test_unreachable_agent(guest: Guest, cli: Cli, tmp_path: Path,
     assert [r["quiesced"] for r in recorded(tmp_path / "warned")] == [False]
 
     strict = tmp_path / "strict"
-    guest_backup(cli, vm, "full", strict, "--quiesce-required", agent=socket).failed(
-        required_rc, "--quiesce-required: cannot freeze the guest filesystems: ", reason)
+    if kind == "missing":   # no socket at all: refused before anything exists (exit 2)
+        guest_backup(cli, vm, "full", strict, "--quiesce-required", agent=socket).failed(
+            2, f"--quiesce-required: --agent-socket {socket}: No such file or directory")
+    else:
+        guest_backup(cli, vm, "full", strict, "--quiesce-required", agent=socket).failed(
+            required_rc, "--quiesce-required: cannot freeze the guest filesystems: ", reason)
     assert files_in(strict) == []
 
     qmpbackup(cli, vm, "info", "--show", "agent", agent=socket).failed(required_rc, reason)
