@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import AsyncContextManager, Awaitable, Optional, Sequence, Union
 
-from libqmpbackup import __version__
+from libqmpbackup import __version__, keys
 from libqmpbackup.backup import fleecing, offload
 from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
 from libqmpbackup.backup.image_disks import ImageSpec, chain_stores, daemon_images, parse_image_spec
@@ -200,7 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --fleecing: a guest write waits at most this long for its "
                              "old data to be saved; then the write goes on and the backup "
                              f"fails (default {fleecing.DEFAULT_CBW_TIMEOUT})")
+    backup.add_argument("--encrypt-key-file", type=Path, metavar="FILE",
+                        help="encrypt the chain this run starts (qcow2 LUKS) with the key in "
+                             "FILE (0600, yours; `qmpbackup genkey FILE` makes one); needed by "
+                             "every later run into that chain and by restores. Losing the key "
+                             "loses the backups")
+    backup.add_argument("--encrypt-iter-time", type=int, default=keys.DEFAULT_ITER_TIME_MS,
+                        metavar="MS", help="LUKS key derivation time per file (default "
+                                           "%(default)s: for a random genkey key; give 2000 or "
+                                           "more for a passphrase a human chose)")
     add_json_option(backup)
+
+    genkey = commands.add_parser(
+        "genkey", help="write a new random key file for --encrypt-key-file (no VM needed)",
+        epilog="examples:\n  qmpbackup genkey /root/vm1-backup.key\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_logging_options(genkey, after_command=True)
+    genkey.add_argument("file", type=Path, metavar="FILE",
+                        help="the new key file (0600; never overwrites an existing file)")
 
     info = commands.add_parser(
         "info", help="show the VM's disks or bitmaps",
@@ -286,7 +303,9 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
         target_cache_direct=args.blockdev_disable_cache, target_aio=args.blockdev_aio,
         no_subdir=args.no_subdir, no_timestamp=args.no_timestamp, no_symlink=args.no_symlink,
         fleecing=fleecing_options, copy_offload=args.copy_offload,
-        checksum=not args.no_checksum)
+        checksum=not args.no_checksum,
+        key=(keys.Key.load(args.encrypt_key_file, keys.check_iter_time(args.encrypt_iter_time))
+             if args.encrypt_key_file else None))
     if args.remove_delay is not None:
         log.warning("--remove-delay is not needed and is ignored: qmpbackup closes a backup "
                     "file only after QEMU has ended the job that wrote it")
@@ -355,7 +374,15 @@ def prune_command(args: argparse.Namespace) -> Union[CommandResult, Awaitable[Co
     return _prune_output(result, args.json)
 
 
+def genkey_command(args: argparse.Namespace) -> int:
+    keys.generate(args.file)
+    log.info("wrote a new random key to %s: keep a copy apart from the backups, "
+             "without it they cannot be restored", args.file)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "genkey": genkey_command,
     "backup": backup_command,
     "info": info_command,
     "cleanup": cleanup_command,

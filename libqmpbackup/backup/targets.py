@@ -226,6 +226,7 @@ class TargetNodes:
     """The target images as QEMU block nodes, each opened from its descriptor's fdset."""
 
     session: QmpSession
+    secret: Optional[str] = None    # the key's secret object: the targets are encrypted
     names: list[str] = field(default_factory=list)
     fdsets: list[int] = field(default_factory=list)
 
@@ -242,7 +243,7 @@ class TargetNodes:
             filename = FDSET_PATH.format(fdset)
         else:
             filename = str(job.partial_path)   # tcp: allowed in private folders only
-        await add_target_node(self.session, job, filename, io)
+        await add_target_node(self.session, job, filename, io, self.secret)
         self.names.append(job.target_node)
 
     async def close(self) -> list[str]:

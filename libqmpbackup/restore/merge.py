@@ -127,7 +127,7 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
     points = backup.points(opts.until, opts.uuid)
     with contextlib.ExitStack() as opened:
         checked = [opened.enter_context(check_before_restore(
-            point, backup.store, skip_check=opts.skip_check, dry_run=opts.dry_run))
+            point, backup.store, skip_check=opts.skip_check, dry_run=opts.dry_run, key=opts.key))
             for point in points]
         plan = _targets(points, target)
         created = _prepare_directory(target, opts.dry_run)
@@ -158,7 +158,8 @@ def _convert(image: RestoredImage, files: ChainFiles, opts: RestoreOptions) -> N
     source = files.spec([r.file for r in point.segment()])
     if opts.dry_run:
         qemuimg.convert(source, path.with_name(f".{path.name}.XXXXXX{PARTIAL_SUFFIX}"),
-                        out_format=image.fmt, rate_limit=opts.rate_limit, dry_run=True)
+                        out_format=image.fmt, rate_limit=opts.rate_limit, dry_run=True,
+                        encrypt=_encrypt_output(image, files, opts))
         file_steps.note(f"rename it to {path}", dry_run=True)
         return
     with Folder.open_root(path.parent) as out:
@@ -166,7 +167,8 @@ def _convert(image: RestoredImage, files: ChainFiles, opts: RestoreOptions) -> N
                              "restored image")
         try:
             qemuimg.convert(source, partial.dev_path, out_format=image.fmt,
-                            rate_limit=opts.rate_limit, pass_fds=[*files.fds, partial.fd])
+                            rate_limit=opts.rate_limit, pass_fds=[*files.fds, partial.fd],
+                            encrypt=_encrypt_output(image, files, opts))
             os.fsync(partial.fd)
             _publish(out, partial, path.name)
         except BaseException:  # also Interrupted: no half image may stay behind
@@ -174,6 +176,18 @@ def _convert(image: RestoredImage, files: ChainFiles, opts: RestoreOptions) -> N
             raise
         finally:
             partial.close()
+
+
+def _encrypt_output(image: RestoredImage, files: ChainFiles, opts: RestoreOptions) -> bool:
+    """--encrypt-output: the restored image is a LUKS qcow2 with the chain's own key."""
+    if not opts.encrypt_output:
+        return False
+    if not files.encrypted:
+        raise UsageError(f"--encrypt-output: chain {image.point.chain_id} is not encrypted "
+                         "(it keeps an encrypted chain's image encrypted with its key)")
+    if image.fmt != "qcow2":
+        raise UsageError(f"--encrypt-output writes qcow2, not {image.fmt}")
+    return True
 
 
 def _remove_partial(out: Folder, partial: FileHandle) -> None:

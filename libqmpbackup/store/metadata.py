@@ -90,6 +90,9 @@ class Chain:
     bitmap: str
     created: int
     disks: dict[str, DiskChain] = field(default_factory=dict)
+    # every file of the chain is a LUKS-encrypted qcow2 (never a mix); no key check value is
+    # kept: each file's LUKS header is the check (see libqmpbackup.keys)
+    encrypted: bool = False
 
     def disk(self, disk_id: str) -> DiskChain:
         return self.disks.setdefault(disk_id, DiskChain())
@@ -159,7 +162,7 @@ class ChainStore:
                      for d, dc in chain.disks.items() if chain.folder_of(d) == folder}
             if disks:
                 chains.append(Chain(uuid=chain.uuid, bitmap=chain.bitmap, created=chain.created,
-                                    disks=disks))
+                                    disks=disks, encrypted=chain.encrypted))
         return ChainStore(root=self.root / folder, chains=chains)
 
     @classmethod
@@ -238,7 +241,7 @@ def _chain_from_dict(value: Any, where: str) -> Chain:
         disks[disk_id] = DiskChain(backups=[_record_from_dict(b, where) for b in backups],
                                    folder=folder)
     return Chain(uuid=chain_id, bitmap=bitmap, created=shape.integer(raw, "created", where),
-                 disks=disks)
+                 disks=disks, encrypted=shape.flag(raw, "encrypted", where, default=False))
 
 
 def _pruning_entry(value: Any, where: str) -> str:
