@@ -13,7 +13,7 @@ from qmprestore.cli import build_parser as restore_parser
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 # options of other programs that the README quotes
-FOREIGN = {"--output", "--backing-chain", "--dist", "--strict", "--image-opts"}
+FOREIGN = {"--output", "--backing-chain", "--dist", "--strict", "--image-opts", "--object"}
 UPSTREAM_SECTION = "## Coming from upstream qmpbackup"
 FIRST_CELL = r"^\|((?:[^|\\]|\\.)*)\|"     # a table row's first cell (``\|`` stays inside)
 
