@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from libqmpbackup.qemu import img_limits
-from tests.helpers import files, metadata, run_backup, start_backup
+from tests.helpers import REPO, files, metadata, run_backup
 from tests.vm import Disk, MiB, TestVM, identical
 
 DISK = "virtio0"
@@ -94,8 +96,7 @@ def test_the_key_is_in_no_argv_and_no_debug_log(cli, enc: dict, tmp_path: Path) 
     assert "object-add" in result.err and "/proc/self/fd/" in result.err
     assert secret not in result.err and secret not in result.out
     assert vm.tool_leftovers() == []
-    assert not [o for o in vm.cmd("qom-list", path="/objects")
-                if o["name"].startswith("qmpbackup-key")]
+    assert secret_objects(vm) == []
 
 
 @pytest.mark.parametrize("point", range(4))
@@ -209,21 +210,42 @@ def test_key_refusals_leave_every_change_for_the_next_run(cli, tmp_path: Path) -
     assert identical(out, ref)
 
 
-def test_an_interrupted_encrypted_run_leaves_the_chain_continuable(cli, tmp_path: Path) -> None:
+def secret_objects(vm: TestVM) -> list[str]:
+    return [o["name"] for o in vm.cmd("qom-list", path="/objects")
+            if o["name"].startswith("qmpbackup-key")]
+
+
+def killed_at(vm: TestVM, root: Path, key: Path, step: str, ready: Path) -> None:
+    """An encrypted inc run SIGKILLed once it reached STEP (tests.paused_run holds it there)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.paused_run", step, str(ready), "--", "--socket",
+         vm.tool_socket, "backup", "--level", "inc", "--target", str(root), "--no-progress",
+         "--encrypt-key-file", str(key)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120   # a LUKS create costs ~2 s of CPU: slow on a busy host
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"step {step} not reached: {proc.communicate()[1]}")
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("step", ["jobs-running", "renamed"])
+def test_an_interrupted_encrypted_run_leaves_the_chain_continuable(cli, tmp_path: Path,
+                                                                   step: str) -> None:
     key = tmp_path / "key"
     cli("qmpbackup", "genkey", key).ok()
     root = tmp_path / "backup"
     with TestVM(tmp_path / "vm", [Disk(DISK, "virtio", "qcow2", 8 * MiB)]) as vm:
         run_backup(vm, root, "full", "--encrypt-key-file", str(key))
         vm.write(DISK, 0x55, 0, 4 * MiB)
-        proc = start_backup(vm, root, "inc", "--encrypt-key-file", str(key))
-        proc.kill()
-        proc.wait()
+        killed_at(vm, root, key, step, tmp_path / "ready")
+        assert secret_objects(vm)   # the killed run's key is still in QEMU ...
         vm.write(DISK, 0x66, 6 * MiB, 64 * 1024)
         run_backup(vm, root, "inc", "--encrypt-key-file", str(key))
+        assert secret_objects(vm) == []   # ... until the next run removes it
         assert vm.tool_leftovers() == []
-        assert not [o for o in vm.cmd("qom-list", path="/objects")
-                    if o["name"].startswith("qmpbackup-key")]
         ref = vm.reference(DISK, tmp_path / "ref.raw")
     for name in files(root, DISK):
         assert info(root / DISK / name)["encrypted"] is True
