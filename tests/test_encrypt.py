@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -253,3 +254,54 @@ def test_an_interrupted_encrypted_run_leaves_the_chain_continuable(cli, tmp_path
     cli("qmprestore", "merge", "--dir", root / DISK, "--key-file", key, "--format", "raw",
         "--targetfile", out).ok()
     assert identical(out, ref)
+
+
+def test_compress_fleecing_offline_and_prune_keep_the_chain_encrypted(
+        cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compress, --fleecing and --image runs write encrypted files into one encrypted chain."""
+    temp = Path(tempfile.mkdtemp(prefix="qbe"))   # the daemon's QMP socket: a short path
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    key = tmp_path / "key"
+    cli("qmpbackup", "genkey", key).ok()
+    root = tmp_path / "backup"
+    refs: list[Path] = []
+    try:
+        with TestVM(tmp_path / "vm", [Disk(DISK, "virtio", "qcow2", 8 * MiB)]) as vm:
+            image = vm.disk(DISK).path
+            assert image is not None
+            for index, extra in enumerate((("--level", "full", "--compress"),
+                                           ("--level", "inc", "--fleecing", "--fleecing-dir",
+                                            str(tmp_path)))):
+                vm.write(DISK, PATTERNS[index], index * MiB, 256 * 1024)
+                cli("qmpbackup", "--socket", vm.tool_socket, "backup", *extra, "--target", root,
+                    "--no-progress", "--encrypt-key-file", key).ok()
+                refs.append(vm.reference(DISK, tmp_path / f"ref{index}.raw"))
+            vm.write(DISK, PATTERNS[2], 2 * MiB, 256 * 1024)
+        # shut down: the offline run continues the chain through qemu-storage-daemon
+        cli("qmpbackup", "--image", f"{DISK}={image}", "backup", "--level", "inc", "--target",
+            root, "--no-progress", "--encrypt-key-file", key).ok()
+        refs.append(tmp_path / "ref2.raw")
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(refs[-1])], check=True)
+        result = cli("qmpbackup", "--image", f"{DISK}={image}", "backup", "--level", "inc",
+                     "--target", root, "--no-progress")
+        assert result.rc == 2 and "is encrypted" in result.err
+        names = files(root, DISK)
+        assert len(names) == 3
+        for index, name in enumerate(names):
+            raw = (root / DISK / name).read_bytes()
+            assert info(root / DISK / name)["encrypted"] is True
+            assert not any(pattern_bytes(p) in raw for p in PATTERNS)
+            out = tmp_path / f"out{index}.raw"
+            cli("qmprestore", "merge", "--dir", root / DISK, "--until", name, "--key-file", key,
+                "--format", "raw", "--targetfile", out).ok()
+            assert identical(out, refs[index])
+        # the bitmap gone, auto starts a new encrypted chain; prune needs no key to drop the old
+        cli("qmpbackup", "--image", f"{DISK}={image}", "cleanup", "--remove-bitmaps").ok()
+        cli("qmpbackup", "--image", f"{DISK}={image}", "backup", "--level", "auto", "--target",
+            root, "--no-progress", "--encrypt-key-file", key).ok()
+        assert [c["encrypted"] for c in metadata(root)["chains"]] == [True, True]
+        cli("qmpbackup", "prune", "--target", root, "--keep", "1").ok()
+        assert len(metadata(root)["chains"]) == 1 and len(files(root, DISK)) == 1
+        assert not any((root / DISK / n).exists() for n in names)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
