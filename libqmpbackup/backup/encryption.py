@@ -50,8 +50,8 @@ def precheck(root: Path, level: str, key: Optional[Key], passes_fds: bool) -> No
                              "--encrypt-key-file (nothing was changed)")
         if not chain.encrypted and key is not None:
             raise UsageError(f"chain {chain.uuid} in {root} is not encrypted and a chain cannot "
-                             "mix encrypted and clear files: start an encrypted chain with "
-                             "--level full (nothing was changed)")
+                             "mix encrypted and clear files: start an encrypted chain in a new "
+                             "folder or month (--monthly) (nothing was changed)")
     if chain.encrypted and key is not None:
         check_key(store, chain, key)
 
