@@ -34,7 +34,7 @@ class UsageError(QmpBackupError):
 
 
 class CommandLineError(UsageError):
-    """What argparse found wrong in the command line, shown under the usage text as argparse does."""
+    """What argparse found wrong in the command line: one line, pointing at ``--help``."""
 
     def __init__(self, message: str, *, usage: str, prog: str) -> None:
         super().__init__(message)
@@ -42,8 +42,8 @@ class CommandLineError(UsageError):
         self.prog = prog
 
     def report(self) -> str:
-        """argparse's own wording: the usage, then ``PROG: error: MESSAGE``."""
-        return f"{self.usage}{self.prog}: error: {self}\n"
+        """``PROG: error: MESSAGE``, like every other error; not argparse's page of usage."""
+        return f"{self.prog}: error: {self} (see {self.prog} --help)\n"
 
 
 class ConnectError(QmpBackupError):

@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import inspect
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any, Awaitable, Callable, NoReturn, Optional, Sequence, Union
@@ -33,6 +35,32 @@ log = logging.getLogger(__name__)
 CommandResult = Union[int, JsonResult, None]
 Command = Callable[[argparse.Namespace], Union[CommandResult, Awaitable[CommandResult]]]
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")    # a value, as argparse itself reads it
+
+
+_AT_EXIT: list[Callable[[int], None]] = []
+"""Who wants the process's final exit code (``--metrics-file``), in order."""
+
+
+def at_exit(callback: Callable[[int], None]) -> None:
+    """Call CALLBACK with the run's exit code once it is final (``--metrics-file``).
+
+    Whatever the way out, signals and unexpected errors included: the code is
+    the one the process exits with.  A failing callback is a warning; it never
+    changes that code.
+    """
+    _AT_EXIT.append(callback)
+
+
+def _report_exit(code: int) -> None:
+    callbacks = list(_AT_EXIT)
+    _AT_EXIT.clear()
+    for callback in callbacks:
+        try:
+            callback(code)
+        except Exception as err:
+            log.warning("could not record the outcome: %s", err)
+            log.debug("where it failed:", exc_info=True)
 
 
 def byte_rate(text: str) -> int:
@@ -142,10 +170,57 @@ class ArgumentParser(argparse.ArgumentParser):
     document) from the exception itself; argparse's own ``error()`` prints and
     calls ``sys.exit``, which left only its stderr to read the message from.
     Subcommand parsers are made of the same class (argparse's default).
+
+    Abbreviations are refused (``--sock`` is not ``--socket``: a crontab must
+    say what it means, and a later option would change what it meant), and
+    an unknown option is reported first, by name, with the closest known one:
+    argparse itself would first complain that the option the typo was meant
+    to be (``--levle`` for ``--level``) is missing.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise CommandLineError(message, usage=self.format_usage(), prog=self.prog)
+
+    def parse_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
+                   namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+        argv = list(sys.argv[1:] if args is None else args)
+        _refuse_unknown_options(self, argv)
+        return super().parse_args(argv, namespace)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse offers no public walk over subcommands
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Raise for the first option token that neither PARSER nor the chosen subcommand knows."""
+    known, subs, current = _option_strings(parser), _subcommands(parser), parser
+    for token in argv:
+        if token == "--":
+            return
+        if current is parser and token in subs:
+            current = subs[token]
+            known = _option_strings(current)
+            continue
+        if not token.startswith("-") or token == "-" or NEGATIVE_NUMBER.fullmatch(token):
+            continue
+        name = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        current.error(f"unrecognized option {name}{hint}")
 
 
 def _parse(parser: argparse.ArgumentParser,
@@ -202,9 +277,12 @@ def run(parser: argparse.ArgumentParser, command_of: Callable[[argparse.Namespac
     if isinstance(parsed, int):
         return parsed
     if not wants_json(parsed, None):
-        return _outcome(command_of, parsed, name)[0]
+        code = _outcome(command_of, parsed, name)[0]
+        _report_exit(code)
+        return code
     with json_stdout() as out:
         code, document = _outcome(command_of, parsed, name)
+        _report_exit(code)
         if document is not None:
             with contextlib.suppress(BrokenPipeError):
                 out.write(document)

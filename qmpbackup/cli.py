@@ -11,7 +11,13 @@ from typing import AsyncContextManager, Awaitable, Optional, Sequence, Union
 from libqmpbackup import __version__, keys
 from libqmpbackup.backup import fleecing, offload
 from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
-from libqmpbackup.backup.image_disks import ImageSpec, chain_stores, daemon_images, parse_image_spec
+from libqmpbackup.backup.image_disks import (
+    ImageSpec,
+    chain_disks_without_image,
+    chain_stores,
+    daemon_images,
+    parse_image_spec,
+)
 from libqmpbackup.backup.jobs import AIO_MODES
 from libqmpbackup.backup.plan import LEVELS, BackupOptions, level_help
 from libqmpbackup.backup.progress import LOG_INTERVAL
@@ -24,9 +30,11 @@ from libqmpbackup.backup.vm_info import (
     bitmaps_table,
     blockdev_document,
     blockdev_table,
+    warn_orphan_bitmaps,
 )
 from libqmpbackup.errors import UsageError
 from libqmpbackup.json_output import JsonResult, add_json_option
+from libqmpbackup.metrics import DiskOutcome, RunMetrics, add_metrics_option, track
 from libqmpbackup.qemu.devices import discover
 from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.runner import (
@@ -209,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="MS", help="LUKS key derivation time per file (default "
                                            "%(default)s: for a random genkey key; give 2000 or "
                                            "more for a passphrase a human chose)")
+    add_metrics_option(backup)
     add_json_option(backup)
 
     genkey = commands.add_parser(
@@ -223,11 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="show the VM's disks or bitmaps",
         epilog="examples:\n  qmpbackup --socket /run/vm1.qmp info --show blockdev\n"
                "  qmpbackup --socket /run/vm1.qmp info --show bitmaps\n"
-               "  qmpbackup --socket /run/vm1.qmp --agent-socket /run/vm1.qga info --show agent\n",
+               "  qmpbackup --socket /run/vm1.qmp --agent-socket /run/vm1.qga info --show agent\n"
+               "  # warn about bitmaps of chains none of these folders holds any more\n"
+               "  qmpbackup --socket /run/vm1.qmp info --target /backup/vm1 --target /backup/vm1-copy\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_logging_options(info, after_command=True)
     info.add_argument("--show", choices=("blockdev", "bitmaps", "agent"), default="blockdev",
                       help="disks, dirty bitmaps, or the guest agent (needs --agent-socket)")
+    info.add_argument("--target", action="append", type=Path, default=[], metavar="DIR",
+                      help="a backup folder of this VM (repeatable): warn about qmpbackup "
+                           "bitmaps whose chain is in none of them (nor their YYYY-MM folders)")
     add_json_option(info)
 
     cleanup = commands.add_parser(
@@ -251,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the N chains with the newest backups (at least 1)")
     prune_.add_argument("--dry-run", action="store_true",
                         help="print what would be removed, change nothing")
+    add_metrics_option(prune_)
     add_json_option(prune_)
     return parser
 
@@ -276,7 +291,13 @@ def _session(args: argparse.Namespace,
     """
     if args.image:
         stores = chain_stores(backup.target, backup.monthly) if backup else []
-        return image_session(daemon_images(args.image, stores))
+        images = daemon_images(args.image, stores)
+        left_out = chain_disks_without_image(images, stores)
+        if backup and left_out and not (backup.include or backup.exclude):
+            log.warning("the chain also has disk(s) %s, which no --image names: this backup "
+                        "leaves them out (a whole-VM restore of this point lacks them); give "
+                        "--image for each (or --include the disks meant)", ", ".join(left_out))
+        return image_session(images)
     if not args.socket:
         raise UsageError(f"{args.command} needs --socket PATH (the VM's QMP socket), or "
                          "--image [ID=]PATH (its images, when it is shut down)")
@@ -284,6 +305,7 @@ def _session(args: argparse.Namespace,
 
 
 async def backup_command(args: argparse.Namespace) -> CommandResult:
+    metrics = track(args, "backup")
     # Checked here, before planning creates folders or retires bitmaps.
     _refuse_offline(args, "--quiesce", "--quiesce-required", "--pause", "--fleecing")
     check_quiesce_options(args.agent_socket, args.quiesce_required)
@@ -311,6 +333,8 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
                     "file only after QEMU has ended the job that wrote it")
     async with _session(args, opts) as session:
         result = await run_backup(session, opts)
+    if metrics is not None:
+        metrics.disks = [DiskOutcome(f.disk_id, f.level, f.bytes_written) for f in result.files]
     log.info("%s backup done: %d file(s) in %s%s", result.level, len(result.files), result.root,
              f" (chain {result.chain_id})" if result.chain_id else "")
     return JsonResult(result.document()) if args.json else 0
@@ -327,6 +351,8 @@ async def info_command(args: argparse.Namespace) -> CommandResult:
         return 0
     async with _session(args) as session:
         disks = await discover(session)
+    if args.target:
+        warn_orphan_bitmaps(disks, args.target)
     if args.json:
         return JsonResult(blockdev_document(disks) if args.show == "blockdev"
                           else bitmaps_document(disks))
@@ -343,8 +369,11 @@ async def cleanup_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune_output(result: PruneResult, as_json: bool) -> CommandResult:
-    if as_json:
+def _prune_output(result: PruneResult, args: argparse.Namespace,
+                  metrics: Optional[RunMetrics]) -> CommandResult:
+    if metrics is not None:
+        metrics.chains = (len(result.plan.kept), len(result.plan.removed))
+    if args.json:
         return JsonResult(prune_document(result))
     print(prune_table(result))
     return 0
@@ -354,24 +383,26 @@ def _prune_options(args: argparse.Namespace) -> PruneOptions:
     return PruneOptions(target=args.target, keep=args.keep, dry_run=args.dry_run)
 
 
-async def _prune_with_bitmaps(args: argparse.Namespace) -> CommandResult:
+async def _prune_with_bitmaps(args: argparse.Namespace,
+                              metrics: Optional[RunMetrics]) -> CommandResult:
     async with _session(args) as session:
         result = prune(_prune_options(args))
         result.bitmaps = await remove_chain_bitmaps(
             session, result.plan.removed_chain_ids(), result.plan.kept_bitmaps(),
             dry_run=args.dry_run)
-    return _prune_output(result, args.json)
+    return _prune_output(result, args, metrics)
 
 
 def prune_command(args: argparse.Namespace) -> Union[CommandResult, Awaitable[CommandResult]]:
     """Without --socket/--image the folder alone decides, and no VM (nor event loop) is involved."""
+    metrics = None if args.dry_run else track(args, "prune")
     if args.socket or args.image:
-        return _prune_with_bitmaps(args)
+        return _prune_with_bitmaps(args, metrics)
     result = prune(_prune_options(args))
     if result.plan.removed:
         log.info("the VM may still hold the removed chains' bitmaps: prune with --socket, or "
                  "qmpbackup cleanup --remove-bitmaps --uuid ID")
-    return _prune_output(result, args.json)
+    return _prune_output(result, args, metrics)
 
 
 def genkey_command(args: argparse.Namespace) -> int:

@@ -411,6 +411,23 @@ class GuestVM:
 
         return self.agent_call(run)
 
+    def write_file(self, path: str, data: Union[str, bytes], mode: int = 0o644) -> None:
+        """Create (or replace) PATH in the guest with DATA, then set its MODE."""
+        raw = data.encode() if isinstance(data, str) else data
+
+        async def run(ga: GuestAgent) -> None:
+            handle = await ga.execute("guest-file-open", {"path": path, "mode": "w"})
+            try:
+                await ga.execute("guest-file-write", {
+                    "handle": handle, "buf-b64": base64.b64encode(raw).decode()})
+            finally:
+                await ga.execute("guest-file-close", {"handle": handle})
+
+        self.agent_call(run)
+        code, _, err = self.exec(f"chmod {mode:o} '{path}'")
+        if code != 0:
+            raise GuestVMError(f"chmod {mode:o} {path} in the guest failed: {err}")
+
     # --- diagnostics ---------------------------------------------------------------
     def _read_serial(self) -> str:
         try:

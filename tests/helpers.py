@@ -16,11 +16,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pytest
 
 from qmpbackup.cli import main as qmpbackup_main
+from tests.guestvm import GuestVM
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,3 +300,39 @@ def key_paths(value: Any, prefix: str = "") -> set[str]:
         for item in value:
             paths |= key_paths(item, prefix + "[]")
     return paths
+
+
+# -- the tiny real guest -------------------------------------------------------------------
+
+Cli = Callable[..., CliResult]
+
+
+def agent_options(vm: GuestVM, agent: Optional[str]) -> list[object]:
+    """AGENT is the agent socket ("qga" for the real one, None for none)."""
+    return [] if agent is None else ["--agent-socket", vm.qga_socket if agent == "qga" else agent]
+
+
+def guest_backup(cli: Cli, vm: GuestVM, level: str, target: Path, *options: str,
+                 agent: Optional[str] = "qga", debug: bool = False) -> CliResult:
+    """The shared :func:`tests.helpers.backup` with the guest's agent socket (and --debug)."""
+    return backup(cli, vm, target, level, *options,
+                  head=[*agent_options(vm, agent), *(["--debug"] if debug else [])])
+
+
+def recorded(target: Path) -> list[dict[str, Any]]:
+    """The backup records of the guest disk in the target's chain metadata."""
+    meta = json.loads((target / "qmpbackup.json").read_text())
+    return meta["chains"][-1]["disks"]["virtio0"]["backups"]
+
+
+def run(*argv: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False)
+
+
+def restore_point(backup_file: Path, out: Path) -> Path:
+    """The guest disk at BACKUP_FILE's point in time, as a raw image, restored by qmprestore."""
+    from qmprestore.cli import main as qmprestore_main
+    rc = qmprestore_main(["--quiet", "merge", "--dir", str(backup_file.parent), "--until",
+                          backup_file.name, "--format", "raw", "--targetfile", str(out)])
+    assert rc == 0, f"qmprestore merge --until {backup_file.name} failed with {rc}"
+    return out

@@ -43,20 +43,27 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import pytest
 
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
 from tests.guestvm import GuestImages, GuestVM, GuestVMError, make_data_disk
-from tests.helpers import CliResult, backup
+from tests.helpers import (
+    Cli,
+    CliResult,
+    agent_options,
+    guest_backup,
+    recorded,
+    restore_point,
+    run,
+)
 
 pytestmark = pytest.mark.guest
 
 log = logging.getLogger(__name__)
 
-Cli = Callable[..., CliResult]
 
 #: The guest's writer: random data into eight rotating files, an iteration
 #: counter (renamed into place, so a reader never sees it empty), a sync,
@@ -99,27 +106,9 @@ def guest(guest_images: GuestImages, tmp_path_factory: pytest.TempPathFactory) -
 
 # --- running the tool ---------------------------------------------------------------
 
-def agent_options(vm: GuestVM, agent: Optional[str]) -> list[object]:
-    """AGENT is the agent socket ("qga" for the real one, None for none)."""
-    return [] if agent is None else ["--agent-socket", vm.qga_socket if agent == "qga" else agent]
-
-
 def qmpbackup(cli: Cli, vm: GuestVM, *argv: object, agent: Optional[str] = "qga") -> CliResult:
     """Run qmpbackup against the guest, with its agent socket unless AGENT says otherwise."""
     return cli("qmpbackup", "--socket", vm.tool_socket, *agent_options(vm, agent), *argv)
-
-
-def guest_backup(cli: Cli, vm: GuestVM, level: str, target: Path, *options: str,
-                 agent: Optional[str] = "qga", debug: bool = False) -> CliResult:
-    """The shared :func:`tests.helpers.backup` with the guest's agent socket (and --debug)."""
-    return backup(cli, vm, target, level, *options,
-                  head=[*agent_options(vm, agent), *(["--debug"] if debug else [])])
-
-
-def recorded(target: Path) -> list[dict[str, Any]]:
-    """The backup records of the guest disk in the target's chain metadata."""
-    meta = json.loads((target / "qmpbackup.json").read_text())
-    return meta["chains"][-1]["disks"]["virtio0"]["backups"]
 
 
 def files_in(folder: Path) -> list[Path]:
@@ -230,19 +219,6 @@ def write_known(vm: GuestVM, known: str, point: int, sync: bool) -> None:
 
 
 # --- the host's side: restore and check ---------------------------------------------------
-
-def run(*argv: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False)
-
-
-def restore_point(backup_file: Path, out: Path) -> Path:
-    """The guest disk at BACKUP_FILE's point in time, as a raw image, restored by qmprestore."""
-    from qmprestore.cli import main as qmprestore_main
-    rc = qmprestore_main(["--quiet", "merge", "--dir", str(backup_file.parent), "--until",
-                          backup_file.name, "--format", "raw", "--targetfile", str(out)])
-    assert rc == 0, f"qmprestore merge --until {backup_file.name} failed with {rc}"
-    return out
-
 
 def fs_features(image: Path) -> set[str]:
     done = run("dumpe2fs", "-h", image)

@@ -217,6 +217,8 @@ def test_a_month_folder_swapped_for_a_symlink_during_the_prune_leads_nowhere(
         name: b"precious host data" for name in doomed}
     assert not any((tmp_path / "moved" / "virtio0" / name).exists() for name in doomed), \
         "the files of the pruned chain went from the folder that was held open"
+    assert not (decoy / "qmpbackup.json").exists(), \
+        "the metadata went to the folder that was held open, not through the symlink"
 
 
 def test_metadata_naming_a_file_outside_its_disk_folder_stops_the_prune(cli, folders: Path,

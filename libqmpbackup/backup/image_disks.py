@@ -139,3 +139,22 @@ def daemon_images(specs: Sequence[ImageSpec], stores: Iterable[ChainStore] = ())
                                  f"{disk_id}: give one of them ID=PATH")
         images.append(DaemonImage(disk_id=disk_id, path=path, block_device=block_device))
     return images
+
+
+def chain_disks_without_image(images: Sequence[DaemonImage],
+                              stores: Sequence[ChainStore]) -> list[str]:
+    """Disks of the newest chain that no --image names (qcow2 ones: raw disks cannot be given).
+
+    An offline run backs up the images it is given and nothing else; a
+    forgotten ``--image`` would leave a disk out of the point without a word,
+    and a whole-VM restore of that point would be refused much later.
+    """
+    for store in stores:            # newest first
+        chains = [chain for chain in store.chains if not chain.is_copies]
+        if not chains:
+            continue
+        given = {image.disk_id for image in images}
+        return sorted(disk_id for disk_id, history in chains[-1].disks.items()
+                      if history.backups and history.backups[-1].source_format == "qcow2"
+                      and disk_id not in given)
+    return []

@@ -294,8 +294,9 @@ def plan_backup(disks: list[BlockDevice], store: ChainStore, opts: BackupOptions
             if unusable:
                 level = "full"
                 reason = f"auto: {unusable[0][1]}; starting a new chain"
-                for _, problem in unusable:
-                    log.warning("%s", problem)
+                # one warning per run, not one per disk: a lost bitmap is one event
+                log.warning("%s; starting a new chain in %s",
+                            "; ".join(problem for _, problem in unusable), root)
             else:
                 level, reason = "inc", f"auto: continuing chain {chain.uuid}"
 

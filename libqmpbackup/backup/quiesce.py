@@ -11,6 +11,9 @@ timeouts and signals, and a failed thaw is retried and reported loudly.
 from __future__ import annotations
 
 import logging
+import os
+import stat
+import time
 from types import TracebackType
 from typing import Optional
 
@@ -21,13 +24,33 @@ from libqmpbackup.qemu.agent import GuestAgent
 log = logging.getLogger(__name__)
 
 FREEZE_TIMEOUT = 30.0
+#: A freeze longer than this stalls every writer in the guest that long; it is
+#: almost always the guest's fsfreeze hooks (databases) being slow, so say so.
+SLOW_FREEZE = 10.0
 THAW_ATTEMPTS = 3
+SLOW_FREEZE_HINT = ("writes in the guest stall for that long; its fsfreeze hooks run inside "
+                    "the freeze: see their log in the guest (/var/log/qga-fsfreeze-hook.log)")
 
 
 def check_quiesce_options(agent_socket: Optional[str], required: bool) -> None:
-    """Refuse ``--quiesce-required`` without an agent before anything is touched."""
-    if required and not agent_socket:
+    """Refuse ``--quiesce-required`` without an agent socket before anything is touched.
+
+    A path that is no socket at all (a typo, the VM's agent not configured)
+    cannot freeze the guest, and finding that out only at the freeze would
+    leave the target folder and chain bitmap created for nothing.  An agent
+    that exists but does not answer is still found out at the freeze (exit 10).
+    """
+    if not required:
+        return
+    if not agent_socket:
         raise UsageError("--quiesce-required needs --agent-socket")
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(agent_socket).st_mode)
+    except OSError as err:
+        raise UsageError(f"--quiesce-required: --agent-socket {agent_socket}: "
+                         f"{err.strerror}") from err
+    if not is_socket:
+        raise UsageError(f"--quiesce-required: --agent-socket {agent_socket} is not a socket")
 
 
 class Quiescer:
@@ -86,6 +109,7 @@ class Quiescer:
         # agent is kept for the thaw: __aexit__ does it, or the handlers
         # below when __aenter__ itself fails (then __aexit__ never runs).
         self._agent = agent
+        started = time.monotonic()
         try:
             count = await agent.fsfreeze_freeze(timeout=FREEZE_TIMEOUT)
         except AgentError as err:
@@ -107,7 +131,11 @@ class Quiescer:
                 raise
             return self
         self.frozen = True
-        log.info("froze %d guest filesystem(s)", count)
+        took = time.monotonic() - started
+        log.info("froze %d guest filesystem(s) in %.2f s", count, took)
+        if took > SLOW_FREEZE:
+            log.warning("the guest agent took %.1f s to freeze (more than %g s): %s",
+                        took, SLOW_FREEZE, SLOW_FREEZE_HINT)
         return self
 
     async def __aexit__(self, exc_type: Optional[type[BaseException]],

@@ -161,11 +161,16 @@ class TargetFiles:
     async def compute_digests(self) -> None:
         """Hash every file now, while QEMU's writes are still in the page cache.
 
-        Through the descriptors QEMU wrote: whatever the names in the folder
-        have become meanwhile, the checksum is of the file that gets recorded.
+        Through the inodes QEMU wrote: whatever the names in the folder have
+        become meanwhile, the checksum is of the file that gets recorded.  Each
+        is reopened first: QEMU shares the open file description it got by
+        add-fd and may have set O_DIRECT on it (``--target-cache direct``),
+        which unaligned reads would fail with EINVAL.
         """
         started, cpu = time.monotonic(), time.process_time()
-        digests = await asyncio.to_thread(digest_handles, [t.handle for t in self.targets])
+        with contextlib.ExitStack() as opened:
+            handles = [opened.enter_context(t.handle.reopen()) for t in self.targets]
+            digests = await asyncio.to_thread(digest_handles, handles)
         for target, digest in zip(self.targets, digests):
             target.job.digest = digest
         log.info("checksums of %d file(s) in %.3f s (%.3f CPU s)", len(digests),

@@ -6,15 +6,22 @@ Each report is built once as data and rendered either as a table or as the
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
-from libqmpbackup.backup.bitmaps import DIFF_SUFFIX, tool_bitmaps
+from libqmpbackup.backup.bitmaps import DIFF_SUFFIX, chain_bitmap_of, tool_bitmaps
+from libqmpbackup.backup.image_disks import chain_stores
+from libqmpbackup.errors import UsageError
 from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
 from libqmpbackup.qemu.devices import BlockDevice
+from libqmpbackup.store.names import BITMAP_PREFIX
 from libqmpbackup.tables import table
+
+log = logging.getLogger(__name__)
 
 
 def _bitmaps_possible(disk: BlockDevice) -> str:
@@ -103,3 +110,39 @@ async def agent_report(agent_socket: str) -> AgentReport:
 
 def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
+
+
+def known_chain_bitmaps(folders: Sequence[Path]) -> set[str]:
+    """The chain bitmaps of every chain in FOLDERS and their YYYY-MM month folders."""
+    known: set[str] = set()
+    for folder in folders:
+        if not folder.is_dir():
+            raise UsageError(f"--target {folder} is not a folder")
+        for store in (*chain_stores(folder, False), *chain_stores(folder, True)):
+            known.update(chain.bitmap for chain in store.chains if chain.bitmap)
+    return known
+
+
+def orphan_bitmaps(disks: list[BlockDevice], known: set[str]) -> dict[str, list[str]]:
+    """Chain bitmap -> its disks, for qmpbackup's bitmaps whose chain is in none of KNOWN.
+
+    Such a bitmap is left by a chain whose folder was deleted or moved (or by
+    a folder ``info`` was not told about): it costs a little on every guest
+    write, and nothing will ever remove it by itself.
+    """
+    found: dict[str, set[str]] = {}
+    for disk in disks:
+        for name in tool_bitmaps(disk):
+            chain_bitmap = chain_bitmap_of(name)
+            if chain_bitmap not in known:
+                found.setdefault(chain_bitmap, set()).add(disk.disk_id)
+    return {bitmap: sorted(ids) for bitmap, ids in sorted(found.items())}
+
+
+def warn_orphan_bitmaps(disks: list[BlockDevice], folders: Sequence[Path]) -> None:
+    """One warning per chain bitmap that no chain of FOLDERS has (``info --target``)."""
+    for bitmap, disk_ids in orphan_bitmaps(disks, known_chain_bitmaps(folders)).items():
+        log.warning("bitmap %s on %s belongs to no chain in %s: if that chain is gone, remove "
+                    "it (it costs a little on every guest write): qmpbackup cleanup "
+                    "--remove-bitmaps --uuid %s", bitmap, ", ".join(disk_ids),
+                    ", ".join(map(str, folders)), bitmap[len(BITMAP_PREFIX):])

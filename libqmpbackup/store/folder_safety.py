@@ -37,32 +37,14 @@ from libqmpbackup.printable import escape, has_control
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.store.fsutil import fsync_dir
 from libqmpbackup.store.handles import FileHandle, Folder
+from libqmpbackup.store.handles import kind as kind  # the name rule lives with the handles
+from libqmpbackup.store.handles import plain_name as plain_name
 from libqmpbackup.store.json_shape import malformed
 from libqmpbackup.store.names import is_backup_file_name, is_plain_file_name
 from libqmpbackup.store.qcow2_header import read_header
 
 MAX_JSON_BYTES = 16 << 20
 """Metadata of thousands of backups is a few MiB; more is not metadata."""
-_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK   # NONBLOCK: a FIFO must not hang us
-
-
-def kind(info: os.stat_result) -> str:
-    """What a directory entry is, in the words of a refusal."""
-    mode = info.st_mode
-    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return name
-    return "a regular file" if stat.S_ISREG(mode) else "a special file"
-
-
-def plain_name(name: object, what: str) -> str:
-    """NAME when it is one path component that stays in its folder; else a chain error."""
-    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name
-            or len(name.encode(errors="surrogateescape")) > 255):
-        raise ChainError(f"{what} {name!r} is not a plain file name: refused")
-    return name
 
 
 def backup_file(name: object, what: str) -> str:

@@ -3,36 +3,25 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-TEMP_SUFFIX = ".tmp"
+from libqmpbackup.store.handles import TEMP_SUFFIX, Folder
+
+__all__ = ["TEMP_SUFFIX", "fsync_dir", "make_private_dirs", "replace_symlink", "write_atomically"]
 
 
 def write_atomically(path: Path, text: str,
-                     before_replace: Optional[Callable[[], None]] = None) -> None:
-    """Replace PATH with TEXT so that readers see the old or the new file, never a mix.
+                     before_replace: Optional[Callable[[], None]] = None,
+                     mode: Optional[int] = None) -> None:
+    """Replace PATH with TEXT atomically, in the folder PATH's parent names (the caller's path).
 
-    BEFORE_REPLACE runs when the new text is safely on disk but not yet in
-    place (the tests stop a run there, to prove a kill at that instant).
+    Folder content is written with :meth:`Folder.write_atomically` on a
+    folder the caller holds; this is for paths the admin gave.  MODE: the
+    new file's permissions instead of 0600.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
+    with Folder.open_root(path.parent) as folder:
+        folder.write_atomically(path.name, text, before_replace, mode=0o600 if mode is None else mode)
 
 
 def fsync_dir(path: Path) -> None:

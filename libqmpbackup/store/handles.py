@@ -26,16 +26,19 @@ reached through the admin's symlinks.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from libqmpbackup.errors import ChainError, TargetError
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+TEMP_SUFFIX = ".tmp"
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
@@ -94,6 +97,11 @@ class FileHandle:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+    def reopen(self) -> FileHandle:
+        """The same inode read through a new open file description (its own flags and offset)."""
+        fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return FileHandle(fd, self.name, self.path, os.fstat(fd))
 
     def same_file(self, info: os.stat_result) -> bool:
         return (info.st_dev, info.st_ino) == (self.info.st_dev, self.info.st_ino)
@@ -268,6 +276,35 @@ class Folder:
             if landed is None or not expect.same_file(landed):
                 raise ChainError(f"{self.path / new} was replaced while the tool renamed it")
         self.fsync()
+
+    def write_atomically(self, name: str, text: str,
+                         before_replace: Optional[Callable[[], None]] = None, *,
+                         mode: int = 0o600) -> None:
+        """Replace NAME with TEXT so that readers see the old or the new file, never a mix.
+
+        The temporary ``.NAME.<random>.tmp`` is created O_EXCL relative to this
+        folder and renamed over NAME there: no path is looked up again, so a
+        folder swapped for a symlink meanwhile cannot redirect the write.
+        BEFORE_REPLACE runs when the new text is safely on disk but not yet in
+        place (the tests stop a run there, to prove a kill at that instant).
+        """
+        plain_name(name, "file")
+        temporary = self.create(f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}", "temporary file")
+        try:
+            os.fchmod(temporary.fd, mode)     # exactly MODE, whatever the umask
+            with os.fdopen(temporary.fd, "w", closefd=False) as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if before_replace is not None:
+                before_replace()
+            self.rename(temporary.name, name, expect=temporary)
+        except BaseException:
+            with contextlib.suppress(OSError, ChainError, TargetError):
+                self.remove(temporary.name)
+            raise
+        finally:
+            temporary.close()
 
     def fsync(self) -> None:
         os.fsync(self.fd)

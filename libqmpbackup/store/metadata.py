@@ -16,14 +16,16 @@ Copies (``--level copy``) are kept as one chain without a bitmap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from libqmpbackup.errors import ChainError
 from libqmpbackup.store import folder_safety
 from libqmpbackup.store import json_shape as shape
-from libqmpbackup.store.fsutil import write_atomically
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.names import (
     BITMAP_PREFIX,
     DISK_METADATA_NAME,
@@ -181,35 +183,52 @@ class ChainStore:
         pruning = [_pruning_entry(e, where) for e in shape.array(top, "pruning", where, default=[])]
         return cls(root=root, chains=chains, pruning=pruning)
 
-    def save(self, before_replace: Optional[Callable[[], None]] = None) -> None:
+    def save(self, before_replace: Optional[Callable[[], None]] = None, *,
+             held: Optional[Folder] = None) -> None:
         """Write each disk folder's records, then the folder's metadata (the commit point).
 
+        Every write goes through the chain folder's descriptor (HELD: the one
+        the caller opened when it read the folder; else opened now) and its
+        real disk folders (never a symlink, which may lead out of the folder).
         A disk folder no chain uses any more (a prune dropped them) loses its
         records file, so that the prune can remove the emptied folder.
         """
-        for folder in sorted({*self.folders(), *self._folders_with_records()}):
-            path = self.root / folder
-            if path.is_symlink() or not path.is_dir():
-                continue    # never write through a link that may lead out of the folder
-            records = self.for_folder(folder)
-            if records.chains:
-                records.write(DISK_METADATA_NAME)
-            else:
-                (self.root / folder / DISK_METADATA_NAME).unlink(missing_ok=True)
-        self.write(METADATA_NAME, before_replace)
+        with contextlib.nullcontext(held) if held is not None else Folder.open_root(self.root) as root:
+            with_records = [n for n in root.subfolder_names()
+                            if _holds(root, n, DISK_METADATA_NAME)]
+            for name in sorted({*self.folders(), *with_records}):
+                try:
+                    folder = root.sub(name, "disk folder")
+                except ChainError:
+                    continue    # missing, or a symlink: never written through
+                with folder:
+                    records = self.for_folder(name)
+                    if records.chains:
+                        folder.write_atomically(DISK_METADATA_NAME, records.text(DISK_METADATA_NAME))
+                    else:
+                        folder.remove(DISK_METADATA_NAME, "records file")
+            root.write_atomically(METADATA_NAME, self.text(METADATA_NAME), before_replace)
 
-    def _folders_with_records(self) -> list[str]:
-        try:
-            return [p.parent.name for p in self.root.glob(f"*/{DISK_METADATA_NAME}")]
-        except OSError:
-            return []
-
-    def write(self, name: str, before_replace: Optional[Callable[[], None]] = None) -> None:
+    def text(self, name: str) -> str:
+        """The JSON document NAME (the folder's metadata, or a disk folder's records) holds."""
         data: dict[str, Any] = {"version": METADATA_VERSION,
                                 "chains": [asdict(c) for c in self.chains]}
         if self.pruning and name == METADATA_NAME:
             data["pruning"] = self.pruning
-        write_atomically(self.root / name, json.dumps(data, indent=2) + "\n", before_replace)
+        return json.dumps(data, indent=2) + "\n"
+
+    def write(self, name: str, before_replace: Optional[Callable[[], None]] = None) -> None:
+        """Only this store's own file NAME, in its root (a disk folder on its own)."""
+        with Folder.open_root(self.root) as root:
+            root.write_atomically(name, self.text(name), before_replace)
+
+
+def _holds(folder: Folder, sub: str, name: str) -> bool:
+    try:
+        with folder.sub(sub) as opened:
+            return opened.entry(name) is not None
+    except ChainError:
+        return False
 
 
 def is_folder_name(name: object) -> bool:

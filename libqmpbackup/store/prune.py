@@ -204,7 +204,7 @@ def finish_pruning(store: ChainStore, root: Optional[Folder] = None) -> list[Pat
                 log.info("removed %s: no chain left in %s", store.path, store.root)
             elif store.pruning:
                 store.pruning = []
-                store.save()
+                store.save(held=folder)
         except OSError as err:
             raise TargetError(f"cannot update chain metadata {store.path}: "
                               f"{err.strerror}") from err
@@ -235,13 +235,13 @@ def chain_folders(base: Path) -> list[Path]:
     return folders
 
 
-def _commit(change: FolderChange) -> None:
+def _commit(change: FolderChange, held: Folder) -> None:
     """Drop the pruned chains from the metadata and name their files, before deleting any."""
     store = change.store
     store.chains = change.remaining
     store.pruning = change.delete
     try:
-        store.save()
+        store.save(held=held)
     except OSError as err:
         raise TargetError(f"cannot write chain metadata {store.path}: {err.strerror}; "
                           f"nothing was deleted in {store.root}") from err
@@ -261,7 +261,7 @@ def _leftovers(stores: list[ChainStore], held: dict[Path, Folder], sizes: dict[P
 def _apply(result: PruneResult, held: dict[Path, Folder]) -> None:
     """Every folder's metadata first, then the files: a kill in between loses no kept point."""
     for change in result.plan.changes:
-        _commit(change)
+        _commit(change, held[change.store.root])
     for change in result.plan.changes:
         result.removed_files += finish_pruning(change.store, held[change.store.root])
 

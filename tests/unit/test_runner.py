@@ -88,3 +88,33 @@ def test_a_signal_after_the_record_lets_the_run_finish_and_exit_0(
     assert run(parser(), lambda _args: lambda _a: command(), [], "test") == 0
     assert finished == ["cleanup", "returned"]
     assert "received SIGTERM after the backup was recorded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("program, argv, line", [
+    ("qmpbackup", ["--sock", "/run/x", "info"],
+     "qmpbackup: error: unrecognized option --sock; did you mean --socket? "
+     "(see qmpbackup --help)"),
+    ("qmpbackup", ["--socket", "/run/x", "backup", "--levle", "full", "-t", "/b"],
+     "qmpbackup backup: error: unrecognized option --levle; did you mean --level? "
+     "(see qmpbackup backup --help)"),
+    ("qmpbackup", ["prune", "--target=/b", "--kep", "2"],
+     "qmpbackup prune: error: unrecognized option --kep; did you mean --keep? "
+     "(see qmpbackup prune --help)"),
+    ("qmprestore", ["list", "--frobnicate"],
+     "qmprestore list: error: unrecognized option --frobnicate (see qmprestore list --help)"),
+    ("qmprestore", ["merge", "--dir", "d"],
+     "qmprestore merge: error: one of the arguments --targetfile --targetdir is required "
+     "(see qmprestore merge --help)"),
+])
+def test_a_bad_command_line_is_one_line_naming_the_option(
+        program: str, argv: list[str], line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """No abbreviations, the unknown option first (not the option it was meant to be), no usage page."""
+    main = importlib.import_module(f"{program}.cli").main
+    assert main(argv) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_values_that_look_like_options_are_left_to_argparse() -> None:
+    built = importlib.import_module("qmpbackup.cli").build_parser()
+    args = built.parse_args(["prune", "--target", "/b", "--keep", "-1"])
+    assert args.keep == -1
