@@ -305,3 +305,24 @@ def test_compress_fleecing_offline_and_prune_keep_the_chain_encrypted(
         assert not any((root / DISK / n).exists() for n in names)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_clear_file_swapped_into_an_encrypted_chain_is_found(cli, enc: dict,
+                                                               tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(enc["root"], copy, symlinks=True)
+    name = files(copy, DISK)[1]
+    swapped = copy / DISK / name
+    previous = files(copy, DISK)[0]
+    swapped.unlink()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", previous, "-F",
+                    "qcow2", str(swapped), str(8 * MiB)], check=True)
+    result = cli("qmprestore", "verify", "--dir", copy, "--json")
+    assert result.rc == 11
+    report = {f["file"]: f for f in json.loads(result.out)["files"]}
+    assert any("is not encrypted, but its chain is encrypted" in p
+               for p in report[name]["problems"]), report[name]
+    out = tmp_path / "out.raw"
+    result = cli("qmprestore", "merge", "--dir", copy / DISK, "--key-file", enc["key"],
+                 "--skip-check", "--until", name, "--format", "raw", "--targetfile", out)
+    assert result.rc != 0 and not out.exists()   # even unchecked, a clear layer never opens
