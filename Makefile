@@ -6,7 +6,7 @@
 PYTHON   ?= python3
 VENV     ?= .venv
 VPY      := $(VENV)/bin/python
-APT_PKGS := qemu-system-x86 qemu-utils e2fsprogs libfuse3-3 sqlite3 busybox systemd
+APT_PKGS := qemu-system-x86 qemu-utils e2fsprogs libfuse3-3 sqlite3 busybox systemd xxhash
 JOBS     ?= 2
 PYTEST_ARGS ?=
 
@@ -33,10 +33,11 @@ deps: system-deps venv
 # QEMU and qemu-img come from Debian; install them only when missing.  sqlite3
 # and busybox are for the fsfreeze hook tests (a real database; the hooks under
 # busybox sh as well as dash); systemd-analyze (package systemd) checks the
-# shipped units in the tests.
+# shipped units in the tests; xxhsum (Debian's xxhash) is the by-hand check of the
+# checksums, which the tests compare with the code's.
 system-deps:
 	@missing=""; \
-	for tool in qemu-system-x86_64 qemu-img qemu-io mkfs.ext4 sqlite3 busybox systemd-analyze; do \
+	for tool in qemu-system-x86_64 qemu-img qemu-io mkfs.ext4 sqlite3 busybox systemd-analyze xxhsum; do \
 	  command -v $$tool >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
 	done; \
 	[ -f /usr/share/seabios/bios-256k.bin ] || missing="$$missing seabios"; \

@@ -16,7 +16,11 @@ b) ``python -m qmpbackup ... backup --level full`` timed as a subprocess, end to
    host writeback, noisy neighbours) hits both alike, and the ratio is taken
    per round;
 c) ``backup --level inc`` after 1 % of the disk was dirtied in 64 KiB writes;
-d) the fixed overhead: a full backup of a 1 MiB disk.
+d) the fixed overhead: a full backup of a 1 MiB disk;
+e) a sparse disk (``--no-sparse`` skips it);
+f) restores (bench/restore.py): ``qmprestore merge`` of FULL + 3 INC against
+   ``qemu-img convert`` of the same chain, ``merge --skip-check`` and
+   ``verify`` (``--no-restore`` skips them, ``--restore-only`` runs only them).
 
 Unless ``--no-baselines``, two raw QMP ``blockdev-backup`` runs (QEMU's default
 copy path and ``x-perf`` with ``use-copy-range``) are added to a)/b) rounds, so
@@ -51,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from bench import restore
 from harness.qemu_vm import Disk, QemuVM
 from libqmpbackup.runner import byte_rate
 
@@ -427,6 +432,7 @@ class Report:
     foreign_cpu: float = 0.0       # CPU seconds they used meanwhile
     shared: bool = False           # foreign_cpu high enough to distort the timings
     load_max: float = 0.0          # highest 1-minute load average seen
+    restore_bytes: int = 0         # size of the restore rows' chain files
 
     def add(self, name: str, description: str, *, baseline: Optional[str] = None,
             data: int = 0) -> Series:
@@ -467,7 +473,7 @@ class Report:
             "sparse_speed_limit": self.sparse_speed, "skipped": self.skipped,
             "foreign_qemu_processes": self.foreign_qemu,
             "foreign_qemu_cpu_seconds": self.foreign_cpu, "shared_machine": self.shared,
-            "load_average_max": self.load_max,
+            "load_average_max": self.load_max, "restore_chain_bytes": self.restore_bytes,
             "median_ratio_backup_convert": self.median_ratio("full"),
             "median_ratio_backup_convert_flushed": self.median_ratio("full", "convert-flushed"),
             "ratios_backup_convert": self.ratio_backup_convert,
@@ -582,8 +588,24 @@ class Bench:
                                                                          self.args.seed))
 
     def qmpbackup(self, vm: BenchVM, *argv: str) -> subprocess.CompletedProcess:
-        return run([sys.executable, "-m", "qmpbackup", "--socket", vm.tool_socket, *argv],
-                   cwd=self.args.tool_root, env=self.tool_env)
+        return self.run_tool("qmpbackup", "--socket", vm.tool_socket, *argv)
+
+    def run_tool(self, program: str, *argv: str) -> subprocess.CompletedProcess:
+        """``python -m PROGRAM ARGV`` from the tool tree being measured, bytecode compiled."""
+        return run([sys.executable, "-m", program, *argv], cwd=self.args.tool_root,
+                   env=self.tool_env)
+
+    @staticmethod
+    def timed(func: Callable[[], Any]) -> float:
+        return timed(func)
+
+    @staticmethod
+    def timed_run(argv: list[str]) -> float:
+        return timed(lambda: run(argv))
+
+    @staticmethod
+    def remove_tree(path: Path) -> None:
+        shutil.rmtree(path)
 
     def backup(self, vm: BenchVM, level: str, target: Path, *extra: str) -> float:
         """Wall seconds of one qmpbackup run; its CPU seconds go to self.last_cpu."""
@@ -604,7 +626,7 @@ class Bench:
         match = CHECKSUM_LOG.search(self.last_log)
         if match is None:
             return
-        self.report.add("checksum", "of which: hashing the finished FULL (SHA-256 of 64 MiB "
+        self.report.add("checksum", "of which: hashing the finished FULL (the default digest, 64 MiB "
                         "pieces, page cache warm), from the run's log").seconds.append(float(match.group(1)))
         self.report.add("checksum-cpu", "CPU seconds of that hashing (what it costs when the "
                         "machine is not shared)").seconds.append(float(match.group(2)))
@@ -801,11 +823,14 @@ class Bench:
         log.info("VM up (pid %s, tool socket %s); %d round(s)", vm.proc.pid if vm.proc else "?",
                  vm.tool_socket, self.args.rounds)
         with ForeignLoad() as foreign:
-            self.full_vs_convert(vm)
-            self.incremental(vm)
-            self.overhead()
-            if not self.args.no_sparse:
-                self.sparse()
+            if not self.args.restore_only:
+                self.full_vs_convert(vm)
+                self.incremental(vm)
+                self.overhead()
+                if not self.args.no_sparse:
+                    self.sparse()
+            if not self.args.no_restore:
+                restore.measure(self, vm)
         self.report.foreign_qemu = len(foreign.first)
         self.report.foreign_cpu = foreign.cpu_seconds
         self.report.shared = foreign.busy
@@ -860,6 +885,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also time the target-node levers (cache, aio, cluster size, "
                              "preallocation, max-workers) as direct rows")
     parser.add_argument("--no-sparse", action="store_true", help="skip the sparse-disk rows")
+    parser.add_argument("--no-restore", action="store_true", help="skip the restore rows")
+    parser.add_argument("--restore-only", action="store_true",
+                        help="only the restore rows (merge, merge --skip-check, verify "
+                             "against qemu-img convert of the same chain)")
     parser.add_argument("--sparse-size", type=size_arg, default=4 << 30, metavar="SIZE",
                         help="virtual size of the sparse disk (default 4G)")
     parser.add_argument("--sparse-fraction", type=fraction_arg, default=0.10, metavar="F",
@@ -890,6 +919,19 @@ def print_report(report: Report) -> None:
           + ("  <-- SHARED MACHINE, numbers not comparable" if report.shared else "") + "\n")
     print(report.table())
     print()
+    if "full" in report.series:
+        print_backup_summary(report)
+    for line in restore.summary(report):
+        print(line)
+    print()
+    for name, series in report.series.items():
+        print(f"  {name:19} {series.description}")
+    for name, reason in report.skipped.items():
+        print(f"  {name:19} SKIPPED: {reason}")
+
+
+def print_backup_summary(report: Report) -> None:
+    """The backup rows' summary lines."""
     full = report.series["full"].median
     convert = report.series["convert"].median
     print(f"median ratio backup/convert (per round): {report.median_ratio('full'):.2f}x "
@@ -920,11 +962,6 @@ def print_report(report: Report) -> None:
               f"{report.sparse_data // MiB} MiB data): full/convert "
               f"{report.median_ratio('sparse-full'):.2f}x per round"
               + (f", full/convert-flushed {flushed:.2f}x" if flushed is not None else ""))
-    print()
-    for name, series in report.series.items():
-        print(f"  {name:19} {series.description}")
-    for name, reason in report.skipped.items():
-        print(f"  {name:19} SKIPPED: {reason}")
 
 
 _signals: list[int] = []
@@ -954,8 +991,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = args.workdir or Path("/var/tmp")
     base.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(base).free
-    sparse = 0 if args.no_sparse else 3 * int(args.sparse_size * args.sparse_fraction)
-    need = 3 * args.size + sparse + 256 * MiB
+    sparse = 0 if args.no_sparse or args.restore_only else \
+        3 * int(args.sparse_size * args.sparse_fraction)
+    need = (3 if args.no_restore else 4) * args.size + sparse + 256 * MiB
     if free < need:
         log.error("%s has %d MiB free, need about %d MiB", base, free // MiB, need // MiB)
         return 1

@@ -130,6 +130,12 @@ class CommandRefused(QmpBackupError):
     exit_code = 14
 
 
+class MountError(QmpBackupError):
+    """mount/umount: no /dev/fuse or qemu-storage-daemon, the daemon failed, or a mount stays busy."""
+
+    exit_code = 15
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -165,6 +171,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (ImageInUseError.exit_code, ImageInUseError.__doc__ or ""),
     (FleecingError.exit_code, FleecingError.__doc__ or ""),
     (CommandRefused.exit_code, CommandRefused.__doc__ or ""),
+    (MountError.exit_code, MountError.__doc__ or ""),
     (129, "interrupted by SIGHUP"),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),

@@ -82,6 +82,21 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """argparse type for an age such as ``24h``, ``90m``, ``2d`` or plain seconds; 0 allowed."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        value = float(number) * DURATION_UNITS[unit]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 24h, 90m, 0)") from err
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration of 0 or more")
+    return value
+
+
 def add_logging_options(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
     """The logging options; AFTER_COMMAND adds them to a subcommand as well.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -13,6 +14,7 @@ from libqmpbackup.keys import Key
 from libqmpbackup.restore.inplace import commit, rebase, snapshotrebase
 from libqmpbackup.restore.listing import list_document, list_table
 from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge, merge_document
+from libqmpbackup.restore.mount import MountRequest, describe, mount, mount_document, stay, umount
 from libqmpbackup.restore.rules import RestoreOptions
 from libqmpbackup.restore.verify import verify_dir
 from libqmpbackup.runner import (
@@ -21,9 +23,11 @@ from libqmpbackup.runner import (
     CommandResult,
     add_logging_options,
     byte_rate,
+    duration,
     run,
 )
 from libqmpbackup.store.names import validate_uuid
+from libqmpbackup.store.verified import DEFAULT_WITHIN
 
 EXAMPLES = """\
 examples:
@@ -75,6 +79,21 @@ examples:
   qmprestore commit --dir /copy/vm1/virtio0 --dry-run      # show the qemu-img steps
   # after an interruption: run the same command again to finish
 """,
+    "mount": """\
+examples:
+  # the newest point of every disk as MNT/<disk id>.raw, read-only; returns, daemon runs on
+  qmprestore mount --dir /backup/vm1 /mnt/restore
+  # one point, its filesystems mounted read-only too: MNT/<disk id>/p1/etc/fstab
+  qmprestore mount --dir /backup/vm1 --until INC-1717430400 --filesystems /mnt/restore
+  cp /mnt/restore/virtio0/p1/etc/fstab /tmp/
+  qmprestore umount /mnt/restore
+  # a throwaway VM on the point (writes go to a temporary overlay)
+  qemu-system-x86_64 -drive file=/mnt/restore/virtio0.raw,format=raw,snapshot=on ...
+""",
+    "umount": """\
+examples:
+  qmprestore umount /mnt/restore     # filesystems, loop devices, daemon: all gone
+""",
     "snapshotrebase": """\
 examples:
   # in place, like commit, but every point stays as an internal snapshot of the FULL
@@ -91,6 +110,8 @@ HELP = {
     "rebase": "in place: link DIR/image to the point's file, a usable backing chain",
     "commit": "in place: commit the incrementals up to the point into the FULL",
     "snapshotrebase": "in place: like commit, with an internal snapshot per point",
+    "mount": "expose a restore point read-only as raw files (and its filesystems): nothing copied",
+    "umount": "end a qmprestore mount: filesystems, loop devices, daemon, files",
 }
 
 
@@ -113,15 +134,21 @@ def _add_selection_options(parser: argparse.ArgumentParser, *, skip_check: bool,
                                  "anyway)")
 
 
-def _add_command(commands: argparse._SubParsersAction[ArgumentParser],
+def _new_command(commands: argparse._SubParsersAction[ArgumentParser],
                  name: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=HELP[name], epilog=COMMAND_EXAMPLES[name],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_logging_options(parser, after_command=True)
+    return parser
+
+
+def _add_command(commands: argparse._SubParsersAction[ArgumentParser],
+                 name: str) -> argparse.ArgumentParser:
+    parser = _new_command(commands, name)
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR",
                         help="the backup folder (holds qmpbackup.json) or one disk folder in it")
     _add_selection_options(parser, skip_check=name not in ("list", "verify"), top=False)
-    if name in ("list", "merge", "verify"):
+    if name in ("list", "merge", "verify", "mount"):
         add_json_option(parser)
     if name == "list":
         return parser
@@ -137,6 +164,12 @@ def _add_command(commands: argparse._SubParsersAction[ArgumentParser],
                              "with or without extension, or its FULL-<time> / INC-<time> prefix")
     parser.add_argument("--uuid", metavar="ID",
                         help="the chain to use when the folder holds several (default: newest)")
+    parser.add_argument("--verified-within", type=duration, default=DEFAULT_WITHIN,
+                        metavar="AGE",
+                        help="do not hash again a file verified this recently and unchanged "
+                             "since (suffixes m, h, d; 0: hash every file; default 24h)")
+    if name == "mount":
+        return parser
     parser.add_argument("--dry-run", action="store_true",
                         help="check the chain, print the qemu-img steps, change nothing")
     if name in ("merge", "commit", "snapshotrebase"):
@@ -153,8 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_logging_options(parser)
     _add_selection_options(parser, skip_check=True, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in ("list", "verify", "rebase", "commit", "merge", "snapshotrebase"):
+    for name in ("list", "verify", "rebase", "commit", "merge", "snapshotrebase", "mount"):
         sub = _add_command(commands, name)
+        if name == "mount":
+            _add_mount_options(sub)
         if name == "merge":
             target = sub.add_mutually_exclusive_group(required=True)
             target.add_argument("--targetfile", type=Path, metavar="FILE",
@@ -167,16 +202,34 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--format", dest="fmt", choices=FORMATS, default="qcow2",
                              help="image format to write; source: the disk's format in the VM "
                                   "(default: %(default)s)")
+    umount_ = _new_command(commands, "umount")
+    umount_.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     return parser
+
+
+def _add_mount_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT",
+                        help="an empty folder: gets <disk id>.raw per disk")
+    parser.add_argument("--filesystems", action="store_true",
+                        help="also mount every filesystem found read-only at "
+                             "MOUNTPOINT/<disk id>/p<N>/ (or /disk/ without partition table); "
+                             "needs root")
+    parser.add_argument("--check-first", action="store_true",
+                        help="hash the files not remembered as verified before exposing them "
+                             "(default: while they are served; damage ends the mount)")
+    parser.add_argument("--foreground", action="store_true",
+                        help="stay until SIGINT/SIGTERM, then unmount (default: return, the "
+                             "mount stays until qmprestore umount)")
 
 
 def _options(args: argparse.Namespace) -> RestoreOptions:
     return RestoreOptions(dir=args.dir, until=args.until,
                           uuid=validate_uuid(args.uuid) if args.uuid else None,
-                          skip_check=args.skip_check, dry_run=args.dry_run,
+                          skip_check=args.skip_check, dry_run=getattr(args, "dry_run", False),
                           rate_limit=getattr(args, "rate_limit", 0),
                           name_filter=args.name_filter, key=_key(args),
-                          encrypt_output=getattr(args, "encrypt_output", False))
+                          encrypt_output=getattr(args, "encrypt_output", False),
+                          verified_within=getattr(args, "verified_within", DEFAULT_WITHIN))
 
 
 def _key(args: argparse.Namespace) -> Optional[Key]:
@@ -221,6 +274,29 @@ def snapshotrebase_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def mount_command(args: argparse.Namespace) -> CommandResult:
+    record = mount(_options(args), MountRequest(args.mountpoint, filesystems=args.filesystems,
+                                                foreground=args.foreground,
+                                                check_first=args.check_first))
+    if not args.foreground:
+        return JsonResult(mount_document(record)) if args.json else _printed(describe(record))
+    if args.json:
+        stay(record, lambda: print(json.dumps(mount_document(record), indent=2), flush=True))
+    else:
+        stay(record, lambda: _printed(describe(record)))
+    return 0
+
+
+def _printed(lines: list[str]) -> int:
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+def umount_command(args: argparse.Namespace) -> int:
+    umount(args.mountpoint)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "list": list_command,
     "verify": verify_command,
@@ -228,6 +304,8 @@ COMMANDS: dict[str, Command] = {
     "rebase": rebase_command,
     "commit": commit_command,
     "snapshotrebase": snapshotrebase_command,
+    "mount": mount_command,
+    "umount": umount_command,
 }
 
 

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from libqmpbackup.store import locks
+from libqmpbackup.store import locks, mounts
 from tests.guestvm import GuestImages, GuestUnavailable, ensure_guest
-from tests.helpers import CliResult, fault_disks
+from tests.helpers import CliResult, daemons, fault_disks, leftovers
 from tests.vm import TestVM, default_disks
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # mount records and the verification record of tests stay out of the machine's own,
+    # one folder per xdist worker: a test that checks no mount record is left must not see
+    # the mounts of a test running beside it (the controller sets none: workers would inherit it)
+    controller = bool(getattr(config.option, "numprocesses", None)) and \
+        "PYTEST_XDIST_WORKER" not in os.environ
+    for variable, prefix in (("QMPBACKUP_RUNTIME_DIR", "qmpbackup-test-run-"),
+                             ("QMPBACKUP_CACHE_DIR", "qmpbackup-test-cache-")):
+        if variable not in os.environ and not controller:
+            os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
     config.addinivalue_line("markers", "guest: needs the tiny Linux test guest (built on demand)")
 
 
@@ -90,3 +103,17 @@ def private_lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ``pytestmark = pytest.mark.usefixtures("private_lock_dir")``.
     """
     monkeypatch.setenv(locks.LOCK_DIR_ENV, str(tmp_path / "locks"))
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Iterator[Path]:
+    """An empty folder to mount on; whatever a test left mounted there is unmounted after it."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    said = [subprocess.run([sys.executable, "-m", "qmprestore", "umount", record.mountpoint],
+                           capture_output=True, text=True, check=False).stderr
+            for record in mounts.records()]   # a failed test still leaves nothing running
+    for pid in daemons(path):
+        os.kill(pid, signal.SIGKILL)
+    assert leftovers(path) == [], said

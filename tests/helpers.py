@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pytest
 
+from libqmpbackup.store import mounts
 from qmpbackup.cli import main as qmpbackup_main
 from tests.guestvm import GuestVM
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
@@ -336,3 +337,61 @@ def restore_point(backup_file: Path, out: Path) -> Path:
                           backup_file.name, "--format", "raw", "--targetfile", str(out)])
     assert rc == 0, f"qmprestore merge --until {backup_file.name} failed with {rc}"
     return out
+
+
+# --- qmprestore mount -----------------------------------------------------------------
+
+def leftovers(mountpoint: Path) -> list[str]:
+    """What a finished mount may not leave: records, daemons, mounts, files."""
+    found = [f"record {r.mountpoint}" for r in mounts.records()]
+    found += [f"process {pid}" for pid in daemons(mountpoint)]
+    with open("/proc/self/mountinfo") as info:
+        found += [line for line in info if str(mountpoint) in line]
+    if mountpoint.exists():
+        found += [str(p) for p in mountpoint.iterdir()]
+    return found
+
+
+def daemons(mountpoint: Optional[Path] = None) -> list[int]:
+    """Mount daemons and checkers alive (those of MOUNTPOINT: not another test's beside it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            ours = ((cmdline.startswith(b"qemu-storage-daemon") and b"fuse" in cmdline)
+                    or b"libqmpbackup.restore.mount_check" in cmdline)
+            if mountpoint is not None and os.fsencode(str(mountpoint)) not in cmdline:
+                continue
+            if ours and mounts.process_start(int(entry.name)) is not None:
+                pids.append(int(entry.name))
+    return pids
+
+
+def partitioned_disk(folder: Path) -> Path:
+    """A qcow2 disk with an MBR: p1 ext4 holding /hello, p2 swap, p3 nothing."""
+    raw = folder / "disk.raw"
+    with open(raw, "wb") as disk:
+        disk.truncate(40 * MiB)
+        table = b""
+        for start, size, kind in ((2048, 16384, 0x83), (18432, 8192, 0x82), (26624, 8192, 0x83)):
+            table += bytes([0, 0, 0, 0, kind, 0, 0, 0]) + start.to_bytes(4, "little") \
+                + size.to_bytes(4, "little")
+        disk.seek(0x1BE)
+        disk.write(table + b"\0" * 16 + b"\x55\xaa")
+    content = folder / "content"
+    content.mkdir()
+    (content / "hello").write_text("hello from p1\n")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", content, "-E", f"offset={2048 * 512}", raw,
+                    "8M"], check=True)
+    swap = folder / "swap"
+    swap.write_bytes(b"\0" * 4 * MiB)
+    subprocess.run(["mkswap", swap], check=True, capture_output=True)
+    with open(raw, "r+b") as disk:
+        disk.seek(18432 * 512)
+        disk.write(swap.read_bytes())
+    image = folder / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, image], check=True)
+    return image

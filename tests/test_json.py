@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from tests.guestvm import GuestImages, GuestVM, make_data_disk
-from tests.helpers import REPO, documented, fault_disks, key_paths
+from tests.helpers import REPO, documented, fault_disks, key_paths, partitioned_disk
 from tests.vm import MiB, TestVM, identical
 
 
@@ -142,7 +142,7 @@ def test_every_section_is_produced_by_a_test() -> None:
     produced = {"qmpbackup backup", "qmpbackup info --show blockdev",
                 "qmpbackup info --show bitmaps", "qmpbackup info --show agent",
                 "qmpbackup prune", "qmprestore list", "qmprestore merge", "qmprestore verify",
-                "Errors (every command)"}
+                "qmprestore mount", "Errors (every command)"}
     assert set(documented()) == produced
 
 
@@ -174,3 +174,15 @@ def test_agent_document(cli, guest_images: GuestImages, tmp_path: Path, seen: Se
     doc = seen.add("qmpbackup info --show agent", document(result))
     assert doc["agent"]["status"] == "thawed"
     assert [fs["mountpoint"] for fs in doc["agent"]["filesystems"]] == ["/mnt"]
+
+
+def test_mount_document(cli, tmp_path: Path, mountpoint: Path, seen: Seen) -> None:
+    """Every key of mount --json, --filesystems included (a partition mounted, two not)."""
+    image = partitioned_disk(tmp_path)
+    cli("qmpbackup", "--image", f"disk0={image}", "backup", "--level", "full", "--target",
+        tmp_path / "backup", "--no-progress").ok()
+    doc = seen.add("qmprestore mount", document(cli(
+        "qmprestore", "mount", "--dir", tmp_path / "backup", "--filesystems", "--json",
+        mountpoint).ok()))
+    assert doc["command"] == "mount" and doc["alive"] and doc["disks"][0]["loops"]
+    cli("qmprestore", "umount", mountpoint).ok()

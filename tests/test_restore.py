@@ -465,6 +465,24 @@ def test_sigterm_during_commit_then_rerun(chains: Chains, tmp_path: Path) -> Non
     assert not (folder / "qmprestore-journal.json").exists()
 
 
+def test_sigterm_during_merge_leaves_nothing(chains: Chains, tmp_path: Path) -> None:
+    """The checksums run in a thread beside qemu-img: a signal stops both, no partial stays."""
+    out = tmp_path / "out" / "image.qcow2"
+    proc = subprocess.Popen([sys.executable, "-m", "qmprestore", "merge", "--dir",
+                             str(chains.main / "virtio0"), "--targetfile", str(out),
+                             "--rate-limit", "2M"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not list(out.parent.glob(".*.partial")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert not out.exists() and not out.parent.exists(), "no image, no partial, no new folder"
+
+
 # -- refusals: documented exit code, one line, folder unchanged ------------------------------
 
 def broken_copy(chains: Chains, tmp_path: Path, damage) -> Path:

@@ -240,6 +240,15 @@ def test_upstream_folder_restores_and_auto_continues_it_in_place(cli, tmp_path: 
             for index, when in enumerate((f"FULL-{now - 100}", f"INC-{now - 50}")):
                 out = merged(cli, tmp_path, "--dir", root / disk, "--until", when)
                 assert identical(out, ref(refs, disk, index)), f"{disk} at {when}"
+        mnt = tmp_path / "mnt"   # mount spells the chain out too: no backing file needed
+        mnt.mkdir()
+        cli("qmprestore", "mount", "--dir", root, "--until", f"INC-{now - 50}", mnt).ok()
+        try:
+            for disk in DISKS:
+                assert identical(mnt / f"{disk}.raw", ref(refs, disk, 1)), f"mounted {disk}"
+        finally:
+            cli("qmprestore", "umount", mnt).ok()
+        assert list(mnt.iterdir()) == []
         copy = tmp_path / "rebase"
         shutil.copytree(root / "ide0-hd0", copy)     # upstream's test: cp -a DIR/disk/ /tmp/rebase
         cli("qmprestore", "--skip-check", "rebase", "--dir", copy).ok()

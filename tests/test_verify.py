@@ -10,6 +10,7 @@ file, another chain's file in its place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -99,11 +100,12 @@ def test_an_intact_folder_verifies(cli, folders: Folders) -> None:
     assert all(f["restorable"] for f in document["files"])
     meta = json.loads((folders.main / "qmpbackup.json").read_text())
     digests = [r["digest"] for c in meta["chains"] for d in c["disks"].values() for r in d["backups"]]
-    assert all(d.startswith("sha256x64m:") and len(d) == 11 + 64 for d in digests)
+    assert all(d.startswith("xxh128x64m:") and len(d) == 11 + 32 for d in digests)
     full = folders.main / "virtio0" / names(folders.main)[0]
-    by_hand = subprocess.run(f"split -b 64M --filter=sha256sum {full} | sha256sum", shell=True,
-                             capture_output=True, text=True, check=True).stdout.split()[0]
-    assert f"sha256x64m:{by_hand}" in digests, "the README's check with coreutils"
+    by_hand = subprocess.run(f"split -b 64M --filter='xxhsum -H2' {full} | cut -c1-32 | "
+                             "xxhsum -H2", shell=True, capture_output=True, text=True,
+                             check=True).stdout.split()[0]
+    assert f"xxh128x64m:{by_hand}" in digests, "the README's check with Debian's xxhsum"
 
 
 def test_copies_are_checksummed_too(cli, folders: Folders, tmp_path: Path) -> None:
@@ -198,6 +200,43 @@ def test_flipped_byte_is_restored_by_skip_check_as_today(cli, folders: Folders,
     cli("qmprestore", "merge", "--dir", root / "virtio0", "--skip-check", "--targetfile",
         tmp_path / "out.qcow2").ok()
     assert not identical(tmp_path / "out.qcow2", folders.refs[2]), "the rot is real"
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_merge_verifies_while_it_copies_and_keeps_nothing_of_a_damaged_chain(
+        cli, folders: Folders, tmp_path: Path) -> None:
+    """Issue 22: merge hashes its sources beside ``qemu-img convert``, not before it.
+
+    A flipped byte in an INC still exits 11, and neither the image nor its
+    ``.partial`` (nor the folder merge created for it) stays behind; the
+    in-place commands still hash before they write anything.
+    """
+    root = copy_of(folders.main, tmp_path / "copy")
+    flip_data_byte(root / "virtio0" / names(root)[1])
+    before = tree_digests(root)
+    out = tmp_path / "restore" / "out.qcow2"
+    cli("qmprestore", "merge", "--dir", root / "virtio0", "--targetfile", out).failed(
+        11, "checksum mismatch", names(root)[1])
+    assert not out.exists() and not list(tmp_path.rglob("*.partial"))
+    assert not (tmp_path / "restore").exists()
+    logged = cli("qmprestore", "--debug", "merge", "--dir", root / "virtio0", "--targetfile", out)
+    assert logged.rc == 11 and "checksum mismatch" in logged.err
+    assert "qemu-img convert" in logged.err, "the copy ran while the sources were hashed"
+    assert not out.exists() and not list(tmp_path.rglob("*.partial"))
+    for command in ("rebase", "commit", "snapshotrebase"):
+        cli("qmprestore", command, "--dir", root / "virtio0").failed(11, "checksum mismatch")
+        logged = cli("qmprestore", "--debug", command, "--dir", root / "virtio0")
+        assert logged.rc == 11
+        assert not any(f"qemu-img {verb}" in logged.err for verb in ("rebase", "commit",
+                                                                      "snapshot", "convert"))
+    assert tree_digests(root) == before, "nothing was written into the folder"
+    intact = tmp_path / "intact.qcow2"
+    cli("qmprestore", "merge", "--dir", folders.main / "virtio0", "--targetfile", intact).ok()
+    assert identical(intact, folders.refs[2]) and not list(tmp_path.glob(".*.partial"))
 
 
 def test_a_file_replaced_by_another_chains_file(cli, folders: Folders, tmp_path: Path) -> None:

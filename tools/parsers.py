@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Iterator
 
-from qmpbackup.cli import build_parser as backup_parser
+from qmpbackup.parser import build_parser as backup_parser
 from qmprestore.cli import build_parser as restore_parser
 
 PROGRAMS: dict[str, Callable[[], argparse.ArgumentParser]] = {

@@ -5,14 +5,16 @@
 #    source ~/.local/share/bash_completion/qmprestore
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_qmprestore_subparsers=(list verify rebase commit merge snapshotrebase)
+_shtab_qmprestore_subparsers=(list verify rebase commit merge snapshotrebase mount umount)
 
 _shtab_qmprestore_list_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --json)
 _shtab_qmprestore_verify_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --json --key-file --uuid)
-_shtab_qmprestore_rebase_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --skip-check --key-file --until --uuid --dry-run)
-_shtab_qmprestore_commit_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --skip-check --key-file --until --uuid --dry-run --rate-limit)
-_shtab_qmprestore_merge_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --skip-check --json --key-file --until --uuid --dry-run --rate-limit --targetfile --targetdir --encrypt-output --format)
-_shtab_qmprestore_snapshotrebase_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --skip-check --key-file --until --uuid --dry-run --rate-limit)
+_shtab_qmprestore_rebase_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --skip-check --key-file --until --uuid --verified-within --dry-run)
+_shtab_qmprestore_commit_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --skip-check --key-file --until --uuid --verified-within --dry-run --rate-limit)
+_shtab_qmprestore_merge_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --skip-check --json --key-file --until --uuid --verified-within --dry-run --rate-limit --targetfile --targetdir --encrypt-output --format)
+_shtab_qmprestore_snapshotrebase_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --skip-check --key-file --until --uuid --verified-within --dry-run --rate-limit)
+_shtab_qmprestore_mount_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --dir --filter --skip-check --json --key-file --until --uuid --verified-within --filesystems --check-first --foreground)
+_shtab_qmprestore_umount_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet)
 _shtab_qmprestore_option_strings=(-h --help --version --debug --verbose -L --logfile --syslog --quiet --filter --skip-check)
 
 _shtab_qmprestore_list__L_COMPGEN=_shtab_compgen_files
@@ -39,11 +41,17 @@ _shtab_qmprestore_snapshotrebase__L_COMPGEN=_shtab_compgen_files
 _shtab_qmprestore_snapshotrebase___logfile_COMPGEN=_shtab_compgen_files
 _shtab_qmprestore_snapshotrebase___dir_COMPGEN=_shtab_compgen_dirs
 _shtab_qmprestore_snapshotrebase___key_file_COMPGEN=_shtab_compgen_files
+_shtab_qmprestore_mount__L_COMPGEN=_shtab_compgen_files
+_shtab_qmprestore_mount___logfile_COMPGEN=_shtab_compgen_files
+_shtab_qmprestore_mount___dir_COMPGEN=_shtab_compgen_dirs
+_shtab_qmprestore_mount___key_file_COMPGEN=_shtab_compgen_files
+_shtab_qmprestore_umount__L_COMPGEN=_shtab_compgen_files
+_shtab_qmprestore_umount___logfile_COMPGEN=_shtab_compgen_files
 _shtab_qmprestore__L_COMPGEN=_shtab_compgen_files
 _shtab_qmprestore___logfile_COMPGEN=_shtab_compgen_files
 
 _shtab_qmprestore_merge___format_choices=(qcow2 raw source)
-_shtab_qmprestore_pos_0_choices=(list verify rebase commit merge snapshotrebase)
+_shtab_qmprestore_pos_0_choices=(list verify rebase commit merge snapshotrebase mount umount)
 
 _shtab_qmprestore_list__h_nargs=0
 _shtab_qmprestore_list___help_nargs=0
@@ -93,6 +101,23 @@ _shtab_qmprestore_snapshotrebase___syslog_nargs=0
 _shtab_qmprestore_snapshotrebase___quiet_nargs=0
 _shtab_qmprestore_snapshotrebase___skip_check_nargs=0
 _shtab_qmprestore_snapshotrebase___dry_run_nargs=0
+_shtab_qmprestore_mount__h_nargs=0
+_shtab_qmprestore_mount___help_nargs=0
+_shtab_qmprestore_mount___debug_nargs=0
+_shtab_qmprestore_mount___verbose_nargs=0
+_shtab_qmprestore_mount___syslog_nargs=0
+_shtab_qmprestore_mount___quiet_nargs=0
+_shtab_qmprestore_mount___skip_check_nargs=0
+_shtab_qmprestore_mount___json_nargs=0
+_shtab_qmprestore_mount___filesystems_nargs=0
+_shtab_qmprestore_mount___check_first_nargs=0
+_shtab_qmprestore_mount___foreground_nargs=0
+_shtab_qmprestore_umount__h_nargs=0
+_shtab_qmprestore_umount___help_nargs=0
+_shtab_qmprestore_umount___debug_nargs=0
+_shtab_qmprestore_umount___verbose_nargs=0
+_shtab_qmprestore_umount___syslog_nargs=0
+_shtab_qmprestore_umount___quiet_nargs=0
 _shtab_qmprestore_pos_0_nargs=A...
 _shtab_qmprestore__h_nargs=0
 _shtab_qmprestore___help_nargs=0

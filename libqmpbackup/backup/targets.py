@@ -51,6 +51,7 @@ from libqmpbackup.store.digests import digest_handles
 from libqmpbackup.store.fsutil import TEMP_SUFFIX
 from libqmpbackup.store.handles import FileHandle, Folder, trusted_owner
 from libqmpbackup.store.intent import RunIntent, remove_intent
+from libqmpbackup.store.verified import remember_written
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class TargetFiles:
             job = target.job
             target.folder.rename(job.partial_path.name, job.final_path.name, expect=target.handle)
             log.info("%s: %s backup %s", job.disk.disk_id, job.level, job.final_path)
+        remember_written([(t.handle.fd, t.job.digest) for t in self.targets])
 
     def link(self) -> None:
         """The FULL-<image> symlinks of --no-timestamp: for people, so a failure only warns."""

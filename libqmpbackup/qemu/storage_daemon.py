@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -40,18 +39,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Callable, Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 from libqmpbackup.errors import ConnectError, ImageInUseError, QmpBackupError
+from libqmpbackup.qemu.daemon_process import DAEMON, die_with_parent_hook
 from libqmpbackup.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 
-DAEMON = "qemu-storage-daemon"
 START_TIMEOUT = 30.0     # opening images with many bitmaps takes a moment
 STOP_TIMEOUT = 60.0      # closing flushes the images and stores the bitmaps
 POLL_INTERVAL = 0.01
-PR_SET_PDEATHSIG = 1
 _OPTION_ERROR_RE = re.compile(r"^qemu-storage-daemon: --blockdev (\{.*?\}): (.*)$")
 _LOCK_FAILURE = "Failed to get"
 
@@ -116,27 +114,6 @@ def startup_error(output: str, images: Sequence[DaemonImage]) -> QmpBackupError:
     return ConnectError(f"qemu-storage-daemon exited before serving QMP: {detail}")
 
 
-def _die_with_parent_hook() -> Callable[[], None]:
-    """A preexec_fn that makes the kernel SIGTERM the child when this process dies.
-
-    libc is looked up before the fork; the child checks that its parent is
-    still the one that forked it (a parent that died before prctl would
-    never send the signal).
-    """
-    parent = os.getpid()
-    try:
-        prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):   # not Linux: the terminate on exit still holds
-        prctl = None
-
-    def hook() -> None:
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os._exit(1)
-    return hook
-
-
 class StorageDaemon:
     """``async with StorageDaemon(images) as session``: a QMP session to a private daemon.
 
@@ -175,7 +152,7 @@ class StorageDaemon:
             try:
                 self._proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                    start_new_session=True, preexec_fn=_die_with_parent_hook())
+                    start_new_session=True, preexec_fn=die_with_parent_hook())
             except OSError as err:
                 raise ConnectError(f"cannot start {DAEMON} (needed for --image): "
                                    f"{err.strerror}; it comes with QEMU "

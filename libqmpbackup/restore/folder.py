@@ -28,14 +28,15 @@ from libqmpbackup.restore.rules import (
     select_root_points,
 )
 from libqmpbackup.store import folder_safety, upstream
-from libqmpbackup.store.digests import check_handles
-from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.digests import DigestCheck, check_handles
+from libqmpbackup.store.handles import FileHandle, Folder
 from libqmpbackup.store.intent import load_intent
 from libqmpbackup.store.journal import JOURNAL_NAME, Journal, unfinished_error
 from libqmpbackup.store.layout import existing_backup_folder, month_folders
 from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import DISK_METADATA_NAME, METADATA_NAME, link_name, safe_component
 from libqmpbackup.store.retention import pruning_entry
+from libqmpbackup.store.verified import DEFAULT_WITHIN, Verified
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,9 @@ def chain_key(store: ChainStore, chain_id: str, key: Optional[Key],
 
 def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: bool = False,
                          whole_chain: bool = False, writable: bool = False,
-                         dry_run: bool = False, key: Optional[Key] = None) -> ChainFiles:
+                         dry_run: bool = False, key: Optional[Key] = None,
+                         verified_within: float = DEFAULT_WITHIN,
+                         defer_digests: bool = False) -> ChainFiles:
     """Refuse a chain that does not match its metadata, or whose files are damaged.
 
     Only the files the point is read from (its FULL and the INCs up to it)
@@ -271,6 +274,12 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
     half-done commit is never what the admin wants, and no folder content
     may lead the restore outside the folder.  Returns the checked files,
     open: the restore reads exactly those descriptors (the caller closes them).
+    A file verified within VERIFIED_WITHIN seconds and unchanged since is
+    not hashed again (:mod:`libqmpbackup.store.verified`).  DEFER_DIGESTS
+    (``mount``, ``merge``: they write nothing into the folder): the files
+    still to hash are left in ``files.deferred`` for the caller to hash while
+    it serves or copies them, publishing nothing before :func:`refuse_damaged`
+    passed; the in-place commands hash here, before they write anything.
     """
     folder = point.folder
     encrypted, chain_key_ = chain_key(store, point.chain_id, key, point.folder)
@@ -279,15 +288,33 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
                             dry_run=dry_run).use_key(encrypted, chain_key_)
     try:
         with files.keyed():
-            _check_files(point, store, files, skip_check=skip_check, whole_chain=whole_chain)
+            _check_files(point, store, files, skip_check=skip_check, whole_chain=whole_chain,
+                         verified_within=verified_within, defer_digests=defer_digests)
     except BaseException:
         files.close()
         raise
     return files
 
 
+def _check_digests(files: ChainFiles, point: RestorePoint, verified_within: float,
+                   defer: bool) -> list[DigestCheck]:
+    """Hash the point's files, except those verified recently and unchanged; remember the rest."""
+    record = Verified()
+    pairs = digest_sources(point, files)
+    todo = [(h, d) for h, d in pairs if not record.fresh(h.fd, d, verified_within)]
+    if len(todo) < len(pairs):
+        log.info("%s: %d of %d file(s) verified within %g s and unchanged: not hashed again",
+                 point.disk_id, len(pairs) - len(todo), len(pairs), verified_within)
+    if defer:
+        files.deferred = todo
+        return []
+    checks = check_handles(todo)
+    remember_verified(todo, checks, record)
+    return checks
+
+
 def _check_files(point: RestorePoint, store: ChainStore, files: ChainFiles, *, skip_check: bool,
-                 whole_chain: bool) -> None:
+                 whole_chain: bool, verified_within: float, defer_digests: bool) -> None:
     folder = files.path
     entries = files.names()
     refuse_unfinished(folder, entries)
@@ -311,10 +338,26 @@ def _check_files(point: RestorePoint, store: ChainStore, files: ChainFiles, *, s
                                    parent_record(point.records, position[record.file]))
     if problems:
         raise ChainError(f"{folder} (chain {point.chain_id}): {'; '.join(problems)}")
-    damaged = [f"{c.path}: {c.detail}" for c in check_handles(
-        [(files.handle(r.file), r.digest) for r in point.segment()])
-        if c.status not in ("ok", "unrecorded")]
+    refuse_damaged(_check_digests(files, point, verified_within, defer_digests))
+    log.debug("%s: chain %s checked (%d files)", point.disk_id, point.chain_id, len(used))
+
+
+def remember_verified(checked: list[tuple[FileHandle, Optional[str]]], checks: list[DigestCheck],
+                      record: Optional[Verified] = None) -> None:
+    """Remember the files whose content matched, so the next restore need not hash them again."""
+    (record or Verified()).remember((h.fd, d) for (h, d), c in zip(checked, checks)
+                                    if c.status == "ok")
+
+
+def digest_sources(point: RestorePoint,
+                   files: ChainFiles) -> list[tuple[FileHandle, Optional[str]]]:
+    """The files a restore of POINT reads, by descriptor, with the digests recorded for them."""
+    return [(files.handle(r.file), r.digest) for r in point.segment()]
+
+
+def refuse_damaged(checks: list[DigestCheck]) -> None:
+    """BackupDamaged (exit 11) when a file's content differs from its recorded digest."""
+    damaged = [f"{c.path}: {c.detail}" for c in checks if c.status not in ("ok", "unrecorded")]
     if damaged:
         raise BackupDamaged([f"{line}; restore from another chain or copy (qmprestore verify "
                              "shows which points are intact)" for line in damaged])
-    log.debug("%s: chain %s checked (%d files)", point.disk_id, point.chain_id, len(used))

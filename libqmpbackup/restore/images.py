@@ -78,6 +78,8 @@ class ChainFiles:
         self.encrypted = False
         self.key: Optional[Key] = None
         self._keyed = contextlib.ExitStack()
+        #: files whose checksum the caller checks later (``mount`` hashes while it serves)
+        self.deferred: list[tuple[FileHandle, Optional[str]]] = []
 
     def use_key(self, encrypted: bool, key: Optional[Key]) -> ChainFiles:
         """Say whether the chain is encrypted and with which key qemu-img opens its files."""

@@ -53,6 +53,7 @@ from libqmpbackup.store.digests import digest_handles
 from libqmpbackup.store.journal import Journal, unfinished_error
 from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import BackupRecord
+from libqmpbackup.store.mounts import refuse_if_mounted
 from libqmpbackup.store.names import IMAGE_LINK, parse_backup_name, point_label
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def _disk_point(backup: BackupDir, command: str,
     point = backup.points(opts.until, opts.uuid)[0]
     files = check_before_restore(point, backup.store, skip_check=opts.skip_check,
                                  whole_chain=command in ("commit", "snapshotrebase"),
-                                 writable=True, dry_run=opts.dry_run, key=opts.key)
+                                 writable=True, dry_run=opts.dry_run, key=opts.key,
+                                 verified_within=opts.verified_within)
     return point, files
 
 
@@ -119,15 +121,18 @@ def _record_new_digests(backup: BackupDir, point: RestorePoint, files: ChainFile
 
 
 @contextlib.contextmanager
-def _exclusive(backup: BackupDir, dry_run: bool) -> Iterator[None]:
+def _exclusive(backup: BackupDir, command: str, dry_run: bool) -> Iterator[None]:
     """In-place restores change files a backup run would extend: never both at once.
 
-    A dry run changes nothing, not even the lock file, so it takes no lock.
+    Nor while a ``qmprestore mount`` of the folder reads them (busy, exit 4,
+    naming the mount), checked before anything is written.  A dry run
+    changes nothing, not even the lock file, so it takes no lock.
     """
     if dry_run:
         yield
         return
     with chain_lock(backup.root):
+        refuse_if_mounted(backup.root, command)
         yield
 
 
@@ -135,7 +140,7 @@ def rebase(opts: RestoreOptions) -> Path:
     """Make the point's file a usable image through relative backing files; link ``image`` to it."""
     qemuimg.binary()
     backup = open_backup_dir(opts.dir, opts.name_filter)
-    with _exclusive(backup, opts.dry_run):
+    with _exclusive(backup, "rebase", opts.dry_run):
         return _rebase(backup, opts)
 
 
@@ -175,7 +180,7 @@ def _ensure_snapshot(files: ChainFiles, name: str, tag: str, dry_run: bool) -> b
 def _consolidate(opts: RestoreOptions, operation: str, *, snapshots: bool) -> Path:
     qemuimg.binary()
     backup = open_backup_dir(opts.dir, opts.name_filter)
-    with _exclusive(backup, opts.dry_run):
+    with _exclusive(backup, operation, opts.dry_run):
         folder = backup.folder_of(backup.require_disk_folder(operation))
         journal = Journal.load(folder)
         if journal is None:

@@ -22,6 +22,7 @@ from libqmpbackup.store import folder_safety
 from libqmpbackup.store.journal import JOURNAL_NAME
 from libqmpbackup.store.layout import disk_folders
 from libqmpbackup.store.metadata import BackupRecord, Chain
+from libqmpbackup.store.mounts import MountRecord, alive, checking, records
 from libqmpbackup.tables import table
 from libqmpbackup.units import local_time
 
@@ -108,13 +109,32 @@ def list_table(path: Path, name_filter: Optional[str] = None) -> str:
         _warn_leftovers(backup)
         # below a --monthly base, chains are told apart by their month folder
         rows += _rows(backup, "" if backup.folder == given else f"{backup.root.name}/")
-    return table(rows, headers=HEADERS)
+    found = _mounts(open_for_listing(path, name_filter))
+    return "\n".join([table(rows, headers=HEADERS), *map(_mount_line, found)])
+
+
+def _mount_line(record: MountRecord) -> str:
+    line = (f"mounted at {record.mountpoint} (daemon pid {record.pid}): "
+            + ", ".join(f"{d.disk} {d.point}" for d in record.disks))
+    if record.damaged:
+        return f"{line}: ENDED, DAMAGED: {'; '.join(record.damaged)}"
+    if not alive(record):
+        return f"{line}: the daemon died, run qmprestore umount {record.mountpoint}"
+    return line + (" (checksums being verified)" if checking(record) else "")
+
+
+def _mounts(backups: list[BackupDir]) -> list[MountRecord]:
+    """``qmprestore mount``s of these chain folders (each once): live, or to be unmounted."""
+    roots = {os.path.realpath(b.root) for b in backups}
+    return [r for r in records() if r.root in roots]
 
 
 def list_document(path: Path, name_filter: Optional[str] = None) -> Document:
     """The ``list --json`` document: the same chains, disks and points as the table."""
     chains = []
-    for backup in open_for_listing(path, name_filter):
+    backups = open_for_listing(path, name_filter)
+    for backup in backups:
         _warn_leftovers(backup)
         chains += [_chain_document(backup, c) for c in backup.store.chains]
-    return {"command": "list", "dir": os.path.abspath(path), "chains": chains}
+    return {"command": "list", "dir": os.path.abspath(path), "chains": chains,
+            "mounts": [r.document() for r in _mounts(backups)]}

@@ -7,6 +7,13 @@ unique, 0600 ``.<target>.XXXXXX.partial`` created relative to the output
 folder's descriptor and renamed when complete: an existing file is never
 overwritten nor written through, and an interrupted merge leaves nothing
 that looks like a finished restore.
+
+The sources' content digests are checked *while* qemu-img copies them
+(:class:`BackgroundCheck`, through the same descriptors; the page cache
+makes the second read cheap), not before: a restore then takes about as
+long as the copy.  Nothing is renamed to its final name before every
+source of every image verified; a mismatch removes all partial output and
+exits 11, as the pre-check did when it hashed first.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,9 +31,15 @@ from libqmpbackup.errors import QmpBackupError, TargetError, UsageError
 from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
-from libqmpbackup.restore.folder import check_before_restore, open_backup_dir
+from libqmpbackup.restore.folder import (
+    check_before_restore,
+    open_backup_dir,
+    refuse_damaged,
+    remember_verified,
+)
 from libqmpbackup.restore.images import ChainFiles
 from libqmpbackup.restore.rules import RestoreOptions, RestorePoint
+from libqmpbackup.store.digests import BackgroundCheck
 from libqmpbackup.store.fsutil import make_private_dirs
 from libqmpbackup.store.handles import FileHandle, Folder
 from libqmpbackup.store.names import PARTIAL_SUFFIX, safe_component
@@ -127,23 +141,40 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
     points = backup.points(opts.until, opts.uuid)
     with contextlib.ExitStack() as opened:
         checked = [opened.enter_context(check_before_restore(
-            point, backup.store, skip_check=opts.skip_check, dry_run=opts.dry_run, key=opts.key))
+            point, backup.store, skip_check=opts.skip_check, dry_run=opts.dry_run, key=opts.key,
+            verified_within=opts.verified_within, defer_digests=not opts.dry_run))
             for point in points]
         plan = _targets(points, target)
         created = _prepare_directory(target, opts.dry_run)
+        copies: list[tuple[Folder, FileHandle, str]] = []
         try:
             for image, files in zip(plan, checked):
-                _convert(image, files, opts)
+                copy = _convert(image, files, opts)
+                if copy is not None:
+                    copies.append(copy)
+            for out, partial, name in copies:   # every source verified: publish them all
+                _publish(out, partial, name)
         except BaseException:
+            for out, partial, _ in copies:
+                _remove_partial(out, partial)
             for folder in reversed(created):   # a failed first restore leaves no empty folders
                 with contextlib.suppress(OSError):
                     folder.rmdir()
             raise
+        finally:
+            for out, partial, _ in copies:
+                partial.close()
+                out.close()
     return plan
 
 
-def _convert(image: RestoredImage, files: ChainFiles, opts: RestoreOptions) -> None:
+def _convert(image: RestoredImage, files: ChainFiles,
+             opts: RestoreOptions) -> Optional[tuple[Folder, FileHandle, str]]:
     """Read the point through the descriptors that were checked; write through a new file's.
+
+    Returns the output folder, the finished and verified partial file, and
+    the name it is to get (None in a dry run); on any failure the partial
+    file is removed first.
 
     The chain is always spelled out (:meth:`ChainFiles.spec`): no header's
     backing name is followed.  The output is created ``O_EXCL|O_NOFOLLOW``
@@ -156,26 +187,63 @@ def _convert(image: RestoredImage, files: ChainFiles, opts: RestoreOptions) -> N
     log.info("%s: restoring %s (%s) into %s", point.disk_id, point.label,
              point.record.file, path)
     source = files.spec([r.file for r in point.segment()])
+    encrypt = _encrypt_output(image, files, opts)
     if opts.dry_run:
         qemuimg.convert(source, path.with_name(f".{path.name}.XXXXXX{PARTIAL_SUFFIX}"),
                         out_format=image.fmt, rate_limit=opts.rate_limit, dry_run=True,
-                        encrypt=_encrypt_output(image, files, opts))
+                        encrypt=encrypt)
         file_steps.note(f"rename it to {path}", dry_run=True)
-        return
-    with Folder.open_root(path.parent) as out:
+        return None
+    out = Folder.open_root(path.parent)
+    try:
         partial = out.create(f".{path.name}.{secrets.token_hex(8)}{PARTIAL_SUFFIX}",
                              "restored image")
+    except BaseException:
+        out.close()
+        raise
+    try:
+        check = None if opts.skip_check else BackgroundCheck(files.deferred)
+        _copy_verified(source, partial, image.fmt, files, opts, check, encrypt=encrypt)
+        os.fsync(partial.fd)
+    except BaseException:  # also Interrupted: no half image may stay behind
+        _remove_partial(out, partial)
+        partial.close()
+        out.close()
+        raise
+    return out, partial, path.name
+
+
+def _copy_verified(source: str, partial: FileHandle, fmt: str, files: ChainFiles,
+                   opts: RestoreOptions, check: Optional[BackgroundCheck], *,
+                   encrypt: bool = False) -> None:
+    """``qemu-img convert`` into PARTIAL while CHECK hashes the sources; BackupDamaged on damage.
+
+    ENCRYPT (--encrypt-output): PARTIAL is a LUKS qcow2 with the chain's key.
+
+    A copy that failed is explained by the damage when there is some (a
+    flipped bit can make qemu-img fail too); an interrupted one stops the
+    hashing at once.
+    """
+    try:
         try:
-            qemuimg.convert(source, partial.dev_path, out_format=image.fmt,
+            qemuimg.convert(source, partial.dev_path, out_format=fmt,
                             rate_limit=opts.rate_limit, pass_fds=[*files.fds, partial.fd],
-                            encrypt=_encrypt_output(image, files, opts))
-            os.fsync(partial.fd)
-            _publish(out, partial, path.name)
-        except BaseException:  # also Interrupted: no half image may stay behind
-            _remove_partial(out, partial)
+                            encrypt=encrypt)
+        except QmpBackupError:
+            if check is not None:
+                refuse_damaged(check.result())
             raise
-        finally:
-            partial.close()
+        if check is None:
+            return
+        started = time.monotonic()
+        checks = check.result()
+        refuse_damaged(checks)
+        remember_verified(files.deferred, checks)
+    except BaseException:
+        if check is not None:
+            check.cancel()     # at once when interrupted; nothing left to stop otherwise
+        raise
+    log.debug("sources verified %.2f s after the copy ended", time.monotonic() - started)
 
 
 def _encrypt_output(image: RestoredImage, files: ChainFiles, opts: RestoreOptions) -> bool:

@@ -30,6 +30,7 @@ from libqmpbackup.store.names import (
     point_label,
     safe_component,
 )
+from libqmpbackup.store.verified import DEFAULT_WITHIN
 
 CHAIN_LEVELS = ("full", "inc", "diff")
 WHOLE_LEVELS = ("full", "copy")
@@ -50,6 +51,7 @@ class RestoreOptions:
     name_filter: Optional[str] = None
     key: Optional[Key] = None           # --key-file: opens an encrypted chain
     encrypt_output: bool = False        # merge --encrypt-output: the image stays encrypted
+    verified_within: float = DEFAULT_WITHIN   # seconds; 0: hash every file (store/verified.py)
 
 
 @dataclass(frozen=True)

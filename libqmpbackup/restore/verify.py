@@ -42,12 +42,14 @@ from libqmpbackup.restore.status import FileStatus
 from libqmpbackup.store import folder_safety
 from libqmpbackup.store.digests import check_handles
 from libqmpbackup.store.metadata import BackupRecord, Chain
+from libqmpbackup.store.verified import Verified
 from libqmpbackup.tables import table
+from libqmpbackup.units import local_time
 
 log = logging.getLogger(__name__)
 
 BAD_STATUSES = tuple(s for s in FileStatus if s.bad)
-HEADERS = ("chain", "disk", "file", "status", "restorable", "problems")
+HEADERS = ("chain", "disk", "file", "status", "restorable", "problems", "last verified")
 
 
 @dataclass
@@ -63,6 +65,7 @@ class FileReport:
     restorable: bool = True     # every file this point is read from is ok or unverifiable
     problems: list[str] = field(default_factory=list)
     recorded_digest: Optional[str] = None
+    last_verified: Optional[float] = None   # the previous remembered check (store/verified.py)
 
     @property
     def bad(self) -> bool:
@@ -75,7 +78,7 @@ class FileReport:
         return {"chain": self.chain, "disk": self.disk, "file": self.path.name,
                 "path": str(self.path), "level": self.level, "time": self.time,
                 "status": self.status, "restorable": self.restorable,
-                "problems": self.problems}
+                "problems": self.problems, "last_verified": self.last_verified}
 
 
 @dataclass
@@ -92,7 +95,9 @@ class VerifyReport:
 
     def table(self) -> str:
         rows = [(f.chain, f.disk, f.path.name, f.status, "yes" if f.restorable else "no",
-                 "; ".join(f.problems)) for f in self.files]
+                 "; ".join(f.problems),
+                 local_time(int(f.last_verified)) if f.last_verified else "never")
+                for f in self.files]
         return table(rows, headers=HEADERS)
 
     def to_json(self) -> dict[str, Any]:
@@ -212,16 +217,25 @@ def _extra_files(backup: BackupDir, folder: Path, entries: list[str],
 
 
 def _check_digests(files: ChainFiles, reports: list[FileReport]) -> None:
-    """Recompute the checksum of every file that could be opened (through its descriptor)."""
+    """Recompute the checksum of every file that could be opened (through its descriptor).
+
+    Always every byte (rot changes no timestamp); the remembered check is
+    reported as it was before this run, and refreshed for the files found ok.
+    """
     present = [r for r in reports if r.status != "missing" and r.path.name in files.handles]
-    for report, check in zip(present, check_handles([(files.handles[r.path.name],
-                                                      r.recorded_digest) for r in present])):
+    pairs = [(files.handles[r.path.name], r.recorded_digest) for r in present]
+    record = Verified()
+    for report, (handle, digest) in zip(present, pairs):
+        report.last_verified = record.verified_at(handle.fd, digest)
+    checks = check_handles(pairs)
+    for report, check in zip(present, checks):
         if check.status == "unrecorded":
             if report.status == "ok":
                 report.status = "unverifiable"
         elif check.status != "ok":
             report.status = "damaged"
             report.problems.append(check.detail)
+    record.remember((h.fd, d) for (h, d), c in zip(pairs, checks) if c.status == "ok")
 
 
 def mark_restorable(reports: list[FileReport]) -> None:

@@ -6,33 +6,15 @@ bytes are hashed when the run commits and the digest is stored with its
 record in ``qmpbackup.json``; ``qmprestore verify`` and every restore
 recompute it.
 
-Why pieces (``sha256x64m``, the default): one SHA-256 over a whole file is a
-single chain of work on one core, and at ≈ 0.8 CPU-s per GiB it took longer
-than QEMU's copy of the same file, while the run's other cores sat idle (the
-job is over when we hash).  Cutting every file into 64 MiB pieces lets the
-pieces of *all* files of a run be hashed at once on every core the process
-may use (hashlib releases the GIL).  The digest is still checkable by hand
-with coreutils alone, because it is defined as exactly what
-
-    split -b 64M --filter=sha256sum FILE | sha256sum
-
-prints: each piece's SHA-256 as the line ``<hex>  -`` that ``sha256sum``
-writes for its stdin, and the SHA-256 of those lines (an empty file has no
-pieces: the SHA-256 of nothing).  Why 64 MiB: ≈ 50 ms of hashing per piece is
-plenty of work per task to hide the pool's overhead, a 1 TiB disk is still
-only 16384 lines, and a 1 GiB file still splits into 16 pieces for the cores.
-
-Why SHA-256: measured on the project's machine (2-core AMD EPYC with SHA-NI,
-OpenSSL 3.0, 256 MiB in 1 MiB updates) hashlib gave sha256 ≈ 1200 MiB/s,
-sha1 1130, blake2b 820, sha512 720, md5 630, blake2s 475, sha3_256 450.
-With the CPU's SHA instructions SHA-256 is the fastest of them *and* strong
-enough that a file swapped for another chain's file cannot match by accident
-(zlib.crc32, ≈ 2000 MiB/s, is not a content identity).
-
-Digests are written ``<algorithm>:<hex>`` so a change of algorithm keeps old
-records verifiable: ``sha256:`` records of earlier versions (and the other
-whole-file algorithms) are recomputed as one plain hash of the file, still in
-the same pool as everybody's pieces.
+Why pieces: one hash over a whole file is a single chain of work on one
+core, while the run's other cores sit idle (the job is over when we hash).
+Cutting every file into 64 MiB pieces lets the pieces of *all* files of a
+run be hashed at once on every core the process may use (hashlib and
+xxhash release the GIL), and the digest is still checkable by hand with a
+Debian command: what each kind means, and that command, are in
+:mod:`digest_kinds`.  Why 64 MiB: plenty of work per task to hide the
+pool's overhead, a 1 TiB disk is still only 16384 lines, and a 1 GiB file
+still splits into 16 pieces for the cores.
 
 Restores and ``verify`` hash the descriptors they checked and hand to
 qemu-img (:func:`digest_handles`, :func:`check_handles`): the bytes hashed
@@ -50,8 +32,8 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import logging
+import mmap
 import os
 import threading
 import time
@@ -62,30 +44,26 @@ from typing import Optional, Sequence, Union
 
 from libqmpbackup.errors import ChainError
 from libqmpbackup.store import folder_safety
+from libqmpbackup.store.digest_kinds import (
+    ALGORITHM,
+    CHUNK,
+    PIECE_SIZE,
+    algorithm_of,
+    combine_pieces,
+    hash_name,
+    is_pieces,
+    new_hasher,
+    zeros_digest,
+)
 from libqmpbackup.store.handles import FileHandle
 
 log = logging.getLogger(__name__)
 
-PIECE_ALGORITHM = "sha256x64m"
-PIECE_HASH = "sha256"
-"""What hashes each piece and the lines: the two ``sha256sum`` of the by-hand check."""
-PIECE_SIZE = 64 << 20
-"""The ``64M`` of ``split -b 64M``: the piece size ``sha256x64m`` means."""
-ALGORITHM = PIECE_ALGORITHM
-"""What new backups record."""
-WHOLE_FILE_ALGORITHMS = frozenset({"sha256", "sha512", "sha1", "blake2b", "blake2s", "sha3_256"})
-KNOWN_ALGORITHMS = WHOLE_FILE_ALGORITHMS | {PIECE_ALGORITHM}
-CHUNK = 1 << 20
 MAX_WORKERS = 8
 """More threads than this gain nothing on the storage backup files live on."""
 
 DigestFailure = Union[OSError, ChainError]
 """Why a file could not be hashed: unreadable, or not a regular file of its folder."""
-
-
-def hash_name(algorithm: str) -> str:
-    """The hashlib algorithm that hashes the bytes of a file (or of its pieces)."""
-    return PIECE_HASH if algorithm == PIECE_ALGORITHM else algorithm
 
 
 def worker_count() -> int:
@@ -100,6 +78,18 @@ def worker_count() -> int:
 _buffers = threading.local()
 
 
+def page_aligned_buffer() -> mmap.mmap:
+    """CHUNK bytes of anonymous memory that start on a page boundary.
+
+    Why not ``bytearray(CHUNK)``: its bytes start a few bytes into the pages
+    glibc maps for it, and the kernel's copy into a buffer that is not
+    page-aligned was 4× slower here (AMD EPYC: 0.78 against 0.20 CPU s per
+    GiB read from tmpfs), which made reading, not hashing, most of a
+    checksum's cost.
+    """
+    return mmap.mmap(-1, CHUNK)
+
+
 def _only_hole(fd: int, offset: int, length: int) -> bool:
     """True when FD holds no data from OFFSET for LENGTH bytes: a hole reads as zeros."""
     try:
@@ -109,17 +99,8 @@ def _only_hole(fd: int, offset: int, length: int) -> bool:
     return data >= offset + length
 
 
-@functools.lru_cache(maxsize=4)
-def zeros_digest(length: int, algorithm: str) -> str:
-    """Hex digest of LENGTH zero bytes: what a piece lying in a hole hashes to (computed once)."""
-    digest = hashlib.new(algorithm)
-    chunk = bytes(min(CHUNK, length))
-    for offset in range(0, length, CHUNK):
-        digest.update(chunk[:min(CHUNK, length - offset)])
-    return digest.hexdigest()
-
-
-def _hash_range(fd: int, offset: int, length: int, algorithm: str) -> str:
+def _hash_range(fd: int, offset: int, length: int, algorithm: str,
+                cancel: Optional[threading.Event] = None) -> str:
     """Hex digest of LENGTH bytes of FD from OFFSET, read through this thread's buffer.
 
     A range that lies in a hole is not read: a huge sparse file (planted, or
@@ -127,25 +108,21 @@ def _hash_range(fd: int, offset: int, length: int, algorithm: str) -> str:
     """
     if _only_hole(fd, offset, length):
         return zeros_digest(length, algorithm)
-    buffer: Optional[bytearray] = getattr(_buffers, "chunk", None)
+    buffer: Optional[mmap.mmap] = getattr(_buffers, "chunk", None)
     if buffer is None:
-        buffer = _buffers.chunk = bytearray(CHUNK)
+        buffer = _buffers.chunk = page_aligned_buffer()
     view = memoryview(buffer)
-    digest = hashlib.new(algorithm)
+    digest = new_hasher(algorithm)
     end = offset + length
     while offset < end:
+        if cancel is not None and cancel.is_set():
+            raise OSError(errno.ECANCELED, "hashing cancelled")
         count = os.preadv(fd, [view[:min(CHUNK, end - offset)]], offset)
         if not count:
             raise OSError(errno.EIO, "file shrank while it was being hashed")
         digest.update(view[:count])
         offset += count
     return digest.hexdigest()
-
-
-def combine_pieces(piece_hexes: Sequence[str]) -> str:
-    """The SHA-256 hex of the lines ``sha256sum`` prints for each piece read from stdin."""
-    lines = "".join(f"{h}  -\n" for h in piece_hexes)
-    return hashlib.new(PIECE_HASH, lines.encode("ascii")).hexdigest()
 
 
 @dataclass
@@ -198,20 +175,20 @@ class _FileHashing:
             if isinstance(err, OSError):
                 return err
         hexes = [piece.result() for piece in self.pieces]
-        if self.algorithm == PIECE_ALGORITHM:
-            return f"{self.algorithm}:{combine_pieces(hexes)}"
+        if is_pieces(self.algorithm):
+            return f"{self.algorithm}:{combine_pieces(hexes, self.algorithm)}"
         return f"{self.algorithm}:{hexes[0]}"
 
 
 def _ranges(size: int, algorithm: str, piece_size: int) -> list[tuple[int, int]]:
     """(offset, length) of each task for a file of SIZE bytes: its pieces, or the whole file."""
-    if algorithm != PIECE_ALGORITHM:
+    if not is_pieces(algorithm):
         return [(0, size)]
     return [(offset, min(piece_size, size - offset)) for offset in range(0, size, piece_size)]
 
 
-def _hash_all(items: Sequence[tuple[Path, str, int]],
-              piece_size: int) -> list[Union[str, DigestFailure]]:
+def _hash_all(items: Sequence[tuple[Path, str, int]], piece_size: int,
+              cancel: Optional[threading.Event] = None) -> list[Union[str, DigestFailure]]:
     """Digest or failure of each (path, algorithm), every piece of every file in one pool.
 
     The files are opened in order, each only when a slot is free, so at most
@@ -219,6 +196,7 @@ def _hash_all(items: Sequence[tuple[Path, str, int]],
     the files before them, which keeps every worker busy to the end.  A signal
     (the runner raises in this thread) drops the queued pieces: the command
     stops after the pieces in flight instead of hashing every file first.
+    CANCEL does the same from another thread (:class:`BackgroundCheck`).
     """
     files = [_FileHashing(path=path, algorithm=algorithm, source_fd=fd)
              for path, algorithm, fd in items]
@@ -233,6 +211,10 @@ def _hash_all(items: Sequence[tuple[Path, str, int]],
         try:
             for hashing in files:
                 slots.acquire()
+                if cancel is not None and cancel.is_set():
+                    slots.release()
+                    hashing.failure = OSError(errno.ECANCELED, "hashing cancelled")
+                    continue
                 hashing.open()
                 if hashing.failure is not None:
                     slots.release()
@@ -245,7 +227,7 @@ def _hash_all(items: Sequence[tuple[Path, str, int]],
                 hashing.pending = len(ranges)   # before any piece can finish and count down
                 for offset, length in ranges:
                     piece = pool.submit(_hash_range, hashing.fd, offset, length,
-                                        hash_name(hashing.algorithm))
+                                        hash_name(hashing.algorithm), cancel)
                     piece.add_done_callback(functools.partial(piece_done, hashing))
                     hashing.pieces.append(piece)
         except BaseException:
@@ -294,24 +276,6 @@ def _digests(items: Sequence[tuple[Path, str, int]], piece_size: int) -> list[st
     return digests
 
 
-def algorithm_of(recorded: Optional[str]) -> Optional[str]:
-    """The algorithm of a recorded digest, or None when there is none we can recompute.
-
-    The metadata is untrusted: only well-formed digests of known algorithms
-    are recomputed, anything else counts as "no digest recorded".
-    """
-    if not isinstance(recorded, str):
-        return None
-    algorithm, _, hexdigest = recorded.partition(":")
-    if algorithm not in KNOWN_ALGORITHMS:
-        return None
-    if len(hexdigest) != hashlib.new(hash_name(algorithm)).digest_size * 2:
-        return None
-    if any(c not in "0123456789abcdef" for c in hexdigest):
-        return None
-    return algorithm
-
-
 @dataclass(frozen=True)
 class DigestCheck:
     """One file against its recorded digest."""
@@ -331,10 +295,11 @@ def check_files(files: Sequence[tuple[Path, Optional[str]]]) -> list[DigestCheck
     return _check([(path, recorded, -1) for path, recorded in files])
 
 
-def _check(files: Sequence[tuple[Path, Optional[str], int]]) -> list[DigestCheck]:
+def _check(files: Sequence[tuple[Path, Optional[str], int]],
+           cancel: Optional[threading.Event] = None) -> list[DigestCheck]:
     checkable = [(path, recorded, algorithm_of(recorded), fd) for path, recorded, fd in files]
     todo = [(path, algorithm, fd) for path, _, algorithm, fd in checkable if algorithm]
-    computed = iter(_hash_all(todo, PIECE_SIZE))
+    computed = iter(_hash_all(todo, PIECE_SIZE, cancel))
     results = []
     for path, recorded, algorithm, _ in checkable:
         if algorithm is None:
@@ -354,3 +319,40 @@ def _check(files: Sequence[tuple[Path, Optional[str], int]]) -> list[DigestCheck
         else:
             results.append(DigestCheck(path=path, status="ok"))
     return results
+
+
+class BackgroundCheck:
+    """:func:`check_handles` in a thread of its own, while the caller copies the same files.
+
+    A restore hashes its sources while ``qemu-img convert`` reads them (the
+    page cache makes the second read cheap), and publishes the copy only
+    when :meth:`result` says every file matched.  :meth:`cancel` (the copy
+    failed or was interrupted) stops the hashing after the chunks in flight
+    and waits for it, so no descriptor stays open behind the caller.
+    """
+
+    def __init__(self, files: Sequence[tuple[FileHandle, Optional[str]]]) -> None:
+        self._cancel = threading.Event()
+        self._results: list[DigestCheck] = []
+        self._failure: Optional[BaseException] = None
+        items = [(h.path, recorded, h.fd) for h, recorded in files]
+        self._thread = threading.Thread(target=self._run, args=(items,), name="digest-check",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, items: Sequence[tuple[Path, Optional[str], int]]) -> None:
+        try:
+            self._results = _check(items, self._cancel)
+        except BaseException as err:    # re-raised in the caller's thread by result()
+            self._failure = err
+
+    def result(self) -> list[DigestCheck]:
+        """Every file's check, once all are hashed."""
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return self._results
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self._thread.join()

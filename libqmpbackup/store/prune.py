@@ -36,6 +36,7 @@ from libqmpbackup.store.journal import refuse_unfinished_restores
 from libqmpbackup.store.layout import MONTH_FOLDER_RE, existing_backup_folder
 from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import ChainStore
+from libqmpbackup.store.mounts import refuse_if_mounted
 from libqmpbackup.store.names import METADATA_NAME
 from libqmpbackup.store.retention import (
     ROOT_FOLDER,
@@ -294,6 +295,9 @@ def prune(opts: PruneOptions) -> PruneResult:
             sizes: dict[Path, int] = {}
             leftovers = _leftovers(stores, held, sizes, dry_run)
             plan = plan_retention(stores, opts.keep)
+            if not dry_run:   # a mounted chain's files must stay (busy, exit 4)
+                for summary in plan.removed:
+                    refuse_if_mounted(summary.root, "prune", [summary.chain.uuid])
             for summary in plan.chains:
                 sizes.update(_sizes(held[summary.root], list(summary.files)))
             result = PruneResult(target=base, keep=opts.keep, dry_run=dry_run, plan=plan,

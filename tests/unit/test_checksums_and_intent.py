@@ -24,7 +24,7 @@ def test_old_sha256_digests_are_the_plain_hash_of_the_bytes(tmp_path: Path) -> N
     path = tmp_path / "f"
     path.write_bytes(data)
     assert file_digest(path, "sha256") == "sha256:" + hashlib.sha256(data).hexdigest()
-    assert file_digest(path).startswith("sha256x64m:"), "new backups record the piece digest"
+    assert file_digest(path).startswith("xxh128x64m:"), "new backups record the piece digest"
     paths = [tmp_path / f"f{i}" for i in range(5)]
     for i, p in enumerate(paths):
         p.write_bytes(bytes([i]) * 1000)
@@ -35,6 +35,9 @@ def test_old_sha256_digests_are_the_plain_hash_of_the_bytes(tmp_path: Path) -> N
 @pytest.mark.parametrize("recorded, algorithm", [
     ("sha256:" + "0" * 64, "sha256"),
     ("sha256x64m:" + "0" * 64, "sha256x64m"),
+    ("xxh128x64m:" + "0" * 32, "xxh128x64m"),
+    ("xxh128x64m:" + "0" * 64, None),      # XXH3-128 has 32 hex digits
+    ("xxh128x64m:" + "F" * 32, None),      # xxhsum prints lower case only
     ("blake2b:" + "a" * 128, "blake2b"),
     ("sha256:" + "0" * 63, None),          # wrong length
     ("sha256x64m:" + "0" * 65, None),
@@ -50,7 +53,7 @@ def test_only_wellformed_digests_are_recomputed(recorded: object, algorithm: obj
     assert algorithm_of(recorded) == algorithm   # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("algorithm", ["sha256x64m", "sha256"])   # sha256: records of old backups
+@pytest.mark.parametrize("algorithm", ["xxh128x64m", "sha256x64m", "sha256"])   # older records
 def test_check_files_judges_each_file(tmp_path: Path, algorithm: str) -> None:
     good, bad, gone, old = (tmp_path / n for n in ("good", "bad", "gone", "old"))
     for path in (good, bad, old):

@@ -115,6 +115,6 @@ def test_a_bad_command_line_is_one_line_naming_the_option(
 
 
 def test_values_that_look_like_options_are_left_to_argparse() -> None:
-    built = importlib.import_module("qmpbackup.cli").build_parser()
+    built = importlib.import_module("qmpbackup.parser").build_parser()
     args = built.parse_args(["prune", "--target", "/b", "--keep", "-1"])
     assert args.keep == -1
