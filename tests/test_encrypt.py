@@ -125,6 +125,20 @@ def test_merge_encrypt_output_keeps_it_encrypted(cli, enc: dict, tmp_path: Path)
     assert identical(plain, enc["refs"][-1])
 
 
+def test_mount_serves_an_encrypted_point_with_the_key_from_a_descriptor(
+        cli, enc: dict, mountpoint: Path) -> None:
+    """mount --key-file: the daemon decrypts every layer; the key is in no argv; no key: exit 2."""
+    cli("qmprestore", "mount", "--dir", enc["root"], mountpoint).failed(2, "--key-file")
+    assert list(mountpoint.iterdir()) == []
+    until = files(enc["root"], DISK)[2]
+    shown = json.loads(cli("qmprestore", "mount", "--dir", enc["root"], "--until", until,
+                           "--key-file", enc["key"], "--json", mountpoint).ok().out)
+    argv = Path(f"/proc/{shown['daemon_pid']}/cmdline").read_bytes()
+    assert enc["key"].read_bytes().strip() not in argv and b"secret,id=qmpbackup-key" in argv
+    assert identical(mountpoint / f"{DISK}.raw", enc["refs"][2])
+    cli("qmprestore", "umount", mountpoint).ok()
+
+
 def test_restores_without_or_with_a_wrong_key_are_refused(cli, enc: dict, tmp_path: Path) -> None:
     out = tmp_path / "out.qcow2"
     result = cli("qmprestore", "merge", "--dir", enc["root"] / DISK, "--targetfile", out)
