@@ -34,6 +34,7 @@ this harness); only a tiny starter lives here.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import logging
@@ -654,6 +655,15 @@ class Bench:
             return seconds
         return measure
 
+    def key_file(self) -> Path:
+        """A random key (as `qmpbackup genkey` writes one: 0600) for the encrypted row."""
+        path = self.fresh("bench.key")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(base64.b64encode(os.urandom(32)) + b"\n")
+        return path
+
     def direct_step(self, vm: BenchVM, lever: Lever) -> Callable[[], float]:
         def measure() -> float:
             out = self.fresh("direct.qcow2")
@@ -708,6 +718,10 @@ class Bench:
         add("full-no-checksum", "same with --no-checksum (no hashing of the written file)",
             baseline="convert", data=self.size)
         steps.append(("full-no-checksum", self.full_step(vm, "full-no-checksum", "--no-checksum")))
+        add("full-encrypted", "same with --encrypt-key-file (LUKS qcow2, a random key, default "
+            "--encrypt-iter-time)", baseline="convert", data=self.size)
+        steps.append(("full-encrypted", self.full_step(vm, "full-encrypted", "--encrypt-key-file",
+                                                       str(self.key_file()))))
         add("full-no-offload", "same with --copy-offload off", baseline="convert",
             data=self.size)
         steps.append(("full-no-offload", self.full_step(vm, "full-no-offload", "--copy-offload", "off")))

@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import AsyncContextManager, Awaitable, Optional, Sequence, Union
 
+from libqmpbackup import keys
 from libqmpbackup.backup import fleecing, offload
 from libqmpbackup.backup.bitmap_removal import remove_bitmaps, remove_chain_bitmaps
 from libqmpbackup.backup.image_disks import (
@@ -108,7 +109,9 @@ async def backup_command(args: argparse.Namespace) -> CommandResult:
         target_cache_direct=args.blockdev_disable_cache, target_aio=args.blockdev_aio,
         no_subdir=args.no_subdir, no_timestamp=args.no_timestamp, no_symlink=args.no_symlink,
         fleecing=fleecing_options, copy_offload=args.copy_offload,
-        checksum=not args.no_checksum)
+        checksum=not args.no_checksum,
+        key=(keys.Key.load(args.encrypt_key_file, keys.check_iter_time(args.encrypt_iter_time))
+             if args.encrypt_key_file else None))
     if args.remove_delay is not None:
         log.warning("--remove-delay is not needed and is ignored: qmpbackup closes a backup "
                     "file only after QEMU has ended the job that wrote it")
@@ -186,7 +189,15 @@ def prune_command(args: argparse.Namespace) -> Union[CommandResult, Awaitable[Co
     return _prune_output(result, args, metrics)
 
 
+def genkey_command(args: argparse.Namespace) -> int:
+    keys.generate(args.file)
+    log.info("wrote a new random key to %s: keep a copy apart from the backups, "
+             "without it they cannot be restored", args.file)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "genkey": genkey_command,
     "backup": backup_command,
     "info": info_command,
     "cleanup": cleanup_command,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from libqmpbackup import __version__
+from libqmpbackup import __version__, keys
 from libqmpbackup.backup import fleecing, offload
 from libqmpbackup.backup.image_disks import (
     ImageSpec,
@@ -177,8 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --fleecing: a guest write waits at most this long for its "
                              "old data to be saved; then the write goes on and the backup "
                              f"fails (default {fleecing.DEFAULT_CBW_TIMEOUT})")
+    backup.add_argument("--encrypt-key-file", type=Path, metavar="FILE",
+                        help="encrypt the chain this run starts (qcow2 LUKS) with the key in "
+                             "FILE (0600, yours; `qmpbackup genkey FILE` makes one); needed by "
+                             "every later run into that chain and by restores. Losing the key "
+                             "loses the backups")
+    backup.add_argument("--encrypt-iter-time", type=int, default=keys.DEFAULT_ITER_TIME_MS,
+                        metavar="MS", help="LUKS key derivation time per file (default "
+                                           "%(default)s: for a random genkey key; give 2000 or "
+                                           "more for a passphrase a human chose)")
     add_metrics_option(backup)
     add_json_option(backup)
+
+    genkey = commands.add_parser(
+        "genkey", help="write a new random key file for --encrypt-key-file (no VM needed)",
+        epilog="examples:\n  qmpbackup genkey /root/vm1-backup.key\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_logging_options(genkey, after_command=True)
+    genkey.add_argument("file", type=Path, metavar="FILE",
+                        help="the new key file (0600; never overwrites an existing file)")
 
     info = commands.add_parser(
         "info", help="show the VM's disks or bitmaps",

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 from libqmpbackup import __version__
 from libqmpbackup.json_output import JsonResult, add_json_option
+from libqmpbackup.keys import Key
 from libqmpbackup.restore.inplace import commit, rebase, snapshotrebase
 from libqmpbackup.restore.listing import list_document, list_table
 from libqmpbackup.restore.merge import FORMATS, MergeTarget, merge, merge_document
@@ -151,6 +152,10 @@ def _add_command(commands: argparse._SubParsersAction[ArgumentParser],
         add_json_option(parser)
     if name == "list":
         return parser
+    parser.add_argument("--key-file", type=Path, metavar="FILE",
+                        help="the key of an encrypted chain (--encrypt-key-file of the backup)"
+                             + ("; without it verify checks checksums, headers and chain rules, "
+                                "not qemu-img check" if name == "verify" else ""))
     if name == "verify":
         parser.add_argument("--uuid", metavar="ID", help="only this chain")
         return parser
@@ -191,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="the new image (with --dir naming one disk folder)")
             target.add_argument("--targetdir", type=Path, metavar="OUT",
                                 help="one new image per disk of the chain: OUT/<disk id>.<format>")
+            sub.add_argument("--encrypt-output", action="store_true",
+                             help="an encrypted chain's image stays encrypted (LUKS qcow2, "
+                                  "the same key); default: a plain image")
             sub.add_argument("--format", dest="fmt", choices=FORMATS, default="qcow2",
                              help="image format to write; source: the disk's format in the VM "
                                   "(default: %(default)s)")
@@ -219,8 +227,14 @@ def _options(args: argparse.Namespace) -> RestoreOptions:
                           uuid=validate_uuid(args.uuid) if args.uuid else None,
                           skip_check=args.skip_check, dry_run=getattr(args, "dry_run", False),
                           rate_limit=getattr(args, "rate_limit", 0),
-                          name_filter=args.name_filter,
+                          name_filter=args.name_filter, key=_key(args),
+                          encrypt_output=getattr(args, "encrypt_output", False),
                           verified_within=getattr(args, "verified_within", DEFAULT_WITHIN))
+
+
+def _key(args: argparse.Namespace) -> Optional[Key]:
+    """--key-file, read after the key file rule before anything else is done."""
+    return Key.load(args.key_file) if getattr(args, "key_file", None) else None
 
 
 def list_command(args: argparse.Namespace) -> CommandResult:
@@ -232,7 +246,7 @@ def list_command(args: argparse.Namespace) -> CommandResult:
 
 def verify_command(args: argparse.Namespace) -> CommandResult:
     report = verify_dir(args.dir, validate_uuid(args.uuid) if args.uuid else None,
-                        args.name_filter)
+                        args.name_filter, _key(args))
     if not args.json:
         print(report.table())
     report.raise_if_bad(with_document=args.json)

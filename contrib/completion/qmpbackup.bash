@@ -5,9 +5,10 @@
 #    source ~/.local/share/bash_completion/qmpbackup
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_qmpbackup_subparsers=(backup info cleanup prune)
+_shtab_qmpbackup_subparsers=(backup genkey info cleanup prune)
 
-_shtab_qmpbackup_backup_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet -l --level -t --target --uuid --monthly -i --include -e --exclude --include-raw --compress --speed-limit --copy-offload --no-checksum --no-subdir --no-timestamp --no-symlink --no-progress --progress-interval --pause --blockdev-disable-cache --blockdev-aio --remove-delay --quiesce --quisce --quiesce-required --fleecing --fleecing-dir --cbw-timeout --metrics-file --json)
+_shtab_qmpbackup_backup_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet -l --level -t --target --uuid --monthly -i --include -e --exclude --include-raw --compress --speed-limit --copy-offload --no-checksum --no-subdir --no-timestamp --no-symlink --no-progress --progress-interval --pause --blockdev-disable-cache --blockdev-aio --remove-delay --quiesce --quisce --quiesce-required --fleecing --fleecing-dir --cbw-timeout --encrypt-key-file --encrypt-iter-time --metrics-file --json)
+_shtab_qmpbackup_genkey_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet)
 _shtab_qmpbackup_info_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --show --target --json)
 _shtab_qmpbackup_cleanup_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --remove-bitmaps --remove-bitmap --uuid)
 _shtab_qmpbackup_prune_option_strings=(-h --help --debug --verbose -L --logfile --syslog --quiet --target --keep --dry-run --metrics-file --json)
@@ -18,7 +19,10 @@ _shtab_qmpbackup_backup___logfile_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_backup__t_COMPGEN=_shtab_compgen_dirs
 _shtab_qmpbackup_backup___target_COMPGEN=_shtab_compgen_dirs
 _shtab_qmpbackup_backup___fleecing_dir_COMPGEN=_shtab_compgen_dirs
+_shtab_qmpbackup_backup___encrypt_key_file_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_backup___metrics_file_COMPGEN=_shtab_compgen_files
+_shtab_qmpbackup_genkey__L_COMPGEN=_shtab_compgen_files
+_shtab_qmpbackup_genkey___logfile_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_info__L_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_info___logfile_COMPGEN=_shtab_compgen_files
 _shtab_qmpbackup_info___target_COMPGEN=_shtab_compgen_dirs
@@ -39,7 +43,7 @@ _shtab_qmpbackup_backup___level_choices=(full inc diff auto copy)
 _shtab_qmpbackup_backup___copy_offload_choices=(auto on off)
 _shtab_qmpbackup_backup___blockdev_aio_choices=(threads io_uring)
 _shtab_qmpbackup_info___show_choices=(blockdev bitmaps agent)
-_shtab_qmpbackup_pos_0_choices=(backup info cleanup prune)
+_shtab_qmpbackup_pos_0_choices=(backup genkey info cleanup prune)
 
 _shtab_qmpbackup_backup__h_nargs=0
 _shtab_qmpbackup_backup___help_nargs=0
@@ -62,6 +66,12 @@ _shtab_qmpbackup_backup___quisce_nargs=0
 _shtab_qmpbackup_backup___quiesce_required_nargs=0
 _shtab_qmpbackup_backup___fleecing_nargs=0
 _shtab_qmpbackup_backup___json_nargs=0
+_shtab_qmpbackup_genkey__h_nargs=0
+_shtab_qmpbackup_genkey___help_nargs=0
+_shtab_qmpbackup_genkey___debug_nargs=0
+_shtab_qmpbackup_genkey___verbose_nargs=0
+_shtab_qmpbackup_genkey___syslog_nargs=0
+_shtab_qmpbackup_genkey___quiet_nargs=0
 _shtab_qmpbackup_info__h_nargs=0
 _shtab_qmpbackup_info___help_nargs=0
 _shtab_qmpbackup_info___debug_nargs=0

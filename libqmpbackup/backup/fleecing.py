@@ -148,7 +148,10 @@ class Fleecing:
                                      snapshot_node=f"{TOOL_PREFIX}fs{index}-{self.run_tag}")
                 self.disks.append(entry)
                 image = folder / f"{safe_component(job.disk.disk_id)}.qcow2"
-                qemuimg.create(image, job.disk.virtual_size)
+                # a temporary local image, unlinked once QEMU holds it: never encrypted
+                # (the chain's key is for the backup files; see README, Encryption at rest)
+                with qemuimg.using_key(None):
+                    qemuimg.create(image, job.disk.virtual_size)
                 await self._add(entry, entry.image_node, {
                     "driver": "qcow2", "file": {"driver": "file", "filename": str(image)},
                     "backing": None})

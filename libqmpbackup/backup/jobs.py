@@ -149,11 +149,12 @@ def aio_modes_of(schema: list[dict[str, Any]]) -> set[str]:
 
 
 async def add_target_node(session: QmpSession, job: BackupJob, filename: str,
-                          io: TargetIO = TargetIO()) -> None:
+                          io: TargetIO = TargetIO(), secret: Optional[str] = None) -> None:
     """Open the target in QEMU without its backing file: the job writes only new clusters.
 
     FILENAME is ``/dev/fdset/N`` for a target handed over as a descriptor
-    (:mod:`libqmpbackup.backup.targets`).
+    (:mod:`libqmpbackup.backup.targets`).  SECRET: the id of the key's secret
+    object for a target of an encrypted chain (QEMU encrypts what it writes).
     """
     file: dict[str, Any] = {"driver": "file", "filename": filename}
     if io.aio:
@@ -162,6 +163,8 @@ async def add_target_node(session: QmpSession, job: BackupJob, filename: str,
                             "backing": None}
     if io.direct:
         node["cache"] = {"direct": True}
+    if secret is not None:
+        node["encrypt"] = {"format": "luks", "key-secret": secret}
     await session.execute("blockdev-add", node)
 
 

@@ -21,7 +21,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from libqmpbackup.backup import bitmaps, fleecing
+from libqmpbackup.backup import bitmaps, encryption, fleecing
 from libqmpbackup.backup.jobs import cancel_jobs, remove_node
 from libqmpbackup.backup.pause import resume_after_killed_run
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
@@ -49,6 +49,7 @@ async def clean_vm(session: QmpSession, disks: list[BlockDevice],
     jobs = await _clean_jobs(session)
     nodes = [*await fleecing.clean_leftovers(session, disks), *await _clean_nodes(session),
              *await _clean_fdsets(session)]
+    await encryption.clean_leftover_secrets(session)
     steps = bitmaps.recovery_steps(disks)
     for step in steps:
         if await bitmaps.try_transaction(session, step.actions, f"settle bitmaps of an "

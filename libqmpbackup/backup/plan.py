@@ -19,6 +19,7 @@ from libqmpbackup.backup.fleecing import FleecingOptions
 from libqmpbackup.backup.jobs import BackupJob, TargetIO
 from libqmpbackup.backup.progress import LOG_INTERVAL
 from libqmpbackup.errors import ChainError, TargetError, UsageError
+from libqmpbackup.keys import Key
 from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.store.layout import month_folder
 from libqmpbackup.store.metadata import COPIES_ID, Chain, ChainStore
@@ -74,6 +75,7 @@ class BackupOptions:
     no_symlink: bool = False       # with no_timestamp: no FULL-<image> symlink beside it
     fleecing: Optional[FleecingOptions] = None   # None: plain backup jobs
     checksum: bool = True          # hash each written file and record its digest
+    key: Optional[Key] = None      # --encrypt-key-file: a new chain is encrypted with it
 
     @property
     def target_io(self) -> TargetIO:

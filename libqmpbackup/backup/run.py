@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup.backup import bitmaps, leftovers, monthly, offload
+from libqmpbackup.backup import bitmaps, encryption, leftovers, monthly, offload
 from libqmpbackup.backup.adopt import adopt_upstream
 from libqmpbackup.backup.fleecing import Fleecing
 from libqmpbackup.backup.jobs import (
@@ -59,9 +59,9 @@ from libqmpbackup.backup.quiesce import Quiescer
 from libqmpbackup.backup.run_steps import finish_regardless, reached
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.backup.targets import TargetFiles, TargetNodes
-from libqmpbackup.errors import AgentError, JobError, TargetError, VMGoneError
+from libqmpbackup.errors import AgentError, JobError, TargetError, UsageError, VMGoneError
 from libqmpbackup.json_output import Document
-from libqmpbackup.qemu import capabilities
+from libqmpbackup.qemu import capabilities, qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpSession
 from libqmpbackup.store import folder_safety, upstream
@@ -172,6 +172,9 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
                      or upstream.chain_id(opts.target) is not None)
     if opts.monthly and os.path.lexists(root):
         folder_safety.require_folder(root)   # the month folder is folder content, not --target
+    # the key fits the chain, or nothing is touched (the bitmaps keep every change)
+    encryption.precheck(root, opts.level, opts.key,
+                        session.passes_fds or not session.has_guest)
     created = prepare_root(root)
     try:
         with chain_lock(root):
@@ -203,6 +206,7 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
                        excluded=left_out(disks, opts))
     log.info("level %s: %s into %s (%s)", plan.level,
              per_disk_levels([(j.level, j.note) for j in plan.jobs]), root, plan.reason)
+    _encryption_of(plan, opts)
     if plan.retire_bitmap:
         for disk in selected:
             for name in bitmaps.chain_bitmaps(disk, plan.retire_bitmap):
@@ -232,7 +236,8 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                    pause: Optional[VmPause]) -> None:
     tag = new_run_tag()
     copy_path = await _copy_path(session, plan, opts)   # may refuse: before anything exists
-    with TargetFiles(jobs=plan.jobs, root=plan.root, recorded=plan.chain is not None,
+    key = opts.key if plan.chain is not None and plan.chain.encrypted else None
+    with qemuimg.using_key(key), TargetFiles(jobs=plan.jobs, root=plan.root, recorded=plan.chain is not None,
                      names_for_qemu=not session.passes_fds,
                      month_base=opts.target if opts.monthly else None) as files:
         async with contextlib.AsyncExitStack() as undo:
@@ -243,6 +248,10 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                 targets.append(files.create(job))
             reached("targets-created")
             nodes = TargetNodes(session)
+            if key is not None:
+                nodes.secret = await encryption.add_secret(session, key, tag)
+                # registered first, so it goes after the nodes that use it
+                undo.push_async_callback(encryption.remove_secret, session, nodes.secret)
             undo.push_async_callback(nodes.close)
             for target in targets:
                 await nodes.open(target, opts.target_io)
@@ -294,13 +303,28 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
                 _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
             undo.pop_all()  # committed: from here on nothing may be undone
         # a signal from here on no longer fails the run: the backup is recorded
-        await finish_regardless(_after_commit(session, plan, files, run_bitmaps))
+        await finish_regardless(_after_commit(session, plan, files, run_bitmaps, nodes.secret))
+
+
+def _encryption_of(plan: RunPlan, opts: BackupOptions) -> None:
+    """A new chain is encrypted when a key was given; a continued one must match it."""
+    chain = plan.chain
+    if chain is None:
+        return
+    if plan.new_chain:
+        chain.encrypted = opts.key is not None
+    elif chain.encrypted != (opts.key is not None):   # precheck refused this before; raced
+        raise UsageError(f"chain {chain.uuid} is {'' if chain.encrypted else 'not '}encrypted: "
+                         "a chain cannot mix encrypted and clear files")
 
 
 async def _after_commit(session: QmpSession, plan: RunPlan, files: TargetFiles,
-                        run_bitmaps: Optional[bitmaps.RunBitmaps]) -> None:
+                        run_bitmaps: Optional[bitmaps.RunBitmaps], secret: Optional[str] = None
+                        ) -> None:
     """What is left once the backup is recorded: cleanup, never undone, never a failure."""
     reached("committed")
+    if secret is not None:
+        await encryption.remove_secret(session, secret)
     if plan.chain is not None:
         remove_intent(plan.root)
     files.link()

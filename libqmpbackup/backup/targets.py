@@ -233,6 +233,7 @@ class TargetNodes:
     """The target images as QEMU block nodes, each opened from its descriptor's fdset."""
 
     session: QmpSession
+    secret: Optional[str] = None    # the key's secret object: the targets are encrypted
     names: list[str] = field(default_factory=list)
     fdsets: list[int] = field(default_factory=list)
 
@@ -249,7 +250,7 @@ class TargetNodes:
             filename = FDSET_PATH.format(fdset)
         else:
             filename = str(job.partial_path)   # tcp: allowed in private folders only
-        await add_target_node(self.session, job, filename, io)
+        await add_target_node(self.session, job, filename, io, self.secret)
         self.names.append(job.target_node)
 
     async def close(self) -> list[str]:

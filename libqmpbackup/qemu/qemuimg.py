@@ -14,17 +14,50 @@ import logging
 import os
 import shlex
 import shutil
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Optional, Sequence, Union
+from typing import Any, Collection, Iterator, Optional, Sequence, Union
 
 from libqmpbackup.errors import ChainError, QemuImgError, QemuImgLimitError
+from libqmpbackup.keys import SECRET_PREFIX, Key
 from libqmpbackup.qemu import img_limits
 
 log = logging.getLogger(__name__)
 
 QEMU_IMG = "qemu-img"
+# A new LUKS header times PBKDF2 on the thread's CPU clock; on a busy host that clock
+# can read 0 for the first measurement and QEMU gives up: the create is simply run again.
+PBKDF_MEASURE_FAILED = "Unable to get accurate CPU usage"
+PBKDF_RETRIES = 3
 BACKUP_CLUSTER_SIZE = 65536
+
+
+_KEY: ContextVar[Optional[Key]] = ContextVar("qemuimg_key", default=None)
+"""The key of the encrypted chain being worked on: a chain is encrypted as a whole, so every
+qemu-img call on it needs the key, and every layer it names the encrypt options (which also
+refuse a clear file swapped into an encrypted chain).  One context instead of a key argument
+through every restore step."""
+
+
+@contextmanager
+def using_key(key: Optional[Key]) -> Iterator[None]:
+    """Within the block, qemu-img calls open images as encrypted with KEY (None: as clear)."""
+    token = _KEY.set(key)
+    try:
+        yield
+    finally:
+        _KEY.reset(token)
+
+
+def active_key() -> Optional[Key]:
+    return _KEY.get()
+
+
+def _encrypt_options() -> Optional[dict[str, str]]:
+    key = _KEY.get()
+    return None if key is None else {"format": "luks", "key-secret": SECRET_PREFIX}
 
 
 def command_line(args: Sequence[str]) -> str:
@@ -54,6 +87,12 @@ def run(args: Sequence[str], *, dry_run: bool = False,
     whose time scales with the size of the files it is given.  A run stopped
     at a limit raises :class:`QemuImgLimitError`.
     """
+    key = _KEY.get()
+    if key is not None and args:
+        # the secret by descriptor (a sealed memfd): never the key in argv
+        args = [args[0], "--object", f"secret,id={SECRET_PREFIX},file={key.dev_path}",
+                *args[1:]]
+        pass_fds = (*pass_fds, key.fd)
     argv = [binary(), *[str(a) for a in args]]
     cmd = command_line(args)
     if dry_run:
@@ -64,6 +103,11 @@ def run(args: Sequence[str], *, dry_run: bool = False,
     log.debug("running: %s (%s)", cmd, budget)
     try:
         done = img_limits.run(argv, budget, pass_fds)
+        for _ in range(PBKDF_RETRIES if key is not None else 0):
+            if done.returncode == 0 or PBKDF_MEASURE_FAILED not in done.stderr:
+                break
+            log.debug("%s: QEMU's PBKDF speed measurement failed, again", cmd)
+            done = img_limits.run(argv, budget, pass_fds)
     except OSError as err:
         raise QemuImgError(f"cannot run {cmd}: {err}") from err
     failed = done.returncode not in accepted
@@ -92,8 +136,12 @@ def create_fd(fd: int, size: int, *, backing: Optional[str] = None) -> None:
 
 
 def _create_args(target: str, size: int, backing: Optional[str]) -> list[str]:
-    args: list[str] = ["create", "-q", "-f", "qcow2", "-o",
-                       f"cluster_size={BACKUP_CLUSTER_SIZE}"]
+    options = f"cluster_size={BACKUP_CLUSTER_SIZE}"
+    key = _KEY.get()
+    if key is not None:
+        options += (f",encrypt.format=luks,encrypt.key-secret={SECRET_PREFIX}"
+                    f",encrypt.iter-time={key.iter_time}")
+    args: list[str] = ["create", "-q", "-f", "qcow2", "-o", options]
     if backing is not None:
         # every backup file is qcow2: never probe; -u: the name is only written, the
         # previous backup is never opened here
@@ -163,8 +211,12 @@ def check(path: Union[Path, str], *, fmt: Optional[str] = None, without_backing:
     """
     args = ["check", "--output=json"]
     if without_backing:
-        args.append("json:" + json.dumps({"driver": fmt or "qcow2", "backing": None,
-                                          "file": {"driver": "file", "filename": str(path)}}))
+        node: dict[str, Any] = {"driver": fmt or "qcow2", "backing": None,
+                                "file": {"driver": "file", "filename": str(path)}}
+        encrypt = _encrypt_options()
+        if encrypt:
+            node["encrypt"] = encrypt
+        args.append("json:" + json.dumps(node))
     else:
         if fmt:
             args += ["-f", fmt]
@@ -196,8 +248,10 @@ def rebase_unsafe(path: Union[Path, str], backing: str, *, backing_format: str =
     the restore code knows that from the chain metadata, and ``-u`` neither
     reads nor writes guest data, so it is quick and can be repeated.
     """
-    run(["rebase", "-q", "-u", "-f", "qcow2", "-b", header_name(backing), "-F", backing_format,
-         str(path)], dry_run=dry_run, pass_fds=pass_fds)
+    image = (["--image-opts", image_opts(path)] if _KEY.get() is not None
+             else ["-f", "qcow2", str(path)])
+    run(["rebase", "-q", "-u", "-b", header_name(backing), "-F", backing_format, *image],
+        dry_run=dry_run, pass_fds=pass_fds)
 
 
 def commit(path: Union[Path, str], *, base: Union[Path, str, None] = None, rate_limit: int = 0,
@@ -236,16 +290,27 @@ def chain_source(files: Sequence[Union[Path, str]]) -> str:
     in dry runs, their names, for the admin to read).
     """
     node: Optional[dict[str, Any]] = None
+    encrypt = _encrypt_options()
     for path in files:
         node = {"driver": "qcow2", "file": {"driver": "file", "filename": os.path.abspath(path)},
                 "backing": node}
+        if encrypt:
+            node["encrypt"] = encrypt
     return "json:" + json.dumps(node)
 
 
 def convert(source: Union[Path, str], target: Union[Path, str], *, out_format: str = "qcow2",
-            rate_limit: int = 0, dry_run: bool = False, pass_fds: Collection[int] = ()) -> None:
-    """Write SOURCE (read through its backing chain, opened read-only) as a standalone TARGET."""
+            rate_limit: int = 0, dry_run: bool = False, pass_fds: Collection[int] = (),
+            encrypt: bool = False) -> None:
+    """Write SOURCE (read through its backing chain, opened read-only) as a standalone TARGET.
+
+    ENCRYPT: TARGET is a LUKS qcow2 with the active key (:func:`using_key`).
+    """
     args = ["convert", "-q", "-f", "qcow2", "-O", out_format]
+    key = _KEY.get()
+    if encrypt and key is not None:
+        args += ["-o", f"encrypt.format=luks,encrypt.key-secret={SECRET_PREFIX},"
+                       f"encrypt.iter-time={key.iter_time}"]
     if rate_limit:
         args += ["-r", str(rate_limit)]
     args += [str(source), str(target)]
@@ -271,4 +336,7 @@ def snapshot_create(path: Union[Path, str], tag: str, *, dry_run: bool = False,
 
 def image_opts(path: Union[Path, str], fmt: str = "qcow2") -> str:
     """PATH as --image-opts with an explicit format (commas in option values are doubled)."""
-    return f"driver={fmt},file.driver=file,file.filename={str(path).replace(',', ',,')}"
+    opts = f"driver={fmt},file.driver=file,file.filename={str(path).replace(',', ',,')}"
+    if _KEY.get() is not None:
+        opts += f",encrypt.format=luks,encrypt.key-secret={SECRET_PREFIX}"
+    return opts

@@ -253,12 +253,16 @@ class QmpSession:
         OPAQUE is shown by ``query-fdsets``: it lets the next run recognise
         and remove an fdset a killed run left behind.
         """
+        return (await self.pass_fd(fd, opaque))[0]
+
+    async def pass_fd(self, fd: int, opaque: str) -> tuple[int, int]:
+        """:meth:`add_fd`, also returning the descriptor's number inside QEMU."""
         try:
             self.client.send_fd_scm(fd)
         except (QMPError, StateError, OSError) as err:
             raise VMGoneError(f"cannot pass a file descriptor to {self.peer}: {err}") from err
         reply = await self.execute("add-fd", {"opaque": opaque})
-        return int(reply["fdset-id"])
+        return int(reply["fdset-id"]), int(reply["fd"])
 
     async def remove_fdset(self, fdset: int) -> bool:
         """Drop fdset FDSET (QEMU closes its copy once no node uses it); False if that failed."""

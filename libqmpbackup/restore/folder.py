@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.errors import BackupDamaged, ChainError, UsageError
+from libqmpbackup.keys import Key
 from libqmpbackup.restore.images import ChainFiles, image_findings
 from libqmpbackup.restore.rules import (
     RestorePoint,
@@ -243,9 +244,27 @@ def known_files(store: ChainStore, folder: Path) -> set[str]:
     return known
 
 
+def chain_key(store: ChainStore, chain_id: str, key: Optional[Key],
+               where: Optional[Path] = None) -> tuple[bool, Optional[Key]]:
+    """Whether CHAIN_ID is encrypted, and the key to open it; refused (exit 2) without one.
+
+    The key is checked by the first image qemu-img opens with it: the LUKS
+    header of every file refuses a wrong key.
+    """
+    chain = store.find(chain_id)
+    encrypted = chain is not None and chain.encrypted
+    if encrypted and key is None:
+        raise UsageError(f"chain {chain_id} in {where or store.root} is encrypted: give its key "
+                         "with --key-file FILE")
+    if not encrypted and key is not None:
+        log.warning("chain %s in %s is not encrypted: --key-file is not used", chain_id,
+                    where or store.root)
+    return encrypted, key if encrypted else None
+
+
 def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: bool = False,
                          whole_chain: bool = False, writable: bool = False,
-                         dry_run: bool = False,
+                         dry_run: bool = False, key: Optional[Key] = None,
                          verified_within: float = DEFAULT_WITHIN,
                          defer_digests: bool = False) -> ChainFiles:
     """Refuse a chain that does not match its metadata, or whose files are damaged.
@@ -269,11 +288,14 @@ def check_before_restore(point: RestorePoint, store: ChainStore, *, skip_check: 
     passed; the in-place commands hash here, before they write anything.
     """
     folder = point.folder
+    encrypted, chain_key_ = chain_key(store, point.chain_id, key, point.folder)
     folder_safety.require_content_folder(folder, point.root)
-    files = ChainFiles.open(point.root, folder, writable=writable, dry_run=dry_run)
+    files = ChainFiles.open(point.root, folder, writable=writable,
+                            dry_run=dry_run).use_key(encrypted, chain_key_)
     try:
-        _check_files(point, store, files, skip_check=skip_check, whole_chain=whole_chain,
-                     verified_within=verified_within, defer_digests=defer_digests)
+        with files.keyed():
+            _check_files(point, store, files, skip_check=skip_check, whole_chain=whole_chain,
+                         verified_within=verified_within, defer_digests=defer_digests)
     except BaseException:
         files.close()
         raise

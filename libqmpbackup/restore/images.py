@@ -22,7 +22,8 @@ import resource
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from libqmpbackup.errors import ChainError, QemuImgError
+from libqmpbackup.errors import ChainError, QemuImgError, UsageError
+from libqmpbackup.keys import Key
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.rules import image_problems
 from libqmpbackup.store import folder_safety
@@ -73,8 +74,22 @@ class ChainFiles:
         self.dry_run = dry_run
         self.handles: dict[str, FileHandle] = {}
         self.infos: dict[str, Any] = {}
+        # the chain's files are LUKS-encrypted; KEY opens them (None: only what needs no key)
+        self.encrypted = False
+        self.key: Optional[Key] = None
+        self._keyed = contextlib.ExitStack()
         #: files whose checksum the caller checks later (``mount`` hashes while it serves)
         self.deferred: list[tuple[FileHandle, Optional[str]]] = []
+
+    def use_key(self, encrypted: bool, key: Optional[Key]) -> ChainFiles:
+        """Say whether the chain is encrypted and with which key qemu-img opens its files."""
+        self.encrypted = encrypted
+        self.key = key if encrypted else None
+        return self
+
+    def keyed(self) -> contextlib.AbstractContextManager[None]:
+        """qemu-img calls in the block open these files with the chain's key (if encrypted)."""
+        return qemuimg.using_key(self.key)
 
     @classmethod
     def open(cls, root: Path, folder: Path, *, writable: bool = False,
@@ -124,12 +139,14 @@ class ChainFiles:
         return [handle.fd for handle in self.handles.values()]
 
     def close(self) -> None:
+        self._keyed.close()
         for handle in self.handles.values():
             handle.close()
         self.handles.clear()
         self.folder.close()
 
     def __enter__(self) -> ChainFiles:
+        self._keyed.enter_context(self.keyed())   # the restore's qemu-img calls use the key
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -155,10 +172,20 @@ def image_findings(files: ChainFiles, record: BackupRecord,
         return problems
     files.infos[record.file] = info
     problems = image_problems(record, previous, info, files.path)
+    if bool(info.get("encrypted")) != files.encrypted:
+        # a clear file in an encrypted chain (or the reverse) was put there by someone else
+        return [*problems, f"{record.file} is {'not ' if files.encrypted else ''}encrypted, "
+                           f"but its chain is {'' if files.encrypted else 'not '}encrypted"]
+    if files.encrypted and files.key is None:
+        return problems   # qemu-img check needs the key: verify says it did not run
     try:
         result = qemuimg.check(handle.dev_path, fmt="qcow2", without_backing=True,
                                pass_fds=[handle.fd])
     except QemuImgError as err:
+        if files.key is not None and "Invalid password" in str(err):
+            raise UsageError(f"key file {files.key.source} is not the key of the encrypted "
+                             f"chain in {files.path} ({record.file} does not open with it)"
+                             ) from err
         return [*problems, f"qemu-img cannot check {record.file} ({err})"]
     if result.damaged:
         problems.append(f"qemu-img check found {result.corruptions} corruption(s) and "

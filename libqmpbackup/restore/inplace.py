@@ -30,7 +30,13 @@ from typing import Iterator, Optional
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
-from libqmpbackup.restore.folder import BackupDir, check_before_restore, note_partial, open_backup_dir
+from libqmpbackup.restore.folder import (
+    BackupDir,
+    chain_key,
+    check_before_restore,
+    note_partial,
+    open_backup_dir,
+)
 from libqmpbackup.restore.images import ChainFiles
 from libqmpbackup.restore.rules import (
     RestoreOptions,
@@ -63,7 +69,7 @@ def _disk_point(backup: BackupDir, command: str,
     point = backup.points(opts.until, opts.uuid)[0]
     files = check_before_restore(point, backup.store, skip_check=opts.skip_check,
                                  whole_chain=command in ("commit", "snapshotrebase"),
-                                 writable=True, dry_run=opts.dry_run,
+                                 writable=True, dry_run=opts.dry_run, key=opts.key,
                                  verified_within=opts.verified_within)
     return point, files
 
@@ -183,6 +189,7 @@ def _consolidate(opts: RestoreOptions, operation: str, *, snapshots: bool) -> Pa
             folder_safety.require_content_folder(folder, backup.root)
             point, files = None, ChainFiles.open(backup.root, folder, writable=True,
                                                  dry_run=opts.dry_run)
+            files.use_key(*chain_key(backup.store, journal.chain, opts.key, folder))
         with files:
             return _consolidate_locked(backup, opts, operation, snapshots, point, files)
 
@@ -293,12 +300,15 @@ def _apply(journal: Journal, files: ChainFiles, chain: list[str], opts: RestoreO
     """Copy the incrementals into the FULL; safe to repeat from the last recorded step."""
     if journal.applied:
         return
-    if not journal.snapshots:
+    if not journal.snapshots and not files.encrypted:
         qemuimg.commit(files.spec(chain), base=files.layer(journal.base),
                        rate_limit=opts.rate_limit, dry_run=opts.dry_run, pass_fds=files.fds)
         _advance(journal, files.path, len(journal.steps), opts.dry_run)
         return
-    _ensure_snapshot(files, journal.base, BASE_SNAPSHOT, opts.dry_run)
+    # an encrypted chain goes one INC at a time too: with encrypt options the layers have
+    # json: names, so `commit -b BASE` cannot find the FULL by its /dev/fd name
+    if journal.snapshots:
+        _ensure_snapshot(files, journal.base, BASE_SNAPSHOT, opts.dry_run)
     for index in range(journal.done, len(journal.steps)):
         step = journal.steps[index]
         # the FULL holds the previous point now, exactly what this INC was
@@ -306,7 +316,8 @@ def _apply(journal: Journal, files: ChainFiles, chain: list[str], opts: RestoreO
         # (the chain given explicitly; its header is not rewritten)
         qemuimg.commit(files.spec([journal.base, step]), rate_limit=opts.rate_limit,
                        dry_run=opts.dry_run, pass_fds=files.fds)
-        _ensure_snapshot(files, journal.base, point_label(step), opts.dry_run)
+        if journal.snapshots:
+            _ensure_snapshot(files, journal.base, point_label(step), opts.dry_run)
         _advance(journal, files.path, index + 1, opts.dry_run)
 
 

@@ -68,7 +68,7 @@ def _chain_document(backup: BackupDir, chain: Chain) -> Document:
         disks.append({"disk": disk_id, "folder": str(folder), "points": [
             _point_document(folder, r) for r in chain.disks[disk_id].backups]})
     return {"chain": chain.uuid, "folder": str(backup.root), "bitmap": chain.bitmap,
-            "created": chain.created, "disks": disks}
+            "created": chain.created, "encrypted": chain.encrypted, "disks": disks}
 
 
 def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
@@ -77,7 +77,9 @@ def _rows(backup: BackupDir, prefix: str) -> list[tuple[object, ...]]:
         for disk_id in _disk_ids(backup, chain):
             folder = backup.root / chain.folder_of(disk_id)
             for record in chain.disks[disk_id].backups:
-                rows.append((prefix + chain.uuid, disk_id, record.label,
+                # an encrypted chain is marked where its id is shown (clear ones unchanged)
+                rows.append((prefix + chain.uuid + (" (encrypted)" if chain.encrypted else ""),
+                             disk_id, record.label,
                              local_time(record.point_time), record.level, record.file,
                              _size(_entry(folder, record.file)),
                              record.virtual_size or "unknown"))

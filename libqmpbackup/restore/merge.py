@@ -141,7 +141,7 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
     points = backup.points(opts.until, opts.uuid)
     with contextlib.ExitStack() as opened:
         checked = [opened.enter_context(check_before_restore(
-            point, backup.store, skip_check=opts.skip_check, dry_run=opts.dry_run,
+            point, backup.store, skip_check=opts.skip_check, dry_run=opts.dry_run, key=opts.key,
             verified_within=opts.verified_within, defer_digests=not opts.dry_run))
             for point in points]
         plan = _targets(points, target)
@@ -187,9 +187,11 @@ def _convert(image: RestoredImage, files: ChainFiles,
     log.info("%s: restoring %s (%s) into %s", point.disk_id, point.label,
              point.record.file, path)
     source = files.spec([r.file for r in point.segment()])
+    encrypt = _encrypt_output(image, files, opts)
     if opts.dry_run:
         qemuimg.convert(source, path.with_name(f".{path.name}.XXXXXX{PARTIAL_SUFFIX}"),
-                        out_format=image.fmt, rate_limit=opts.rate_limit, dry_run=True)
+                        out_format=image.fmt, rate_limit=opts.rate_limit, dry_run=True,
+                        encrypt=encrypt)
         file_steps.note(f"rename it to {path}", dry_run=True)
         return None
     out = Folder.open_root(path.parent)
@@ -201,7 +203,7 @@ def _convert(image: RestoredImage, files: ChainFiles,
         raise
     try:
         check = None if opts.skip_check else BackgroundCheck(files.deferred)
-        _copy_verified(source, partial, image.fmt, files, opts, check)
+        _copy_verified(source, partial, image.fmt, files, opts, check, encrypt=encrypt)
         os.fsync(partial.fd)
     except BaseException:  # also Interrupted: no half image may stay behind
         _remove_partial(out, partial)
@@ -212,8 +214,11 @@ def _convert(image: RestoredImage, files: ChainFiles,
 
 
 def _copy_verified(source: str, partial: FileHandle, fmt: str, files: ChainFiles,
-                   opts: RestoreOptions, check: Optional[BackgroundCheck]) -> None:
+                   opts: RestoreOptions, check: Optional[BackgroundCheck], *,
+                   encrypt: bool = False) -> None:
     """``qemu-img convert`` into PARTIAL while CHECK hashes the sources; BackupDamaged on damage.
+
+    ENCRYPT (--encrypt-output): PARTIAL is a LUKS qcow2 with the chain's key.
 
     A copy that failed is explained by the damage when there is some (a
     flipped bit can make qemu-img fail too); an interrupted one stops the
@@ -222,7 +227,8 @@ def _copy_verified(source: str, partial: FileHandle, fmt: str, files: ChainFiles
     try:
         try:
             qemuimg.convert(source, partial.dev_path, out_format=fmt,
-                            rate_limit=opts.rate_limit, pass_fds=[*files.fds, partial.fd])
+                            rate_limit=opts.rate_limit, pass_fds=[*files.fds, partial.fd],
+                            encrypt=encrypt)
         except QmpBackupError:
             if check is not None:
                 refuse_damaged(check.result())
@@ -238,6 +244,18 @@ def _copy_verified(source: str, partial: FileHandle, fmt: str, files: ChainFiles
             check.cancel()     # at once when interrupted; nothing left to stop otherwise
         raise
     log.debug("sources verified %.2f s after the copy ended", time.monotonic() - started)
+
+
+def _encrypt_output(image: RestoredImage, files: ChainFiles, opts: RestoreOptions) -> bool:
+    """--encrypt-output: the restored image is a LUKS qcow2 with the chain's own key."""
+    if not opts.encrypt_output:
+        return False
+    if not files.encrypted:
+        raise UsageError(f"--encrypt-output: chain {image.point.chain_id} is not encrypted "
+                         "(it keeps an encrypted chain's image encrypted with its key)")
+    if image.fmt != "qcow2":
+        raise UsageError(f"--encrypt-output writes qcow2, not {image.fmt}")
+    return True
 
 
 def _remove_partial(out: Folder, partial: FileHandle) -> None:

@@ -41,6 +41,7 @@ from libqmpbackup.errors import (
     TargetError,
     UsageError,
 )
+from libqmpbackup.keys import SECRET_PREFIX, Key
 from libqmpbackup.qemu.daemon_process import DAEMON, die_with_parent_hook
 from libqmpbackup.restore import filesystems, mount_check
 from libqmpbackup.restore.folder import check_before_restore, open_backup_dir
@@ -69,21 +70,22 @@ class MountRequest:
     check_first: bool = False     # hash before exposing instead of while serving
 
 
-def layer_options(prefix: str, dev_paths: Sequence[str]) -> list[str]:
+def layer_options(prefix: str, dev_paths: Sequence[str], encrypted: bool = False) -> list[str]:
     """``--blockdev`` arguments for one chain (oldest first), every layer by descriptor.
 
     Each qcow2 layer names its backing layer by node name and the FULL has
     ``backing: null``, so no backing name written in a header is followed.
-    """
+    ENCRYPTED: every layer is LUKS (the key secret of :func:`daemon_argv`)."""
     argv: list[str] = []
     below: Optional[str] = None
+    encrypt = {"encrypt": {"format": "luks", "key-secret": SECRET_PREFIX}} if encrypted else {}
     for index, dev_path in enumerate(dev_paths):
         node = f"{prefix}l{index}"
         argv += ["--blockdev", json.dumps({"driver": "file", "node-name": f"{node}f",
                                            "filename": dev_path, "read-only": True}),
                  "--blockdev", json.dumps({"driver": "qcow2", "node-name": node,
                                            "file": f"{node}f", "backing": below,
-                                           "read-only": True})]
+                                           "read-only": True, **encrypt})]
         below = node
     return argv
 
@@ -94,11 +96,16 @@ def export_option(prefix: str, top: int, file: str) -> list[str]:
                                     "writable": False})]
 
 
-def daemon_argv(chains: Sequence[tuple[Sequence[str], str]]) -> list[str]:
-    """The daemon's command line: per disk, (its layers' /dev/fd paths, the export file)."""
+def daemon_argv(chains: Sequence[tuple[Sequence[str], str]],
+                key: Optional[Key] = None) -> list[str]:
+    """The daemon's command line: per disk, (its layers' /dev/fd paths, the export file).
+
+    KEY (encrypted chains): read from the inherited memfd, never from argv."""
     argv = [DAEMON]
+    if key is not None:
+        argv += ["--object", f"secret,id={SECRET_PREFIX},file={key.dev_path}"]
     for number, (layers, file) in enumerate(chains):
-        argv += layer_options(f"d{number}", layers)
+        argv += layer_options(f"d{number}", layers, encrypted=key is not None)
         argv += export_option(f"d{number}", len(layers) - 1, file)
     return argv
 
@@ -144,7 +151,7 @@ def mount(opts: RestoreOptions, request: MountRequest) -> MountRecord:
             contextlib.ExitStack() as opened:
         _check_mountpoint(request.mountpoint)   # another mount may have won the race
         checked = [opened.enter_context(check_before_restore(
-            point, backup.store, skip_check=opts.skip_check,
+            point, backup.store, skip_check=opts.skip_check, key=opts.key,
             verified_within=opts.verified_within, defer_digests=not request.check_first))
             for point in points]
         record = MountRecord(mountpoint=real, root=root)
@@ -166,7 +173,8 @@ def _start(record: MountRecord, points: list[RestorePoint], checked: list[ChainF
            foreground: bool) -> subprocess.Popen[bytes]:
     """Create the export files, write the record, start the daemon on the checked descriptors."""
     chains: list[tuple[Sequence[str], str]] = []
-    fds: list[int] = []
+    key = _chain_key(checked)
+    fds: list[int] = [] if key is None else [key.fd]
     for point, files in zip(points, checked):
         file = _create_export_file(record, f"{safe_component(point.disk_id)}.raw")
         layers = [files.handle(r.file) for r in point.segment()]
@@ -176,7 +184,7 @@ def _start(record: MountRecord, points: list[RestorePoint], checked: list[ChainF
                                         point=point.label, folder=str(point.folder)))
     record.log = str(mounts.record_path(record.mountpoint)).replace(mounts.SUFFIX, ".log")
     mounts.save(record)
-    argv = daemon_argv(chains)
+    argv = daemon_argv(chains, key)
     log.debug("starting %s", " ".join(argv))
     with open(record.log, "wb") as output:
         try:
@@ -211,6 +219,14 @@ def _start_checker(record: MountRecord, files: list[tuple[FileHandle, Optional[s
     mounts.save(record)
     log.info("%d file(s) not verified within --verified-within: hashing them while mounted "
              "(pid %d); damage ends the mount", len(files), proc.pid)
+
+
+def _chain_key(checked: list[ChainFiles]) -> Optional[Key]:
+    """The key the daemon opens the layers with (None: clear chains); one chain, one key."""
+    if len({files.encrypted for files in checked}) > 1:
+        raise UsageError("the selected disks mix encrypted and clear chains: mount them one "
+                         "at a time (--filter)")
+    return checked[0].key if checked and checked[0].encrypted else None
 
 
 def _create_export_file(record: MountRecord, name: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Collection, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, UsageError
+from libqmpbackup.keys import Key
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.store.names import (
     LEVEL_PREFIX,
@@ -48,6 +49,8 @@ class RestoreOptions:
     dry_run: bool = False
     rate_limit: int = 0
     name_filter: Optional[str] = None
+    key: Optional[Key] = None           # --key-file: opens an encrypted chain
+    encrypt_output: bool = False        # merge --encrypt-output: the image stays encrypted
     verified_within: float = DEFAULT_WITHIN   # seconds; 0: hash every file (store/verified.py)
 
 

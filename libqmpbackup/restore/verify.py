@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from libqmpbackup.errors import BackupDamaged, ChainError, UsageError
+from libqmpbackup.keys import Key
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.folder import (
     BackupDir,
@@ -114,11 +115,13 @@ class VerifyReport:
 
 
 def verify_dir(path: Path, uuid: Optional[str] = None,
-               name_filter: Optional[str] = None) -> VerifyReport:
+               name_filter: Optional[str] = None, key: Optional[Key] = None) -> VerifyReport:
     """Check every backup file below PATH (a --monthly base, a chain folder or a disk folder).
 
     UUID keeps one chain, NAME_FILTER the disks whose id or image name
-    contains it (the --filter of every restore command).
+    contains it (the --filter of every restore command).  KEY opens the
+    files of encrypted chains for ``qemu-img check``; without it their
+    checksums, headers and chain rules are checked, and the report says so.
     """
     qemuimg.binary()
     given = Path(os.path.abspath(path))
@@ -129,7 +132,7 @@ def verify_dir(path: Path, uuid: Optional[str] = None,
         raise UsageError(f"--uuid {uuid}: no such chain in {given} (chains: {known})")
     for backup in backups:
         prefix = "" if given in (backup.folder, backup.root) else f"{backup.root.name}/"
-        report.files += _verify_backup(backup, uuid, prefix)
+        report.files += _verify_backup(backup, uuid, prefix, key)
     mark_restorable(report.files)
     unverifiable = sum(1 for f in report.files if f.status == "unverifiable")
     if unverifiable:
@@ -139,7 +142,8 @@ def verify_dir(path: Path, uuid: Optional[str] = None,
     return report
 
 
-def _verify_backup(backup: BackupDir, uuid: Optional[str], prefix: str) -> list[FileReport]:
+def _verify_backup(backup: BackupDir, uuid: Optional[str], prefix: str,
+                   key: Optional[Key]) -> list[FileReport]:
     wanted = set(backup.disk_ids())
     reports: list[FileReport] = []
     folders_seen: set[Path] = set()
@@ -153,7 +157,12 @@ def _verify_backup(backup: BackupDir, uuid: Optional[str], prefix: str) -> list[
                 continue
             folder_safety.require_content_folder(folder, backup.root)   # never through a link
             # one folder's files are open at a time: checked, hashed, closed
-            with ChainFiles.open(backup.root, folder) as files:
+            opened = ChainFiles.open(backup.root, folder).use_key(chain.encrypted, key)
+            if chain.encrypted and key is None:
+                log.warning("%s: chain %s is encrypted and no --key-file was given: checked "
+                            "checksums, chain rules and headers (encrypted: yes), not qemu-img "
+                            "check (it needs the key)", folder, chain.uuid)
+            with opened as files:
                 entries = files.names()
                 refuse_unfinished(folder, entries)
                 found = _verify_disk(chain, disk_id, disk.backups, files, entries, prefix)

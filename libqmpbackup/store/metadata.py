@@ -101,6 +101,9 @@ class Chain:
     created: int
     disks: dict[str, DiskChain] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
+    # every file of the chain is a LUKS-encrypted qcow2 (never a mix); no key check value is
+    # kept: each file's LUKS header is the check (see libqmpbackup.keys)
+    encrypted: bool = False
 
     def disk(self, disk_id: str) -> DiskChain:
         return self.disks.setdefault(disk_id, DiskChain())
@@ -171,7 +174,7 @@ class ChainStore:
                      for d, dc in chain.disks.items() if chain.folder_of(d) == folder}
             if disks:
                 chains.append(Chain(uuid=chain.uuid, bitmap=chain.bitmap, created=chain.created,
-                                    disks=disks))
+                                    disks=disks, encrypted=chain.encrypted))
         return ChainStore(root=self.root / folder, chains=chains)
 
     @classmethod
@@ -279,7 +282,8 @@ def _chain_from_dict(value: Any, where: str) -> Chain:
     if not all(isinstance(d, str) and 0 < len(d) <= shape.MAX_TEXT for d in excluded):
         raise shape.malformed(where, "'excluded' must list disk ids")
     return Chain(uuid=chain_id, bitmap=bitmap, created=shape.integer(raw, "created", where),
-                 disks=disks, excluded=excluded)
+                 disks=disks, excluded=excluded,
+                 encrypted=shape.flag(raw, "encrypted", where, default=False))
 
 
 def _pruning_entry(value: Any, where: str) -> str:

@@ -15,7 +15,7 @@ from qmprestore.cli import build_parser as restore_parser
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 # options of other programs that the README quotes
-FOREIGN = {"--output", "--backing-chain", "--dist", "--strict", "--image-opts", "--now",
+FOREIGN = {"--output", "--backing-chain", "--dist", "--strict", "--image-opts", "--now", "--object",
            "--help"}
 MISTYPED = {"--sock", "--levle"}              # the README's examples of refused command lines
 UPSTREAM_SECTION = "## Coming from upstream qmpbackup"
