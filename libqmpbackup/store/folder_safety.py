@@ -78,16 +78,8 @@ def opened_folder(folder: Path) -> Iterator[int]:
     ``--target``); a folder that is folder content is checked with
     :func:`require_folder` first.
     """
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError as err:
-        raise ChainError(f"folder {folder} is missing") from err
-    except OSError as err:
-        raise TargetError(f"cannot open folder {folder}: {err.strerror}") from err
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+    with Folder.open_root(folder) as opened:
+        yield opened.fd
 
 
 def require_folder(folder: Path) -> None:
