@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -445,18 +445,25 @@ def test_interrupted_snapshotrebase_refuses_other_commands_then_finishes(
     assert identical(image, chains.ref("virtio0", 3))
 
 
-def test_sigterm_during_commit_then_rerun(chains: Chains, tmp_path: Path) -> None:
-    folder = copy_disk(chains.main, "virtio0", tmp_path / "c")
-    proc = subprocess.Popen([sys.executable, "-m", "qmprestore", "commit", "--dir", str(folder),
-                             "--rate-limit", "2M"], stderr=subprocess.PIPE, text=True)
+def sigterm_once_started(argv: list[str], started: Callable[[], bool]) -> str:
+    """Run ``qmprestore ARGV`` (rate-limited), SIGTERM it once STARTED() holds; its stderr (exit 143)."""
+    proc = subprocess.Popen([sys.executable, "-m", "qmprestore", *argv, "--rate-limit", "2M"],
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
-    while not (folder / "qmprestore-journal.json").exists():
+    while not started():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.01)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 143, err
+    return err
+
+
+def test_sigterm_during_commit_then_rerun(chains: Chains, tmp_path: Path) -> None:
+    folder = copy_disk(chains.main, "virtio0", tmp_path / "c")
+    err = sigterm_once_started(["commit", "--dir", str(folder)],
+                               lambda: (folder / "qmprestore-journal.json").exists())
     assert "Traceback" not in err and "qmprestore commit --dir" in err
     cli_rerun = subprocess.run([sys.executable, "-m", "qmprestore", "commit", "--dir", str(folder)],
                                capture_output=True, text=True)
@@ -468,17 +475,9 @@ def test_sigterm_during_commit_then_rerun(chains: Chains, tmp_path: Path) -> Non
 def test_sigterm_during_merge_leaves_nothing(chains: Chains, tmp_path: Path) -> None:
     """The checksums run in a thread beside qemu-img: a signal stops both, no partial stays."""
     out = tmp_path / "out" / "image.qcow2"
-    proc = subprocess.Popen([sys.executable, "-m", "qmprestore", "merge", "--dir",
-                             str(chains.main / "virtio0"), "--targetfile", str(out),
-                             "--rate-limit", "2M"], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    while not list(out.parent.glob(".*.partial")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.01)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 143, err
+    err = sigterm_once_started(
+        ["merge", "--dir", str(chains.main / "virtio0"), "--targetfile", str(out)],
+        lambda: bool(list(out.parent.glob(".*.partial"))))
     assert "Traceback" not in err
     assert not out.exists() and not out.parent.exists(), "no image, no partial, no new folder"
 
