@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup.errors import ChainError, ImageInUseError, QmpBackupError, UsageError
+from libqmpbackup.errors import ImageInUseError, QmpBackupError, UsageError
 from libqmpbackup.runner import at_exit
+from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.fsutil import write_atomically
 from libqmpbackup.store.layout import chain_folders
 from libqmpbackup.store.metadata import ChainStore
@@ -246,13 +247,19 @@ def _chain_folders(target: Path) -> list[Path]:
         return []
 
 
+def _read_store(target: Path, folder: Path) -> ChainStore:
+    with (BackupFolder.open(folder) if folder == target
+          else BackupFolder.open_month(target, folder.name)) as chain_folder:
+        return chain_folder.store
+
+
 def _restore_points(target: Path) -> dict[str, int]:
     """Disk id -> backup files recorded for it in TARGET and its month folders."""
     points: dict[str, int] = {}
     for folder in _chain_folders(target):
         try:
-            store = ChainStore.load(folder)
-        except ChainError as err:
+            store = _read_store(target, folder)
+        except QmpBackupError as err:
             log.debug("--metrics-file: not counting the points in %s: %s", folder, err)
             continue
         for chain in store.chains:

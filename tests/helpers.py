@@ -21,6 +21,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import pytest
 
 from libqmpbackup.store import mounts
+from libqmpbackup.store.backup_folder import BackupFolder
+from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.intent import RunIntent, read_intent
+from libqmpbackup.store.journal import Journal
+from libqmpbackup.store.metadata import ChainStore
+from libqmpbackup.store.names import METADATA_NAME
 from qmpbackup.cli import main as qmpbackup_main
 from tests.guestvm import GuestVM
 from tests.vm import Disk, MiB, TestVM, file_digest, identical
@@ -415,3 +421,23 @@ def partitioned_disk(folder: Path) -> Path:
     image = folder / "disk.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, image], check=True)
     return image
+
+
+# -- reading a folder's records, as every command does (one BackupFolder) ---------------------
+
+def read_store(path: Path, name: Optional[str] = METADATA_NAME) -> ChainStore:
+    """The chain metadata NAME in PATH (None: an upstream folder, read from its names)."""
+    with BackupFolder.open(path, name) as folder:
+        return folder.store
+
+
+def read_journal(path: Path) -> Optional[Journal]:
+    """The restore journal of the disk folder PATH."""
+    with Folder.open_root(path) as folder:
+        return Journal.read(folder)
+
+
+def read_intent_at(path: Path) -> Optional[RunIntent]:
+    """The intent record in the chain folder PATH."""
+    with Folder.open_root(path) as folder:
+        return read_intent(folder)

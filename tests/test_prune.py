@@ -22,11 +22,12 @@ from typing import Any, Iterator
 import pytest
 
 from libqmpbackup.errors import Interrupted
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.journal import Journal
 from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
 from libqmpbackup.store.names import point_label
-from tests.helpers import documented, finished, key_paths, start_backup
+from tests.helpers import documented, finished, key_paths, read_store, start_backup
 from tests.vm import Disk, MiB, TestVM, identical
 
 pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
@@ -106,8 +107,8 @@ def test_the_newest_chains_stay_whole_and_the_others_go_whole(cli, folders: Path
     out = prune(cli, folders, 2).ok().out
     assert files_below(folders) == kept - {folders / "2026-09" / "qmpbackup.json"}
     assert not (folders / "2026-09").exists(), "an emptied month folder goes"
-    assert [c.uuid for c in ChainStore.load(folders).chains] == ["c"]
-    assert ChainStore.load(folders).pruning == []
+    assert [c.uuid for c in read_store(folders).chains] == ["c"]
+    assert read_store(folders).pruning == []
     rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[2:] if line.endswith(
         ("kept", "removed"))}
     assert rows == {"2026-09/m1": "removed", "a": "removed", "b": "removed", "c": "kept",
@@ -189,7 +190,7 @@ def test_a_forged_pruning_entry_through_a_symlinked_folder_deletes_nothing_outsi
     result = prune(cli, folders, 5).ok()
     assert victim.read_bytes() == b"precious host data"
     assert f"{folders / 'evil'} is not a directory" in result.err
-    assert ChainStore.load(folders).pruning == []
+    assert read_store(folders).pruning == []
 
 
 def test_a_month_folder_swapped_for_a_symlink_during_the_prune_leads_nowhere(
@@ -239,15 +240,15 @@ def test_a_killed_prune_leaves_only_listed_files_and_the_next_prune_removes_them
     real_delete = prune_module._delete
     calls: list[str] = []
 
-    def killed_after_one(root: Any, disk_folder: str, name: str) -> bool:
+    def killed_after_one(chain_folder: Any, file: Any) -> bool:
         if calls:
             raise Interrupted(signal.SIGTERM)
-        calls.append(name)
-        return real_delete(root, disk_folder, name)
+        calls.append(file.name)
+        return real_delete(chain_folder, file)
 
     monkeypatch.setattr(prune_module, "_delete", killed_after_one)
     prune(cli, folders, 3).failed(143, "interrupted by signal 15")
-    stores = [ChainStore.load(folders), ChainStore.load(folders / "2026-09")]
+    stores = [read_store(folders), read_store(folders / "2026-09")]
     assert [c.uuid for c in stores[0].chains] == ["b", "c"], "the metadata went first"
     assert stores[1].chains == [] and len(stores[1].pruning) == 2
     assert len(stores[0].pruning) == 4
@@ -256,7 +257,7 @@ def test_a_killed_prune_leaves_only_listed_files_and_the_next_prune_removes_them
     listing = listed.out
     assert "FULL-100" not in listing and not any(
         line.split()[0] == "a" for line in listing.splitlines()[2:])
-    left = {s.root / p for s in stores for p in s.pruning} & files_below(folders)
+    left = {f.path(s.root) for s in stores for f in s.pruning} & files_below(folders)
     assert len(left) == 5, "one file was deleted before the kill"
     monkeypatch.setattr(prune_module, "_delete", real_delete)
     document = json.loads(prune(cli, folders, 3, "--json").ok().out)
@@ -279,7 +280,7 @@ def test_prune_is_refused_while_any_chain_folder_is_locked(cli, folders: Path) -
 def test_an_unfinished_in_place_restore_is_refused(cli, folders: Path) -> None:
     Journal(operation="commit", chain="b", disk="virtio0", base="FULL-200-virtio0.qcow2",
             result="FULL-200-virtio0.qcow2", point="INC-201-virtio0.qcow2", point_time=201,
-            steps=["INC-201-virtio0.qcow2"]).save(folders / "virtio0")
+            steps=["INC-201-virtio0.qcow2"]).save(Folder.open_root(folders / "virtio0"))
     files = files_below(folders)
     prune(cli, folders, 1).failed(6, "unfinished qmprestore commit")
     assert files_below(folders) == files
@@ -374,7 +375,7 @@ class Recorder:
         result = self.cli("qmpbackup", "--socket", self.vm.tool_socket, "backup",
                           "--level", level, "--target", target, "--no-progress", *extra).ok()
         root = target / time.strftime("%Y-%m") if "--monthly" in extra else target
-        chain = ChainStore.load(root).chains[-1]
+        chain = read_store(root).chains[-1]
         label = point_label(chain.disks["virtio0"].backups[-1].file)
         folder = self.refs_dir / f"{chain.uuid}-{label}"
         folder.mkdir(parents=True)
@@ -416,9 +417,9 @@ def test_three_chains_in_one_folder_keep_two(cli, recorder: Recorder, tmp_path: 
         chain_ids.append(chain_id)
         if round_ < 2:
             recorder.lose_bitmap(chain_id)
-    assert [c.uuid for c in ChainStore.load(root).chains] == chain_ids
+    assert [c.uuid for c in read_store(root).chains] == chain_ids
     pruned = set(files_below(root / "virtio0")) - {root / "virtio0" / r.file
-                                                   for c in ChainStore.load(root).chains[1:]
+                                                   for c in read_store(root).chains[1:]
                                                    for r in c.disks["virtio0"].backups}
     assert len(pruned) == 2
 
@@ -428,7 +429,7 @@ def test_three_chains_in_one_folder_keep_two(cli, recorder: Recorder, tmp_path: 
 
     out = prune(cli, root, 2).ok().out
     assert f"{chain_ids[0]}" in out and "removed 4 file(s)" in out
-    assert [c.uuid for c in ChainStore.load(root).chains] == chain_ids[1:]
+    assert [c.uuid for c in read_store(root).chains] == chain_ids[1:]
     assert not pruned & files_below(root)
     listing = cli("qmprestore", "list", "--dir", root).ok().out
     assert chain_ids[0] not in listing and chain_ids[1] in listing and chain_ids[2] in listing
@@ -520,7 +521,7 @@ def test_prune_leaves_no_dead_link_in_a_no_timestamp_folder(cli, recorder: Recor
     dead = [p for p in base.rglob("*") if p.is_symlink() and not p.exists()]
     assert dead == [], f"dead links after prune: {dead}"
     assert not (base / "virtio0" / "virtio0.qcow2").exists()
-    assert [c.uuid for c in ChainStore.load(base).chains] == [newest]
+    assert [c.uuid for c in read_store(base).chains] == [newest]
     recorder.assert_restores(base, newest, tmp_path / "out")
 
 
@@ -533,13 +534,13 @@ def test_a_backup_run_finishes_an_interrupted_prune(cli, recorder: Recorder, tmp
     vm.write("virtio0", 0x71, 0, 64 * 1024)
     new, _ = recorder.backup(root, "auto")
 
-    def killed(root: Path, disk_folder: str, name: str) -> bool:
+    def killed(chain_folder: Any, file: Any) -> bool:
         raise Interrupted(signal.SIGTERM)
 
     monkeypatch.setattr(prune_module, "_delete", killed)
     prune(cli, root, 1).failed(143, "interrupted")
     monkeypatch.undo()
-    leftovers = [root / p for p in ChainStore.load(root).pruning]
+    leftovers = [f.path(root) for f in read_store(root).pruning]
     assert len(leftovers) == 2 and all(p.exists() for p in leftovers)
     recorder.assert_restores(root, new, tmp_path / "restored")   # the leftovers disturb no restore
 
@@ -548,7 +549,7 @@ def test_a_backup_run_finishes_an_interrupted_prune(cli, recorder: Recorder, tmp
     assert (chain_id, label[:4]) == (new, "INC-")
     assert f"finishing a prune that was interrupted in {root}" in recorder.last_err
     assert not any(p.exists() for p in leftovers)
-    assert ChainStore.load(root).pruning == []
+    assert read_store(root).pruning == []
     recorder.assert_restores(root, new, tmp_path / "restored-after")
 
 
@@ -559,7 +560,7 @@ def test_prune_while_a_backup_runs_is_refused(cli, tmp_path: Path) -> None:
             cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", level,
                 "--target", root, "--no-progress").ok()
         backup("full")
-        first = ChainStore.load(root).chains[0].uuid
+        first = read_store(root).chains[0].uuid
         lose_bitmap(vm, first)
         backup("auto")
         vm.write("virtio0", 0x7A, 0, 48 * MiB)
@@ -568,7 +569,7 @@ def test_prune_while_a_backup_runs_is_refused(cli, tmp_path: Path) -> None:
         prune(cli, root, 1).failed(4, "another backup is running on target", str(root))
         assert files_below(root) >= files, "nothing deleted"
         finished(proc, 0)
-        assert len(ChainStore.load(root).chains) == 2
+        assert len(read_store(root).chains) == 2
         prune(cli, root, 1).ok()
-        (kept,) = ChainStore.load(root).chains
+        (kept,) = read_store(root).chains
         assert kept.uuid != first

@@ -593,6 +593,7 @@ def test_help_of_every_command_shows_examples(cli) -> None:
 
 def test_backup_and_in_place_restore_exclude_each_other(cli, chains: Chains, tmp_path: Path) -> None:
     """A backup never extends a chain an in-place restore is rewriting, and vice versa."""
+    from libqmpbackup.store.handles import Folder
     from libqmpbackup.store.journal import Journal
     from libqmpbackup.store.locks import chain_lock
     folder = copy_disk(chains.main, "virtio0", tmp_path / "copy")
@@ -602,9 +603,10 @@ def test_backup_and_in_place_restore_exclude_each_other(cli, chains: Chains, tmp
         cli("qmprestore", "rebase", "--dir", folder).failed(4, "another backup is running")
     assert digests(folder) == before
     names = files(folder.parent, "virtio0")
-    Journal(operation="commit", chain=metadata(folder.parent)["chains"][0]["uuid"],
-            disk="virtio0", base=names[0], result=names[0], point=names[1], point_time=1,
-            steps=names[1:2]).save(folder)
+    with Folder.open_root(folder) as held:
+        Journal(operation="commit", chain=metadata(folder.parent)["chains"][0]["uuid"],
+                disk="virtio0", base=names[0], result=names[0], point=names[1], point_time=1,
+                steps=names[1:2]).save(held)
     with TestVM(tmp_path / "img", [Disk("virtio0", "virtio", "qcow2", 32 * MiB)]) as vm:
         cli("qmpbackup", "--socket", vm.tool_socket, "backup", "--level", "auto",
             "--include", "virtio0", "--target", folder.parent).failed(

@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.errors import ChainError, TargetError
 from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.store import folder_safety, upstream
+from libqmpbackup.store.backup_folder import BackupFolder
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.metadata import ChainStore, DiskChain
 from libqmpbackup.store.names import UPSTREAM_CONFIG_SUFFIX
 
 log = logging.getLogger(__name__)
 
 
-def _config_filename(root: Path, name: str) -> Optional[str]:
+def _config_filename(root: Folder, name: str) -> Optional[str]:
     """The image file ROOT/<NAME>.config describes (upstream's qemu-img info), if it says one.
 
     A missing, unreadable or odd file is no witness, never an error: the
@@ -44,7 +45,7 @@ def _config_filename(root: Path, name: str) -> Optional[str]:
     return filename if isinstance(filename, str) else None
 
 
-def _owner(root: Path, key: str, disk: DiskChain, disks: list[BlockDevice]) -> Optional[str]:
+def _owner(root: Folder, key: str, disk: DiskChain, disks: list[BlockDevice]) -> Optional[str]:
     """The VM disk an upstream folder (or, with --no-subdir, an image name) belongs to."""
     name = disk.folder or key
     by_image = [d for d in disks if name in {os.path.basename(f) for f in d.image_files()}]
@@ -56,24 +57,27 @@ def _owner(root: Path, key: str, disk: DiskChain, disks: list[BlockDevice]) -> O
         return by_image[0].disk_id
     if by_image:
         log.warning("%s: upstream folder %s matches disks %s by image name: matching by device "
-                    "name instead", root, name, ", ".join(d.disk_id for d in by_image))
+                    "name instead", root.path, name, ", ".join(d.disk_id for d in by_image))
     return next((d.disk_id for d in disks if disk.folder and disk.folder in d.names()), None)
 
 
-def adopt_upstream(root: Path, disks: list[BlockDevice]) -> ChainStore:
-    """ROOT's upstream chain (ROOT/uuid names it) as metadata of ours, keyed by this VM's disk ids.
+def adopt_upstream(chain_folder: BackupFolder, disks: list[BlockDevice]) -> ChainStore:
+    """The folder's upstream chain (its uuid file names it) as metadata of ours, keyed by this
+    VM's disk ids; from now on it is CHAIN_FOLDER's store, saved with the run's commit.
 
     A folder that matches no disk (or a disk another folder matched already)
     keeps its own name as disk id: its records stay readable, and the run
     reports the disk it could not match as started afresh.
     """
+    root = chain_folder.folder
     store = upstream.read_folder(root)
+    chain_folder.replace_store(store)
     for chain in store.chains:
         adopted: dict[str, DiskChain] = {}
         for key, disk in chain.disks.items():
             owner = _owner(root, key, disk, disks)
             if owner is None or owner in adopted:
-                log.warning("%s: upstream folder %s matches no disk of this VM", root,
+                log.warning("%s: upstream folder %s matches no disk of this VM", root.path,
                             disk.folder or key)
                 owner = key
                 store.unmatched.append(disk.folder or key)
@@ -82,6 +86,6 @@ def adopt_upstream(root: Path, disks: list[BlockDevice]) -> ChainStore:
     current = store.current
     if current is not None:
         log.info("%s was written by upstream qmpbackup: continuing its chain %s (disks %s) "
-                 "in place; its files stay as they are", root, current.uuid,
+                 "in place; its files stay as they are", root.path, current.uuid,
                  ", ".join(current.disks))
     return store

@@ -18,29 +18,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.errors import ChainError, QemuImgError, UsageError, VMGoneError
 from libqmpbackup.keys import SECRET_PREFIX, Key
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
-from libqmpbackup.store.handles import Folder
-from libqmpbackup.store.metadata import Chain, ChainStore
+from libqmpbackup.store.backup_folder import BackupFolder
+from libqmpbackup.store.metadata import Chain
 
 log = logging.getLogger(__name__)
 
 CONTINUING_LEVELS = ("inc", "diff", "auto")
 
 
-def precheck(root: Path, level: str, key: Optional[Key], passes_fds: bool) -> None:
-    """Refuse (exit 2) a run whose key does not fit the chain it would write; read-only."""
+def precheck(chain_folder: Optional[BackupFolder], level: str, key: Optional[Key],
+             passes_fds: bool) -> None:
+    """Refuse (exit 2) a run whose key does not fit the chain it would write; read-only.
+
+    CHAIN_FOLDER: the run's chain folder, None when it does not exist yet.
+    """
     if key is not None and not passes_fds:
         raise UsageError("--encrypt-key-file needs a unix QMP socket: the key goes to QEMU "
                          "as a file descriptor, which QMP over tcp: cannot carry")
-    if not os.path.isdir(root):
+    if chain_folder is None:
         return
-    store = ChainStore.load(root)
+    store, root = chain_folder.store, chain_folder.path
     chain = store.copies if level == "copy" else store.current
     if chain is None:
         return
@@ -53,23 +56,17 @@ def precheck(root: Path, level: str, key: Optional[Key], passes_fds: bool) -> No
                              "mix encrypted and clear files: start an encrypted chain in a new "
                              "folder or month (--monthly) (nothing was changed)")
     if chain.encrypted and key is not None:
-        check_key(store, chain, key)
+        check_key(chain_folder, chain, key)
 
 
-def check_key(store: ChainStore, chain: Chain, key: Key) -> None:
+def check_key(chain_folder: BackupFolder, chain: Chain, key: Key) -> None:
     """KEY opens the newest file of CHAIN (LUKS verifies it), else exit 2."""
+    store = chain_folder.store
     for disk_id, disk in chain.disks.items():
         if not disk.backups:
             continue
         name = disk.backups[-1].file
-        with Folder.open_root(store.root) as top:
-            folder = top if not chain.folder_of(disk_id) else top.sub(chain.folder_of(disk_id),
-                                                                      "disk folder")
-            try:
-                handle = folder.open_existing(name)
-            finally:
-                if folder is not top:
-                    folder.close()
+        handle = chain_folder.disk_folder(chain.folder_of(disk_id)).open_existing(name)
         with handle, qemuimg.using_key(key):
             try:
                 qemuimg.check(handle.dev_path, fmt="qcow2", without_backing=True,

@@ -26,6 +26,7 @@ from typing import Iterable, Optional, Sequence
 
 from libqmpbackup.errors import ChainError, TargetError, UsageError
 from libqmpbackup.qemu.storage_daemon import DaemonImage
+from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.layout import month_folders
 from libqmpbackup.store.metadata import ChainStore, DiskChain
 from libqmpbackup.store.names import validate_disk_id
@@ -78,13 +79,15 @@ def chain_stores(target: Path, monthly: bool) -> list[ChainStore]:
     """The metadata that may know the images, newest first; unreadable ones are skipped."""
     try:
         roots = sorted(month_folders(target), reverse=True) if monthly else [target]
-    except TargetError:
+    except (ChainError, TargetError):
         return []       # the run itself reports an unusable target
     stores = []
     for root in roots:
         try:
-            stores.append(ChainStore.load(root))
-        except ChainError as err:
+            with (BackupFolder.open_month(target, root.name) if monthly
+                  else BackupFolder.open(root)) as folder:
+                stores.append(folder.store)
+        except (ChainError, TargetError) as err:
             log.debug("not looking up disk ids in %s: %s", root, err)
     return stores
 

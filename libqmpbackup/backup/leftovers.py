@@ -28,11 +28,11 @@ from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.errors import TargetError
 from libqmpbackup.qemu.devices import BlockDevice, named_nodes
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
+from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.handles import Folder
-from libqmpbackup.store.intent import load_intent, remove_intent
 from libqmpbackup.store.layout import partial_files, stale_temp_files
-from libqmpbackup.store.metadata import ChainStore
-from libqmpbackup.store.names import TOOL_PREFIX, fleecing_folder_pid
+from libqmpbackup.store.name_rules import ChainFile
+from libqmpbackup.store.names import CHAIN_FOLDER, TOOL_PREFIX, fleecing_folder_pid
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,9 @@ async def _clean_fdsets(session: QmpSession) -> list[str]:
     return [f"fdset {fdset}" for fdset in stale]
 
 
-def clean_target(root: Path) -> None:
-    """Delete what an interrupted run left in ROOT: unfinished and unrecorded files, temp files.
+def clean_target(chain_folder: BackupFolder) -> None:
+    """Delete what an interrupted run left in the chain folder: unfinished and unrecorded files,
+    temp files.
 
     Unrecorded files are those the run's intent record names and the metadata
     does not (:mod:`libqmpbackup.store.intent`): complete copies of a backup that
@@ -114,31 +115,34 @@ def clean_target(root: Path) -> None:
     ``evil/<file>`` with ``evil`` a symlink to a host folder is refused, and
     nothing outside the folder can be deleted.
     """
-    intent = load_intent(root)
-    unrecorded = intent.unrecorded(ChainStore.load(root)) if intent else []
-    with Folder.open_root(root) as top:
-        leftovers = [*partial_files(top), *stale_temp_files(top), *unrecorded]
-        touched: dict[str, Folder] = {}
-        try:
-            for name in leftovers:
-                sub, _, file = name.rpartition("/")
-                folder = touched.get(sub) or (top.sub(sub, "disk folder") if sub else top)
-                touched[sub] = folder
-                _remove_leftover(folder, file, unrecorded=name in unrecorded and bool(sub))
-            for sub, folder in touched.items():
-                folder.fsync()   # the deletions are on disk before the record goes
-                if sub:
-                    with contextlib.suppress(OSError):   # kept when it holds other files
-                        os.rmdir(sub, dir_fd=top.fd)
-        finally:
-            for sub, folder in touched.items():
-                if sub:
-                    folder.close()
-        if intent is not None:
-            remove_intent(root)
-            top.fsync()
-            log.warning("removed the intent record of an interrupted run (%s)",
-                        "its files were recorded" if not unrecorded else "rolled back")
+    intent = chain_folder.intent
+    unrecorded = intent.unrecorded(chain_folder.store) if intent else []
+    top = chain_folder.folder
+    leftovers = [ChainFile(*_split(name)) for name in [*partial_files(top),
+                                                          *stale_temp_files(top)]]
+    touched: set[str] = set()
+    for file in [*leftovers, *unrecorded]:
+        folder = chain_folder.disk_folder(file.folder)
+        touched.add(file.folder)
+        _remove_leftover(folder, file.name,
+                         unrecorded=file in unrecorded and file.folder != CHAIN_FOLDER)
+    for name in sorted(touched):
+        chain_folder.disk_folder(name).fsync()   # the deletions are on disk before the record goes
+    chain_folder.close_disk_folders()
+    for name in sorted(touched - {CHAIN_FOLDER}):
+        with contextlib.suppress(OSError):   # kept when it holds other files
+            os.rmdir(name, dir_fd=top.fd)
+    if intent is not None:
+        chain_folder.drop_intent()
+        top.fsync()
+        log.warning("removed the intent record of an interrupted run (%s)",
+                    "its files were recorded" if not unrecorded else "rolled back")
+
+
+def _split(name: str) -> tuple[str, str]:
+    """(disk folder, file) of a name :func:`names_in_and_below` gave."""
+    folder, _, file = name.rpartition("/")
+    return folder or CHAIN_FOLDER, file
 
 
 def _remove_leftover(folder: Folder, name: str, *, unrecorded: bool) -> None:

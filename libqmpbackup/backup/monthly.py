@@ -21,8 +21,8 @@ from libqmpbackup.backup import bitmaps
 from libqmpbackup.errors import ChainError, TargetError, VMGoneError
 from libqmpbackup.qemu.devices import BlockDevice, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
+from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.layout import month_folders
-from libqmpbackup.store.metadata import ChainStore
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def previous_month_folder(base: Path, current: Path) -> Optional[Path]:
     """The newest month folder of BASE before CURRENT that holds a chain."""
     try:
         months = [p for p in month_folders(base) if p.name < current.name]
-    except TargetError as err:
+    except (ChainError, TargetError) as err:
         log.warning("cannot find the previous month's chain: %s", err)
         return None
     return months[-1] if months else None
@@ -50,8 +50,9 @@ async def retire_previous_month(session: QmpSession, disks: list[BlockDevice], b
     if folder is None:
         return
     try:
-        chain = ChainStore.load(folder).current
-    except ChainError as err:
+        with BackupFolder.open_month(base, folder.name) as previous:
+            chain = previous.store.current
+    except (ChainError, TargetError) as err:
         log.warning("the previous month's bitmap stays on the VM: %s", err)
         return
     if chain is None or chain.bitmap == current_bitmap:

@@ -24,6 +24,7 @@ from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.store.layout import month_folder
 from libqmpbackup.store.metadata import COPIES_ID, Chain, ChainStore
 from libqmpbackup.store.names import (
+    CHAIN_FOLDER,
     METADATA_NAME,
     PARTIAL_SUFFIX,
     RESERVED_FILE_NAMES,
@@ -194,7 +195,7 @@ class Layout:
         for chain in reversed(self.store.chains):
             if disk.disk_id in chain.disks:
                 return chain.folder_of(disk.disk_id)
-        return "" if self.opts.no_subdir else safe_component(disk.disk_id)
+        return CHAIN_FOLDER if self.opts.no_subdir else safe_component(disk.disk_id)
 
     def plain_name(self, disk: BlockDevice, folder: str, level: str) -> Optional[str]:
         """The source image's name for a FULL/COPY with --no-timestamp, unless it is taken."""

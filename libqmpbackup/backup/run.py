@@ -31,7 +31,6 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -56,100 +55,29 @@ from libqmpbackup.backup.plan import (
 )
 from libqmpbackup.backup.progress import ProgressReporter
 from libqmpbackup.backup.quiesce import Quiescer
+from libqmpbackup.backup.result import BackupFile, BackupResult, per_disk_levels
 from libqmpbackup.backup.run_steps import finish_regardless, reached
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.backup.targets import TargetFiles, TargetNodes
 from libqmpbackup.errors import AgentError, JobError, TargetError, UsageError, VMGoneError
-from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import capabilities, qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpSession
-from libqmpbackup.store import folder_safety, upstream
-from libqmpbackup.store.intent import remove_intent
-from libqmpbackup.store.journal import refuse_unfinished_restores
+from libqmpbackup.store import upstream
+from libqmpbackup.store.backup_folder import BackupFolder
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.layout import (
     existing_names,
-    holds_metadata,
     is_empty_dir,
     latest_backup_time,
     prepare_root,
     refuse_mixed,
 )
-from libqmpbackup.store.locks import chain_lock
-from libqmpbackup.store.metadata import BackupRecord, ChainStore
+from libqmpbackup.store.metadata import BackupRecord
+from libqmpbackup.store.names import CHAIN_FOLDER, METADATA_NAME
 from libqmpbackup.store.prune import finish_interrupted_prune
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BackupFile:
-    """One file a run wrote, as reported to scripts (``--json``)."""
-
-    disk_id: str
-    path: Path
-    level: str
-    time: int
-    bytes_written: int      # what QEMU's job copied (for a full: the whole disk)
-    duration: float        # seconds from the transaction to this disk's job completing
-    note: str = ""          # why LEVEL differs from the run's level ("hot-added")
-
-    @classmethod
-    def of(cls, job: BackupJob, timestamp: int) -> BackupFile:
-        return cls(disk_id=job.disk.disk_id, path=job.final_path, level=job.level,
-                   time=timestamp, bytes_written=job.bytes_copied, duration=job.duration,
-                   note=job.note)
-
-    def document(self) -> Document:
-        try:
-            size: Optional[int] = self.path.stat().st_size
-        except OSError:
-            size = None
-        return {"disk": self.disk_id, "file": str(self.path), "level": self.level,
-                "time": self.time, "bytes_written": self.bytes_written, "file_size": size,
-                "duration": round(self.duration, 3), "note": self.note}
-
-
-@dataclass
-class BackupResult:
-    level: str
-    root: Path
-    chain_id: Optional[str]
-    time: int
-    files: list[BackupFile] = field(default_factory=list)
-    reason: str = ""
-    quiesced: bool = False
-
-    def document(self) -> Document:
-        """The ``backup --json`` document (keys in docs/json.md)."""
-        return {"command": "backup", "level": self.level, "reason": self.reason,
-                "summary": self.summary(),
-                "chain": self.chain_id, "target": str(self.root), "time": self.time,
-                "quiesced": self.quiesced, "files": [f.document() for f in self.files]}
-
-    def summary(self) -> str:
-        """What the run did per disk: ``inc: 1 disk incremental, 1 disk new full (hot-added)``."""
-        return f"{self.level}: {self.per_disk()}"
-
-    def per_disk(self) -> str:
-        return per_disk_levels([(f.level, f.note) for f in self.files])
-
-
-LEVEL_WORDS = {"full": "full", "inc": "incremental", "diff": "differential", "copy": "copy"}
-
-
-def per_disk_levels(done: list[tuple[str, str]]) -> str:
-    """Per (level, note) actually done, how many disks: a run never claims more than it did."""
-    counts: dict[tuple[str, str], int] = {}
-    for item in done:
-        counts[item] = counts.get(item, 0) + 1
-    parts = []
-    for (done_level, note), count in counts.items():
-        word = LEVEL_WORDS.get(done_level, done_level)
-        if note:
-            word = f"new {word} ({note})" if done_level == "full" else f"{word} ({note})"
-        parts.append(f"{count} disk{'s' if count != 1 else ''} {word}")
-    return ", ".join(parts)
 
 
 def _timestamp_after(last: int) -> int:
@@ -161,48 +89,93 @@ def _timestamp_after(last: int) -> int:
     return now
 
 
+def _open_target(opts: BackupOptions) -> Optional[Folder]:
+    """--target held open, once a folder is there; a plain run and a --monthly one never mix."""
+    if not os.path.isdir(opts.target):
+        return None     # missing (created below), or not a folder (prepare_root says so)
+    target = Folder.open_root(opts.target)
+    try:
+        if opts.level != "copy":
+            refuse_mixed(opts.target, opts.monthly, plain_chain=(
+                target.entry(METADATA_NAME) is not None or upstream.chain_id(target) is not None))
+    except BaseException:
+        target.close()
+        raise
+    return target
+
+
+def _chain_folder(opts: BackupOptions, root: Path, target: Optional[Folder]
+                  ) -> Optional[BackupFolder]:
+    """The run's chain folder, from the held --target: itself, or its month (never a link)."""
+    if target is None:
+        return None
+    if not opts.monthly:
+        return BackupFolder(target)
+    if target.entry(root.name) is None:
+        return None
+    return BackupFolder(target.sub(root.name, "month folder"))
+
+
 async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
-    """Back up the VM behind SESSION; the caller holds the VM lock (see :mod:`locks`)."""
+    """Back up the VM behind SESSION; the caller holds the VM lock (see :mod:`locks`).
+
+    The target is opened once and the chain folder held from then on
+    (:class:`BackupFolder`): everything the run reads or writes in it goes
+    through that object.
+    """
     disks = await discover(session)
     selected = select_disks(disks, opts)
     await check_target_io(session, opts.target_io)
     root = chain_root(opts)
-    if opts.level != "copy" and os.path.isdir(opts.target):
-        refuse_mixed(opts.target, opts.monthly, plain_chain=holds_metadata(opts.target)
-                     or upstream.chain_id(opts.target) is not None)
-    if opts.monthly and os.path.lexists(root):
-        folder_safety.require_folder(root)   # the month folder is folder content, not --target
-    # the key fits the chain, or nothing is touched (the bitmaps keep every change)
-    encryption.precheck(root, opts.level, opts.key,
-                        session.passes_fds or not session.has_guest)
-    created = prepare_root(root)
+    held = contextlib.ExitStack()
     try:
-        with chain_lock(root):
-            return await _locked_run(session, opts, disks, selected, root)
-    except BaseException:
-        # a failed run leaves no folder it created (rmdir keeps any that is in use)
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+        target = _open_target(opts)
+        if target is not None:
+            held.callback(target.close)
+        chain_folder = _chain_folder(opts, root, target)
+        if chain_folder is not None:
+            held.callback(chain_folder.close)
+        # the key fits the chain, or nothing is touched (the bitmaps keep every change)
+        encryption.precheck(chain_folder, opts.level, opts.key,
+                            session.passes_fds or not session.has_guest)
+        created = prepare_root(root)
+        try:
+            if target is None:
+                target = held.enter_context(Folder.open_root(opts.target))
+            if chain_folder is None:
+                chain_folder = _chain_folder(opts, root, target)
+                assert chain_folder is not None   # prepare_root made it
+                held.callback(chain_folder.close)
+            with chain_folder.locked():
+                return await _locked_run(session, opts, disks, selected, chain_folder)
+        except BaseException:
+            # a failed run leaves no folder it created (rmdir keeps any that is in use)
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+    finally:
+        held.close()
 
 
 async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[BlockDevice],
-                      selected: list[BlockDevice], root: Path) -> BackupResult:
+                      selected: list[BlockDevice], chain_folder: BackupFolder) -> BackupResult:
+    root = chain_folder.path
     guard = ShutdownGuard(session)
     if await leftovers.clean_vm(session, disks, guard):
         await refresh_bitmaps(session, selected)
-    leftovers.clean_target(root)
+    leftovers.clean_target(chain_folder)
     if opts.fleecing:
         leftovers.clean_fleecing_dir(opts.fleecing.folder)
-    finish_interrupted_prune(ChainStore.load(root))
-    refuse_unfinished_restores(root)
-    store = ChainStore.load(root)
-    if not store.chains and upstream.chain_id(root) is not None:
-        store = adopt_upstream(root, disks)
+    finish_interrupted_prune(chain_folder)
+    chain_folder.refuse_unfinished_restores()
+    store = chain_folder.store
+    if not store.chains and upstream.chain_id(chain_folder.folder) is not None:
+        store = adopt_upstream(chain_folder, disks)
     first_chain = store.current is None
-    timestamp = _timestamp_after(max(latest_backup_time(root), store.latest_time()))
-    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(root), existing_names(root),
+    top = chain_folder.folder
+    timestamp = _timestamp_after(max(latest_backup_time(top), store.latest_time()))
+    plan = plan_backup(selected, store, opts, timestamp, is_empty_dir(top), existing_names(top),
                        excluded=left_out(disks, opts))
     log.info("level %s: %s into %s (%s)", plan.level,
              per_disk_levels([(j.level, j.note) for j in plan.jobs]), root, plan.reason)
@@ -215,7 +188,7 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
                 if opts.quiesce else None)
     pause = VmPause(session) if opts.pause else None
     try:
-        await _execute(session, plan, store, opts, guard, quiescer, pause)
+        await _execute(session, plan, chain_folder, opts, guard, quiescer, pause)
     finally:
         await guard.finish()
     if (opts.monthly and plan.chain is not None and not plan.chain.is_copies
@@ -231,15 +204,16 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
                         reason=plan.reason, quiesced=bool(quiescer and quiescer.frozen))
 
 
-async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: BackupOptions,
+async def _execute(session: QmpSession, plan: RunPlan, chain_folder: BackupFolder,
+                   opts: BackupOptions,
                    guard: ShutdownGuard, quiescer: Optional[Quiescer],
                    pause: Optional[VmPause]) -> None:
     tag = new_run_tag()
     copy_path = await _copy_path(session, plan, opts)   # may refuse: before anything exists
     key = opts.key if plan.chain is not None and plan.chain.encrypted else None
-    with qemuimg.using_key(key), TargetFiles(jobs=plan.jobs, root=plan.root, recorded=plan.chain is not None,
-                     names_for_qemu=not session.passes_fds,
-                     month_base=opts.target if opts.monthly else None) as files:
+    with qemuimg.using_key(key), TargetFiles(jobs=plan.jobs, chain_folder=chain_folder,
+                                             recorded=plan.chain is not None,
+                                             names_for_qemu=not session.passes_fds) as files:
         async with contextlib.AsyncExitStack() as undo:
             undo.callback(files.discard)
             targets = []
@@ -300,7 +274,8 @@ async def _execute(session: QmpSession, plan: RunPlan, store: ChainStore, opts: 
             if run_bitmaps:
                 await run_bitmaps.before_commit(session)
             if plan.chain is not None:
-                _commit_metadata(store, plan, opts.compress, bool(quiescer and quiescer.frozen))
+                _commit_metadata(chain_folder, plan, opts.compress,
+                                 bool(quiescer and quiescer.frozen))
             undo.pop_all()  # committed: from here on nothing may be undone
         # a signal from here on no longer fails the run: the backup is recorded
         await finish_regardless(_after_commit(session, plan, files, run_bitmaps, nodes.secret))
@@ -326,7 +301,7 @@ async def _after_commit(session: QmpSession, plan: RunPlan, files: TargetFiles,
     if secret is not None:
         await encryption.remove_secret(session, secret)
     if plan.chain is not None:
-        remove_intent(plan.root)
+        files.chain_folder.drop_intent()
     files.link()
     if run_bitmaps:
         await run_bitmaps.after_commit(session)
@@ -363,14 +338,17 @@ async def _cancel_if_running(session: QmpSession, jobs: list[BackupJob]) -> None
         await cancel_jobs(session, [j.job_id for j in jobs])
 
 
-def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesced: bool) -> None:
+def _commit_metadata(chain_folder: BackupFolder, plan: RunPlan, compressed: bool,
+                     quiesced: bool) -> None:
+    store = chain_folder.store
     chain = plan.chain
     assert chain is not None
     if plan.new_chain:
         store.chains.append(chain)
     for job in plan.jobs:
         disk = chain.disk(job.disk.disk_id)
-        disk.folder = "" if job.final_path.parent == store.root else job.final_path.parent.name
+        disk.folder = (CHAIN_FOLDER if job.final_path.parent == store.root
+                       else job.final_path.parent.name)
         disk.backups.append(BackupRecord(
             file=job.final_path.name, level=job.level,
             time=plan.timestamp,
@@ -378,6 +356,6 @@ def _commit_metadata(store: ChainStore, plan: RunPlan, compressed: bool, quiesce
             source_format=job.disk.driver, compressed=compressed, quiesced=quiesced,
             backed=job.backed, timestamped=job.timestamped, digest=job.digest))
     try:
-        store.save(before_replace=lambda: reached("commit-written"))
+        chain_folder.save(before_replace=lambda: reached("commit-written"))
     except TargetError as err:
         raise TargetError(f"{err}; the backup was discarded") from err

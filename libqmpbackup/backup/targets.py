@@ -47,10 +47,13 @@ from libqmpbackup.backup.run_steps import reached
 from libqmpbackup.errors import ChainError, QmpBackupError, TargetError
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.qmp import QmpSession
+from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.digests import digest_handles
 from libqmpbackup.store.fsutil import TEMP_SUFFIX
 from libqmpbackup.store.handles import FileHandle, Folder, trusted_owner
-from libqmpbackup.store.intent import RunIntent, remove_intent
+from libqmpbackup.store.intent import RunIntent
+from libqmpbackup.store.name_rules import ChainFile
+from libqmpbackup.store.names import CHAIN_FOLDER
 from libqmpbackup.store.verified import remember_written
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,12 @@ class Target:
     job: BackupJob
     folder: Folder          # its disk folder (the chain folder itself with --no-subdir)
     handle: FileHandle      # the .partial as created: all that qemu-img and QEMU write
+    folder_name: str = CHAIN_FOLDER   # its disk folder's name in the chain folder
+
+    @property
+    def final(self) -> ChainFile:
+        """The file the run makes final, as the intent record names it."""
+        return ChainFile(self.folder_name, self.job.final_path.name)
 
     def is_at(self, name: str) -> bool:
         """NAME in the folder is still the file this run created."""
@@ -89,35 +98,27 @@ class TargetFiles:
     """The backup files of one run: created as .partial, renamed when complete, else deleted."""
 
     jobs: list[BackupJob]
-    root: Path                  # the chain folder (--target or its month): the admin's path
+    chain_folder: BackupFolder  # the run's chain folder (--target or its month), held open
     recorded: bool = True       # False: nothing is recorded, so no intent record
     names_for_qemu: bool = False   # tcp: QMP, QEMU opens names (see the module docstring)
-    month_base: Optional[Path] = None   # --monthly: ROOT is a folder below it, never a symlink
     targets: list[Target] = field(default_factory=list)
     created_folders: list[str] = field(default_factory=list)
-    folders: dict[str, Folder] = field(default_factory=dict)
+    checked_folders: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        if self.month_base is None:
-            top = Folder.open_root(self.root)
-        else:
-            with Folder.open_root(self.month_base) as base:
-                top = base.sub(self.root.name, "month folder")
-        self.folders[""] = top
         if self.names_for_qemu:
-            try:
-                require_private(self.root, os.fstat(top.fd))
-                for above in Path(os.path.realpath(self.root)).parents:
-                    require_private(above, os.stat(above), sticky_ok=True)
-            except BaseException:
-                self.close()
-                raise
+            top = self.chain_folder.folder
+            require_private(self.root, os.fstat(top.fd))
+            for above in Path(os.path.realpath(self.root)).parents:
+                require_private(above, os.stat(above), sticky_ok=True)
+
+    @property
+    def root(self) -> Path:
+        return self.chain_folder.path
 
     def close(self) -> None:
         for target in self.targets:
             target.handle.close()
-        for folder in self.folders.values():
-            folder.close()
 
     def __enter__(self) -> TargetFiles:
         return self
@@ -127,9 +128,9 @@ class TargetFiles:
 
     def _disk_folder(self, name: str) -> Folder:
         """The disk folder NAME, created 0700 when missing; never a symlink to elsewhere."""
-        if name in self.folders:
-            return self.folders[name]
-        top = self.folders[""]
+        if name == CHAIN_FOLDER or name in self.checked_folders:
+            return self.chain_folder.disk_folder(name)
+        top = self.chain_folder.folder
         if top.entry(name) is None:
             try:
                 os.mkdir(name, 0o700, dir_fd=top.fd)
@@ -137,17 +138,18 @@ class TargetFiles:
                 raise TargetError(f"cannot create folder {self.root / name}: "
                                   f"{err.strerror}") from err
             self.created_folders.append(name)
-        folder = top.sub(name, "disk folder")
-        self.folders[name] = folder
+        folder = self.chain_folder.disk_folder(name)
+        self.checked_folders.add(name)
         if self.names_for_qemu:
             require_private(folder.path, os.fstat(folder.fd))
         return folder
 
     def create(self, job: BackupJob) -> Target:
         parent = job.partial_path.parent
-        folder = self._disk_folder("" if parent == self.root else parent.name)
+        name = CHAIN_FOLDER if parent == self.root else parent.name
+        folder = self._disk_folder(name)
         # 0600 from the first byte: the file will hold a whole disk
-        target = Target(job, folder, folder.create(job.partial_path.name, "backup file"))
+        target = Target(job, folder, folder.create(job.partial_path.name, "backup file"), name)
         self.targets.append(target)
         qemuimg.create_fd(target.handle.fd, job.disk.virtual_size, backing=job.backing)
         return target
@@ -180,8 +182,8 @@ class TargetFiles:
     def finish(self) -> None:
         self.require_unchanged()
         if self.recorded:
-            RunIntent(time=int(time.time()), files=[
-                j.final_path.relative_to(self.root).as_posix() for j in self.jobs]).save(self.root)
+            self.chain_folder.record_intent(RunIntent(time=int(time.time()),
+                                                      files=[t.final for t in self.targets]))
             reached("intent-written")
         for target in self.targets:
             job = target.job
@@ -219,13 +221,13 @@ class TargetFiles:
                         log.info("removed unfinished %s", target.folder.path / name)
         if self.recorded:
             # the renamed files must be gone for good before the record that names them
-            for folder in self.folders.values():
+            for target in self.targets:
                 with contextlib.suppress(OSError):
-                    folder.fsync()
-            remove_intent(self.root)
+                    target.folder.fsync()
+            self.chain_folder.drop_intent()
         for name in self.created_folders:
             with contextlib.suppress(OSError):
-                os.rmdir(name, dir_fd=self.folders[""].fd)
+                os.rmdir(name, dir_fd=self.chain_folder.folder.fd)
 
 
 @dataclass

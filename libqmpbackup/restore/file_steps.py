@@ -1,6 +1,8 @@
 """File steps of a restore that honour --dry-run and survive a crash.
 
-Renames and links replace their target atomically and are followed by a
+Every step works in a disk folder the command holds open (a
+:class:`~libqmpbackup.store.handles.Folder`), relative to its descriptor:
+renames and links replace their target atomically and are followed by a
 directory fsync, so after a power cut a step has happened or not, never
 half.  In a dry run each step is printed as a ``#`` comment between the
 qemu-img command lines instead.
@@ -12,11 +14,9 @@ import contextlib
 import logging
 import os
 import stat
-from pathlib import Path
 
 from libqmpbackup.errors import TargetError
-from libqmpbackup.store import folder_safety
-from libqmpbackup.store.fsutil import fsync_dir
+from libqmpbackup.store.handles import Folder, plain_name
 
 log = logging.getLogger(__name__)
 
@@ -29,37 +29,36 @@ def _announce(text: str, dry_run: bool) -> bool:
     return dry_run
 
 
-def rename(folder: Path, old: str, new: str, *, dry_run: bool = False) -> None:
-    """Rename OLD to NEW inside FOLDER (plain names, regular files: see folder_safety)."""
-    if _announce(f"rename {folder / old} -> {folder / new}", dry_run):
+def rename(folder: Folder, old: str, new: str, *, dry_run: bool = False) -> None:
+    """Rename OLD to NEW inside FOLDER (plain names, regular files: see :meth:`Folder.rename`)."""
+    if _announce(f"rename {folder.path / old} -> {folder.path / new}", dry_run):
         return
-    folder_safety.rename(folder, old, new)
+    folder.rename(old, new)
 
 
-def remove(folder: Path, name: str, *, dry_run: bool = False) -> None:
-    if _announce(f"remove {folder / name}", dry_run):
+def remove(folder: Folder, name: str, *, dry_run: bool = False) -> None:
+    if _announce(f"remove {folder.path / name}", dry_run):
         return
-    folder_safety.remove(folder, name)
+    folder.remove(name)
 
 
-def link(folder: Path, name: str, target_name: str, *, dry_run: bool = False) -> None:
+def link(folder: Folder, name: str, target_name: str, *, dry_run: bool = False) -> None:
     """Point symlink FOLDER/NAME at TARGET_NAME (relative, so the folder can move)."""
-    existing = folder_safety.entry(folder, name)
+    existing = folder.entry(name)
     if existing is not None and not stat.S_ISLNK(existing.st_mode):
-        raise TargetError(f"{folder / name} exists and is not a symlink: move it away")
-    if _announce(f"link {folder / name} -> {target_name}", dry_run):
+        raise TargetError(f"{folder.path / name} exists and is not a symlink: move it away")
+    if _announce(f"link {folder.path / name} -> {target_name}", dry_run):
         return
-    folder_safety.plain_name(target_name, "link target")
+    plain_name(target_name, "link target")
     temporary = f".{name}.tmp"
-    with folder_safety.opened_folder(folder) as fd:
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=fd)
-            os.symlink(target_name, temporary, dir_fd=fd)
-            os.rename(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
-        except OSError as err:
-            raise TargetError(f"cannot create symlink {folder / name}: {err.strerror}") from err
-    fsync_dir(folder)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=folder.fd)
+        os.symlink(target_name, temporary, dir_fd=folder.fd)
+        os.rename(temporary, name, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+    except OSError as err:
+        raise TargetError(f"cannot create symlink {folder.path / name}: {err.strerror}") from err
+    folder.fsync()
 
 
 def note(text: str, *, dry_run: bool = False) -> None:

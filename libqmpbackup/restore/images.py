@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import resource
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,28 +25,11 @@ from libqmpbackup.errors import ChainError, QemuImgError, UsageError
 from libqmpbackup.keys import Key
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.rules import image_problems
-from libqmpbackup.store import folder_safety
+from libqmpbackup.store import folder_safety, name_rules
 from libqmpbackup.store.handles import FileHandle, Folder
 from libqmpbackup.store.metadata import BackupRecord
 
 log = logging.getLogger(__name__)
-
-
-def open_disk_folder(root: Path, folder: Path) -> Folder:
-    """FOLDER (ROOT itself, or a real folder below it: never through a symlink) as a descriptor."""
-    relative = os.path.relpath(folder, root)
-    opened = Folder.open_root(root)
-    if relative == ".":
-        return opened
-    try:
-        for part in Path(relative).parts:
-            inner = opened.sub(part, "disk folder")
-            opened.close()
-            opened = inner
-    except BaseException:
-        opened.close()
-        raise
-    return opened
 
 
 def _allow_open_files() -> None:
@@ -63,6 +45,9 @@ def _allow_open_files() -> None:
 class ChainFiles:
     """Backup files of one disk folder, open and checked, kept open from the check to their use.
 
+    FOLDER is the disk folder the command's
+    :class:`~libqmpbackup.store.backup_folder.BackupFolder` opened: it owns
+    the descriptor, :meth:`close` closes only the files.
     WRITABLE: the files are opened for writing too (in-place restores).
     DRY_RUN: commands are shown with the files' names, for the admin to read,
     while every check still reads the descriptors.
@@ -92,10 +77,10 @@ class ChainFiles:
         return qemuimg.using_key(self.key)
 
     @classmethod
-    def open(cls, root: Path, folder: Path, *, writable: bool = False,
-             dry_run: bool = False) -> ChainFiles:
+    def open(cls, folder: Folder, *, writable: bool = False, dry_run: bool = False) -> ChainFiles:
+        """The files of the held disk folder FOLDER (see the class), with room to keep them open."""
         _allow_open_files()
-        return cls(open_disk_folder(root, folder), writable=writable, dry_run=dry_run)
+        return cls(folder, writable=writable, dry_run=dry_run)
 
     @property
     def path(self) -> Path:
@@ -107,7 +92,7 @@ class ChainFiles:
     def handle(self, name: str) -> FileHandle:
         """NAME (a recorded file name) opened after the rule, once: later calls return it."""
         if name not in self.handles:
-            folder_safety.recorded_file(name, "backup file")
+            name_rules.recorded_file(name, "backup file")
             self.handles[name] = self.folder.open_existing(name, write=self.writable)
         return self.handles[name]
 
@@ -142,8 +127,7 @@ class ChainFiles:
         self._keyed.close()
         for handle in self.handles.values():
             handle.close()
-        self.handles.clear()
-        self.folder.close()
+        self.handles.clear()     # the folder is the BackupFolder's: it stays open
 
     def __enter__(self) -> ChainFiles:
         self._keyed.enter_context(self.keyed())   # the restore's qemu-img calls use the key

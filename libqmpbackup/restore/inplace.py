@@ -30,14 +30,9 @@ from typing import Iterator, Optional
 from libqmpbackup.errors import ChainError, QmpBackupError, UsageError
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
-from libqmpbackup.restore.folder import (
-    BackupDir,
-    chain_key,
-    check_before_restore,
-    note_partial,
-    open_backup_dir,
-)
+from libqmpbackup.restore.folder import BackupDir, open_backup_dir
 from libqmpbackup.restore.images import ChainFiles
+from libqmpbackup.restore.precheck import chain_key, check_before_restore, note_partial
 from libqmpbackup.restore.rules import (
     RestoreOptions,
     RestorePoint,
@@ -48,10 +43,8 @@ from libqmpbackup.restore.rules import (
     parent_record,
     segment,
 )
-from libqmpbackup.store import folder_safety
 from libqmpbackup.store.digests import digest_handles
 from libqmpbackup.store.journal import Journal, unfinished_error
-from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import BackupRecord
 from libqmpbackup.store.mounts import refuse_if_mounted
 from libqmpbackup.store.names import IMAGE_LINK, parse_backup_name, point_label
@@ -67,7 +60,7 @@ def _disk_point(backup: BackupDir, command: str,
     """The point and its chain's files, checked and open for writing (the caller closes them)."""
     backup.require_disk_folder(command)
     point = backup.points(opts.until, opts.uuid)[0]
-    files = check_before_restore(point, backup.store, skip_check=opts.skip_check,
+    files = check_before_restore(point, backup, skip_check=opts.skip_check,
                                  whole_chain=command in ("commit", "snapshotrebase"),
                                  writable=True, dry_run=opts.dry_run, key=opts.key,
                                  verified_within=opts.verified_within)
@@ -109,15 +102,17 @@ def _rebase_if_needed(files: ChainFiles, name: str, backing: str, dry_run: bool)
 
 def _record_new_digests(backup: BackupDir, point: RestorePoint, files: ChainFiles,
                         names: list[str]) -> None:
-    """Files this command changed on purpose get new checksums, or they would look damaged."""
-    store = backup.reload()
-    chain = store.find(point.chain_id)
+    """Files this command changed on purpose get new checksums, or they would look damaged.
+
+    The records are current: the command holds the chain lock (:func:`_exclusive`).
+    """
+    chain = backup.store.find(point.chain_id)
     if chain is None or point.disk_id not in chain.disks:
         return
     records = [r for r in chain.disks[point.disk_id].backups if r.file in names]
     for record, digest in zip(records, digest_handles([files.handle(r.file) for r in records])):
         record.digest = digest
-    backup.save(store)
+    backup.backup_folder.save()
 
 
 @contextlib.contextmanager
@@ -126,12 +121,14 @@ def _exclusive(backup: BackupDir, command: str, dry_run: bool) -> Iterator[None]
 
     Nor while a ``qmprestore mount`` of the folder reads them (busy, exit 4,
     naming the mount), checked before anything is written.  A dry run
-    changes nothing, not even the lock file, so it takes no lock.
+    changes nothing, not even the lock file, so it takes no lock.  The lock
+    is taken through the held chain folder, whose records are read again
+    only if a command committed since they were read.
     """
     if dry_run:
         yield
         return
-    with chain_lock(backup.root):
+    with backup.backup_folder.locked():
         refuse_if_mounted(backup.root, command)
         yield
 
@@ -139,8 +136,8 @@ def _exclusive(backup: BackupDir, command: str, dry_run: bool) -> Iterator[None]
 def rebase(opts: RestoreOptions) -> Path:
     """Make the point's file a usable image through relative backing files; link ``image`` to it."""
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir, opts.name_filter)
-    with _exclusive(backup, "rebase", opts.dry_run):
+    with open_backup_dir(opts.dir, opts.name_filter) as backup, \
+            _exclusive(backup, "rebase", opts.dry_run):
         return _rebase(backup, opts)
 
 
@@ -148,7 +145,7 @@ def _rebase(backup: BackupDir, opts: RestoreOptions) -> Path:
     point, files = _disk_point(backup, "rebase", opts)
     with files:
         _back_by_metadata(backup, point, files, opts.dry_run)
-    file_steps.link(point.folder, IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
+        file_steps.link(files.folder, IMAGE_LINK, point.record.file, dry_run=opts.dry_run)
     log.info("%s: %s/%s -> %s (%s)", point.disk_id, point.folder, IMAGE_LINK,
              point.record.file, "dry run" if opts.dry_run else "ready to use")
     return point.path
@@ -179,25 +176,40 @@ def _ensure_snapshot(files: ChainFiles, name: str, tag: str, dry_run: bool) -> b
 
 def _consolidate(opts: RestoreOptions, operation: str, *, snapshots: bool) -> Path:
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir, opts.name_filter)
-    with _exclusive(backup, operation, opts.dry_run):
-        folder = backup.folder_of(backup.require_disk_folder(operation))
-        journal = Journal.load(folder)
+    with open_backup_dir(opts.dir, opts.name_filter) as backup, \
+            _exclusive(backup, operation, opts.dry_run):
+        name = backup.folder_name_of(backup.require_disk_folder(operation))
+        journal = backup.backup_folder.journal(name)
         if journal is None:
             point, files = _disk_point(backup, operation, opts)
+            name = point.folder_name
         else:
-            folder_safety.require_content_folder(folder, backup.root)
-            point, files = None, ChainFiles.open(backup.root, folder, writable=True,
+            point, files = None, ChainFiles.open(backup.disk_folder(name), writable=True,
                                                  dry_run=opts.dry_run)
-            files.use_key(*chain_key(backup.store, journal.chain, opts.key, folder))
+            files.use_key(*chain_key(backup.store, journal.chain, opts.key, files.path))
         with files:
-            return _consolidate_locked(backup, opts, operation, snapshots, point, files)
+            return _consolidate_locked(_Work(backup, name, files), opts, operation, snapshots,
+                                       point)
 
 
-def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
-                        snapshots: bool, point: Optional[RestorePoint], files: ChainFiles) -> Path:
+@dataclasses.dataclass
+class _Work:
+    """The chain folder, the name of the disk folder worked on, and its open files."""
+
+    backup: BackupDir
+    name: str
+    files: ChainFiles
+
+    def save_journal(self, journal: Journal, dry_run: bool) -> None:
+        if not dry_run:
+            self.backup.backup_folder.save_journal(self.name, journal)
+
+
+def _consolidate_locked(work: _Work, opts: RestoreOptions, operation: str, snapshots: bool,
+                        point: Optional[RestorePoint]) -> Path:
+    backup, files = work.backup, work.files
     folder = files.path
-    journal = Journal.load(folder)
+    journal = backup.backup_folder.journal(work.name)
     if journal is not None:
         if journal.operation != operation:
             raise unfinished_error(folder, journal)
@@ -205,7 +217,7 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
             raise UsageError(f"--until {opts.until}: the interrupted {operation} in {folder} "
                              f"restores {journal.point}; re-run it without --until")
         note_partial(folder, files.names())
-        _check_resumable(journal, backup, files)
+        _check_resumable(journal, work)
         log.warning("%s: finishing the interrupted %s up to %s", folder, operation, journal.point)
     else:
         assert point is not None    # no journal: _consolidate checked the point
@@ -216,7 +228,7 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
                     and not opts.dry_run):
                 _record_new_digests(backup, point, files, [base.name])
             log.info("%s: %s is a FULL backup: nothing to apply", point.disk_id, point.label)
-            file_steps.link(folder, IMAGE_LINK, base.name, dry_run=opts.dry_run)
+            file_steps.link(files.folder, IMAGE_LINK, base.name, dry_run=opts.dry_run)
             return base
         # the FULL keeps its name, as upstream qmpbackup documents (`qemu-img
         # snapshot -l DIR/FULL-<time>-…` after snapshotrebase); the metadata
@@ -226,11 +238,10 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
                           point=point.record.file, point_time=point.record.point_time,
                           steps=[r.file for r in consumed[1:]], snapshots=snapshots)
         _back_by_metadata(backup, point, files, opts.dry_run)
-        if not opts.dry_run:
-            journal.save(folder)
+        work.save_journal(journal, opts.dry_run)
     try:
-        _apply(journal, files, _applied_chain(backup, journal), opts)
-        _finish(journal, backup, files, opts.dry_run)
+        _apply(journal, work, _applied_chain(backup, journal), opts)
+        _finish(journal, work, opts.dry_run)
     except QmpBackupError:
         if not opts.dry_run:
             log.warning("%s stopped before it finished; %s keeps the progress: fix the cause, "
@@ -242,17 +253,17 @@ def _consolidate_locked(backup: BackupDir, opts: RestoreOptions, operation: str,
     return folder / journal.result
 
 
-def _check_resumable(journal: Journal, backup: BackupDir, files: ChainFiles) -> None:
+def _check_resumable(journal: Journal, work: _Work) -> None:
     """A journal found in the folder must describe this folder's chain before it is acted on.
 
-    Its names are backup file names already (see :meth:`Journal.load`); here
+    Its names are backup file names already (see :meth:`Journal.read`); here
     they must also be the files the metadata lists, in order, and every file
     still present must pass the image rule before qemu-img touches it.
     """
-    folder = files.path
+    backup, files, folder = work.backup, work.files, work.files.path
     chain = backup.store.find(journal.chain)
     disk = chain.disks.get(journal.disk) if chain is not None else None
-    if disk is None or backup.folder_of(journal.disk) != folder:
+    if disk is None or backup.folder_name_of(journal.disk) != work.name:
         raise _journal_mismatch(folder, f"chain {journal.chain} has no disk {journal.disk!r} here")
     recorded = [r.file for r in disk.backups]
     if journal.base in recorded:       # the metadata is not rewritten yet
@@ -296,14 +307,15 @@ def _applied_chain(backup: BackupDir, journal: Journal) -> list[str]:
     return [r.file for r in segment(records, names.index(journal.point))]
 
 
-def _apply(journal: Journal, files: ChainFiles, chain: list[str], opts: RestoreOptions) -> None:
+def _apply(journal: Journal, work: _Work, chain: list[str], opts: RestoreOptions) -> None:
     """Copy the incrementals into the FULL; safe to repeat from the last recorded step."""
+    files = work.files
     if journal.applied:
         return
     if not journal.snapshots and not files.encrypted:
         qemuimg.commit(files.spec(chain), base=files.layer(journal.base),
                        rate_limit=opts.rate_limit, dry_run=opts.dry_run, pass_fds=files.fds)
-        _advance(journal, files.path, len(journal.steps), opts.dry_run)
+        _advance(journal, work, len(journal.steps), opts.dry_run)
         return
     # an encrypted chain goes one INC at a time too: with encrypt options the layers have
     # json: names, so `commit -b BASE` cannot find the FULL by its /dev/fd name
@@ -318,13 +330,12 @@ def _apply(journal: Journal, files: ChainFiles, chain: list[str], opts: RestoreO
                        dry_run=opts.dry_run, pass_fds=files.fds)
         if journal.snapshots:
             _ensure_snapshot(files, journal.base, point_label(step), opts.dry_run)
-        _advance(journal, files.path, index + 1, opts.dry_run)
+        _advance(journal, work, index + 1, opts.dry_run)
 
 
-def _advance(journal: Journal, folder: Path, done: int, dry_run: bool) -> None:
+def _advance(journal: Journal, work: _Work, done: int, dry_run: bool) -> None:
     journal.done = done
-    if not dry_run:
-        journal.save(folder)
+    work.save_journal(journal, dry_run)
 
 
 def _rebase_later_points(records: list[BackupRecord], result: str, files: ChainFiles,
@@ -345,10 +356,10 @@ def _rebase_later_points(records: list[BackupRecord], result: str, files: ChainF
     return on_top
 
 
-def _finish(journal: Journal, backup: BackupDir, files: ChainFiles, dry_run: bool) -> None:
+def _finish(journal: Journal, work: _Work, dry_run: bool) -> None:
     """Turn the folder into a consistent chain again: FULL at the point, later INCs on top."""
-    folder = files.path
-    store = backup.reload()
+    backup, files = work.backup, work.files
+    store = backup.store   # current: the command holds the chain lock (or changes nothing)
     chain = store.find(journal.chain)
     if chain is None or journal.disk not in chain.disks:
         raise ChainError(f"chain {journal.chain} of disk {journal.disk} vanished from "
@@ -357,9 +368,9 @@ def _finish(journal: Journal, backup: BackupDir, files: ChainFiles, dry_run: boo
     consolidated = [_consolidated(r, journal) if r.file == journal.base else r
                     for r in records if r.file not in journal.steps]
     later = _rebase_later_points(consolidated, journal.result, files, dry_run)
-    if journal.result != journal.base and folder_safety.entry(folder, journal.base) is not None:
+    if journal.result != journal.base and files.folder.entry(journal.base) is not None:
         # a journal of an older version, which renamed the FULL for the point
-        file_steps.rename(folder, journal.base, journal.result, dry_run=dry_run)
+        file_steps.rename(files.folder, journal.base, journal.result, dry_run=dry_run)
     if journal.base in [r.file for r in records]:
         # the FULL now holds the point and the points on top of it may have
         # been re-based: all get new checksums, also when a resumed run finds
@@ -372,12 +383,12 @@ def _finish(journal: Journal, backup: BackupDir, files: ChainFiles, dry_run: boo
         file_steps.note(f"update {store.path}: {journal.result} holds {point_label(journal.point)}, "
                         f"{len(journal.steps)} incremental(s) dropped", dry_run=dry_run)
         if not dry_run:
-            backup.save(store)
+            backup.backup_folder.save()
     for step in journal.steps:
-        file_steps.remove(folder, step, dry_run=dry_run)
-    file_steps.link(folder, IMAGE_LINK, journal.result, dry_run=dry_run)
+        file_steps.remove(files.folder, step, dry_run=dry_run)
+    file_steps.link(files.folder, IMAGE_LINK, journal.result, dry_run=dry_run)
     if not dry_run:
-        Journal.remove(folder)
+        backup.backup_folder.drop_journal(work.name)
 
 
 def _consolidated(record: BackupRecord, journal: Journal) -> BackupRecord:

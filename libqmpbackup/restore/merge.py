@@ -31,13 +31,9 @@ from libqmpbackup.errors import QmpBackupError, TargetError, UsageError
 from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore import file_steps
-from libqmpbackup.restore.folder import (
-    check_before_restore,
-    open_backup_dir,
-    refuse_damaged,
-    remember_verified,
-)
+from libqmpbackup.restore.folder import open_backup_dir
 from libqmpbackup.restore.images import ChainFiles
+from libqmpbackup.restore.precheck import check_before_restore, refuse_damaged, remember_verified
 from libqmpbackup.restore.rules import RestoreOptions, RestorePoint
 from libqmpbackup.store.digests import BackgroundCheck
 from libqmpbackup.store.fsutil import make_private_dirs
@@ -133,15 +129,15 @@ def merge(opts: RestoreOptions, target: MergeTarget) -> list[RestoredImage]:
     if (target.file is None) == (target.directory is None):
         raise UsageError("merge needs exactly one of --targetfile and --targetdir")
     qemuimg.binary()
-    backup = open_backup_dir(opts.dir, opts.name_filter)
-    if not backup.single_disk() and target.file is not None:
-        raise UsageError(f"{backup.root} is a whole backup: restore it with --targetdir OUT "
-                         f"(one image per disk), or one disk with --dir {backup.root}/DISK "
-                         f"--targetfile FILE (disks: {backup.disk_names()})")
-    points = backup.points(opts.until, opts.uuid)
     with contextlib.ExitStack() as opened:
+        backup = opened.enter_context(open_backup_dir(opts.dir, opts.name_filter))
+        if not backup.single_disk() and target.file is not None:
+            raise UsageError(f"{backup.root} is a whole backup: restore it with --targetdir OUT "
+                             f"(one image per disk), or one disk with --dir {backup.root}/DISK "
+                             f"--targetfile FILE (disks: {backup.disk_names()})")
+        points = backup.points(opts.until, opts.uuid)
         checked = [opened.enter_context(check_before_restore(
-            point, backup.store, skip_check=opts.skip_check, dry_run=opts.dry_run, key=opts.key,
+            point, backup, skip_check=opts.skip_check, dry_run=opts.dry_run, key=opts.key,
             verified_within=opts.verified_within, defer_digests=not opts.dry_run))
             for point in points]
         plan = _targets(points, target)

@@ -44,8 +44,9 @@ from libqmpbackup.errors import (
 from libqmpbackup.keys import SECRET_PREFIX, Key
 from libqmpbackup.qemu.daemon_process import DAEMON, die_with_parent_hook
 from libqmpbackup.restore import filesystems, mount_check
-from libqmpbackup.restore.folder import check_before_restore, open_backup_dir
+from libqmpbackup.restore.folder import open_backup_dir
 from libqmpbackup.restore.images import ChainFiles
+from libqmpbackup.restore.precheck import check_before_restore
 from libqmpbackup.restore.rules import RestoreOptions, RestorePoint
 from libqmpbackup.store import mounts
 from libqmpbackup.store.handles import FileHandle
@@ -141,31 +142,31 @@ def mount(opts: RestoreOptions, request: MountRequest) -> MountRecord:
     """Expose the chosen point of every selected disk; return the record (daemon running)."""
     _check_tools(request)
     real = _check_mountpoint(request.mountpoint)
-    backup = open_backup_dir(opts.dir, opts.name_filter)
-    root = os.path.realpath(backup.root)
-    if os.path.commonpath([real, root]) == root:
-        raise TargetError(f"mountpoint {request.mountpoint} is inside the backup folder {root}: "
-                          "a mount never writes there, choose a folder outside it")
-    points = backup.points(opts.until, opts.uuid)
-    with hold(mounts.lock_path(real), f"mountpoint {real}", real), \
-            contextlib.ExitStack() as opened:
-        _check_mountpoint(request.mountpoint)   # another mount may have won the race
-        checked = [opened.enter_context(check_before_restore(
-            point, backup.store, skip_check=opts.skip_check, key=opts.key,
-            verified_within=opts.verified_within, defer_digests=not request.check_first))
-            for point in points]
-        record = MountRecord(mountpoint=real, root=root)
-        try:
-            proc = _start(record, points, checked, request.foreground)
-            _start_checker(record, [d for files in checked for d in files.deferred],
-                           request.foreground)
-            opened.close()   # the daemon holds its own copies of the descriptors
-            _wait_ready(record, proc)
-            if request.filesystems:
-                filesystems.attach(record, mounts.save)
-        except BaseException:
-            _cleanup(record, quiet=True)
-            raise
+    with open_backup_dir(opts.dir, opts.name_filter) as backup:   # held until the daemon runs
+        root = os.path.realpath(backup.root)
+        if os.path.commonpath([real, root]) == root:
+            raise TargetError(f"mountpoint {request.mountpoint} is inside the backup folder "
+                              f"{root}: a mount never writes there, choose a folder outside it")
+        points = backup.points(opts.until, opts.uuid)
+        with hold(mounts.lock_path(real), f"mountpoint {real}", real), \
+                contextlib.ExitStack() as opened:
+            _check_mountpoint(request.mountpoint)   # another mount may have won the race
+            checked = [opened.enter_context(check_before_restore(
+                point, backup, skip_check=opts.skip_check, key=opts.key,
+                verified_within=opts.verified_within, defer_digests=not request.check_first))
+                for point in points]
+            record = MountRecord(mountpoint=real, root=root)
+            try:
+                proc = _start(record, points, checked, request.foreground)
+                _start_checker(record, [d for files in checked for d in files.deferred],
+                               request.foreground)
+                opened.close()   # the daemon holds its own copies of the descriptors
+                _wait_ready(record, proc)
+                if request.filesystems:
+                    filesystems.attach(record, mounts.save)
+            except BaseException:
+                _cleanup(record, quiet=True)
+                raise
     return record
 
 

@@ -63,7 +63,8 @@ class RestorePoint:
     disk_id: str
     records: tuple[BackupRecord, ...]   # this disk's backups in this chain, metadata order
     index: int                          # the chosen point
-    subdir: Optional[str] = None        # the disk folder below root ("" : root); None: disk id
+    subdir: Optional[str] = None        # the disk folder below root (CHAIN_FOLDER: root itself);
+                                        # None: named after the disk id
 
     @classmethod
     def of(cls, store: ChainStore, chain: Chain, disk_id: str,
@@ -75,8 +76,13 @@ class RestorePoint:
                    subdir=chain.folder_of(disk_id))
 
     @property
+    def folder_name(self) -> str:
+        """The disk folder holding the point's files, relative to the chain folder."""
+        return safe_component(self.disk_id) if self.subdir is None else self.subdir
+
+    @property
     def folder(self) -> Path:
-        return self.root / (safe_component(self.disk_id) if self.subdir is None else self.subdir)
+        return self.root / self.folder_name
 
     @property
     def record(self) -> BackupRecord:

@@ -24,14 +24,9 @@ from typing import Any, Optional
 from libqmpbackup.errors import BackupDamaged, ChainError, UsageError
 from libqmpbackup.keys import Key
 from libqmpbackup.qemu import qemuimg
-from libqmpbackup.restore.folder import (
-    BackupDir,
-    known_files,
-    note_partial,
-    open_for_listing,
-    refuse_unfinished,
-)
+from libqmpbackup.restore.folder import BackupDir, listed
 from libqmpbackup.restore.images import ChainFiles, image_findings
+from libqmpbackup.restore.precheck import known_files, note_partial, refuse_unfinished
 from libqmpbackup.restore.rules import (
     WHOLE_LEVELS,
     parent_record,
@@ -39,7 +34,6 @@ from libqmpbackup.restore.rules import (
     unknown_backup_files,
 )
 from libqmpbackup.restore.status import FileStatus
-from libqmpbackup.store import folder_safety
 from libqmpbackup.store.digests import check_handles
 from libqmpbackup.store.metadata import BackupRecord, Chain
 from libqmpbackup.store.verified import Verified
@@ -126,13 +120,13 @@ def verify_dir(path: Path, uuid: Optional[str] = None,
     qemuimg.binary()
     given = Path(os.path.abspath(path))
     report = VerifyReport(given)
-    backups = open_for_listing(path, name_filter)
-    if uuid and not any(b.store.find(uuid) for b in backups):
-        known = ", ".join(c.uuid for b in backups for c in b.store.chains) or "none"
-        raise UsageError(f"--uuid {uuid}: no such chain in {given} (chains: {known})")
-    for backup in backups:
-        prefix = "" if given in (backup.folder, backup.root) else f"{backup.root.name}/"
-        report.files += _verify_backup(backup, uuid, prefix, key)
+    with listed(path, name_filter) as backups:
+        if uuid and not any(b.store.find(uuid) for b in backups):
+            known = ", ".join(c.uuid for b in backups for c in b.store.chains) or "none"
+            raise UsageError(f"--uuid {uuid}: no such chain in {given} (chains: {known})")
+        for backup in backups:
+            prefix = "" if given in (backup.folder, backup.root) else f"{backup.root.name}/"
+            report.files += _verify_backup(backup, uuid, prefix, key)
     mark_restorable(report.files)
     unverifiable = sum(1 for f in report.files if f.status == "unverifiable")
     if unverifiable:
@@ -146,32 +140,32 @@ def _verify_backup(backup: BackupDir, uuid: Optional[str], prefix: str,
                    key: Optional[Key]) -> list[FileReport]:
     wanted = set(backup.disk_ids())
     reports: list[FileReport] = []
-    folders_seen: set[Path] = set()
+    folders_seen: set[str] = set()
     for chain in backup.store.chains:
         if uuid and chain.uuid != uuid:
             continue
         for disk_id, disk in chain.disks.items():
-            folder = backup.root / chain.folder_of(disk_id)
-            if disk_id not in wanted or (backup.disk_folder is not None
-                                         and folder != backup.folder):
+            name = chain.folder_of(disk_id)
+            if disk_id not in wanted or backup.selected not in (None, name):
                 continue
-            folder_safety.require_content_folder(folder, backup.root)   # never through a link
-            # one folder's files are open at a time: checked, hashed, closed
-            opened = ChainFiles.open(backup.root, folder).use_key(chain.encrypted, key)
+            # the disk folder the BackupFolder holds (never through a link); one folder's
+            # files are open at a time: checked, hashed, closed
+            opened = ChainFiles.open(backup.disk_folder(name)).use_key(chain.encrypted, key)
+            folder = opened.path
             if chain.encrypted and key is None:
                 log.warning("%s: chain %s is encrypted and no --key-file was given: checked "
                             "checksums, chain rules and headers (encrypted: yes), not qemu-img "
                             "check (it needs the key)", folder, chain.uuid)
             with opened as files:
                 entries = files.names()
-                refuse_unfinished(folder, entries)
+                refuse_unfinished(backup.backup_folder, name)
                 found = _verify_disk(chain, disk_id, disk.backups, files, entries, prefix)
                 _check_digests(files, found)
             reports += found
-            if folder not in folders_seen:
-                folders_seen.add(folder)
+            if name not in folders_seen:
+                folders_seen.add(name)
                 note_partial(folder, entries)
-                reports += _extra_files(backup, folder, entries, prefix)
+                reports += _extra_files(backup, name, folder, entries, prefix)
     return reports
 
 
@@ -206,14 +200,14 @@ def _parent_record(records: list[BackupRecord], index: int) -> Optional[BackupRe
         return None
 
 
-def _extra_files(backup: BackupDir, folder: Path, entries: list[str],
+def _extra_files(backup: BackupDir, name: str, folder: Path, entries: list[str],
                  prefix: str) -> list[FileReport]:
-    known = known_files(backup.store, folder)
-    return [FileReport(chain=prefix + "-", disk=folder.name, path=folder / name, level="",
+    known = known_files(backup.backup_folder, name)
+    return [FileReport(chain=prefix + "-", disk=folder.name, path=folder / file, level="",
                        time=0, status="extra", restorable=False,
                        problems=["not in the chain metadata: restores refuse this folder "
                                  "until it is moved away"])
-            for name in unknown_backup_files(entries, known)]
+            for file in unknown_backup_files(entries, known)]
 
 
 def _check_digests(files: ChainFiles, reports: list[FileReport]) -> None:

@@ -7,13 +7,13 @@ journal, file names, symlinks, qcow2 headers — may lead the tools to a file
 outside it.  The rule, enforced here for every command:
 
 * every path opened, created, renamed or deleted because of folder content is
-  a plain name directly inside the folder it belongs to (:func:`plain_name`,
-  and :func:`backup_file` / :func:`recorded_file` for names of backup files);
-  the admin's own ``--dir`` / ``--target`` may be reached through symlinks,
-  a folder below it may not (:func:`require_content_folder`);
-* it is opened without following symlinks (``O_NOFOLLOW``, ``lstat``, and
-  operations relative to a descriptor of the folder), and it is a regular
-  file or directory: never a symlink, device, FIFO or socket;
+  a plain name directly inside the folder it belongs to (:mod:`name_rules`
+  for names read from the folder), reached relative to the folder's held
+  descriptor (:class:`~libqmpbackup.store.backup_folder.BackupFolder`,
+  :mod:`handles`); the admin's own ``--dir`` / ``--target`` may be reached
+  through symlinks, a folder below it may not;
+* it is opened without following symlinks, and it is a regular file or
+  directory: never a symlink, device, FIFO or socket;
 * an image is used only when its header declares no external data file and
   no backing file but a sibling backup file declared as qcow2
   (:func:`inspect_image`), and it is used through the descriptor it was
@@ -25,20 +25,15 @@ has been changed when it is raised.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import stat
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-from libqmpbackup.errors import ChainError, QemuImgError, TargetError
+from libqmpbackup.errors import ChainError, QemuImgError
 from libqmpbackup.printable import escape, has_control
 from libqmpbackup.qemu import qemuimg
-from libqmpbackup.store.fsutil import fsync_dir
 from libqmpbackup.store.handles import FileHandle, Folder
-from libqmpbackup.store.handles import kind as kind  # the name rule lives with the handles
-from libqmpbackup.store.handles import plain_name as plain_name
 from libqmpbackup.store.json_shape import malformed
 from libqmpbackup.store.names import is_backup_file_name, is_plain_file_name
 from libqmpbackup.store.qcow2_header import read_header
@@ -47,84 +42,12 @@ MAX_JSON_BYTES = 16 << 20
 """Metadata of thousands of backups is a few MiB; more is not metadata."""
 
 
-def backup_file(name: object, what: str) -> str:
-    """NAME when it follows the backup-file grammar (``FULL-<time>-<image>``, ...)."""
-    if not isinstance(name, str) or not is_backup_file_name(name):
-        raise ChainError(f"{what} {name!r} is not a backup file name: refused")
-    return _qemu_plain(plain_name(name, what), what)
-
-
-def recorded_file(name: object, what: str) -> str:
-    """NAME as a chain may record it: a backup file name, or (--no-timestamp) a plain file name."""
-    if not isinstance(name, str) or not (is_backup_file_name(name) or is_plain_file_name(name)):
-        raise ChainError(f"{what} {name!r} is not a backup file name: refused")
-    return _qemu_plain(plain_name(name, what), what)
-
-
-def _qemu_plain(name: str, what: str) -> str:
-    """A backup file name may end up in a qcow2 header, where QEMU reads ``x:…`` as a protocol
-    (``json:{…}`` as a whole block spec): the tool never writes such names, so none is read."""
-    if ":" in name:
-        raise ChainError(f"{what} {name!r} holds a ':', which QEMU would read as a protocol or "
-                         "block spec, not a file: refused")
-    return name
-
-
-@contextlib.contextmanager
-def opened_folder(folder: Path) -> Iterator[int]:
-    """A descriptor of FOLDER, for operations relative to it.
-
-    FOLDER itself may be reached through the admin's own symlinks (``--dir``,
-    ``--target``); a folder that is folder content is checked with
-    :func:`require_folder` first.
-    """
-    with Folder.open_root(folder) as opened:
-        yield opened.fd
-
-
-def require_folder(folder: Path) -> None:
-    """FOLDER, named by folder content, must be a real directory: a symlink could lead anywhere."""
-    try:
-        info = os.lstat(folder)
-    except FileNotFoundError as err:
-        raise ChainError(f"folder {folder} is missing") from err
-    except OSError as err:
-        raise TargetError(f"cannot read {folder}: {err.strerror}") from err
-    if not stat.S_ISDIR(info.st_mode):
-        raise ChainError(f"{folder} is {kind(info)}, not a folder: refused")
-
-
-def require_content_folder(folder: Path, root: Path) -> None:
-    """:func:`require_folder` for a folder below ROOT; ROOT itself is the admin's path."""
-    if os.path.normpath(folder) != os.path.normpath(root):
-        require_folder(folder)
-
-
-def entry(folder: Path, name: str) -> Optional[os.stat_result]:
-    """lstat of FOLDER/NAME (never followed), or None when there is no such entry."""
-    plain_name(name, "file")
-    with opened_folder(folder) as fd:
-        try:
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            raise TargetError(f"cannot read {folder / name}: {err.strerror}") from err
-
-
-def require_regular(folder: Path, name: str, what: str = "backup file") -> os.stat_result:
-    """FOLDER/NAME must exist and be a regular file, not a symlink, device or FIFO."""
-    info = entry(folder, name)
-    if info is None:
-        raise ChainError(f"{what} {folder / name} is missing")
-    if not stat.S_ISREG(info.st_mode):
-        raise ChainError(f"{what} {folder / name} is {kind(info)}, not a regular file: refused")
-    return info
-
-
 def open_file(folder: Path, name: str, flags: int, mode: int = 0o600,
               what: str = "file") -> int:
     """Open FOLDER/NAME relative to the folder without following a symlink; a regular file only.
+
+    For files named by a path the admin gave (:func:`digests.digest_files`);
+    commands reach folder content through their BackupFolder instead.
 
     An existing file is checked before it is opened for I/O (:meth:`Folder.open`:
     a device or FIFO is never opened); O_CREAT|O_EXCL makes a new private file.
@@ -136,30 +59,25 @@ def open_file(folder: Path, name: str, flags: int, mode: int = 0o600,
             handle = opened.open(name, what, write=bool(flags & (os.O_WRONLY | os.O_RDWR)))
     return handle.fd
 
-def create_exclusive(folder: Path, name: str, mode: int = 0o600, what: str = "file") -> None:
-    """Create FOLDER/NAME as a new empty file, private from the first byte; never an existing path."""
-    try:
-        os.close(open_file(folder, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, what))
-    except OSError as err:
-        raise TargetError(f"cannot create {what} {folder / name}: {err.strerror}") from err
-
-
 ABSENT = object()
 """What :func:`read_json` returns for a file that does not exist (``null`` is content)."""
 
 
-def read_bytes(folder: Path, name: str, what: str, limit: int) -> Optional[bytes]:
-    """The content of the regular file FOLDER/NAME (at most LIMIT bytes), or None when absent."""
-    path = folder / name
+def read_bytes(folder: Folder, name: str, what: str, limit: int) -> Optional[bytes]:
+    """The content of the regular file NAME in FOLDER (at most LIMIT bytes), or None when absent.
+
+    Opened by :meth:`Folder.open` (relative to the descriptor, the rule checked
+    before any I/O), so a FIFO or device named like a record is never opened.
+    """
+    path = folder.path / name
     try:
-        fd = open_file(folder, name, os.O_RDONLY, what=what)
+        handle = folder.open(name, what)
     except FileNotFoundError:
         return None
-    except OSError as err:
-        raise ChainError(f"cannot read {what} {path}: {err.strerror}") from err
     try:
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read(limit + 1)
+        with os.fdopen(handle.fd, "rb") as stream:
+            handle.fd = -1
+            data = stream.read(limit + 1)
     except OSError as err:
         raise ChainError(f"cannot read {what} {path}: {err.strerror}") from err
     if len(data) > limit:
@@ -167,8 +85,8 @@ def read_bytes(folder: Path, name: str, what: str, limit: int) -> Optional[bytes
     return data
 
 
-def read_json(folder: Path, name: str, what: str) -> Any:
-    """Parsed JSON of FOLDER/NAME, or ABSENT when it does not exist; any damage is a chain error.
+def read_json(folder: Folder, name: str, what: str) -> Any:
+    """Parsed JSON of NAME in FOLDER, or ABSENT when it does not exist; any damage is a chain error.
 
     No string in it (names, ids, paths, keys) may hold a control character
     (:func:`refuse_control`): the tools print them.
@@ -179,9 +97,9 @@ def read_json(folder: Path, name: str, what: str) -> Any:
     try:
         document = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as err:   # RecursionError: nesting a parser cannot follow
-        raise ChainError(f"cannot read {what} {folder / name}: {type(err).__name__}: "
+        raise ChainError(f"cannot read {what} {folder.path / name}: {type(err).__name__}: "
                          f"{escape(str(err)[:200])}") from err
-    refuse_control(document, f"{what} {folder / name}")
+    refuse_control(document, f"{what} {folder.path / name}")
     return document
 
 
@@ -200,38 +118,6 @@ def refuse_control(document: Any, where: str) -> None:
             pending += item
         elif isinstance(item, str) and has_control(item):
             raise malformed(where, f"it holds a control character in '{escape(item[:80])}'")
-
-
-def remove(folder: Path, name: str) -> bool:
-    """Delete the regular file FOLDER/NAME; False when it is already gone."""
-    info = entry(folder, name)
-    if info is None:
-        return False
-    if not stat.S_ISREG(info.st_mode):
-        raise ChainError(f"{folder / name} is {kind(info)}, not a file the tool wrote: "
-                         "refused to remove it")
-    with opened_folder(folder) as fd:
-        try:
-            os.unlink(name, dir_fd=fd)
-        except FileNotFoundError:
-            return False
-        except OSError as err:
-            raise TargetError(f"cannot remove {folder / name}: {err.strerror}") from err
-    return True
-
-
-def rename(folder: Path, old: str, new: str) -> None:
-    """Rename the regular file OLD to NEW inside FOLDER (a regular NEW is replaced), then fsync."""
-    require_regular(folder, old)
-    target = entry(folder, plain_name(new, "file"))
-    if target is not None and not stat.S_ISREG(target.st_mode):
-        raise ChainError(f"{folder / new} is {kind(target)}: refused to replace it")
-    with opened_folder(folder) as fd:
-        try:
-            os.rename(old, new, src_dir_fd=fd, dst_dir_fd=fd)
-        except OSError as err:
-            raise TargetError(f"cannot rename {folder / old} to {new}: {err.strerror}") from err
-    fsync_dir(folder)
 
 
 # -- images ---------------------------------------------------------------------------------

@@ -28,66 +28,63 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 from libqmpbackup.errors import ChainError
 from libqmpbackup.store import folder_safety
-from libqmpbackup.store.fsutil import write_atomically
-from libqmpbackup.store.metadata import ChainStore, is_folder_name
-from libqmpbackup.store.names import INTENT_NAME, PARTIAL_SUFFIX, RESERVED_FILE_NAMES
+from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.metadata import ChainStore
+from libqmpbackup.store.name_rules import ChainFile
+from libqmpbackup.store.names import INTENT_NAME
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunIntent:
-    """What one run is about to make final: paths relative to the chain folder.
-
-    ``<disk folder>/<file>``, or just ``<file>`` for disks kept in the chain
-    folder itself (``--no-subdir``).
-    """
+    """What one run is about to make final: files of the chain, by disk folder and name."""
 
     time: int
-    files: list[str] = field(default_factory=list)
+    files: list[ChainFile] = field(default_factory=list)
 
-    def save(self, root: Path) -> None:
-        write_atomically(root / INTENT_NAME, json.dumps(asdict(self), indent=2) + "\n")
+    def text(self) -> str:
+        """The record as written: ``<disk folder>/<file>``, or ``<file>`` for the chain folder."""
+        return json.dumps({"time": self.time, "files": [f.text() for f in self.files]},
+                          indent=2) + "\n"
 
-    def unrecorded(self, store: ChainStore) -> list[str]:
+    def save(self, folder: Folder) -> None:
+        """Write the record into the chain folder FOLDER (relative to its descriptor)."""
+        folder.write_atomically(INTENT_NAME, self.text())
+
+    def unrecorded(self, store: ChainStore) -> list[ChainFile]:
         """The files of this record that the metadata does not list: a killed run's."""
-        recorded = {posixpath.join(c.folder_of(disk_id), r.file) for c in store.chains
+        recorded = {ChainFile(c.folder_of(disk_id), r.file) for c in store.chains
                     for disk_id, d in c.disks.items() for r in d.backups}
-        return [name for name in self.files if name not in recorded]
-
-    def unrecorded_paths(self, store: ChainStore) -> list[Path]:
-        return [store.root / name for name in self.unrecorded(store)]
+        return [file for file in self.files if file not in recorded]
 
 
-def _valid_name(name: Any) -> bool:
-    """One plain file name, below at most one plain folder: nothing else may be deleted."""
-    if not isinstance(name, str) or not 1 <= len(name.split("/")) <= 2:
-        return False
-    parts = name.split("/")
-    return (all(part and is_folder_name(part) for part in parts)
-            and not parts[-1].endswith(PARTIAL_SUFFIX)
-            and parts[-1] not in RESERVED_FILE_NAMES)
+def read_intent(folder: Folder) -> Optional[RunIntent]:
+    """The intent record a run left in the chain folder FOLDER, or None.
 
-
-def load_intent(root: Path) -> Optional[RunIntent]:
-    """The intent record a run left in ROOT, or None (read like the metadata: no symlinks)."""
-    raw = folder_safety.read_json(root, INTENT_NAME, "intent record")
+    Read like the metadata (relative to the descriptor, no symlinks); every
+    name must be a recorded file in the chain folder or one disk folder below
+    it (:meth:`ChainFile.parse`), so a forged record names nothing else.
+    """
+    raw = folder_safety.read_json(folder, INTENT_NAME, "intent record")
     if raw is folder_safety.ABSENT:
         return None
-    if (not isinstance(raw, dict) or not isinstance(raw.get("time"), int)
-            or not isinstance(raw.get("files"), list)
-            or not all(_valid_name(n) for n in raw["files"])):
-        raise ChainError(f"{root / INTENT_NAME} is malformed: it is not a record qmpbackup wrote; "
-                         "move it away once no backup runs")
-    return RunIntent(time=raw["time"], files=list(raw["files"]))
+    where = f"intent record {folder.path / INTENT_NAME}"
+    try:
+        if (not isinstance(raw, dict) or not isinstance(raw.get("time"), int)
+                or not isinstance(raw.get("files"), list)):
+            raise ChainError("it is not a record qmpbackup wrote")
+        files = [ChainFile.parse(name, "file") for name in raw["files"]]
+    except ChainError as err:
+        raise ChainError(f"{where} is malformed: {err}; move it away once no backup "
+                         "runs") from err
+    return RunIntent(time=raw["time"], files=files)
 
 
-def remove_intent(root: Path) -> None:
-    folder_safety.remove(root, INTENT_NAME)
+def remove_intent(folder: Folder) -> None:
+    folder.remove(INTENT_NAME, "intent record")

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from libqmpbackup.errors import ChainError
-from libqmpbackup.store import folder_safety
+from libqmpbackup.store import folder_safety, name_rules
 from libqmpbackup.store import json_shape as shape
-from libqmpbackup.store.fsutil import write_atomically
-from libqmpbackup.store.layout import disk_folders
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.names import JOURNAL_NAME, is_chain_id
 
-__all__ = ["JOURNAL_NAME", "Journal", "refuse_unfinished_restores", "unfinished_error"]
+__all__ = ["JOURNAL_NAME", "Journal", "unfinished_error"]
 
 OPERATIONS = ("commit", "snapshotrebase")
 
@@ -49,12 +48,13 @@ class Journal:
     def rerun_command(self, folder: Path) -> str:
         return shlex.join(["qmprestore", self.operation, "--dir", str(folder)])
 
-    def save(self, folder: Path) -> None:
-        write_atomically(folder / JOURNAL_NAME, json.dumps(asdict(self), indent=2) + "\n")
+    def save(self, folder: Folder) -> None:
+        """Write the journal into the disk folder FOLDER (relative to its descriptor)."""
+        folder.write_atomically(JOURNAL_NAME, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: Path) -> Optional[Journal]:
-        """The journal in FOLDER, or None; a damaged or unsafe one is a chain error.
+    def read(cls, folder: Folder) -> Optional[Journal]:
+        """The journal in the disk folder FOLDER, or None; a damaged or unsafe one is a chain error.
 
         The journal is folder content, so untrusted: every name in it must be
         a backup file name (a plain name in FOLDER) before a resumed restore
@@ -63,14 +63,14 @@ class Journal:
         try:
             return _journal_from_dict(folder_safety.read_json(folder, JOURNAL_NAME,
                                                               "restore journal"),
-                                      f"restore journal {folder / JOURNAL_NAME}")
+                                      f"restore journal {folder.path / JOURNAL_NAME}")
         except ChainError as err:
             raise ChainError(f"{err}; an in-place restore was interrupted there or the journal "
                              "was tampered with: use a fresh copy of the backup") from err
 
     @staticmethod
-    def remove(folder: Path) -> None:
-        folder_safety.remove(folder, JOURNAL_NAME)
+    def remove(folder: Folder) -> None:
+        folder.remove(JOURNAL_NAME, "restore journal")
 
 
 def _journal_from_dict(raw: Any, where: str) -> Optional[Journal]:
@@ -86,10 +86,10 @@ def _journal_from_dict(raw: Any, where: str) -> Optional[Journal]:
         raise shape.malformed(where, f"chain {chain[:80]!r} is not a chain id")
     # the FULL (base, and result: it keeps its name) may be untimestamped (--no-timestamp),
     # named like its source image
-    names = {key: folder_safety.recorded_file(fields.get(key), f"{where}: {key}")
+    names = {key: name_rules.recorded_file(fields.get(key), f"{where}: {key}")
              for key in ("base", "result")}
-    names["point"] = folder_safety.backup_file(fields.get("point"), f"{where}: point")
-    steps = [folder_safety.backup_file(step, f"{where}: step")
+    names["point"] = name_rules.backup_file(fields.get("point"), f"{where}: point")
+    steps = [name_rules.backup_file(step, f"{where}: step")
              for step in shape.array(fields, "steps", where)]
     done = shape.integer(fields, "done", where, default=0)
     if not steps or done > len(steps):
@@ -104,11 +104,3 @@ def unfinished_error(folder: Path, journal: Journal) -> ChainError:
     return ChainError(
         f"{folder} holds an unfinished qmprestore {journal.operation} (up to {journal.point}, "
         f"see {JOURNAL_NAME}): run `{journal.rerun_command(folder)}` to finish it first")
-
-
-def refuse_unfinished_restores(root: Path) -> None:
-    """A backup must not extend a chain whose files an in-place restore is rewriting."""
-    for folder in [root, *disk_folders(root)]:
-        journal = Journal.load(folder)
-        if journal is not None:
-            raise unfinished_error(folder, journal)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup.errors import TargetError, UsageError
+from libqmpbackup.errors import ChainError, TargetError, UsageError
 from libqmpbackup.store.fsutil import TEMP_SUFFIX, make_private_dirs
 from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.names import (
@@ -51,8 +52,23 @@ def month_folders(base: Path) -> list[Path]:
     holding chain metadata; list, verify, merge, prune and backup all ask
     here.  A symlink named like a month is never one (it could lead anywhere).
     """
-    return [path for path in disk_folders(base)
-            if MONTH_FOLDER_RE.match(path.name) and holds_metadata(path)]
+    with Folder.open_root(base) as top:
+        return [base / name for name in month_names(top)]
+
+
+def month_names(top: Folder) -> list[str]:
+    """The month folders of the held folder TOP, by name, oldest first, read through its descriptor.
+
+    Each real ``YYYY-MM`` sub-folder is opened relative to TOP (never through
+    a symlink) and asked for an entry named like the chain metadata.
+    """
+    names = []
+    for name in sorted(top.subfolder_names()):
+        if MONTH_FOLDER_RE.match(name):
+            with contextlib.suppress(ChainError, TargetError), top.sub(name) as month:
+                if month.entry(METADATA_NAME) is not None:
+                    names.append(name)
+    return names
 
 
 def _month_links(base: Path) -> list[str]:
@@ -118,25 +134,22 @@ def prepare_root(root: Path) -> list[Path]:
     return created
 
 
-def is_empty_dir(root: Path) -> bool:
-    """True when ROOT holds nothing but (maybe) its lock file and empty disk folders.
+def is_empty_dir(top: Folder) -> bool:
+    """True when TOP holds nothing but (maybe) its lock file and empty disk folders.
 
     An empty folder is what a run killed while undoing its first full may
     leave; it holds no backup, so it must not block the next full.  Read
     through the folder's descriptor; a symlinked disk folder counts as content.
     """
-    if not os.path.lexists(root):
-        return True
-    with Folder.open_root(root) as top:
-        for name in top.names():
-            info = top.entry(name)
-            if name == LOCK_NAME or info is None:
-                continue
-            if not stat.S_ISDIR(info.st_mode):
+    for name in top.names():
+        info = top.entry(name)
+        if name == LOCK_NAME or info is None:
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            return False
+        with top.sub(name) as folder:
+            if folder.names():
                 return False
-            with top.sub(name) as folder:
-                if folder.names():
-                    return False
     return True
 
 
@@ -149,19 +162,17 @@ def disk_folders(root: Path) -> list[Path]:
         raise TargetError(f"cannot read folder {root}: {err.strerror}") from err
 
 
-def latest_backup_time(root: Path) -> int:
-    """The newest time in any backup file name in or below ROOT (chains and copies alike)."""
-    with Folder.open_root(root) as top:
-        names = names_in_and_below(top)
+def latest_backup_time(top: Folder) -> int:
+    """The newest time in any backup file name in or below TOP (chains and copies alike)."""
+    names = names_in_and_below(top)
     times = [parsed.timestamp for name in names
              if (parsed := parse_backup_name(posixpath.basename(name).removesuffix(PARTIAL_SUFFIX)))]
     return max(times, default=0)
 
 
-def existing_names(root: Path) -> set[str]:
-    """Every name in ROOT and its disk folders, relative to ROOT: names a new file must avoid."""
-    with Folder.open_root(root) as top:
-        return set(names_in_and_below(top))
+def existing_names(top: Folder) -> set[str]:
+    """Every name in TOP and its disk folders, relative to TOP: names a new file must avoid."""
+    return set(names_in_and_below(top))
 
 
 def partial_files(top: Folder) -> list[str]:

@@ -228,7 +228,17 @@ def _try_lock(folder: Folder, name: str, what: str, unusable: type[QmpBackupErro
 @contextlib.contextmanager
 def hold(path: Path, what: str, owner: str, unusable: type[QmpBackupError] = UsageError,
          refused: type[QmpBackupError] = UsageError) -> Iterator[None]:
-    """Hold an exclusive lock on PATH or fail at once with LockBusyError.
+    """Hold an exclusive lock on PATH or fail at once with LockBusyError (see :func:`hold_in`)."""
+    with Folder.open_root(path.parent) as folder, \
+            hold_in(folder, path.name, what, owner, unusable, refused):
+        yield
+
+
+@contextlib.contextmanager
+def hold_in(folder: Folder, name: str, what: str, owner: str,
+            unusable: type[QmpBackupError] = UsageError,
+            refused: type[QmpBackupError] = UsageError) -> Iterator[None]:
+    """Hold an exclusive lock on NAME in FOLDER (a held descriptor) or fail with LockBusyError.
 
     The file exists only while held (or after a killed holder, harmlessly).
     WHAT names the locked thing in messages; OWNER is written into the file
@@ -237,24 +247,23 @@ def hold(path: Path, what: str, owner: str, unusable: type[QmpBackupError] = Usa
     lock directory (the admin's own), a target error and a chain error in a
     chain folder (folder content).
     """
-    with Folder.open_root(path.parent) as folder:
-        for _ in range(LOCK_ATTEMPTS):
-            fd = _try_lock(folder, path.name, what, unusable, refused)
-            if fd is not None:
-                break
-        else:
-            raise LockBusyError(f"another backup is running on {what}: lock {path} keeps "
-                                "changing")
-        try:
-            with contextlib.suppress(OSError):  # a courtesy: a full disk must not block
-                os.pwrite(fd, f"{os.getpid()} {owner}\n".encode(), 0)
-            log.debug("locked %s", path)
-            yield
-        finally:
-            with contextlib.suppress(OSError, QmpBackupError):
-                if _same_entry(folder, path.name, fd):  # while still held: see _try_lock
-                    os.unlink(path.name, dir_fd=folder.fd)
-            os.close(fd)                                 # releases the flock
+    for _ in range(LOCK_ATTEMPTS):
+        fd = _try_lock(folder, name, what, unusable, refused)
+        if fd is not None:
+            break
+    else:
+        raise LockBusyError(f"another backup is running on {what}: lock {folder.path / name} "
+                            "keeps changing")
+    try:
+        with contextlib.suppress(OSError):  # a courtesy: a full disk must not block
+            os.pwrite(fd, f"{os.getpid()} {owner}\n".encode(), 0)
+        log.debug("locked %s", folder.path / name)
+        yield
+    finally:
+        with contextlib.suppress(OSError, QmpBackupError):
+            if _same_entry(folder, name, fd):  # while still held: see _try_lock
+                os.unlink(name, dir_fd=folder.fd)
+        os.close(fd)                                 # releases the flock
 
 
 @contextlib.contextmanager
@@ -280,5 +289,13 @@ def image_lock(real_path: str) -> Iterator[None]:
 @contextlib.contextmanager
 def chain_lock(root: Path) -> Iterator[None]:
     """Exclusive use of one chain folder (whatever VM writes to it)."""
-    with hold(root / LOCK_NAME, f"target {root}", str(root), TargetError, ChainError):
+    with Folder.open_root(root) as folder, chain_lock_in(folder):
+        yield
+
+
+@contextlib.contextmanager
+def chain_lock_in(folder: Folder) -> Iterator[None]:
+    """:func:`chain_lock` through the chain folder's held descriptor."""
+    with hold_in(folder, LOCK_NAME, f"target {folder.path}", str(folder.path), TargetError,
+                 ChainError):
         yield

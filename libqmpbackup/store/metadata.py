@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from libqmpbackup.errors import ChainError, TargetError
-from libqmpbackup.store import folder_safety
+from libqmpbackup.store import folder_safety, name_rules
 from libqmpbackup.store import json_shape as shape
 from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.name_rules import ChainFile
 from libqmpbackup.store.names import (
     BITMAP_PREFIX,
+    CHAIN_FOLDER,
     DISK_METADATA_NAME,
     LEVEL_PREFIX,
     METADATA_NAME,
@@ -83,7 +85,8 @@ class BackupRecord:
 @dataclass
 class DiskChain:
     backups: list[BackupRecord] = field(default_factory=list)
-    folder: Optional[str] = None   # relative to the chain folder; None: the disk id; "": itself
+    folder: Optional[str] = None   # relative to the chain folder; None: the disk id;
+                                   # CHAIN_FOLDER: the chain folder itself
 
 
 @dataclass
@@ -128,7 +131,7 @@ class Chain:
 class ChainStore:
     """The metadata file of one backup folder.
 
-    ``pruning`` lists the files (``<disk folder>/<file>``) of chains that
+    ``pruning`` lists the files of chains that
     ``qmpbackup prune`` already dropped from ``chains`` but has not deleted
     yet: the metadata is rewritten before any file goes, so a prune killed
     in between leaves files that are named here, and the next prune or
@@ -137,7 +140,7 @@ class ChainStore:
 
     root: Path
     chains: list[Chain] = field(default_factory=list)
-    pruning: list[str] = field(default_factory=list)
+    pruning: list[ChainFile] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)   # upstream folders no disk matched (not saved)
 
     @property
@@ -170,7 +173,7 @@ class ChainStore:
         """The records of the disks stored in FOLDER, as a store rooted in that folder."""
         chains = []
         for chain in self.chains:
-            disks = {d: DiskChain(backups=list(dc.backups), folder="")
+            disks = {d: DiskChain(backups=list(dc.backups), folder=CHAIN_FOLDER)
                      for d, dc in chain.disks.items() if chain.folder_of(d) == folder}
             if disks:
                 chains.append(Chain(uuid=chain.uuid, bitmap=chain.bitmap, created=chain.created,
@@ -178,24 +181,33 @@ class ChainStore:
         return ChainStore(root=self.root / folder, chains=chains)
 
     @classmethod
-    def load(cls, root: Path, name: str = METADATA_NAME) -> ChainStore:
-        """The chains NAME in ROOT lists; anything but what :meth:`write` writes is a chain error.
+    def read(cls, folder: Folder, name: str = METADATA_NAME) -> ChainStore:
+        """The chains NAME in FOLDER lists; anything but what :meth:`write` writes is a chain error.
 
         The file is untrusted (see :mod:`folder_safety`): every file and folder
-        name in it must be one the tool could have written before anything uses it.
+        name in it must be one the tool could have written before anything uses
+        it.  Read relative to the folder's descriptor: commands read it once,
+        through their :class:`~libqmpbackup.store.backup_folder.BackupFolder`.
         """
+        root = folder.path
         where = f"chain metadata {root / name}"
-        raw = folder_safety.read_json(root, name, "chain metadata")
+        raw = folder_safety.read_json(folder, name, "chain metadata")
         if raw is folder_safety.ABSENT:
             return cls(root)
         top = shape.as_object(raw, where)
         chains = [_chain_from_dict(c, where) for c in shape.array(top, "chains", where)]
-        pruning = [_pruning_entry(e, where) for e in shape.array(top, "pruning", where, default=[])]
+        pruning = [name_rules.ChainFile.parse(e, f"{where}: pruning entry")
+                   for e in shape.array(top, "pruning", where, default=[])]
         return cls(root=root, chains=chains, pruning=pruning)
 
     def save(self, before_replace: Optional[Callable[[], None]] = None, *,
              held: Optional[Folder] = None) -> None:
-        """:meth:`_save`; any failure is a TargetError naming the metadata file."""
+        """:meth:`_save`; any failure is a TargetError naming the metadata file.
+
+        Commands save through their :class:`BackupFolder` (which passes the
+        descriptor it holds as HELD); without one the folder is opened here
+        by path (test fixtures).
+        """
         try:
             self._save(before_replace, held)
         except TargetError as err:
@@ -233,13 +245,8 @@ class ChainStore:
         data: dict[str, Any] = {"version": METADATA_VERSION,
                                 "chains": [asdict(c) for c in self.chains]}
         if self.pruning and name == METADATA_NAME:
-            data["pruning"] = self.pruning
+            data["pruning"] = [entry.pruning_text() for entry in self.pruning]
         return json.dumps(data, indent=2) + "\n"
-
-    def write(self, name: str, before_replace: Optional[Callable[[], None]] = None) -> None:
-        """Only this store's own file NAME, in its root (a disk folder on its own)."""
-        with Folder.open_root(self.root) as root:
-            root.write_atomically(name, self.text(name), before_replace)
 
 
 def _holds(folder: Folder, sub: str, name: str) -> bool:
@@ -248,12 +255,6 @@ def _holds(folder: Folder, sub: str, name: str) -> bool:
             return opened.entry(name) is not None
     except ChainError:
         return False
-
-
-def is_folder_name(name: object) -> bool:
-    """"" (the chain folder itself) or one plain path component."""
-    return isinstance(name, str) and (name == "" or (
-        name not in (".", "..") and "/" not in name and "\0" not in name))
 
 
 def _chain_from_dict(value: Any, where: str) -> Chain:
@@ -271,10 +272,8 @@ def _chain_from_dict(value: Any, where: str) -> Chain:
             raise shape.malformed(where, f"disk id {disk_id[:80]!r} is not valid")
         fields = shape.as_object(disk, where, f"disk {disk_id[:80]!r}")
         folder = fields.get("folder")
-        if folder is not None and not is_folder_name(folder):
-            # a folder must stay inside the backup folder
-            raise shape.malformed(where, f"folder {str(folder)[:80]!r} of disk {disk_id[:80]!r} "
-                                         "is not a folder name")
+        if folder is not None:   # a folder must stay inside the backup folder
+            folder = name_rules.disk_folder(folder, f"{where}: folder of disk {disk_id[:80]!r}")
         backups = shape.array(fields, "backups", where)
         disks[disk_id] = DiskChain(backups=[_record_from_dict(b, where) for b in backups],
                                    folder=folder)
@@ -286,17 +285,6 @@ def _chain_from_dict(value: Any, where: str) -> Chain:
                  encrypted=shape.flag(raw, "encrypted", where, default=False))
 
 
-def _pruning_entry(value: Any, where: str) -> str:
-    """``<disk folder>/<backup file>``: a prune deletes it, so it must not lead anywhere else."""
-    if not isinstance(value, str):
-        raise shape.malformed(where, "'pruning' must list file names")
-    folder, _, name = value.partition("/")
-    if not folder or (folder != "." and not is_folder_name(folder)):
-        raise shape.malformed(where, f"pruning entry {value[:120]!r} is not <disk folder>/<file>")
-    folder_safety.recorded_file(name, f"{where}: pruning entry")
-    return value
-
-
 def _record_from_dict(value: Any, where: str) -> BackupRecord:
     raw = shape.as_object(value, where, "a backup record")
     level = shape.text(raw, "level", where)
@@ -305,8 +293,8 @@ def _record_from_dict(value: Any, where: str) -> BackupRecord:
     timestamped = shape.flag(raw, "timestamped", where, default=True)
     what = f"{where}: file"
     return BackupRecord(
-        file=(folder_safety.backup_file(raw.get("file"), what) if timestamped
-              else folder_safety.recorded_file(raw.get("file"), what)),
+        file=(name_rules.backup_file(raw.get("file"), what) if timestamped
+              else name_rules.recorded_file(raw.get("file"), what)),
         level=level,
         time=shape.integer(raw, "time", where),
         virtual_size=shape.integer(raw, "virtual_size", where),

@@ -44,6 +44,11 @@ LOCK_NAME = ".qmpbackup.lock"
 PARTIAL_SUFFIX = ".partial"
 TOOL_PREFIX = "qmpbackup-"          # reserved: block nodes, jobs and bitmaps of the tool
 BITMAP_PREFIX = TOOL_PREFIX
+CHAIN_FOLDER = ""
+"""The disk folder of a disk kept in the chain folder itself (``--no-subdir``, or a disk
+folder copied on its own): the one spelling of it in the code (see :class:`name_rules.ChainFile`)."""
+PRUNING_CHAIN_FOLDER = "."
+"""How a ``pruning`` entry (an on-disk format) spells :data:`CHAIN_FOLDER`."""
 
 
 class WordEnum(str, Enum):

@@ -28,25 +28,28 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from libqmpbackup.errors import ChainError, TargetError
+from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.handles import Folder
-from libqmpbackup.store.journal import refuse_unfinished_restores
 from libqmpbackup.store.layout import chain_folders, existing_backup_folder
-from libqmpbackup.store.locks import chain_lock
-from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.mounts import refuse_if_mounted
-from libqmpbackup.store.names import METADATA_NAME, Level, is_backup_file_name, link_name
+from libqmpbackup.store.name_rules import ChainFile
+from libqmpbackup.store.names import (
+    CHAIN_FOLDER,
+    METADATA_NAME,
+    Level,
+    is_backup_file_name,
+    link_name,
+)
 from libqmpbackup.store.retention import (
-    ROOT_FOLDER,
     ChainSummary,
     FolderChange,
     RetentionPlan,
+    chain_files,
     check_keep,
-    listed_files,
     plan_retention,
-    pruning_entry,
 )
 
 log = logging.getLogger(__name__)
@@ -75,34 +78,27 @@ class PruneResult:
     bitmaps: list[str] = field(default_factory=list)         # disk:bitmap, with --socket
 
     def chain_size(self, summary: ChainSummary) -> int:
-        return sum(self.sizes.get(summary.root / f, 0) for f in summary.files)
+        return sum(self.sizes.get(f.path(summary.root), 0) for f in summary.files)
 
     @property
     def bytes_freed(self) -> int:
         return sum(self.sizes.get(p, 0) for p in [*self.removed_files, *self.leftover_files])
 
 
-@contextlib.contextmanager
-def _disk_folder(root: Folder, name: str) -> Iterator[Optional[Folder]]:
-    """ROOT's real sub-folder NAME (ROOT itself for :data:`ROOT_FOLDER`); None when there is none.
+def _disk_folder(chain_folder: BackupFolder, name: str) -> Optional[Folder]:
+    """The real disk folder NAME of CHAIN_FOLDER (held by it); None when there is none.
 
     A symlink or other non-folder is left alone with a warning: a ``pruning``
     entry never leads out of the folder that is held open.
     """
-    if name == ROOT_FOLDER:
-        yield root
-        return
-    if root.entry(name) is None:
-        yield None
-        return
+    if name != CHAIN_FOLDER and chain_folder.folder.entry(name) is None:
+        return None
     try:
-        sub = root.sub(name, "disk folder")
+        return chain_folder.disk_folder(name)
     except (ChainError, TargetError) as err:
-        log.warning("%s is not a directory (%s): nothing in it is touched", root.path / name, err)
-        yield None
-        return
-    with sub:
-        yield sub
+        log.warning("%s is not a directory (%s): nothing in it is touched",
+                    chain_folder.path / name, err)
+        return None
 
 
 def _plain_file_size(folder: Folder, name: str) -> Optional[int]:
@@ -110,68 +106,66 @@ def _plain_file_size(folder: Folder, name: str) -> Optional[int]:
     return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
 
 
-def _sizes(root: Folder, entries: list[str]) -> dict[Path, int]:
-    """Sizes of the plain files among ROOT/<disk folder>/<file> ENTRIES (the rest is skipped)."""
+def _sizes(chain_folder: BackupFolder, files: list[ChainFile]) -> dict[Path, int]:
+    """Sizes of the plain files among FILES (the rest is skipped)."""
     sizes = {}
-    for entry in entries:
-        parts = pruning_entry(entry)
-        if parts is None:
-            continue
-        with _disk_folder(root, parts[0]) as folder:
-            size = None if folder is None else _plain_file_size(folder, parts[1])
+    for file in files:
+        folder = _disk_folder(chain_folder, file.folder)
+        size = None if folder is None else _plain_file_size(folder, file.name)
         if size is not None:
-            sizes[root.path / entry] = size
+            sizes[file.path(chain_folder.path)] = size
     return sizes
 
 
-def _delete(root: Folder, disk_folder: str, name: str) -> bool:
-    """Unlink one plain file directly inside ROOT/DISK_FOLDER; True when it was there."""
-    with _disk_folder(root, disk_folder) as folder:
-        if folder is None:
-            return False
-        info = folder.entry(name)
-        path = folder.path / name
-        if info is None:
-            return False
-        if not stat.S_ISREG(info.st_mode):
-            log.warning("%s is not a plain file: left alone", path)
-            return False
-        try:
-            removed = folder.remove(name, "backup file")
-            folder.fsync()
-        except (ChainError, TargetError) as err:
-            raise TargetError(f"{err}; the chain is already gone from the metadata, the next "
-                              "prune removes the file") from err
+def _delete(chain_folder: BackupFolder, file: ChainFile) -> bool:
+    """Unlink one plain file directly inside its disk folder; True when it was there."""
+    folder = _disk_folder(chain_folder, file.folder)
+    if folder is None:
+        return False
+    info = folder.entry(file.name)
+    path = folder.path / file.name
+    if info is None:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        log.warning("%s is not a plain file: left alone", path)
+        return False
+    try:
+        removed = folder.remove(file.name, "backup file")
+        folder.fsync()
+    except (ChainError, TargetError) as err:
+        raise TargetError(f"{err}; the chain is already gone from the metadata, the next "
+                          "prune removes the file") from err
     if removed:
         log.info("removed %s", path)
     return removed
 
 
-def _drop_links(root: Folder, disk_folder: str, name: str) -> None:
+def _drop_links(chain_folder: BackupFolder, file: ChainFile) -> None:
     """Remove the ``FULL-<image>``/``COPY-<image>`` links a --no-timestamp backup left beside NAME.
 
     Only a symlink pointing at exactly NAME (as the backup run made it) goes:
     once NAME is deleted it would be a dead link, and it would keep the disk
     folder from being removed as empty.
     """
+    name = file.name
     if is_backup_file_name(name):
         return      # a timestamped file never gets a link
-    with _disk_folder(root, disk_folder) as folder:
-        if folder is None or folder.entry(name) is not None:
-            return      # NAME is still there (left alone): so is its link
-        for level in (Level.FULL.value, Level.COPY.value):
-            link = link_name(level, name)
-            info = folder.entry(link)
-            if info is None or not stat.S_ISLNK(info.st_mode):
+    folder = _disk_folder(chain_folder, file.folder)
+    if folder is None or folder.entry(name) is not None:
+        return      # NAME is still there (left alone): so is its link
+    for level in (Level.FULL.value, Level.COPY.value):
+        link = link_name(level, name)
+        info = folder.entry(link)
+        if info is None or not stat.S_ISLNK(info.st_mode):
+            continue
+        try:
+            if os.readlink(link, dir_fd=folder.fd) != name:
                 continue
-            try:
-                if os.readlink(link, dir_fd=folder.fd) != name:
-                    continue
-                os.unlink(link, dir_fd=folder.fd)
-            except OSError as err:
-                log.warning("cannot remove link %s: %s", folder.path / link, err.strerror)
-                continue
-            log.info("removed link %s", folder.path / link)
+            os.unlink(link, dir_fd=folder.fd)
+        except OSError as err:
+            log.warning("cannot remove link %s: %s", folder.path / link, err.strerror)
+            continue
+        log.info("removed link %s", folder.path / link)
 
 
 def _remove_empty_dir(parent: Folder, name: str) -> None:
@@ -186,103 +180,95 @@ def _remove_empty_dir(parent: Folder, name: str) -> None:
     log.info("removed empty folder %s", path)
 
 
-def _delete_pruned_files(store: ChainStore, root: Folder) -> list[Path]:
-    listed = {f for chain in store.chains for f in listed_files(chain)}
+def _delete_pruned_files(chain_folder: BackupFolder) -> list[Path]:
+    store = chain_folder.store
+    listed = {f for chain in store.chains for f in chain_files(chain)}
     deleted, folders = [], set()
-    for entry in store.pruning:
-        parts = pruning_entry(entry)
-        if parts is None or entry in listed:
-            log.warning("%s: %r is not deleted: %s", store.path, entry,
-                        "a chain still lists it" if parts else "not a backup file of a disk folder")
+    for file in store.pruning:
+        if file in listed:
+            log.warning("%s: %s is not deleted: a chain still lists it", store.path,
+                        file.pruning_text())
             continue
-        folders.add(parts[0])
-        if _delete(root, *parts):
-            deleted.append(store.root / entry)
-        _drop_links(root, *parts)
-    for folder in sorted(folders - {ROOT_FOLDER}):
-        _remove_empty_dir(root, folder)
+        folders.add(file.folder)
+        if _delete(chain_folder, file):
+            deleted.append(file.path(store.root))
+        _drop_links(chain_folder, file)
+    chain_folder.close_disk_folders()
+    for folder in sorted(folders - {CHAIN_FOLDER}):
+        _remove_empty_dir(chain_folder.folder, folder)
     return deleted
 
 
-@contextlib.contextmanager
-def _held(store: ChainStore, root: Optional[Folder]) -> Iterator[Folder]:
-    """ROOT, or STORE's folder opened now (a backup run's own --target)."""
-    if root is not None:
-        yield root
-        return
-    with Folder.open_root(store.root) as opened:
-        yield opened
+def finish_pruning(chain_folder: BackupFolder) -> list[Path]:
+    """Delete the files the ``pruning`` list of CHAIN_FOLDER names; return those that were there.
 
-
-def finish_pruning(store: ChainStore, root: Optional[Folder] = None) -> list[Path]:
-    """Delete the files STORE's ``pruning`` names; return those that were there.
-
-    Run under the folder's lock.  ROOT is STORE's folder as the caller opened
-    it when it looked at it (opened here when not given): every file goes
-    through that descriptor, so a folder swapped for a symlink meanwhile
-    leads nowhere.  A name a chain still lists, or one that could lead out of
-    its disk folder, is never deleted.  A folder left without chains loses
-    its metadata file too, so a new chain can start there.
+    Run under the folder's lock.  Every file goes through the folder's held
+    descriptor, so a folder swapped for a symlink meanwhile leads nowhere.
+    A name a chain still lists is never deleted (and none that could lead
+    out of its disk folder is ever read, :class:`ChainFile`).  A folder left
+    without chains loses its metadata file too, so a new chain can start there.
     """
-    with _held(store, root) as folder:
-        deleted = _delete_pruned_files(store, folder) if store.pruning else []
-        try:
-            if not store.chains:
-                folder.remove(METADATA_NAME, "chain metadata")
-                folder.fsync()
-                log.info("removed %s: no chain left in %s", store.path, store.root)
-            elif store.pruning:
-                store.pruning = []
-                store.save(held=folder)
-        except OSError as err:
-            raise TargetError(f"cannot update chain metadata {store.path}: "
-                              f"{err.strerror}") from err
+    store = chain_folder.store
+    folder = chain_folder.folder
+    deleted = _delete_pruned_files(chain_folder) if store.pruning else []
+    try:
+        if not store.chains:
+            folder.remove(METADATA_NAME, "chain metadata")
+            folder.fsync()
+            log.info("removed %s: no chain left in %s", store.path, store.root)
+        elif store.pruning:
+            store.pruning = []
+            chain_folder.save()
+    except OSError as err:
+        raise TargetError(f"cannot update chain metadata {store.path}: "
+                          f"{err.strerror}") from err
     return deleted
 
 
-def finish_interrupted_prune(store: ChainStore, root: Optional[Folder] = None) -> list[Path]:
+def finish_interrupted_prune(chain_folder: BackupFolder) -> list[Path]:
     """Complete a prune killed after its metadata commit (the caller holds the folder's lock)."""
-    if not store.pruning:
+    if not chain_folder.store.pruning:
         return []
-    log.warning("finishing a prune that was interrupted in %s", store.root)
-    return finish_pruning(store, root)
+    log.warning("finishing a prune that was interrupted in %s", chain_folder.path)
+    return finish_pruning(chain_folder)
 
 
-def _commit(change: FolderChange, held: Folder) -> None:
+def _commit(change: FolderChange, chain_folder: BackupFolder) -> None:
     """Drop the pruned chains from the metadata and name their files, before deleting any."""
     store = change.store
     store.chains = change.remaining
     store.pruning = change.delete
     try:
-        store.save(held=held)
+        chain_folder.save()
     except TargetError as err:
         raise TargetError(f"{err}; nothing was deleted in {store.root}") from err
 
 
-def _leftovers(stores: list[ChainStore], held: dict[Path, Folder], sizes: dict[Path, int],
-               dry_run: bool) -> list[Path]:
+def _leftovers(held: list[BackupFolder], sizes: dict[Path, int], dry_run: bool) -> list[Path]:
     """Files of interrupted prunes: deleted now (listed, in a dry run); their sizes into SIZES."""
     found = []
-    for store in stores:
-        sizes.update(_sizes(held[store.root], store.pruning))
-        found += ([store.root / e for e in store.pruning if store.root / e in sizes] if dry_run
-                  else finish_interrupted_prune(store, held[store.root]))
+    for chain_folder in held:
+        store = chain_folder.store
+        sizes.update(_sizes(chain_folder, store.pruning))
+        found += ([path for f in store.pruning if (path := f.path(store.root)) in sizes]
+                  if dry_run else finish_interrupted_prune(chain_folder))
     return found
 
 
-def _apply(result: PruneResult, held: dict[Path, Folder]) -> None:
+def _apply(result: PruneResult, held: dict[Path, BackupFolder]) -> None:
     """Every folder's metadata first, then the files: a kill in between loses no kept point."""
     for change in result.plan.changes:
         _commit(change, held[change.store.root])
     for change in result.plan.changes:
-        result.removed_files += finish_pruning(change.store, held[change.store.root])
+        result.removed_files += finish_pruning(held[change.store.root])
 
 
 def _open_chain_folders(base: Folder, folders: list[Path], stack: contextlib.ExitStack
-                        ) -> dict[Path, Folder]:
+                        ) -> list[BackupFolder]:
     """Each chain folder held open from now on: BASE itself, its month folders never through a link."""
-    return {path: base if path == base.path
-            else stack.enter_context(base.sub(path.name, "month folder")) for path in folders}
+    return [stack.enter_context(BackupFolder(base) if path == base.path
+                                else BackupFolder(base.sub(path.name, "month folder")))
+            for path in folders]
 
 
 def prune(opts: PruneOptions) -> PruneResult:
@@ -294,30 +280,32 @@ def prune(opts: PruneOptions) -> PruneResult:
     if not folders:
         raise ChainError(f"{base} holds no backup chain (no {METADATA_NAME} in it or in its "
                          "YYYY-MM folders)")
-    with Folder.open_root(base) as base_folder:
+    base_folder = Folder.open_root(base)
+    with contextlib.ExitStack() as held_open:
+        held_open.callback(base_folder.close)
         with contextlib.ExitStack() as locks:
-            held = _open_chain_folders(base_folder, folders, locks)
+            held = _open_chain_folders(base_folder, folders, held_open)
             if not dry_run:   # a dry run changes no byte, not even a lock file
-                for folder in folders:
-                    locks.enter_context(chain_lock(folder))
-            for folder in folders:
-                refuse_unfinished_restores(folder)
-            stores = [ChainStore.load(folder) for folder in folders]
+                for chain_folder in held:
+                    locks.enter_context(chain_folder.locked())
+            for chain_folder in held:
+                chain_folder.refuse_unfinished_restores()
+            stores = [chain_folder.store for chain_folder in held]
+            by_root = {chain_folder.path: chain_folder for chain_folder in held}
             sizes: dict[Path, int] = {}
-            leftovers = _leftovers(stores, held, sizes, dry_run)
+            leftovers = _leftovers(held, sizes, dry_run)
             plan = plan_retention(stores, opts.keep)
             if not dry_run:   # a mounted chain's files must stay (busy, exit 4)
                 for summary in plan.removed:
                     refuse_if_mounted(summary.root, "prune", [summary.chain.uuid])
             for summary in plan.chains:
-                sizes.update(_sizes(held[summary.root], list(summary.files)))
+                sizes.update(_sizes(by_root[summary.root], list(summary.files)))
             result = PruneResult(target=base, keep=opts.keep, dry_run=dry_run, plan=plan,
                                  sizes=sizes, leftover_files=leftovers)
             if dry_run:
-                result.removed_files = [root / f for root, f in plan.delete_entries()
-                                        if root / f in sizes]
+                result.removed_files = [path for path in plan.delete_paths() if path in sizes]
                 return result
-            _apply(result, held)
+            _apply(result, by_root)
         for store in stores:
             if store.root != base and not store.chains:
                 _remove_empty_dir(base_folder, store.root.name)   # once its lock file is gone

@@ -62,7 +62,7 @@ def _chain_document(result: PruneResult, summary: ChainSummary) -> dict[str, Any
         "first_time": summary.first.time if summary.first else None,
         "last_point": summary.last_point or None,
         "last_time": summary.last.time if summary.last else None,
-        "files": [str(summary.root / f) for f in summary.files],
+        "files": [str(f.path(summary.root)) for f in summary.files],
         "size": result.chain_size(summary),
         "status": _status(result, summary),
     }

@@ -22,12 +22,8 @@ from typing import Optional, Sequence
 
 from libqmpbackup.errors import ChainError, UsageError
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
-from libqmpbackup.store.names import (
-    bitmap_name,
-    is_backup_file_name,
-    is_plain_file_name,
-    safe_component,
-)
+from libqmpbackup.store.name_rules import ChainFile
+from libqmpbackup.store.names import bitmap_name
 
 
 def check_keep(keep: int) -> None:
@@ -36,40 +32,10 @@ def check_keep(keep: int) -> None:
                          "newest chain)")
 
 
-ROOT_FOLDER = "."
-"""The disk folder of a ``pruning`` entry whose file lies in the chain folder (--no-subdir)."""
-
-
-def pruning_entry(entry: str) -> Optional[tuple[str, str]]:
-    """(disk folder, file) of a ``pruning`` entry, or None when it could point elsewhere."""
-    disk_folder, sep, name = entry.partition("/")
-    if not sep or (disk_folder != ROOT_FOLDER and disk_folder != safe_component(disk_folder)):
-        return None
-    if not is_backup_file_name(name) and not is_plain_file_name(name):
-        return None
-    return disk_folder, name
-
-
-def listed_files(chain: Chain) -> list[str]:
-    """``<disk folder>/<file>`` of every backup of CHAIN, as its metadata names them."""
-    return [f"{chain.folder_of(disk_id) or ROOT_FOLDER}/{record.file}"
+def chain_files(chain: Chain) -> list[ChainFile]:
+    """Every backup file of CHAIN, as its metadata names them (checked when it was read)."""
+    return [ChainFile(chain.folder_of(disk_id), record.file)
             for disk_id, disk in chain.disks.items() for record in disk.backups]
-
-
-def _safe_record_name(record: BackupRecord) -> bool:
-    return is_backup_file_name(record.file) or (not record.timestamped
-                                                and is_plain_file_name(record.file))
-
-
-def chain_files(root: Path, chain: Chain) -> list[str]:
-    """Like :func:`listed_files`, refusing names that could lead out of their disk folder."""
-    for disk_id, disk in chain.disks.items():
-        for record in disk.backups:
-            if not _safe_record_name(record):
-                raise ChainError(f"{root}: chain {chain.uuid} lists {record.file!r} for disk "
-                                 f"{disk_id}, which is not a backup file name; prune refuses to "
-                                 "touch a folder whose metadata was changed by hand")
-    return listed_files(chain)
 
 
 @dataclass(frozen=True)
@@ -79,7 +45,7 @@ class ChainSummary:
     root: Path
     position: int                 # index in its folder's metadata
     chain: Chain
-    files: tuple[str, ...]        # <disk folder>/<file>, relative to root
+    files: tuple[ChainFile, ...]
     first: Optional[BackupRecord]
     last: Optional[BackupRecord]
 
@@ -100,7 +66,7 @@ def summarize(store: ChainStore, position: int) -> ChainSummary:
     chain = store.chains[position]
     records = sorted((r for d in chain.disks.values() for r in d.backups), key=lambda r: r.time)
     return ChainSummary(root=store.root, position=position, chain=chain,
-                        files=tuple(chain_files(store.root, chain)),
+                        files=tuple(chain_files(chain)),
                         first=records[0] if records else None,
                         last=records[-1] if records else None)
 
@@ -111,7 +77,7 @@ class FolderChange:
 
     store: ChainStore
     remaining: list[Chain]
-    delete: list[str]            # <disk folder>/<file>, relative to store.root
+    delete: list[ChainFile]
 
     @property
     def emptied(self) -> bool:
@@ -135,8 +101,8 @@ class RetentionPlan:
         """Bitmaps a kept chain may use: a removed chain claiming one (a reused id) must not take it."""
         return {name for s in self.kept for name in (s.chain.bitmap, bitmap_name(s.chain.uuid))}
 
-    def delete_entries(self) -> list[tuple[Path, str]]:
-        return [(c.store.root, f) for c in self.changes for f in c.delete]
+    def delete_paths(self) -> list[Path]:
+        return [f.path(c.store.root) for c in self.changes for f in c.delete]
 
 
 def _needs_foreign_full(summary: ChainSummary) -> Optional[str]:

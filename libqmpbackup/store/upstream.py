@@ -19,15 +19,15 @@ as they are.
 
 from __future__ import annotations
 
-import os
 import stat
-from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-from libqmpbackup.errors import ChainError, UsageError
+from libqmpbackup.errors import ChainError, TargetError, UsageError
 from libqmpbackup.store import folder_safety
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.metadata import COPIES_ID, BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.store.names import (
+    CHAIN_FOLDER,
     PARTIAL_SUFFIX,
     UPSTREAM_UUID_NAME,
     bitmap_name,
@@ -39,36 +39,33 @@ UNKNOWN_ID = "upstream"
 """Chain id of an upstream disk folder copied without its ``DIR/uuid``."""
 
 
-def _backup_files(folder: Path) -> list[str]:
+def _backup_files(folder: Folder) -> list[str]:
     """Names of the regular backup files in FOLDER (symlinks and .partial files excluded)."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
     found = []
-    for name in names:
+    for name in folder.names():
         if name.endswith(PARTIAL_SUFFIX) or parse_backup_name(name) is None:
             continue
-        try:
-            if stat.S_ISREG(os.lstat(folder / name).st_mode):
-                found.append(name)
-        except OSError:
-            continue
+        info = folder.entry(name)
+        if info is not None and stat.S_ISREG(info.st_mode):
+            found.append(name)
     return found
 
 
-def _subfolders(root: Path) -> list[str]:
-    try:
-        with os.scandir(root) as entries:
-            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
-    except OSError:
-        return []
+def _in_subfolders(root: Folder) -> Iterator[tuple[str, Folder]]:
+    """Each real sub-folder of ROOT, opened relative to it (a symlinked one is never read)."""
+    for name in root.subfolder_names():
+        try:
+            sub = root.sub(name)
+        except (ChainError, TargetError):
+            continue    # replaced meanwhile
+        with sub:
+            yield name, sub
 
 
-def chain_id(root: Path) -> Optional[str]:
+def chain_id(root: Folder) -> Optional[str]:
     """The chain id in ROOT/uuid, or None without that file."""
-    path = root / UPSTREAM_UUID_NAME
-    info = folder_safety.entry(root, UPSTREAM_UUID_NAME)
+    path = root.path / UPSTREAM_UUID_NAME
+    info = root.entry(UPSTREAM_UUID_NAME)
     if info is None or not stat.S_ISREG(info.st_mode):
         return None
     data = folder_safety.read_bytes(root, UPSTREAM_UUID_NAME, "upstream chain id file", 4096)
@@ -79,13 +76,13 @@ def chain_id(root: Path) -> Optional[str]:
         raise ChainError(f"{path} holds no usable chain id: {err}") from err
 
 
-def looks_like_upstream(path: Path) -> bool:
-    """ROOT/uuid, or backup files in PATH or one of its sub-folders, and no metadata of ours."""
-    return (chain_id(path) is not None or bool(_backup_files(path))
-            or any(_backup_files(path / sub) for sub in _subfolders(path)))
+def looks_like_upstream(folder: Folder) -> bool:
+    """FOLDER/uuid, or backup files in FOLDER or one of its sub-folders, and no metadata of ours."""
+    return (chain_id(folder) is not None or bool(_backup_files(folder))
+            or any(_backup_files(sub) for _, sub in _in_subfolders(folder)))
 
 
-def read_folder(root: Path) -> ChainStore:
+def read_folder(root: Folder) -> ChainStore:
     """ROOT (an upstream backup folder, or one of its disk folders on its own) as chain metadata.
 
     A disk is identified by its folder name when the folder holds one
@@ -96,9 +93,10 @@ def read_folder(root: Path) -> ChainStore:
     uuid = chain_id(root) or UNKNOWN_ID
     chain = Chain(uuid=uuid, bitmap=bitmap_name(uuid), created=0)
     copies = Chain(uuid=COPIES_ID, bitmap="", created=0)
-    for folder in ["", *_subfolders(root)]:
+    for folder, names in [(CHAIN_FOLDER, _backup_files(root)),
+                          *((name, _backup_files(sub)) for name, sub in _in_subfolders(root))]:
         groups: dict[str, list[BackupRecord]] = {}
-        for name in _backup_files(root / folder):
+        for name in names:
             parsed = parse_backup_name(name)
             assert parsed is not None
             groups.setdefault(parsed.image, []).append(BackupRecord(
@@ -114,4 +112,4 @@ def read_folder(root: Path) -> ChainStore:
     for found in (chain, copies):
         times = [r.time for d in found.disks.values() for r in d.backups]
         found.created = min(times, default=0)
-    return ChainStore(root, [c for c in (chain, copies) if c.disks])
+    return ChainStore(root.path, [c for c in (chain, copies) if c.disks])

@@ -11,11 +11,13 @@ import pytest
 from libqmpbackup.backup.leftovers import clean_target
 from libqmpbackup.errors import BackupDamaged, ChainError
 from libqmpbackup.restore.verify import FileReport, VerifyReport, mark_restorable
+from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.digests import algorithm_of, check_files, digest_files, file_digest
 from libqmpbackup.store.handles import Folder
-from libqmpbackup.store.intent import RunIntent, load_intent
+from libqmpbackup.store.intent import RunIntent, read_intent
 from libqmpbackup.store.layout import is_empty_dir, stale_temp_files
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
+from libqmpbackup.store.name_rules import ChainFile
 from libqmpbackup.store.names import INTENT_NAME
 
 
@@ -89,7 +91,7 @@ def store_with(root: Path, *files: str) -> ChainStore:
 def test_a_hostile_intent_record_is_refused(tmp_path: Path, files: object) -> None:
     (tmp_path / INTENT_NAME).write_text(json.dumps({"time": 1, "files": files}))
     with pytest.raises(ChainError, match="malformed"):
-        load_intent(tmp_path)
+        read_intent(Folder.open_root(tmp_path))
 
 
 def test_clean_target_rolls_back_what_the_intent_names_and_keeps_what_was_recorded(
@@ -101,30 +103,32 @@ def test_clean_target_rolls_back_what_the_intent_names_and_keeps_what_was_record
         (folder / name).write_text(name)
     (tmp_path / "data1").mkdir()
     (tmp_path / "data1" / "FULL-3-b.qcow2").write_text("")
-    intent = RunIntent(time=3, files=["virtio0/INC-3-a.qcow2", "data1/FULL-3-b.qcow2"])
-    intent.save(tmp_path)
-    assert intent.unrecorded(store) == intent.files
-    assert intent.unrecorded_paths(store) == [folder / "INC-3-a.qcow2",
-                                              tmp_path / "data1" / "FULL-3-b.qcow2"]
-    (tmp_path / f".{INTENT_NAME}.x1.tmp").write_text("{")
-    assert len(stale_temp_files(Folder.open_root(tmp_path))) == 1
-
-    clean_target(tmp_path)
+    intent = RunIntent(time=3, files=[ChainFile("virtio0", "INC-3-a.qcow2"),
+                                      ChainFile("data1", "FULL-3-b.qcow2")])
+    with Folder.open_root(tmp_path) as top:
+        intent.save(top)
+        assert intent.unrecorded(store) == intent.files
+        (tmp_path / f".{INTENT_NAME}.x1.tmp").write_text("{")
+        assert len(stale_temp_files(top)) == 1
+    with BackupFolder.open(tmp_path) as chain_folder:
+        clean_target(chain_folder)
     assert sorted(p.name for p in folder.iterdir()) == ["FULL-1-a.qcow2", "INC-2-a.qcow2"]
     assert not (tmp_path / "data1").exists(), "a folder left empty goes too"
-    assert not (tmp_path / INTENT_NAME).exists() and stale_temp_files(Folder.open_root(tmp_path)) == []
-
-    # killed after the commit: the record is stale, every file it names stays
-    RunIntent(time=2, files=["virtio0/INC-2-a.qcow2"]).save(tmp_path)
-    clean_target(tmp_path)
-    assert (folder / "INC-2-a.qcow2").exists() and load_intent(tmp_path) is None
+    with Folder.open_root(tmp_path) as top:
+        assert not (tmp_path / INTENT_NAME).exists() and stale_temp_files(top) == []
+        # killed after the commit: the record is stale, every file it names stays
+        RunIntent(time=2, files=[ChainFile("virtio0", "INC-2-a.qcow2")]).save(top)
+    with BackupFolder.open(tmp_path) as chain_folder:
+        clean_target(chain_folder)
+        assert (folder / "INC-2-a.qcow2").exists() and read_intent(chain_folder.folder) is None
 
 
 def test_an_empty_disk_folder_does_not_block_a_new_chain(tmp_path: Path) -> None:
     (tmp_path / "virtio0").mkdir()
-    assert is_empty_dir(tmp_path)
-    (tmp_path / "virtio0" / "FULL-1-a.qcow2").write_text("")
-    assert not is_empty_dir(tmp_path)
+    with Folder.open_root(tmp_path) as top:
+        assert is_empty_dir(top)
+        (tmp_path / "virtio0" / "FULL-1-a.qcow2").write_text("")
+        assert not is_empty_dir(top)
 
 
 def report(level: str, status: str, disk: str = "virtio0") -> FileReport:

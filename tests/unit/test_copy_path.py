@@ -12,7 +12,7 @@ from libqmpbackup.backup.plan import BackupOptions, plan_backup, whole_disk_sync
 from libqmpbackup.errors import UsageError
 from libqmpbackup.qemu.capabilities import from_schema
 from libqmpbackup.qemu.devices import BlockDevice
-from libqmpbackup.store.metadata import ChainStore
+from tests.helpers import read_store
 
 
 def schema(x_perf_members: tuple[str, ...] = ("use-copy-range", "max-workers", "max-chunk"),
@@ -116,5 +116,5 @@ def test_plan_full_and_copy_use_top_for_flat_disks(tmp_path: Path) -> None:
         root = tmp_path / level
         root.mkdir()
         opts = BackupOptions(level=level, target=root)
-        plan = plan_backup(disks, ChainStore.load(root), opts, 1700000000, True)
+        plan = plan_backup(disks, read_store(root), opts, 1700000000, True)
         assert {j.disk.disk_id: j.sync for j in plan.jobs} == {"flat": "top", "overlay": "full"}

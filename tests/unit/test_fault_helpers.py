@@ -21,6 +21,7 @@ from libqmpbackup.backup.shutdown_guard import configured_shutdown_action
 from libqmpbackup.errors import ChainError, LockBusyError, UsageError
 from libqmpbackup.qemu.devices import BlockDevice, DirtyBitmap, below_filters
 from libqmpbackup.store import locks
+from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.fsutil import write_atomically
 from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.layout import is_empty_dir, partial_files, prepare_root, stale_temp_files
@@ -222,9 +223,10 @@ def test_prepare_root_reports_what_it_created(tmp_path: Path) -> None:
 
 def test_lock_file_does_not_make_a_folder_non_empty(tmp_path: Path) -> None:
     (tmp_path / LOCK_NAME).write_text("1 x\n")
-    assert is_empty_dir(tmp_path)
-    (tmp_path / "other").write_text("")
-    assert not is_empty_dir(tmp_path)
+    with Folder.open_root(tmp_path) as top:
+        assert is_empty_dir(top)
+        (tmp_path / "other").write_text("")
+        assert not is_empty_dir(top)
 
 
 def test_clean_target_removes_partials_and_metadata_temp_files(tmp_path: Path) -> None:
@@ -239,7 +241,8 @@ def test_clean_target_removes_partials_and_metadata_temp_files(tmp_path: Path) -
     with Folder.open_root(tmp_path) as top:
         assert partial_files(top) == [f"virtio0/{partial.name}"]
         assert stale_temp_files(top) == [temp.name]
-    clean_target(tmp_path)
+    with BackupFolder.open(tmp_path) as chain_folder:
+        clean_target(chain_folder)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["FULL-1-a.qcow2", "qmpbackup.json",
                                                            "virtio0"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -14,9 +15,12 @@ from libqmpbackup.errors import ChainError, UsageError
 from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.restore.folder import open_backup_dir
 from libqmpbackup.restore.rules import image_problems, record_problems, select_root_points
-from libqmpbackup.store import upstream
+from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
-from libqmpbackup.store.retention import chain_files, pruning_entry
+from libqmpbackup.store.name_rules import ChainFile
+from libqmpbackup.store.names import CHAIN_FOLDER
+from libqmpbackup.store.retention import chain_files
+from tests.helpers import read_store
 from tests.unit.helpers import bitmap, disk, opts, store_with_chain
 
 
@@ -95,7 +99,7 @@ def test_metadata_folders_must_stay_inside_the_backup(tmp_path: Path) -> None:
                                      "disks": {"v": {"folder": "../../etc", "backups": []}}}]}
     (tmp_path / "qmpbackup.json").write_text(json.dumps(raw))
     with pytest.raises(ChainError, match="not a folder name"):
-        ChainStore.load(tmp_path)
+        read_store(tmp_path)
 
 
 def test_every_disk_folder_gets_its_own_records(tmp_path: Path) -> None:
@@ -103,14 +107,15 @@ def test_every_disk_folder_gets_its_own_records(tmp_path: Path) -> None:
     store = store_with_chain("virtio0", "ide0-hd0")
     store.root = tmp_path
     store.save()
-    own = ChainStore.load(tmp_path / "virtio0", "qmpbackup-disk.json")
+    own = read_store(tmp_path / "virtio0", "qmpbackup-disk.json")
     assert list(own.chains[0].disks) == ["virtio0"] and own.chains[0].folder_of("virtio0") == ""
     assert not (tmp_path / "ide0-hd0").exists(), "no folder is created for the records"
-    backup = open_backup_dir(tmp_path / "virtio0")
-    assert backup.disk_folder == "virtio0" and backup.root == tmp_path, "in place: the parent's"
+    with open_backup_dir(tmp_path / "virtio0") as backup:
+        assert backup.selected == "virtio0" and backup.root == tmp_path, "in place: the parent's"
     os.rename(tmp_path / "virtio0", tmp_path.parent / f"{tmp_path.name}-moved")
-    moved = open_backup_dir(tmp_path.parent / f"{tmp_path.name}-moved")
-    assert moved.disk_ids() == ["virtio0"] and moved.single_disk()
+    with open_backup_dir(tmp_path.parent / f"{tmp_path.name}-moved") as moved:
+        assert moved.disk_ids() == ["virtio0"] and moved.single_disk()
+        assert moved.selected == CHAIN_FOLDER and moved.metadata_name == "qmpbackup-disk.json"
 
 
 def upstream_folder(root: Path) -> None:
@@ -131,7 +136,7 @@ def test_an_upstream_folder_reads_as_one_chain_ordered_by_the_times_in_the_names
     upstream_folder(tmp_path)
     os.symlink("FULL-10-disk1.qcow2", tmp_path / "disk1.qcow2" / "INC-30-disk1.qcow2")
     (tmp_path / "disk1.qcow2" / "INC-40-disk1.qcow2.partial").write_bytes(b"")
-    store = upstream.read_folder(tmp_path)
+    store = read_store(tmp_path, None)
     (chain,) = store.chains
     assert (chain.uuid, chain.bitmap) == ("testme", "qmpbackup-testme")
     assert [r.file for r in chain.disks["disk1.qcow2"].backups] == [
@@ -139,21 +144,29 @@ def test_an_upstream_folder_reads_as_one_chain_ordered_by_the_times_in_the_names
     assert chain.folder_of("disk2.qcow2") == "disk2.qcow2"
     points = select_root_points(store, "INC-15", None, ["disk1.qcow2"])
     assert [(p.disk_id, p.record.file) for p in points] == [("disk1.qcow2", "INC-15-disk1.qcow2")]
-    alone = open_backup_dir(tmp_path / "disk1.qcow2")
-    assert alone.metadata_name is None and alone.disk_ids() == ["disk1.qcow2"]
+    with open_backup_dir(tmp_path / "disk1.qcow2") as alone:
+        assert alone.metadata_name is None and alone.disk_ids() == ["disk1.qcow2"]
+        assert alone.root == tmp_path and alone.selected == "disk1.qcow2", "the upstream parent's"
 
 
 def test_a_hostile_upstream_uuid_is_refused(tmp_path: Path) -> None:
     upstream_folder(tmp_path)
     (tmp_path / "uuid").write_text("../../x")
     with pytest.raises(ChainError, match="no usable chain id"):
-        upstream.read_folder(tmp_path)
+        read_store(tmp_path, None)
 
 
 def test_filter_selects_by_disk_id_or_image_name(tmp_path: Path) -> None:
     upstream_folder(tmp_path)
-    assert open_backup_dir(tmp_path, "disk2").disk_ids() == ["disk2.qcow2"]
-    assert open_backup_dir(tmp_path, "nothing").disk_ids() == []
+    with open_backup_dir(tmp_path, "disk2") as backup:
+        assert backup.disk_ids() == ["disk2.qcow2"]
+    with open_backup_dir(tmp_path, "nothing") as backup:
+        assert backup.disk_ids() == []
+
+
+def adopt(path: Path, disks: list[BlockDevice]) -> ChainStore:
+    with BackupFolder.open(path) as folder:
+        return adopt_upstream(folder, disks)
 
 
 def vm_disk(disk_id: str, filename: str, backing: str = "") -> BlockDevice:
@@ -168,17 +181,17 @@ def test_adoption_matches_upstream_folders_by_image_base_name(tmp_path: Path) ->
     upstream_folder(tmp_path)
     disks = [vm_disk("ide0-hd1", "/vm/disk2.qcow2"),
              vm_disk("virtio0", "/vm/snap.qcow2", backing="/vm/disk1.qcow2")]
-    (chain,) = adopt_upstream(tmp_path, disks).chains
+    (chain,) = adopt(tmp_path, disks).chains
     assert {d: c.folder for d, c in chain.disks.items()} == {
         "virtio0": "disk1.qcow2", "ide0-hd1": "disk2.qcow2"}
     # two disks whose images share a base name: the .config's file name tells them apart
     twins = [vm_disk("a", "/other/disk1.qcow2"), vm_disk("b", "/vm/disk1.qcow2"),
              vm_disk("c", "/vm/disk2.qcow2")]
-    (chain,) = adopt_upstream(tmp_path, twins).chains
+    (chain,) = adopt(tmp_path, twins).chains
     assert chain.disks["b"].folder == "disk1.qcow2" and "a" not in chain.disks
     # no .config, still ambiguous: the folder keeps its name and the disk starts afresh
     (tmp_path / "disk1.qcow2.config").unlink()
-    store = adopt_upstream(tmp_path, twins)
+    store = adopt(tmp_path, twins)
     assert set(store.chains[0].disks) == {"disk1.qcow2", "c"}
     assert store.unmatched == ["disk1.qcow2"]
     plan = plan_backup(twins, store, opts("inc"), 100, False)
@@ -192,7 +205,7 @@ def test_adoption_falls_back_to_device_names(tmp_path: Path) -> None:
     upstream_folder(tmp_path)
     (tmp_path / "disk2.qcow2").rename(tmp_path / "ide0-hd1")
     disks = [vm_disk("ide0-hd1", "/elsewhere/renamed.qcow2"), vm_disk("virtio0", "/vm/disk1.qcow2")]
-    (chain,) = adopt_upstream(tmp_path, disks).chains
+    (chain,) = adopt(tmp_path, disks).chains
     assert {d: c.folder for d, c in chain.disks.items()} == {
         "virtio0": "disk1.qcow2", "ide0-hd1": "ide0-hd1"}
 
@@ -202,7 +215,7 @@ def test_adoption_of_an_upstream_no_subdir_folder(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "uuid").write_text("testme\n")
     disks = [vm_disk("virtio0", "/vm/disk1.qcow2"), vm_disk("data1", "/vm/disk2.qcow2")]
-    (chain,) = adopt_upstream(tmp_path, disks).chains
+    (chain,) = adopt(tmp_path, disks).chains
     assert {d: (c.folder, len(c.backups)) for d, c in chain.disks.items()} == {
         "virtio0": ("", 2), "data1": ("", 1)}
     plan = plan_backup(disks, ChainStore(tmp_path, [chain]), opts("inc"), 100, False)
@@ -212,31 +225,37 @@ def test_adoption_of_an_upstream_no_subdir_folder(tmp_path: Path) -> None:
 
 def test_chain_without_folder_field_still_loads(tmp_path: Path) -> None:
     chain = Chain("u", "qmpbackup-u", 1, {"v": DiskChain([BackupRecord("FULL-1-a", "full", 1, 1, "a")])})
-    ChainStore(tmp_path, [chain]).write("qmpbackup.json")
+    ChainStore(tmp_path, [chain]).save()
     raw = json.loads((tmp_path / "qmpbackup.json").read_text())
     del raw["chains"][0]["disks"]["v"]["folder"]
     (tmp_path / "qmpbackup.json").write_text(json.dumps(raw))
-    assert ChainStore.load(tmp_path).chains[0].folder_of("v") == "v"
+    assert read_store(tmp_path).chains[0].folder_of("v") == "v"
 
 
-@pytest.mark.parametrize("entry, parts", [
-    ("./FULL-1-a.qcow2", (".", "FULL-1-a.qcow2")),
-    ("./virtio0.qcow2", (".", "virtio0.qcow2")),
-    ("virtio0/virtio0.qcow2", ("virtio0", "virtio0.qcow2")),
+@pytest.mark.parametrize("entry, parsed", [
+    ("./FULL-1-a.qcow2", ChainFile(CHAIN_FOLDER, "FULL-1-a.qcow2")),
+    ("./virtio0.qcow2", ChainFile(CHAIN_FOLDER, "virtio0.qcow2")),
+    ("virtio0/virtio0.qcow2", ChainFile("virtio0", "virtio0.qcow2")),
     ("./qmpbackup.json", None),
     ("virtio0/qmpbackup-disk.json", None),
     ("./../x", None),
     ("../x", None),
 ])
-def test_pruning_entries_of_flat_and_untimestamped_layouts(entry: str, parts: object) -> None:
-    assert pruning_entry(entry) == parts
+def test_pruning_entries_of_flat_and_untimestamped_layouts(
+        entry: str, parsed: Optional[ChainFile]) -> None:
+    if parsed is None:
+        with pytest.raises(ChainError):
+            ChainFile.parse(entry, "pruning entry")
+    else:
+        assert ChainFile.parse(entry, "pruning entry") == parsed
 
 
 def test_prune_lists_files_where_the_chain_keeps_them() -> None:
     flat = Chain(uuid="f", bitmap="qmpbackup-f", created=1, disks={
         "virtio0": DiskChain(backups=[BackupRecord("virtio0.qcow2", "full", 1, 1, "v",
                                                    timestamped=False)], folder="")})
-    assert chain_files(Path("/b"), flat) == ["./virtio0.qcow2"]
+    assert chain_files(flat) == [ChainFile(CHAIN_FOLDER, "virtio0.qcow2")]
+    assert chain_files(flat)[0].pruning_text() == "./virtio0.qcow2"
 
 
 def test_disk_records_are_never_written_through_a_symlinked_folder(tmp_path: Path) -> None:

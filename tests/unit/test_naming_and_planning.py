@@ -21,6 +21,7 @@ from libqmpbackup.store.names import (
     validate_uuid,
 )
 from libqmpbackup.units import parse_size
+from tests.helpers import read_store
 from tests.unit.helpers import bitmap, disk, opts, store_with_chain
 
 
@@ -82,7 +83,7 @@ def test_chain_store_round_trip(tmp_path: Path) -> None:
     chain.disk("virtio0").backups.append(BackupRecord("FULL-10-a.qcow2", "full", 10, 1024, "a.qcow2"))
     store.chains.append(chain)
     store.save()
-    loaded = ChainStore.load(tmp_path)
+    loaded = read_store(tmp_path)
     assert loaded.current == chain
     assert [p.name for p in tmp_path.iterdir()] == ["qmpbackup.json"], "no temp file left"
 
@@ -90,10 +91,10 @@ def test_chain_store_round_trip(tmp_path: Path) -> None:
 def test_chain_store_reports_malformed_metadata(tmp_path: Path) -> None:
     (tmp_path / "qmpbackup.json").write_text("{not json")
     with pytest.raises(ChainError, match="cannot read chain metadata"):
-        ChainStore.load(tmp_path)
+        read_store(tmp_path)
     (tmp_path / "qmpbackup.json").write_text("{}")
     with pytest.raises(ChainError, match="malformed"):
-        ChainStore.load(tmp_path)
+        read_store(tmp_path)
 
 
 def test_qemu_img_missing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +215,7 @@ def test_a_chain_records_the_disks_its_first_run_left_out(tmp_path: Path) -> Non
     plan.chain.disk("virtio0").backups.append(
         BackupRecord("FULL-100-virtio0.qcow2", "full", 100, 1, "x"))
     store.save()
-    loaded = ChainStore.load(tmp_path)
+    loaded = read_store(tmp_path)
     assert loaded.chains[0].excluded == ["virtio1"]
     with_bitmaps = [disk(d.disk_id, bitmaps=(bitmap(plan.chain.bitmap),)) for d in disks]
     later = plan_backup(with_bitmaps, loaded, opts("inc"), 200, False)
@@ -231,9 +232,9 @@ def test_metadata_of_the_previous_release_loads_and_a_bad_selection_is_refused(
     chain = {"uuid": "u1", "bitmap": "qmpbackup-u1", "created": 10,
              "disks": {"virtio0": {"backups": [record], "folder": "virtio0"}}}
     (tmp_path / "qmpbackup.json").write_text(json.dumps({"version": 1, "chains": [chain]}))
-    assert ChainStore.load(tmp_path).chains[0].excluded == [], "no list: every disk may join"
+    assert read_store(tmp_path).chains[0].excluded == [], "no list: every disk may join"
     for bad in ("virtio1", [""], [3]):
         (tmp_path / "qmpbackup.json").write_text(json.dumps(
             {"version": 1, "chains": [{**chain, "excluded": bad}]}))
         with pytest.raises(ChainError, match="malformed"):
-            ChainStore.load(tmp_path)
+            read_store(tmp_path)

@@ -25,9 +25,11 @@ from libqmpbackup.restore.rules import (
     select_root_points,
     span,
 )
+from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.journal import Journal
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.store.names import point_label
+from tests.helpers import read_journal
 
 SIZE = 1 << 20
 
@@ -262,33 +264,36 @@ def test_committed_full_keeps_its_name_and_answers_to_its_point() -> None:
 # -- journal, file steps, formats --------------------------------------------------------------
 
 def test_journal_round_trip_and_damage(tmp_path: Path) -> None:
-    assert Journal.load(tmp_path) is None
+    assert read_journal(tmp_path) is None
     journal = Journal("commit", "a", "virtio0", "FULL-1-x", "FULL-3-x", "INC-3-x", 3,
                       ["INC-2-x", "INC-3-x"])
-    journal.save(tmp_path)
-    loaded = Journal.load(tmp_path)
+    with Folder.open_root(tmp_path) as folder:
+        journal.save(folder)
+    loaded = read_journal(tmp_path)
     assert loaded == journal and not loaded.applied
     loaded.done = 2
     assert loaded.applied
     assert journal.rerun_command(Path("/b/my disk")) == "qmprestore commit --dir '/b/my disk'"
     (tmp_path / "qmprestore-journal.json").write_text("{")
     with pytest.raises(ChainError, match="cannot read restore journal"):
-        Journal.load(tmp_path)
-    Journal.remove(tmp_path)
-    assert Journal.load(tmp_path) is None
+        read_journal(tmp_path)
+    with Folder.open_root(tmp_path) as folder:
+        Journal.remove(folder)
+    assert read_journal(tmp_path) is None
 
 
 def test_link_replaces_symlinks_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    file_steps.link(tmp_path, "image", "A")
-    file_steps.link(tmp_path, "image", "B")
-    assert os.readlink(tmp_path / "image") == "B"
-    file_steps.link(tmp_path, "image", "C", dry_run=True)
-    assert capsys.readouterr().out == f"# link {tmp_path / 'image'} -> C\n"
-    assert os.readlink(tmp_path / "image") == "B"
-    (tmp_path / "image").unlink()
-    (tmp_path / "image").write_text("user data")
-    with pytest.raises(TargetError, match="not a symlink"):
-        file_steps.link(tmp_path, "image", "A")
+    with Folder.open_root(tmp_path) as folder:
+        file_steps.link(folder, "image", "A")
+        file_steps.link(folder, "image", "B")
+        assert os.readlink(tmp_path / "image") == "B"
+        file_steps.link(folder, "image", "C", dry_run=True)
+        assert capsys.readouterr().out == f"# link {tmp_path / 'image'} -> C\n"
+        assert os.readlink(tmp_path / "image") == "B"
+        (tmp_path / "image").unlink()
+        (tmp_path / "image").write_text("user data")
+        with pytest.raises(TargetError, match="not a symlink"):
+            file_steps.link(folder, "image", "A")
 
 
 def test_source_format_falls_back_to_qcow2() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +10,10 @@ import pytest
 
 from libqmpbackup.errors import ChainError, UsageError
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
-from libqmpbackup.store.retention import plan_retention, pruning_entry
+from libqmpbackup.store.name_rules import ChainFile
+from libqmpbackup.store.names import CHAIN_FOLDER
+from libqmpbackup.store.retention import plan_retention
+from tests.helpers import read_store
 
 ROOT = Path("/backup/vm1")
 
@@ -37,7 +41,8 @@ def test_the_newest_chains_are_kept_whole_and_the_older_removed_whole() -> None:
     assert ids(plan.chains) == ["a", "b", "c"]
     assert ids(plan.kept) == ["b", "c"] and ids(plan.removed) == ["a"]
     (change,) = plan.changes
-    assert change.delete == ["virtio0/FULL-10-virtio0.qcow2", "virtio0/INC-11-virtio0.qcow2"]
+    assert [f.text() for f in change.delete] == ["virtio0/FULL-10-virtio0.qcow2",
+                                               "virtio0/INC-11-virtio0.qcow2"]
     assert [c.uuid for c in change.remaining] == ["b", "c"], "metadata order is kept"
     assert not change.emptied
 
@@ -78,7 +83,7 @@ def test_a_file_a_kept_chain_lists_is_never_deleted() -> None:
     old = chain("old", [10, 11])
     new = chain("new", [10, 30], files=[shared, "INC-30-virtio0.qcow2"])
     plan = plan_retention([ChainStore(ROOT, [old, new])], keep=1)
-    assert plan.changes[0].delete == ["virtio0/INC-11-virtio0.qcow2"]
+    assert plan.changes[0].delete == [ChainFile("virtio0", "INC-11-virtio0.qcow2")]
 
 
 def test_a_kept_chain_without_its_full_stops_the_prune() -> None:
@@ -90,32 +95,45 @@ def test_a_kept_chain_without_its_full_stops_the_prune() -> None:
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "FULL-1-../../x", "FULL-1-a/b", "notes.txt",
                                   "FULL-1-x.qcow2.partial", ""])
-def test_names_that_could_leave_the_disk_folder_stop_the_prune(name: str) -> None:
-    bad = chain("old", [10], files=[name])
-    with pytest.raises(ChainError, match="not a backup file name"):
-        plan_retention([ChainStore(ROOT, [bad, chain("new", [30])])], keep=1)
+def test_names_that_could_leave_the_disk_folder_are_refused_when_read(
+        name: str, tmp_path: Path) -> None:
+    """Names enter a prune only through the metadata reader, which refuses these."""
+    ChainStore(tmp_path, [chain("old", [10], files=[name]), chain("new", [30])]).save()
+    with pytest.raises(ChainError, match=r"not a (backup|plain) file name"):
+        read_store(tmp_path)
 
 
-@pytest.mark.parametrize("entry, parts", [
-    ("virtio0/FULL-1-a.qcow2", ("virtio0", "FULL-1-a.qcow2")),
-    ("virtio0/INC-2-a.qcow2", ("virtio0", "INC-2-a.qcow2")),
+@pytest.mark.parametrize("entry, parsed", [
+    ("virtio0/FULL-1-a.qcow2", ChainFile("virtio0", "FULL-1-a.qcow2")),
+    ("virtio0/INC-2-a.qcow2", ChainFile("virtio0", "INC-2-a.qcow2")),
+    ("./FULL-1-a.qcow2", ChainFile(CHAIN_FOLDER, "FULL-1-a.qcow2")),
+    ("FULL-1-a.qcow2", ChainFile(CHAIN_FOLDER, "FULL-1-a.qcow2")),
     ("../FULL-1-a.qcow2", None),
     ("virtio0/../FULL-1-a.qcow2", None),
     ("virtio0/sub/FULL-1-a.qcow2", None),
     ("/etc/FULL-1-a.qcow2", None),
-    ("FULL-1-a.qcow2", None),
     ("virtio0/qmpbackup.json", None),
-    ("a b/FULL-1-a.qcow2", None),
+    ("virtio0/FULL-1-a.qcow2.partial", None),
+    ("virtio0/json:{}", None),
 ])
-def test_pruning_entries_are_checked_before_any_use(entry: str, parts) -> None:
-    assert pruning_entry(entry) == parts
+def test_pruning_entries_are_checked_before_any_use(entry: str,
+                                                    parsed: Optional[ChainFile]) -> None:
+    if parsed is None:
+        with pytest.raises(ChainError):
+            ChainFile.parse(entry, "pruning entry")
+    else:
+        assert ChainFile.parse(entry, "pruning entry") == parsed
+        assert ChainFile.parse(parsed.pruning_text(), "pruning entry") == parsed
 
 
 def test_metadata_round_trips_the_pruning_list(tmp_path: Path) -> None:
-    store = ChainStore(tmp_path, [chain("a", [1])], ["virtio0/FULL-0-x.qcow2"])
+    store = ChainStore(tmp_path, [chain("a", [1])], [ChainFile("virtio0", "FULL-0-x.qcow2"),
+                                                     ChainFile(CHAIN_FOLDER, "FULL-0-y.qcow2")])
     store.save()
-    loaded = ChainStore.load(tmp_path)
-    assert loaded.pruning == ["virtio0/FULL-0-x.qcow2"] and loaded.chains[0].uuid == "a"
+    assert json.loads((tmp_path / "qmpbackup.json").read_text())["pruning"] == [
+        "virtio0/FULL-0-x.qcow2", "./FULL-0-y.qcow2"], "the on-disk spelling is unchanged"
+    loaded = read_store(tmp_path)
+    assert loaded.pruning == store.pruning and loaded.chains[0].uuid == "a"
     store.pruning = []
     store.save()
     assert "pruning" not in (tmp_path / "qmpbackup.json").read_text(), "old readers see no change"

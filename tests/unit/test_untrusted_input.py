@@ -26,15 +26,16 @@ from libqmpbackup.errors import AgentError, ChainError, QmpBackupError
 from libqmpbackup.logsetup import configure
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.agent import READ_LIMIT, GuestAgent
-from libqmpbackup.store import folder_safety
+from libqmpbackup.restore import file_steps
+from libqmpbackup.store import folder_safety, name_rules
 from libqmpbackup.store.fsutil import make_private_dirs
-from libqmpbackup.store.handles import Folder
-from libqmpbackup.store.intent import load_intent
-from libqmpbackup.store.journal import JOURNAL_NAME, Journal
+from libqmpbackup.store.handles import Folder, plain_name
+from libqmpbackup.store.journal import JOURNAL_NAME
 from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import INTENT_NAME, METADATA_NAME
 from libqmpbackup.store.qcow2_header import read_header
 from libqmpbackup.tables import table
+from tests.helpers import read_intent_at, read_journal, read_store
 
 VALID_METADATA: dict[str, Any] = {"version": 1, "chains": [{
     "uuid": "c1", "bitmap": "qmpbackup-c1", "created": 100,
@@ -90,8 +91,8 @@ def _write(folder: Path, name: str, document: Any) -> None:
 
 
 @pytest.mark.parametrize("name, valid, load", [
-    (METADATA_NAME, VALID_METADATA, ChainStore.load),
-    (JOURNAL_NAME, VALID_JOURNAL, Journal.load),
+    (METADATA_NAME, VALID_METADATA, read_store),
+    (JOURNAL_NAME, VALID_JOURNAL, read_journal),
 ], ids=["metadata", "journal"])
 def test_fuzzed_documents_load_or_raise_a_chain_error(tmp_path: Path, name: str, valid: Any,
                                                       load: Any) -> None:
@@ -117,7 +118,7 @@ def test_fuzzed_documents_load_or_raise_a_chain_error(tmp_path: Path, name: str,
 def test_unparsable_metadata_is_a_chain_error(tmp_path: Path, text: str) -> None:
     (tmp_path / METADATA_NAME).write_text(text)
     with pytest.raises(ChainError, match=METADATA_NAME):
-        ChainStore.load(tmp_path)
+        read_store(tmp_path)
 
 
 def test_metadata_and_journal_are_never_read_through_a_symlink(tmp_path: Path) -> None:
@@ -126,9 +127,9 @@ def test_metadata_and_journal_are_never_read_through_a_symlink(tmp_path: Path) -
     (tmp_path / METADATA_NAME).symlink_to(elsewhere)
     (tmp_path / JOURNAL_NAME).symlink_to(elsewhere)
     with pytest.raises(ChainError, match="is a symlink"):
-        ChainStore.load(tmp_path)
+        read_store(tmp_path)
     with pytest.raises(ChainError, match="is a symlink"):
-        Journal.load(tmp_path)
+        read_journal(tmp_path)
 
 
 # -- control characters (issue 20, finding 10) -------------------------------------------------
@@ -154,13 +155,13 @@ RECORD = (*DISKS[:-1], "virtio0", "backups", 0)
 
 
 @pytest.mark.parametrize("name, document, load", [
-    (METADATA_NAME, _with(VALID_METADATA, DISKS, "virtio0" + FORGED, key=True), ChainStore.load),
+    (METADATA_NAME, _with(VALID_METADATA, DISKS, "virtio0" + FORGED, key=True), read_store),
     (METADATA_NAME, _with(_with(VALID_METADATA, (*RECORD, "timestamped"), False),
-                          (*RECORD, "file"), "d\x1b[31m.qcow2"), ChainStore.load),
+                          (*RECORD, "file"), "d\x1b[31m.qcow2"), read_store),
     (METADATA_NAME, _with(VALID_METADATA, (*RECORD, "source_image"), "/vm/d\x85.qcow2"),
-     ChainStore.load),
-    (JOURNAL_NAME, {**VALID_JOURNAL, "disk": "virtio0\x7f"}, Journal.load),
-    (INTENT_NAME, {"time": 1, "files": ["virtio0/FULL-1-x\x9b"]}, load_intent),
+     read_store),
+    (JOURNAL_NAME, {**VALID_JOURNAL, "disk": "virtio0\x7f"}, read_journal),
+    (INTENT_NAME, {"time": 1, "files": ["virtio0/FULL-1-x\x9b"]}, read_intent_at),
 ], ids=["disk-id", "file", "source-image", "journal-disk", "intent-file"])
 def test_names_and_ids_with_control_characters_are_refused(tmp_path: Path, name: str,
                                                            document: Any, load: Any) -> None:
@@ -222,15 +223,15 @@ def test_debug_log_keeps_only_the_line_breaks_of_qmp_json(tmp_path: Path) -> Non
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/etc/passwd", "x\0y", "x" * 256])
 def test_plain_names_only(name: str) -> None:
     with pytest.raises(ChainError, match="not a plain file name"):
-        folder_safety.plain_name(name, "file")
+        plain_name(name, "file")
 
 
 def test_backup_file_names_follow_the_grammar() -> None:
-    assert folder_safety.backup_file("INC-1717430400-disk.qcow2", "f") == "INC-1717430400-disk.qcow2"
+    assert name_rules.backup_file("INC-1717430400-disk.qcow2", "f") == "INC-1717430400-disk.qcow2"
     for bad in ("FULL-1-", "FULL-1-x\n", "SNAP-1-x", "FULL-" + "1" * 19 + "-x", 5, "FULL-1-a/b",
                 "INC-1-x.qcow2.partial"):
         with pytest.raises(ChainError, match="not a backup file name"):
-            folder_safety.backup_file(bad, "f")
+            name_rules.backup_file(bad, "f")
 
 
 def test_sibling_names() -> None:
@@ -266,7 +267,7 @@ def test_image_problems() -> None:
 def test_names_qemu_reads_as_a_protocol_are_never_recorded_nor_written(name: str) -> None:
     """Finding 4: with no '/', any ':' makes QEMU read a name as a protocol or a JSON spec."""
     with pytest.raises(ChainError, match="protocol"):
-        folder_safety.recorded_file(name, "file")
+        name_rules.recorded_file(name, "file")
     with pytest.raises(ChainError, match="not a plain file name QEMU reads as a file"):
         qemuimg.header_name(name)
     assert qemuimg.header_name("FULL-1-disk.qcow2") == "FULL-1-disk.qcow2"
@@ -295,26 +296,25 @@ def test_the_header_gives_the_exact_backing_name_and_the_data_file_bit(tmp_path:
 def test_file_steps_refuse_symlinks_devices_and_fifos(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("keep")
-    folder = tmp_path / "d"
-    folder.mkdir()
-    (folder / "link").symlink_to(victim)
-    os.mkfifo(folder / "fifo")
-    for name in ("link", "fifo"):
-        with pytest.raises(ChainError, match="refused"):
-            folder_safety.remove(folder, name)
-        with pytest.raises(ChainError, match="refused"):
-            folder_safety.rename(folder, name, "FULL-1-x")
-        with pytest.raises(ChainError, match="refused"):
-            folder_safety.open_file(folder, name, os.O_RDONLY)
-    with pytest.raises(ChainError, match="refused"):
-        folder_safety.require_regular(folder, "link")
-    (tmp_path / "linked-folder").symlink_to(folder)
-    with pytest.raises(ChainError, match="is a symlink, not a folder"):
-        folder_safety.require_folder(tmp_path / "linked-folder")
-    assert victim.read_text() == "keep" and (folder / "link").is_symlink()
-    (folder / "plain").write_text("x")
-    folder_safety.rename(folder, "plain", "FULL-1-x")
-    assert folder_safety.remove(folder, "FULL-1-x") and not folder_safety.remove(folder, "FULL-1-x")
+    (tmp_path / "d").mkdir()
+    with Folder.open_root(tmp_path / "d") as folder:
+        (folder.path / "link").symlink_to(victim)
+        os.mkfifo(folder.path / "fifo")
+        for name in ("link", "fifo"):
+            with pytest.raises(ChainError, match="refused"):
+                file_steps.remove(folder, name)
+            with pytest.raises(ChainError, match="refused"):
+                file_steps.rename(folder, name, "FULL-1-x")
+            with pytest.raises(ChainError, match="refused"):
+                folder.open(name)
+        (tmp_path / "linked-folder").symlink_to(folder.path)
+        with Folder.open_root(tmp_path) as top, \
+                pytest.raises(ChainError, match="is a symlink, not a folder"):
+            top.sub("linked-folder")
+        assert victim.read_text() == "keep" and (folder.path / "link").is_symlink()
+        (folder.path / "plain").write_text("x")
+        file_steps.rename(folder, "plain", "FULL-1-x")
+        assert folder.remove("FULL-1-x") and not folder.remove("FULL-1-x")
 
 
 def test_new_folders_and_their_parents_are_private(tmp_path: Path) -> None:
