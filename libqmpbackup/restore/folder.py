@@ -165,11 +165,22 @@ def _find_backup(path: Path, here: Folder, parent: Optional[Folder], months: lis
     return None
 
 
-@contextlib.contextmanager
-def _probed(path: Path) -> Iterator[tuple[Folder, Optional[Folder], list[BackupDir]]]:
-    """PATH and its parent, each opened once, and the list of BackupDirs kept from them.
+@dataclass
+class _Probe:
+    """What --dir is: HERE (its folder, held), its month folders, and what it was found to be."""
 
-    Whatever is not kept (or everything, on an error) is closed on the way out.
+    here: Folder
+    months: list[str]
+    found: Optional[BackupDir]
+    kept: list[BackupDir]
+
+
+@contextlib.contextmanager
+def _probed(path: Path, name_filter: Optional[str]) -> Iterator[_Probe]:
+    """PATH and its parent, each opened once, and what PATH is (:func:`_find_backup`).
+
+    The BackupDirs in ``kept`` go to the caller; whatever is not kept (or
+    everything, on an error) is closed on the way out.
     """
     here = Folder.open_root(path)
     parent: Optional[Folder] = None
@@ -178,7 +189,11 @@ def _probed(path: Path) -> Iterator[tuple[Folder, Optional[Folder], list[BackupD
         if path.parent != path:
             with contextlib.suppress(QmpBackupError):   # an unreadable parent holds no chain
                 parent = Folder.open_root(path.parent)
-        yield here, parent, kept
+        months = month_names(here)
+        found = _find_backup(path, here, parent, months, name_filter)
+        if found is not None:
+            kept.append(found)
+        yield _Probe(here, months, found, kept)
     except BaseException:
         for backup in kept:
             backup.close()
@@ -197,11 +212,9 @@ def open_backup_dir(path: Path, name_filter: Optional[str] = None) -> BackupDir:
     The caller closes it (it is a context manager).
     """
     path = existing_backup_folder(path)
-    with _probed(path) as (here, parent, kept):
-        months = month_names(here)
-        found = _find_backup(path, here, parent, months, name_filter)
+    with _probed(path, name_filter) as probe:
+        found, months = probe.found, probe.months
         if found is not None:
-            kept.append(found)
             if months and found.selected is None:
                 log.warning("%s also holds --monthly chains (%s): give one of them as --dir to "
                             "restore from it", path, ", ".join(months))
@@ -220,16 +233,13 @@ def open_for_listing(path: Path, name_filter: Optional[str] = None) -> list[Back
     The caller closes them (:func:`listed`).
     """
     path = existing_backup_folder(path)
-    with _probed(path) as (here, parent, kept):
-        months = month_names(here)
-        found = _find_backup(path, here, parent, months, name_filter)
-        if found is not None:
-            kept.append(found)
-            if found.selected is not None:
-                return list(kept)
+    with _probed(path, name_filter) as probe:
+        found, kept = probe.found, probe.kept
+        if found is not None and found.selected is not None:
+            return list(kept)
         # a month a killed prune emptied lists no chain, only its leftovers
-        for month in months:
-            kept.append(BackupDir(BackupFolder(here.sub(month, "month folder")), None,
+        for month in probe.months:
+            kept.append(BackupDir(BackupFolder(probe.here.sub(month, "month folder")), None,
                                   name_filter))
         if found is None and not any(backup.store.chains for backup in kept):
             raise ChainError(f"{path} holds no backup chain (no {METADATA_NAME} in it, its "
