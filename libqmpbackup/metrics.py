@@ -14,6 +14,7 @@ runs as another user, and it holds no more than folder paths.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import logging
@@ -30,8 +31,9 @@ from libqmpbackup.errors import ImageInUseError, QmpBackupError, UsageError
 from libqmpbackup.runner import at_exit
 from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.fsutil import write_atomically
-from libqmpbackup.store.layout import chain_folders
-from libqmpbackup.store.metadata import ChainStore
+from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.layout import chain_folder_names
+from libqmpbackup.store.names import CHAIN_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -239,30 +241,28 @@ def track(args: argparse.Namespace, kind: str) -> Optional[RunMetrics]:
     return record
 
 
-def _chain_folders(target: Path) -> list[Path]:
-    """TARGET's chain folders, as every command sees them (:func:`chain_folders`)."""
-    try:
-        return chain_folders(target, warn=False)
-    except QmpBackupError:
-        return []
-
-
-def _read_store(target: Path, folder: Path) -> ChainStore:
-    with (BackupFolder.open(folder) if folder == target
-          else BackupFolder.open_month(target, folder.name)) as chain_folder:
-        return chain_folder.store
-
-
 def _restore_points(target: Path) -> dict[str, int]:
-    """Disk id -> backup files recorded for it in TARGET and its month folders."""
+    """Disk id -> backup files recorded for it in TARGET and its month folders.
+
+    TARGET is opened once; each chain folder below it is read through that
+    descriptor (:func:`chain_folder_names`, the answer every command uses).
+    """
     points: dict[str, int] = {}
-    for folder in _chain_folders(target):
-        try:
-            store = _read_store(target, folder)
-        except QmpBackupError as err:
-            log.debug("--metrics-file: not counting the points in %s: %s", folder, err)
-            continue
-        for chain in store.chains:
-            for disk, history in chain.disks.items():
-                points[disk] = points.get(disk, 0) + len(history.backups)
+    try:
+        top = Folder.open_root(target)
+    except QmpBackupError:
+        return points
+    with top:
+        for name in chain_folder_names(top, warn=False):
+            try:
+                with (contextlib.nullcontext(top) if name == CHAIN_FOLDER
+                      else top.sub(name, "month folder")) as folder:
+                    store = BackupFolder(folder).store
+            except QmpBackupError as err:
+                log.debug("--metrics-file: not counting the points in %s: %s",
+                          target / name, err)
+                continue
+            for chain in store.chains:
+                for disk, history in chain.disks.items():
+                    points[disk] = points.get(disk, 0) + len(history.backups)
     return points

@@ -62,7 +62,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
     return counts
 
 
-def test_a_backup_run_opens_its_folder_once_and_reads_each_record_once(
+def test_a_backup_run_and_a_prune_open_the_folder_once_and_read_each_record_once(
         cli: Any, vm: TestVM, tmp_path: Path, reads: Reads) -> None:
     target = tmp_path / "b"
     for level, pattern in (("full", 1), ("inc", 2), ("auto", 3)):
@@ -75,6 +75,14 @@ def test_a_backup_run_opens_its_folder_once_and_reads_each_record_once(
             assert reads.records[(target / "virtio0", JOURNAL_NAME)] == 1, level
         assert reads.opened[target] == 1, level
         assert not {key: n for key, n in reads.twice().items() if _in(target, key)}, level
+    cli("qmpbackup", "--socket", vm.tool_socket, "cleanup", "--remove-bitmaps").ok()
+    backup(cli, vm, target, "auto").ok()     # the bitmap is gone: a second chain, to prune
+    for extra in (("--dry-run",), ()):
+        reads.clear()
+        cli("qmpbackup", "prune", "--target", target, "--keep", 1, *extra).ok()
+        assert reads.opened[target] == 1, extra
+        assert reads.records[(target, METADATA_NAME)] == 1, extra
+        assert not {key: n for key, n in reads.twice().items() if _in(target, key)}, extra
 
 
 def test_records_read_before_the_lock_are_read_again_only_when_another_command_committed(

@@ -297,7 +297,7 @@ def pruned_view(cli, folder: Path) -> list[str]:
 
 
 def test_list_and_prune_see_the_same_chains_of_a_folder(cli, folders: Path, tmp_path: Path) -> None:
-    """One answer to 'which chains does this folder hold' (store.layout.chain_folders)."""
+    """One answer to 'which chains does this folder hold' (store.layout.chain_folder_names)."""
     # a folder an older release let hold a chain of its own and month chains: both are seen
     assert sorted(listed_chains(cli, folders)) == pruned_view(cli, folders) == [
         "a", "b", "c", "m1", "m2"]

@@ -16,6 +16,7 @@ from libqmpbackup.errors import ChainError, TargetError, UsageError
 from libqmpbackup.store.fsutil import TEMP_SUFFIX, make_private_dirs
 from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.names import (
+    CHAIN_FOLDER,
     DISK_METADATA_NAME,
     INTENT_NAME,
     LOCK_NAME,
@@ -33,16 +34,6 @@ MONTH_FOLDER_RE = re.compile(r"^\d{4}-\d{2}$")
 def month_folder(base: Path, now: Optional[float] = None) -> Path:
     """The --monthly chain folder for the current local month (DIR/YYYY-MM)."""
     return base / time.strftime("%Y-%m", time.localtime(now))
-
-
-def holds_metadata(folder: Path) -> bool:
-    """FOLDER has an entry named like the chain metadata, whatever it is.
-
-    Not ``is_file()``: a FIFO or symlink named ``qmpbackup.json`` must reach
-    the metadata reader, which refuses it, instead of making the folder look
-    like one without metadata (read as upstream's, or as empty).
-    """
-    return os.path.lexists(folder / METADATA_NAME)
 
 
 def month_folders(base: Path) -> list[Path]:
@@ -71,25 +62,23 @@ def month_names(top: Folder) -> list[str]:
     return names
 
 
-def _month_links(base: Path) -> list[str]:
-    try:
-        with os.scandir(base) as entries:
-            return sorted(e.name for e in entries
-                          if MONTH_FOLDER_RE.match(e.name) and e.is_symlink())
-    except OSError:
-        return []
+def _month_links(top: Folder) -> list[str]:
+    return [name for name in top.names() if MONTH_FOLDER_RE.match(name)
+            and (info := top.entry(name)) is not None and stat.S_ISLNK(info.st_mode)]
 
 
-def chain_folders(base: Path, warn: bool = True) -> list[Path]:
-    """Every folder holding a chain of BASE: BASE itself (when it has metadata), then its months.
+def chain_folder_names(top: Folder, warn: bool = True) -> list[str]:
+    """Every folder of the held TOP holding a chain: TOP itself (CHAIN_FOLDER, when it has
+    metadata), then its months, by name.
 
     A folder holds either one or the other since backups refuse to mix them
     (:func:`refuse_mixed`); one that an older release let mix shows both.
     """
-    for name in _month_links(base) if warn else []:
+    for name in _month_links(top) if warn else []:
         log.warning("%s is a symlink: its chains are neither listed, counted nor pruned",
-                    base / name)
-    return ([base] if holds_metadata(base) else []) + month_folders(base)
+                    top.path / name)
+    own = [CHAIN_FOLDER] if top.entry(METADATA_NAME) is not None else []
+    return own + month_names(top)
 
 
 def refuse_mixed(base: Path, monthly: bool, plain_chain: bool) -> None:
@@ -151,15 +140,6 @@ def is_empty_dir(top: Folder) -> bool:
             if folder.names():
                 return False
     return True
-
-
-def disk_folders(root: Path) -> list[Path]:
-    """The real sub-folders of ROOT; a symlink is never followed (it could lead anywhere)."""
-    try:
-        with os.scandir(root) as entries:
-            return sorted(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
-    except OSError as err:
-        raise TargetError(f"cannot read folder {root}: {err.strerror}") from err
 
 
 def latest_backup_time(top: Folder) -> int:

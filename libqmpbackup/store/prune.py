@@ -33,7 +33,7 @@ from typing import Optional
 from libqmpbackup.errors import ChainError, TargetError
 from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.handles import Folder
-from libqmpbackup.store.layout import chain_folders, existing_backup_folder
+from libqmpbackup.store.layout import chain_folder_names, existing_backup_folder
 from libqmpbackup.store.mounts import refuse_if_mounted
 from libqmpbackup.store.name_rules import ChainFile
 from libqmpbackup.store.names import (
@@ -263,12 +263,12 @@ def _apply(result: PruneResult, held: dict[Path, BackupFolder]) -> None:
         result.removed_files += finish_pruning(held[change.store.root])
 
 
-def _open_chain_folders(base: Folder, folders: list[Path], stack: contextlib.ExitStack
+def _open_chain_folders(base: Folder, names: list[str], stack: contextlib.ExitStack
                         ) -> list[BackupFolder]:
     """Each chain folder held open from now on: BASE itself, its month folders never through a link."""
-    return [stack.enter_context(BackupFolder(base) if path == base.path
-                                else BackupFolder(base.sub(path.name, "month folder")))
-            for path in folders]
+    return [stack.enter_context(BackupFolder(base) if name == CHAIN_FOLDER
+                                else BackupFolder(base.sub(name, "month folder")))
+            for name in names]
 
 
 def prune(opts: PruneOptions) -> PruneResult:
@@ -276,15 +276,15 @@ def prune(opts: PruneOptions) -> PruneResult:
     dry_run = opts.dry_run
     check_keep(opts.keep)
     base = existing_backup_folder(opts.target)
-    folders = chain_folders(base)
-    if not folders:
-        raise ChainError(f"{base} holds no backup chain (no {METADATA_NAME} in it or in its "
-                         "YYYY-MM folders)")
     base_folder = Folder.open_root(base)
     with contextlib.ExitStack() as held_open:
         held_open.callback(base_folder.close)
+        names = chain_folder_names(base_folder)
+        if not names:
+            raise ChainError(f"{base} holds no backup chain (no {METADATA_NAME} in it or in its "
+                             "YYYY-MM folders)")
         with contextlib.ExitStack() as locks:
-            held = _open_chain_folders(base_folder, folders, held_open)
+            held = _open_chain_folders(base_folder, names, held_open)
             if not dry_run:   # a dry run changes no byte, not even a lock file
                 for chain_folder in held:
                     locks.enter_context(chain_folder.locked())
