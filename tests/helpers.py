@@ -431,6 +431,13 @@ def read_store(path: Path, name: Optional[str] = METADATA_NAME) -> ChainStore:
         return folder.store
 
 
+def write_store(store: ChainStore) -> None:
+    """STORE written into its folder the way a command commits it (through a BackupFolder)."""
+    with BackupFolder.open(store.root) as folder:
+        folder.replace_store(store)
+        folder.save()
+
+
 def read_journal(path: Path) -> Optional[Journal]:
     """The restore journal of the disk folder PATH."""
     with Folder.open_root(path) as folder:

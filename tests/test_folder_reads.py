@@ -24,7 +24,7 @@ from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.metadata import Chain, ChainStore
 from libqmpbackup.store.names import INTENT_NAME, JOURNAL_NAME, METADATA_NAME
-from tests.helpers import backup, write_round
+from tests.helpers import backup, write_round, write_store
 from tests.vm import TestVM
 
 pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
@@ -87,13 +87,13 @@ def test_a_backup_run_and_a_prune_open_the_folder_once_and_read_each_record_once
 
 def test_records_read_before_the_lock_are_read_again_only_when_another_command_committed(
         tmp_path: Path, reads: Reads) -> None:
-    ChainStore(tmp_path, [Chain("a", "qmpbackup-a", 1)]).save()
+    write_store(ChainStore(tmp_path, [Chain("a", "qmpbackup-a", 1)]))
     with BackupFolder.open(tmp_path) as folder:
         assert [c.uuid for c in folder.store.chains] == ["a"]
         with folder.locked():
             assert [c.uuid for c in folder.store.chains] == ["a"]
         assert reads.records[(tmp_path, METADATA_NAME)] == 1, "unchanged: not read again"
-        ChainStore(tmp_path, [Chain("a", "qmpbackup-a", 1), Chain("b", "qmpbackup-b", 2)]).save()
+        write_store(ChainStore(tmp_path, [Chain("a", "qmpbackup-a", 1), Chain("b", "qmpbackup-b", 2)]))
         with folder.locked():
             assert [c.uuid for c in folder.store.chains] == ["a", "b"], "a commit in between"
         assert reads.records[(tmp_path, METADATA_NAME)] == 2

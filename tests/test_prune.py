@@ -27,7 +27,7 @@ from libqmpbackup.store.journal import Journal
 from libqmpbackup.store.locks import chain_lock
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
 from libqmpbackup.store.names import point_label
-from tests.helpers import documented, finished, key_paths, read_store, start_backup
+from tests.helpers import documented, finished, key_paths, read_store, start_backup, write_store
 from tests.vm import Disk, MiB, TestVM, identical
 
 pytestmark = pytest.mark.usefixtures("private_lock_dir")   # VM locks in tmp_path
@@ -80,7 +80,7 @@ def hand_made(root: Path, chains: dict[str, list[int]], disks: tuple[str, ...] =
                     file=name, level="full" if i == 0 else "inc", time=t, virtual_size=1,
                     source_image=f"/vm/{disk}.qcow2"))
         store.chains.append(chain)
-    store.save()
+    write_store(store)
     return store
 
 
@@ -320,7 +320,7 @@ def test_prune_removes_the_links_of_the_untimestamped_files_it_deletes(cli, tmp_
         chain.disk("virtio0").backups.append(BackupRecord(
             name, "full", when, 1, "/vm/virtio0.qcow2", timestamped=uuid == "new"))
         store.chains.append(chain)
-    store.save()
+    write_store(store)
     os.symlink("virtio0.qcow2", root / "FULL-virtio0.qcow2")
     os.symlink("FULL-20-virtio0.qcow2", root / "COPY-virtio0.qcow2")   # not what a run made
     prune(cli, root, 1).ok()

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from libqmpbackup.errors import ChainError, TargetError
 from libqmpbackup.store import upstream
 from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.intent import RunIntent, read_intent, remove_intent
@@ -141,19 +142,51 @@ class BackupFolder:
     # -- writing -------------------------------------------------------------------------------
 
     def save(self, before_replace: Optional[Callable[[], None]] = None) -> None:
-        """Commit :attr:`store`: every disk folder's records, then the metadata (the commit point).
+        """Commit :attr:`store`; any failure is a TargetError naming the metadata file.
 
-        A disk folder on its own rewrites only its own records; an upstream
-        folder's names are its record, so nothing is written there.
+        A chain folder: every disk folder's records, then the folder's
+        metadata (the commit point), all through the held descriptors (a
+        symlinked disk folder is never written through).  A disk folder no
+        chain uses any more (a prune dropped it) loses its records file, so the
+        prune can remove the emptied folder.  A disk folder on its own rewrites
+        only its own records; an upstream folder's names are its record, so
+        nothing is written there.
         """
+        if self.metadata_name is None:
+            return
+        where = self.path / self.metadata_name
+        try:
+            self._write_records(before_replace)
+        except TargetError as err:
+            raise TargetError(f"cannot write chain metadata {where}: {err}") from err
+        except OSError as err:
+            raise TargetError(f"cannot write chain metadata {where}: {err.strerror}") from err
+        self._store_identity = _identity(self.folder.entry(self.metadata_name))
+
+    def _write_records(self, before_replace: Optional[Callable[[], None]]) -> None:
         store = self.store
         if self.metadata_name == METADATA_NAME:
-            store.save(before_replace, held=self.folder)
-        elif self.metadata_name == DISK_METADATA_NAME:
-            self.folder.write_atomically(DISK_METADATA_NAME, store.text(DISK_METADATA_NAME),
-                                         before_replace)
-        self._store_identity = _identity(self.folder.entry(self.metadata_name)
-                                         if self.metadata_name else None)
+            for name in sorted({*store.folders(), *self._folders_with_records()}):
+                try:
+                    folder = self.disk_folder(name)
+                except ChainError:
+                    continue    # missing, or a symlink: never written through
+                records = store.for_folder(name)
+                if records.chains:
+                    folder.write_atomically(DISK_METADATA_NAME, records.text(DISK_METADATA_NAME))
+                else:
+                    folder.remove(DISK_METADATA_NAME, "records file")
+        assert self.metadata_name is not None
+        self.folder.write_atomically(self.metadata_name, store.text(self.metadata_name),
+                                     before_replace)
+
+    def _folders_with_records(self) -> list[str]:
+        found = []
+        for name in self.folder.subfolder_names():
+            with contextlib.suppress(ChainError):
+                if self.disk_folder(name).entry(DISK_METADATA_NAME) is not None:
+                    found.append(name)
+        return found
 
     def record_intent(self, intent: RunIntent) -> None:
         intent.save(self.folder)

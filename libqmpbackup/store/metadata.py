@@ -4,7 +4,7 @@ A backup target folder holds one metadata file that lists its chains
 (normally one; ``auto`` adds a new one when the VM lost the old chain's
 bitmap).  Each chain names its dirty bitmap and, per disk, the ordered list
 of backup files.  The metadata, not file modification times, is the truth
-about order; it is rewritten atomically (temp file, fsync, rename) so a crash
+about order; it is rewritten atomically (temp file, fsync, rename: BackupFolder.save) so a crash
 leaves either the old or the new version, never half of one.
 
 Every disk folder also carries ``qmpbackup-disk.json``: the same records,
@@ -16,13 +16,11 @@ Copies (``--level copy``) are kept as one chain without a bitmap.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from libqmpbackup.errors import ChainError, TargetError
 from libqmpbackup.store import folder_safety, name_rules
 from libqmpbackup.store import json_shape as shape
 from libqmpbackup.store.handles import Folder
@@ -30,7 +28,6 @@ from libqmpbackup.store.name_rules import ChainFile
 from libqmpbackup.store.names import (
     BITMAP_PREFIX,
     CHAIN_FOLDER,
-    DISK_METADATA_NAME,
     LEVEL_PREFIX,
     METADATA_NAME,
     is_chain_id,
@@ -200,46 +197,6 @@ class ChainStore:
                    for e in shape.array(top, "pruning", where, default=[])]
         return cls(root=root, chains=chains, pruning=pruning)
 
-    def save(self, before_replace: Optional[Callable[[], None]] = None, *,
-             held: Optional[Folder] = None) -> None:
-        """:meth:`_save`; any failure is a TargetError naming the metadata file.
-
-        Commands save through their :class:`BackupFolder` (which passes the
-        descriptor it holds as HELD); without one the folder is opened here
-        by path (test fixtures).
-        """
-        try:
-            self._save(before_replace, held)
-        except TargetError as err:
-            raise TargetError(f"cannot write chain metadata {self.path}: {err}") from err
-        except OSError as err:
-            raise TargetError(f"cannot write chain metadata {self.path}: {err.strerror}") from err
-
-    def _save(self, before_replace: Optional[Callable[[], None]], held: Optional[Folder]) -> None:
-        """Write each disk folder's records, then the folder's metadata (the commit point).
-
-        Every write goes through the chain folder's descriptor (HELD: the one
-        the caller opened when it read the folder; else opened now) and its
-        real disk folders (never a symlink, which may lead out of the folder).
-        A disk folder no chain uses any more (a prune dropped them) loses its
-        records file, so that the prune can remove the emptied folder.
-        """
-        with contextlib.nullcontext(held) if held is not None else Folder.open_root(self.root) as root:
-            with_records = [n for n in root.subfolder_names()
-                            if _holds(root, n, DISK_METADATA_NAME)]
-            for name in sorted({*self.folders(), *with_records}):
-                try:
-                    folder = root.sub(name, "disk folder")
-                except ChainError:
-                    continue    # missing, or a symlink: never written through
-                with folder:
-                    records = self.for_folder(name)
-                    if records.chains:
-                        folder.write_atomically(DISK_METADATA_NAME, records.text(DISK_METADATA_NAME))
-                    else:
-                        folder.remove(DISK_METADATA_NAME, "records file")
-            root.write_atomically(METADATA_NAME, self.text(METADATA_NAME), before_replace)
-
     def text(self, name: str) -> str:
         """The JSON document NAME (the folder's metadata, or a disk folder's records) holds."""
         data: dict[str, Any] = {"version": METADATA_VERSION,
@@ -247,14 +204,6 @@ class ChainStore:
         if self.pruning and name == METADATA_NAME:
             data["pruning"] = [entry.pruning_text() for entry in self.pruning]
         return json.dumps(data, indent=2) + "\n"
-
-
-def _holds(folder: Folder, sub: str, name: str) -> bool:
-    try:
-        with folder.sub(sub) as opened:
-            return opened.entry(name) is not None
-    except ChainError:
-        return False
 
 
 def _chain_from_dict(value: Any, where: str) -> Chain:

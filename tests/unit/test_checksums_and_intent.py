@@ -19,6 +19,7 @@ from libqmpbackup.store.layout import is_empty_dir, stale_temp_files
 from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskChain
 from libqmpbackup.store.name_rules import ChainFile
 from libqmpbackup.store.names import INTENT_NAME
+from tests.helpers import write_store
 
 
 def test_old_sha256_digests_are_the_plain_hash_of_the_bytes(tmp_path: Path) -> None:
@@ -79,7 +80,7 @@ def store_with(root: Path, *files: str) -> ChainStore:
                             time=int(f.split("-")[1]), virtual_size=1, source_image="/a")
                for f in files]
     store = ChainStore(root, [Chain("c1", "qmpbackup-c1", 1, {"virtio0": DiskChain(records)})])
-    store.save()
+    write_store(store)
     return store
 
 

@@ -20,7 +20,7 @@ from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore, DiskCha
 from libqmpbackup.store.name_rules import ChainFile
 from libqmpbackup.store.names import CHAIN_FOLDER
 from libqmpbackup.store.retention import chain_files
-from tests.helpers import read_store
+from tests.helpers import read_store, write_store
 from tests.unit.helpers import bitmap, disk, opts, store_with_chain
 
 
@@ -106,7 +106,7 @@ def test_every_disk_folder_gets_its_own_records(tmp_path: Path) -> None:
     (tmp_path / "virtio0").mkdir()
     store = store_with_chain("virtio0", "ide0-hd0")
     store.root = tmp_path
-    store.save()
+    write_store(store)
     own = read_store(tmp_path / "virtio0", "qmpbackup-disk.json")
     assert list(own.chains[0].disks) == ["virtio0"] and own.chains[0].folder_of("virtio0") == ""
     assert not (tmp_path / "ide0-hd0").exists(), "no folder is created for the records"
@@ -225,7 +225,7 @@ def test_adoption_of_an_upstream_no_subdir_folder(tmp_path: Path) -> None:
 
 def test_chain_without_folder_field_still_loads(tmp_path: Path) -> None:
     chain = Chain("u", "qmpbackup-u", 1, {"v": DiskChain([BackupRecord("FULL-1-a", "full", 1, 1, "a")])})
-    ChainStore(tmp_path, [chain]).save()
+    write_store(ChainStore(tmp_path, [chain]))
     raw = json.loads((tmp_path / "qmpbackup.json").read_text())
     del raw["chains"][0]["disks"]["v"]["folder"]
     (tmp_path / "qmpbackup.json").write_text(json.dumps(raw))
@@ -266,5 +266,5 @@ def test_disk_records_are_never_written_through_a_symlinked_folder(tmp_path: Pat
     os.symlink(outside, root / "virtio0")
     store = store_with_chain("virtio0")
     store.root = root
-    store.save()
+    write_store(store)
     assert list(outside.iterdir()) == [] and (root / "qmpbackup.json").is_file()

@@ -21,7 +21,7 @@ from libqmpbackup.store.names import (
     validate_uuid,
 )
 from libqmpbackup.units import parse_size
-from tests.helpers import read_store
+from tests.helpers import read_store, write_store
 from tests.unit.helpers import bitmap, disk, opts, store_with_chain
 
 
@@ -82,7 +82,7 @@ def test_chain_store_round_trip(tmp_path: Path) -> None:
     chain = Chain("u1", "qmpbackup-u1", 10)
     chain.disk("virtio0").backups.append(BackupRecord("FULL-10-a.qcow2", "full", 10, 1024, "a.qcow2"))
     store.chains.append(chain)
-    store.save()
+    write_store(store)
     loaded = read_store(tmp_path)
     assert loaded.current == chain
     assert [p.name for p in tmp_path.iterdir()] == ["qmpbackup.json"], "no temp file left"
@@ -214,7 +214,7 @@ def test_a_chain_records_the_disks_its_first_run_left_out(tmp_path: Path) -> Non
     store = ChainStore(tmp_path, [plan.chain])
     plan.chain.disk("virtio0").backups.append(
         BackupRecord("FULL-100-virtio0.qcow2", "full", 100, 1, "x"))
-    store.save()
+    write_store(store)
     loaded = read_store(tmp_path)
     assert loaded.chains[0].excluded == ["virtio1"]
     with_bitmaps = [disk(d.disk_id, bitmaps=(bitmap(plan.chain.bitmap),)) for d in disks]

@@ -13,7 +13,7 @@ from libqmpbackup.store.metadata import BackupRecord, Chain, ChainStore
 from libqmpbackup.store.name_rules import ChainFile
 from libqmpbackup.store.names import CHAIN_FOLDER
 from libqmpbackup.store.retention import plan_retention
-from tests.helpers import read_store
+from tests.helpers import read_store, write_store
 
 ROOT = Path("/backup/vm1")
 
@@ -98,7 +98,7 @@ def test_a_kept_chain_without_its_full_stops_the_prune() -> None:
 def test_names_that_could_leave_the_disk_folder_are_refused_when_read(
         name: str, tmp_path: Path) -> None:
     """Names enter a prune only through the metadata reader, which refuses these."""
-    ChainStore(tmp_path, [chain("old", [10], files=[name]), chain("new", [30])]).save()
+    write_store(ChainStore(tmp_path, [chain("old", [10], files=[name]), chain("new", [30])]))
     with pytest.raises(ChainError, match=r"not a (backup|plain) file name"):
         read_store(tmp_path)
 
@@ -129,13 +129,13 @@ def test_pruning_entries_are_checked_before_any_use(entry: str,
 def test_metadata_round_trips_the_pruning_list(tmp_path: Path) -> None:
     store = ChainStore(tmp_path, [chain("a", [1])], [ChainFile("virtio0", "FULL-0-x.qcow2"),
                                                      ChainFile(CHAIN_FOLDER, "FULL-0-y.qcow2")])
-    store.save()
+    write_store(store)
     assert json.loads((tmp_path / "qmpbackup.json").read_text())["pruning"] == [
         "virtio0/FULL-0-x.qcow2", "./FULL-0-y.qcow2"], "the on-disk spelling is unchanged"
     loaded = read_store(tmp_path)
     assert loaded.pruning == store.pruning and loaded.chains[0].uuid == "a"
     store.pruning = []
-    store.save()
+    write_store(store)
     assert "pruning" not in (tmp_path / "qmpbackup.json").read_text(), "old readers see no change"
 
 
