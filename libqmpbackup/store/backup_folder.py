@@ -210,17 +210,20 @@ class BackupFolder:
     def locked(self) -> Iterator[BackupFolder]:
         """Hold the chain lock (through the descriptor); records are current while it is held.
 
-        Records read before the lock are read again only when the metadata
-        was replaced since: another command committed in between.
+        The metadata read before the lock is read again only when it was
+        replaced since (another command committed in between).  The intent
+        record and the journals are only ever read under the lock by the
+        commands that take it; any read before it is forgotten here, because
+        a killed run can leave or drop them without touching the metadata.
         """
         with chain_lock_in(self.folder):
+            self._intent = _UNREAD
+            self._journals.clear()
             if self._store is not None and self.metadata_name is not None:
                 now = _identity(self.folder.entry(self.metadata_name))
                 if now != self._store_identity:
                     log.debug("%s changed before the lock was taken: read again", self.path)
                     self._store = None
-                    self._intent = _UNREAD
-                    self._journals.clear()
             yield self
 
     def refuse_unfinished_restores(self) -> None:
