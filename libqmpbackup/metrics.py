@@ -14,7 +14,6 @@ runs as another user, and it holds no more than folder paths.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import fcntl
 import logging
@@ -29,11 +28,9 @@ from typing import Optional
 
 from libqmpbackup.errors import ImageInUseError, QmpBackupError, UsageError
 from libqmpbackup.runner import at_exit
-from libqmpbackup.store.backup_folder import BackupFolder
+from libqmpbackup.store.backup_folder import read_chain_stores
 from libqmpbackup.store.fsutil import write_atomically
-from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.layout import chain_folder_names
-from libqmpbackup.store.names import CHAIN_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -242,27 +239,13 @@ def track(args: argparse.Namespace, kind: str) -> Optional[RunMetrics]:
 
 
 def _restore_points(target: Path) -> dict[str, int]:
-    """Disk id -> backup files recorded for it in TARGET and its month folders.
-
-    TARGET is opened once; each chain folder below it is read through that
-    descriptor (:func:`chain_folder_names`, the answer every command uses).
-    """
+    """Disk id -> backup files recorded for it in TARGET and its month folders."""
     points: dict[str, int] = {}
-    try:
-        top = Folder.open_root(target)
-    except QmpBackupError:
-        return points
-    with top:
-        for name in chain_folder_names(top, warn=False):
-            try:
-                with (contextlib.nullcontext(top) if name == CHAIN_FOLDER
-                      else top.sub(name, "month folder")) as folder:
-                    store = BackupFolder(folder).store
-            except QmpBackupError as err:
-                log.debug("--metrics-file: not counting the points in %s: %s",
-                          target / name, err)
-                continue
-            for chain in store.chains:
-                for disk, history in chain.disks.items():
-                    points[disk] = points.get(disk, 0) + len(history.backups)
+    for folder, store in read_chain_stores(target, lambda top: chain_folder_names(top, False)):
+        if isinstance(store, QmpBackupError):
+            log.debug("--metrics-file: not counting the points in %s: %s", folder, store)
+            continue
+        for chain in store.chains:
+            for disk, history in chain.disks.items():
+                points[disk] = points.get(disk, 0) + len(history.backups)
     return points

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from libqmpbackup.errors import ChainError, TargetError, UsageError
+from libqmpbackup.errors import UsageError
 from libqmpbackup.qemu.storage_daemon import DaemonImage
-from libqmpbackup.store.backup_folder import BackupFolder
-from libqmpbackup.store.layout import month_folders
+from libqmpbackup.store.backup_folder import read_chain_stores
+from libqmpbackup.store.layout import month_names
 from libqmpbackup.store.metadata import ChainStore, DiskChain
-from libqmpbackup.store.names import validate_disk_id
+from libqmpbackup.store.names import CHAIN_FOLDER, validate_disk_id
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +77,14 @@ def default_disk_id(path: str) -> str:
 
 def chain_stores(target: Path, monthly: bool) -> list[ChainStore]:
     """The metadata that may know the images, newest first; unreadable ones are skipped."""
-    try:
-        roots = sorted(month_folders(target), reverse=True) if monthly else [target]
-    except (ChainError, TargetError):
-        return []       # the run itself reports an unusable target
+    names = ((lambda top: sorted(month_names(top), reverse=True)) if monthly
+             else (lambda top: [CHAIN_FOLDER]))
     stores = []
-    for root in roots:
-        try:
-            with (BackupFolder.open_month(target, root.name) if monthly
-                  else BackupFolder.open(root)) as folder:
-                stores.append(folder.store)
-        except (ChainError, TargetError) as err:
-            log.debug("not looking up disk ids in %s: %s", root, err)
+    for folder, store in read_chain_stores(target, names):
+        if isinstance(store, ChainStore):
+            stores.append(store)
+        else:
+            log.debug("not looking up disk ids in %s: %s", folder, store)
     return stores
 
 

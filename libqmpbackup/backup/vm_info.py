@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from libqmpbackup.backup.bitmaps import DIFF_SUFFIX, chain_bitmap_of, tool_bitmaps
-from libqmpbackup.backup.image_disks import chain_stores
 from libqmpbackup.errors import UsageError
 from libqmpbackup.json_output import Document
 from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
 from libqmpbackup.qemu.devices import BlockDevice
+from libqmpbackup.store.backup_folder import read_chain_stores
+from libqmpbackup.store.layout import chain_folder_names
+from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import BITMAP_PREFIX
 from libqmpbackup.tables import table
 
@@ -118,8 +120,11 @@ def known_chain_bitmaps(folders: Sequence[Path]) -> set[str]:
     for folder in folders:
         if not folder.is_dir():
             raise UsageError(f"--target {folder} is not a folder")
-        for store in (*chain_stores(folder, False), *chain_stores(folder, True)):
-            known.update(chain.bitmap for chain in store.chains if chain.bitmap)
+        for path, store in read_chain_stores(folder, lambda top: chain_folder_names(top, False)):
+            if isinstance(store, ChainStore):
+                known.update(chain.bitmap for chain in store.chains if chain.bitmap)
+            else:
+                log.debug("not looking for chain bitmaps in %s: %s", path, store)
     return known
 
 

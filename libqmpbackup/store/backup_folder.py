@@ -22,9 +22,9 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
-from libqmpbackup.errors import ChainError, TargetError
+from libqmpbackup.errors import ChainError, QmpBackupError, TargetError
 from libqmpbackup.store import upstream
 from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.intent import RunIntent, read_intent, remove_intent
@@ -232,3 +232,28 @@ class BackupFolder:
             journal = self.journal(name)
             if journal is not None:
                 raise unfinished_error(self.disk_folder(name).path, journal)
+
+
+def read_chain_stores(target: Path, names: Callable[[Folder], list[str]]
+                      ) -> list[tuple[Path, Union[ChainStore, QmpBackupError]]]:
+    """The metadata of the chain folders NAMES(top) picks in TARGET (CHAIN_FOLDER: TARGET itself).
+
+    For readers that only look (``info``, the ``--image`` disk ids,
+    ``--metrics-file``): TARGET is opened once and each month folder through
+    it, never through a symlink; a folder that cannot be read gives its error
+    in place of its metadata, and an unusable TARGET gives nothing.
+    """
+    try:
+        top = Folder.open_root(target)
+    except QmpBackupError:
+        return []
+    found: list[tuple[Path, Union[ChainStore, QmpBackupError]]] = []
+    with top:
+        for name in names(top):
+            try:
+                with (contextlib.nullcontext(top) if name == CHAIN_FOLDER
+                      else top.sub(name, "month folder")) as folder:
+                    found.append((folder.path, BackupFolder(folder).store))
+            except QmpBackupError as err:
+                found.append((target / name, err))
+    return found
