@@ -107,13 +107,9 @@ def _open_target(opts: BackupOptions) -> Optional[Folder]:
 def _chain_folder(opts: BackupOptions, root: Path, target: Optional[Folder]
                   ) -> Optional[BackupFolder]:
     """The run's chain folder, from the held --target: itself, or its month (never a link)."""
-    if target is None:
+    if target is None or (opts.monthly and target.entry(root.name) is None):
         return None
-    if not opts.monthly:
-        return BackupFolder(target)
-    if target.entry(root.name) is None:
-        return None
-    return BackupFolder(target.sub(root.name, "month folder"))
+    return BackupFolder.below(target, root.name if opts.monthly else CHAIN_FOLDER)
 
 
 async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:

@@ -239,8 +239,7 @@ def open_for_listing(path: Path, name_filter: Optional[str] = None) -> list[Back
             return list(kept)
         # a month a killed prune emptied lists no chain, only its leftovers
         for month in probe.months:
-            kept.append(BackupDir(BackupFolder(probe.here.sub(month, "month folder")), None,
-                                  name_filter))
+            kept.append(BackupDir(BackupFolder.below(probe.here, month), None, name_filter))
         if found is None and not any(backup.store.chains for backup in kept):
             raise ChainError(f"{path} holds no backup chain (no {METADATA_NAME} in it, its "
                              "parent or its sub-folders)")

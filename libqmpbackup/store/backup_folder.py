@@ -66,10 +66,16 @@ class BackupFolder:
         return cls(Folder.open_root(path), metadata_name)
 
     @classmethod
+    def below(cls, top: Folder, name: str) -> BackupFolder:
+        """The chain folder NAME of the held target TOP: TOP itself for CHAIN_FOLDER (then
+        closing it closes TOP), else its ``--monthly`` month folder, never through a symlink."""
+        return cls(top) if name == CHAIN_FOLDER else cls(top.sub(name, "month folder"))
+
+    @classmethod
     def open_month(cls, base: Path, name: str) -> BackupFolder:
         """The ``--monthly`` chain folder NAME of BASE (the admin's --target), never a symlink."""
         with Folder.open_root(base) as top:
-            return cls(top.sub(name, "month folder"))
+            return cls.below(top, name)
 
     @property
     def path(self) -> Path:
@@ -152,33 +158,32 @@ class BackupFolder:
         only its own records; an upstream folder's names are its record, so
         nothing is written there.
         """
-        if self.metadata_name is None:
+        name = self.metadata_name
+        if name is None:
             return
-        where = self.path / self.metadata_name
+        where = self.path / name
         try:
-            self._write_records(before_replace)
+            self._write_records(name, before_replace)
         except TargetError as err:
             raise TargetError(f"cannot write chain metadata {where}: {err}") from err
         except OSError as err:
             raise TargetError(f"cannot write chain metadata {where}: {err.strerror}") from err
-        self._store_identity = _identity(self.folder.entry(self.metadata_name))
+        self._store_identity = _identity(self.folder.entry(name))
 
-    def _write_records(self, before_replace: Optional[Callable[[], None]]) -> None:
+    def _write_records(self, name: str, before_replace: Optional[Callable[[], None]]) -> None:
         store = self.store
-        if self.metadata_name == METADATA_NAME:
-            for name in sorted({*store.folders(), *self._folders_with_records()}):
+        if name == METADATA_NAME:
+            for disk in sorted({*store.folders(), *self._folders_with_records()}):
                 try:
-                    folder = self.disk_folder(name)
+                    folder = self.disk_folder(disk)
                 except ChainError:
                     continue    # missing, or a symlink: never written through
-                records = store.for_folder(name)
+                records = store.for_folder(disk)
                 if records.chains:
                     folder.write_atomically(DISK_METADATA_NAME, records.text(DISK_METADATA_NAME))
                 else:
                     folder.remove(DISK_METADATA_NAME, "records file")
-        assert self.metadata_name is not None
-        self.folder.write_atomically(self.metadata_name, store.text(self.metadata_name),
-                                     before_replace)
+        self.folder.write_atomically(name, store.text(name), before_replace)
 
     def _folders_with_records(self) -> list[str]:
         found = []
@@ -251,9 +256,15 @@ def read_chain_stores(target: Path, names: Callable[[Folder], list[str]]
     with top:
         for name in names(top):
             try:
-                with (contextlib.nullcontext(top) if name == CHAIN_FOLDER
-                      else top.sub(name, "month folder")) as folder:
-                    found.append((folder.path, BackupFolder(folder).store))
+                chain_folder = BackupFolder.below(top, name)
             except QmpBackupError as err:
                 found.append((target / name, err))
+                continue
+            try:
+                found.append((chain_folder.path, chain_folder.store))
+            except QmpBackupError as err:
+                found.append((chain_folder.path, err))
+            finally:
+                if name != CHAIN_FOLDER:    # TOP itself closes with the block
+                    chain_folder.close()
     return found

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import posixpath
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from libqmpbackup.errors import ChainError, TargetError, UsageError
+from libqmpbackup.errors import TargetError, UsageError
 from libqmpbackup.store.fsutil import TEMP_SUFFIX, make_private_dirs
 from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.names import (
@@ -50,16 +49,23 @@ def month_folders(base: Path) -> list[Path]:
 def month_names(top: Folder) -> list[str]:
     """The month folders of the held folder TOP, by name, oldest first, read through its descriptor.
 
-    Each real ``YYYY-MM`` sub-folder is opened relative to TOP (never through
-    a symlink) and asked for an entry named like the chain metadata.
+    Each real ``YYYY-MM`` sub-folder (a symlink is never one) is asked for an
+    entry named like the chain metadata, by a look-up relative to TOP that
+    opens nothing: the command opens the month once, when it uses it
+    (:meth:`~libqmpbackup.store.backup_folder.BackupFolder.below`, which
+    refuses a month swapped for a symlink meanwhile).
     """
-    names = []
-    for name in sorted(top.subfolder_names()):
-        if MONTH_FOLDER_RE.match(name):
-            with contextlib.suppress(ChainError, TargetError), top.sub(name) as month:
-                if month.entry(METADATA_NAME) is not None:
-                    names.append(name)
-    return names
+    return [name for name in sorted(top.subfolder_names())
+            if MONTH_FOLDER_RE.match(name) and _has_entry(top, f"{name}/{METADATA_NAME}")]
+
+
+def _has_entry(top: Folder, relative: str) -> bool:
+    """An entry (of any kind, never followed) at RELATIVE below TOP."""
+    try:
+        os.stat(relative, dir_fd=top.fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def _month_links(top: Folder) -> list[str]:

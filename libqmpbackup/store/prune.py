@@ -266,9 +266,7 @@ def _apply(result: PruneResult, held: dict[Path, BackupFolder]) -> None:
 def _open_chain_folders(base: Folder, names: list[str], stack: contextlib.ExitStack
                         ) -> list[BackupFolder]:
     """Each chain folder held open from now on: BASE itself, its month folders never through a link."""
-    return [stack.enter_context(BackupFolder(base) if name == CHAIN_FOLDER
-                                else BackupFolder(base.sub(name, "month folder")))
-            for name in names]
+    return [stack.enter_context(BackupFolder.below(base, name)) for name in names]
 
 
 def prune(opts: PruneOptions) -> PruneResult:
