@@ -14,7 +14,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -68,6 +68,15 @@ def assert_nothing_leaked_or_published(target: Path) -> None:
     assert not (target / "qmpbackup.json").exists() or recorded(target) == []
 
 
+def assert_swap_refused(swapper: Any, victim: Any, before: Any, target: Path,
+                        result: Any) -> None:
+    """The swap happened, and the run refused it: nothing written, leaked or published."""
+    assert swapper.swapped, "the watcher never saw the .partial"
+    assert victim.state() == before
+    assert_nothing_leaked_or_published(target)
+    result.failed(6, "was replaced")
+
+
 @pytest.mark.parametrize("swap", ["symlink", "readable file"])
 def test_partial_swapped_after_creation_is_neither_written_nor_published(
         cli, tmp_path: Path, swap: str) -> None:
@@ -78,10 +87,7 @@ def test_partial_swapped_after_creation_is_neither_written_nor_published(
         vm.write(DISK, 0x5A, 0, MiB)
         with Swapper(target / DISK, swapped_in(swap, victim)) as swapper:
             result = backup(cli, vm, target, "full")
-        assert swapper.swapped, "the watcher never saw the .partial"
-        assert victim.state() == before
-        assert_nothing_leaked_or_published(target)
-        result.failed(6, "was replaced")
+        assert_swap_refused(swapper, victim, before, target, result)
         assert vm.tool_leftovers() == [], "no node, job or fdset stays in QEMU"
 
 
@@ -98,10 +104,7 @@ def test_offline_partial_swap_is_neither_written_nor_published(
     with Swapper(target / DISK, swapped_in(swap, victim)) as swapper:
         result = cli("qmpbackup", "--image", f"{DISK}={image}", "backup", "--level", "full",
                      "--target", target, "--no-progress")
-    assert swapper.swapped, "the watcher never saw the .partial"
-    assert victim.state() == before
-    assert_nothing_leaked_or_published(target)
-    result.failed(6, "was replaced")
+    assert_swap_refused(swapper, victim, before, target, result)
 
 
 # -- finding 1: the intent record names a file behind a symlinked folder -----------------------
