@@ -22,6 +22,7 @@ import pytest
 from libqmpbackup.store import folder_safety
 from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.layout import month_folder
 from libqmpbackup.store.metadata import Chain, ChainStore
 from libqmpbackup.store.names import INTENT_NAME, JOURNAL_NAME, METADATA_NAME
 from tests.helpers import backup, write_round, write_store
@@ -83,6 +84,22 @@ def test_a_backup_run_and_a_prune_open_the_folder_once_and_read_each_record_once
         assert reads.opened[target] == 1, extra
         assert reads.records[(target, METADATA_NAME)] == 1, extra
         assert not {key: n for key, n in reads.twice().items() if _in(target, key)}, extra
+
+
+def test_a_monthly_run_that_starts_a_month_opens_the_target_once(
+        cli: Any, vm: TestVM, tmp_path: Path, reads: Reads) -> None:
+    """Retiring the previous month's bitmap reads that month through the held --target."""
+    target = tmp_path / "b"
+    backup(cli, vm, target, "full", "--monthly").ok()
+    previous = target / "2000-01"
+    month_folder(target).rename(previous)   # the month is over
+    write_round(vm, 4)
+    reads.clear()
+    err = backup(cli, vm, target, "auto", "--monthly").ok().err
+    assert "of the previous month's chain (" in err
+    assert reads.opened[target] == 1
+    assert reads.records[(previous, METADATA_NAME)] == 1
+    assert not {key: n for key, n in reads.twice().items() if _in(target, key)}
 
 
 def test_records_read_before_the_lock_are_read_again_only_when_another_command_committed(

@@ -14,7 +14,6 @@ commit: until the new chain is recorded, the old one is still the live one.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
 from libqmpbackup.backup import bitmaps
@@ -22,14 +21,15 @@ from libqmpbackup.errors import ChainError, TargetError, VMGoneError
 from libqmpbackup.qemu.devices import BlockDevice, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
 from libqmpbackup.store.backup_folder import BackupFolder
-from libqmpbackup.store.layout import month_folders
+from libqmpbackup.store.handles import Folder
+from libqmpbackup.store.layout import month_names
 
 log = logging.getLogger(__name__)
 
-def previous_month_folder(base: Path, current: Path) -> Optional[Path]:
-    """The newest month folder of BASE before CURRENT that holds a chain."""
+def previous_month(target: Folder, current: str) -> Optional[str]:
+    """The newest month folder of the held TARGET before CURRENT that holds a chain."""
     try:
-        months = [p for p in month_folders(base) if p.name < current.name]
+        months = [name for name in month_names(target) if name < current]
     except (ChainError, TargetError) as err:
         log.warning("cannot find the previous month's chain: %s", err)
         return None
@@ -43,14 +43,16 @@ async def _remove_chain_bitmaps(session: QmpSession, disk: BlockDevice, chain_bi
     return all(results)
 
 
-async def retire_previous_month(session: QmpSession, disks: list[BlockDevice], base: Path,
-                                current: Path, current_bitmap: str) -> None:
-    """Remove the chain bitmap of the month before CURRENT from every disk that has it."""
-    folder = previous_month_folder(base, current)
-    if folder is None:
+async def retire_previous_month(session: QmpSession, disks: list[BlockDevice], target: Folder,
+                                current: str, current_bitmap: str) -> None:
+    """Remove the chain bitmap of the month before CURRENT (a month folder of the held
+    --target TARGET) from every disk that has it."""
+    name = previous_month(target, current)
+    if name is None:
         return
+    folder = target.path / name
     try:
-        with BackupFolder.open_month(base, folder.name) as previous:
+        with BackupFolder.below(target, name) as previous:
             chain = previous.store.current
     except (ChainError, TargetError) as err:
         log.warning("the previous month's bitmap stays on the VM: %s", err)

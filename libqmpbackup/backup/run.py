@@ -96,7 +96,7 @@ def _open_target(opts: BackupOptions) -> Optional[Folder]:
     target = Folder.open_root(opts.target)
     try:
         if opts.level != "copy":
-            refuse_mixed(opts.target, opts.monthly, plain_chain=(
+            refuse_mixed(target, opts.monthly, plain_chain=(
                 target.entry(METADATA_NAME) is not None or upstream.chain_id(target) is not None))
     except BaseException:
         target.close()
@@ -143,7 +143,7 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
                 assert chain_folder is not None   # prepare_root made it
                 held.callback(chain_folder.close)
             with chain_folder.locked():
-                return await _locked_run(session, opts, disks, selected, chain_folder)
+                return await _locked_run(session, opts, disks, selected, target, chain_folder)
         except BaseException:
             # a failed run leaves no folder it created (rmdir keeps any that is in use)
             for folder in reversed(created):
@@ -155,7 +155,8 @@ async def run_backup(session: QmpSession, opts: BackupOptions) -> BackupResult:
 
 
 async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[BlockDevice],
-                      selected: list[BlockDevice], chain_folder: BackupFolder) -> BackupResult:
+                      selected: list[BlockDevice], target: Folder, chain_folder: BackupFolder
+                      ) -> BackupResult:
     root = chain_folder.path
     guard = ShutdownGuard(session)
     if await leftovers.clean_vm(session, disks, guard):
@@ -189,7 +190,7 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
         await guard.finish()
     if (opts.monthly and plan.chain is not None and not plan.chain.is_copies
             and plan.new_chain and first_chain):
-        await monthly.retire_previous_month(session, disks, opts.target, root, plan.chain.bitmap)
+        await monthly.retire_previous_month(session, disks, target, root.name, plan.chain.bitmap)
     if quiescer and quiescer.thaw_error:
         raise AgentError(quiescer.thaw_error)
     if pause and pause.resume_error:

@@ -71,12 +71,6 @@ class BackupFolder:
         closing it closes TOP), else its ``--monthly`` month folder, never through a symlink."""
         return cls(top) if name == CHAIN_FOLDER else cls(top.sub(name, "month folder"))
 
-    @classmethod
-    def open_month(cls, base: Path, name: str) -> BackupFolder:
-        """The ``--monthly`` chain folder NAME of BASE (the admin's --target), never a symlink."""
-        with Folder.open_root(base) as top:
-            return cls.below(top, name)
-
     @property
     def path(self) -> Path:
         return self.folder.path

@@ -35,17 +35,6 @@ def month_folder(base: Path, now: Optional[float] = None) -> Path:
     return base / time.strftime("%Y-%m", time.localtime(now))
 
 
-def month_folders(base: Path) -> list[Path]:
-    """The --monthly chain folders of BASE, oldest first: the one answer every command uses.
-
-    A month folder is a real sub-folder named ``YYYY-MM`` (:func:`month_folder`)
-    holding chain metadata; list, verify, merge, prune and backup all ask
-    here.  A symlink named like a month is never one (it could lead anywhere).
-    """
-    with Folder.open_root(base) as top:
-        return [base / name for name in month_names(top)]
-
-
 def month_names(top: Folder) -> list[str]:
     """The month folders of the held folder TOP, by name, oldest first, read through its descriptor.
 
@@ -87,18 +76,20 @@ def chain_folder_names(top: Folder, warn: bool = True) -> list[str]:
     return own + month_names(top)
 
 
-def refuse_mixed(base: Path, monthly: bool, plain_chain: bool) -> None:
+def refuse_mixed(top: Folder, monthly: bool, plain_chain: bool) -> None:
     """A --monthly run into a folder with a plain chain, or a plain run into a --monthly base.
 
-    PLAIN_CHAIN: BASE holds a chain of its own (ours or upstream's).  Mixed,
-    the two kinds would hide each other from restores of that folder.
+    TOP: the held --target.  PLAIN_CHAIN: it holds a chain of its own (ours
+    or upstream's).  Mixed, the two kinds would hide each other from
+    restores of that folder.
     """
+    base = top.path
     if monthly and plain_chain:
         raise UsageError(f"{base} holds a backup chain of its own: --monthly chains go into "
                          "their own folder (choose another --target, or drop --monthly)")
-    months = [] if monthly or plain_chain else month_folders(base)
+    months = [] if monthly or plain_chain else month_names(top)
     if months:
-        raise UsageError(f"{base} holds --monthly chains ({', '.join(m.name for m in months)}): "
+        raise UsageError(f"{base} holds --monthly chains ({', '.join(months)}): "
                          "add --monthly to continue them, or choose another --target")
 
 
