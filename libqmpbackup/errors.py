@@ -125,7 +125,8 @@ class FleecingError(QmpBackupError):
 
 
 class CommandRefused(QmpBackupError):
-    """QEMU refused a QMP command outside a block job (a query, a node, a bitmap, pause/resume)."""
+    """QEMU refused a QMP command outside a block job (a query, opening or closing a node, a
+    bitmap, pause/resume, the switch back from a fleecing filter)."""
 
     exit_code = 14
 

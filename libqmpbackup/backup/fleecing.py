@@ -52,7 +52,7 @@ from typing import Any, AsyncContextManager, AsyncIterator, Optional
 from libqmpbackup.backup import bitmaps
 from libqmpbackup.backup.jobs import BackupJob, remove_node
 from libqmpbackup.backup.pause import VmPause
-from libqmpbackup.errors import JobError, UsageError, VMGoneError
+from libqmpbackup.errors import CommandRefused, UsageError, VMGoneError
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, named_nodes
 from libqmpbackup.qemu.qmp import QmpCommandError, QmpSession
@@ -228,7 +228,7 @@ class Fleecing:
             log.info("VM paused for %.1f ms to switch %d disk(s) at one point in time",
                      (time.monotonic() - started) * 1000, len(self.disks))
         if pause.resume_error:
-            raise JobError(pause.resume_error)
+            raise CommandRefused(pause.resume_error)
 
     async def release(self, *, strict: bool = False) -> None:
         """Switch every device back and remove the fleecing nodes (which frees the images).
@@ -246,7 +246,7 @@ class Fleecing:
             if not self.session.connected:
                 raise VMGoneError("QEMU went away before the fleecing filters were removed; "
                                   "nothing was recorded")
-            raise JobError(f"could not switch {', '.join(stuck)} back from the fleecing filter; "
+            raise CommandRefused(f"could not switch {', '.join(stuck)} back from the fleecing filter; "
                            "the backup was discarded, nothing was recorded (the next run "
                            "retries)")
 

@@ -59,7 +59,7 @@ from libqmpbackup.backup.result import BackupFile, BackupResult, per_disk_levels
 from libqmpbackup.backup.run_steps import finish_regardless, reached
 from libqmpbackup.backup.shutdown_guard import ShutdownGuard
 from libqmpbackup.backup.targets import TargetFiles, TargetNodes
-from libqmpbackup.errors import AgentError, JobError, TargetError, UsageError, VMGoneError
+from libqmpbackup.errors import AgentError, CommandRefused, TargetError, UsageError, VMGoneError
 from libqmpbackup.qemu import capabilities, qemuimg
 from libqmpbackup.qemu.devices import BlockDevice, discover, refresh_bitmaps
 from libqmpbackup.qemu.qmp import QmpSession
@@ -194,7 +194,7 @@ async def _locked_run(session: QmpSession, opts: BackupOptions, disks: list[Bloc
     if quiescer and quiescer.thaw_error:
         raise AgentError(quiescer.thaw_error)
     if pause and pause.resume_error:
-        raise JobError(pause.resume_error)
+        raise CommandRefused(pause.resume_error)
     chain_id = plan.chain.uuid if plan.chain and not plan.chain.is_copies else None
     return BackupResult(level=plan.level, root=root, chain_id=chain_id, time=plan.timestamp,
                         files=[BackupFile.of(j, plan.timestamp) for j in plan.jobs],
@@ -261,7 +261,7 @@ async def _execute(session: QmpSession, plan: RunPlan, chain_folder: BackupFolde
                 if not session.connected:
                     raise VMGoneError("QEMU went away before it closed the backup files; "
                                       "they were discarded, nothing was recorded")
-                raise JobError(f"QEMU could not close backup node(s) {', '.join(left_open)}; "
+                raise CommandRefused(f"QEMU could not close backup node(s) {', '.join(left_open)}; "
                                "the backup was discarded, nothing was recorded")
             reached("jobs-done")
             if plan.chain is not None and opts.checksum:
