@@ -47,7 +47,8 @@ class CommandLineError(UsageError):
 
 
 class ConnectError(QmpBackupError):
-    """QMP/agent socket missing, not QMP, refused or busy; or qemu-storage-daemon cannot open an --image."""
+    """QMP/agent socket missing, not QMP, refused, busy or stuck; or qemu-storage-daemon cannot open
+    an --image."""
 
     exit_code = 3
 

@@ -453,6 +453,10 @@ def test_second_run_is_refused_at_once(cli, fvm: TestVM, tmp_path: Path) -> None
 
 # -- bad input: one line, documented code, nothing created --------------------------------
 
+QEMU_72_GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, '
+                    b'"package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}\r\n')
+
+
 @contextlib.contextmanager
 def fake_qmp_server(path: Path, greeting: bytes) -> Iterator[None]:
     """A unix socket server that is not QEMU: it sends GREETING (maybe nothing) and waits."""
@@ -487,6 +491,9 @@ def fake_qmp_server(path: Path, greeting: bytes) -> Iterator[None]:
 @pytest.mark.parametrize("greeting, rc, message", [
     (b"HTTP/1.1 400 Bad Request\r\n\r\n", 3, "does not speak QMP"),
     (b"", 3, "did not greet"),
+    # what a QEMU 7.2 started with --preconfig does now and then to its first client (measured:
+    # about 1 start in 40 on 2 busy cores): it greets, then never answers qmp_capabilities
+    (QEMU_72_GREETING, 3, "greeted but did not answer qmp_capabilities"),
 ])
 def test_socket_that_is_not_qmp(cli, tmp_path: Path, greeting: bytes, rc: int,
                                 message: str) -> None:

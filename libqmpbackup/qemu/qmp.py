@@ -169,7 +169,13 @@ class QmpSession:
         try:
             await asyncio.wait_for(self._open(), timeout=self.connect_timeout)
         except asyncio.TimeoutError as err:
+            greeted = self.client.greeting is not None
             await self.close()
+            if greeted:   # QEMU 7.2 right after a start with --preconfig, now and then
+                raise ConnectError(
+                    f"{self.peer} greeted but did not answer qmp_capabilities within "
+                    f"{self.connect_timeout:g} s: its monitor is stuck; try again, and if "
+                    "it stays so, restart the VM") from err
             raise ConnectError(
                 f"{self.peer} did not greet within {self.connect_timeout:g} s: "
                 "another client (libvirt, a monitor, another tool) holds it, "
