@@ -157,23 +157,28 @@ class Interrupted(QmpBackupError):
         self.exit_code = 128 + signum
 
 
+def _row(error: type[QmpBackupError]) -> tuple[int, str]:
+    """An error class's code and its docstring on one line (docstrings wrap; tables do not)."""
+    return error.exit_code, " ".join((error.__doc__ or "").split())
+
+
 EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "success"),
     (1, "unexpected internal error (run with --debug for the traceback)"),
-    (UsageError.exit_code, UsageError.__doc__ or ""),
-    (ConnectError.exit_code, ConnectError.__doc__ or ""),
-    (LockBusyError.exit_code, LockBusyError.__doc__ or ""),
-    (TargetError.exit_code, TargetError.__doc__ or ""),
-    (ChainError.exit_code, ChainError.__doc__ or ""),
-    (JobError.exit_code, JobError.__doc__ or ""),
-    (VMGoneError.exit_code, VMGoneError.__doc__ or ""),
-    (QemuImgError.exit_code, QemuImgError.__doc__ or ""),
-    (AgentError.exit_code, AgentError.__doc__ or ""),
-    (BackupDamaged.exit_code, BackupDamaged.__doc__ or ""),
-    (ImageInUseError.exit_code, ImageInUseError.__doc__ or ""),
-    (FleecingError.exit_code, FleecingError.__doc__ or ""),
-    (CommandRefused.exit_code, CommandRefused.__doc__ or ""),
-    (MountError.exit_code, MountError.__doc__ or ""),
+    _row(UsageError),
+    _row(ConnectError),
+    _row(LockBusyError),
+    _row(TargetError),
+    _row(ChainError),
+    _row(JobError),
+    _row(VMGoneError),
+    _row(QemuImgError),
+    _row(AgentError),
+    _row(BackupDamaged),
+    _row(ImageInUseError),
+    _row(FleecingError),
+    _row(CommandRefused),
+    _row(MountError),
     (129, "interrupted by SIGHUP"),
     (130, "interrupted by SIGINT"),
     (143, "interrupted by SIGTERM"),
