@@ -199,7 +199,7 @@ class QemuVM:
 
         QEMU 7.2 started with ``--preconfig`` under CPU load sometimes greets
         the first client and then never answers its ``qmp_capabilities`` (about
-        1 start in 300 on 2 busy cores; seen in CI as a 600 s hang).  The
+        1 start in 40 on 2 busy cores; seen in CI as a 600 s hang).  The
         monitor stays wedged, so the only cure is a new QEMU.  A raw exchange
         with a deadline finds it; the harness's qemu.qmp client has none.
         """

@@ -246,9 +246,9 @@ class Fleecing:
             if not self.session.connected:
                 raise VMGoneError("QEMU went away before the fleecing filters were removed; "
                                   "nothing was recorded")
-            raise CommandRefused(f"could not switch {', '.join(stuck)} back from the fleecing filter; "
-                           "the backup was discarded, nothing was recorded (the next run "
-                           "retries)")
+            raise CommandRefused(f"could not switch {', '.join(stuck)} back from the fleecing "
+                                 "filter; the backup was discarded, nothing was recorded (the "
+                                 "next run retries)")
 
 
 async def _release_disk(session: QmpSession, entry: _FleecedDisk) -> bool:

@@ -262,7 +262,7 @@ async def _execute(session: QmpSession, plan: RunPlan, chain_folder: BackupFolde
                     raise VMGoneError("QEMU went away before it closed the backup files; "
                                       "they were discarded, nothing was recorded")
                 raise CommandRefused(f"QEMU could not close backup node(s) {', '.join(left_open)}; "
-                               "the backup was discarded, nothing was recorded")
+                                     "the backup was discarded, nothing was recorded")
             reached("jobs-done")
             if plan.chain is not None and opts.checksum:
                 await files.compute_digests()

@@ -221,9 +221,9 @@ class TargetFiles:
                         log.info("removed unfinished %s", target.folder.path / name)
         if self.recorded:
             # the renamed files must be gone for good before the record that names them
-            for target in self.targets:
+            for folder in {id(t.folder): t.folder for t in self.targets}.values():
                 with contextlib.suppress(OSError):
-                    target.folder.fsync()
+                    folder.fsync()     # once per folder (disks may share the chain folder)
             self.chain_folder.drop_intent()
         for name in self.created_folders:
             with contextlib.suppress(OSError):
