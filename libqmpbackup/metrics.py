@@ -30,7 +30,6 @@ from libqmpbackup.errors import ImageInUseError, QmpBackupError, UsageError
 from libqmpbackup.runner import at_exit
 from libqmpbackup.store.backup_folder import read_chain_stores
 from libqmpbackup.store.fsutil import write_atomically
-from libqmpbackup.store.layout import chain_folder_names
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +240,7 @@ def track(args: argparse.Namespace, kind: str) -> Optional[RunMetrics]:
 def _restore_points(target: Path) -> dict[str, int]:
     """Disk id -> backup files recorded for it in TARGET and its month folders."""
     points: dict[str, int] = {}
-    for folder, store in read_chain_stores(target, lambda top: chain_folder_names(top, False)):
+    for folder, store in read_chain_stores(target):
         if isinstance(store, QmpBackupError):
             log.debug("--metrics-file: not counting the points in %s: %s", folder, store)
             continue

@@ -18,7 +18,6 @@ from libqmpbackup.qemu import agent as agent_module
 from libqmpbackup.qemu.agent import GuestAgent
 from libqmpbackup.qemu.devices import BlockDevice
 from libqmpbackup.store.backup_folder import read_chain_stores
-from libqmpbackup.store.layout import chain_folder_names
 from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import BITMAP_PREFIX
 from libqmpbackup.tables import table
@@ -120,7 +119,7 @@ def known_chain_bitmaps(folders: Sequence[Path]) -> set[str]:
     for folder in folders:
         if not folder.is_dir():
             raise UsageError(f"--target {folder} is not a folder")
-        for path, store in read_chain_stores(folder, lambda top: chain_folder_names(top, False)):
+        for path, store in read_chain_stores(folder):
             if isinstance(store, ChainStore):
                 known.update(chain.bitmap for chain in store.chains if chain.bitmap)
             else:

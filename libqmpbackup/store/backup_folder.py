@@ -29,6 +29,7 @@ from libqmpbackup.store import upstream
 from libqmpbackup.store.handles import Folder
 from libqmpbackup.store.intent import RunIntent, read_intent, remove_intent
 from libqmpbackup.store.journal import Journal, unfinished_error
+from libqmpbackup.store.layout import chain_folder_names
 from libqmpbackup.store.locks import chain_lock_in
 from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import CHAIN_FOLDER, DISK_METADATA_NAME, METADATA_NAME
@@ -233,9 +234,14 @@ class BackupFolder:
                 raise unfinished_error(self.disk_folder(name).path, journal)
 
 
-def read_chain_stores(target: Path, names: Callable[[Folder], list[str]]
+def _every_chain_folder(top: Folder) -> list[str]:
+    return chain_folder_names(top, warn=False)   # a reader that only looks warns of nothing
+
+
+def read_chain_stores(target: Path, names: Callable[[Folder], list[str]] = _every_chain_folder
                       ) -> list[tuple[Path, Union[ChainStore, QmpBackupError]]]:
-    """The metadata of the chain folders NAMES(top) picks in TARGET (CHAIN_FOLDER: TARGET itself).
+    """The metadata of the chain folders NAMES(top) picks in TARGET (CHAIN_FOLDER: TARGET itself;
+    by default every chain folder, :func:`~libqmpbackup.store.layout.chain_folder_names`).
 
     For readers that only look (``info``, the ``--image`` disk ids,
     ``--metrics-file``): TARGET is opened once and each month folder through
