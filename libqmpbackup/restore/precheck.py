@@ -28,7 +28,6 @@ from libqmpbackup.restore.rules import (
 from libqmpbackup.store.backup_folder import BackupFolder
 from libqmpbackup.store.digests import DigestCheck, check_handles
 from libqmpbackup.store.handles import FileHandle
-from libqmpbackup.store.journal import unfinished_error
 from libqmpbackup.store.metadata import ChainStore
 from libqmpbackup.store.names import link_name
 from libqmpbackup.store.verified import DEFAULT_WITHIN, Verified
@@ -45,13 +44,6 @@ def note_partial(folder: Path, entries: list[str]) -> None:
     for name in partial_leftovers(entries):
         log.warning("%s: ignoring %s: a backup is writing it or was killed while writing it "
                     "(the next backup removes it)", folder, name)
-
-
-def refuse_unfinished(backup_folder: BackupFolder, name: str) -> None:
-    """A half-done in-place restore in the disk folder NAME: no check may skip that refusal."""
-    journal = backup_folder.journal(name)
-    if journal is not None:
-        raise unfinished_error(backup_folder.disk_folder(name).path, journal)
 
 
 def known_files(backup_folder: BackupFolder, name: str) -> set[str]:
@@ -161,7 +153,7 @@ def _check_files(point: RestorePoint, backup_folder: BackupFolder, files: ChainF
                  defer_digests: bool) -> None:
     folder = files.path
     entries = files.names()
-    refuse_unfinished(backup_folder, point.folder_name)
+    backup_folder.refuse_unfinished_restore(point.folder_name)
     note_partial(folder, entries)
     used = list(point.records) if whole_chain else point.segment()
     if skip_check:

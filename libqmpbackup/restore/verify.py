@@ -26,7 +26,7 @@ from libqmpbackup.keys import Key
 from libqmpbackup.qemu import qemuimg
 from libqmpbackup.restore.folder import BackupDir, listed
 from libqmpbackup.restore.images import ChainFiles, image_findings
-from libqmpbackup.restore.precheck import known_files, note_partial, refuse_unfinished
+from libqmpbackup.restore.precheck import known_files, note_partial
 from libqmpbackup.restore.rules import (
     WHOLE_LEVELS,
     parent_record,
@@ -158,7 +158,7 @@ def _verify_backup(backup: BackupDir, uuid: Optional[str], prefix: str,
                             "check (it needs the key)", folder, chain.uuid)
             with opened as files:
                 entries = files.names()
-                refuse_unfinished(backup.backup_folder, name)
+                backup.backup_folder.refuse_unfinished_restore(name)
                 found = _verify_disk(chain, disk_id, disk.backups, files, entries, prefix)
                 _check_digests(files, found)
             reports += found

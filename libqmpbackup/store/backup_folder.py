@@ -229,9 +229,13 @@ class BackupFolder:
     def refuse_unfinished_restores(self) -> None:
         """A backup must not extend a chain whose files an in-place restore is rewriting."""
         for name in self.disk_folder_names():
-            journal = self.journal(name)
-            if journal is not None:
-                raise unfinished_error(self.disk_folder(name).path, journal)
+            self.refuse_unfinished_restore(name)
+
+    def refuse_unfinished_restore(self, name: str) -> None:
+        """A half-done in-place restore in the disk folder NAME: nothing may read or extend it."""
+        journal = self.journal(name)
+        if journal is not None:
+            raise unfinished_error(self.disk_folder(name).path, journal)
 
 
 def _every_chain_folder(top: Folder) -> list[str]:
