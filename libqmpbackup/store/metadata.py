@@ -179,7 +179,7 @@ class ChainStore:
 
     @classmethod
     def read(cls, folder: Folder, name: str = METADATA_NAME) -> ChainStore:
-        """The chains NAME in FOLDER lists; anything but what :meth:`write` writes is a chain error.
+        """The chains NAME in FOLDER lists; anything but what :meth:`text` writes is a chain error.
 
         The file is untrusted (see :mod:`folder_safety`): every file and folder
         name in it must be one the tool could have written before anything uses
